@@ -1,0 +1,293 @@
+//! The profiler: one target, counted epoch by epoch into a [`HeatMap`].
+//!
+//! A fault fires on first touch only, so after the first epoch counts say little about how
+//! often a page is used. Whoever owns a guest's memory can hand the profiler an
+//! [`ActiveSampler`]; each epoch the profiler asks it to re-arm a slice of the guest's frames
+//! so that their next access faults again. Every frame is re-armed once every
+//! `1 / sample_fraction` epochs, the bounded-overhead sampling DAMON uses.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    ops::Range,
+    path::Path,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{
+    heat::{HeatConfig, HeatError, HeatMap},
+    probes::{PageCounts, ProbeError, Probes, TargetId},
+};
+
+/// What to profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    /// A process's own page faults; pages are virtual page numbers.
+    Process { pid: u32 },
+    /// The guest of a KVM VMM process; pages are guest frame numbers. With `vcpu_threads`
+    /// only those threads (one VM's vCPUs) are counted; without, every thread of `pid`, which
+    /// is right only where the VMM runs a single VM (as QEMU and Firecracker do).
+    Vm {
+        pid: u32,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        vcpu_threads: Option<Vec<u32>>,
+    },
+}
+
+impl Target {
+    pub fn pid(&self) -> u32 {
+        match self {
+            Self::Process { pid } | Self::Vm { pid, .. } => *pid,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ProfilerError {
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    #[error("the sample fraction must be in (0, 1], got {0}")]
+    SampleFraction(f64),
+    #[error("the epoch interval must be at least 1 ms")]
+    Interval,
+    #[error(transparent)]
+    Heat(#[from] HeatError),
+    #[error(transparent)]
+    Probes(#[from] ProbeError),
+    #[error("the active sampler failed")]
+    Sampler(#[from] SamplerError),
+}
+
+/// Failure of an [`ActiveSampler`].
+#[derive(Debug, Error)]
+#[error("{what}")]
+pub struct SamplerError {
+    pub what: String,
+    #[source]
+    pub source: Option<std::io::Error>,
+}
+
+/// Implemented by the owner of a guest's memory, so the profiler can keep faults flowing.
+pub trait ActiveSampler: Send {
+    /// Number of guest frames (frames `0..frames()` exist).
+    fn frames(&self) -> u64;
+    /// Makes the guest's next write to each frame of `frames` fault again (write heat), for
+    /// example by write-protecting them through the KVM dirty log.
+    fn rearm_writes(&mut self, frames: Range<u64>) -> Result<(), SamplerError>;
+    /// Makes the guest's next access to each frame of `frames` fault again (read heat), for
+    /// example by dropping the host mapping of a shared memfd (MADV_DONTNEED keeps the data).
+    fn rearm_accesses(&mut self, frames: Range<u64>) -> Result<(), SamplerError>;
+}
+
+/// Tunables of a profiling run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProfilerConfig {
+    /// Length of one epoch.
+    pub interval: Duration,
+    pub heat: HeatConfig,
+    /// Fraction of guest frames re-armed per epoch when there is a sampler, in (0, 1].
+    pub sample_fraction: f64,
+}
+
+impl Default for ProfilerConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(200),
+            heat: HeatConfig::default(),
+            sample_fraction: 0.25,
+        }
+    }
+}
+
+/// Profiles one target.
+pub struct Profiler {
+    probes: Arc<Probes>,
+    target: Target,
+    id: TargetId,
+    config: ProfilerConfig,
+    heat: HeatMap,
+    last_counts: BTreeMap<u64, PageCounts>,
+    sampler: Option<Box<dyn ActiveSampler>>,
+    sample_cursor: u64,
+}
+
+impl Profiler {
+    /// Starts tracking `target`. Counting starts now; faults before this are not seen.
+    pub fn start(
+        probes: Arc<Probes>,
+        target: Target,
+        config: ProfilerConfig,
+    ) -> Result<Self, ProfilerError> {
+        if config.interval < Duration::from_millis(1) {
+            return Err(ProfilerError::Interval);
+        }
+        if !(config.sample_fraction > 0.0 && config.sample_fraction <= 1.0) {
+            return Err(ProfilerError::SampleFraction(config.sample_fraction));
+        }
+        let heat = HeatMap::new(config.heat)?;
+        let pid = target.pid();
+        if !process_exists(pid) {
+            return Err(ProfilerError::NoSuchProcess(pid));
+        }
+        let id = match &target {
+            Target::Process { pid } => probes.track_process(*pid)?,
+            Target::Vm {
+                vcpu_threads: Some(tids),
+                ..
+            } => probes.track_vcpus(tids)?,
+            Target::Vm {
+                pid,
+                vcpu_threads: None,
+            } => probes.track_vcpus(&threads_of(*pid))?,
+        };
+        Ok(Self {
+            probes,
+            target,
+            id,
+            config,
+            heat,
+            last_counts: BTreeMap::new(),
+            sampler: None,
+            sample_cursor: 0,
+        })
+    }
+
+    /// Adds an active sampler; from the next epoch on, a slice of frames is re-armed each
+    /// epoch.
+    pub fn set_sampler(&mut self, sampler: Box<dyn ActiveSampler>) {
+        self.sampler = Some(sampler);
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn config(&self) -> &ProfilerConfig {
+        &self.config
+    }
+
+    pub fn heat(&self) -> &HeatMap {
+        &self.heat
+    }
+
+    pub fn probes(&self) -> &Arc<Probes> {
+        &self.probes
+    }
+
+    /// Raw fault counts over the whole run.
+    pub fn totals(&self) -> &BTreeMap<u64, PageCounts> {
+        &self.last_counts
+    }
+
+    /// Whether the target process still exists.
+    pub fn target_alive(&self) -> bool {
+        process_exists(self.target.pid())
+    }
+
+    /// Ends an epoch: reads the counts, feeds their change since the last epoch into the heat
+    /// map, and re-arms the next slice of frames.
+    pub fn end_epoch(&mut self) -> Result<(), ProfilerError> {
+        if let Target::Vm {
+            pid,
+            vcpu_threads: None,
+        } = self.target
+        {
+            // Threads started since the last epoch (a vCPU hot-added, say).
+            for tid in threads_of(pid) {
+                self.probes.add_vcpu(self.id, tid)?;
+            }
+        }
+        let counts = self.probes.counts(self.id)?;
+        let deltas: Vec<(u64, PageCounts)> = counts
+            .iter()
+            .map(|(&page, now)| {
+                let before = self.last_counts.get(&page).copied().unwrap_or_default();
+                (
+                    page,
+                    PageCounts {
+                        reads: now.reads.saturating_sub(before.reads),
+                        writes: now.writes.saturating_sub(before.writes),
+                    },
+                )
+            })
+            .collect();
+        self.heat.record_epoch(deltas);
+        self.last_counts = counts;
+        self.rearm_next_sample()?;
+        Ok(())
+    }
+
+    fn rearm_next_sample(&mut self) -> Result<(), ProfilerError> {
+        let Some(sampler) = self.sampler.as_mut() else {
+            return Ok(());
+        };
+        let frames = sampler.frames();
+        if frames == 0 {
+            return Ok(());
+        }
+        let wanted = ((frames as f64 * self.config.sample_fraction).ceil() as u64).clamp(1, frames);
+        let start = self.sample_cursor % frames;
+        let first = start..(start + wanted).min(frames);
+        let wrapped = 0..wanted - (first.end - first.start);
+        for range in [first, wrapped] {
+            if !range.is_empty() {
+                sampler.rearm_writes(range.clone())?;
+                sampler.rearm_accesses(range)?;
+            }
+        }
+        self.sample_cursor = (start + wanted) % frames;
+        Ok(())
+    }
+
+    /// Runs epochs for `duration` (rounded up to whole epochs), or until the target exits.
+    /// Returns whether the target exited early.
+    pub fn run_for(&mut self, duration: Duration) -> Result<bool, ProfilerError> {
+        let deadline = Instant::now() + duration;
+        let mut next = Instant::now() + self.config.interval;
+        loop {
+            thread::sleep(next.saturating_duration_since(Instant::now()));
+            self.end_epoch()?;
+            if !self.target_alive() {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            next += self.config.interval;
+        }
+    }
+
+    /// Faults lost to a full map so far (over all targets of these probes).
+    pub fn dropped(&self) -> Result<u64, ProfilerError> {
+        Ok(self.probes.stats()?.dropped)
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        // Nothing useful can be done with a failure here; the probes are torn down with their
+        // owner anyway.
+        let _ = self.probes.untrack(self.id);
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Thread ids of process `pid`; empty if it is gone.
+pub fn threads_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}

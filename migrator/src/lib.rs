@@ -1,0 +1,1 @@
+//! The migrator: KVM partitions and their live migration. Built out by later issues.
