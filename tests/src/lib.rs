@@ -1,1 +1,43 @@
+//! Shared helpers for the integration tests: a page-touching child process, a minimal KVM
+//! test VM, and the checks that decide whether a privileged test can run here.
 
+pub mod testvm;
+
+use std::path::PathBuf;
+
+/// Why a privileged capability is missing, or `None` if it is present. Tests skip, printing
+/// the reason, only when this says the capability is truly absent.
+pub fn bpf_unavailable() -> Option<String> {
+    if !heatprobe::probes::has_privileges() {
+        return Some("not root and no CAP_BPF+CAP_PERFMON".into());
+    }
+    None
+}
+
+/// Why `/dev/kvm` cannot be used, or `None` if it can.
+pub fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm: {e}")),
+    }
+}
+
+/// Prints why a test is skipped, in a form the test log shows.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// A binary of the workspace, built in the same profile as the running test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    // The test executable lives in target/<profile>/deps/; binaries in target/<profile>/.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executables live two levels below the target dir");
+    profile_dir.join(name)
+}
