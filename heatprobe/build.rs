@@ -12,7 +12,7 @@ fn main() {
         None => {
             // CARGO_MANIFEST_DIR is always set by cargo for build scripts.
             let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
-            manifest.join("../target/bpf/bpfel-unknown-none/release/heatprobe")
+            manifest.join("../target/bpf/bpfel-unknown-none/release/heatprobe-ebpf")
         }
     };
     println!("cargo::rerun-if-changed={}", object.display());

@@ -96,22 +96,22 @@ impl Default for ChunkCounts {
     }
 }
 
-/// Slots of the `STATS` per-CPU array.
+/// Slots of the `STATS` per-CPU array. A first-touch fault of a tracked target, the common
+/// case, touches no statistic.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Faults counted for a tracked target.
-    Counted = 0,
     /// Faults of a tracked target lost because `PAGE_COUNTS` was full.
-    Dropped = 1,
-    /// Counted faults that hit a present page (protection faults: copy-on-write, write-protect).
-    Protection = 2,
+    Dropped = 0,
     /// Events whose fields could not be read.
-    ReadErrors = 3,
+    ReadErrors = 1,
+    /// Counted faults that hit a present page (error-code bit 0): copy-on-write and
+    /// write-protect faults, as opposed to first touches. Bumped only on those.
+    Protection = 2,
 }
 
 /// Number of slots in the `STATS` array.
-pub const STAT_SLOTS: u32 = 4;
+pub const STAT_SLOTS: u32 = 3;
 
 /// Where a tracepoint's fields sit in its record, read by userspace from the event's tracefs
 /// `format` file at load time because these layouts change between kernel versions.

@@ -229,10 +229,10 @@ fn plan(args: PlanArgs) -> Result<()> {
     if args.mem.is_some() && args.profile.target.vm.is_none() {
         bail!("--mem only applies to --vm targets");
     }
-    if let Some(mem) = args.mem {
-        if mem == 0 || mem % PAGE_SIZE != 0 {
-            bail!("--mem must be a non-zero multiple of {PAGE_SIZE} bytes");
-        }
+    if let Some(mem) = args.mem
+        && (mem == 0 || !mem.is_multiple_of(PAGE_SIZE))
+    {
+        bail!("--mem must be a non-zero multiple of {PAGE_SIZE} bytes");
     }
     let profiler = profile(&args.profile)?;
     let pages = profiler.heat().pages();

@@ -168,7 +168,7 @@ impl TestVm {
     /// Creates a VM with `mem_size` bytes of RAM (a multiple of 2 MiB, at least 4 MiB), dirty
     /// logging on, and its vCPU parked on a thread waiting for [`TestVm::run_pass`].
     pub fn new(mem_size: usize) -> Result<Self> {
-        if mem_size % (2 << 20) != 0 || mem_size < (4 << 20) {
+        if !mem_size.is_multiple_of(2 << 20) || mem_size < (4 << 20) {
             bail!("test VM memory must be a multiple of 2 MiB, at least 4 MiB");
         }
         let kvm = Kvm::new().context("opening /dev/kvm")?;
@@ -219,7 +219,7 @@ impl TestVm {
             bail!("at most {LIST_CAPACITY} touches");
         }
         for (i, &(gpa, write)) in touches.iter().enumerate() {
-            if gpa % 8 != 0 || gpa < DATA || gpa as usize >= self.ram.size() {
+            if !gpa.is_multiple_of(8) || gpa < DATA || gpa as usize >= self.ram.size() {
                 bail!("touch address {gpa:#x} is not an aligned data address");
             }
             self.ram

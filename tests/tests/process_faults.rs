@@ -172,7 +172,7 @@ fn an_untracked_process_leaves_no_entries() {
     let mut toucher = Toucher::spawn();
     toucher.touch();
     assert_eq!(probes.chunk_count().expect("read map"), 0);
-    assert_eq!(probes.stats().expect("stats").counted, 0);
+    assert_eq!(probes.stats().expect("stats").protection, 0);
     toucher.finish();
 }
 

@@ -1,1 +1,75 @@
-fn main() {}
+//! `cargo xtask`: setup, build, run, test and bench for the workspace.
+//!
+//! Every command that needs the toolchain runs `setup` first, so a fresh machine needs only
+//! `cargo xtask run` or `cargo xtask test`.
+
+mod bench;
+mod build;
+mod demo;
+mod process;
+mod run;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Setup, build, run, test and bench the heatprobe workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build needs (idempotent): nightly with rust-src, bpf-linker, libclang.
+    Setup,
+    /// Build the eBPF object and every binary, in release mode, into target/release/.
+    Build,
+    /// The demo. Arguments after `--` go to heatprobe instead.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run every test (lints included).
+    Test {
+        /// Also run the long variants.
+        #[arg(long)]
+        long: bool,
+    },
+    /// Run a benchmark and print its figures as Markdown.
+    Bench {
+        #[arg(value_enum)]
+        suite: bench::Suite,
+    },
+    /// The demo workload `run` profiles (internal).
+    #[command(hide = true)]
+    DemoWorkload,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Build => setup::setup().and_then(|()| build::build()),
+        Command::Run { args } => setup::setup()
+            .and_then(|()| build::build())
+            .and_then(|()| run::run(&args)),
+        Command::Test { long } => setup::setup()
+            .and_then(|()| build::build())
+            .and_then(|()| test::test(long)),
+        Command::Bench { suite } => setup::setup()
+            .and_then(|()| build::build())
+            .and_then(|()| bench::bench(suite)),
+        Command::DemoWorkload => demo::workload(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

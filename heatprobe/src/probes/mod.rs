@@ -16,7 +16,7 @@ use std::{
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use heatprobe_ebpf::{
     ChunkCounts, ChunkKey, OFFSETS_GLOBAL, PAGES_PER_CHUNK, Stat, TracepointOffsets, map_names,
@@ -93,8 +93,6 @@ pub struct PageCounts {
 /// Kernel-side counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeStats {
-    /// Faults counted for tracked targets.
-    pub counted: u64,
     /// Faults lost because the counts map was full.
     pub dropped: u64,
     /// Counted faults that hit a present page.
@@ -109,13 +107,19 @@ pub struct ProbeStatus {
     /// `category:event`.
     pub event: &'static str,
     pub attached: bool,
+    /// The program attached: a raw tracepoint reads the event's arguments, a classic one its
+    /// record at offsets from the format file.
+    pub program: Option<&'static str>,
     /// Why it was skipped, if it was.
     pub skipped_because: Option<String>,
 }
 
-/// The tracepoint programs, the event each attaches to, and the offsets each needs.
+/// The tracepoint programs and the event each attaches to.
 struct ProgramSpec {
+    /// Classic tracepoint program, reading fields at offsets from the format file.
     program: &'static str,
+    /// Raw tracepoint program tried first, reading the event's `TP_PROTO` arguments.
+    raw_program: Option<&'static str>,
     category: &'static str,
     event: &'static str,
     label: &'static str,
@@ -123,31 +127,36 @@ struct ProgramSpec {
 
 const PROGRAMS: [ProgramSpec; 5] = [
     ProgramSpec {
-        program: "page_fault_user",
+        program: "page_fault_user_record",
+        raw_program: Some("page_fault_user"),
         category: "exceptions",
         event: "page_fault_user",
         label: "exceptions:page_fault_user",
     },
     ProgramSpec {
         program: "kvm_page_fault",
+        raw_program: None,
         category: "kvm",
         event: "kvm_page_fault",
         label: "kvm:kvm_page_fault",
     },
     ProgramSpec {
         program: "kvm_mmu_pagetable_walk",
+        raw_program: None,
         category: "kvmmmu",
         event: "kvm_mmu_pagetable_walk",
         label: "kvmmmu:kvm_mmu_pagetable_walk",
     },
     ProgramSpec {
         program: "kvm_mmu_spte_requested",
+        raw_program: None,
         category: "kvmmmu",
         event: "kvm_mmu_spte_requested",
         label: "kvmmmu:kvm_mmu_spte_requested",
     },
     ProgramSpec {
         program: "fast_page_fault",
+        raw_program: None,
         category: "kvmmmu",
         event: "fast_page_fault",
         label: "kvmmmu:fast_page_fault",
@@ -169,7 +178,7 @@ fn read_offsets(
     }
     let format = EventFormat::read(spec.category, spec.event)?;
     match spec.program {
-        "page_fault_user" => {
+        "page_fault_user_record" => {
             offsets.user_fault_address = format.offset("address")?;
             offsets.user_fault_error_code = format.offset("error_code")?;
         }
@@ -259,9 +268,10 @@ impl Probes {
         };
         for spec in available {
             match attach(&mut ebpf, spec) {
-                Ok(()) => status.push(ProbeStatus {
+                Ok(program) => status.push(ProbeStatus {
                     event: spec.label,
                     attached: true,
+                    program: Some(program),
                     skipped_because: None,
                 }),
                 Err(e) => status.push(skipped(spec, &error_chain(&e))),
@@ -443,7 +453,6 @@ impl Probes {
             Ok(values.iter().sum())
         };
         Ok(ProbeStats {
-            counted: read(Stat::Counted)?,
             dropped: read(Stat::Dropped)?,
             protection: read(Stat::Protection)?,
             read_errors: read(Stat::ReadErrors)?,
@@ -453,12 +462,12 @@ impl Probes {
     /// Kernel ids of the loaded programs, for reading their run-time statistics.
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
         let loaded = self.lock();
-        PROGRAMS
+        self.status
             .iter()
-            .filter_map(|spec| {
-                let program = loaded.ebpf.program(spec.program)?;
+            .filter_map(|status| {
+                let program = loaded.ebpf.program(status.program?)?;
                 let info = program.info().ok()?;
-                Some((spec.label, info.id()))
+                Some((status.event, info.id()))
             })
             .collect()
     }
@@ -535,25 +544,47 @@ impl Loaded {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), ProbeError> {
+/// Attaches the raw program if there is one and it attaches, else the classic one. Returns
+/// the name of the program attached.
+fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<&'static str, ProbeError> {
+    if let Some(raw) = spec.raw_program {
+        match attach_raw(ebpf, raw, spec.event) {
+            Ok(()) => return Ok(raw),
+            Err(e) => warn!(
+                "raw tracepoint {} unavailable ({}); using the classic tracepoint",
+                spec.event,
+                error_chain(&e)
+            ),
+        }
+    }
+    let program_error = |source| ProbeError::Program {
+        program: spec.program,
+        source,
+    };
     let program: &mut TracePoint = ebpf
         .program_mut(spec.program)
         .ok_or(ProbeError::MissingProgram(spec.program))?
         .try_into()
-        .map_err(|source| ProbeError::Program {
-            program: spec.program,
-            source,
-        })?;
-    program.load().map_err(|source| ProbeError::Program {
-        program: spec.program,
-        source,
-    })?;
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
     program
         .attach(spec.category, spec.event)
-        .map_err(|source| ProbeError::Program {
-            program: spec.program,
-            source,
-        })?;
+        .map_err(program_error)?;
+    Ok(spec.program)
+}
+
+fn attach_raw(ebpf: &mut Ebpf, name: &'static str, event: &str) -> Result<(), ProbeError> {
+    let program_error = |source| ProbeError::Program {
+        program: name,
+        source,
+    };
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    program.attach(event).map_err(program_error)?;
     Ok(())
 }
 
@@ -562,6 +593,7 @@ fn skipped(spec: &ProgramSpec, why: &str) -> ProbeStatus {
     ProbeStatus {
         event: spec.label,
         attached: false,
+        program: None,
         skipped_because: Some(why.to_string()),
     }
 }
