@@ -2,8 +2,10 @@
 //!
 //! A process's pages fault only on first touch, so to show heat the workload drops its own
 //! pages (MADV_DONTNEED) and touches them again, at a different rate per region:
-//! a hot region every 20 ms, a warm one every 200 ms, a cold one once. The hot region's
-//! first half is only read, its second half written. It exits when its stdin closes.
+//! a hot region every 20 ms, a warm one every 200 ms, a cold one once, half a second in (so a
+//! profiler attached at start sees it). The hot region's first half is only read, its second
+//! half written. The sizes put the default class quantiles inside each region. It exits when
+//! its stdin closes.
 
 use std::{
     io::Read,
@@ -76,10 +78,10 @@ impl Region {
 }
 
 pub fn workload() -> Result<()> {
-    let hot = Region::new(64)?;
-    let warm = Region::new(256)?;
-    let cold = Region::new(1024)?;
-    cold.touch(usize::MAX);
+    let hot = Region::new(320)?;
+    let warm = Region::new(512)?;
+    let cold = Region::new(448)?;
+    let mut cold_touched = false;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_reader = Arc::clone(&stop);
     thread::spawn(move || {
@@ -92,6 +94,10 @@ pub fn workload() -> Result<()> {
     while !stop.load(Ordering::Relaxed) {
         hot.touch(hot.pages / 2);
         hot.drop_pages();
+        if !cold_touched && start.elapsed() >= Duration::from_millis(500) {
+            cold.touch(usize::MAX);
+            cold_touched = true;
+        }
         if start.elapsed() - last_warm >= Duration::from_millis(200) {
             warm.touch(usize::MAX);
             warm.drop_pages();

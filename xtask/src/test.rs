@@ -1,7 +1,10 @@
 //! `cargo xtask test`: formatting, lints, then every test in release mode (the same profile
-//! `cargo xtask build` used, so nothing is compiled twice).
+//! `cargo xtask build` used, so nothing is compiled twice). Ends with one line totalling the
+//! test results of every test binary.
 
-use anyhow::Result;
+use std::io::{BufRead, BufReader};
+
+use anyhow::{Context, Result, bail};
 
 use crate::process::{cargo, run};
 
@@ -27,5 +30,55 @@ pub fn test(long: bool) -> Result<()> {
     if long {
         test.env("HEATPROBE_LONG_TESTS", "1");
     }
-    run(&mut test, "cargo test")
+    let mut child = test
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.skipped
+    );
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// Sums libtest's `test result: ok. N passed; N failed; N ignored; ...` lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.skipped += count,
+                _ => {}
+            }
+        }
+    }
 }
