@@ -1,1 +1,4 @@
-//! The migrator: KVM partitions and their live migration. Built out by later issues.
+//! The migrator: KVM micro-VMs ("partitions") that run real guest workloads, and (in later
+//! issues) their heat-ordered live migration.
+
+pub mod vmm;

@@ -1,4 +1,5 @@
-//! `cargo xtask build`: the eBPF object, then every binary, in release mode.
+//! `cargo xtask build`: the eBPF object and the guest image (each for its own target, with
+//! nightly), then every binary, in release mode.
 
 use std::path::PathBuf;
 
@@ -8,6 +9,9 @@ use crate::process::{cargo, cargo_nightly, run, workspace_root};
 
 /// Where the eBPF build puts its output; heatprobe's build script embeds the object from here.
 pub const EBPF_TARGET_DIR: &str = "target/bpf";
+
+/// Where the guest image build puts its output; migrator's build script embeds it from here.
+pub const GUEST_TARGET_DIR: &str = "target/guest";
 
 pub fn ebpf_object() -> PathBuf {
     workspace_root()
@@ -49,6 +53,25 @@ pub fn build() -> Result<()> {
             ebpf_object().display()
         );
     }
+    run(
+        cargo_nightly()
+            .args([
+                "build",
+                "--package",
+                "migrator-guest",
+                "--bin",
+                "migrator-guest",
+                "--target",
+                "x86_64-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+            ])
+            .env("CARGO_TARGET_DIR", workspace_root().join(GUEST_TARGET_DIR))
+            // A static (non-PIE) executable; the guest's build script adds its linker script.
+            .env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static"),
+        "building the guest image",
+    )?;
     run(
         cargo().args(["build", "--release", "--bins"]),
         "building the binaries",

@@ -1,0 +1,307 @@
+//! Guest RAM: one memfd mapped shared at guest-physical 0.
+//!
+//! Shared memfd memory lets the VMM drop its mapping of a page (MADV_DONTNEED) without losing
+//! the data, which is how the heat sampler makes the guest fault again, and lets userfaultfd
+//! serve pages on demand after a migration.
+
+use std::{
+    fmt,
+    ops::Range,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Page size of guest memory.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A guest-physical address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GuestAddress(pub u64);
+
+impl GuestAddress {
+    pub fn offset(self, by: u64) -> Option<Self> {
+        self.0.checked_add(by).map(Self)
+    }
+
+    /// The guest frame number holding this address.
+    pub fn frame(self) -> u64 {
+        self.0 / PAGE_SIZE
+    }
+}
+
+impl fmt::Display for GuestAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("guest memory must be a non-zero multiple of {PAGE_SIZE} bytes, got {0}")]
+    BadSize(u64),
+    #[error("the host cannot give {requested} bytes of guest memory ({available} available)")]
+    TooLarge { requested: u64, available: u64 },
+    #[error("memfd_create failed")]
+    Memfd(#[source] std::io::Error),
+    #[error("sizing the memfd failed")]
+    Truncate(#[source] std::io::Error),
+    #[error("mapping guest memory failed")]
+    Map(#[source] std::io::Error),
+    #[error("guest range {start}+{len:#x} is outside the {size:#x} bytes of guest memory")]
+    OutOfRange {
+        start: GuestAddress,
+        len: u64,
+        size: u64,
+    },
+    #[error("madvise failed")]
+    Advise(#[source] std::io::Error),
+}
+
+/// Guest RAM.
+pub struct GuestMemory {
+    memfd: OwnedFd,
+    base: *mut u8,
+    size: u64,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this struct until Drop. Concurrent
+// access by vCPUs is inherent to guest memory; the VMM's own reads and writes go through
+// bounds-checked copies and tolerate concurrent guest writes (they are racy by nature, as in
+// every VMM, and used only on paused guests where consistency matters).
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+/// Memory the host can still give, from /proc/meminfo's MemAvailable.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+impl GuestMemory {
+    /// Creates `size` bytes of zeroed guest memory.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::BadSize(size));
+        }
+        if let Some(available) = available_memory()
+            && size > available
+        {
+            return Err(MemoryError::TooLarge {
+                requested: size,
+                available,
+            });
+        }
+        // SAFETY: a valid NUL-terminated name and plain flags.
+        let fd = unsafe { libc::memfd_create(c"partition-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: memfd_create returned a fresh descriptor nobody else owns.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = libc::off_t::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        // SAFETY: a valid descriptor; ftruncate has no memory-safety preconditions.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), len) } != 0 {
+            return Err(MemoryError::Truncate(std::io::Error::last_os_error()));
+        }
+        // SAFETY: maps the whole memfd; the result is checked, and unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(MemoryError::Map(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            memfd,
+            base: base.cast(),
+            size,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn frames(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// Host address of the mapping, for KVM's memory slot.
+    pub fn host_address(&self) -> u64 {
+        self.base as u64
+    }
+
+    pub fn memfd(&self) -> &OwnedFd {
+        &self.memfd
+    }
+
+    fn check(&self, start: GuestAddress, len: u64) -> Result<usize, MemoryError> {
+        match start.0.checked_add(len) {
+            Some(end) if end <= self.size => Ok(start.0 as usize),
+            _ => Err(MemoryError::OutOfRange {
+                start,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Copies `bytes` into guest memory at `start`.
+    pub fn write(&self, start: GuestAddress, bytes: &[u8]) -> Result<(), MemoryError> {
+        let offset = self.check(start, bytes.len() as u64)?;
+        // SAFETY: the range was bounds-checked against the live mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(offset), bytes.len())
+        };
+        Ok(())
+    }
+
+    /// Copies guest memory at `start` into `out`.
+    pub fn read(&self, start: GuestAddress, out: &mut [u8]) -> Result<(), MemoryError> {
+        let offset = self.check(start, out.len() as u64)?;
+        // SAFETY: the range was bounds-checked against the live mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    pub fn write_u64(&self, at: GuestAddress, value: u64) -> Result<(), MemoryError> {
+        self.write(at, &value.to_le_bytes())
+    }
+
+    /// Reads a u64 with one volatile load, for counters the guest updates in place.
+    pub fn read_u64_volatile(&self, at: GuestAddress) -> Result<u64, MemoryError> {
+        let offset = self.check(at, 8)?;
+        if !offset.is_multiple_of(8) {
+            return Err(MemoryError::OutOfRange {
+                start: at,
+                len: 8,
+                size: self.size,
+            });
+        }
+        // SAFETY: in bounds and 8-byte aligned (checked above).
+        Ok(unsafe { std::ptr::read_volatile(self.base.add(offset).cast::<u64>()) })
+    }
+
+    /// The bytes of frame `frame`. The guest may be writing them concurrently unless paused.
+    pub fn frame_bytes(&self, frame: u64) -> Result<&[u8], MemoryError> {
+        let offset = self.check(GuestAddress(frame * PAGE_SIZE), PAGE_SIZE)?;
+        // SAFETY: in bounds of the mapping, which lives as long as &self.
+        Ok(unsafe { std::slice::from_raw_parts(self.base.add(offset), PAGE_SIZE as usize) })
+    }
+
+    /// Drops the host mapping of `frames`; the data stays in the memfd and the next access
+    /// (by the guest, through KVM) faults it back in.
+    pub fn drop_mapping(&self, frames: Range<u64>) -> Result<(), MemoryError> {
+        let start = GuestAddress(frames.start * PAGE_SIZE);
+        let len = (frames.end.saturating_sub(frames.start)) * PAGE_SIZE;
+        let offset = self.check(start, len)?;
+        // SAFETY: the range lies inside our shared mapping; MADV_DONTNEED on a shared memfd
+        // mapping only zaps page-table entries.
+        let rc = unsafe {
+            libc::madvise(
+                self.base.add(offset).cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Advise(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// The memory's digest: an xxh3 of every page, and an xxh3 over those.
+    pub fn digest(&self) -> MemoryDigest {
+        let pages: Vec<u64> = (0..self.frames())
+            .map(|f| self.frame_bytes(f).map(xxh3_64).unwrap_or_default())
+            .collect();
+        MemoryDigest::from_pages(pages)
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped; no reference outlives self.
+        unsafe { libc::munmap(self.base.cast(), self.size as usize) };
+    }
+}
+
+/// Per-page xxh3 digests and their total.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryDigest {
+    pub total: u64,
+    pub pages: Vec<u64>,
+}
+
+impl MemoryDigest {
+    pub fn from_pages(pages: Vec<u64>) -> Self {
+        let bytes: Vec<u8> = pages.iter().flat_map(|d| d.to_le_bytes()).collect();
+        Self {
+            total: xxh3_64(&bytes),
+            pages,
+        }
+    }
+
+    /// The total as the hex string the CLI and JSON show.
+    pub fn total_hex(&self) -> String {
+        format!("{:016x}", self.total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(GuestMemory::new(0), Err(MemoryError::BadSize(0))));
+        assert!(matches!(
+            GuestMemory::new(4095),
+            Err(MemoryError::BadSize(4095))
+        ));
+        assert!(matches!(
+            GuestMemory::new(1 << 50),
+            Err(MemoryError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn reads_writes_and_digests() {
+        let mem = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let before = mem.digest();
+        mem.write(GuestAddress(PAGE_SIZE + 8), b"hello").unwrap();
+        let mut out = [0u8; 5];
+        mem.read(GuestAddress(PAGE_SIZE + 8), &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+        let after = mem.digest();
+        assert_ne!(before.total, after.total);
+        assert_eq!(before.pages[0], after.pages[0]);
+        assert_ne!(before.pages[1], after.pages[1]);
+        assert!(mem.write(GuestAddress(4 * PAGE_SIZE - 2), b"abc").is_err());
+        assert!(mem.read(GuestAddress(u64::MAX), &mut out).is_err());
+        // Dropping the mapping keeps the data.
+        mem.drop_mapping(0..4).unwrap();
+        mem.read(GuestAddress(PAGE_SIZE + 8), &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+    }
+}

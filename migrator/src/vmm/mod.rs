@@ -1,0 +1,15 @@
+//! The VMM: KVM partitions running guest images at CPL 3 under guest ABI v1.
+
+pub mod dirty;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod partition;
+pub mod sampler;
+pub mod vcpu;
+
+pub use memory::{GuestAddress, GuestMemory, MemoryDigest};
+pub use partition::{
+    GuestImage, Partition, PartitionConfig, PartitionError, PartitionSnapshot, PartitionState,
+    PartitionStatus,
+};

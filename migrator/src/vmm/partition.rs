@@ -1,0 +1,594 @@
+//! A partition: one KVM VM with its guest memory, vCPU threads and lifecycle.
+//!
+//! ```text
+//!  launch ──▶ running ◀──resume── paused
+//!                │  └──pause──────▶  │
+//!                ├── guest dies ──▶ crashed
+//!                └── stop / all vCPUs exit ──▶ stopped
+//! ```
+
+use std::{
+    sync::{Arc, Mutex, mpsc},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migrator_guest::{
+    Progress,
+    abi::{ARGS_LEN, MAX_VCPUS, STACK_SIZE},
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::{
+    dirty::DirtyLog,
+    layout,
+    loader::{Image, ImageError},
+    memory::{GuestMemory, MemoryDigest, MemoryError, PAGE_SIZE},
+    vcpu::{self, Control, Request, VcpuError, VcpuState, VcpuStatus},
+};
+
+/// The built-in guest image, embedded at build time by `cargo xtask build`.
+#[cfg(guest_embedded)]
+pub static BUILTIN_IMAGE: Option<&[u8]> = Some(include_bytes!(env!("MIGRATOR_GUEST_IMAGE")));
+#[cfg(not(guest_embedded))]
+pub static BUILTIN_IMAGE: Option<&[u8]> = None;
+
+/// How long a pause may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum PartitionError {
+    #[error("unknown workload `{0}`; built in: {list}", list = migrator_guest::workloads::NAMES.join(", "))]
+    UnknownWorkload(String),
+    #[error("this migrator was built without its guest image; build it with `cargo xtask build`")]
+    NoBuiltinImage,
+    #[error("a partition needs 1 to {MAX_VCPUS} vCPUs, got {0}")]
+    VcpuCount(u32),
+    #[error(
+        "guest memory of {mem_size:#x} bytes is too small for {vcpus} vCPU stacks and an image"
+    )]
+    TooSmall { mem_size: u64, vcpus: u32 },
+    #[error("guest memory is limited to {max} bytes", max = layout::MAX_MEMORY)]
+    TooLarge,
+    #[error("the arguments are longer than {} bytes", ARGS_LEN - 1)]
+    ArgsTooLong,
+    #[error("the arguments contain a NUL byte")]
+    ArgsNul,
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("bad guest image")]
+    Image(#[from] ImageError),
+    #[error("KVM refused to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("the partition is {0:?}, not {1}")]
+    WrongState(PartitionState, &'static str),
+    #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout,
+    #[error("the snapshot has {got} vCPU states for {want} vCPUs")]
+    SnapshotShape { got: usize, want: u32 },
+}
+
+/// What the guest runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestImage {
+    /// A workload of the built-in image, by name.
+    Builtin(String),
+    /// A guest ELF image, as bytes.
+    Elf(Vec<u8>),
+}
+
+/// What to launch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionConfig {
+    pub name: Option<String>,
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub image: GuestImage,
+    /// Arguments written to the boot info. For built-in workloads the workload's name is put
+    /// in front.
+    pub args: String,
+}
+
+impl PartitionConfig {
+    /// The args string the guest sees.
+    pub fn boot_args(&self) -> String {
+        match &self.image {
+            GuestImage::Builtin(name) if self.args.trim().is_empty() => name.clone(),
+            GuestImage::Builtin(name) => format!("{name} {}", self.args.trim()),
+            GuestImage::Elf(_) => self.args.clone(),
+        }
+    }
+
+    fn image_bytes(&self) -> Result<&[u8], PartitionError> {
+        match &self.image {
+            GuestImage::Builtin(name) => {
+                if !migrator_guest::workloads::NAMES.contains(&name.as_str()) {
+                    return Err(PartitionError::UnknownWorkload(name.clone()));
+                }
+                BUILTIN_IMAGE.ok_or(PartitionError::NoBuiltinImage)
+            }
+            GuestImage::Elf(bytes) => Ok(bytes),
+        }
+    }
+
+    /// Checks everything that can be checked without KVM.
+    pub fn validate(&self) -> Result<(), PartitionError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(PartitionError::VcpuCount(self.vcpus));
+        }
+        if self.mem_size == 0 || !self.mem_size.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::BadSize(self.mem_size).into());
+        }
+        if self.mem_size > layout::MAX_MEMORY {
+            return Err(PartitionError::TooLarge);
+        }
+        let stacks = u64::from(self.vcpus) * STACK_SIZE;
+        if self.mem_size < migrator_guest::abi::IMAGE_BASE + stacks + PAGE_SIZE {
+            return Err(PartitionError::TooSmall {
+                mem_size: self.mem_size,
+                vcpus: self.vcpus,
+            });
+        }
+        let args = self.boot_args();
+        if args.len() >= ARGS_LEN {
+            return Err(PartitionError::ArgsTooLong);
+        }
+        if args.contains('\0') {
+            return Err(PartitionError::ArgsNul);
+        }
+        Image::parse(self.image_bytes()?, self.mem_size, stacks)?;
+        Ok(())
+    }
+}
+
+/// A partition's lifecycle state, as users see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionState {
+    Running,
+    Paused,
+    Stopped,
+    Migrating,
+    Crashed,
+}
+
+/// A point-in-time view of a partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub state: PartitionState,
+    /// Progress summed over vCPUs.
+    pub progress: Progress,
+    /// Per-vCPU progress.
+    pub vcpu_progress: Vec<Progress>,
+    /// Why it crashed, if it did.
+    pub crash_reason: Option<String>,
+    /// Exit codes of vCPUs that called the exit hypercall.
+    pub exit_codes: Vec<u64>,
+    /// Self-check failures reported through the hypercall.
+    pub check_failures: u64,
+    /// Recent console output.
+    pub console: String,
+}
+
+/// The vCPU part of a partition's saved state (memory travels separately).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartitionSnapshot {
+    pub config: PartitionConfig,
+    pub tsc_khz: u64,
+    pub vcpus: Vec<VcpuState>,
+}
+
+pub struct Partition {
+    config: PartitionConfig,
+    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    memory: Arc<GuestMemory>,
+    control: Arc<Control>,
+    threads: Vec<JoinHandle<()>>,
+    vcpu_tids: Vec<u32>,
+    tsc_khz: u64,
+    dirty: Mutex<Option<DirtyLog>>,
+    /// A state set by the migration engine that overrides what the vCPUs say.
+    migrating: Mutex<bool>,
+}
+
+fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
+    move |source| PartitionError::Kvm { what, source }
+}
+
+impl Partition {
+    /// Creates and starts a partition.
+    pub fn launch(config: PartitionConfig) -> Result<Self, PartitionError> {
+        config.validate()?;
+        let memory = Arc::new(GuestMemory::new(config.mem_size)?);
+        let stacks = u64::from(config.vcpus) * STACK_SIZE;
+        let image = Image::parse(config.image_bytes()?, config.mem_size, stacks)?;
+        image.load(&memory)?;
+        let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
+        layout::write_vmm_area(&memory, config.vcpus, tsc_khz, &config.boot_args())?;
+        for (index, vcpu) in vcpus.iter().enumerate() {
+            let sregs = vcpu
+                .get_sregs()
+                .map_err(kvm_error("read special registers"))?;
+            vcpu.set_sregs(&layout::boot_sregs(sregs))
+                .map_err(kvm_error("set special registers"))?;
+            vcpu.set_regs(&layout::boot_regs(
+                image.entry(),
+                config.mem_size,
+                index as u32,
+            ))
+            .map_err(kvm_error("set registers"))?;
+        }
+        Self::start(config, kvm, vm, vcpus, memory, tsc_khz, Request::Run)
+    }
+
+    /// Recreates a partition from a snapshot and a memory image already filled in; it starts
+    /// paused or running as asked.
+    pub fn restore(
+        snapshot: &PartitionSnapshot,
+        memory: GuestMemory,
+        run: bool,
+    ) -> Result<Self, PartitionError> {
+        let config = snapshot.config.clone();
+        if snapshot.vcpus.len() != config.vcpus as usize {
+            return Err(PartitionError::SnapshotShape {
+                got: snapshot.vcpus.len(),
+                want: config.vcpus,
+            });
+        }
+        if memory.size() != config.mem_size {
+            return Err(MemoryError::BadSize(memory.size()).into());
+        }
+        let memory = Arc::new(memory);
+        let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
+        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+            state.apply(vcpu)?;
+        }
+        let request = if run { Request::Run } else { Request::Pause };
+        Self::start(config, kvm, vm, vcpus, memory, tsc_khz, request)
+    }
+
+    fn create_vm(
+        config: &PartitionConfig,
+        memory: &GuestMemory,
+    ) -> Result<(Kvm, VmFd, Vec<VcpuFd>, u64), PartitionError> {
+        let kvm = Kvm::new().map_err(kvm_error("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_error("create a VM"))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: memory.size(),
+            userspace_addr: memory.host_address(),
+        };
+        // SAFETY: the region is the live mapping of `memory`, which the partition keeps (in an
+        // Arc) until after the VM is dropped.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_error("register guest memory"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("report CPUID"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_error("create a vCPU"))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_error("set CPUID"))?;
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = vcpus[0].get_tsc_khz().map(u64::from).unwrap_or(1_000_000);
+        Ok((kvm, vm, vcpus, tsc_khz))
+    }
+
+    fn start(
+        config: PartitionConfig,
+        kvm: Kvm,
+        vm: VmFd,
+        vcpus: Vec<VcpuFd>,
+        memory: Arc<GuestMemory>,
+        tsc_khz: u64,
+        request: Request,
+    ) -> Result<Self, PartitionError> {
+        vcpu::install_kick_handler()?;
+        let control = Arc::new(Control::new(vcpus.len(), request));
+        let mut threads = Vec::new();
+        let mut vcpu_tids = Vec::new();
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let control = Arc::clone(&control);
+            let memory = Arc::clone(&memory);
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run(index, vcpu, control, memory, tid_tx))
+                .map_err(VcpuError::Spawn)?;
+            threads.push(thread);
+            // The thread sends its tid first thing; a closed channel means it died at once.
+            vcpu_tids.push(tid_rx.recv().unwrap_or_default());
+        }
+        let partition = Self {
+            config,
+            _kvm: kvm,
+            vm: Arc::new(vm),
+            memory,
+            control,
+            threads,
+            vcpu_tids,
+            tsc_khz,
+            dirty: Mutex::new(None),
+            migrating: Mutex::new(false),
+        };
+        if request == Request::Pause {
+            partition.wait_quiet()?;
+        }
+        Ok(partition)
+    }
+
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// Thread ids of the vCPU threads (what the KVM tracepoints run on).
+    pub fn vcpu_tids(&self) -> &[u32] {
+        &self.vcpu_tids
+    }
+
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
+    }
+
+    /// Marks the partition as being migrated (or not), for what users see.
+    pub fn set_migrating(&self, migrating: bool) {
+        *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) = migrating;
+    }
+
+    /// The current state, derived from the request and what the vCPUs say.
+    pub fn state(&self) -> PartitionState {
+        let state = self.control.lock();
+        let crashed = state
+            .vcpus
+            .iter()
+            .any(|s| matches!(s, VcpuStatus::Crashed(_)));
+        if crashed {
+            return PartitionState::Crashed;
+        }
+        let all_done = state
+            .vcpus
+            .iter()
+            .all(|s| matches!(s, VcpuStatus::Exited(_) | VcpuStatus::Stopped));
+        if state.request == Request::Stop || all_done {
+            return PartitionState::Stopped;
+        }
+        if *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) {
+            return PartitionState::Migrating;
+        }
+        match state.request {
+            Request::Pause => PartitionState::Paused,
+            _ => PartitionState::Running,
+        }
+    }
+
+    /// Reads each vCPU's progress from the boot-info page, without stopping anything.
+    pub fn progress(&self) -> Vec<Progress> {
+        (0..self.config.vcpus)
+            .map(|i| {
+                let at = layout::progress_address(i);
+                let word = |n: u64| {
+                    self.memory
+                        .read_u64_volatile(at.offset(8 * n).unwrap_or(at))
+                        .unwrap_or_default()
+                };
+                Progress {
+                    ops: word(0),
+                    errors: word(1),
+                    checks: word(2),
+                    heartbeat: word(3),
+                }
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> PartitionStatus {
+        let vcpu_progress = self.progress();
+        let progress = vcpu_progress
+            .iter()
+            .fold(Progress::default(), |sum, p| Progress {
+                ops: sum.ops + p.ops,
+                errors: sum.errors + p.errors,
+                checks: sum.checks + p.checks,
+                heartbeat: sum.heartbeat.max(p.heartbeat),
+            });
+        let state = self.state();
+        let control = self.control.lock();
+        let crash_reason = control.vcpus.iter().enumerate().find_map(|(i, s)| match s {
+            VcpuStatus::Crashed(reason) => Some(format!("vCPU {i}: {reason}")),
+            _ => None,
+        });
+        let exit_codes = control
+            .vcpus
+            .iter()
+            .filter_map(|s| match s {
+                VcpuStatus::Exited(code) => Some(*code),
+                _ => None,
+            })
+            .collect();
+        PartitionStatus {
+            state,
+            progress,
+            vcpu_progress,
+            crash_reason,
+            exit_codes,
+            check_failures: control.check_failures,
+            console: String::from_utf8_lossy(&control.console).into_owned(),
+        }
+    }
+
+    fn set_request(&self, request: Request) {
+        let mut state = self.control.lock();
+        state.request = request;
+        drop(state);
+        self.control.changed.notify_all();
+        for thread in &self.threads {
+            vcpu::kick(thread);
+        }
+    }
+
+    /// Waits until no vCPU runs guest code.
+    fn wait_quiet(&self) -> Result<(), PartitionError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut state = self.control.lock();
+        while !state.vcpus.iter().all(VcpuStatus::is_quiet) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(PartitionError::PauseTimeout);
+            }
+            state = self
+                .control
+                .changed
+                .wait_timeout(state, left.min(Duration::from_millis(10)))
+                .map(|(s, _)| s)
+                .unwrap_or_else(|p| p.into_inner().0);
+            drop(state);
+            // Re-kick: a signal may have landed before a thread registered its kvm_run.
+            for thread in &self.threads {
+                vcpu::kick(thread);
+            }
+            state = self.control.lock();
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU and saves its state. Pausing a paused partition does nothing.
+    pub fn pause(&self) -> Result<(), PartitionError> {
+        match self.state() {
+            PartitionState::Running | PartitionState::Migrating => {}
+            PartitionState::Paused => return Ok(()),
+            other => return Err(PartitionError::WrongState(other, "running")),
+        }
+        self.set_request(Request::Pause);
+        self.wait_quiet()
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), PartitionError> {
+        match self.state() {
+            PartitionState::Paused | PartitionState::Migrating => {}
+            PartitionState::Running => return Ok(()),
+            other => return Err(PartitionError::WrongState(other, "paused")),
+        }
+        self.set_request(Request::Run);
+        Ok(())
+    }
+
+    /// The vCPU states and config of a paused partition.
+    pub fn snapshot(&self) -> Result<PartitionSnapshot, PartitionError> {
+        let state = self.control.lock();
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| match s {
+                VcpuStatus::Paused(saved) => Ok((**saved).clone()),
+                _ => Err(()),
+            })
+            .collect::<Result<Vec<_>, ()>>();
+        drop(state);
+        match vcpus {
+            Ok(vcpus) => Ok(PartitionSnapshot {
+                config: self.config.clone(),
+                tsc_khz: self.tsc_khz,
+                vcpus,
+            }),
+            Err(()) => Err(PartitionError::WrongState(self.state(), "paused")),
+        }
+    }
+
+    /// The digest of guest memory (consistent only while paused).
+    pub fn digest(&self) -> MemoryDigest {
+        self.memory.digest()
+    }
+
+    /// Starts dirty-page logging (idempotent).
+    pub fn dirty_log_start(&self) -> Result<(), PartitionError> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if dirty.is_none() {
+            self.set_slot_flags(KVM_MEM_LOG_DIRTY_PAGES)?;
+            *dirty = Some(DirtyLog::new(self.memory.frames()));
+        }
+        Ok(())
+    }
+
+    /// The frames written since the last fetch (or since logging started), as a bitmap of
+    /// u64 words; fetching re-arms write protection. `None` if logging is off.
+    pub fn dirty_log_fetch(&self) -> Result<Option<Vec<u64>>, PartitionError> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = dirty.as_mut() else {
+            return Ok(None);
+        };
+        log.fetch(&self.vm, self.memory.size())
+            .map(Some)
+            .map_err(kvm_error("fetch the dirty log"))
+    }
+
+    /// Stops dirty-page logging.
+    pub fn dirty_log_stop(&self) -> Result<(), PartitionError> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if dirty.take().is_some() {
+            self.set_slot_flags(0)?;
+        }
+        Ok(())
+    }
+
+    /// Re-arms write faults for the heat sampler without losing dirty bits a migration needs:
+    /// the fetched bits are kept for the next `dirty_log_fetch`.
+    pub fn dirty_log_rearm(&self) -> Result<bool, PartitionError> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = dirty.as_mut() else {
+            return Ok(false);
+        };
+        log.accumulate(&self.vm, self.memory.size())
+            .map_err(kvm_error("fetch the dirty log"))?;
+        Ok(true)
+    }
+
+    fn set_slot_flags(&self, flags: u32) -> Result<(), PartitionError> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.memory.size(),
+            userspace_addr: self.memory.host_address(),
+        };
+        // SAFETY: the same live mapping the slot already has; only the flags change.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(kvm_error("change the memory slot's flags"))
+    }
+
+    /// Stops the partition for good and joins its vCPU threads.
+    pub fn stop(&mut self) {
+        self.set_request(Request::Stop);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

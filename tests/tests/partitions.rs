@@ -1,0 +1,263 @@
+//! Partitions on real KVM: every built-in workload runs and verifies itself, pause and resume,
+//! save and restore into a fresh VM, a guest image the test builds itself, and bad input.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use heatprobe_tests::{kvm_unavailable, skip};
+use migrator::vmm::{
+    GuestImage, GuestMemory, Partition, PartitionConfig, PartitionError, PartitionState,
+    memory::GuestAddress,
+};
+
+fn builtin(workload: &str, args: &str, mem_mib: u64, vcpus: u32) -> PartitionConfig {
+    PartitionConfig {
+        name: Some(workload.into()),
+        mem_size: mem_mib << 20,
+        vcpus,
+        image: GuestImage::Builtin(workload.into()),
+        args: args.into(),
+    }
+}
+
+/// Waits until the partition has done `ops` more operations and `checks` more full checks
+/// than `from`, or fails with its status after `limit`.
+fn wait_progress(partition: &Partition, ops: u64, checks: u64, limit: Duration) {
+    let start = partition.status().progress;
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = partition.status();
+        assert_eq!(status.state, PartitionState::Running, "{status:#?}");
+        assert_eq!(status.progress.errors, 0, "{status:#?}");
+        if status.progress.ops >= start.ops + ops && status.progress.checks >= start.checks + checks
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no progress: {status:#?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_builtin_workload_runs_and_checks_itself() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("every_builtin_workload_runs_and_checks_itself", &why);
+    }
+    let cases = [
+        ("kv-zipf", "keys=4096 check_every=20000", 2),
+        ("scan", "", 1),
+        ("rw-mix", "check_every=20000", 2),
+        ("uniform-write", "check_every=20000", 1),
+        ("idle", "", 1),
+    ];
+    for (workload, args, vcpus) in cases {
+        let partition = Partition::launch(builtin(workload, args, 32, vcpus))
+            .unwrap_or_else(|e| panic!("{workload}: {e}"));
+        let checks = if workload == "idle" { 0 } else { 2 };
+        wait_progress(&partition, 20, checks, Duration::from_secs(20));
+        let status = partition.status();
+        assert!(
+            status.console.contains(workload),
+            "{workload}: {}",
+            status.console
+        );
+        assert_eq!(status.check_failures, 0);
+    }
+}
+
+#[test]
+fn pause_then_resume_continues_without_errors() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("pause_then_resume_continues_without_errors", &why);
+    }
+    let partition = Partition::launch(builtin("rw-mix", "check_every=5000", 32, 2)).unwrap();
+    wait_progress(&partition, 1000, 1, Duration::from_secs(10));
+    partition.pause().unwrap();
+    assert_eq!(partition.state(), PartitionState::Paused);
+    let frozen = partition.status().progress;
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        partition.status().progress,
+        frozen,
+        "a paused guest makes no progress"
+    );
+    partition.resume().unwrap();
+    wait_progress(&partition, 1000, 2, Duration::from_secs(10));
+}
+
+#[test]
+fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "save_and_restore_into_a_fresh_vm_continues_without_errors",
+            &why,
+        );
+    }
+    let mut source =
+        Partition::launch(builtin("kv-zipf", "keys=8192 check_every=10000", 32, 2)).unwrap();
+    wait_progress(&source, 5000, 1, Duration::from_secs(10));
+    source.pause().unwrap();
+    let snapshot = source.snapshot().unwrap();
+    let digest = source.digest();
+    let progress = source.status().progress;
+    // Copy memory page by page, as a migration would.
+    let memory = GuestMemory::new(snapshot.config.mem_size).unwrap();
+    for frame in 0..memory.frames() {
+        let bytes = source.memory().frame_bytes(frame).unwrap();
+        memory.write(GuestAddress(frame * 4096), bytes).unwrap();
+    }
+    source.stop();
+    let restored = Partition::restore(&snapshot, memory, false).unwrap();
+    assert_eq!(restored.state(), PartitionState::Paused);
+    assert_eq!(restored.digest(), digest);
+    assert_eq!(restored.status().progress, progress);
+    restored.resume().unwrap();
+    wait_progress(&restored, 5000, 2, Duration::from_secs(10));
+}
+
+/// A guest image written by hand to the ABI: it writes a console line, then counts ops in its
+/// progress slot forever.
+fn handmade_image() -> Vec<u8> {
+    const BASE: u64 = 0x20_0000;
+    let message = b"handmade guest up\n";
+    // rdi = boot info on entry; progress slot 0 at boot + 256.
+    let mut code: Vec<u8> = vec![
+        0x48, 0x89, 0xFB, // mov rbx, rdi
+        0x48, 0xBF, // mov rdi, imm64 (message)
+    ];
+    let message_at = BASE + 0x100;
+    code.extend_from_slice(&message_at.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xC7, 0xC6]); // mov rsi, imm32 (len)
+    code.extend_from_slice(&(message.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[
+        0x66, 0xBA, 0x10, 0x05, // mov dx, 0x510
+        0xB8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1 (console)
+        0xEF, // out dx, eax
+        // loop: inc qword [rbx + 256]; jmp loop
+        0x48, 0xFF, 0x83, 0x00, 0x01, 0x00, 0x00, 0xEB, 0xF7,
+    ]);
+    let mut segment = code;
+    segment.resize(0x100, 0x90);
+    segment.extend_from_slice(message);
+    elf_image(BASE, &segment)
+}
+
+/// A minimal static ELF64 x86-64 executable with one RWX PT_LOAD segment at `base`.
+fn elf_image(base: u64, segment: &[u8]) -> Vec<u8> {
+    let mut elf = Vec::new();
+    let data_offset = 0x1000u64;
+    elf.extend_from_slice(&[0x7F, b'E', b'L', b'F', 2, 1, 1, 0]);
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&base.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    elf.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&[0; 6]);
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    elf.extend_from_slice(&data_offset.to_le_bytes());
+    elf.extend_from_slice(&base.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&base.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&(segment.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(segment.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    elf.resize(data_offset as usize, 0);
+    elf.extend_from_slice(segment);
+    elf
+}
+
+#[test]
+fn a_handmade_image_runs_under_the_abi() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_handmade_image_runs_under_the_abi", &why);
+    }
+    let partition = Partition::launch(PartitionConfig {
+        name: None,
+        mem_size: 8 << 20,
+        vcpus: 1,
+        image: GuestImage::Elf(handmade_image()),
+        args: "anything".into(),
+    })
+    .unwrap();
+    wait_progress(&partition, 1_000_000, 0, Duration::from_secs(10));
+    assert!(partition.status().console.contains("handmade guest up"));
+    partition.pause().unwrap();
+    partition.resume().unwrap();
+    wait_progress(&partition, 1_000_000, 0, Duration::from_secs(10));
+}
+
+#[test]
+fn a_guest_that_dies_is_crashed_with_its_reason() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_guest_that_dies_is_crashed_with_its_reason", &why);
+    }
+    // ud2 with no IDT: #UD, then a triple fault.
+    let crashing = elf_image(0x20_0000, &[0x0F, 0x0B]);
+    let partition = Partition::launch(PartitionConfig {
+        name: None,
+        mem_size: 8 << 20,
+        vcpus: 1,
+        image: GuestImage::Elf(crashing),
+        args: String::new(),
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while partition.state() != PartitionState::Crashed {
+        assert!(Instant::now() < deadline, "{:#?}", partition.status());
+        thread::sleep(Duration::from_millis(10));
+    }
+    let reason = partition.status().crash_reason.unwrap();
+    assert!(reason.contains("triple fault"), "{reason}");
+    // Another partition is unaffected.
+    let other = Partition::launch(builtin("idle", "", 8, 1)).unwrap();
+    wait_progress(&other, 3, 0, Duration::from_secs(5));
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let bad = [
+        (builtin("no-such-workload", "", 32, 1), "unknown workload"),
+        (builtin("idle", "", 32, 0), "vCPUs"),
+        (
+            PartitionConfig {
+                mem_size: (32 << 20) + 100,
+                ..builtin("idle", "", 32, 1)
+            },
+            "multiple of 4096",
+        ),
+        (builtin("idle", "", 1 << 30, 1), "limited to"),
+        (builtin("idle", &"x".repeat(300), 32, 1), "longer than"),
+        (
+            PartitionConfig {
+                image: GuestImage::Elf(b"not an elf".to_vec()),
+                ..builtin("idle", "", 32, 1)
+            },
+            "bad guest image",
+        ),
+        (
+            PartitionConfig {
+                image: GuestImage::Elf(elf_image(0x1000, &[0x90])),
+                ..builtin("idle", "", 32, 1)
+            },
+            "bad guest image",
+        ),
+    ];
+    for (config, expected) in bad {
+        let error: PartitionError = match Partition::launch(config.clone()) {
+            Ok(_) => panic!("{config:?} was accepted"),
+            Err(e) => e,
+        };
+        assert!(
+            error.to_string().contains(expected),
+            "{error} (wanted {expected})"
+        );
+    }
+}
