@@ -8,7 +8,7 @@ fn main() {
     let image = match env::var_os("MIGRATOR_GUEST_IMAGE") {
         Some(path) => PathBuf::from(path),
         None => PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default())
-            .join("../target/guest/x86_64-unknown-none/release/migrator-guest"),
+            .join("../target/guest/x86_64-heat-guest/release/migrator-guest"),
     };
     println!("cargo::rerun-if-changed={}", image.display());
     if image.is_file() {

@@ -17,6 +17,7 @@ pub mod plan;
 pub mod probes;
 pub mod profiler;
 pub mod report;
+pub mod units;
 
 pub use heat::{Access, HeatClass, HeatConfig, HeatMap, PageHeat};
 pub use plan::MigrationPlan;

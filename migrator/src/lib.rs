@@ -1,4 +1,5 @@
-//! The migrator: KVM micro-VMs ("partitions") that run real guest workloads, and (in later
-//! issues) their heat-ordered live migration.
+//! The migrator: KVM micro-VMs ("partitions") that run real guest workloads, the daemon that
+//! hosts them, and (in later issues) their heat-ordered live migration.
 
+pub mod daemon;
 pub mod vmm;

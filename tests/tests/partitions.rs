@@ -95,7 +95,7 @@ fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
             &why,
         );
     }
-    let mut source =
+    let source =
         Partition::launch(builtin("kv-zipf", "keys=8192 check_every=10000", 32, 2)).unwrap();
     wait_progress(&source, 5000, 1, Duration::from_secs(10));
     source.pause().unwrap();

@@ -149,7 +149,8 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gdt.base = GDT.0;
     sregs.gdt.limit = 0x37;
     sregs.cr3 = PML4.0;
-    sregs.cr4 = 1 << 5; // PAE
+    // PAE, and OSFXSR | OSXMMEXCPT so images may use SSE (compilers emit it freely).
+    sregs.cr4 = (1 << 5) | (1 << 9) | (1 << 10);
     sregs.cr0 = 0x8005_0033; // PG | WP | NE | ET | MP | PE
     sregs.efer = 0x500; // LMA | LME
     sregs

@@ -193,7 +193,7 @@ pub struct Partition {
     vm: Arc<VmFd>,
     memory: Arc<GuestMemory>,
     control: Arc<Control>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     vcpu_tids: Vec<u32>,
     tsc_khz: u64,
     dirty: Mutex<Option<DirtyLog>>,
@@ -319,7 +319,7 @@ impl Partition {
             vm: Arc::new(vm),
             memory,
             control,
-            threads,
+            threads: Mutex::new(threads),
             vcpu_tids,
             tsc_khz,
             dirty: Mutex::new(None),
@@ -443,7 +443,16 @@ impl Partition {
         state.request = request;
         drop(state);
         self.control.changed.notify_all();
-        for thread in &self.threads {
+        self.kick_all();
+    }
+
+    fn kick_all(&self) {
+        for thread in self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             vcpu::kick(thread);
         }
     }
@@ -465,9 +474,7 @@ impl Partition {
                 .unwrap_or_else(|p| p.into_inner().0);
             drop(state);
             // Re-kick: a signal may have landed before a thread registered its kvm_run.
-            for thread in &self.threads {
-                vcpu::kick(thread);
-            }
+            self.kick_all();
             state = self.control.lock();
         }
         Ok(())
@@ -578,10 +585,16 @@ impl Partition {
             .map_err(kvm_error("change the memory slot's flags"))
     }
 
-    /// Stops the partition for good and joins its vCPU threads.
-    pub fn stop(&mut self) {
+    /// Stops the partition for good and joins its vCPU threads. Stopping twice is harmless.
+    pub fn stop(&self) {
         self.set_request(Request::Stop);
-        for thread in self.threads.drain(..) {
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for thread in threads {
             let _ = thread.join();
         }
     }

@@ -1,7 +1,7 @@
 //! The built-in guest image: boots under guest ABI v1 and runs the workload its args name.
 //!
-//! Built by `cargo xtask build` for `x86_64-unknown-none` and embedded in the `migrator`
-//! binary. On the host this is an empty shell so workspace-wide builds and lints work.
+//! Built by `cargo xtask build` for `x86_64-unknown-none` with SSE enabled (see xtask's
+//! `build`) and embedded in the `migrator` binary. On the host this is an empty shell so workspace-wide builds and lints work.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 

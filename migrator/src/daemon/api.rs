@@ -1,0 +1,96 @@
+//! The daemon's tarpc API: what the CLI, scripts and peer daemons call.
+//!
+//! ```text
+//!  client                         daemon
+//!    │── hello(min, max) ──────────▶│  refuses if no version in [min, max] is spoken
+//!    │◀───────────── DaemonInfo ────│
+//!    │── launch / list / status ───▶│
+//!    │── pause / resume / stop ────▶│
+//!    │◀──── PartitionInfo | ApiError│
+//! ```
+
+use migrator_guest::abi::ABI_VERSION;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::vmm::{GuestImage, PartitionState};
+
+/// The API version this build speaks.
+pub const API_VERSION: u32 = 1;
+/// Largest frame either side accepts (a guest image travels in one).
+pub const MAX_FRAME: usize = 80 << 20;
+/// Largest guest image `launch` accepts.
+pub const MAX_IMAGE: usize = 64 << 20;
+
+/// What a daemon says about itself in the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub api_version: u32,
+    pub guest_abi_version: u32,
+    pub partitions: usize,
+}
+
+impl DaemonInfo {
+    pub fn new(partitions: usize) -> Self {
+        Self {
+            api_version: API_VERSION,
+            guest_abi_version: ABI_VERSION,
+            partitions,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchRequest {
+    pub name: Option<String>,
+    pub image: GuestImage,
+    pub args: String,
+    pub mem_size: u64,
+    pub vcpus: u32,
+}
+
+/// A partition as the API reports it. Field names match `migrator status --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub id: String,
+    pub name: Option<String>,
+    /// `workload NAME` or `image`.
+    pub image: String,
+    pub state: PartitionState,
+    pub ops: u64,
+    pub errors: u64,
+    pub checks: u64,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub console: String,
+    pub crash_reason: Option<String>,
+    /// Self-check failures the guest reported through the hypercall.
+    pub check_failures: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum ApiError {
+    #[error("no partition with id `{0}`")]
+    UnknownPartition(String),
+    #[error("this daemon speaks API version {ours}, the client wants {min}..={max}")]
+    Version { ours: u32, min: u32, max: u32 },
+    #[error("the guest image is {0} bytes; the limit is {MAX_IMAGE}")]
+    ImageTooLarge(usize),
+    /// A partition operation failed; the message carries the cause chain.
+    #[error("{0}")]
+    Partition(String),
+}
+
+#[tarpc::service]
+pub trait MigratorApi {
+    /// Handshake: the daemon's info if it speaks a version in `min..=max`.
+    async fn hello(min: u32, max: u32) -> Result<DaemonInfo, ApiError>;
+    /// Creates and starts a partition; returns its id.
+    async fn launch(request: LaunchRequest) -> Result<String, ApiError>;
+    async fn list() -> Vec<PartitionInfo>;
+    async fn status(id: String) -> Result<PartitionInfo, ApiError>;
+    async fn pause(id: String) -> Result<PartitionInfo, ApiError>;
+    async fn resume(id: String) -> Result<PartitionInfo, ApiError>;
+    /// Stops a partition for good and frees its memory; it stays listed as stopped.
+    async fn stop(id: String) -> Result<PartitionInfo, ApiError>;
+}

@@ -1,0 +1,7 @@
+//! The migrator daemon: hosts many partitions and serves the tarpc API.
+
+pub mod api;
+pub mod client;
+pub mod server;
+
+pub use api::{ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo};

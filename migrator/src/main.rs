@@ -1,0 +1,282 @@
+//! `migrator`: the daemon and its command-line client.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use heatprobe::units::parse_size;
+use migrator::{
+    daemon::{
+        LaunchRequest, PartitionInfo,
+        client::{Connection, context_with},
+        server::{Daemon, serve},
+    },
+    vmm::GuestImage,
+};
+use tarpc::context;
+
+const DEFAULT_ADDR: &str = "127.0.0.1:7700";
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "KVM partitions and their heat-ordered live migration"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Host {
+    /// The daemon's address.
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    host: SocketAddr,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct Target {
+    #[command(flatten)]
+    host: Host,
+    /// The partition's id.
+    id: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon, hosting partitions and serving the API.
+    Serve {
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        listen: SocketAddr,
+    },
+    /// Create and start a partition.
+    Launch {
+        #[command(flatten)]
+        host: Host,
+        /// A built-in workload: kv-zipf, scan, rw-mix, uniform-write, idle.
+        #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+        workload: Option<String>,
+        /// A guest ELF image written to guest ABI v1.
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// Arguments for the guest, e.g. "keys=65536 theta=0.99 rate=500000".
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
+        args: String,
+        /// Guest memory, e.g. 256M or 1G.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the daemon's partitions.
+    List {
+        #[command(flatten)]
+        host: Host,
+    },
+    /// Show one partition.
+    Status(Target),
+    /// Stop a partition's vCPUs, keeping it in memory.
+    Pause(Target),
+    /// Let a paused partition run again.
+    Resume(Target),
+    /// Stop a partition for good and free its memory.
+    Stop(Target),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("migrator: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migrator: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { listen } => run_daemon(listen).await,
+        Command::Launch {
+            host,
+            workload,
+            image,
+            args,
+            mem,
+            vcpus,
+            name,
+        } => {
+            let image = match (workload, image) {
+                (Some(workload), _) => GuestImage::Builtin(workload),
+                (None, Some(path)) => GuestImage::Elf(
+                    std::fs::read(&path)
+                        .with_context(|| format!("cannot read the image {}", path.display()))?,
+                ),
+                (None, None) => bail!("give --workload NAME or --image FILE"),
+            };
+            let connection = Connection::open(host.host).await?;
+            let request = LaunchRequest {
+                name,
+                image,
+                args,
+                mem_size: mem,
+                vcpus,
+            };
+            let id = connection.rpc(
+                connection
+                    .client
+                    .launch(context_with(Duration::from_secs(120)), request)
+                    .await,
+            )??;
+            if host.json {
+                println!("{}", serde_json::json!({ "id": id }));
+            } else {
+                println!("{id}");
+            }
+            Ok(())
+        }
+        Command::List { host } => {
+            let connection = Connection::open(host.host).await?;
+            let list = connection.rpc(connection.client.list(context::current()).await)?;
+            if host.json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                print_table(&list);
+            }
+            Ok(())
+        }
+        Command::Status(target) => {
+            one(target, |c, ctx, id| async move { c.status(ctx, id).await }).await
+        }
+        Command::Pause(target) => {
+            one(target, |c, ctx, id| async move { c.pause(ctx, id).await }).await
+        }
+        Command::Resume(target) => {
+            one(target, |c, ctx, id| async move { c.resume(ctx, id).await }).await
+        }
+        Command::Stop(target) => {
+            one(target, |c, ctx, id| async move { c.stop(ctx, id).await }).await
+        }
+    }
+}
+
+type RpcResult = Result<Result<PartitionInfo, migrator::daemon::ApiError>, tarpc::client::RpcError>;
+
+/// Runs one per-partition call and prints the partition it returns.
+async fn one<F, Fut>(target: Target, call: F) -> Result<()>
+where
+    F: FnOnce(migrator::daemon::MigratorApiClient, context::Context, String) -> Fut,
+    Fut: Future<Output = RpcResult>,
+{
+    let connection = Connection::open(target.host.host).await?;
+    let ctx = context_with(Duration::from_secs(30));
+    let info = connection.rpc(call(connection.client.clone(), ctx, target.id).await)??;
+    if target.host.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        print_info(&info);
+    }
+    Ok(())
+}
+
+fn state_name(info: &PartitionInfo) -> String {
+    serde_json::to_value(info.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn print_table(list: &[PartitionInfo]) {
+    println!(
+        "{:<12} {:<14} {:<22} {:<9} {:>8} {:>5} {:>14} {:>7} {:>8}",
+        "ID", "NAME", "IMAGE", "STATE", "MEM", "VCPUS", "OPS", "ERRORS", "CHECKS"
+    );
+    for info in list {
+        println!(
+            "{:<12} {:<14} {:<22} {:<9} {:>7}M {:>5} {:>14} {:>7} {:>8}",
+            info.id,
+            info.name.as_deref().unwrap_or("-"),
+            info.image,
+            state_name(info),
+            info.mem_bytes >> 20,
+            info.vcpus,
+            info.ops,
+            info.errors,
+            info.checks
+        );
+    }
+}
+
+fn print_info(info: &PartitionInfo) {
+    println!("id:      {}", info.id);
+    println!("name:    {}", info.name.as_deref().unwrap_or("-"));
+    println!("image:   {}", info.image);
+    println!("state:   {}", state_name(info));
+    if let Some(reason) = &info.crash_reason {
+        println!("crashed: {reason}");
+    }
+    println!(
+        "memory:  {} MiB, {} vCPUs",
+        info.mem_bytes >> 20,
+        info.vcpus
+    );
+    println!(
+        "guest:   {} ops, {} errors, {} checks",
+        info.ops, info.errors, info.checks
+    );
+    if !info.console.is_empty() {
+        println!("console (recent):");
+        let lines: Vec<&str> = info.console.lines().collect();
+        for line in &lines[lines.len().saturating_sub(10)..] {
+            println!("  {line}");
+        }
+    }
+}
+
+async fn run_daemon(listen: SocketAddr) -> Result<()> {
+    let daemon = Daemon::default();
+    let (local, serving) = serve(daemon.clone(), listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    // Scripts wait for this line.
+    eprintln!("migrator: serving on {local}");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        () = serving => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("migrator: shutting down; stopping every partition");
+    tokio::task::spawn_blocking(move || daemon.stop_all())
+        .await
+        .context("stopping partitions")?;
+    Ok(())
+}
