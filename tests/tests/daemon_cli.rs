@@ -1,0 +1,231 @@
+//! The migrator daemon and CLI as a user drives them: real processes, real KVM, loopback.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use heatprobe_tests::{guest_images::handmade_image, kvm_unavailable, skip, workspace_bin};
+use serde_json::Value;
+
+/// A daemon on an ephemeral loopback port, killed on drop.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        let mut child = Command::new(workspace_bin("migrator"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start migrator serve");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        stderr.read_line(&mut line).expect("daemon's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("migrator: serving on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        // Keep draining stderr so the daemon never blocks on a full pipe.
+        thread::spawn(move || for _ in stderr.lines() {});
+        Self { child, addr }
+    }
+
+    /// Runs `migrator ARGS --host ADDR`; returns (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(workspace_bin("migrator"))
+            .args(args)
+            .args(["--host", &self.addr])
+            .output()
+            .expect("run migrator");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let (code, stdout, stderr) = self.cli(&args);
+        assert_eq!(code, 0, "migrator {args:?} failed: {stderr}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+
+    /// Waits until the partition has made `ops` operations and `checks` checks, with no error.
+    fn wait_progress(&self, id: &str, ops: u64, checks: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.json(&["status", id]);
+            assert_eq!(status["errors"], 0, "{status}");
+            assert_ne!(status["state"], "crashed", "{status}");
+            if status["ops"].as_u64() >= Some(ops) && status["checks"].as_u64() >= Some(checks) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no progress: {status}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn launch_status_pause_resume_stop_over_the_cli() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("launch_status_pause_resume_stop_over_the_cli", &why);
+    }
+    let daemon = Daemon::start();
+    let launched = daemon.json(&[
+        "launch",
+        "--workload",
+        "rw-mix",
+        "--mem",
+        "32M",
+        "--vcpus",
+        "2",
+        "--name",
+        "demo",
+        "--args",
+        "check_every=5000",
+    ]);
+    let id = launched["id"].as_str().expect("an id").to_string();
+    let status = daemon.wait_progress(&id, 1000, 1);
+    for key in [
+        "id",
+        "state",
+        "ops",
+        "errors",
+        "checks",
+        "mem_bytes",
+        "vcpus",
+        "console",
+    ] {
+        assert!(status.get(key).is_some(), "missing {key}: {status}");
+    }
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["mem_bytes"], 32 << 20);
+    assert_eq!(status["vcpus"], 2);
+    assert!(status["console"].as_str().unwrap().contains("rw-mix"));
+
+    let paused = daemon.json(&["pause", &id]);
+    assert_eq!(paused["state"], "paused");
+    let frozen = daemon.json(&["status", &id])["ops"].clone();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(daemon.json(&["status", &id])["ops"], frozen);
+    assert_eq!(daemon.json(&["resume", &id])["state"], "running");
+    daemon.wait_progress(&id, frozen.as_u64().unwrap() + 1000, 2);
+
+    let list = daemon.json(&["list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == id.as_str())
+    );
+    let (code, text, _) = daemon.cli(&["list"]);
+    assert_eq!(code, 0);
+    assert!(text.contains(&id) && text.contains("demo"), "{text}");
+
+    assert_eq!(daemon.json(&["stop", &id])["state"], "stopped");
+    assert_eq!(daemon.json(&["status", &id])["state"], "stopped");
+}
+
+#[test]
+fn an_image_the_project_never_saw_launches_runs_pauses_and_resumes() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "an_image_the_project_never_saw_launches_runs_pauses_and_resumes",
+            &why,
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("migrator-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("handmade.elf");
+    std::fs::write(&image, handmade_image()).unwrap();
+    let daemon = Daemon::start();
+    let id = daemon.json(&["launch", "--image", path(&image), "--mem", "16M"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = daemon.wait_progress(&id, 1_000_000, 0);
+    assert!(
+        status["console"]
+            .as_str()
+            .unwrap()
+            .contains("handmade guest up")
+    );
+    assert_eq!(daemon.json(&["pause", &id])["state"], "paused");
+    let ops = daemon.json(&["status", &id])["ops"].as_u64().unwrap();
+    assert_eq!(daemon.json(&["resume", &id])["state"], "running");
+    daemon.wait_progress(&id, ops + 1_000_000, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_the_daemon_keeps_serving() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "bad_input_gets_one_clear_error_and_the_daemon_keeps_serving",
+            &why,
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("migrator-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.elf");
+    std::fs::write(&garbage, b"\x7fELF but not really").unwrap();
+    let daemon = Daemon::start();
+    let survivor = daemon.json(&["launch", "--workload", "idle", "--mem", "8M"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cases: [(&[&str], &str); 7] = [
+        (&["launch", "--workload", "no-such"], "unknown workload"),
+        (
+            &["launch", "--workload", "idle", "--mem", "1000001"],
+            "multiple of 4096",
+        ),
+        (
+            &["launch", "--workload", "idle", "--mem", "2000G"],
+            "guest memory",
+        ),
+        (
+            &["launch", "--image", "/nonexistent/guest.elf"],
+            "cannot read the image",
+        ),
+        (&["launch", "--image", path(&garbage)], "bad guest image"),
+        (&["status", "p-unknown"], "no partition with id"),
+        (&["pause", "p-unknown"], "no partition with id"),
+    ];
+    for (args, expected) in cases {
+        let (code, stdout, stderr) = daemon.cli(args);
+        assert_ne!(code, 0, "{args:?} succeeded");
+        assert!(stdout.is_empty(), "{args:?} printed {stdout}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            lines[0].contains(expected),
+            "{args:?}: {stderr} (wanted {expected})"
+        );
+    }
+    // The daemon and its partition are unharmed.
+    daemon.wait_progress(&survivor, 5, 0);
+    assert_eq!(daemon.json(&["list"]).as_array().unwrap().len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
