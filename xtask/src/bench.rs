@@ -11,13 +11,14 @@ use crate::{build::release_bin, process::run};
 pub enum Suite {
     /// Probe cost per event, slowdown of a fault-heavy process, map memory per page.
     Heatprobe,
+    /// Guest ops/s in a partition against the same code on the host; launch time of 1 GiB.
+    Partitions,
 }
 
 pub fn bench(suite: Suite) -> Result<()> {
-    match suite {
-        Suite::Heatprobe => run(
-            &mut Command::new(release_bin("bench_heatprobe")),
-            "bench_heatprobe",
-        ),
-    }
+    let name = match suite {
+        Suite::Heatprobe => "bench_heatprobe",
+        Suite::Partitions => "bench_partitions",
+    };
+    run(&mut Command::new(release_bin(name)), name)
 }
