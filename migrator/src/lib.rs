@@ -2,4 +2,5 @@
 //! hosts them, and (in later issues) their heat-ordered live migration.
 
 pub mod daemon;
+pub mod migration;
 pub mod vmm;

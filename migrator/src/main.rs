@@ -8,9 +8,11 @@ use heatprobe::units::parse_size;
 use migrator::{
     daemon::{
         LaunchRequest, PartitionInfo,
+        api::MigrateRequest,
         client::{Connection, context_with},
         server::{Daemon, serve},
     },
+    migration::{Mode, Strategy, source::MigrationOptions},
     vmm::GuestImage,
 };
 use tarpc::context;
@@ -89,6 +91,61 @@ enum Command {
     Resume(Target),
     /// Stop a partition for good and free its memory.
     Stop(Target),
+    /// Live-migrate a partition from one daemon to another.
+    Migrate {
+        /// The source daemon.
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        from: SocketAddr,
+        /// The destination daemon.
+        #[arg(long)]
+        to: SocketAddr,
+        /// The partition's id on the source.
+        id: String,
+        #[arg(long, value_enum, default_value = "heat")]
+        strategy: Strategy,
+        #[arg(long, value_enum, default_value = "precopy")]
+        mode: Mode,
+        /// Stop iterating once the predicted downtime fits this.
+        #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+        downtime_limit: Duration,
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+        /// Pace the sender, e.g. 1gbit, 100mbit, 50M (bytes per second).
+        #[arg(long, value_parser = parse_bandwidth)]
+        bandwidth_limit: Option<u64>,
+        /// How long to profile page heat before round 0 (heat strategy).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        profile_window: Duration,
+        /// Print one JSON object when done instead of a progress bar and summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Bytes per second from `1gbit`, `100mbit`, `64kbit` (bits) or `50M`, `1G` (bytes).
+fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    for (suffix, bits) in [
+        ("gbit", 1_000_000_000u64),
+        ("mbit", 1_000_000),
+        ("kbit", 1_000),
+        ("bit", 1),
+    ] {
+        if let Some(number) = lower.strip_suffix(suffix) {
+            let number: f64 = number
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{text}` is not a bandwidth such as 1gbit"))?;
+            if !(number > 0.0 && number.is_finite()) {
+                return Err(format!("`{text}` is not a positive bandwidth"));
+            }
+            return Ok((number * bits as f64 / 8.0) as u64);
+        }
+    }
+    match parse_size(text)? {
+        0 => Err("the bandwidth limit must be positive".into()),
+        bytes => Ok(bytes),
+    }
 }
 
 fn main() -> ExitCode {
@@ -184,6 +241,28 @@ async fn run(command: Command) -> Result<()> {
         Command::Stop(target) => {
             one(target, |c, ctx, id| async move { c.stop(ctx, id).await }).await
         }
+        Command::Migrate {
+            from,
+            to,
+            id,
+            strategy,
+            mode,
+            downtime_limit,
+            max_rounds,
+            bandwidth_limit,
+            profile_window,
+            json,
+        } => {
+            let options = MigrationOptions {
+                strategy,
+                mode,
+                downtime_limit,
+                max_rounds,
+                bandwidth_limit,
+                profile_window,
+            };
+            migrate(from, MigrateRequest { id, to, options }, json).await
+        }
     }
 }
 
@@ -202,6 +281,77 @@ where
         println!("{}", serde_json::to_string(&info)?);
     } else {
         print_info(&info);
+    }
+    Ok(())
+}
+
+async fn migrate(from: SocketAddr, request: MigrateRequest, json: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let connection = Connection::open(from).await?;
+    let id = request.id.clone();
+    let call = connection
+        .client
+        .migrate(context_with(Duration::from_secs(3600)), request);
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    });
+    let watch = async {
+        let Some(bar) = &bar else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            if let Ok(Some(p)) = connection
+                .client
+                .migration_progress(context::current(), id.clone())
+                .await
+            {
+                bar.set_message(format!(
+                    "{:?} round {}  remaining {} MiB  {:.0} MiB/s  expected downtime {} ms",
+                    p.phase,
+                    p.round,
+                    p.remaining_bytes >> 20,
+                    p.rate_bytes_per_sec / (1 << 20) as f64,
+                    p.expected_downtime_ms
+                ));
+            }
+            bar.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let result = tokio::select! {
+        result = call => result,
+        () = watch => unreachable!("the watcher never ends"),
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = connection.rpc(result)??;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{}: {} in {} ms ({} rounds, {} pages sent, {} re-sent, {} zero), downtime {} ms, {:.0} Mbit/s",
+            report.status,
+            report.id_on_destination.as_deref().unwrap_or("-"),
+            report.total_time_ms,
+            report.rounds,
+            report.pages_sent,
+            report.pages_resent,
+            report.zero_pages,
+            report.downtime_ms,
+            report.mbps
+        );
+        if let Some(error) = &report.error {
+            println!("error: {error}");
+        }
+    }
+    if report.status != "completed" {
+        bail!("the migration failed; the partition keeps running on the source");
     }
     Ok(())
 }
@@ -261,7 +411,7 @@ fn print_info(info: &PartitionInfo) {
 }
 
 async fn run_daemon(listen: SocketAddr) -> Result<()> {
-    let daemon = Daemon::default();
+    let daemon = Daemon::new(listen);
     let (local, serving) = serve(daemon.clone(), listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -112,7 +112,7 @@ fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
         memory.write(GuestAddress(frame * 4096), bytes).unwrap();
     }
     source.stop();
-    let restored = Partition::restore(&snapshot, memory, false).unwrap();
+    let restored = Partition::restore(&snapshot, std::sync::Arc::new(memory), false).unwrap();
     assert_eq!(restored.state(), PartitionState::Paused);
     assert_eq!(restored.digest(), digest);
     assert_eq!(restored.status().progress, progress);

@@ -13,7 +13,15 @@ use migrator_guest::abi::ABI_VERSION;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::vmm::{GuestImage, PartitionState};
+use crate::{
+    migration::{
+        MigrationProgress, MigrationReport,
+        source::{
+            CommitReply, CommitRequest, FinishReply, MigrationOptions, PrepareReply, PrepareRequest,
+        },
+    },
+    vmm::{GuestImage, PartitionState},
+};
 
 /// The API version this build speaks.
 pub const API_VERSION: u32 = 1;
@@ -79,6 +87,22 @@ pub enum ApiError {
     /// A partition operation failed; the message carries the cause chain.
     #[error("{0}")]
     Partition(String),
+    #[error("no migration session {0}")]
+    UnknownSession(u64),
+    #[error("this daemon speaks migration protocol {ours}, the source wants {min}..={max}")]
+    Protocol { ours: u16, min: u16, max: u16 },
+    /// A migration step failed on this daemon; the message carries the cause chain.
+    #[error("{0}")]
+    Migration(String),
+}
+
+/// Asks a source daemon to migrate one of its partitions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    pub id: String,
+    /// The destination daemon's API address.
+    pub to: std::net::SocketAddr,
+    pub options: MigrationOptions,
 }
 
 #[tarpc::service]
@@ -93,4 +117,22 @@ pub trait MigratorApi {
     async fn resume(id: String) -> Result<PartitionInfo, ApiError>;
     /// Stops a partition for good and frees its memory; it stays listed as stopped.
     async fn stop(id: String) -> Result<PartitionInfo, ApiError>;
+
+    /// Source side: migrates partition `request.id` to `request.to`. The report says whether
+    /// it completed; a failed migration leaves the partition running here.
+    async fn migrate(request: MigrateRequest) -> Result<MigrationReport, ApiError>;
+    /// Source side: how a running migration of partition `id` is doing.
+    async fn migration_progress(id: String) -> Option<MigrationProgress>;
+
+    /// Destination side: get ready to receive a partition of this shape.
+    async fn migration_prepare(request: PrepareRequest) -> Result<PrepareReply, ApiError>;
+    /// Destination side: take over (restore and run) the partition.
+    async fn migration_commit(
+        session: u64,
+        request: CommitRequest,
+    ) -> Result<CommitReply, ApiError>;
+    /// Destination side (hybrid): wait until every page has arrived.
+    async fn migration_finish(session: u64) -> Result<FinishReply, ApiError>;
+    /// Destination side: give up on a session.
+    async fn migration_abort(session: u64);
 }

@@ -5,9 +5,10 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use futures::{StreamExt, future};
@@ -19,11 +20,26 @@ use tarpc::{
 };
 use tracing::{info, warn};
 
-use super::api::{
-    API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_FRAME, MAX_IMAGE, MigratorApi,
-    PartitionInfo,
+use super::{
+    api::{
+        API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_FRAME, MAX_IMAGE, MigrateRequest,
+        MigratorApi, MigratorApiClient, PartitionInfo,
+    },
+    client::{Connection, context_with},
 };
-use crate::vmm::{GuestImage, Partition, PartitionConfig, PartitionState};
+use crate::{
+    migration::{
+        MigrationProgress, MigrationReport, Mode, Strategy,
+        destination::Session,
+        protocol::PROTOCOL_VERSION,
+        report::Phase,
+        source::{
+            CommitReply, CommitRequest, Destination, FinishReply, PrepareReply, PrepareRequest,
+        },
+    },
+    vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
+};
+use heatprobe::Probes;
 
 enum Entry {
     Live(Arc<Partition>),
@@ -31,11 +47,18 @@ enum Entry {
     Stopped(PartitionInfo),
 }
 
-/// The daemon's partitions.
-#[derive(Clone, Default)]
+/// The daemon's partitions, incoming migration sessions and outgoing migrations.
+#[derive(Clone)]
 pub struct Daemon {
     partitions: Arc<Mutex<BTreeMap<String, Entry>>>,
     next_id: Arc<AtomicU64>,
+    sessions: Arc<Mutex<BTreeMap<u64, Arc<Session>>>>,
+    migrations: Arc<Mutex<BTreeMap<String, Arc<Mutex<MigrationProgress>>>>>,
+    /// Where the API listens; data listeners bind to the same address.
+    listen: SocketAddr,
+    api_version: u32,
+    /// Loaded on first use by a heat-ordered migration.
+    probes: Arc<OnceLock<Result<Arc<Probes>, String>>>,
 }
 
 fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
@@ -65,6 +88,46 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 impl Daemon {
+    /// A daemon that will listen on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self::with_api_version(listen, API_VERSION)
+    }
+
+    /// A daemon that claims another API version: for testing how peers refuse each other.
+    pub fn with_api_version(listen: SocketAddr, api_version: u32) -> Self {
+        Self {
+            partitions: Arc::default(),
+            next_id: Arc::default(),
+            sessions: Arc::default(),
+            migrations: Arc::default(),
+            listen,
+            api_version,
+            probes: Arc::default(),
+        }
+    }
+
+    fn probes(&self) -> Result<Arc<Probes>, String> {
+        self.probes
+            .get_or_init(|| Probes::load().map(Arc::new).map_err(|e| error_chain(&e)))
+            .clone()
+    }
+
+    fn session(&self, id: u64) -> Result<Arc<Session>, ApiError> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or(ApiError::UnknownSession(id))
+    }
+
+    fn remove_session(&self, id: u64) -> Option<Arc<Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         self.partitions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -125,14 +188,16 @@ impl Daemon {
 
 impl MigratorApi for Daemon {
     async fn hello(self, _: Context, min: u32, max: u32) -> Result<DaemonInfo, ApiError> {
-        if !(min..=max).contains(&API_VERSION) {
+        if !(min..=max).contains(&self.api_version) {
             return Err(ApiError::Version {
-                ours: API_VERSION,
+                ours: self.api_version,
                 min,
                 max,
             });
         }
-        Ok(DaemonInfo::new(self.lock().len()))
+        let mut info = DaemonInfo::new(self.lock().len());
+        info.api_version = self.api_version;
+        Ok(info)
     }
 
     async fn launch(self, _: Context, request: LaunchRequest) -> Result<String, ApiError> {
@@ -185,6 +250,100 @@ impl MigratorApi for Daemon {
         self.operate(id, Partition::resume).await
     }
 
+    async fn migrate(
+        self,
+        _: Context,
+        request: MigrateRequest,
+    ) -> Result<MigrationReport, ApiError> {
+        self.migrate_impl(request).await
+    }
+
+    async fn migration_progress(self, _: Context, id: String) -> Option<MigrationProgress> {
+        let migrations = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        migrations
+            .get(&id)
+            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    async fn migration_prepare(
+        self,
+        _: Context,
+        request: PrepareRequest,
+    ) -> Result<PrepareReply, ApiError> {
+        if !(request.protocol_min..=request.protocol_max).contains(&PROTOCOL_VERSION) {
+            return Err(ApiError::Protocol {
+                ours: PROTOCOL_VERSION,
+                min: request.protocol_min,
+                max: request.protocol_max,
+            });
+        }
+        let listen = self.listen;
+        let (session, data_port) =
+            tokio::task::spawn_blocking(move || Session::prepare(&request, listen))
+                .await
+                .map_err(|e| ApiError::Migration(format!("prepare panicked: {e}")))?
+                .map_err(|e| ApiError::Migration(error_chain(&e)))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, session);
+        info!("migration session {id} waiting on port {data_port}");
+        Ok(PrepareReply {
+            session: id,
+            data_port,
+        })
+    }
+
+    async fn migration_commit(
+        self,
+        _: Context,
+        session_id: u64,
+        request: CommitRequest,
+    ) -> Result<CommitReply, ApiError> {
+        let session = self.session(session_id)?;
+        let committing = Arc::clone(&session);
+        let result = tokio::task::spawn_blocking(move || committing.commit(request))
+            .await
+            .map_err(|e| ApiError::Migration(format!("commit panicked: {e}")))?;
+        let (partition, digest) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                session.abort();
+                self.remove_session(session_id);
+                return Err(ApiError::Migration(error_chain(&e)));
+            }
+        };
+        let id = self.new_id();
+        info!("migrated partition arrived as {id}");
+        self.lock()
+            .insert(id.clone(), Entry::Live(Arc::new(partition)));
+        if session.mode == Mode::Precopy {
+            self.remove_session(session_id);
+        }
+        Ok(CommitReply {
+            id_on_destination: id,
+            dest_digest: digest.map(|d| d.total_hex()),
+        })
+    }
+
+    async fn migration_finish(self, _: Context, session_id: u64) -> Result<FinishReply, ApiError> {
+        let session = self.session(session_id)?;
+        let finishing = Arc::clone(&session);
+        let result = tokio::task::spawn_blocking(move || finishing.finish())
+            .await
+            .map_err(|e| ApiError::Migration(format!("finish panicked: {e}")))?;
+        self.remove_session(session_id);
+        result.map_err(|e| ApiError::Migration(error_chain(&e)))
+    }
+
+    async fn migration_abort(self, _: Context, session_id: u64) {
+        if let Some(session) = self.remove_session(session_id) {
+            session.abort();
+            info!("migration session {session_id} aborted");
+        }
+    }
+
     async fn stop(self, _: Context, id: String) -> Result<PartitionInfo, ApiError> {
         let partition = self.live(&id)?;
         let stopped = tokio::task::spawn_blocking(move || {
@@ -199,6 +358,144 @@ impl MigratorApi for Daemon {
         self.lock().insert(id.clone(), Entry::Stopped(info.clone()));
         info!("stopped partition {id}");
         Ok(info)
+    }
+}
+
+impl Daemon {
+    async fn migrate_impl(self, request: MigrateRequest) -> Result<MigrationReport, ApiError> {
+        let partition = self.live(&request.id)?;
+        if partition.state() != PartitionState::Running
+            && partition.state() != PartitionState::Paused
+        {
+            return Err(ApiError::Partition(format!(
+                "partition `{}` is {:?}; only running or paused partitions migrate",
+                request.id,
+                partition.state()
+            )));
+        }
+        let progress = Arc::new(Mutex::new(MigrationProgress::default()));
+        {
+            let mut migrations = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+            if migrations.get(&request.id).is_some_and(|p| {
+                !matches!(
+                    p.lock().map(|p| p.phase).unwrap_or(Phase::Failed),
+                    Phase::Completed | Phase::Failed
+                )
+            }) {
+                return Err(ApiError::Partition(format!(
+                    "partition `{}` is already migrating",
+                    request.id
+                )));
+            }
+            migrations.insert(request.id.clone(), Arc::clone(&progress));
+        }
+        let connection = Connection::open(request.to).await.map_err(|e| {
+            ApiError::Migration(format!("destination {}: {}", request.to, error_chain(&e)))
+        });
+        let connection = match connection {
+            Ok(connection) => connection,
+            Err(e) => {
+                progress.lock().unwrap_or_else(|p| p.into_inner()).phase = Phase::Failed;
+                return Err(e);
+            }
+        };
+        let probes = match request.options.strategy {
+            Strategy::Heat => match self.probes() {
+                Ok(probes) => Some(probes),
+                Err(e) => {
+                    warn!("heat strategy without probes: {e}");
+                    None
+                }
+            },
+            Strategy::Address => None,
+        };
+        let handle = tokio::runtime::Handle::current();
+        let id = request.id.clone();
+        let to = request.to;
+        let report = tokio::task::spawn_blocking(move || {
+            let mut destination = RemoteDestination {
+                client: connection.client,
+                addr: connection.addr,
+                handle,
+            };
+            crate::migration::source::migrate(
+                &partition,
+                &mut destination,
+                probes,
+                &request.options,
+                &progress,
+            )
+        })
+        .await
+        .map_err(|e| ApiError::Migration(format!("the migration panicked: {e}")))?;
+        if report.status == "completed" {
+            let mut partitions = self.lock();
+            if let Some(Entry::Live(partition)) = partitions.get(&id) {
+                let mut info = info_of(&id, partition);
+                info.state = PartitionState::Stopped;
+                info.console.push_str(&format!(
+                    "[vmm] migrated to {to} as {}\n",
+                    report.id_on_destination.as_deref().unwrap_or("?")
+                ));
+                partitions.insert(id, Entry::Stopped(info));
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The destination daemon, driven from the source's migration thread.
+struct RemoteDestination {
+    client: MigratorApiClient,
+    addr: SocketAddr,
+    handle: tokio::runtime::Handle,
+}
+
+impl RemoteDestination {
+    fn call<T>(
+        &self,
+        what: &str,
+        future: impl Future<Output = Result<Result<T, ApiError>, tarpc::client::RpcError>>,
+    ) -> Result<T, String> {
+        match self.handle.block_on(future) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!(
+                "{what}: the destination {} did not answer: {e}",
+                self.addr
+            )),
+        }
+    }
+}
+
+impl Destination for RemoteDestination {
+    fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, String> {
+        let ctx = context_with(Duration::from_secs(60));
+        self.call("prepare", self.client.migration_prepare(ctx, request))
+    }
+
+    fn commit(&mut self, session: u64, request: CommitRequest) -> Result<CommitReply, String> {
+        let ctx = context_with(Duration::from_secs(300));
+        self.call(
+            "commit",
+            self.client.migration_commit(ctx, session, request),
+        )
+    }
+
+    fn finish(&mut self, session: u64) -> Result<FinishReply, String> {
+        let ctx = context_with(Duration::from_secs(600));
+        self.call("finish", self.client.migration_finish(ctx, session))
+    }
+
+    fn abort(&mut self, session: u64) {
+        let ctx = context_with(Duration::from_secs(10));
+        let _ = self
+            .handle
+            .block_on(self.client.migration_abort(ctx, session));
+    }
+
+    fn data_address(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.addr.ip(), port)
     }
 }
 

@@ -230,6 +230,27 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Frees a page's backing (punches it out of the memfd): it reads as missing, so a
+    /// userfaultfd registered on the mapping sees the next access to it.
+    pub fn remove_page(&self, frame: u64) -> std::io::Result<()> {
+        let offset = self
+            .check(GuestAddress(frame * PAGE_SIZE), PAGE_SIZE)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: the page lies inside our shared mapping; MADV_REMOVE frees its backing store
+        // and leaves the mapping in place.
+        let rc = unsafe {
+            libc::madvise(
+                self.base.add(offset).cast(),
+                PAGE_SIZE as usize,
+                libc::MADV_REMOVE,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The memory's digest: an xxh3 of every page, and an xxh3 over those.
     pub fn digest(&self) -> MemoryDigest {
         let pages: Vec<u64> = (0..self.frames())

@@ -235,7 +235,7 @@ impl Partition {
     /// paused or running as asked.
     pub fn restore(
         snapshot: &PartitionSnapshot,
-        memory: GuestMemory,
+        memory: Arc<GuestMemory>,
         run: bool,
     ) -> Result<Self, PartitionError> {
         let config = snapshot.config.clone();
@@ -248,7 +248,6 @@ impl Partition {
         if memory.size() != config.mem_size {
             return Err(MemoryError::BadSize(memory.size()).into());
         }
-        let memory = Arc::new(memory);
         let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
         for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
             state.apply(vcpu)?;

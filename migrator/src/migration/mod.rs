@@ -1,0 +1,15 @@
+//! Live migration of a partition between two daemons.
+//!
+//! - `protocol`: the data frames, versioned; `transport`: sending and reading them, paced;
+//! - `source`: plans (heat or address order), rounds of dirty pages, convergence, cutover;
+//! - `destination`: sessions that receive pages, restore the partition, and in hybrid mode
+//!   serve missing pages through userfaultfd;
+//! - `report`: what a migration reports (names follow QEMU's query-migrate where they can).
+
+pub mod destination;
+pub mod protocol;
+pub mod report;
+pub mod source;
+pub mod transport;
+
+pub use report::{MigrationProgress, MigrationReport, Mode, Strategy};

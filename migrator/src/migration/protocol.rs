@@ -1,0 +1,205 @@
+//! The migration protocol: control over tarpc (see `daemon::api`), pages over a dedicated data
+//! connection in frames defined here.
+//!
+//! ```text
+//!  source daemon                                  destination daemon
+//!    │── hello(min, max) ─────────────────────────▶│ version range check
+//!    │── migration_prepare(shape) ────────────────▶│ empty memory + data listener
+//!    │◀──────────────────────── session, data port │
+//!    │══ data: Pages frames (round 0, 1, ...) ════▶│ installs pages
+//!    │   pause                                      │
+//!    │══ data: Pages (last dirty, precopy) ═══════▶│
+//!    │── migration_commit(vCPU state, stale) ─────▶│ restore, resume
+//!    │◀─────────── id on destination, dest digest  │
+//!    │   (hybrid: Pages pushed hot to cold ◀══ Demand frames)
+//!    │   stop and free the source partition        │
+//! ```
+//!
+//! A data frame is a 24-byte header then a payload:
+//! `magic u32 | version u16 | kind u16 | count u32 | reserved u32 | payload_len u64`.
+//! The magic is non-zero and kinds start at 1, so a zeroed buffer never decodes as a frame.
+//! Decoding checks the magic, version, kind, sizes and page indexes before trusting anything.
+
+use thiserror::Error;
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// "HMIG", little-endian.
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"HMIG");
+pub const HEADER_LEN: usize = 24;
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one frame (4 MiB of data).
+pub const MAX_PAGES_PER_FRAME: u32 = 1024;
+/// Marks a frame index as a zero page: no data follows for it.
+pub const ZERO_PAGE: u64 = 1 << 63;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Source → destination: `count` page indexes (u64, ZERO_PAGE marks zero pages), then the
+    /// data of each non-zero page in order.
+    Pages = 1,
+    /// Destination → source: `count` page indexes the guest is waiting for (hybrid mode).
+    Demand = 2,
+    /// Source → destination: every page has been sent; nothing follows.
+    Done = 3,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("bad frame magic {0:#010x}")]
+    Magic(u32),
+    #[error("unsupported protocol version {0}")]
+    Version(u16),
+    #[error("unknown frame kind {0}")]
+    Kind(u16),
+    #[error("a frame of {0} entries exceeds the limit of {MAX_PAGES_PER_FRAME}")]
+    TooManyEntries(u32),
+    #[error("the payload length {got} does not match the {want} bytes its entries need")]
+    Length { got: u64, want: u64 },
+    #[error("page {page} is beyond the partition's {frames} pages")]
+    PageOutOfRange { page: u64, frames: u64 },
+    #[error("reserved header bits are set")]
+    Reserved,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: FrameKind,
+    pub count: u32,
+    pub payload_len: u64,
+}
+
+impl FrameHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        bytes[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.count.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.payload_len.to_le_bytes());
+        bytes
+    }
+
+    /// Decodes and checks a header. The payload length of `Pages` frames can only be checked
+    /// against the entries once they are read (see [`pages_payload_len`]).
+    pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Self, FrameError> {
+        let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let magic = u32_at(0);
+        if magic != FRAME_MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        let version = u16_at(4);
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let kind = match u16_at(6) {
+            1 => FrameKind::Pages,
+            2 => FrameKind::Demand,
+            3 => FrameKind::Done,
+            other => return Err(FrameError::Kind(other)),
+        };
+        if u32_at(12) != 0 {
+            return Err(FrameError::Reserved);
+        }
+        let count = u32_at(8);
+        if count > MAX_PAGES_PER_FRAME {
+            return Err(FrameError::TooManyEntries(count));
+        }
+        let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
+        let index_bytes = 8 * u64::from(count);
+        let max = match kind {
+            FrameKind::Pages => index_bytes + PAGE_SIZE as u64 * u64::from(count),
+            FrameKind::Demand => index_bytes,
+            FrameKind::Done => 0,
+        };
+        let min = match kind {
+            FrameKind::Pages | FrameKind::Demand => index_bytes,
+            FrameKind::Done => 0,
+        };
+        if payload_len < min || payload_len > max {
+            return Err(FrameError::Length {
+                got: payload_len,
+                want: max,
+            });
+        }
+        Ok(Self {
+            kind,
+            count,
+            payload_len,
+        })
+    }
+}
+
+/// Checks a page index (with its zero marker stripped) against the partition size.
+pub fn check_page(entry: u64, frames: u64) -> Result<u64, FrameError> {
+    let page = entry & !ZERO_PAGE;
+    if page >= frames {
+        return Err(FrameError::PageOutOfRange { page, frames });
+    }
+    Ok(page)
+}
+
+/// The payload length a `Pages` frame with these index entries must have.
+pub fn pages_payload_len(entries: &[u64]) -> u64 {
+    let data_pages = entries.iter().filter(|e| *e & ZERO_PAGE == 0).count() as u64;
+    8 * entries.len() as u64 + data_pages * PAGE_SIZE as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn a_zeroed_buffer_is_not_a_frame() {
+        assert_eq!(
+            FrameHeader::decode(&[0; HEADER_LEN]),
+            Err(FrameError::Magic(0))
+        );
+    }
+
+    #[test]
+    fn headers_round_trip_and_bad_ones_are_refused() {
+        let header = FrameHeader {
+            kind: FrameKind::Pages,
+            count: 3,
+            payload_len: 24 + 2 * 4096,
+        };
+        assert_eq!(FrameHeader::decode(&header.encode()), Ok(header));
+        let mut bad = header.encode();
+        bad[4] = 9;
+        assert_eq!(FrameHeader::decode(&bad), Err(FrameError::Version(9)));
+        let mut bad = header.encode();
+        bad[6] = 0;
+        assert_eq!(FrameHeader::decode(&bad), Err(FrameError::Kind(0)));
+        let oversized = FrameHeader {
+            count: MAX_PAGES_PER_FRAME + 1,
+            ..header
+        };
+        assert!(matches!(
+            FrameHeader::decode(&oversized.encode()),
+            Err(FrameError::TooManyEntries(_))
+        ));
+        let lying = FrameHeader {
+            payload_len: 1 << 40,
+            ..header
+        };
+        assert!(matches!(
+            FrameHeader::decode(&lying.encode()),
+            Err(FrameError::Length { .. })
+        ));
+        assert_eq!(check_page(7 | ZERO_PAGE, 8), Ok(7));
+        assert!(check_page(8, 8).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in prop::array::uniform24(any::<u8>())) {
+            let _ = FrameHeader::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! What a migration reports, at the end and while it runs.
+
+use serde::{Deserialize, Serialize};
+
+/// The order pages are sent in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Heat order: read-write cold to hot, read-only hot to cold, untouched last.
+    Heat,
+    /// Address order, the baseline that behaves like QEMU's.
+    Address,
+}
+
+/// How execution moves to the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Pause, send the last dirty pages and the vCPU state, resume on the destination.
+    Precopy,
+    /// Pause, send the vCPU state, resume at once; missing pages follow on demand.
+    Hybrid,
+}
+
+/// Fault latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// The one JSON object `migrator migrate --json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// `completed` or `failed`.
+    pub status: String,
+    pub error: Option<String>,
+    pub strategy: Strategy,
+    pub mode: Mode,
+    pub total_time_ms: u64,
+    pub setup_time_ms: u64,
+    pub downtime_ms: u64,
+    pub rounds: u32,
+    pub pages_total: u64,
+    pub pages_sent: u64,
+    pub pages_resent: u64,
+    pub zero_pages: u64,
+    pub bytes_sent: u64,
+    pub mbps: f64,
+    pub expected_downtime_ms: u64,
+    pub postcopy_requests: u64,
+    pub postcopy_fault_latency_us: Latency,
+    /// Guest page faults on the destination after cutover, as heatprobe counts them.
+    pub post_cutover_faults: Option<u64>,
+    /// Dirty pages found at the start of each round after round 0.
+    pub dirty_pages_per_round: Vec<u64>,
+    pub source_digest: Option<String>,
+    pub dest_digest: Option<String>,
+    pub id_on_destination: Option<String>,
+}
+
+impl MigrationReport {
+    pub fn new(strategy: Strategy, mode: Mode) -> Self {
+        Self {
+            status: "failed".into(),
+            error: None,
+            strategy,
+            mode,
+            total_time_ms: 0,
+            setup_time_ms: 0,
+            downtime_ms: 0,
+            rounds: 0,
+            pages_total: 0,
+            pages_sent: 0,
+            pages_resent: 0,
+            zero_pages: 0,
+            bytes_sent: 0,
+            mbps: 0.0,
+            expected_downtime_ms: 0,
+            postcopy_requests: 0,
+            postcopy_fault_latency_us: Latency::default(),
+            post_cutover_faults: None,
+            dirty_pages_per_round: Vec::new(),
+            source_digest: None,
+            dest_digest: None,
+            id_on_destination: None,
+        }
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Setup,
+    Profiling,
+    Precopy,
+    StopAndCopy,
+    Postcopy,
+    Completed,
+    Failed,
+}
+
+/// A running migration, for progress bars and dashboards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub phase: Phase,
+    pub round: u32,
+    pub remaining_bytes: u64,
+    pub bytes_sent: u64,
+    pub rate_bytes_per_sec: f64,
+    pub expected_downtime_ms: u64,
+    pub dirty_pages_per_round: Vec<u64>,
+}
+
+impl Default for MigrationProgress {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Setup,
+            round: 0,
+            remaining_bytes: 0,
+            bytes_sent: 0,
+            rate_bytes_per_sec: 0.0,
+            expected_downtime_ms: 0,
+            dirty_pages_per_round: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The source side of a migration: plan, rounds, convergence, cutover, and rollback.
+//!
+//! Nothing is ever lost: until the destination confirms it runs the partition, any failure
+//! resumes the partition here, with every page intact, and aborts the destination's session.
+
+use std::{
+    collections::VecDeque,
+    net::{SocketAddr, TcpStream},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use heatprobe::{
+    MigrationPlan, Probes, Profiler, Target, probes::error_chain, profiler::ProfilerConfig,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use super::{
+    protocol::PROTOCOL_VERSION,
+    report::{Latency, MigrationProgress, MigrationReport, Mode, Phase, Strategy},
+    transport::{Frame, FrameReader, PageSender, SendCounts, TransportError},
+};
+use crate::vmm::{
+    Partition, PartitionConfig, PartitionError, PartitionSnapshot, dirty::dirty_frames,
+    sampler::PartitionSampler,
+};
+
+/// Tunables of one migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationOptions {
+    pub strategy: Strategy,
+    pub mode: Mode,
+    pub downtime_limit: Duration,
+    pub max_rounds: u32,
+    /// Bytes per second the sender may use; `None` for no limit.
+    pub bandwidth_limit: Option<u64>,
+    /// How long to profile before round 0 (heat strategy).
+    pub profile_window: Duration,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Heat,
+            mode: Mode::Precopy,
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            bandwidth_limit: None,
+            profile_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Asks the destination to get ready for a partition of this shape.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub protocol_min: u16,
+    pub protocol_max: u16,
+    pub config: PartitionConfig,
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareReply {
+    pub session: u64,
+    pub data_port: u16,
+}
+
+/// The cutover: the vCPU state, and in hybrid mode the pages whose copy is stale.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub snapshot: PartitionSnapshot,
+    pub stale_pages: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitReply {
+    pub id_on_destination: String,
+    /// The digest of the memory the destination installed (precopy: at once; hybrid: later,
+    /// from `finish`).
+    pub dest_digest: Option<String>,
+}
+
+/// What the destination says once every page has arrived (hybrid mode).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FinishReply {
+    pub dest_digest: String,
+    pub postcopy_requests: u64,
+    pub fault_latency_us: Latency,
+    pub post_cutover_faults: Option<u64>,
+}
+
+/// The destination as the source sees it. The daemon implements it over tarpc; tests can
+/// implement it directly.
+pub trait Destination {
+    fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, String>;
+    fn commit(&mut self, session: u64, request: CommitRequest) -> Result<CommitReply, String>;
+    fn finish(&mut self, session: u64) -> Result<FinishReply, String>;
+    fn abort(&mut self, session: u64);
+    /// Address of the destination's data listener for `port`.
+    fn data_address(&self, port: u16) -> SocketAddr;
+}
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("the destination refused to prepare: {0}")]
+    Prepare(String),
+    #[error("cannot open the data connection to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sending pages failed")]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error("profiling the partition failed: {0}")]
+    Profile(String),
+    #[error("the destination failed to take over: {0}")]
+    Commit(String),
+    #[error(
+        "after cutover, the destination did not get every page: {0}; the source keeps the paused partition with every page"
+    )]
+    AfterCutover(String),
+    #[error("the dirty log was off")]
+    DirtyLogOff,
+}
+
+/// Page ranks: `rank[frame]` is the frame's position in the plan.
+struct Order {
+    rank: Vec<u32>,
+    /// Frames hottest first (the post-copy push order).
+    hottest_first: Vec<u64>,
+    /// Round 0's order.
+    plan: Vec<u64>,
+}
+
+impl Order {
+    fn address(frames: u64) -> Self {
+        Self {
+            rank: (0..frames as u32).collect(),
+            hottest_first: (0..frames).collect(),
+            plan: (0..frames).collect(),
+        }
+    }
+
+    fn from_heat(pages: &[heatprobe::PageHeat], frames: u64) -> Result<Self, MigrationError> {
+        let plan = MigrationPlan::build(pages, Some(0..frames))
+            .map_err(|e| MigrationError::Profile(e.to_string()))?;
+        let order: Vec<u64> = plan.order().collect();
+        let mut rank = vec![0u32; frames as usize];
+        for (position, &frame) in order.iter().enumerate() {
+            rank[frame as usize] = position as u32;
+        }
+        let mut by_heat: Vec<&heatprobe::PageHeat> = pages.iter().collect();
+        by_heat.sort_by(|a, b| b.heat.total_cmp(&a.heat).then(a.page.cmp(&b.page)));
+        let mut hottest_first: Vec<u64> = by_heat.iter().map(|p| p.page).collect();
+        hottest_first.extend(plan.untouched.iter().flat_map(Clone::clone));
+        Ok(Self {
+            rank,
+            hottest_first,
+            plan: order,
+        })
+    }
+
+    fn sort(&self, frames: &mut [u64]) {
+        frames.sort_by_key(|&f| self.rank[f as usize]);
+    }
+}
+
+struct Run<'a> {
+    partition: &'a Arc<Partition>,
+    options: &'a MigrationOptions,
+    progress: &'a Mutex<MigrationProgress>,
+    report: MigrationReport,
+    sent_once: Vec<bool>,
+    counts: SendCounts,
+    started: Instant,
+}
+
+impl Run<'_> {
+    fn set_progress(&self, update: impl FnOnce(&mut MigrationProgress)) {
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        update(&mut progress);
+    }
+
+    /// Sends `frames` in batches, keeping the counters and the progress current.
+    fn send(&mut self, sender: &mut PageSender, frames: &[u64]) -> Result<(), MigrationError> {
+        const BATCH: usize = 1024;
+        let memory = Arc::clone(self.partition.memory());
+        for (i, batch) in frames.chunks(BATCH).enumerate() {
+            let counts = sender.send_pages(&memory, batch)?;
+            self.counts += counts;
+            for &frame in batch {
+                let seen = &mut self.sent_once[frame as usize];
+                if *seen {
+                    self.report.pages_resent += 1;
+                }
+                *seen = true;
+            }
+            let remaining = (frames.len() - (i * BATCH + batch.len())) as u64 * 4096;
+            let rate = self.counts.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6);
+            let sent = self.counts.bytes;
+            self.set_progress(|p| {
+                p.remaining_bytes = remaining;
+                p.bytes_sent = sent;
+                p.rate_bytes_per_sec = rate;
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Migrates `partition` to `destination`. Always returns a report; on failure before cutover
+/// the partition runs on here as before.
+pub fn migrate(
+    partition: &Arc<Partition>,
+    destination: &mut dyn Destination,
+    probes: Option<Arc<Probes>>,
+    options: &MigrationOptions,
+    progress: &Mutex<MigrationProgress>,
+) -> MigrationReport {
+    let started = Instant::now();
+    let frames = partition.memory().frames();
+    let mut run = Run {
+        partition,
+        options,
+        progress,
+        report: MigrationReport::new(options.strategy, options.mode),
+        sent_once: vec![false; frames as usize],
+        counts: SendCounts::default(),
+        started,
+    };
+    run.report.pages_total = frames;
+    partition.set_migrating(true);
+    let mut session = None;
+    let result = execute(&mut run, destination, probes, &mut session);
+    let mut report = run.report;
+    report.pages_sent = run.counts.pages;
+    report.zero_pages = run.counts.zero_pages;
+    report.bytes_sent = run.counts.bytes;
+    report.total_time_ms = started.elapsed().as_millis() as u64;
+    report.mbps = run.counts.bytes as f64 * 8.0 / started.elapsed().as_secs_f64().max(1e-6) / 1e6;
+    let phase = match &result {
+        Ok(()) => {
+            report.status = "completed".into();
+            // The destination runs the partition: only now is the source's copy released.
+            partition.stop();
+            Phase::Completed
+        }
+        Err(MigrationError::AfterCutover(_)) => {
+            // The guest runs on the destination from pages it may still lack; keep ours
+            // paused, intact, for whoever recovers the migration.
+            Phase::Failed
+        }
+        Err(_) => {
+            if let Some(session) = session {
+                destination.abort(session);
+            }
+            let _ = partition.dirty_log_stop();
+            partition.set_migrating(false);
+            if let Err(e) = partition.resume() {
+                warn!("resuming the partition after a failed migration: {e}");
+            }
+            Phase::Failed
+        }
+    };
+    if let Err(e) = &result {
+        warn!("migration failed: {}", error_chain(e));
+        report.error = Some(error_chain(e));
+    }
+    run.progress.lock().unwrap_or_else(|p| p.into_inner()).phase = phase;
+    report
+}
+
+fn execute(
+    run: &mut Run<'_>,
+    destination: &mut dyn Destination,
+    probes: Option<Arc<Probes>>,
+    session_out: &mut Option<u64>,
+) -> Result<(), MigrationError> {
+    let partition = run.partition;
+    let options = run.options;
+    let frames = partition.memory().frames();
+    let reply = destination
+        .prepare(PrepareRequest {
+            protocol_min: PROTOCOL_VERSION,
+            protocol_max: PROTOCOL_VERSION,
+            config: partition.config().clone(),
+            mode: options.mode,
+        })
+        .map_err(MigrationError::Prepare)?;
+    *session_out = Some(reply.session);
+    let addr = destination.data_address(reply.data_port);
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|source| MigrationError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let demand_stream = stream
+        .try_clone()
+        .map_err(|source| MigrationError::Connect { addr, source })?;
+    let mut sender = PageSender::new(stream, options.bandwidth_limit);
+    partition.dirty_log_start()?;
+
+    let mut profiler = None;
+    let order = match options.strategy {
+        Strategy::Address => Order::address(frames),
+        Strategy::Heat => {
+            run.set_progress(|p| p.phase = Phase::Profiling);
+            let probes = probes.ok_or_else(|| {
+                MigrationError::Profile(
+                    "the heat strategy needs the eBPF probes, which could not be loaded".into(),
+                )
+            })?;
+            let mut p = start_profiler(partition, probes, options)?;
+            p.run_for(options.profile_window)
+                .map_err(|e| MigrationError::Profile(error_chain(&e)))?;
+            let order = Order::from_heat(&p.heat().pages(), frames)?;
+            profiler = Some(p);
+            order
+        }
+    };
+    run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
+
+    // Round 0: every page in plan order. Writes from now on are caught by the dirty log.
+    run.set_progress(|p| {
+        p.phase = Phase::Precopy;
+        p.round = 0;
+    });
+    partition.dirty_log_fetch()?;
+    let round_start = Instant::now();
+    let bytes_before = run.counts.bytes;
+    run.send(&mut sender, &order.plan)?;
+    let mut rate =
+        (run.counts.bytes - bytes_before) as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
+    run.report.rounds = 1;
+    let mut previous_dirty = u64::MAX;
+    let mut not_shrinking = 0;
+    let mut order = order;
+    let dirty = loop {
+        let mut dirty: Vec<u64> = dirty_frames(
+            &partition
+                .dirty_log_fetch()?
+                .ok_or(MigrationError::DirtyLogOff)?,
+        )
+        .collect();
+        let count = dirty.len() as u64;
+        run.report.dirty_pages_per_round.push(count);
+        let expected = Duration::from_secs_f64(count as f64 * 4096.0 / rate.max(1.0));
+        run.report.expected_downtime_ms = expected.as_millis() as u64;
+        let per_round = run.report.dirty_pages_per_round.clone();
+        run.set_progress(|p| {
+            p.expected_downtime_ms = expected.as_millis() as u64;
+            p.remaining_bytes = count * 4096;
+            p.dirty_pages_per_round = per_round;
+        });
+        not_shrinking = if count >= previous_dirty {
+            not_shrinking + 1
+        } else {
+            0
+        };
+        previous_dirty = count;
+        let converged = expected <= options.downtime_limit;
+        if converged || run.report.rounds >= options.max_rounds || not_shrinking >= 2 {
+            info!(
+                "cutover after {} rounds: {count} dirty pages, expected downtime {expected:?}",
+                run.report.rounds
+            );
+            break dirty;
+        }
+        // Keep the heat current: it decides the order of what is left.
+        if let Some(profiler) = profiler.as_mut() {
+            if profiler.end_epoch().is_ok() {
+                order = Order::from_heat(&profiler.heat().pages(), frames)?;
+            }
+        }
+        order.sort(&mut dirty);
+        let round = run.report.rounds;
+        run.set_progress(|p| p.round = round);
+        let round_start = Instant::now();
+        let bytes_before = run.counts.bytes;
+        run.send(&mut sender, &dirty)?;
+        let elapsed = round_start.elapsed().as_secs_f64();
+        if elapsed > 0.001 {
+            rate = (run.counts.bytes - bytes_before) as f64 / elapsed;
+        }
+        run.report.rounds += 1;
+    };
+    drop(profiler);
+
+    match options.mode {
+        Mode::Precopy => {
+            cutover_precopy(run, destination, reply.session, &mut sender, &order, dirty)
+        }
+        Mode::Hybrid => cutover_hybrid(
+            run,
+            destination,
+            reply.session,
+            sender,
+            demand_stream,
+            &order,
+            dirty,
+        ),
+    }
+}
+
+fn start_profiler(
+    partition: &Arc<Partition>,
+    probes: Arc<Probes>,
+    options: &MigrationOptions,
+) -> Result<Profiler, MigrationError> {
+    let interval =
+        (options.profile_window / 5).clamp(Duration::from_millis(20), Duration::from_millis(200));
+    let mut profiler = Profiler::start(
+        probes,
+        Target::Vm {
+            pid: std::process::id(),
+            vcpu_threads: Some(partition.vcpu_tids().to_vec()),
+        },
+        ProfilerConfig {
+            interval,
+            ..ProfilerConfig::default()
+        },
+    )
+    .map_err(|e| MigrationError::Profile(error_chain(&e)))?;
+    profiler.set_sampler(Box::new(PartitionSampler::new(Arc::clone(partition))));
+    Ok(profiler)
+}
+
+/// With the partition paused: the pages dirty at the last check (not sent since) and those
+/// dirtied after it, without duplicates.
+fn final_dirty(
+    partition: &Partition,
+    mut last_dirty: Vec<u64>,
+) -> Result<Vec<u64>, MigrationError> {
+    let bitmap = partition
+        .dirty_log_fetch()?
+        .ok_or(MigrationError::DirtyLogOff)?;
+    last_dirty.extend(dirty_frames(&bitmap));
+    last_dirty.sort_unstable();
+    last_dirty.dedup();
+    Ok(last_dirty)
+}
+
+/// Pause, send the pages dirtied since the last round and the vCPU state, resume there.
+fn cutover_precopy(
+    run: &mut Run<'_>,
+    destination: &mut dyn Destination,
+    session: u64,
+    sender: &mut PageSender,
+    order: &Order,
+    last_dirty: Vec<u64>,
+) -> Result<(), MigrationError> {
+    let partition = run.partition;
+    run.set_progress(|p| p.phase = Phase::StopAndCopy);
+    let paused = Instant::now();
+    partition.pause()?;
+    let mut dirty = final_dirty(partition, last_dirty)?;
+    order.sort(&mut dirty);
+    run.send(sender, &dirty)?;
+    sender.send_done()?;
+    let digest = partition.digest();
+    run.report.source_digest = Some(digest.total_hex());
+    let snapshot = partition.snapshot()?;
+    let reply = destination
+        .commit(
+            session,
+            CommitRequest {
+                snapshot,
+                stale_pages: Vec::new(),
+            },
+        )
+        .map_err(MigrationError::Commit)?;
+    run.report.downtime_ms = paused.elapsed().as_millis() as u64;
+    run.report.dest_digest = reply.dest_digest;
+    run.report.id_on_destination = Some(reply.id_on_destination);
+    Ok(())
+}
+
+/// Pause, send the vCPU state and the list of stale pages, resume there at once; then push
+/// what the destination lacks, hottest first, serving its demands ahead of the push.
+fn cutover_hybrid(
+    run: &mut Run<'_>,
+    destination: &mut dyn Destination,
+    session: u64,
+    mut sender: PageSender,
+    demand_stream: TcpStream,
+    order: &Order,
+    last_dirty: Vec<u64>,
+) -> Result<(), MigrationError> {
+    let partition = run.partition;
+    run.set_progress(|p| p.phase = Phase::StopAndCopy);
+    let paused = Instant::now();
+    partition.pause()?;
+    let stale = final_dirty(partition, last_dirty)?;
+    sender.send_done()?;
+    let digest = partition.digest();
+    run.report.source_digest = Some(digest.total_hex());
+    let snapshot = partition.snapshot()?;
+    let reply = destination
+        .commit(
+            session,
+            CommitRequest {
+                snapshot,
+                stale_pages: stale.clone(),
+            },
+        )
+        .map_err(MigrationError::Commit)?;
+    run.report.downtime_ms = paused.elapsed().as_millis() as u64;
+    run.report.id_on_destination = Some(reply.id_on_destination);
+
+    // Post-copy: push what the destination lacks, hottest first; demands jump the queue.
+    run.set_progress(|p| p.phase = Phase::Postcopy);
+    let frames = partition.memory().frames();
+    let mut needed = vec![false; frames as usize];
+    for &f in &stale {
+        needed[f as usize] = true;
+    }
+    for (f, sent) in run.sent_once.iter().enumerate() {
+        if !sent {
+            needed[f] = true;
+        }
+    }
+    let mut queue: VecDeque<u64> = order
+        .hottest_first
+        .iter()
+        .copied()
+        .filter(|&f| needed[f as usize])
+        .collect();
+    let (demand_tx, demand_rx) = mpsc::channel::<Vec<u64>>();
+    let reader = std::thread::spawn(move || {
+        let mut reader = FrameReader::new(demand_stream, frames);
+        while let Ok(Some(frame)) = reader.next_frame() {
+            if let Frame::Demand(pages) = frame {
+                if demand_tx.send(pages).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    const PUSH_BATCH: usize = 64;
+    let result = (|| -> Result<(), MigrationError> {
+        let mut remaining = queue.len();
+        while remaining > 0 {
+            let mut batch = Vec::with_capacity(PUSH_BATCH);
+            while let Ok(pages) = demand_rx.try_recv() {
+                batch.extend(pages.into_iter().filter(|&f| needed[f as usize]));
+            }
+            while batch.len() < PUSH_BATCH {
+                match queue.pop_front() {
+                    Some(f) if needed[f as usize] => batch.push(f),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            batch.sort_unstable();
+            batch.dedup();
+            for &f in &batch {
+                if needed[f as usize] {
+                    needed[f as usize] = false;
+                    remaining -= 1;
+                }
+            }
+            if !batch.is_empty() {
+                run.send(&mut sender, &batch)?;
+            }
+        }
+        sender.send_done()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        return Err(MigrationError::AfterCutover(error_chain(&e)));
+    }
+    let finish = destination.finish(session);
+    // The reader holds a clone of the socket: shut it down so the reader sees the end.
+    let _ = sender.stream().shutdown(std::net::Shutdown::Both);
+    let _ = reader.join();
+    let finish = finish.map_err(MigrationError::AfterCutover)?;
+    run.report.dest_digest = Some(finish.dest_digest);
+    run.report.postcopy_requests = finish.postcopy_requests;
+    run.report.postcopy_fault_latency_us = finish.fault_latency_us;
+    run.report.post_cutover_faults = finish.post_cutover_faults;
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The data connection: frames of pages over TCP, paced to a bandwidth limit.
+//!
+//! Pages travel in frames of up to 1024 (4 MiB), zero pages as markers without data. The
+//! sender copies pages into one buffer per frame and writes it with one call: measured on
+//! loopback, that streams at close to a plain TCP copy (docs/BENCHMARKS.md).
+
+use std::{
+    io::{self, Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+use super::protocol::{
+    FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE, ZERO_PAGE,
+    check_page, pages_payload_len,
+};
+use crate::vmm::GuestMemory;
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("the data connection failed")]
+    Io(#[from] io::Error),
+    #[error("the peer sent a bad frame")]
+    Frame(#[from] FrameError),
+    #[error("reading page {0} from guest memory failed")]
+    Memory(u64),
+}
+
+/// Spreads writes so that on average no more than `bytes_per_sec` leave.
+pub struct Pacer {
+    bytes_per_sec: Option<u64>,
+    start: Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    pub fn new(bytes_per_sec: Option<u64>) -> Self {
+        Self {
+            bytes_per_sec,
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// Accounts for `bytes` about to be sent, sleeping first if that would exceed the rate.
+    pub fn pace(&mut self, bytes: u64) {
+        self.sent += bytes;
+        let Some(rate) = self.bytes_per_sec.filter(|r| *r > 0) else {
+            return;
+        };
+        let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+}
+
+/// Counts of what a send did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendCounts {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for SendCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.pages += other.pages;
+        self.zero_pages += other.zero_pages;
+        self.bytes += other.bytes;
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Compare in words: fast enough to be free next to the network.
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0)
+}
+
+/// The sending side of a data connection.
+pub struct PageSender {
+    stream: TcpStream,
+    pacer: Pacer,
+    buffer: Vec<u8>,
+}
+
+impl PageSender {
+    pub fn new(stream: TcpStream, bytes_per_sec: Option<u64>) -> Self {
+        Self {
+            stream,
+            pacer: Pacer::new(bytes_per_sec),
+            buffer: Vec::with_capacity(HEADER_LEN + (8 + PAGE_SIZE) * MAX_PAGES_PER_FRAME as usize),
+        }
+    }
+
+    /// Sends `pages` of `memory`, in order, in as many frames as needed.
+    pub fn send_pages(
+        &mut self,
+        memory: &GuestMemory,
+        pages: &[u64],
+    ) -> Result<SendCounts, TransportError> {
+        let mut counts = SendCounts::default();
+        for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
+            counts += self.send_frame(memory, chunk)?;
+        }
+        Ok(counts)
+    }
+
+    fn send_frame(
+        &mut self,
+        memory: &GuestMemory,
+        pages: &[u64],
+    ) -> Result<SendCounts, TransportError> {
+        let mut counts = SendCounts::default();
+        self.buffer.clear();
+        self.buffer.resize(HEADER_LEN + 8 * pages.len(), 0);
+        let mut entries = Vec::with_capacity(pages.len());
+        for &page in pages {
+            let bytes = memory
+                .frame_bytes(page)
+                .map_err(|_| TransportError::Memory(page))?;
+            if is_zero(bytes) {
+                entries.push(page | ZERO_PAGE);
+                counts.zero_pages += 1;
+            } else {
+                entries.push(page);
+                self.buffer.extend_from_slice(bytes);
+            }
+        }
+        counts.pages = pages.len() as u64;
+        for (i, entry) in entries.iter().enumerate() {
+            let at = HEADER_LEN + 8 * i;
+            self.buffer[at..at + 8].copy_from_slice(&entry.to_le_bytes());
+        }
+        let header = FrameHeader {
+            kind: FrameKind::Pages,
+            count: pages.len() as u32,
+            payload_len: pages_payload_len(&entries),
+        };
+        self.buffer[..HEADER_LEN].copy_from_slice(&header.encode());
+        self.pacer.pace(self.buffer.len() as u64);
+        self.stream.write_all(&self.buffer)?;
+        counts.bytes = self.buffer.len() as u64;
+        Ok(counts)
+    }
+
+    /// Tells the destination every page of this phase has been sent.
+    pub fn send_done(&mut self) -> Result<(), TransportError> {
+        let header = FrameHeader {
+            kind: FrameKind::Done,
+            count: 0,
+            payload_len: 0,
+        };
+        self.stream.write_all(&header.encode())?;
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+/// Sends a demand for `pages` (destination → source, hybrid mode).
+pub fn send_demand(stream: &mut TcpStream, pages: &[u64]) -> Result<(), TransportError> {
+    for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
+        let header = FrameHeader {
+            kind: FrameKind::Demand,
+            count: chunk.len() as u32,
+            payload_len: 8 * chunk.len() as u64,
+        };
+        let mut bytes = header.encode().to_vec();
+        for page in chunk {
+            bytes.extend_from_slice(&page.to_le_bytes());
+        }
+        stream.write_all(&bytes)?;
+    }
+    Ok(())
+}
+
+/// One decoded frame.
+pub enum Frame<'a> {
+    /// Pages and their data (`None` for zero pages).
+    Pages(Vec<(u64, Option<&'a [u8]>)>),
+    Demand(Vec<u64>),
+    Done,
+}
+
+/// Reads frames from a stream, checking every page index against the partition's size.
+pub struct FrameReader<R> {
+    stream: R,
+    frames: u64,
+    buffer: Vec<u8>,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(stream: R, frames: u64) -> Self {
+        Self {
+            stream,
+            frames,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, TransportError> {
+        let mut header = [0u8; HEADER_LEN];
+        match self.stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let header = FrameHeader::decode(&header)?;
+        self.buffer.resize(header.payload_len as usize, 0);
+        self.stream.read_exact(&mut self.buffer)?;
+        let count = header.count as usize;
+        let entries: Vec<u64> = self.buffer[..8 * count]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .collect();
+        match header.kind {
+            FrameKind::Done => Ok(Some(Frame::Done)),
+            FrameKind::Demand => {
+                let pages = entries
+                    .iter()
+                    .map(|&e| check_page(e, self.frames))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some(Frame::Demand(pages)))
+            }
+            FrameKind::Pages => {
+                let want = pages_payload_len(&entries);
+                if want != header.payload_len {
+                    return Err(FrameError::Length {
+                        got: header.payload_len,
+                        want,
+                    }
+                    .into());
+                }
+                let mut data = &self.buffer[8 * count..];
+                let mut pages = Vec::with_capacity(count);
+                for entry in entries {
+                    let page = check_page(entry, self.frames)?;
+                    if entry & ZERO_PAGE != 0 {
+                        pages.push((page, None));
+                    } else {
+                        let (bytes, rest) = data.split_at(PAGE_SIZE);
+                        pages.push((page, Some(bytes)));
+                        data = rest;
+                    }
+                }
+                Ok(Some(Frame::Pages(pages)))
+            }
+        }
+    }
+}
