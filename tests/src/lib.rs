@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: a page-touching child process, a minimal KVM
 //! test VM, and the checks that decide whether a privileged test can run here.
 
+pub mod daemon;
 pub mod guest_images;
 pub mod testvm;
 

@@ -371,10 +371,10 @@ fn execute(
             break dirty;
         }
         // Keep the heat current: it decides the order of what is left.
-        if let Some(profiler) = profiler.as_mut() {
-            if profiler.end_epoch().is_ok() {
-                order = Order::from_heat(&profiler.heat().pages(), frames)?;
-            }
+        if let Some(profiler) = profiler.as_mut()
+            && profiler.end_epoch().is_ok()
+        {
+            order = Order::from_heat(&profiler.heat().pages(), frames)?;
         }
         order.sort(&mut dirty);
         let round = run.report.rounds;
@@ -533,10 +533,10 @@ fn cutover_hybrid(
     let reader = std::thread::spawn(move || {
         let mut reader = FrameReader::new(demand_stream, frames);
         while let Ok(Some(frame)) = reader.next_frame() {
-            if let Frame::Demand(pages) = frame {
-                if demand_tx.send(pages).is_err() {
-                    break;
-                }
+            if let Frame::Demand(pages) = frame
+                && demand_tx.send(pages).is_err()
+            {
+                break;
             }
         }
     });
