@@ -116,6 +116,9 @@ enum Command {
         /// How long to profile page heat before round 0 (heat strategy).
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         profile_window: Duration,
+        /// Send hot written pages in every round instead of holding them back until the last.
+        #[arg(long)]
+        no_defer: bool,
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -251,6 +254,7 @@ async fn run(command: Command) -> Result<()> {
             max_rounds,
             bandwidth_limit,
             profile_window,
+            no_defer,
             json,
         } => {
             let options = MigrationOptions {
@@ -260,6 +264,7 @@ async fn run(command: Command) -> Result<()> {
                 max_rounds,
                 bandwidth_limit,
                 profile_window,
+                defer_hot_writes: !no_defer,
             };
             migrate(from, MigrateRequest { id, to, options }, json).await
         }

@@ -35,11 +35,11 @@ pub fn skip(test: &str, why: &str) {
 
 /// A binary of the workspace, built in the same profile as the running test.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    // The test executable lives in target/<profile>/deps/; binaries in target/<profile>/.
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executables live two levels below the target dir");
-    profile_dir.join(name)
+    // Test executables live in target/<profile>/deps/, binaries in target/<profile>/.
+    let exe = std::env::current_exe().expect("the process knows its own path");
+    let mut dir = exe.parent().expect("an executable lives in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps/ has a parent");
+    }
+    dir.join(name)
 }

@@ -4,7 +4,9 @@
 
 use std::{net::SocketAddr, thread, time::Duration};
 
-use heatprobe_tests::{bpf_unavailable, daemon::Daemon, kvm_unavailable, skip};
+use heatprobe_tests::{
+    bpf_unavailable, daemon::Daemon, guest_images::handmade_image, kvm_unavailable, skip,
+};
 use serde_json::Value;
 
 fn launch(daemon: &Daemon, workload: &str, args: &str, mem: &str, vcpus: u32) -> String {
@@ -118,6 +120,67 @@ fn every_workload_migrates_under_each_strategy_and_mode() {
             }
         }
     }
+}
+
+#[test]
+fn a_guest_the_project_never_saw_migrates_under_each_strategy_and_mode() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_guest_the_project_never_saw_migrates_under_each_strategy_and_mode",
+            &why,
+        );
+    }
+    let strategies: Vec<&str> = match bpf_unavailable() {
+        None => vec!["heat", "address"],
+        Some(why) => {
+            skip(
+                "the heat strategy of a_guest_the_project_never_saw_migrates",
+                &why,
+            );
+            vec!["address"]
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("migrator-migrate-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("handmade.elf");
+    std::fs::write(&image, handmade_image()).unwrap();
+    let image = image.to_str().unwrap().to_string();
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    for strategy in &strategies {
+        for mode in ["precopy", "hybrid"] {
+            let case = format!("handmade {strategy} {mode}");
+            let id = source.json(&["launch", "--image", &image, "--mem", "16M"])["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            source.wait_progress(&id, 1_000_000, 0);
+            let (code, report) = migrate(
+                &source,
+                &destination,
+                &id,
+                &["--strategy", strategy, "--mode", mode],
+            );
+            assert_eq!(code, 0, "{case}: {report}");
+            assert_eq!(
+                report["source_digest"], report["dest_digest"],
+                "{case}: {report}"
+            );
+            let new_id = report["id_on_destination"].as_str().unwrap().to_string();
+            let status = destination.json(&["status", &new_id]);
+            assert!(
+                status["console"]
+                    .as_str()
+                    .unwrap()
+                    .contains("handmade guest up"),
+                "{case}"
+            );
+            let (ops, _) = checks_and_ops(&status);
+            destination.wait_progress(&new_id, ops + 1_000_000, 0);
+            destination.json(&["stop", &new_id]);
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

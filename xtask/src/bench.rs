@@ -13,12 +13,15 @@ pub enum Suite {
     Heatprobe,
     /// Guest ops/s in a partition against the same code on the host; launch time of 1 GiB.
     Partitions,
+    /// Heat against address order over a shaped link between two network namespaces.
+    Migration,
 }
 
 pub fn bench(suite: Suite) -> Result<()> {
     let name = match suite {
         Suite::Heatprobe => "bench_heatprobe",
         Suite::Partitions => "bench_partitions",
+        Suite::Migration => "bench_migration",
     };
     run(&mut Command::new(release_bin(name)), name)
 }

@@ -39,7 +39,7 @@ use crate::{
     },
     vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
 };
-use heatprobe::Probes;
+use heatprobe::{Probes, TargetId};
 
 enum Entry {
     Live(Arc<Partition>),
@@ -57,8 +57,10 @@ pub struct Daemon {
     /// Where the API listens; data listeners bind to the same address.
     listen: SocketAddr,
     api_version: u32,
-    /// Loaded on first use by a heat-ordered migration.
+    /// Loaded on first use by a heat-ordered migration or an incoming hybrid one.
     probes: Arc<OnceLock<Result<Arc<Probes>, String>>>,
+    /// Incoming hybrid sessions whose guest faults after cutover are being counted.
+    fault_counters: Arc<Mutex<BTreeMap<u64, TargetId>>>,
 }
 
 fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
@@ -103,6 +105,7 @@ impl Daemon {
             listen,
             api_version,
             probes: Arc::default(),
+            fault_counters: Arc::default(),
         }
     }
 
@@ -334,7 +337,19 @@ impl MigratorApi for Daemon {
             .await
             .map_err(|e| ApiError::Migration(format!("finish panicked: {e}")))?;
         self.remove_session(session_id);
-        result.map_err(|e| ApiError::Migration(error_chain(&e)))
+        let mut reply = result.map_err(|e| ApiError::Migration(error_chain(&e)))?;
+        let target = self
+            .fault_counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&session_id);
+        if let (Some(target), Ok(probes)) = (target, self.probes()) {
+            if let Ok(counts) = probes.counts(target) {
+                reply.post_cutover_faults = Some(counts.values().map(|c| c.reads + c.writes).sum());
+            }
+            let _ = probes.untrack(target);
+        }
+        Ok(reply)
     }
 
     async fn migration_abort(self, _: Context, session_id: u64) {

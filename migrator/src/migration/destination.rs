@@ -112,6 +112,7 @@ impl Session {
             memory,
             progress: Mutex::new(Progress {
                 received: vec![false; frames],
+                page_digests: vec![0; frames],
                 ..Progress::default()
             }),
             changed: Condvar::new(),
@@ -222,7 +223,11 @@ impl Session {
                     self.memory
                         .write(GuestAddress(page * PAGE_SIZE), bytes)
                         .map_err(|e| e.to_string())?;
-                    self.lock().received[page as usize] = true;
+                    // Hashing on arrival keeps the digest out of the cutover's downtime.
+                    let digest = xxh3_64(bytes);
+                    let mut progress = self.lock();
+                    progress.received[page as usize] = true;
+                    progress.page_digests[page as usize] = digest;
                 }
                 Some(uffd) => self.install_postcopy(uffd, page, bytes)?,
             }
@@ -300,7 +305,12 @@ impl Session {
         self.wait(|p| p.dones >= 1)?;
         match self.mode {
             Mode::Precopy => {
-                let digest = self.memory.digest();
+                let progress = self.lock();
+                if let Some(page) = progress.received.iter().position(|r| !r) {
+                    return Err(SessionError::Data(format!("page {page} never arrived")));
+                }
+                let digest = MemoryDigest::from_pages(progress.page_digests.clone());
+                drop(progress);
                 let partition =
                     Partition::restore(&request.snapshot, Arc::clone(&self.memory), true)
                         .map_err(SessionError::Restore)?;
@@ -332,15 +342,6 @@ impl Session {
             for &page in &request.stale_pages {
                 installed[page as usize] = false;
             }
-            progress.page_digests = (0..frames)
-                .map(|f| {
-                    if installed[f as usize] {
-                        self.memory.frame_bytes(f).map(xxh3_64).unwrap_or_default()
-                    } else {
-                        0
-                    }
-                })
-                .collect();
             progress.missing = installed.iter().filter(|i| !**i).count() as u64;
             progress.installed = installed;
             progress.latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).ok();

@@ -45,6 +45,8 @@ pub struct MigrationReport {
     pub pages_total: u64,
     pub pages_sent: u64,
     pub pages_resent: u64,
+    /// Dirty pages not sent again because their content was what was last sent.
+    pub unchanged_skipped: u64,
     pub zero_pages: u64,
     pub bytes_sent: u64,
     pub mbps: f64,
@@ -55,6 +57,8 @@ pub struct MigrationReport {
     pub post_cutover_faults: Option<u64>,
     /// Dirty pages found at the start of each round after round 0.
     pub dirty_pages_per_round: Vec<u64>,
+    /// The rate round 0 streamed at, in Mbit/s.
+    pub round0_mbps: f64,
     pub source_digest: Option<String>,
     pub dest_digest: Option<String>,
     pub id_on_destination: Option<String>,
@@ -74,6 +78,7 @@ impl MigrationReport {
             pages_total: 0,
             pages_sent: 0,
             pages_resent: 0,
+            unchanged_skipped: 0,
             zero_pages: 0,
             bytes_sent: 0,
             mbps: 0.0,
@@ -82,6 +87,7 @@ impl MigrationReport {
             postcopy_fault_latency_us: Latency::default(),
             post_cutover_faults: None,
             dirty_pages_per_round: Vec::new(),
+            round0_mbps: 0.0,
             source_digest: None,
             dest_digest: None,
             id_on_destination: None,

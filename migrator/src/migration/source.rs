@@ -16,6 +16,7 @@ use heatprobe::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
     protocol::PROTOCOL_VERSION,
@@ -38,6 +39,10 @@ pub struct MigrationOptions {
     pub bandwidth_limit: Option<u64>,
     /// How long to profile before round 0 (heat strategy).
     pub profile_window: Duration,
+    /// Heat strategy, pre-copy: hold back pages that are hot and written (the writable working
+    /// set of Clark et al.) from every round but the last, since they would be dirtied again
+    /// before the round ends.
+    pub defer_hot_writes: bool,
 }
 
 impl Default for MigrationOptions {
@@ -49,6 +54,7 @@ impl Default for MigrationOptions {
             max_rounds: 30,
             bandwidth_limit: None,
             profile_window: Duration::from_secs(1),
+            defer_hot_writes: true,
         }
     }
 }
@@ -132,6 +138,10 @@ pub enum MigrationError {
 /// Page ranks: `rank[frame]` is the frame's position in the plan.
 struct Order {
     rank: Vec<u32>,
+    /// Pages dirty in the previous round.
+    last_dirty: Option<Vec<bool>>,
+    /// Frames that are hot and written.
+    hot_writes: Vec<bool>,
     /// Frames hottest first (the post-copy push order).
     hottest_first: Vec<u64>,
     /// Round 0's order.
@@ -142,6 +152,8 @@ impl Order {
     fn address(frames: u64) -> Self {
         Self {
             rank: (0..frames as u32).collect(),
+            last_dirty: None,
+            hot_writes: vec![false; frames as usize],
             hottest_first: (0..frames).collect(),
             plan: (0..frames).collect(),
         }
@@ -155,12 +167,22 @@ impl Order {
         for (position, &frame) in order.iter().enumerate() {
             rank[frame as usize] = position as u32;
         }
+        let mut hot_writes = vec![false; frames as usize];
+        for page in pages {
+            if page.class == heatprobe::HeatClass::Hot
+                && page.access == heatprobe::Access::ReadWrite
+            {
+                hot_writes[page.page as usize] = true;
+            }
+        }
         let mut by_heat: Vec<&heatprobe::PageHeat> = pages.iter().collect();
         by_heat.sort_by(|a, b| b.heat.total_cmp(&a.heat).then(a.page.cmp(&b.page)));
         let mut hottest_first: Vec<u64> = by_heat.iter().map(|p| p.page).collect();
         hottest_first.extend(plan.untouched.iter().flat_map(Clone::clone));
         Ok(Self {
             rank,
+            last_dirty: None,
+            hot_writes,
             hottest_first,
             plan: order,
         })
@@ -168,6 +190,40 @@ impl Order {
 
     fn sort(&self, frames: &mut [u64]) {
         frames.sort_by_key(|&f| self.rank[f as usize]);
+    }
+
+    /// Folds one round's dirty pages into the write heat: a page dirty in this round and
+    /// the one before counts as a hot write (and only such a page), and goes after every other
+    /// page of a round.
+    fn learn_from_round(&mut self, dirty: &[u64]) {
+        let mut now = vec![false; self.hot_writes.len()];
+        for &f in dirty {
+            now[f as usize] = true;
+        }
+        let last = self.last_dirty.replace(now.clone());
+        let Some(last) = last else {
+            return;
+        };
+        let base = self.rank.len() as u32;
+        for (f, (&was, &is)) in last.iter().zip(&now).enumerate() {
+            // From round 1 on, what is held back is what the dirty log shows being written
+            // round after round; the profile's guess only shapes round 0.
+            self.hot_writes[f] = was && is;
+            if was && is {
+                // Ranks beyond every planned one put it at the end of any round, keeping the
+                // plan's order among such pages.
+                if self.rank[f] < base {
+                    self.rank[f] += base;
+                }
+            }
+        }
+    }
+
+    /// Splits `frames` into what to send now and the hot written frames to hold back.
+    fn hold_back_hot_writes(&self, frames: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+        frames
+            .into_iter()
+            .partition(|&f| !self.hot_writes[f as usize])
     }
 }
 
@@ -177,6 +233,8 @@ struct Run<'a> {
     progress: &'a Mutex<MigrationProgress>,
     report: MigrationReport,
     sent_once: Vec<bool>,
+    /// The xxh3 of each page as last sent.
+    sent_hash: Vec<u64>,
     counts: SendCounts,
     started: Instant,
 }
@@ -187,19 +245,41 @@ impl Run<'_> {
         update(&mut progress);
     }
 
+    /// Drops from `frames` the pages whose content is what was last sent. KVM marks a page
+    /// dirty whenever it maps it writable, even for a read; such pages need not travel again.
+    fn changed_only(&mut self, frames: Vec<u64>) -> Vec<u64> {
+        let memory = Arc::clone(self.partition.memory());
+        let before = frames.len();
+        let kept: Vec<u64> = frames
+            .into_iter()
+            .filter(|&f| {
+                !self.sent_once[f as usize]
+                    || memory
+                        .frame_bytes(f)
+                        .map(|bytes| xxh3_64(bytes) != self.sent_hash[f as usize])
+                        .unwrap_or(true)
+            })
+            .collect();
+        self.report.unchanged_skipped += (before - kept.len()) as u64;
+        kept
+    }
+
     /// Sends `frames` in batches, keeping the counters and the progress current.
     fn send(&mut self, sender: &mut PageSender, frames: &[u64]) -> Result<(), MigrationError> {
         const BATCH: usize = 1024;
         let memory = Arc::clone(self.partition.memory());
+        let mut hashes = Vec::with_capacity(BATCH);
         for (i, batch) in frames.chunks(BATCH).enumerate() {
-            let counts = sender.send_pages(&memory, batch)?;
+            hashes.clear();
+            let counts = sender.send_pages(&memory, batch, &mut hashes)?;
             self.counts += counts;
-            for &frame in batch {
+            for (&frame, &hash) in batch.iter().zip(&hashes) {
                 let seen = &mut self.sent_once[frame as usize];
                 if *seen {
                     self.report.pages_resent += 1;
                 }
                 *seen = true;
+                self.sent_hash[frame as usize] = hash;
             }
             let remaining = (frames.len() - (i * BATCH + batch.len())) as u64 * 4096;
             let rate = self.counts.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6);
@@ -231,6 +311,7 @@ pub fn migrate(
         progress,
         report: MigrationReport::new(options.strategy, options.mode),
         sent_once: vec![false; frames as usize],
+        sent_hash: vec![0; frames as usize],
         counts: SendCounts::default(),
         started,
     };
@@ -304,7 +385,6 @@ fn execute(
     let mut sender = PageSender::new(stream, options.bandwidth_limit);
     partition.dirty_log_start()?;
 
-    let mut profiler = None;
     let order = match options.strategy {
         Strategy::Address => Order::address(frames),
         Strategy::Heat => {
@@ -314,12 +394,15 @@ fn execute(
                     "the heat strategy needs the eBPF probes, which could not be loaded".into(),
                 )
             })?;
-            let mut p = start_profiler(partition, probes, options)?;
-            p.run_for(options.profile_window)
+            let mut profiler = start_profiler(partition, probes, options)?;
+            profiler
+                .run_for(options.profile_window)
                 .map_err(|e| MigrationError::Profile(error_chain(&e)))?;
-            let order = Order::from_heat(&p.heat().pages(), frames)?;
-            profiler = Some(p);
-            order
+            // The profiler stops here. Its read re-arming drops host mappings, and KVM maps a
+            // page writable (and so marks it dirty) when the guest faults it back in: left
+            // running, it would dirty a quarter of memory per epoch (measured: 70x the pages
+            // re-sent on rw-mix). The dirty log carries the write heat from now on.
+            Order::from_heat(&profiler.heat().pages(), frames)?
         }
     };
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
@@ -330,24 +413,43 @@ fn execute(
         p.round = 0;
     });
     partition.dirty_log_fetch()?;
+    let defer = options.defer_hot_writes
+        && options.strategy == Strategy::Heat
+        && options.mode == Mode::Precopy;
+    let (round0, mut deferred) = if defer {
+        order.hold_back_hot_writes(order.plan.clone())
+    } else {
+        (order.plan.clone(), Vec::new())
+    };
     let round_start = Instant::now();
     let bytes_before = run.counts.bytes;
-    run.send(&mut sender, &order.plan)?;
+    run.send(&mut sender, &round0)?;
     let mut rate =
         (run.counts.bytes - bytes_before) as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
+    run.report.round0_mbps = rate * 8.0 / 1e6;
     run.report.rounds = 1;
     let mut previous_dirty = u64::MAX;
     let mut not_shrinking = 0;
     let mut order = order;
     let dirty = loop {
-        let mut dirty: Vec<u64> = dirty_frames(
+        let dirty: Vec<u64> = dirty_frames(
             &partition
                 .dirty_log_fetch()?
                 .ok_or(MigrationError::DirtyLogOff)?,
         )
         .collect();
+        run.report.dirty_pages_per_round.push(dirty.len() as u64);
+        // Keep the heat current from what the kernel's dirty log says: pages dirtied round
+        // after round are the hottest writes, and go last (or are held back).
+        if options.strategy == Strategy::Heat {
+            order.learn_from_round(&dirty);
+        }
+        // What is left to send: the dirty pages that really changed, and those held back.
+        let mut dirty = run.changed_only(dirty);
+        dirty.append(&mut deferred);
+        dirty.sort_unstable();
+        dirty.dedup();
         let count = dirty.len() as u64;
-        run.report.dirty_pages_per_round.push(count);
         let expected = Duration::from_secs_f64(count as f64 * 4096.0 / rate.max(1.0));
         run.report.expected_downtime_ms = expected.as_millis() as u64;
         let per_round = run.report.dirty_pages_per_round.clone();
@@ -370,13 +472,14 @@ fn execute(
             );
             break dirty;
         }
-        // Keep the heat current: it decides the order of what is left.
-        if let Some(profiler) = profiler.as_mut()
-            && profiler.end_epoch().is_ok()
-        {
-            order = Order::from_heat(&profiler.heat().pages(), frames)?;
-        }
         order.sort(&mut dirty);
+        let dirty = if defer {
+            let (now, later) = order.hold_back_hot_writes(dirty);
+            deferred = later;
+            now
+        } else {
+            dirty
+        };
         let round = run.report.rounds;
         run.set_progress(|p| p.round = round);
         let round_start = Instant::now();
@@ -388,7 +491,6 @@ fn execute(
         }
         run.report.rounds += 1;
     };
-    drop(profiler);
 
     match options.mode {
         Mode::Precopy => {
@@ -429,6 +531,29 @@ fn start_profiler(
     Ok(profiler)
 }
 
+/// Socket send buffer during post-copy: a few push batches.
+const POSTCOPY_SEND_BUFFER: i32 = 512 * 1024;
+
+fn set_send_buffer(stream: &TcpStream, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor and a pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const bytes).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        warn!(
+            "setting the send buffer: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// With the partition paused: the pages dirty at the last check (not sent since) and those
 /// dirtied after it, without duplicates.
 fn final_dirty(
@@ -457,12 +582,11 @@ fn cutover_precopy(
     run.set_progress(|p| p.phase = Phase::StopAndCopy);
     let paused = Instant::now();
     partition.pause()?;
-    let mut dirty = final_dirty(partition, last_dirty)?;
+    let dirty = final_dirty(partition, last_dirty)?;
+    let mut dirty = run.changed_only(dirty);
     order.sort(&mut dirty);
     run.send(sender, &dirty)?;
     sender.send_done()?;
-    let digest = partition.digest();
-    run.report.source_digest = Some(digest.total_hex());
     let snapshot = partition.snapshot()?;
     let reply = destination
         .commit(
@@ -474,6 +598,9 @@ fn cutover_precopy(
         )
         .map_err(MigrationError::Commit)?;
     run.report.downtime_ms = paused.elapsed().as_millis() as u64;
+    // Still paused here, so this is the memory at the moment of the pause; hashing it after
+    // the cutover keeps it out of the downtime.
+    run.report.source_digest = Some(partition.digest().total_hex());
     run.report.dest_digest = reply.dest_digest;
     run.report.id_on_destination = Some(reply.id_on_destination);
     Ok(())
@@ -495,9 +622,8 @@ fn cutover_hybrid(
     let paused = Instant::now();
     partition.pause()?;
     let stale = final_dirty(partition, last_dirty)?;
+    let stale = run.changed_only(stale);
     sender.send_done()?;
-    let digest = partition.digest();
-    run.report.source_digest = Some(digest.total_hex());
     let snapshot = partition.snapshot()?;
     let reply = destination
         .commit(
@@ -511,8 +637,10 @@ fn cutover_hybrid(
     run.report.downtime_ms = paused.elapsed().as_millis() as u64;
     run.report.id_on_destination = Some(reply.id_on_destination);
 
-    // Post-copy: push what the destination lacks, hottest first; demands jump the queue.
+    // Post-copy: push what the destination lacks, hottest first; demands jump the queue. A
+    // small send buffer keeps a demanded page from queueing behind megabytes of pushed ones.
     run.set_progress(|p| p.phase = Phase::Postcopy);
+    set_send_buffer(sender.stream(), POSTCOPY_SEND_BUFFER);
     let frames = partition.memory().frames();
     let mut needed = vec![false; frames as usize];
     for &f in &stale {
@@ -578,6 +706,9 @@ fn cutover_hybrid(
     let _ = sender.stream().shutdown(std::net::Shutdown::Both);
     let _ = reader.join();
     let finish = finish.map_err(MigrationError::AfterCutover)?;
+    // The source stayed paused throughout: its memory is that of the pause. Hashing it last
+    // keeps it off both the downtime and the post-copy push.
+    run.report.source_digest = Some(partition.digest().total_hex());
     run.report.dest_digest = Some(finish.dest_digest);
     run.report.postcopy_requests = finish.postcopy_requests;
     run.report.postcopy_fault_latency_us = finish.fault_latency_us;

@@ -11,6 +11,7 @@ use std::{
 };
 
 use thiserror::Error;
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::protocol::{
     FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE, ZERO_PAGE,
@@ -74,6 +75,12 @@ impl std::ops::AddAssign for SendCounts {
     }
 }
 
+/// The xxh3 of an all-zero page.
+pub fn zero_page_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
+}
+
 fn is_zero(page: &[u8]) -> bool {
     // Compare in words: fast enough to be free next to the network.
     page.chunks_exact(8)
@@ -96,15 +103,17 @@ impl PageSender {
         }
     }
 
-    /// Sends `pages` of `memory`, in order, in as many frames as needed.
+    /// Sends `pages` of `memory`, in order, in as many frames as needed, and pushes onto
+    /// `hashes` the xxh3 of each page exactly as sent (the guest may be writing meanwhile).
     pub fn send_pages(
         &mut self,
         memory: &GuestMemory,
         pages: &[u64],
+        hashes: &mut Vec<u64>,
     ) -> Result<SendCounts, TransportError> {
         let mut counts = SendCounts::default();
         for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
-            counts += self.send_frame(memory, chunk)?;
+            counts += self.send_frame(memory, chunk, hashes)?;
         }
         Ok(counts)
     }
@@ -113,6 +122,7 @@ impl PageSender {
         &mut self,
         memory: &GuestMemory,
         pages: &[u64],
+        hashes: &mut Vec<u64>,
     ) -> Result<SendCounts, TransportError> {
         let mut counts = SendCounts::default();
         self.buffer.clear();
@@ -122,12 +132,18 @@ impl PageSender {
             let bytes = memory
                 .frame_bytes(page)
                 .map_err(|_| TransportError::Memory(page))?;
-            if is_zero(bytes) {
+            // Copy first, then look at the copy: what is hashed is what is sent.
+            let start = self.buffer.len();
+            self.buffer.extend_from_slice(bytes);
+            let copy = &self.buffer[start..];
+            if is_zero(copy) {
+                self.buffer.truncate(start);
                 entries.push(page | ZERO_PAGE);
+                hashes.push(zero_page_hash());
                 counts.zero_pages += 1;
             } else {
+                hashes.push(xxh3_64(copy));
                 entries.push(page);
-                self.buffer.extend_from_slice(bytes);
             }
         }
         counts.pages = pages.len() as u64;

@@ -185,6 +185,8 @@ pub struct PartitionSnapshot {
     pub config: PartitionConfig,
     pub tsc_khz: u64,
     pub vcpus: Vec<VcpuState>,
+    /// Recent console output, so `status` reads the same after a move.
+    pub console: Vec<u8>,
 }
 
 pub struct Partition {
@@ -253,7 +255,9 @@ impl Partition {
             state.apply(vcpu)?;
         }
         let request = if run { Request::Run } else { Request::Pause };
-        Self::start(config, kvm, vm, vcpus, memory, tsc_khz, request)
+        let partition = Self::start(config, kvm, vm, vcpus, memory, tsc_khz, request)?;
+        partition.control.lock().console = snapshot.console.clone();
+        Ok(partition)
     }
 
     fn create_vm(
@@ -518,6 +522,7 @@ impl Partition {
                 config: self.config.clone(),
                 tsc_khz: self.tsc_khz,
                 vcpus,
+                console: self.control.lock().console.clone(),
             }),
             Err(()) => Err(PartitionError::WrongState(self.state(), "paused")),
         }

@@ -1,0 +1,402 @@
+//! `cargo xtask bench migration [RUNS]`: heat against address order, measured.
+//!
+//! Two hosts are two network namespaces joined by a veth pair whose both ends are shaped with
+//! `tc tbf` to 1 Gbit/s. For each scenario, strategy and mode, a fresh 1 GiB partition is
+//! launched on host A, warmed up, and migrated to host B; medians over RUNS (default 5).
+//! Then, on plain loopback without a limit, the page stream's round-0 rate is compared with a
+//! plain TCP copy in the same run. Prints Markdown for docs/BENCHMARKS.md.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use heatprobe_tests::workspace_bin;
+use serde_json::Value;
+
+const NS_A: &str = "hpbench-a";
+const NS_B: &str = "hpbench-b";
+const ADDR_A: &str = "10.77.0.1";
+const ADDR_B: &str = "10.77.0.2";
+const RATE: &str = "1gbit";
+
+fn sh(program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The two namespaces and their link; removed on drop.
+struct Hosts;
+
+impl Hosts {
+    fn create() -> Result<Self> {
+        Self::remove();
+        sh("ip", &["netns", "add", NS_A])?;
+        sh("ip", &["netns", "add", NS_B])?;
+        let hosts = Self;
+        sh(
+            "ip",
+            &[
+                "link", "add", "hpb-a", "netns", NS_A, "type", "veth", "peer", "name", "hpb-b",
+                "netns", NS_B,
+            ],
+        )?;
+        for (ns, dev, addr) in [(NS_A, "hpb-a", ADDR_A), (NS_B, "hpb-b", ADDR_B)] {
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev],
+            )?;
+            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            sh(
+                "tc",
+                &[
+                    "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", RATE, "burst",
+                    "1mb", "latency", "50ms",
+                ],
+            )?;
+        }
+        Ok(hosts)
+    }
+
+    fn remove() {
+        for ns in [NS_A, NS_B] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}
+
+/// A daemon, optionally inside a namespace; killed on drop.
+struct Daemon {
+    child: Child,
+    ns: Option<&'static str>,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(ns: Option<&'static str>, listen: &str) -> Result<Self> {
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(workspace_bin("migrator"));
+                c
+            }
+            None => Command::new(workspace_bin("migrator")),
+        };
+        let mut child = command
+            .args(["serve", "--listen", listen])
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting a daemon")?;
+        let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        stderr.read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("migrator: serving on ")
+            .with_context(|| format!("daemon said {line:?}"))?
+            .to_string();
+        thread::spawn(move || for _ in stderr.lines() {});
+        Ok(Self { child, ns, addr })
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<Value> {
+        let mut command = match self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(workspace_bin("migrator"));
+                c
+            }
+            None => Command::new(workspace_bin("migrator")),
+        };
+        let output = command.args(args).arg("--json").output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(&stdout).with_context(|| {
+            format!(
+                "migrator {} printed {stdout:?} ({})",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Scenario {
+    name: &'static str,
+    workload: &'static str,
+    args: &'static str,
+}
+
+const SCENARIOS: [Scenario; 4] = [
+    Scenario {
+        name: "kv-zipf 1 GiB, theta 0.99, 20% writes, paced at 500k ops/s",
+        workload: "kv-zipf",
+        args: "theta=0.99 write=0.2 rate=500000 check_every=2000000",
+    },
+    Scenario {
+        name: "kv-zipf 1 GiB, theta 0.99, 20% writes, flat out",
+        workload: "kv-zipf",
+        args: "theta=0.99 write=0.2 check_every=2000000",
+    },
+    Scenario {
+        name: "rw-mix 1 GiB",
+        workload: "rw-mix",
+        args: "check_every=2000000",
+    },
+    Scenario {
+        name: "uniform-write 1 GiB",
+        workload: "uniform-write",
+        args: "check_every=2000000",
+    },
+];
+
+/// Launches, warms up and migrates one fresh partition; returns the report.
+fn one_migration(
+    a: &Daemon,
+    b: &Daemon,
+    scenario: &Scenario,
+    strategy: &str,
+    mode: &str,
+) -> Result<Value> {
+    let id = a.cli(&[
+        "launch",
+        "--host",
+        &a.addr,
+        "--workload",
+        scenario.workload,
+        "--args",
+        scenario.args,
+        "--mem",
+        "1G",
+    ])?["id"]
+        .as_str()
+        .context("launch id")?
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.cli(&["status", "--host", &a.addr, &id])?["ops"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        if Instant::now() > deadline {
+            bail!("{} never started", scenario.workload);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(1));
+    let report = a.cli(&[
+        "migrate",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        &id,
+        "--strategy",
+        strategy,
+        "--mode",
+        mode,
+        "--downtime-limit",
+        "300ms",
+        "--max-rounds",
+        "30",
+        "--profile-window",
+        "1s",
+    ])?;
+    if let Some(new_id) = report["id_on_destination"].as_str() {
+        let status = b.cli(&["status", "--host", &b.addr, new_id])?;
+        if status["errors"].as_u64() != Some(0) {
+            bail!("guest errors after migration: {status}");
+        }
+        b.cli(&["stop", "--host", &b.addr, new_id])?;
+    } else {
+        let _ = a.cli(&["stop", "--host", &a.addr, &id]);
+    }
+    Ok(report)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn field(reports: &[Value], key: &str) -> f64 {
+    median(reports.iter().filter_map(|r| r[key].as_f64()).collect())
+}
+
+/// A plain TCP copy of `bytes` over loopback in 1 MiB writes; returns bytes per second.
+fn plain_tcp_copy(bytes: u64) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sink = thread::spawn(move || -> std::io::Result<u64> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            let n = stream.read(&mut buffer)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+        }
+    });
+    let mut stream = TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        stream.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+    }
+    drop(stream);
+    let received = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+    Ok(received as f64 / start.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(5);
+    let hosts = Hosts::create()?;
+    let a = Daemon::start(Some(NS_A), &format!("{ADDR_A}:7700"))?;
+    let b = Daemon::start(Some(NS_B), &format!("{ADDR_B}:7700"))?;
+    println!("### migration\n");
+    println!(
+        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`; each run migrates a fresh 1 GiB, 1-vCPU partition after 1 s of warm-up, with `--downtime-limit 300ms --max-rounds 30 --profile-window 1s`; medians of {runs} runs.\n"
+    );
+    for scenario in &SCENARIOS {
+        let mut rows = Vec::new();
+        for mode in ["precopy", "hybrid"] {
+            for strategy in ["heat", "address"] {
+                let mut reports = Vec::new();
+                for _ in 0..runs {
+                    let report = one_migration(&a, &b, scenario, strategy, mode)?;
+                    if report["status"] != "completed" {
+                        eprintln!("{} {strategy} {mode}: {report}", scenario.name);
+                    }
+                    reports.push(report);
+                }
+                rows.push((strategy, mode, reports));
+            }
+        }
+        println!("#### {}\n", scenario.name);
+        println!(
+            "| strategy | mode | completed | digests equal | total ms | setup ms | downtime ms | rounds | pages sent | pages re-sent | post-copy requests | fault p99 µs | round 0 Mbit/s |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for (strategy, mode, reports) in &rows {
+            let completed = reports
+                .iter()
+                .filter(|r| r["status"] == "completed")
+                .count();
+            let equal = reports
+                .iter()
+                .filter(|r| {
+                    r["source_digest"].is_string() && r["source_digest"] == r["dest_digest"]
+                })
+                .count();
+            let p99 = median(
+                reports
+                    .iter()
+                    .filter_map(|r| r["postcopy_fault_latency_us"]["p99"].as_f64())
+                    .collect(),
+            );
+            println!(
+                "| {strategy} | {mode} | {completed}/{runs} | {equal}/{runs} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                field(reports, "total_time_ms"),
+                field(reports, "setup_time_ms"),
+                field(reports, "downtime_ms"),
+                field(reports, "rounds"),
+                field(reports, "pages_sent"),
+                field(reports, "pages_resent"),
+                field(reports, "postcopy_requests"),
+                p99,
+                field(reports, "round0_mbps"),
+            );
+        }
+        let find = |strategy: &str, mode: &str| {
+            rows.iter()
+                .find(|r| r.0 == strategy && r.1 == mode)
+                .map(|r| &r.2)
+        };
+        if let (Some(heat), Some(address)) = (find("heat", "precopy"), find("address", "precopy")) {
+            println!(
+                "\nheat / address, precopy: pages re-sent {:.2}x, downtime {:.2}x.",
+                field(heat, "pages_resent") / field(address, "pages_resent"),
+                field(heat, "downtime_ms") / field(address, "downtime_ms"),
+            );
+        }
+        if let (Some(heat), Some(address)) = (find("heat", "hybrid"), find("address", "hybrid")) {
+            println!(
+                "heat / address, hybrid: post-copy requests {:.2}x, downtime {:.2}x.",
+                field(heat, "postcopy_requests") / field(address, "postcopy_requests"),
+                field(heat, "downtime_ms") / field(address, "downtime_ms"),
+            );
+        }
+        if let Some(address) = find("address", "precopy") {
+            println!(
+                "round 0 used {:.0}% of the {RATE} link (address, precopy).\n",
+                field(address, "round0_mbps") / 1000.0 * 100.0
+            );
+        }
+    }
+    drop((a, b, hosts));
+
+    // Loopback, no limit: the page stream against a plain TCP copy, in the same run.
+    let a = Daemon::start(None, "127.0.0.1:0")?;
+    let b = Daemon::start(None, "127.0.0.1:0")?;
+    let scenario = Scenario {
+        name: "uniform-write, slow",
+        workload: "uniform-write",
+        args: "rate=1000 check_every=2000000",
+    };
+    let (mut stream, mut copy) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        copy.push(plain_tcp_copy(1 << 30)? * 8.0 / 1e6);
+        let report = one_migration(&a, &b, &scenario, "address", "precopy")?;
+        stream.push(report["round0_mbps"].as_f64().unwrap_or(0.0));
+    }
+    let (stream, copy) = (median(stream), median(copy));
+    println!("#### loopback, no limit\n");
+    println!("| figure | Mbit/s |");
+    println!("|---|---|");
+    println!("| plain TCP copy of 1 GiB in 1 MiB writes | {copy:.0} |");
+    println!("| migration round 0 (1 GiB of non-zero pages) | {stream:.0} |");
+    println!(
+        "\nround 0 reaches {:.0}% of the plain copy (target ≥ 90%).",
+        stream / copy * 100.0
+    );
+    Ok(())
+}
