@@ -2,5 +2,6 @@
 //! hosts them, and (in later issues) their heat-ordered live migration.
 
 pub mod daemon;
+pub mod dash;
 pub mod migration;
 pub mod vmm;

@@ -91,6 +91,23 @@ enum Command {
     Resume(Target),
     /// Stop a partition for good and free its memory.
     Stop(Target),
+    /// The live dashboard of a partition: heat, migration, guest.
+    Dash {
+        /// The daemon the partition is on.
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        host: SocketAddr,
+        /// The partition (default: the first running one).
+        id: Option<String>,
+        /// The daemon `m` migrates to (and back from).
+        #[arg(long)]
+        peer: Option<SocketAddr>,
+        /// Print one snapshot and exit.
+        #[arg(long)]
+        once: bool,
+        /// With --once: the snapshot as JSON instead of a text rendering.
+        #[arg(long, requires = "once")]
+        json: bool,
+    },
     /// Live-migrate a partition from one daemon to another.
     Migrate {
         /// The source daemon.
@@ -244,6 +261,13 @@ async fn run(command: Command) -> Result<()> {
         Command::Stop(target) => {
             one(target, |c, ctx, id| async move { c.stop(ctx, id).await }).await
         }
+        Command::Dash {
+            host,
+            id,
+            peer,
+            once,
+            json,
+        } => dash(host, id, peer, once, json).await,
         Command::Migrate {
             from,
             to,
@@ -287,6 +311,36 @@ where
     } else {
         print_info(&info);
     }
+    Ok(())
+}
+
+async fn dash(
+    host: SocketAddr,
+    id: Option<String>,
+    peer: Option<SocketAddr>,
+    once: bool,
+    json: bool,
+) -> Result<()> {
+    use migrator::dash::{App, terminal};
+    if once {
+        let snapshot = terminal::once(host, id).await.map_err(anyhow::Error::msg)?;
+        if json {
+            println!("{}", serde_json::to_string(&snapshot)?);
+        } else {
+            let mut app = App::new(peer.map(|p| p.to_string()));
+            app.apply(snapshot);
+            let (width, height) = ratatui::crossterm::terminal::size().unwrap_or((100, 30));
+            print!(
+                "{}",
+                terminal::render_text(&app, width.max(80), height.max(24))
+            );
+        }
+        return Ok(());
+    }
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || terminal::run(handle, host, id, peer))
+        .await
+        .context("the dashboard panicked")??;
     Ok(())
 }
 

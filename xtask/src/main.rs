@@ -5,7 +5,6 @@
 
 mod bench;
 mod build;
-mod demo;
 mod process;
 mod run;
 mod setup;
@@ -24,12 +23,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what the build needs (idempotent): nightly with rust-src, bpf-linker, libclang.
+    /// Install what the build needs (idempotent): nightly with rust-src, bpf-linker, libclang,
+    /// tmux.
     Setup,
     /// Build the eBPF object and every binary, in release mode, into target/release/.
     Build,
-    /// The demo. Arguments after `--` go to heatprobe instead.
+    /// The demo: two daemons, a partition and the dashboard. Arguments after `--` go to
+    /// `migrator dash` instead.
     Run {
+        /// Skip setup and build (for tests that already built everything).
+        #[arg(long, hide = true)]
+        skip_build: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -44,9 +48,6 @@ enum Command {
         #[arg(value_enum)]
         suite: bench::Suite,
     },
-    /// The demo workload `run` profiles (internal).
-    #[command(hide = true)]
-    DemoWorkload,
 }
 
 fn main() -> ExitCode {
@@ -54,7 +55,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::setup(),
         Command::Build => setup::setup().and_then(|()| build::build()),
-        Command::Run { args } => setup::setup()
+        Command::Run {
+            skip_build: true,
+            args,
+        } => run::run(&args),
+        Command::Run { args, .. } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| run::run(&args)),
         Command::Test { long } => setup::setup()
@@ -63,7 +68,6 @@ fn main() -> ExitCode {
         Command::Bench { suite } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| bench::bench(suite)),
-        Command::DemoWorkload => demo::workload(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 //! - a nightly toolchain with `rust-src`, to build the eBPF object with `-Z build-std=core`;
 //! - `bpf-linker`, built against the nightly toolchain's own libLLVM (Debian has no LLVM of
 //!   the version bpf-linker's default feature wants);
-//! - libclang, for crates that run bindgen.
+//! - libclang, for crates that run bindgen; tmux, for the dashboard's end-to-end test.
 
 use std::{
     fs,
@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::process::{output, run, succeeds};
 
 /// Debian packages the build and the tests need.
-const APT_PACKAGES: &[&str] = &["libclang-dev"];
+const APT_PACKAGES: &[&str] = &["libclang-dev", "tmux"];
 
 pub fn setup() -> Result<()> {
     ensure_apt_packages()?;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
+    daemon::heat_view::HeatView,
     migration::{
         MigrationProgress, MigrationReport,
         source::{
@@ -135,4 +136,8 @@ pub trait MigratorApi {
     async fn migration_finish(session: u64) -> Result<FinishReply, ApiError>;
     /// Destination side: give up on a session.
     async fn migration_abort(session: u64);
+
+    /// The partition's page heat condensed into `cells` cells (starts watching it on first
+    /// call; the heat advances at most every half second).
+    async fn heat(id: String, cells: u32) -> Result<HeatView, ApiError>;
 }

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod client;
+pub mod heat_view;
 pub mod server;
 
 pub use api::{ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo};

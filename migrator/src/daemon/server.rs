@@ -26,6 +26,7 @@ use super::{
         MigratorApi, MigratorApiClient, PartitionInfo,
     },
     client::{Connection, context_with},
+    heat_view::{HeatMonitor, HeatView},
 };
 use crate::{
     migration::{
@@ -61,6 +62,8 @@ pub struct Daemon {
     probes: Arc<OnceLock<Result<Arc<Probes>, String>>>,
     /// Incoming hybrid sessions whose guest faults after cutover are being counted.
     fault_counters: Arc<Mutex<BTreeMap<u64, TargetId>>>,
+    /// Heat profilers of partitions someone watches (dashboards).
+    monitors: Arc<Mutex<BTreeMap<String, HeatMonitor>>>,
 }
 
 fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
@@ -106,6 +109,7 @@ impl Daemon {
             api_version,
             probes: Arc::default(),
             fault_counters: Arc::default(),
+            monitors: Arc::default(),
         }
     }
 
@@ -122,6 +126,15 @@ impl Daemon {
             .get(&id)
             .cloned()
             .ok_or(ApiError::UnknownSession(id))
+    }
+
+    /// Stops watching a partition's heat (its vCPU threads are then free for another
+    /// profiler, such as a migration's).
+    fn unwatch(&self, id: &str) {
+        self.monitors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     fn remove_session(&self, id: u64) -> Option<Arc<Session>> {
@@ -359,8 +372,29 @@ impl MigratorApi for Daemon {
         }
     }
 
+    async fn heat(self, _: Context, id: String, cells: u32) -> Result<HeatView, ApiError> {
+        let partition = self.live(&id)?;
+        let probes = self.probes().map_err(ApiError::Partition)?;
+        let monitors = Arc::clone(&self.monitors);
+        tokio::task::spawn_blocking(move || {
+            let mut monitors = monitors.lock().unwrap_or_else(|p| p.into_inner());
+            if !monitors.contains_key(&id) {
+                let monitor = HeatMonitor::start(probes, partition)?;
+                monitors.insert(id.clone(), monitor);
+            }
+            match monitors.get_mut(&id) {
+                Some(monitor) => monitor.view(cells.clamp(1, 65536) as usize),
+                None => Err("the monitor vanished".into()),
+            }
+        })
+        .await
+        .map_err(|e| ApiError::Partition(format!("heat panicked: {e}")))?
+        .map_err(ApiError::Partition)
+    }
+
     async fn stop(self, _: Context, id: String) -> Result<PartitionInfo, ApiError> {
         let partition = self.live(&id)?;
+        self.unwatch(&id);
         let stopped = tokio::task::spawn_blocking(move || {
             partition.stop();
             partition
@@ -379,6 +413,7 @@ impl MigratorApi for Daemon {
 impl Daemon {
     async fn migrate_impl(self, request: MigrateRequest) -> Result<MigrationReport, ApiError> {
         let partition = self.live(&request.id)?;
+        self.unwatch(&request.id);
         if partition.state() != PartitionState::Running
             && partition.state() != PartitionState::Paused
         {

@@ -10,9 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use heatprobe::{
-    MigrationPlan, Probes, Profiler, Target, probes::error_chain, profiler::ProfilerConfig,
-};
+use heatprobe::{MigrationPlan, Probes, Profiler, probes::error_chain, profiler::ProfilerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -25,7 +23,7 @@ use super::{
 };
 use crate::vmm::{
     Partition, PartitionConfig, PartitionError, PartitionSnapshot, dirty::dirty_frames,
-    sampler::PartitionSampler,
+    sampler::profile_partition,
 };
 
 /// Tunables of one migration.
@@ -515,19 +513,15 @@ fn start_profiler(
 ) -> Result<Profiler, MigrationError> {
     let interval =
         (options.profile_window / 5).clamp(Duration::from_millis(20), Duration::from_millis(200));
-    let mut profiler = Profiler::start(
+    let profiler = profile_partition(
         probes,
-        Target::Vm {
-            pid: std::process::id(),
-            vcpu_threads: Some(partition.vcpu_tids().to_vec()),
-        },
+        partition,
         ProfilerConfig {
             interval,
             ..ProfilerConfig::default()
         },
     )
     .map_err(|e| MigrationError::Profile(error_chain(&e)))?;
-    profiler.set_sampler(Box::new(PartitionSampler::new(Arc::clone(partition))));
     Ok(profiler)
 }
 

@@ -2,7 +2,9 @@
 
 use std::{ops::Range, sync::Arc};
 
-use heatprobe::{ActiveSampler, SamplerError};
+use heatprobe::{
+    ActiveSampler, Probes, Profiler, ProfilerError, SamplerError, Target, profiler::ProfilerConfig,
+};
 
 use super::partition::Partition;
 
@@ -43,4 +45,22 @@ impl ActiveSampler for PartitionSampler {
                 source: None,
             })
     }
+}
+
+/// A heatprobe profiler on `partition`'s vCPU threads, with its active sampler.
+pub fn profile_partition(
+    probes: Arc<Probes>,
+    partition: &Arc<Partition>,
+    config: ProfilerConfig,
+) -> Result<Profiler, ProfilerError> {
+    let mut profiler = Profiler::start(
+        probes,
+        Target::Vm {
+            pid: std::process::id(),
+            vcpu_threads: Some(partition.vcpu_tids().to_vec()),
+        },
+        config,
+    )?;
+    profiler.set_sampler(Box::new(PartitionSampler::new(Arc::clone(partition))));
+    Ok(profiler)
 }

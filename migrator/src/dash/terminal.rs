@@ -1,0 +1,210 @@
+//! The terminal side: an RAII guard (raw mode, alternate screen, restored on drop and on
+//! panic), the event loop, and text rendering for `--once`.
+
+use std::{
+    io::{self, Stdout},
+    net::SocketAddr,
+    sync::mpsc,
+    time::Duration,
+};
+
+use ratatui::{
+    Terminal,
+    backend::{CrosstermBackend, TestBackend},
+    crossterm::{
+        event::{self, Event, KeyEventKind},
+        execute,
+        terminal::{EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode},
+    },
+};
+use thiserror::Error;
+use tokio::sync::mpsc as async_mpsc;
+
+use super::{
+    app::{Action, App},
+    sampler::{self, Watch},
+    ui,
+};
+use crate::{
+    daemon::{
+        api::MigrateRequest,
+        client::{Connection, context_with},
+    },
+    migration::{MigrationReport, source::MigrationOptions},
+};
+
+#[derive(Debug, Error)]
+pub enum DashError {
+    #[error("the terminal failed")]
+    Terminal(#[from] io::Error),
+}
+
+/// Holds the terminal in raw mode on the alternate screen; gives it back on drop.
+pub struct TerminalGuard {
+    pub terminal: Terminal<CrosstermBackend<Stdout>>,
+}
+
+impl TerminalGuard {
+    pub fn new() -> Result<Self, DashError> {
+        // Restore the terminal before a panic message is printed.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore();
+            previous(info);
+        }));
+        enable_raw_mode()?;
+        execute!(io::stdout(), EnterAlternateScreen)?;
+        let terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;
+        Ok(Self { terminal })
+    }
+}
+
+fn restore() {
+    let _ = disable_raw_mode();
+    let _ = execute!(
+        io::stdout(),
+        LeaveAlternateScreen,
+        ratatui::crossterm::cursor::Show
+    );
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// What finished in the background.
+enum Done {
+    Migration(Result<MigrationReport, String>),
+}
+
+/// Runs the dashboard until `q`. Blocking: call it off the async runtime.
+pub fn run(
+    handle: tokio::runtime::Handle,
+    host: SocketAddr,
+    id: Option<String>,
+    peer: Option<SocketAddr>,
+) -> Result<(), DashError> {
+    let (snapshot_tx, snapshots) = mpsc::channel();
+    let (retarget_tx, retarget_rx) = async_mpsc::unbounded_channel();
+    let mut watch = Watch { host, id };
+    handle.spawn(sampler::run(watch.clone(), snapshot_tx, retarget_rx));
+    let (done_tx, done) = mpsc::channel::<Done>();
+    let mut peer = peer;
+    let mut app = App::new(peer.map(|p| p.to_string()));
+    let mut guard = TerminalGuard::new()?;
+    loop {
+        while let Ok(snapshot) = snapshots.try_recv() {
+            if watch.id.is_none()
+                && let Some(p) = &snapshot.partition
+            {
+                watch.id = Some(p.id.clone());
+            }
+            app.apply(snapshot);
+        }
+        while let Ok(Done::Migration(result)) = done.try_recv() {
+            match result {
+                Ok(report) => {
+                    // Follow the partition: the peer becomes its host, and the old host the peer.
+                    if let (Some(new_id), Some(to)) = (report.id_on_destination.clone(), peer) {
+                        peer = Some(watch.host);
+                        watch = Watch {
+                            host: to,
+                            id: Some(new_id),
+                        };
+                        app.peer = peer.map(|p| p.to_string());
+                        let _ = retarget_tx.send(watch.clone());
+                    }
+                    app.migration_done(report);
+                }
+                Err(e) => {
+                    app.migrating = false;
+                    app.message = format!("migration failed: {e}");
+                }
+            }
+        }
+        guard.terminal.draw(|frame| ui::ui(frame, &app))?;
+        if !event::poll(Duration::from_millis(100))? {
+            continue;
+        }
+        let Event::Key(key) = event::read()? else {
+            continue;
+        };
+        if key.kind != KeyEventKind::Press {
+            continue;
+        }
+        match app.on_key(key) {
+            Action::None => {}
+            Action::Quit => return Ok(()),
+            Action::Migrate { strategy, mode } => {
+                let (Some(to), Some(id)) = (peer, watch.id.clone()) else {
+                    continue;
+                };
+                let from = watch.host;
+                let done_tx = done_tx.clone();
+                handle.spawn(async move {
+                    let result = migrate(from, to, id, strategy, mode).await;
+                    let _ = done_tx.send(Done::Migration(result));
+                });
+            }
+        }
+    }
+}
+
+async fn migrate(
+    from: SocketAddr,
+    to: SocketAddr,
+    id: String,
+    strategy: crate::migration::Strategy,
+    mode: crate::migration::Mode,
+) -> Result<MigrationReport, String> {
+    let connection = Connection::open(from).await.map_err(|e| e.to_string())?;
+    let request = MigrateRequest {
+        id,
+        to,
+        options: MigrationOptions {
+            strategy,
+            mode,
+            profile_window: Duration::from_millis(500),
+            ..MigrationOptions::default()
+        },
+    };
+    match connection
+        .client
+        .migrate(context_with(Duration::from_secs(3600)), request)
+        .await
+    {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One snapshot: two samples half a second apart, so ops/s and heat have moved.
+pub async fn once(host: SocketAddr, id: Option<String>) -> Result<super::Snapshot, String> {
+    let connection = Connection::open(host).await.map_err(|e| e.to_string())?;
+    let watch = Watch { host, id };
+    let (_, previous) = sampler::sample(&connection, &watch, None).await;
+    tokio::time::sleep(sampler::PERIOD).await;
+    let (snapshot, _) = sampler::sample(&connection, &watch, previous).await;
+    Ok(snapshot)
+}
+
+/// The dashboard for `app` as plain text, `width` x `height` characters.
+pub fn render_text(app: &App, width: u16, height: u16) -> String {
+    let Ok(mut terminal) = Terminal::new(TestBackend::new(width, height));
+    if terminal.draw(|frame| ui::ui(frame, app)).is_err() {
+        return String::new();
+    }
+    let buffer = terminal.backend().buffer();
+    let mut text = String::new();
+    for y in 0..height {
+        let line: String = (0..width)
+            .map(|x| buffer.cell((x, y)).map_or(" ", |c| c.symbol()))
+            .collect();
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}

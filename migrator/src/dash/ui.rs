@@ -1,0 +1,528 @@
+//! Drawing. `ui` lays the screen out; each `render_*` draws one panel from the app state and
+//! does nothing else.
+
+use ratatui::{
+    Frame,
+    layout::{Constraint, Layout, Rect},
+    style::{Color, Modifier, Style, Stylize},
+    text::{Line, Span},
+    widgets::{
+        Bar, BarChart, BarGroup, Block, Clear, List, ListItem, ListState, Paragraph, Sparkline,
+    },
+};
+
+use super::app::{App, ViewMode, mode_name, strategy_name};
+use crate::{daemon::heat_view::HeatView, migration::report::Phase};
+
+/// Heat colours from cold to hot.
+const SCALE: [Color; 5] = [
+    Color::Blue,
+    Color::Cyan,
+    Color::Yellow,
+    Color::LightRed,
+    Color::Red,
+];
+const WRITTEN: char = '█';
+const READ_ONLY: char = '▒';
+const UNTOUCHED: char = '·';
+
+pub fn ui(frame: &mut Frame, app: &App) {
+    let [header, body, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(10),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    let [top, bottom] =
+        Layout::vertical([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(body);
+    let [heatmap, migration] =
+        Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(top);
+    let [ranges, histogram, guest] = Layout::horizontal([
+        Constraint::Percentage(34),
+        Constraint::Percentage(30),
+        Constraint::Percentage(36),
+    ])
+    .areas(bottom);
+    render_header(frame, header, app);
+    render_heatmap(frame, heatmap, app);
+    render_migration(frame, migration, app);
+    render_hot_ranges(frame, ranges, app);
+    render_histogram(frame, histogram, app);
+    render_guest(frame, guest, app);
+    render_footer(frame, footer, app);
+    if app.view == ViewMode::Help {
+        render_help(frame, frame.area());
+    }
+}
+
+fn render_header(frame: &mut Frame, area: Rect, app: &App) {
+    let mut spans = vec![Span::styled(" heatprobe ", Style::new().bold().reversed())];
+    match &app.snapshot.partition {
+        Some(p) => {
+            let state = serde_json::to_value(p.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            spans.push(Span::raw(format!(
+                " {} {} on {} · {state} · {} MiB · {} vCPU · {:.0} ops/s ",
+                p.id,
+                p.image,
+                app.snapshot.host,
+                p.mem_bytes >> 20,
+                p.vcpus,
+                app.snapshot.ops_per_sec
+            )));
+            let errors = format!(" errors {} ", p.errors);
+            spans.push(if p.errors > 0 {
+                Span::styled(errors, Style::new().bold().white().on_red())
+            } else {
+                Span::styled(errors, Style::new().green())
+            });
+        }
+        None => spans.push(Span::raw(format!(
+            " no partition on {} ",
+            app.snapshot.host
+        ))),
+    }
+    if let Some(error) = &app.snapshot.error {
+        spans.push(Span::styled(format!(" {error}"), Style::new().red()));
+    }
+    frame.render_widget(Line::from(spans), area);
+}
+
+/// The colour and character of a display cell summarising `cells`.
+fn cell_look(view: &HeatView, cells: &[crate::daemon::heat_view::HeatCell]) -> (char, Color) {
+    let touched = cells.iter().any(|c| c.touched > 0);
+    if !touched {
+        return (UNTOUCHED, Color::DarkGray);
+    }
+    let heat = cells.iter().map(|c| c.heat).fold(0.0f32, f32::max) as f64;
+    let ratio = if view.max_heat > 0.0 {
+        heat / view.max_heat
+    } else {
+        0.0
+    };
+    let level = ((ratio * SCALE.len() as f64) as usize).min(SCALE.len() - 1);
+    let written = cells.iter().any(|c| c.written);
+    (if written { WRITTEN } else { READ_ONLY }, SCALE[level])
+}
+
+fn render_heatmap(frame: &mut Frame, area: Rect, app: &App) {
+    let block = Block::bordered().title(" memory heat ");
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let Some(view) = &app.snapshot.heat else {
+        frame.render_widget(Paragraph::new("waiting for heat…").dark_gray(), inner);
+        return;
+    };
+    if inner.height < 2 || inner.width == 0 || view.cells.is_empty() {
+        return;
+    }
+    let [map, legend] = Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(inner);
+    let shown = (map.width as usize) * (map.height as usize);
+    let source = view.cells.len();
+    let buffer = frame.buffer_mut();
+    // Each screen cell shows the hottest of the source cells it covers (or repeats one when
+    // the panel has more cells than the view).
+    for i in 0..shown {
+        let from = i * source / shown;
+        let to = ((i + 1) * source / shown).max(from + 1).min(source);
+        let (symbol, colour) = cell_look(view, &view.cells[from..to]);
+        let x = map.x + (i % map.width as usize) as u16;
+        let y = map.y + (i / map.width as usize) as u16;
+        if let Some(cell) = buffer.cell_mut((x, y)) {
+            cell.set_char(symbol).set_fg(colour);
+        }
+    }
+    let kib_per_cell = (view.frames * 4).div_ceil(shown as u64);
+    let mut spans = vec![Span::raw("cold ")];
+    for colour in SCALE {
+        spans.push(Span::styled("■", Style::new().fg(colour)));
+    }
+    spans.push(Span::raw(format!(
+        " hot {WRITTEN}rw {READ_ONLY}ro {UNTOUCHED}none {kib_per_cell}K/cell"
+    )));
+    frame.render_widget(Line::from(spans), legend);
+}
+
+fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
+    let title = format!(
+        " migration · {} {} ",
+        strategy_name(app.strategy),
+        mode_name(app.mode)
+    );
+    let block = Block::bordered().title(title);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let [text, chart] = Layout::vertical([Constraint::Length(4), Constraint::Min(1)]).areas(inner);
+    let mut lines = Vec::new();
+    match &app.snapshot.migration {
+        Some(p) => {
+            lines.push(Line::from(format!(
+                "{} · round {} · {} MiB left",
+                phase_name(p.phase),
+                p.round,
+                p.remaining_bytes >> 20
+            )));
+            lines.push(Line::from(format!(
+                "{:.0} MiB/s · expected downtime {} ms",
+                p.rate_bytes_per_sec / (1 << 20) as f64,
+                p.expected_downtime_ms
+            )));
+        }
+        None => lines.push(Line::from(match &app.peer {
+            Some(peer) => format!("idle · m migrates to {peer}"),
+            None => "idle · no peer (start with --peer)".to_string(),
+        })),
+    }
+    if let Some(r) = &app.last_report {
+        lines.push(Line::from(format!(
+            "last: {} · downtime {} ms · {} re-sent · {} post-copy req",
+            r.status, r.downtime_ms, r.pages_resent, r.postcopy_requests
+        )));
+        lines.push(Line::from(format!(
+            "fault latency p50 {} µs · p99 {} µs · max {} µs",
+            r.postcopy_fault_latency_us.p50,
+            r.postcopy_fault_latency_us.p99,
+            r.postcopy_fault_latency_us.max
+        )));
+    }
+    frame.render_widget(Paragraph::new(lines), text);
+    let rounds: Vec<u64> = app
+        .snapshot
+        .migration
+        .as_ref()
+        .map(|p| p.dirty_pages_per_round.clone())
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            app.last_report
+                .as_ref()
+                .map(|r| r.dirty_pages_per_round.clone())
+        })
+        .unwrap_or_default();
+    render_dirty_chart(frame, chart, &rounds);
+}
+
+/// Dirty pages per round as bars: convergence at a glance.
+fn render_dirty_chart(frame: &mut Frame, area: Rect, rounds: &[u64]) {
+    if rounds.is_empty() || area.height < 2 {
+        return;
+    }
+    let bars: Vec<Bar> = rounds
+        .iter()
+        .enumerate()
+        .map(|(i, &pages)| {
+            Bar::default()
+                .value(pages)
+                .label(Line::from(format!("{}", i + 1)))
+                .text_value(compact(pages))
+        })
+        .collect();
+    let width = (area.width as usize / rounds.len().max(1)).clamp(1, 5) as u16;
+    let chart = BarChart::default()
+        .block(Block::new().title("dirty pages per round"))
+        .data(BarGroup::default().bars(&bars))
+        .bar_width(width.saturating_sub(1).max(1))
+        .bar_gap(1)
+        .bar_style(Style::new().yellow());
+    frame.render_widget(chart, area);
+}
+
+fn render_hot_ranges(frame: &mut Frame, area: Rect, app: &App) {
+    let block = Block::bordered().title(" hot ranges ");
+    let Some(view) = &app.snapshot.heat else {
+        frame.render_widget(block, area);
+        return;
+    };
+    let items: Vec<ListItem> = view
+        .hot_ranges
+        .iter()
+        .map(|r| {
+            ListItem::new(format!(
+                "{:#011x}-{:#011x} {:>5} pg {} {:>7.1}",
+                r.start * 4096,
+                r.end * 4096,
+                r.end - r.start,
+                if r.written { "rw" } else { "ro" },
+                r.heat
+            ))
+        })
+        .collect();
+    let list = List::new(items)
+        .block(block)
+        .highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    let mut state = ListState::default().with_selected(Some(app.selected));
+    frame.render_stateful_widget(list, area, &mut state);
+}
+
+fn render_histogram(frame: &mut Frame, area: Rect, app: &App) {
+    let block = Block::bordered().title(" heat histogram ");
+    let Some(view) = &app.snapshot.heat else {
+        frame.render_widget(block, area);
+        return;
+    };
+    let bars: Vec<Bar> = view
+        .histogram
+        .iter()
+        .enumerate()
+        .map(|(i, &count)| {
+            Bar::default()
+                .value(count)
+                .text_value(compact(count))
+                .style(
+                    Style::new()
+                        .fg(SCALE[(i * SCALE.len() / view.histogram.len()).min(SCALE.len() - 1)]),
+                )
+        })
+        .collect();
+    let inner_width = area.width.saturating_sub(2) as usize;
+    let width = (inner_width / view.histogram.len().max(1)).clamp(1, 6) as u16;
+    let chart = BarChart::default()
+        .block(block.title_bottom(format!(
+            " hot {} · warm {} · cold {} ",
+            view.pages_hot, view.pages_warm, view.pages_cold
+        )))
+        .data(BarGroup::default().bars(&bars))
+        .bar_width(width.saturating_sub(1).max(1))
+        .bar_gap(1);
+    frame.render_widget(chart, area);
+}
+
+fn render_guest(frame: &mut Frame, area: Rect, app: &App) {
+    let errors = app.snapshot.partition.as_ref().map_or(0, |p| p.errors);
+    let title = format!(" guest ops/s · {:.0} ", app.snapshot.ops_per_sec);
+    let block = if errors > 0 {
+        Block::bordered()
+            .title(title)
+            .title_bottom(Span::styled(
+                format!(" {errors} SELF-CHECK ERRORS "),
+                Style::new().bold().white().on_red(),
+            ))
+            .border_style(Style::new().red())
+    } else {
+        let checks = app.snapshot.partition.as_ref().map_or(0, |p| p.checks);
+        Block::bordered()
+            .title(title)
+            .title_bottom(format!(" {checks} checks · 0 errors "))
+    };
+    let data: Vec<u64> = app.ops_history.iter().copied().collect();
+    let shown = area.width.saturating_sub(2) as usize;
+    let data = &data[data.len().saturating_sub(shown)..];
+    frame.render_widget(
+        Sparkline::default()
+            .block(block)
+            .data(data)
+            .style(Style::new().green()),
+        area,
+    );
+}
+
+fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
+    let keys = " q quit  ? help  m migrate  s strategy  o mode  p pause view  ↑↓/jk move ";
+    let mut spans = vec![Span::styled(keys, Style::new().dark_gray())];
+    if app.frozen {
+        spans.push(Span::styled(" PAUSED ", Style::new().black().on_yellow()));
+    }
+    if !app.message.is_empty() {
+        spans.push(Span::raw(format!(" {}", app.message)));
+    }
+    frame.render_widget(Line::from(spans), area);
+}
+
+fn render_help(frame: &mut Frame, area: Rect) {
+    let lines = vec![
+        Line::from("q, Esc    quit"),
+        Line::from("?         this help (any key closes it)"),
+        Line::from("m         migrate the partition to the peer daemon"),
+        Line::from("s         strategy: heat / address"),
+        Line::from("o         mode: precopy / hybrid"),
+        Line::from("p         pause / resume the view"),
+        Line::from("↑ ↓ j k   move in the hot ranges"),
+        Line::from(""),
+        Line::from(format!(
+            "heatmap: {WRITTEN} written, {READ_ONLY} read-only, {UNTOUCHED} untouched; colour is heat"
+        )),
+    ];
+    let width = 70.min(area.width);
+    let height = (lines.len() as u16 + 2).min(area.height);
+    let popup = Rect {
+        x: area.x + (area.width - width) / 2,
+        y: area.y + (area.height - height) / 2,
+        width,
+        height,
+    };
+    frame.render_widget(Clear, popup);
+    frame.render_widget(
+        Paragraph::new(lines).block(Block::bordered().title(" keys ")),
+        popup,
+    );
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Setup => "setup",
+        Phase::Profiling => "profiling",
+        Phase::Precopy => "pre-copy",
+        Phase::StopAndCopy => "stop-and-copy",
+        Phase::Postcopy => "post-copy",
+        Phase::Completed => "completed",
+        Phase::Failed => "failed",
+    }
+}
+
+/// 1234567 → "1.2M".
+fn compact(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.1}M", n as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::{Terminal, backend::TestBackend, style::Color};
+
+    use super::*;
+    use crate::{
+        daemon::{
+            PartitionInfo,
+            heat_view::{HeatCell, HotRange},
+        },
+        dash::{Snapshot, terminal::render_text},
+        migration::{MigrationProgress, report::Phase},
+        vmm::PartitionState,
+    };
+
+    fn partition(errors: u64) -> PartitionInfo {
+        PartitionInfo {
+            id: "p0-abc".into(),
+            name: None,
+            image: "workload rw-mix".into(),
+            state: PartitionState::Running,
+            ops: 1000,
+            errors,
+            checks: 7,
+            mem_bytes: 64 << 20,
+            vcpus: 2,
+            console: String::new(),
+            crash_reason: None,
+            check_failures: 0,
+        }
+    }
+
+    /// 64 cells: the first eight hot and written, the next eight warm and read-only, the rest
+    /// untouched.
+    fn heat() -> HeatView {
+        let mut cells = vec![HeatCell::default(); 64];
+        for cell in &mut cells[..8] {
+            *cell = HeatCell {
+                heat: 10.0,
+                written: true,
+                touched: 4,
+            };
+        }
+        for cell in &mut cells[8..16] {
+            *cell = HeatCell {
+                heat: 3.0,
+                written: false,
+                touched: 4,
+            };
+        }
+        HeatView {
+            frames: 64 * 4,
+            epochs: 5,
+            frames_per_cell: 4,
+            cells,
+            max_heat: 10.0,
+            hot_ranges: vec![HotRange {
+                start: 0,
+                end: 32,
+                heat: 320.0,
+                written: true,
+            }],
+            histogram: vec![32, 0, 0, 32, 0, 0, 0, 32],
+            pages_hot: 32,
+            pages_warm: 32,
+            pages_cold: 0,
+        }
+    }
+
+    fn app() -> App {
+        let mut app = App::new(Some("127.0.0.1:7701".into()));
+        app.apply(Snapshot {
+            host: "127.0.0.1:7700".into(),
+            partition: Some(partition(0)),
+            heat: Some(heat()),
+            migration: Some(MigrationProgress {
+                phase: Phase::Precopy,
+                round: 3,
+                remaining_bytes: 8 << 20,
+                bytes_sent: 1 << 30,
+                rate_bytes_per_sec: 100.0 * (1 << 20) as f64,
+                expected_downtime_ms: 80,
+                dirty_pages_per_round: vec![900, 400, 100],
+            }),
+            ops_per_sec: 12345.0,
+            error: None,
+        });
+        app
+    }
+
+    #[test]
+    fn the_heatmap_bins_hot_cells_first_and_marks_untouched_ones() {
+        let app = app();
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        terminal.draw(|frame| ui(frame, &app)).unwrap();
+        let buffer = terminal.backend().buffer();
+        // The heatmap's first cell (inside the border at 1,2) is hot and written.
+        let first = buffer.cell((1, 2)).unwrap();
+        assert_eq!(first.symbol(), WRITTEN.to_string());
+        assert_eq!(first.fg, Color::Red);
+        let text = render_text(&app, 80, 24);
+        assert!(text.contains(&READ_ONLY.to_string()), "{text}");
+        assert!(text.contains(&UNTOUCHED.to_string()), "{text}");
+        assert!(text.contains("memory heat"), "{text}");
+        assert!(text.contains("K/cell"), "{text}");
+    }
+
+    #[test]
+    fn the_convergence_chart_shows_every_round() {
+        let text = render_text(&app(), 100, 30);
+        assert!(text.contains("dirty pages per round"), "{text}");
+        assert!(
+            text.contains("900") && text.contains("400") && text.contains("100"),
+            "{text}"
+        );
+        assert!(text.contains("pre-copy · round 3 · 8 MiB left"), "{text}");
+        assert!(text.contains("expected downtime 80 ms"), "{text}");
+    }
+
+    #[test]
+    fn it_fits_80_by_24_and_survives_tiny_terminals() {
+        let text = render_text(&app(), 80, 24);
+        assert_eq!(text.lines().count(), 24);
+        assert!(text.lines().all(|l| l.chars().count() <= 80));
+        assert!(text.contains("q quit"), "{text}");
+        assert!(text.contains("p0-abc"), "{text}");
+        for (w, h) in [(20, 5), (1, 1), (200, 60)] {
+            let _ = render_text(&app(), w, h);
+        }
+    }
+
+    #[test]
+    fn guest_errors_are_loud_and_help_lists_the_keys() {
+        let mut app = app();
+        app.apply(Snapshot {
+            partition: Some(partition(3)),
+            ..app.snapshot.clone()
+        });
+        let text = render_text(&app, 100, 30);
+        assert!(text.contains("3 SELF-CHECK ERRORS"), "{text}");
+        app.view = ViewMode::Help;
+        let text = render_text(&app, 100, 30);
+        for key in ["quit", "migrate the partition", "strategy", "pause"] {
+            assert!(text.contains(key), "{key}: {text}");
+        }
+    }
+}
