@@ -2,6 +2,8 @@
 
 use std::{fs, io::Write as _, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
+mod top;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use heatprobe::{
@@ -30,6 +32,14 @@ enum Command {
     Record(RecordArgs),
     /// Profile a target and print its migration plan.
     Plan(PlanArgs),
+    /// A live view of the hottest pages, refreshed every epoch.
+    Top {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Length of one epoch.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
     /// Load the probes and say which tracepoints this kernel lets them attach to.
     Probes {
         #[arg(long)]
@@ -132,6 +142,7 @@ fn run(command: Command) -> Result<()> {
         Command::Record(args) => record(args),
         Command::Plan(args) => plan(args),
         Command::Probes { json } => probes(json),
+        Command::Top { target, interval } => top(&target, interval),
     }
 }
 
@@ -231,6 +242,25 @@ fn plan(args: PlanArgs) -> Result<()> {
         render_plan(&report)
     };
     emit(&args.profile, text)
+}
+
+fn top(target: &TargetArgs, interval: Duration) -> Result<()> {
+    let probes = load_probes()?;
+    let target = target.target();
+    let title = match &target {
+        Target::Process { pid } => format!("process {pid}"),
+        Target::Vm { pid, .. } => format!("KVM guest of {pid}"),
+    };
+    let profiler = Profiler::start(
+        probes,
+        target,
+        ProfilerConfig {
+            interval,
+            ..ProfilerConfig::default()
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    top::run(profiler, title)
 }
 
 fn probes(json: bool) -> Result<()> {

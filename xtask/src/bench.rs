@@ -17,11 +17,11 @@ pub enum Suite {
     Migration,
 }
 
-pub fn bench(suite: Suite) -> Result<()> {
+pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
     let name = match suite {
         Suite::Heatprobe => "bench_heatprobe",
         Suite::Partitions => "bench_partitions",
         Suite::Migration => "bench_migration",
     };
-    run(&mut Command::new(release_bin(name)), name)
+    run(Command::new(release_bin(name)).args(args), name)
 }

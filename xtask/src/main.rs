@@ -47,6 +47,8 @@ enum Command {
     Bench {
         #[arg(value_enum)]
         suite: bench::Suite,
+        /// Passed to the benchmark (`migration` takes a number of runs, or `charts`).
+        args: Vec<String>,
     },
 }
 
@@ -65,9 +67,9 @@ fn main() -> ExitCode {
         Command::Test { long } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| test::test(long)),
-        Command::Bench { suite } => setup::setup()
+        Command::Bench { suite, args } => setup::setup()
             .and_then(|()| build::build())
-            .and_then(|()| bench::bench(suite)),
+            .and_then(|()| bench::bench(suite, &args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -283,12 +283,60 @@ fn plain_tcp_copy(bytes: u64) -> Result<f64> {
     Ok(received as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Writes the charts of docs/BENCHMARKS.md from one run of each strategy and mode of the
+/// paced kv-zipf scenario: dirty pages per round, and downtime.
+fn charts(a: &Daemon, b: &Daemon) -> Result<()> {
+    let scenario = &SCENARIOS[0];
+    let mut dirty = Vec::new();
+    let mut downtime = Vec::new();
+    for mode in ["precopy", "hybrid"] {
+        for strategy in ["heat", "address"] {
+            let report = one_migration(a, b, scenario, strategy, mode)?;
+            if mode == "precopy" {
+                let rounds = report["dirty_pages_per_round"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(Value::as_f64).collect())
+                    .unwrap_or_default();
+                dirty.push((strategy.to_string(), rounds));
+            }
+            downtime.push((
+                format!("{strategy} {mode}"),
+                report["downtime_ms"].as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("migration-dirty-rounds.svg"),
+        heatprobe_tests::svg::line_chart(
+            "kv-zipf 1 GiB, 500k ops/s, 1 Gbit/s: dirty pages per round (precopy)",
+            "dirty pages",
+            "round",
+            &dirty,
+        ),
+    )?;
+    std::fs::write(
+        dir.join("migration-downtime.svg"),
+        heatprobe_tests::svg::bar_chart(
+            "kv-zipf 1 GiB, 500k ops/s, 1 Gbit/s: downtime",
+            "downtime (ms)",
+            &downtime,
+        ),
+    )?;
+    println!("charts: docs/img/migration-dirty-rounds.svg, docs/img/migration-downtime.svg");
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .map(|r| r.parse())
-        .transpose()?
-        .unwrap_or(5);
+    let first = std::env::args().nth(1);
+    if first.as_deref() == Some("charts") {
+        let _hosts = Hosts::create()?;
+        let a = Daemon::start(Some(NS_A), &format!("{ADDR_A}:7700"))?;
+        let b = Daemon::start(Some(NS_B), &format!("{ADDR_B}:7700"))?;
+        return charts(&a, &b);
+    }
+    let runs: usize = first.map(|r| r.parse()).transpose()?.unwrap_or(5);
     let hosts = Hosts::create()?;
     let a = Daemon::start(Some(NS_A), &format!("{ADDR_A}:7700"))?;
     let b = Daemon::start(Some(NS_B), &format!("{ADDR_B}:7700"))?;
