@@ -49,6 +49,8 @@ pub struct App {
     pub frozen: bool,
     pub strategy: Strategy,
     pub mode: Mode,
+    /// The downtime limit migrations started here use.
+    pub downtime_limit: std::time::Duration,
     pub snapshot: Snapshot,
     pub ops_history: VecDeque<u64>,
     /// Selected row of the hot-ranges list.
@@ -68,6 +70,7 @@ impl App {
             frozen: false,
             strategy: Strategy::Heat,
             mode: Mode::Precopy,
+            downtime_limit: crate::migration::source::MigrationOptions::default().downtime_limit,
             snapshot: Snapshot::default(),
             ops_history: VecDeque::with_capacity(OPS_HISTORY),
             selected: 0,

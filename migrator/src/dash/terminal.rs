@@ -143,8 +143,9 @@ pub fn run(
                 };
                 let from = watch.host;
                 let done_tx = done_tx.clone();
+                let downtime_limit = app.downtime_limit;
                 handle.spawn(async move {
-                    let result = migrate(from, to, id, strategy, mode).await;
+                    let result = migrate(from, to, id, strategy, mode, downtime_limit).await;
                     let _ = done_tx.send(Done::Migration(result));
                 });
             }
@@ -158,6 +159,7 @@ async fn migrate(
     id: String,
     strategy: crate::migration::Strategy,
     mode: crate::migration::Mode,
+    downtime_limit: Duration,
 ) -> Result<MigrationReport, String> {
     let connection = Connection::open(from).await.map_err(|e| e.to_string())?;
     let request = MigrateRequest {
@@ -166,6 +168,7 @@ async fn migrate(
         options: MigrationOptions {
             strategy,
             mode,
+            downtime_limit,
             profile_window: Duration::from_millis(500),
             ..MigrationOptions::default()
         },

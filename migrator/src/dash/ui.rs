@@ -165,9 +165,10 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
                 p.remaining_bytes >> 20
             )));
             lines.push(Line::from(format!(
-                "{:.0} MiB/s · expected downtime {} ms",
+                "{:.0} MiB/s · expected downtime {} ms / limit {} ms",
                 p.rate_bytes_per_sec / (1 << 20) as f64,
-                p.expected_downtime_ms
+                p.expected_downtime_ms,
+                app.downtime_limit.as_millis()
             )));
         }
         None => lines.push(Line::from(match &app.peer {
