@@ -10,7 +10,7 @@ use migrator::{
         LaunchRequest, PartitionInfo,
         api::MigrateRequest,
         client::{Connection, context_with},
-        server::{Daemon, serve},
+        server::{Daemon, Limits, serve},
     },
     migration::{Mode, Strategy, source::MigrationOptions},
     vmm::GuestImage,
@@ -56,6 +56,15 @@ enum Command {
     Serve {
         #[arg(long, default_value = DEFAULT_ADDR)]
         listen: SocketAddr,
+        /// Most partitions hosted at once (incoming migrations count).
+        #[arg(long, default_value_t = Limits::default().max_partitions)]
+        max_partitions: usize,
+        /// Most guest memory hosted at once, e.g. 16G (default: no limit beyond the host's).
+        #[arg(long, value_parser = parse_size)]
+        max_memory: Option<u64>,
+        /// Most outgoing migrations at once.
+        #[arg(long, default_value_t = Limits::default().max_migrations)]
+        max_migrations: usize,
     },
     /// Create and start a partition.
     Launch {
@@ -200,7 +209,19 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { listen } => run_daemon(listen).await,
+        Command::Serve {
+            listen,
+            max_partitions,
+            max_memory,
+            max_migrations,
+        } => {
+            let limits = Limits {
+                max_partitions,
+                max_memory: max_memory.unwrap_or(u64::MAX),
+                max_migrations,
+            };
+            run_daemon(listen, limits).await
+        }
         Command::Launch {
             host,
             workload,
@@ -469,8 +490,8 @@ fn print_info(info: &PartitionInfo) {
     }
 }
 
-async fn run_daemon(listen: SocketAddr) -> Result<()> {
-    let daemon = Daemon::new(listen);
+async fn run_daemon(listen: SocketAddr, limits: Limits) -> Result<()> {
+    let daemon = Daemon::new(listen).with_limits(limits);
     let (local, serving) = serve(daemon.clone(), listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

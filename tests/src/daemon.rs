@@ -19,8 +19,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A daemon started with extra `serve` arguments (limits, say).
+    pub fn start_with(extra: &[&str]) -> Self {
         let mut child = Command::new(workspace_bin("migrator"))
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start migrator serve");

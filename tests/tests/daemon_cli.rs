@@ -151,3 +151,28 @@ fn bad_input_gets_one_clear_error_and_the_daemon_keeps_serving() {
     assert_eq!(daemon.json(&["list"]).as_array().unwrap().len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn limits_refuse_clearly_past_them() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("limits_refuse_clearly_past_them", &why);
+    }
+    let daemon = Daemon::start_with(&["--max-partitions", "2", "--max-memory", "48M"]);
+    let first = daemon.json(&["launch", "--workload", "idle", "--mem", "32M"]);
+    assert!(first["id"].is_string());
+    let (code, stdout, stderr) = daemon.cli(&["launch", "--workload", "idle", "--mem", "32M"]);
+    assert_ne!(code, 0);
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("exceed this daemon's limit of 48 MiB"),
+        "{stderr}"
+    );
+    daemon.json(&["launch", "--workload", "idle", "--mem", "8M"]);
+    let (code, _, stderr) = daemon.cli(&["launch", "--workload", "idle", "--mem", "4M"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("maximum of 2 partitions"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // Stopping one frees its place.
+    daemon.json(&["stop", first["id"].as_str().unwrap()]);
+    daemon.json(&["launch", "--workload", "idle", "--mem", "8M"]);
+}

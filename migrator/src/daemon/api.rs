@@ -88,6 +88,9 @@ pub enum ApiError {
     /// A partition operation failed; the message carries the cause chain.
     #[error("{0}")]
     Partition(String),
+    /// A resource limit of this daemon would be exceeded.
+    #[error("{0}")]
+    Limit(String),
     #[error("no migration session {0}")]
     UnknownSession(u64),
     #[error("this daemon speaks migration protocol {ours}, the source wants {min}..={max}")]

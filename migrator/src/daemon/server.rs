@@ -48,6 +48,34 @@ enum Entry {
     Stopped(PartitionInfo),
 }
 
+/// What one daemon may take on; past these, requests are refused with a clear error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Live partitions plus incoming migrations.
+    pub max_partitions: usize,
+    /// Guest memory of live partitions plus incoming migrations, in bytes.
+    pub max_memory: u64,
+    /// Outgoing migrations running at once.
+    pub max_migrations: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_partitions: 64,
+            max_memory: u64::MAX,
+            max_migrations: 4,
+        }
+    }
+}
+
+/// Partitions and memory promised to launches and migrations still in progress.
+#[derive(Default)]
+struct Reserved {
+    partitions: usize,
+    memory: u64,
+}
+
 /// The daemon's partitions, incoming migration sessions and outgoing migrations.
 #[derive(Clone)]
 pub struct Daemon {
@@ -64,6 +92,8 @@ pub struct Daemon {
     fault_counters: Arc<Mutex<BTreeMap<u64, TargetId>>>,
     /// Heat profilers of partitions someone watches (dashboards).
     monitors: Arc<Mutex<BTreeMap<String, HeatMonitor>>>,
+    limits: Limits,
+    reserved: Arc<Mutex<Reserved>>,
 }
 
 fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
@@ -110,7 +140,65 @@ impl Daemon {
             probes: Arc::default(),
             fault_counters: Arc::default(),
             monitors: Arc::default(),
+            limits: Limits::default(),
+            reserved: Arc::default(),
         }
+    }
+
+    /// The same daemon with other limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Reserves room for one more partition of `memory` bytes, or says which limit it breaks.
+    /// The reservation is released with [`Daemon::release`] once the partition is live (and
+    /// counted as such) or has failed to start.
+    fn reserve(&self, memory: u64) -> Result<(), ApiError> {
+        let (live, live_memory) = {
+            let partitions = self.lock();
+            let live: Vec<u64> = partitions
+                .values()
+                .filter_map(|e| match e {
+                    Entry::Live(p) => Some(p.config().mem_size),
+                    Entry::Stopped(_) => None,
+                })
+                .collect();
+            (live.len(), live.iter().sum::<u64>())
+        };
+        let (sessions, session_memory) = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                sessions.len(),
+                sessions.values().map(|s| s.config.mem_size).sum::<u64>(),
+            )
+        };
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let count = live + sessions + reserved.partitions;
+        if count >= self.limits.max_partitions {
+            return Err(ApiError::Limit(format!(
+                "this daemon already hosts its maximum of {} partitions",
+                self.limits.max_partitions
+            )));
+        }
+        let used = live_memory + session_memory + reserved.memory;
+        if used.saturating_add(memory) > self.limits.max_memory {
+            return Err(ApiError::Limit(format!(
+                "{} MiB more guest memory would exceed this daemon's limit of {} MiB ({} MiB in use)",
+                memory >> 20,
+                self.limits.max_memory >> 20,
+                used >> 20
+            )));
+        }
+        reserved.partitions += 1;
+        reserved.memory += memory;
+        Ok(())
+    }
+
+    fn release(&self, memory: u64) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        reserved.partitions = reserved.partitions.saturating_sub(1);
+        reserved.memory = reserved.memory.saturating_sub(memory);
     }
 
     fn probes(&self) -> Result<Arc<Probes>, String> {
@@ -222,6 +310,8 @@ impl MigratorApi for Daemon {
         {
             return Err(ApiError::ImageTooLarge(bytes.len()));
         }
+        let memory = request.mem_size;
+        self.reserve(memory)?;
         let config = PartitionConfig {
             name: request.name,
             mem_size: request.mem_size,
@@ -229,14 +319,23 @@ impl MigratorApi for Daemon {
             image: request.image,
             args: request.args,
         };
-        let partition = tokio::task::spawn_blocking(move || Partition::launch(config))
+        let launched = tokio::task::spawn_blocking(move || Partition::launch(config))
             .await
-            .map_err(|e| ApiError::Partition(format!("launch panicked: {e}")))?
-            .map_err(|e| ApiError::Partition(error_chain(&e)))?;
+            .map_err(|e| ApiError::Partition(format!("launch panicked: {e}")))
+            .and_then(|r| r.map_err(|e| ApiError::Partition(error_chain(&e))));
+        let partition = match launched {
+            Ok(partition) => partition,
+            Err(e) => {
+                self.release(memory);
+                return Err(e);
+            }
+        };
         let id = self.new_id();
         info!("launched partition {id}");
+        // Counted as live from here: the reservation goes in the same breath.
         self.lock()
             .insert(id.clone(), Entry::Live(Arc::new(partition)));
+        self.release(memory);
         Ok(id)
     }
 
@@ -293,17 +392,27 @@ impl MigratorApi for Daemon {
                 max: request.protocol_max,
             });
         }
+        let memory = request.config.mem_size;
+        self.reserve(memory)?;
         let listen = self.listen;
-        let (session, data_port) =
-            tokio::task::spawn_blocking(move || Session::prepare(&request, listen))
-                .await
-                .map_err(|e| ApiError::Migration(format!("prepare panicked: {e}")))?
-                .map_err(|e| ApiError::Migration(error_chain(&e)))?;
+        let prepared = tokio::task::spawn_blocking(move || Session::prepare(&request, listen))
+            .await
+            .map_err(|e| ApiError::Migration(format!("prepare panicked: {e}")))
+            .and_then(|r| r.map_err(|e| ApiError::Migration(error_chain(&e))));
+        let (session, data_port) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.release(memory);
+                return Err(e);
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, session);
+        // The session now counts against the limits itself.
+        self.release(memory);
         info!("migration session {id} waiting on port {data_port}");
         Ok(PrepareReply {
             session: id,
@@ -435,6 +544,21 @@ impl Daemon {
                 return Err(ApiError::Partition(format!(
                     "partition `{}` is already migrating",
                     request.id
+                )));
+            }
+            let running = migrations
+                .values()
+                .filter(|p| {
+                    !matches!(
+                        p.lock().map(|p| p.phase).unwrap_or(Phase::Failed),
+                        Phase::Completed | Phase::Failed
+                    )
+                })
+                .count();
+            if running >= self.limits.max_migrations {
+                return Err(ApiError::Limit(format!(
+                    "this daemon already runs its maximum of {} migrations",
+                    self.limits.max_migrations
                 )));
             }
             migrations.insert(request.id.clone(), Arc::clone(&progress));
