@@ -548,19 +548,24 @@ fn set_send_buffer(stream: &TcpStream, bytes: i32) {
     }
 }
 
-/// With the partition paused: the pages dirty at the last check (not sent since) and those
-/// dirtied after it, without duplicates.
-fn final_dirty(
-    partition: &Partition,
+/// Starts the cutover: pauses the partition and returns when it paused, with the pages that
+/// still have to travel: those dirty at the last check (not sent since) and those dirtied
+/// after it, without duplicates, minus those whose content is what was last sent.
+fn pause_for_cutover(
+    run: &mut Run<'_>,
     mut last_dirty: Vec<u64>,
-) -> Result<Vec<u64>, MigrationError> {
+) -> Result<(Instant, Vec<u64>), MigrationError> {
+    let partition = run.partition;
+    run.set_progress(|p| p.phase = Phase::StopAndCopy);
+    let paused = Instant::now();
+    partition.pause()?;
     let bitmap = partition
         .dirty_log_fetch()?
         .ok_or(MigrationError::DirtyLogOff)?;
     last_dirty.extend(dirty_frames(&bitmap));
     last_dirty.sort_unstable();
     last_dirty.dedup();
-    Ok(last_dirty)
+    Ok((paused, run.changed_only(last_dirty)))
 }
 
 /// Pause, send the pages dirtied since the last round and the vCPU state, resume there.
@@ -573,11 +578,7 @@ fn cutover_precopy(
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
-    run.set_progress(|p| p.phase = Phase::StopAndCopy);
-    let paused = Instant::now();
-    partition.pause()?;
-    let dirty = final_dirty(partition, last_dirty)?;
-    let mut dirty = run.changed_only(dirty);
+    let (paused, mut dirty) = pause_for_cutover(run, last_dirty)?;
     order.sort(&mut dirty);
     run.send(sender, &dirty)?;
     sender.send_done()?;
@@ -612,11 +613,7 @@ fn cutover_hybrid(
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
-    run.set_progress(|p| p.phase = Phase::StopAndCopy);
-    let paused = Instant::now();
-    partition.pause()?;
-    let stale = final_dirty(partition, last_dirty)?;
-    let stale = run.changed_only(stale);
+    let (paused, stale) = pause_for_cutover(run, last_dirty)?;
     sender.send_done()?;
     let snapshot = partition.snapshot()?;
     let reply = destination
