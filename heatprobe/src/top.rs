@@ -3,17 +3,13 @@
 //! A background thread runs the profiler's epochs and sends each epoch's pages over a channel;
 //! the UI thread owns the view state, handles keys by mode, and only draws.
 
-use std::{io, sync::mpsc, time::Duration};
+use std::{sync::mpsc, time::Duration};
 
+use heatprobe::console::TerminalGuard;
 use heatprobe::{Access, HeatClass, PAGE_SIZE, PageHeat, Profiler};
 use ratatui::{
-    Frame, Terminal,
-    backend::CrosstermBackend,
-    crossterm::{
-        event::{self, Event, KeyCode, KeyEventKind},
-        execute,
-        terminal::{EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode},
-    },
+    Frame,
+    crossterm::event::{self, Event, KeyCode, KeyEventKind},
     layout::{Constraint, Layout},
     style::{Color, Style, Stylize},
     text::Line,
@@ -40,37 +36,6 @@ struct View {
     title: String,
     sample: Option<Sample>,
     offset: usize,
-}
-
-/// Holds the terminal; restores it on drop and on panic.
-struct TerminalGuard {
-    terminal: Terminal<CrosstermBackend<io::Stdout>>,
-}
-
-fn restore() {
-    let _ = disable_raw_mode();
-    let _ = execute!(io::stdout(), LeaveAlternateScreen);
-}
-
-impl TerminalGuard {
-    fn new() -> io::Result<Self> {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            restore();
-            previous(info);
-        }));
-        enable_raw_mode()?;
-        execute!(io::stdout(), EnterAlternateScreen)?;
-        Ok(Self {
-            terminal: Terminal::new(CrosstermBackend::new(io::stdout()))?,
-        })
-    }
-}
-
-impl Drop for TerminalGuard {
-    fn drop(&mut self) {
-        restore();
-    }
 }
 
 /// Runs the view until `q` (or the target exits and a key is pressed).
@@ -239,7 +204,7 @@ fn render_table(frame: &mut Frame, area: ratatui::layout::Rect, view: &View) {
 
 #[cfg(test)]
 mod tests {
-    use ratatui::backend::TestBackend;
+    use ratatui::{Terminal, backend::TestBackend};
 
     use super::*;
 

@@ -1,21 +1,13 @@
-//! The terminal side: an RAII guard (raw mode, alternate screen, restored on drop and on
-//! panic), the event loop, and text rendering for `--once`.
+//! The terminal side: the event loop (the terminal held by heatprobe's RAII guard), and text
+//! rendering for `--once`.
 
-use std::{
-    io::{self, Stdout},
-    net::SocketAddr,
-    sync::mpsc,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::mpsc, time::Duration};
 
+use heatprobe::console::TerminalGuard;
 use ratatui::{
     Terminal,
-    backend::{CrosstermBackend, TestBackend},
-    crossterm::{
-        event::{self, Event, KeyEventKind},
-        execute,
-        terminal::{EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode},
-    },
+    backend::TestBackend,
+    crossterm::event::{self, Event, KeyEventKind},
 };
 use thiserror::Error;
 use tokio::sync::mpsc as async_mpsc;
@@ -37,41 +29,6 @@ use crate::{
 pub enum DashError {
     #[error("the terminal failed")]
     Terminal(#[from] io::Error),
-}
-
-/// Holds the terminal in raw mode on the alternate screen; gives it back on drop.
-pub struct TerminalGuard {
-    pub terminal: Terminal<CrosstermBackend<Stdout>>,
-}
-
-impl TerminalGuard {
-    pub fn new() -> Result<Self, DashError> {
-        // Restore the terminal before a panic message is printed.
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            restore();
-            previous(info);
-        }));
-        enable_raw_mode()?;
-        execute!(io::stdout(), EnterAlternateScreen)?;
-        let terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;
-        Ok(Self { terminal })
-    }
-}
-
-fn restore() {
-    let _ = disable_raw_mode();
-    let _ = execute!(
-        io::stdout(),
-        LeaveAlternateScreen,
-        ratatui::crossterm::cursor::Show
-    );
-}
-
-impl Drop for TerminalGuard {
-    fn drop(&mut self) {
-        restore();
-    }
 }
 
 /// What finished in the background.
