@@ -1,51 +1,191 @@
-//! A migrator daemon process for tests, and the CLI run against it.
+//! A migrator daemon process for tests, and the CLI run against it, on loopback or inside a
+//! network namespace (see `netns`).
+//!
+//! Every migrator process the tests start, daemon or CLI, is built by [`migrator_command`], so
+//! settings every process needs (the namespace, the TLS directory) are applied in one place.
 
 use std::{
     io::{BufRead, BufReader},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::workspace_bin;
 
-/// A daemon on an ephemeral loopback port, killed on drop.
+/// A `migrator` command, run inside network namespace `ns` if given (`ip netns exec` execs
+/// migrator in place, so the child's pid is migrator's), with `MIGRATOR_TLS` set to `tls` if
+/// given.
+pub fn migrator_command(ns: Option<&str>, tls: Option<&Path>) -> Command {
+    let mut command = match ns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", ns])
+                .arg(workspace_bin("migrator"));
+            command
+        }
+        None => Command::new(workspace_bin("migrator")),
+    };
+    if let Some(tls) = tls {
+        command.env("MIGRATOR_TLS", tls);
+    }
+    command
+}
+
+/// How to start a daemon: where, with which extra `serve` arguments, with which certificates.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The network namespace to run in (`None`: this process's).
+    pub ns: Option<String>,
+    /// `--listen` address; port 0 picks a free one.
+    pub listen: String,
+    /// Extra `serve` arguments (limits, say).
+    pub extra: Vec<String>,
+    /// A directory written by `migrator certs` (see [`make_certs`]): the daemon gets
+    /// `DIR/<listen host>` as `MIGRATOR_TLS`, every CLI run against it `DIR/client`.
+    pub tls: Option<PathBuf>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            ns: None,
+            listen: "127.0.0.1:0".into(),
+            extra: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// A daemon inside namespace `ns`, listening on `addr` (an ephemeral port).
+    pub fn in_namespace(ns: &str, addr: std::net::Ipv4Addr) -> Self {
+        Self {
+            ns: Some(ns.to_string()),
+            listen: format!("{addr}:0"),
+            ..Self::default()
+        }
+    }
+
+    pub fn args(mut self, extra: &[&str]) -> Self {
+        self.extra.extend(extra.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn tls(mut self, dir: Option<PathBuf>) -> Self {
+        self.tls = dir;
+        self
+    }
+}
+
+/// Writes mutual-TLS credentials for daemons at `hosts` and for the CLI into a fresh
+/// directory under the system's temporary directory (`migrator certs`), and returns it.
+pub fn make_certs(hosts: &[&str]) -> Result<PathBuf> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "heatprobe-tests-certs-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut command = migrator_command(None, None);
+    command.arg("certs").arg("--out").arg(&dir);
+    for host in hosts {
+        command.args(["--host", host]);
+    }
+    let output = command.output().context("running migrator certs")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "migrator certs failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(dir)
+}
+
+/// A running daemon, killed on drop.
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
+    ns: Option<String>,
+    /// What every CLI run against it passes as `MIGRATOR_TLS`.
+    tls: Option<PathBuf>,
 }
 
 impl Daemon {
+    /// A daemon on an ephemeral loopback port.
     pub fn start() -> Self {
         Self::start_with(&[])
     }
 
     /// A daemon started with extra `serve` arguments (limits, say).
     pub fn start_with(extra: &[&str]) -> Self {
-        let mut child = Command::new(workspace_bin("migrator"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
+        Self::start_config(DaemonConfig::default().args(extra))
+    }
+
+    pub fn start_config(config: DaemonConfig) -> Self {
+        Self::try_start(config).expect("start migrator serve")
+    }
+
+    /// Starts a daemon and waits for the line that says where it serves.
+    pub fn try_start(config: DaemonConfig) -> Result<Self> {
+        let host = config
+            .listen
+            .rsplit_once(':')
+            .map_or(config.listen.as_str(), |(host, _)| host);
+        let daemon_tls = config.tls.as_ref().map(|dir| dir.join(host));
+        let mut child = migrator_command(config.ns.as_deref(), daemon_tls.as_deref())
+            .args(["serve", "--listen", &config.listen])
+            .args(&config.extra)
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start migrator serve");
-        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+            .context("starting migrator serve")?;
+        let mut stderr = BufReader::new(child.stderr.take().context("the daemon's stderr")?);
         let mut line = String::new();
-        stderr.read_line(&mut line).expect("daemon's first line");
-        let addr = line
-            .trim()
-            .strip_prefix("migrator: serving on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        stderr
+            .read_line(&mut line)
+            .context("reading the daemon's first line")?;
+        let Some(addr) = line.trim().strip_prefix("migrator: serving on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the daemon said {line:?}");
+        };
+        let addr = addr.to_string();
         // Keep draining stderr so the daemon never blocks on a full pipe.
         thread::spawn(move || for _ in stderr.lines() {});
-        Self { child, addr }
+        Ok(Self {
+            child,
+            addr,
+            ns: config.ns,
+            tls: config.tls.map(|dir| dir.join("client")),
+        })
+    }
+
+    /// A `migrator` command in this daemon's namespace, with its TLS settings.
+    pub fn command(&self) -> Command {
+        migrator_command(self.ns.as_deref(), self.tls.as_deref())
+    }
+
+    /// The daemon's process id (not a wrapper's: `ip netns exec` execs migrator).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Runs `migrator ARGS --host ADDR`; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let output = Command::new(workspace_bin("migrator"))
+        let output = self
+            .command()
             .args(args)
             .args(["--host", &self.addr])
             .output()
@@ -57,12 +197,18 @@ impl Daemon {
         )
     }
 
-    pub fn json(&self, args: &[&str]) -> Value {
+    /// Runs `migrator ARGS --host ADDR --json` and parses what it prints.
+    pub fn try_json(&self, args: &[&str]) -> Result<Value> {
         let mut args = args.to_vec();
         args.push("--json");
         let (code, stdout, stderr) = self.cli(&args);
-        assert_eq!(code, 0, "migrator {args:?} failed: {stderr}");
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+        anyhow::ensure!(code == 0, "migrator {args:?} failed: {stderr}");
+        serde_json::from_str(&stdout)
+            .with_context(|| format!("migrator {args:?} printed {stdout:?}"))
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        self.try_json(args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Waits until the partition has made `ops` operations and `checks` checks, with no error.
@@ -83,7 +229,6 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod guest_images;
+pub mod netns;
 pub mod svg;
 pub mod testvm;
 

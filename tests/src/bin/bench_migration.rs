@@ -7,144 +7,47 @@
 //! plain TCP copy in the same run. Prints Markdown for docs/BENCHMARKS.md.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use heatprobe_tests::workspace_bin;
+use heatprobe_tests::{
+    daemon::{Daemon, DaemonConfig},
+    netns::HostPair,
+};
 use serde_json::Value;
 
-const NS_A: &str = "hpbench-a";
-const NS_B: &str = "hpbench-b";
-const ADDR_A: &str = "10.77.0.1";
-const ADDR_B: &str = "10.77.0.2";
 const RATE: &str = "1gbit";
 
-fn sh(program: &str, args: &[&str]) -> Result<()> {
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {program}"))?;
-    if !status.success() {
-        bail!("{program} {} failed", args.join(" "));
-    }
-    Ok(())
-}
-
-/// The two namespaces and their link; removed on drop.
-struct Hosts;
-
-impl Hosts {
-    fn create() -> Result<Self> {
-        Self::remove();
-        sh("ip", &["netns", "add", NS_A])?;
-        sh("ip", &["netns", "add", NS_B])?;
-        let hosts = Self;
-        sh(
-            "ip",
-            &[
-                "link", "add", "hpb-a", "netns", NS_A, "type", "veth", "peer", "name", "hpb-b",
-                "netns", NS_B,
-            ],
-        )?;
-        for (ns, dev, addr) in [(NS_A, "hpb-a", ADDR_A), (NS_B, "hpb-b", ADDR_B)] {
-            sh(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev],
-            )?;
-            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
-            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-            sh(
-                "tc",
-                &[
-                    "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", RATE, "burst",
-                    "1mb", "latency", "50ms",
-                ],
-            )?;
-        }
-        Ok(hosts)
-    }
-
-    fn remove() {
-        for ns in [NS_A, NS_B] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        Self::remove();
-    }
-}
-
-/// A daemon, optionally inside a namespace; killed on drop.
-struct Daemon {
-    child: Child,
-    ns: Option<&'static str>,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(ns: Option<&'static str>, listen: &str) -> Result<Self> {
-        let mut command = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(workspace_bin("migrator"));
-                c
-            }
-            None => Command::new(workspace_bin("migrator")),
-        };
-        let mut child = command
-            .args(["serve", "--listen", listen])
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting a daemon")?;
-        let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-        let mut line = String::new();
-        stderr.read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("migrator: serving on ")
-            .with_context(|| format!("daemon said {line:?}"))?
-            .to_string();
-        thread::spawn(move || for _ in stderr.lines() {});
-        Ok(Self { child, ns, addr })
-    }
-
-    fn cli(&self, args: &[&str]) -> Result<Value> {
-        let mut command = match self.ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(workspace_bin("migrator"));
-                c
-            }
-            None => Command::new(workspace_bin("migrator")),
-        };
-        let output = command.args(args).arg("--json").output()?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        serde_json::from_str(&stdout).with_context(|| {
-            format!(
-                "migrator {} printed {stdout:?} ({})",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr)
-            )
+/// The two shaped hosts, with a daemon on each (port 7700, as in the docs' commands).
+fn shaped_hosts() -> Result<(HostPair, Daemon, Daemon)> {
+    let hosts = HostPair::create()?;
+    hosts.shape(RATE)?;
+    let start = |host: &heatprobe_tests::netns::Host| {
+        Daemon::try_start(DaemonConfig {
+            listen: host.at(7700),
+            ..DaemonConfig::in_namespace(&host.ns, host.addr)
         })
-    }
+    };
+    let a = start(&hosts.a)?;
+    let b = start(&hosts.b)?;
+    Ok((hosts, a, b))
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Runs `migrator ARGS --json` against `daemon` and parses what it prints.
+fn cli(daemon: &Daemon, args: &[&str]) -> Result<Value> {
+    let output = daemon.command().args(args).arg("--json").output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(&stdout).with_context(|| {
+        format!(
+            "migrator {} printed {stdout:?} ({})",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }
 
 struct Scenario {
@@ -184,22 +87,25 @@ fn one_migration(
     strategy: &str,
     mode: &str,
 ) -> Result<Value> {
-    let id = a.cli(&[
-        "launch",
-        "--host",
-        &a.addr,
-        "--workload",
-        scenario.workload,
-        "--args",
-        scenario.args,
-        "--mem",
-        "1G",
-    ])?["id"]
+    let id = cli(
+        a,
+        &[
+            "launch",
+            "--host",
+            &a.addr,
+            "--workload",
+            scenario.workload,
+            "--args",
+            scenario.args,
+            "--mem",
+            "1G",
+        ],
+    )?["id"]
         .as_str()
         .context("launch id")?
         .to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while a.cli(&["status", "--host", &a.addr, &id])?["ops"]
+    while cli(a, &["status", "--host", &a.addr, &id])?["ops"]
         .as_u64()
         .unwrap_or(0)
         == 0
@@ -210,32 +116,35 @@ fn one_migration(
         thread::sleep(Duration::from_millis(100));
     }
     thread::sleep(Duration::from_secs(1));
-    let report = a.cli(&[
-        "migrate",
-        "--from",
-        &a.addr,
-        "--to",
-        &b.addr,
-        &id,
-        "--strategy",
-        strategy,
-        "--mode",
-        mode,
-        "--downtime-limit",
-        "300ms",
-        "--max-rounds",
-        "30",
-        "--profile-window",
-        "1s",
-    ])?;
+    let report = cli(
+        a,
+        &[
+            "migrate",
+            "--from",
+            &a.addr,
+            "--to",
+            &b.addr,
+            &id,
+            "--strategy",
+            strategy,
+            "--mode",
+            mode,
+            "--downtime-limit",
+            "300ms",
+            "--max-rounds",
+            "30",
+            "--profile-window",
+            "1s",
+        ],
+    )?;
     if let Some(new_id) = report["id_on_destination"].as_str() {
-        let status = b.cli(&["status", "--host", &b.addr, new_id])?;
+        let status = cli(b, &["status", "--host", &b.addr, new_id])?;
         if status["errors"].as_u64() != Some(0) {
             bail!("guest errors after migration: {status}");
         }
-        b.cli(&["stop", "--host", &b.addr, new_id])?;
+        cli(b, &["stop", "--host", &b.addr, new_id])?;
     } else {
-        let _ = a.cli(&["stop", "--host", &a.addr, &id]);
+        let _ = cli(a, &["stop", "--host", &a.addr, &id]);
     }
     Ok(report)
 }
@@ -331,15 +240,11 @@ fn charts(a: &Daemon, b: &Daemon) -> Result<()> {
 fn main() -> Result<()> {
     let first = std::env::args().nth(1);
     if first.as_deref() == Some("charts") {
-        let _hosts = Hosts::create()?;
-        let a = Daemon::start(Some(NS_A), &format!("{ADDR_A}:7700"))?;
-        let b = Daemon::start(Some(NS_B), &format!("{ADDR_B}:7700"))?;
+        let (_hosts, a, b) = shaped_hosts()?;
         return charts(&a, &b);
     }
     let runs: usize = first.map(|r| r.parse()).transpose()?.unwrap_or(5);
-    let hosts = Hosts::create()?;
-    let a = Daemon::start(Some(NS_A), &format!("{ADDR_A}:7700"))?;
-    let b = Daemon::start(Some(NS_B), &format!("{ADDR_B}:7700"))?;
+    let (hosts, a, b) = shaped_hosts()?;
     println!("### migration\n");
     println!(
         "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`; each run migrates a fresh 1 GiB, 1-vCPU partition after 1 s of warm-up, with `--downtime-limit 300ms --max-rounds 30 --profile-window 1s`; medians of {runs} runs.\n"
@@ -423,8 +328,8 @@ fn main() -> Result<()> {
     drop((a, b, hosts));
 
     // Loopback, no limit: the page stream against a plain TCP copy, in the same run.
-    let a = Daemon::start(None, "127.0.0.1:0")?;
-    let b = Daemon::start(None, "127.0.0.1:0")?;
+    let a = Daemon::try_start(DaemonConfig::default())?;
+    let b = Daemon::try_start(DaemonConfig::default())?;
     let scenario = Scenario {
         name: "uniform-write, slow",
         workload: "uniform-write",

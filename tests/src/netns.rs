@@ -1,0 +1,192 @@
+//! Two hosts on one machine: two network namespaces joined by a veth pair, with a link that
+//! can be cut and restored. Removed on drop.
+//!
+//! Names carry the test process's id and a counter, so tests running in parallel, in one
+//! process or several, never collide; pairs left behind by a killed test process are removed
+//! by the next one that starts.
+
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Prefix of every namespace this module creates.
+const PREFIX: &str = "hpt-";
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Why two network namespaces cannot be made here, or `None` if they can. Tests skip,
+/// printing the reason, only when this says so.
+pub fn netns_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("network namespaces need root".into());
+    }
+    let probe = format!("{PREFIX}probe-{}", std::process::id());
+    if let Err(e) = run("ip", &["netns", "add", &probe]) {
+        return Some(format!("cannot create a network namespace: {e:#}"));
+    }
+    let _ = run("ip", &["netns", "del", &probe]);
+    None
+}
+
+/// One end of the link: a namespace, its veth device and its address.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub ns: String,
+    pub dev: String,
+    pub addr: Ipv4Addr,
+}
+
+impl Host {
+    /// `ADDR:PORT` on this host.
+    pub fn at(&self, port: u16) -> String {
+        format!("{}:{port}", self.addr)
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` is 10.77.0.1, `b` is 10.77.0.2.
+pub struct HostPair {
+    pub a: Host,
+    pub b: Host,
+}
+
+impl HostPair {
+    /// Creates the namespaces and the link, up, with loopback up on both sides.
+    pub fn create() -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        remove_orphans();
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // Interface names are limited to 15 bytes: "v" + pid (at most 7 digits) + "x" + n + side.
+        let pair = Self {
+            a: Host {
+                ns: format!("{PREFIX}{pid}-{n}a"),
+                dev: format!("v{pid}x{n}a"),
+                addr: Ipv4Addr::new(10, 77, 0, 1),
+            },
+            b: Host {
+                ns: format!("{PREFIX}{pid}-{n}b"),
+                dev: format!("v{pid}x{n}b"),
+                addr: Ipv4Addr::new(10, 77, 0, 2),
+            },
+        };
+        // From here on, drop removes whatever was made.
+        for host in [&pair.a, &pair.b] {
+            run("ip", &["netns", "add", &host.ns])?;
+        }
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &pair.a.dev,
+                "netns",
+                &pair.a.ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &pair.b.dev,
+                "netns",
+                &pair.b.ns,
+            ],
+        )?;
+        for host in [&pair.a, &pair.b] {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &host.ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", host.addr),
+                    "dev",
+                    &host.dev,
+                ],
+            )?;
+            run("ip", &["-n", &host.ns, "link", "set", "lo", "up"])?;
+        }
+        pair.link_up()?;
+        Ok(pair)
+    }
+
+    /// Shapes both ends of the link with `tc tbf` to `rate` (for example `1gbit`).
+    pub fn shape(&self, rate: &str) -> Result<()> {
+        for host in [&self.a, &self.b] {
+            run(
+                "tc",
+                &[
+                    "-n", &host.ns, "qdisc", "add", "dev", &host.dev, "root", "tbf", "rate", rate,
+                    "burst", "1mb", "latency", "50ms",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the link: both ends of the veth go down, and packets between the hosts are lost
+    /// (each host still reaches its own address).
+    pub fn link_down(&self) -> Result<()> {
+        for host in [&self.a, &self.b] {
+            run("ip", &["-n", &host.ns, "link", "set", &host.dev, "down"])?;
+        }
+        Ok(())
+    }
+
+    /// Restores the link (the kernel puts the subnet's routes back).
+    pub fn link_up(&self) -> Result<()> {
+        for host in [&self.a, &self.b] {
+            run("ip", &["-n", &host.ns, "link", "set", &host.dev, "up"])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostPair {
+    fn drop(&mut self) {
+        // Deleting a namespace destroys its end of the veth, and with it the other end.
+        for host in [&self.a, &self.b] {
+            let _ = run("ip", &["netns", "del", &host.ns]);
+        }
+    }
+}
+
+/// Removes namespaces of this module whose test process no longer exists.
+fn remove_orphans() {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}
