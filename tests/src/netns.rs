@@ -39,7 +39,13 @@ pub fn netns_unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("network namespaces need root".into());
     }
-    let probe = format!("{PREFIX}probe-{}", std::process::id());
+    // Unique per call: tests in one process probe concurrently.
+    static PROBES: AtomicU32 = AtomicU32::new(0);
+    let probe = format!(
+        "{PREFIX}probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    );
     if let Err(e) = run("ip", &["netns", "add", &probe]) {
         return Some(format!("cannot create a network namespace: {e:#}"));
     }
