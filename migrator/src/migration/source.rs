@@ -332,7 +332,8 @@ pub fn migrate(
         }
         Err(MigrationError::AfterCutover(_)) => {
             // The guest runs on the destination from pages it may still lack; keep ours
-            // paused, intact, for whoever recovers the migration.
+            // paused, intact, for whoever recovers the migration (it reads as `paused`).
+            partition.set_migrating(false);
             Phase::Failed
         }
         Err(_) => {

@@ -29,6 +29,27 @@ pub enum TransportError {
     Memory(u64),
 }
 
+/// How long a daemon waits on a silent peer by default before giving up on a migration.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds how long the data connection may stay silent: unacknowledged writes fail after
+/// `peer_timeout` (TCP_USER_TIMEOUT), and an idle connection probes its peer (keepalive) so a
+/// blocked read fails within about `peer_timeout` too when the peer or the link is gone.
+/// Call it on the TCP socket itself, under any tunnel.
+pub fn tune_data_socket(stream: &std::net::TcpStream, peer_timeout: Duration) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    // The kernel takes whole seconds, at least one.
+    let idle = Duration::from_secs((peer_timeout.as_secs() / 3).max(1));
+    let interval = Duration::from_secs((peer_timeout.as_secs() / 6).clamp(1, 5));
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(peer_timeout))
+}
+
 /// Spreads writes so that on average no more than `bytes_per_sec` leave.
 pub struct Pacer {
     bytes_per_sec: Option<u64>,
