@@ -15,15 +15,31 @@ use ratatui::{
 /// Logs (including the eBPF programs' aya-log records) to stderr: warnings by default, `-v`
 /// info, `-vv` debug.
 pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::{
+        Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+    };
     let level = match verbose {
         0 => tracing::Level::WARN,
         1 => tracing::Level::INFO,
         _ => tracing::Level::DEBUG,
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(io::stderr)
-        .init();
+    // tarpc warns about every peer that hangs up without a TLS close_notify and every
+    // dropped connection; our own messages say what matters. -v shows them again.
+    let tarpc = if verbose == 0 {
+        tracing::Level::ERROR
+    } else {
+        level
+    };
+    let filter = Targets::new()
+        .with_default(level)
+        .with_target("tarpc", tarpc);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(io::stderr)
+                .with_filter(filter),
+        )
+        .try_init();
 }
 
 /// Holds the terminal in raw mode on the alternate screen; gives it back on drop, and before a

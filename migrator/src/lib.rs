@@ -4,4 +4,5 @@
 pub mod daemon;
 pub mod dash;
 pub mod migration;
+pub mod tls;
 pub mod vmm;

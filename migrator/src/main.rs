@@ -13,6 +13,7 @@ use migrator::{
         server::{Daemon, Limits, serve},
     },
     migration::{Mode, Strategy, source::MigrationOptions},
+    tls::{self, Security},
     vmm::GuestImage,
 };
 use tarpc::context;
@@ -28,6 +29,10 @@ struct Cli {
     /// More log output (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Mutual TLS: a directory with ca.pem, cert.pem and key.pem (see `migrator certs`).
+    /// Required for a daemon off loopback, and for talking to one.
+    #[arg(long, global = true, env = "MIGRATOR_TLS", value_name = "DIR")]
+    tls: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +70,10 @@ enum Command {
         /// Most outgoing migrations at once.
         #[arg(long, default_value_t = Limits::default().max_migrations)]
         max_migrations: usize,
+        /// Give up on a migration peer silent this long (dead daemon, cut link): the data
+        /// connection fails, calls to the peer time out, and the migration rolls back.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        peer_timeout: Duration,
     },
     /// Create and start a partition.
     Launch {
@@ -116,6 +125,16 @@ enum Command {
         /// With --once: the snapshot as JSON instead of a text rendering.
         #[arg(long, requires = "once")]
         json: bool,
+    },
+    /// Make a CA and credentials directories for mutual TLS: OUT/HOST for each --host (a
+    /// daemon's address or name) and OUT/client for the command line.
+    Certs {
+        /// Where to write; must not already hold a CA.
+        #[arg(long)]
+        out: PathBuf,
+        /// A host the daemons are dialled at (IP address or DNS name); repeat for each.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
     },
     /// Live-migrate a partition from one daemon to another.
     Migrate {
@@ -190,7 +209,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, cli.tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("migrator: error: {e:#}");
@@ -199,20 +218,29 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
+    if let Command::Certs { out, hosts } = &command {
+        for dir in tls::generate(out, hosts)? {
+            println!("{}", dir.display());
+        }
+        return Ok(());
+    }
+    let security = Security::from_dir(tls.as_deref()).context("cannot load the TLS credentials")?;
     match command {
+        Command::Certs { .. } => Ok(()),
         Command::Serve {
             listen,
             max_partitions,
             max_memory,
             max_migrations,
+            peer_timeout,
         } => {
             let limits = Limits {
                 max_partitions,
                 max_memory: max_memory.unwrap_or(u64::MAX),
                 max_migrations,
             };
-            run_daemon(listen, limits).await
+            run_daemon(listen, limits, security, peer_timeout).await
         }
         Command::Launch {
             host,
@@ -231,7 +259,7 @@ async fn run(command: Command) -> Result<()> {
                 ),
                 (None, None) => bail!("give --workload NAME or --image FILE"),
             };
-            let connection = Connection::open(host.host).await?;
+            let connection = Connection::open(host.host, &security).await?;
             let request = LaunchRequest {
                 name,
                 image,
@@ -253,7 +281,7 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::List { host } => {
-            let connection = Connection::open(host.host).await?;
+            let connection = Connection::open(host.host, &security).await?;
             let list = connection.rpc(connection.client.list(context::current()).await)?;
             if host.json {
                 println!("{}", serde_json::to_string(&list)?);
@@ -263,16 +291,28 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Status(target) => {
-            one(target, |c, ctx, id| async move { c.status(ctx, id).await }).await
+            one(target, &security, |c, ctx, id| async move {
+                c.status(ctx, id).await
+            })
+            .await
         }
         Command::Pause(target) => {
-            one(target, |c, ctx, id| async move { c.pause(ctx, id).await }).await
+            one(target, &security, |c, ctx, id| async move {
+                c.pause(ctx, id).await
+            })
+            .await
         }
         Command::Resume(target) => {
-            one(target, |c, ctx, id| async move { c.resume(ctx, id).await }).await
+            one(target, &security, |c, ctx, id| async move {
+                c.resume(ctx, id).await
+            })
+            .await
         }
         Command::Stop(target) => {
-            one(target, |c, ctx, id| async move { c.stop(ctx, id).await }).await
+            one(target, &security, |c, ctx, id| async move {
+                c.stop(ctx, id).await
+            })
+            .await
         }
         Command::Dash {
             host,
@@ -280,7 +320,7 @@ async fn run(command: Command) -> Result<()> {
             peer,
             once,
             json,
-        } => dash(host, id, peer, once, json).await,
+        } => dash(host, id, peer, once, json, security).await,
         Command::Migrate {
             from,
             to,
@@ -303,7 +343,7 @@ async fn run(command: Command) -> Result<()> {
                 profile_window,
                 defer_hot_writes: !no_defer,
             };
-            migrate(from, MigrateRequest { id, to, options }, json).await
+            migrate(from, MigrateRequest { id, to, options }, json, &security).await
         }
     }
 }
@@ -311,12 +351,12 @@ async fn run(command: Command) -> Result<()> {
 type RpcResult = Result<Result<PartitionInfo, migrator::daemon::ApiError>, tarpc::client::RpcError>;
 
 /// Runs one per-partition call and prints the partition it returns.
-async fn one<F, Fut>(target: Target, call: F) -> Result<()>
+async fn one<F, Fut>(target: Target, security: &Security, call: F) -> Result<()>
 where
     F: FnOnce(migrator::daemon::MigratorApiClient, context::Context, String) -> Fut,
     Fut: Future<Output = RpcResult>,
 {
-    let connection = Connection::open(target.host.host).await?;
+    let connection = Connection::open(target.host.host, security).await?;
     let ctx = context_with(Duration::from_secs(30));
     let info = connection.rpc(call(connection.client.clone(), ctx, target.id).await)??;
     if target.host.json {
@@ -333,10 +373,13 @@ async fn dash(
     peer: Option<SocketAddr>,
     once: bool,
     json: bool,
+    security: Security,
 ) -> Result<()> {
     use migrator::dash::{App, terminal};
     if once {
-        let snapshot = terminal::once(host, id).await.map_err(anyhow::Error::msg)?;
+        let snapshot = terminal::once(host, id, &security)
+            .await
+            .map_err(anyhow::Error::msg)?;
         if json {
             println!("{}", serde_json::to_string(&snapshot)?);
         } else {
@@ -351,15 +394,20 @@ async fn dash(
         return Ok(());
     }
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || terminal::run(handle, host, id, peer))
+    tokio::task::spawn_blocking(move || terminal::run(handle, host, id, peer, security))
         .await
         .context("the dashboard panicked")??;
     Ok(())
 }
 
-async fn migrate(from: SocketAddr, request: MigrateRequest, json: bool) -> Result<()> {
+async fn migrate(
+    from: SocketAddr,
+    request: MigrateRequest,
+    json: bool,
+    security: &Security,
+) -> Result<()> {
     use std::io::IsTerminal;
-    let connection = Connection::open(from).await?;
+    let connection = Connection::open(from, security).await?;
     let id = request.id.clone();
     let call = connection
         .client
@@ -482,11 +530,17 @@ fn print_info(info: &PartitionInfo) {
     }
 }
 
-async fn run_daemon(listen: SocketAddr, limits: Limits) -> Result<()> {
-    let daemon = Daemon::new(listen).with_limits(limits);
-    let (local, serving) = serve(daemon.clone(), listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+async fn run_daemon(
+    listen: SocketAddr,
+    limits: Limits,
+    security: Security,
+    peer_timeout: Duration,
+) -> Result<()> {
+    let daemon = Daemon::new(listen)
+        .with_limits(limits)
+        .with_peer_timeout(peer_timeout)
+        .with_security(security);
+    let (local, serving) = serve(daemon.clone(), listen).await?;
     // Scripts wait for this line.
     eprintln!("migrator: serving on {local}");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

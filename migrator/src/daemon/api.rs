@@ -24,8 +24,9 @@ use crate::{
     vmm::{GuestImage, PartitionState},
 };
 
-/// The API version this build speaks.
-pub const API_VERSION: u32 = 1;
+/// The API version this build speaks. Bumped whenever a request or reply changes shape:
+/// 2 carries the vCPU state of `migration_commit` as a saved state (`vmm::state`).
+pub const API_VERSION: u32 = 2;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.

@@ -1,11 +1,18 @@
-//! Connecting to a daemon: TCP, bincode frames, and the version handshake.
+//! Connecting to a daemon: TCP (with mutual TLS off loopback), bincode frames, and the
+//! version handshake.
 
 use std::{net::SocketAddr, time::Duration};
 
-use tarpc::{client, context, serde_transport::tcp, tokio_serde::formats::Bincode};
+use tarpc::{
+    ClientMessage, Response, client, context,
+    serde_transport::{self, Transport},
+    tokio_serde::formats::Bincode,
+};
 use thiserror::Error;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::api::{API_VERSION, ApiError, DaemonInfo, MAX_FRAME, MigratorApiClient};
+use crate::tls::{Security, Stream, TlsError};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -13,11 +20,13 @@ pub enum ClientError {
     Connect {
         addr: SocketAddr,
         #[source]
-        source: std::io::Error,
+        source: Box<TlsError>,
     },
-    #[error("the daemon at {addr} did not answer")]
+    #[error("the daemon at {addr} did not answer{hint}")]
     Rpc {
         addr: SocketAddr,
+        /// Why it may not have answered, when we can tell.
+        hint: &'static str,
         #[source]
         source: tarpc::client::RpcError,
     },
@@ -39,18 +48,56 @@ pub fn context_with(timeout: Duration) -> context::Context {
     ctx
 }
 
+/// Bincode messages in length-delimited frames, no larger than [`MAX_FRAME`].
+pub fn transport<Item, SinkItem>(
+    stream: Stream,
+) -> Transport<Stream, Item, SinkItem, Bincode<Item, SinkItem>>
+where
+    Item: for<'de> serde::Deserialize<'de>,
+    SinkItem: serde::Serialize,
+{
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec();
+    serde_transport::new(Framed::new(stream, codec), Bincode::default())
+}
+
+type ClientTransport = Transport<
+    Stream,
+    Response<super::api::MigratorApiResponse>,
+    ClientMessage<super::api::MigratorApiRequest>,
+    Bincode<
+        Response<super::api::MigratorApiResponse>,
+        ClientMessage<super::api::MigratorApiRequest>,
+    >,
+>;
+
 impl Connection {
-    pub async fn open(addr: SocketAddr) -> Result<Self, ClientError> {
-        let mut connect = tcp::connect(addr, Bincode::default);
-        connect.config_mut().max_frame_length(MAX_FRAME);
-        let transport = connect
+    /// Connects, authenticates when `security` is TLS, and checks the API version.
+    pub async fn open(addr: SocketAddr, security: &Security) -> Result<Self, ClientError> {
+        let stream = security
+            .connect(addr)
             .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .map_err(|e| ClientError::Connect {
+                addr,
+                source: Box::new(e),
+            })?;
+        let transport: ClientTransport = transport(stream);
         let client = MigratorApiClient::new(client::Config::default(), transport).spawn();
         let info = client
             .hello(context::current(), API_VERSION, API_VERSION)
             .await
-            .map_err(|source| ClientError::Rpc { addr, source })??;
+            .map_err(|source| ClientError::Rpc {
+                addr,
+                // A TLS daemon drops a plain client without a word; a TLS 1.3 client learns
+                // its certificate was refused only when it first reads.
+                hint: if security.is_tls() {
+                    " (was our certificate refused?)"
+                } else {
+                    " (if it runs with TLS, pass --tls DIR)"
+                },
+                source,
+            })??;
         Ok(Self { client, addr, info })
     }
 
@@ -58,6 +105,7 @@ impl Connection {
     pub fn rpc<T>(&self, result: Result<T, tarpc::client::RpcError>) -> Result<T, ClientError> {
         result.map_err(|source| ClientError::Rpc {
             addr: self.addr,
+            hint: "",
             source,
         })
     }

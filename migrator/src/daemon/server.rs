@@ -11,33 +11,35 @@ use std::{
     time::Duration,
 };
 
-use futures::{StreamExt, future};
+use futures::StreamExt;
 use tarpc::{
     context::Context,
-    serde_transport::tcp,
     server::{self, Channel},
-    tokio_serde::formats::Bincode,
 };
+use thiserror::Error;
 use tracing::{info, warn};
 
 use super::{
     api::{
-        API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_FRAME, MAX_IMAGE, MigrateRequest,
-        MigratorApi, MigratorApiClient, PartitionInfo,
+        API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_IMAGE, MigrateRequest, MigratorApi,
+        MigratorApiClient, PartitionInfo,
     },
-    client::{Connection, context_with},
+    client::{Connection, context_with, transport},
     heat_view::{HeatMonitor, HeatView},
 };
 use crate::{
     migration::{
         MigrationProgress, MigrationReport, Mode, Strategy,
         destination::Session,
+        link::{DataLink, DataStream, LinkError},
         protocol::PROTOCOL_VERSION,
         report::Phase,
         source::{
             CommitReply, CommitRequest, Destination, FinishReply, PrepareReply, PrepareRequest,
         },
+        transport::DEFAULT_PEER_TIMEOUT,
     },
+    tls::Security,
     vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
 };
 use heatprobe::{Probes, TargetId};
@@ -94,6 +96,10 @@ pub struct Daemon {
     monitors: Arc<Mutex<BTreeMap<String, HeatMonitor>>>,
     limits: Limits,
     reserved: Arc<Mutex<Reserved>>,
+    /// How clients, peers and data connections are authenticated.
+    security: Security,
+    /// How long a silent migration peer is waited on (data connections, calls to it).
+    peer_timeout: Duration,
 }
 
 fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
@@ -116,6 +122,13 @@ fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
         crash_reason: status.crash_reason,
         check_failures: status.check_failures,
     }
+}
+
+/// Drops a reference to a partition on the blocking pool. If it is the last one, the VM is torn
+/// down, which waits on the kernel (SRCU grace periods, unmapping guest memory; tens of
+/// milliseconds on a busy host) and must neither hold the partitions lock nor an async worker.
+fn free_off_runtime(partition: Arc<Partition>) {
+    tokio::task::spawn_blocking(move || drop(partition));
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -142,7 +155,51 @@ impl Daemon {
             monitors: Arc::default(),
             limits: Limits::default(),
             reserved: Arc::default(),
+            security: Security::Plain,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
+    }
+
+    /// The same daemon giving up on a silent migration peer after `timeout`.
+    pub fn with_peer_timeout(mut self, timeout: Duration) -> Self {
+        self.peer_timeout = timeout;
+        self
+    }
+
+    /// Drops incoming session `id` once it fails before its cutover: its source was killed or
+    /// cut off and will send no `abort`. Ends when the session leaves the map.
+    fn reap_on_failure(&self, id: u64, session: &Arc<Session>) {
+        let daemon = self.clone();
+        let session = Arc::downgrade(session);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let Some(session) = session.upgrade() else {
+                    return;
+                };
+                let current = daemon
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .cloned();
+                if !current.is_some_and(|c| Arc::ptr_eq(&c, &session)) {
+                    return;
+                }
+                if let Some(error) = session.failed_before_cutover() {
+                    warn!("migration session {id} failed, dropping it: {error}");
+                    session.abort();
+                    daemon.remove_session(id);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The same daemon with mutual TLS (or explicitly without).
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
     }
 
     /// The same daemon with other limits.
@@ -205,6 +262,19 @@ impl Daemon {
         self.probes
             .get_or_init(|| Probes::load().map(Arc::new).map_err(|e| error_chain(&e)))
             .clone()
+    }
+
+    /// [`Daemon::probes`] for async code: the first call loads and verifies the eBPF
+    /// programs, which takes long enough (hundreds of milliseconds on a busy host) to stall
+    /// every request if it ran on an async worker, so it runs on the blocking pool.
+    async fn probes_off_runtime(&self) -> Result<Arc<Probes>, String> {
+        if let Some(loaded) = self.probes.get() {
+            return loaded.clone();
+        }
+        let daemon = self.clone();
+        tokio::task::spawn_blocking(move || daemon.probes())
+            .await
+            .unwrap_or_else(|e| Err(format!("loading the probes panicked: {e}")))
     }
 
     fn session(&self, id: u64) -> Result<Arc<Session>, ApiError> {
@@ -395,10 +465,14 @@ impl MigratorApi for Daemon {
         let memory = request.config.mem_size;
         self.reserve(memory)?;
         let listen = self.listen;
-        let prepared = tokio::task::spawn_blocking(move || Session::prepare(&request, listen))
-            .await
-            .map_err(|e| ApiError::Migration(format!("prepare panicked: {e}")))
-            .and_then(|r| r.map_err(|e| ApiError::Migration(error_chain(&e))));
+        let link = DataLink::new(self.security.clone(), tokio::runtime::Handle::current());
+        let peer_timeout = self.peer_timeout;
+        let prepared = tokio::task::spawn_blocking(move || {
+            Session::prepare(&request, listen, link, peer_timeout)
+        })
+        .await
+        .map_err(|e| ApiError::Migration(format!("prepare panicked: {e}")))
+        .and_then(|r| r.map_err(|e| ApiError::Migration(error_chain(&e))));
         let (session, data_port) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
@@ -410,9 +484,10 @@ impl MigratorApi for Daemon {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, session);
+            .insert(id, Arc::clone(&session));
         // The session now counts against the limits itself.
         self.release(memory);
+        self.reap_on_failure(id, &session);
         info!("migration session {id} waiting on port {data_port}");
         Ok(PrepareReply {
             session: id,
@@ -465,7 +540,9 @@ impl MigratorApi for Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&session_id);
-        if let (Some(target), Ok(probes)) = (target, self.probes()) {
+        if let Some(target) = target
+            && let Ok(probes) = self.probes_off_runtime().await
+        {
             if let Ok(counts) = probes.counts(target) {
                 reply.post_cutover_faults = Some(counts.values().map(|c| c.reads + c.writes).sum());
             }
@@ -483,7 +560,10 @@ impl MigratorApi for Daemon {
 
     async fn heat(self, _: Context, id: String, cells: u32) -> Result<HeatView, ApiError> {
         let partition = self.live(&id)?;
-        let probes = self.probes().map_err(ApiError::Partition)?;
+        let probes = self
+            .probes_off_runtime()
+            .await
+            .map_err(ApiError::Partition)?;
         let monitors = Arc::clone(&self.monitors);
         tokio::task::spawn_blocking(move || {
             let mut monitors = monitors.lock().unwrap_or_else(|p| p.into_inner());
@@ -512,8 +592,9 @@ impl MigratorApi for Daemon {
         .map_err(|e| ApiError::Partition(format!("stop panicked: {e}")))?;
         let mut info = info_of(&id, &stopped);
         info.state = PartitionState::Stopped;
-        // Dropping the last reference frees the partition's memory.
         self.lock().insert(id.clone(), Entry::Stopped(info.clone()));
+        // Dropping the last reference frees the partition's memory and its VM.
+        free_off_runtime(stopped);
         info!("stopped partition {id}");
         Ok(info)
     }
@@ -563,9 +644,20 @@ impl Daemon {
             }
             migrations.insert(request.id.clone(), Arc::clone(&progress));
         }
-        let connection = Connection::open(request.to).await.map_err(|e| {
-            ApiError::Migration(format!("destination {}: {}", request.to, error_chain(&e)))
-        });
+        let opened = tokio::time::timeout(
+            self.peer_timeout,
+            Connection::open(request.to, &self.security),
+        )
+        .await;
+        let connection = match opened {
+            Ok(opened) => opened.map_err(|e| {
+                ApiError::Migration(format!("destination {}: {}", request.to, error_chain(&e)))
+            }),
+            Err(_) => Err(ApiError::Migration(format!(
+                "destination {}: no answer within the peer timeout of {:?}",
+                request.to, self.peer_timeout
+            ))),
+        };
         let connection = match connection {
             Ok(connection) => connection,
             Err(e) => {
@@ -574,7 +666,7 @@ impl Daemon {
             }
         };
         let probes = match request.options.strategy {
-            Strategy::Heat => match self.probes() {
+            Strategy::Heat => match self.probes_off_runtime().await {
                 Ok(probes) => Some(probes),
                 Err(e) => {
                     warn!("heat strategy without probes: {e}");
@@ -584,6 +676,8 @@ impl Daemon {
             Strategy::Address => None,
         };
         let handle = tokio::runtime::Handle::current();
+        let link = DataLink::new(self.security.clone(), handle.clone());
+        let peer_timeout = self.peer_timeout;
         let id = request.id.clone();
         let to = request.to;
         let report = tokio::task::spawn_blocking(move || {
@@ -591,6 +685,8 @@ impl Daemon {
                 client: connection.client,
                 addr: connection.addr,
                 handle,
+                link,
+                peer_timeout,
             };
             crate::migration::source::migrate(
                 &partition,
@@ -611,7 +707,11 @@ impl Daemon {
                     "[vmm] migrated to {to} as {}\n",
                     report.id_on_destination.as_deref().unwrap_or("?")
                 ));
-                partitions.insert(id, Entry::Stopped(info));
+                let replaced = partitions.insert(id, Entry::Stopped(info));
+                drop(partitions);
+                if let Some(Entry::Live(partition)) = replaced {
+                    free_off_runtime(partition);
+                }
             }
         }
         Ok(report)
@@ -623,6 +723,9 @@ struct RemoteDestination {
     client: MigratorApiClient,
     addr: SocketAddr,
     handle: tokio::runtime::Handle,
+    link: DataLink,
+    /// Bounds every wait on the destination: a dead peer or link fails the migration in time.
+    peer_timeout: Duration,
 }
 
 impl RemoteDestination {
@@ -644,12 +747,14 @@ impl RemoteDestination {
 
 impl Destination for RemoteDestination {
     fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, String> {
-        let ctx = context_with(Duration::from_secs(60));
+        // Preparing allocates the guest memory: allow for that beyond the peer timeout.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
         self.call("prepare", self.client.migration_prepare(ctx, request))
     }
 
     fn commit(&mut self, session: u64, request: CommitRequest) -> Result<CommitReply, String> {
-        let ctx = context_with(Duration::from_secs(300));
+        // The destination first waits for the pages still in flight, then restores.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
         self.call(
             "commit",
             self.client.migration_commit(ctx, session, request),
@@ -657,45 +762,86 @@ impl Destination for RemoteDestination {
     }
 
     fn finish(&mut self, session: u64) -> Result<FinishReply, String> {
-        let ctx = context_with(Duration::from_secs(600));
+        // Called once every page has been sent: the destination waits for the last to land.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
         self.call("finish", self.client.migration_finish(ctx, session))
     }
 
     fn abort(&mut self, session: u64) {
-        let ctx = context_with(Duration::from_secs(10));
+        // Best effort: a destination that cannot be reached drops the session by itself.
+        let ctx = context_with(self.peer_timeout);
         let _ = self
             .handle
             .block_on(self.client.migration_abort(ctx, session));
     }
 
-    fn data_address(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.addr.ip(), port)
+    fn connect_data(&self, port: u16) -> Result<DataStream, LinkError> {
+        let addr = SocketAddr::new(self.addr.ip(), port);
+        self.link.connect(addr, self.peer_timeout)
     }
 }
 
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(
+        "listening on {listen} needs mutual TLS: pass --tls DIR (make one with `migrator certs`), \
+         or listen on a loopback address"
+    )]
+    NeedsTls { listen: SocketAddr },
+    #[error("cannot listen on {listen}")]
+    Bind {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Serves the API on `listen` until the task is dropped. Returns the bound address.
+///
+/// Without TLS only a loopback address is accepted: anyone who can reach the port can start
+/// partitions and write their memory. With TLS a peer must present a certificate from the
+/// daemon's CA; one that does not is dropped in the handshake, before any request is read.
 pub async fn serve(
     daemon: Daemon,
     listen: SocketAddr,
-) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
-    let mut listener = tcp::listen(listen, Bincode::default).await?;
-    listener.config_mut().max_frame_length(MAX_FRAME);
-    let local = listener.local_addr();
-    let serving = listener
-        .filter_map(|conn| {
-            if let Err(e) = &conn {
-                warn!("accepting a connection failed: {e}");
-            }
-            future::ready(conn.ok())
-        })
-        .map(server::BaseChannel::with_defaults)
-        .for_each_concurrent(None, move |channel| {
-            let daemon = daemon.clone();
-            channel
+) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
+    if !listen.ip().is_loopback() && !daemon.security.is_tls() {
+        return Err(ServeError::NeedsTls { listen });
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind { listen, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { listen, source })?;
+    let accepted = futures::stream::unfold(listener, |listener| async move {
+        let next = listener.accept().await;
+        Some((next, listener))
+    });
+    let serving = accepted.for_each_concurrent(None, move |accepted| {
+        let daemon = daemon.clone();
+        async move {
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!("accepting a connection failed: {e}");
+                    return;
+                }
+            };
+            let stream = match daemon.security.accept(tcp, peer).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    warn!("refused {peer}: {}", error_chain(&e));
+                    return;
+                }
+            };
+            server::BaseChannel::with_defaults(transport(stream))
                 .execute(daemon.serve())
                 .for_each_concurrent(None, |response| async move {
                     tokio::spawn(response);
                 })
-        });
+                .await;
+        }
+    });
     Ok((local, serving))
 }

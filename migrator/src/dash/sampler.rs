@@ -12,6 +12,7 @@ use tokio::sync::mpsc as async_mpsc;
 
 use super::app::Snapshot;
 use crate::daemon::client::{Connection, context_with};
+use crate::tls::Security;
 
 /// Heat cells asked of the daemon; the heatmap re-bins them to the panel's size.
 pub const HEAT_CELLS: u32 = 4096;
@@ -90,6 +91,7 @@ pub async fn sample(
 /// Samples forever, following retargets, until the UI hangs up.
 pub async fn run(
     mut watch: Watch,
+    security: Security,
     snapshots: mpsc::Sender<Snapshot>,
     mut retarget: async_mpsc::UnboundedReceiver<Watch>,
 ) {
@@ -104,7 +106,7 @@ pub async fn run(
             previous = None;
         }
         if connection.is_none() {
-            connection = Connection::open(watch.host).await.ok();
+            connection = Connection::open(watch.host, &security).await.ok();
         }
         let snapshot = match &connection {
             Some(c) => {

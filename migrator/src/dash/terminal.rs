@@ -1,6 +1,7 @@
 //! The terminal side: the event loop (the terminal held by heatprobe's RAII guard), and text
 //! rendering for `--once`.
 
+use crate::tls::Security;
 use std::{io, net::SocketAddr, sync::mpsc, time::Duration};
 
 use heatprobe::console::TerminalGuard;
@@ -42,11 +43,17 @@ pub fn run(
     host: SocketAddr,
     id: Option<String>,
     peer: Option<SocketAddr>,
+    security: Security,
 ) -> Result<(), DashError> {
     let (snapshot_tx, snapshots) = mpsc::channel();
     let (retarget_tx, retarget_rx) = async_mpsc::unbounded_channel();
     let mut watch = Watch { host, id };
-    handle.spawn(sampler::run(watch.clone(), snapshot_tx, retarget_rx));
+    handle.spawn(sampler::run(
+        watch.clone(),
+        security.clone(),
+        snapshot_tx,
+        retarget_rx,
+    ));
     let (done_tx, done) = mpsc::channel::<Done>();
     let mut peer = peer;
     let mut app = App::new(peer.map(|p| p.to_string()));
@@ -101,8 +108,10 @@ pub fn run(
                 let from = watch.host;
                 let done_tx = done_tx.clone();
                 let downtime_limit = app.downtime_limit;
+                let security = security.clone();
                 handle.spawn(async move {
-                    let result = migrate(from, to, id, strategy, mode, downtime_limit).await;
+                    let result =
+                        migrate(from, to, id, strategy, mode, downtime_limit, &security).await;
                     let _ = done_tx.send(Done::Migration(result));
                 });
             }
@@ -117,8 +126,11 @@ async fn migrate(
     strategy: crate::migration::Strategy,
     mode: crate::migration::Mode,
     downtime_limit: Duration,
+    security: &Security,
 ) -> Result<MigrationReport, String> {
-    let connection = Connection::open(from).await.map_err(|e| e.to_string())?;
+    let connection = Connection::open(from, security)
+        .await
+        .map_err(|e| e.to_string())?;
     let request = MigrateRequest {
         id,
         to,
@@ -142,8 +154,14 @@ async fn migrate(
 }
 
 /// One snapshot: two samples half a second apart, so ops/s and heat have moved.
-pub async fn once(host: SocketAddr, id: Option<String>) -> Result<super::Snapshot, String> {
-    let connection = Connection::open(host).await.map_err(|e| e.to_string())?;
+pub async fn once(
+    host: SocketAddr,
+    id: Option<String>,
+    security: &Security,
+) -> Result<super::Snapshot, String> {
+    let connection = Connection::open(host, security)
+        .await
+        .map_err(|e| e.to_string())?;
     let watch = Watch { host, id };
     let (_, previous) = sampler::sample(&connection, &watch, None).await;
     tokio::time::sleep(sampler::PERIOD).await;

@@ -12,7 +12,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     os::fd::AsRawFd,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
@@ -29,13 +29,15 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
+    link::{DataLink, DataStream, LinkError},
     report::{Latency, Mode},
     source::{CommitRequest, FinishReply, PrepareRequest},
-    transport::{Frame, FrameReader, send_demand},
+    transport::{Frame, FrameReader, send_demand, tune_data_socket},
 };
 use crate::vmm::{
-    GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError,
+    GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
     memory::{GuestAddress, PAGE_SIZE},
+    state::{self, StateError},
 };
 
 /// How long the destination waits for the source at each step before giving up.
@@ -51,6 +53,8 @@ pub enum SessionError {
     Data(String),
     #[error("timed out waiting for the source")]
     Timeout,
+    #[error("the partition's saved state is invalid")]
+    State(#[source] StateError),
     #[error("restoring the partition failed")]
     Restore(#[source] PartitionError),
     #[error("userfaultfd setup failed: {0}")]
@@ -85,10 +89,13 @@ pub struct Session {
     progress: Mutex<Progress>,
     changed: Condvar,
     aborted: AtomicBool,
+    /// How long the source may stay silent (see `transport::tune_data_socket`).
+    peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
     uffd: Mutex<Option<Arc<Uffd>>>,
     /// A clone of the data connection, for sending demands.
-    demand_stream: Mutex<Option<TcpStream>>,
+    demand_stream: Mutex<Option<DataStream>>,
+    link: DataLink,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -97,6 +104,8 @@ impl Session {
     pub fn prepare(
         request: &PrepareRequest,
         bind: SocketAddr,
+        link: DataLink,
+        peer_timeout: Duration,
     ) -> Result<(Arc<Self>, u16), SessionError> {
         request.config.validate().map_err(SessionError::Shape)?;
         let memory = Arc::new(
@@ -117,8 +126,10 @@ impl Session {
             }),
             changed: Condvar::new(),
             aborted: AtomicBool::new(false),
+            peer_timeout,
             uffd: Mutex::new(None),
             demand_stream: Mutex::new(None),
+            link,
             threads: Mutex::new(Vec::new()),
         });
         let receiver = Arc::clone(&session);
@@ -148,12 +159,24 @@ impl Session {
     }
 
     /// The receiver thread: accept the source's connection, then install frames until the end.
+    /// With TLS on, a connection that fails the handshake is dropped and the wait goes on, so
+    /// a stranger on the network cannot take the source's place or end the session.
     fn receive(self: Arc<Self>, listener: TcpListener) {
-        let deadline = Instant::now() + STEP_TIMEOUT;
+        // The source connects as soon as `prepare` answers.
+        let deadline = Instant::now() + (2 * self.peer_timeout).min(STEP_TIMEOUT);
         let _ = listener.set_nonblocking(true);
         let stream = loop {
             match listener.accept() {
-                Ok((stream, _)) => break stream,
+                Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout)
+                    .map_err(LinkError::Socket)
+                    .and_then(|()| self.link.accept(stream, peer))
+                {
+                    Ok(stream) => break stream,
+                    Err(e) => warn!(
+                        "refused a data connection from {peer}: {}",
+                        heatprobe::probes::error_chain(&e)
+                    ),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
                         self.fail("the source never connected".into());
@@ -167,8 +190,6 @@ impl Session {
                 }
             }
         };
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_nodelay(true);
         if let Ok(clone) = stream.try_clone() {
             *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
         }
@@ -302,6 +323,8 @@ impl Session {
         self: &Arc<Self>,
         request: CommitRequest,
     ) -> Result<(Partition, Option<MemoryDigest>), SessionError> {
+        let snapshot =
+            state::decode(&request.snapshot, &self.config).map_err(SessionError::State)?;
         self.wait(|p| p.dones >= 1)?;
         match self.mode {
             Mode::Precopy => {
@@ -311,13 +334,12 @@ impl Session {
                 }
                 let digest = MemoryDigest::from_pages(progress.page_digests.clone());
                 drop(progress);
-                let partition =
-                    Partition::restore(&request.snapshot, Arc::clone(&self.memory), true)
-                        .map_err(SessionError::Restore)?;
+                let partition = Partition::restore(&snapshot, Arc::clone(&self.memory), true)
+                    .map_err(SessionError::Restore)?;
                 Ok((partition, Some(digest)))
             }
             Mode::Hybrid => {
-                let partition = self.start_postcopy(&request)?;
+                let partition = self.start_postcopy(&snapshot, &request.stale_pages)?;
                 Ok((partition, None))
             }
         }
@@ -325,10 +347,11 @@ impl Session {
 
     fn start_postcopy(
         self: &Arc<Self>,
-        request: &CommitRequest,
+        snapshot: &PartitionSnapshot,
+        stale_pages: &[u64],
     ) -> Result<Partition, SessionError> {
         let frames = self.memory.frames();
-        for &page in &request.stale_pages {
+        for &page in stale_pages {
             if page >= frames {
                 return Err(SessionError::Data(format!(
                     "stale page {page} is out of range"
@@ -339,7 +362,7 @@ impl Session {
         {
             let mut progress = self.lock();
             let mut installed = progress.received.clone();
-            for &page in &request.stale_pages {
+            for &page in stale_pages {
                 installed[page as usize] = false;
             }
             progress.missing = installed.iter().filter(|i| !**i).count() as u64;
@@ -365,8 +388,7 @@ impl Session {
             .spawn(move || handler.serve_faults(&uffd))
             .map_err(|e| SessionError::Userfault(e.to_string()))?;
         self.threads().push(thread);
-        Partition::restore(&request.snapshot, Arc::clone(&self.memory), true)
-            .map_err(SessionError::Restore)
+        Partition::restore(snapshot, Arc::clone(&self.memory), true).map_err(SessionError::Restore)
     }
 
     /// The fault handler: asks the source for each page a vCPU waits on.
@@ -446,6 +468,23 @@ impl Session {
             fault_latency_us: latency,
             post_cutover_faults: None,
         })
+    }
+
+    /// Why the session failed, if it failed before its cutover (a hybrid session that is past
+    /// it keeps its guest waiting for the source instead: see docs/architecture.md). The
+    /// daemon polls this to drop a session whose source vanished, killed or cut off, since no
+    /// `abort` will come; the data connection then fails within the peer timeout.
+    pub fn failed_before_cutover(&self) -> Option<String> {
+        if self.aborted.load(Ordering::Relaxed)
+            || self
+                .uffd
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+        {
+            return None;
+        }
+        self.lock().error.clone()
     }
 
     /// Abandons the session (the source failed or gave up). The memory is freed with it.

@@ -7,6 +7,7 @@
 //! - `report`: what a migration reports (names follow QEMU's query-migrate where they can).
 
 pub mod destination;
+pub mod link;
 pub mod protocol;
 pub mod report;
 pub mod source;

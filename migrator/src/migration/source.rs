@@ -5,7 +5,6 @@
 
 use std::{
     collections::VecDeque,
-    net::{SocketAddr, TcpStream},
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
@@ -17,13 +16,14 @@ use tracing::{info, warn};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
+    link::{DataStream, LinkError},
     protocol::PROTOCOL_VERSION,
     report::{Latency, MigrationProgress, MigrationReport, Mode, Phase, Strategy},
     transport::{Frame, FrameReader, PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{
-    Partition, PartitionConfig, PartitionError, PartitionSnapshot, dirty::dirty_frames,
-    sampler::profile_partition,
+    Partition, PartitionConfig, PartitionError, dirty::dirty_frames, sampler::profile_partition,
+    state,
 };
 
 /// Tunables of one migration.
@@ -75,7 +75,9 @@ pub struct PrepareReply {
 /// The cutover: the vCPU state, and in hybrid mode the pages whose copy is stale.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CommitRequest {
-    pub snapshot: PartitionSnapshot,
+    /// The partition's saved state (`vmm::state`), which the destination checks before it
+    /// restores anything.
+    pub snapshot: Vec<u8>,
     pub stale_pages: Vec<u64>,
 }
 
@@ -103,20 +105,16 @@ pub trait Destination {
     fn commit(&mut self, session: u64, request: CommitRequest) -> Result<CommitReply, String>;
     fn finish(&mut self, session: u64) -> Result<FinishReply, String>;
     fn abort(&mut self, session: u64);
-    /// Address of the destination's data listener for `port`.
-    fn data_address(&self, port: u16) -> SocketAddr;
+    /// Opens the data connection to the listener the destination prepared on `port`.
+    fn connect_data(&self, port: u16) -> Result<DataStream, LinkError>;
 }
 
 #[derive(Debug, Error)]
 pub enum MigrationError {
     #[error("the destination refused to prepare: {0}")]
     Prepare(String),
-    #[error("cannot open the data connection to {addr}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot open the data connection")]
+    Connect(#[from] LinkError),
     #[error("sending pages failed")]
     Transport(#[from] TransportError),
     #[error(transparent)]
@@ -374,13 +372,10 @@ fn execute(
         })
         .map_err(MigrationError::Prepare)?;
     *session_out = Some(reply.session);
-    let addr = destination.data_address(reply.data_port);
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|source| MigrationError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
+    let stream = destination.connect_data(reply.data_port)?;
     let demand_stream = stream
         .try_clone()
-        .map_err(|source| MigrationError::Connect { addr, source })?;
+        .map_err(|e| MigrationError::Connect(LinkError::Socket(e)))?;
     let mut sender = PageSender::new(stream, options.bandwidth_limit);
     partition.dirty_log_start()?;
 
@@ -529,12 +524,12 @@ fn start_profiler(
 /// Socket send buffer during post-copy: a few push batches.
 const POSTCOPY_SEND_BUFFER: i32 = 512 * 1024;
 
-fn set_send_buffer(stream: &TcpStream, bytes: i32) {
+fn set_send_buffer(stream: &impl std::os::fd::AsFd, bytes: i32) {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid socket descriptor and a pointer to an int of the size passed.
     let rc = unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
+            stream.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             (&raw const bytes).cast(),
@@ -583,7 +578,7 @@ fn cutover_precopy(
     order.sort(&mut dirty);
     run.send(sender, &dirty)?;
     sender.send_done()?;
-    let snapshot = partition.snapshot()?;
+    let snapshot = state::encode(&partition.snapshot()?);
     let reply = destination
         .commit(
             session,
@@ -609,14 +604,14 @@ fn cutover_hybrid(
     destination: &mut dyn Destination,
     session: u64,
     mut sender: PageSender,
-    demand_stream: TcpStream,
+    demand_stream: DataStream,
     order: &Order,
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
     let (paused, stale) = pause_for_cutover(run, last_dirty)?;
     sender.send_done()?;
-    let snapshot = partition.snapshot()?;
+    let snapshot = state::encode(&partition.snapshot()?);
     let reply = destination
         .commit(
             session,

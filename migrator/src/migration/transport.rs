@@ -6,13 +6,13 @@
 
 use std::{
     io::{self, Read, Write},
-    net::TcpStream,
     time::{Duration, Instant},
 };
 
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::link::DataStream;
 use super::protocol::{
     FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE, ZERO_PAGE,
     check_page, pages_payload_len,
@@ -110,13 +110,13 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// The sending side of a data connection.
 pub struct PageSender {
-    stream: TcpStream,
+    stream: DataStream,
     pacer: Pacer,
     buffer: Vec<u8>,
 }
 
 impl PageSender {
-    pub fn new(stream: TcpStream, bytes_per_sec: Option<u64>) -> Self {
+    pub fn new(stream: DataStream, bytes_per_sec: Option<u64>) -> Self {
         Self {
             stream,
             pacer: Pacer::new(bytes_per_sec),
@@ -196,13 +196,13 @@ impl PageSender {
         Ok(())
     }
 
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &DataStream {
         &self.stream
     }
 }
 
 /// Sends a demand for `pages` (destination → source, hybrid mode).
-pub fn send_demand(stream: &mut TcpStream, pages: &[u64]) -> Result<(), TransportError> {
+pub fn send_demand(stream: &mut DataStream, pages: &[u64]) -> Result<(), TransportError> {
     for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
         let header = FrameHeader {
             kind: FrameKind::Demand,

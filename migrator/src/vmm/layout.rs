@@ -2,10 +2,8 @@
 //! CPL 3, all RAM identity-mapped with user, writable, executable 2 MiB pages.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use migrator_guest::Progress;
-use migrator_guest::abi::{
-    ABI_VERSION, ARGS_LEN, BOOT_MAGIC, MAX_VCPUS, PROGRESS_OFFSET, STACK_SIZE,
-};
+use migrator_guest::abi::{ARGS_LEN, MAX_VCPUS, PROGRESS_OFFSET, STACK_SIZE};
+use migrator_guest::{BootInfo, Progress};
 
 use super::memory::{GuestAddress, GuestMemory, MemoryError};
 
@@ -34,7 +32,7 @@ pub fn write_vmm_area(
     args: &str,
 ) -> Result<(), MemoryError> {
     assert!(
-        vcpus <= MAX_VCPUS && args.len() < ARGS_LEN,
+        vcpus <= MAX_VCPUS && args.len() < ARGS_LEN && !args.contains('\0'),
         "checked by the caller"
     );
     const PRESENT_RW_USER: u64 = 0b111;
@@ -72,14 +70,20 @@ pub fn write_vmm_area(
     )?;
     memory.write(GuestAddress(TSS.0 + TSS_IO_BITMAP_OFFSET + 8192), &[0xff])?;
 
-    let mut boot = [0u8; PROGRESS_OFFSET];
-    boot[0..8].copy_from_slice(&BOOT_MAGIC);
-    boot[8..12].copy_from_slice(&ABI_VERSION.to_le_bytes());
-    boot[12..16].copy_from_slice(&vcpus.to_le_bytes());
-    boot[16..24].copy_from_slice(&size.to_le_bytes());
-    boot[24..32].copy_from_slice(&tsc_khz.to_le_bytes());
-    boot[32..32 + args.len()].copy_from_slice(args.as_bytes());
+    // Invariant: asserted at the top (the caller checked the args).
+    let boot = boot_info(vcpus, size, tsc_khz, args).expect("args checked by the caller");
     memory.write(BOOT_INFO, &boot)
+}
+
+/// The boot-info header the guest reads, or `None` if `args` does not fit its field or holds
+/// a NUL (`PartitionConfig::checked_boot_args` refuses such args first).
+pub fn boot_info(
+    vcpus: u32,
+    mem_size: u64,
+    tsc_khz: u64,
+    args: &str,
+) -> Option<[u8; PROGRESS_OFFSET]> {
+    BootInfo::new(vcpus, mem_size, tsc_khz, args).map(|info| info.to_bytes())
 }
 
 fn tss_descriptor(base: u64, limit: u32) -> (u64, u64) {

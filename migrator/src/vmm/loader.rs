@@ -105,6 +105,11 @@ impl<'a> Image<'a> {
         self.entry
     }
 
+    /// The loadable segments: where each starts, its file bytes, and its size in memory.
+    pub fn segments(&self) -> impl Iterator<Item = (GuestAddress, &'a [u8], u64)> + '_ {
+        self.segments.iter().copied()
+    }
+
     /// First address past the highest segment.
     pub fn end(&self) -> GuestAddress {
         self.end

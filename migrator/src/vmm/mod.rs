@@ -6,6 +6,7 @@ pub mod loader;
 pub mod memory;
 pub mod partition;
 pub mod sampler;
+pub mod state;
 pub mod vcpu;
 
 pub use memory::{GuestAddress, GuestMemory, MemoryDigest};

@@ -138,6 +138,13 @@ impl PartitionConfig {
                 vcpus: self.vcpus,
             });
         }
+        self.checked_boot_args()?;
+        Image::parse(self.image_bytes()?, self.mem_size, stacks)?;
+        Ok(())
+    }
+
+    /// The args string the guest sees, checked to fit the boot-info page.
+    pub fn checked_boot_args(&self) -> Result<String, PartitionError> {
         let args = self.boot_args();
         if args.len() >= ARGS_LEN {
             return Err(PartitionError::ArgsTooLong);
@@ -145,8 +152,7 @@ impl PartitionConfig {
         if args.contains('\0') {
             return Err(PartitionError::ArgsNul);
         }
-        Image::parse(self.image_bytes()?, self.mem_size, stacks)?;
-        Ok(())
+        Ok(args)
     }
 }
 
@@ -179,8 +185,9 @@ pub struct PartitionStatus {
     pub console: String,
 }
 
-/// The vCPU part of a partition's saved state (memory travels separately).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The vCPU part of a partition's saved state (memory travels separately). It travels as
+/// bytes in the format of [`super::state`], checked before it is restored.
+#[derive(Clone, Debug)]
 pub struct PartitionSnapshot {
     pub config: PartitionConfig,
     pub tsc_khz: u64,

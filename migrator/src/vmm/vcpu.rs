@@ -18,7 +18,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use migrator_guest::abi::{HYPERCALL_PORT, hypercall};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, warn};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
@@ -63,8 +62,8 @@ pub enum VcpuError {
     Spawn(#[source] std::io::Error),
 }
 
-/// Everything needed to continue a vCPU elsewhere.
-#[derive(Debug, Serialize, Deserialize)]
+/// Everything needed to continue a vCPU elsewhere (saved as bytes by [`super::state`]).
+#[derive(Debug)]
 pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use heatprobe_tests::{
-    daemon::{Daemon, DaemonConfig},
+    daemon::{Daemon, DaemonConfig, make_certs},
     netns::HostPair,
 };
 use serde_json::Value;
@@ -26,10 +26,12 @@ const RATE: &str = "1gbit";
 fn shaped_hosts() -> Result<(HostPair, Daemon, Daemon)> {
     let hosts = HostPair::create()?;
     hosts.shape(RATE)?;
+    // Daemons off loopback speak mutual TLS.
+    let certs = make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()])?;
     let start = |host: &heatprobe_tests::netns::Host| {
         Daemon::try_start(DaemonConfig {
             listen: host.at(7700),
-            ..DaemonConfig::in_namespace(&host.ns, host.addr)
+            ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.clone()))
         })
     };
     let a = start(&hosts.a)?;

@@ -14,7 +14,7 @@ mod guest {
 
     use migrator_guest::{
         BootInfo, Platform, Progress,
-        abi::{ABI_VERSION, BOOT_MAGIC, HYPERCALL_PORT, PROGRESS_OFFSET, STACK_SIZE, hypercall},
+        abi::{HYPERCALL_PORT, PROGRESS_OFFSET, STACK_SIZE, hypercall},
         args::Args,
         workloads::{self, WorkloadError},
     };
@@ -95,11 +95,13 @@ mod guest {
     }
 
     extern "C" fn main(boot: *mut BootInfo, vcpu: u64) -> ! {
-        // SAFETY: the VMM passes the boot-info page's address; it is mapped and ours.
-        let info = unsafe { &*boot };
-        if info.magic != BOOT_MAGIC || info.abi_version != ABI_VERSION {
+        // SAFETY: the VMM passes the boot-info page's address; it is mapped and ours, and
+        // its header is the first PROGRESS_OFFSET bytes.
+        let header = unsafe { core::slice::from_raw_parts(boot.cast::<u8>(), PROGRESS_OFFSET) };
+        // A header the guest cannot trust (magic, version, vCPUs, memory, args) stops it here.
+        let Ok(info) = BootInfo::decode(header) else {
             exit(0xbad0);
-        }
+        };
         let vcpu = vcpu as u32;
         let vcpus = info.vcpu_count.max(1);
         // SAFETY: the progress array follows the header; vcpu < vcpu_count by the ABI.

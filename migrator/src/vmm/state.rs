@@ -1,0 +1,496 @@
+//! The saved state of a partition (its config, vCPU states and console; memory travels
+//! separately) as bytes: what a migration's commit carries to the destination.
+//!
+//! ```text
+//!  magic "HMIGSTAT" | version u32 | reserved u32 | payload_len u64 | xxh3-64 of payload u64
+//!  payload: bincode (fixed-width little-endian integers, no trailing bytes)
+//! ```
+//!
+//! Decoding checks the header (magic, version, length, checksum) before it looks at the
+//! payload, and the shape of what the payload holds (the partition it was prepared for, one
+//! vCPU state per vCPU, each register block of its exact size, only known MSRs) before anything
+//! reaches KVM. Every failed step is its own [`StateError`] variant.
+
+use bincode::Options;
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use serde::{Deserialize, Serialize, de::value::BytesDeserializer};
+use thiserror::Error;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{
+    partition::{PartitionConfig, PartitionSnapshot},
+    vcpu::{CONSOLE_KEEP, SAVED_MSRS, VcpuState},
+};
+
+/// The first 8 bytes of every saved state (never all zero).
+pub const STATE_MAGIC: [u8; 8] = *b"HMIGSTAT";
+/// The state format this build writes and reads.
+pub const STATE_VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 32;
+/// Largest payload accepted: a guest image travels inside the config (see `daemon::api`).
+pub const MAX_PAYLOAD: u64 = 80 << 20;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("the saved state is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
+    Truncated(usize),
+    #[error("bad saved-state magic {0:02x?}")]
+    Magic([u8; 8]),
+    #[error("unsupported saved-state version {0} (this build reads {STATE_VERSION})")]
+    Version(u32),
+    #[error("reserved saved-state header bits are set")]
+    Reserved,
+    #[error("the saved state's payload is {0} bytes; the limit is {MAX_PAYLOAD}")]
+    TooLarge(u64),
+    #[error("the header announces a {header}-byte payload but {actual} bytes follow")]
+    Length { header: u64, actual: u64 },
+    #[error(
+        "the saved state's checksum {stored:#018x} does not match its payload ({computed:#018x})"
+    )]
+    Checksum { stored: u64, computed: u64 },
+    #[error("the saved state's payload does not decode")]
+    Payload(#[source] bincode::Error),
+    #[error("the saved state is of another partition than the one prepared")]
+    Config,
+    #[error("the saved state has {got} vCPU states for {want} vCPUs")]
+    VcpuCount { got: usize, want: u32 },
+    #[error("vCPU {index}'s saved state has the wrong shape")]
+    Vcpu {
+        index: usize,
+        #[source]
+        source: ShapeError,
+    },
+    #[error("the saved console is {0} bytes; the limit is {CONSOLE_KEEP}")]
+    Console(usize),
+}
+
+/// What is wrong with one vCPU's saved state.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ShapeError {
+    #[error("its {field} are {got} bytes, not {want}")]
+    Size {
+        field: &'static str,
+        got: usize,
+        want: usize,
+    },
+    #[error("it has {0} MSRs; at most {max} are saved", max = SAVED_MSRS.len())]
+    TooManyMsrs(usize),
+    #[error("MSR {0:#x} is not one that is saved")]
+    UnknownMsr(u32),
+    #[error("MSR {0:#x} appears twice")]
+    DuplicateMsr(u32),
+}
+
+/// The payload as written: borrows the snapshot, register blocks as their bytes.
+#[derive(Serialize)]
+struct SavedPartitionRef<'a> {
+    config: &'a PartitionConfig,
+    tsc_khz: u64,
+    vcpus: Vec<SavedVcpuRef<'a>>,
+    console: &'a [u8],
+}
+
+/// kvm-bindings serializes its structs as byte strings, which bincode lays out exactly as a
+/// `Vec<u8>`: length, then the bytes. Reading them back as `Vec<u8>` lets the sizes be checked
+/// (kvm-bindings itself would pad or truncate silently).
+#[derive(Serialize)]
+struct SavedVcpuRef<'a> {
+    regs: &'a kvm_regs,
+    sregs: &'a kvm_sregs,
+    xsave: &'a kvm_xsave,
+    xcrs: Option<&'a kvm_xcrs>,
+    events: &'a kvm_vcpu_events,
+    msrs: &'a [(u32, u64)],
+}
+
+/// The payload as read.
+#[derive(Deserialize)]
+struct SavedPartition {
+    config: PartitionConfig,
+    tsc_khz: u64,
+    vcpus: Vec<SavedVcpu>,
+    console: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct SavedVcpu {
+    regs: Vec<u8>,
+    sregs: Vec<u8>,
+    xsave: Vec<u8>,
+    xcrs: Option<Vec<u8>>,
+    events: Vec<u8>,
+    msrs: Vec<(u32, u64)>,
+}
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+        .with_limit(MAX_PAYLOAD)
+}
+
+/// The saved state of `snapshot`, header included.
+pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
+    let saved = SavedPartitionRef {
+        config: &snapshot.config,
+        tsc_khz: snapshot.tsc_khz,
+        vcpus: snapshot
+            .vcpus
+            .iter()
+            .map(|v| SavedVcpuRef {
+                regs: &v.regs,
+                sregs: &v.sregs,
+                xsave: &v.xsave,
+                xcrs: v.xcrs.as_ref(),
+                events: &v.events,
+                msrs: &v.msrs,
+            })
+            .collect(),
+        console: &snapshot.console,
+    };
+    // Invariant: serializing plain data (no maps, every sequence of known length) into a Vec
+    // cannot fail; only a payload past MAX_PAYLOAD could, and the daemon refuses such images.
+    let payload = options()
+        .serialize(&saved)
+        .expect("a snapshot always serializes");
+    wrap(&payload)
+}
+
+/// `payload` behind a header that describes it: what [`encode`] writes around its payload.
+pub fn wrap(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(&STATE_MAGIC);
+    bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&xxh3_64(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Checks the header and returns the payload it vouches for.
+fn payload(bytes: &[u8]) -> Result<&[u8], StateError> {
+    let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Err(StateError::Truncated(bytes.len()));
+    };
+    let field = |at: usize| -> [u8; 8] {
+        let mut out = [0; 8];
+        out.copy_from_slice(&header[at..at + 8]);
+        out
+    };
+    let magic = field(0);
+    if magic != STATE_MAGIC {
+        return Err(StateError::Magic(magic));
+    }
+    let [v0, v1, v2, v3, r0, r1, r2, r3] = field(8);
+    let version = u32::from_le_bytes([v0, v1, v2, v3]);
+    if version != STATE_VERSION {
+        return Err(StateError::Version(version));
+    }
+    if [r0, r1, r2, r3] != [0; 4] {
+        return Err(StateError::Reserved);
+    }
+    let len = u64::from_le_bytes(field(16));
+    if len > MAX_PAYLOAD {
+        return Err(StateError::TooLarge(len));
+    }
+    if len != payload.len() as u64 {
+        return Err(StateError::Length {
+            header: len,
+            actual: payload.len() as u64,
+        });
+    }
+    let stored = u64::from_le_bytes(field(24));
+    let computed = xxh3_64(payload);
+    if stored != computed {
+        return Err(StateError::Checksum { stored, computed });
+    }
+    Ok(payload)
+}
+
+/// Decodes a saved state and checks it fits the partition `expected` describes (the one the
+/// destination prepared for): nothing of it reaches KVM unchecked.
+pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnapshot, StateError> {
+    let payload = payload(bytes)?;
+    let saved: SavedPartition = options()
+        .deserialize(payload)
+        .map_err(StateError::Payload)?;
+    if saved.config != *expected {
+        return Err(StateError::Config);
+    }
+    if saved.vcpus.len() != expected.vcpus as usize {
+        return Err(StateError::VcpuCount {
+            got: saved.vcpus.len(),
+            want: expected.vcpus,
+        });
+    }
+    if saved.console.len() > CONSOLE_KEEP {
+        return Err(StateError::Console(saved.console.len()));
+    }
+    let vcpus = saved
+        .vcpus
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            v.into_state()
+                .map_err(|source| StateError::Vcpu { index, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(PartitionSnapshot {
+        config: saved.config,
+        tsc_khz: saved.tsc_khz,
+        vcpus,
+        console: saved.console,
+    })
+}
+
+/// One KVM struct from exactly its size in bytes.
+fn kvm_struct<T: for<'de> Deserialize<'de>>(
+    field: &'static str,
+    bytes: &[u8],
+) -> Result<T, ShapeError> {
+    let want = size_of::<T>();
+    if bytes.len() != want {
+        return Err(ShapeError::Size {
+            field,
+            got: bytes.len(),
+            want,
+        });
+    }
+    // kvm-bindings reads its structs from byte strings of any length; the length is right.
+    T::deserialize(BytesDeserializer::<serde::de::value::Error>::new(bytes)).map_err(|_| {
+        ShapeError::Size {
+            field,
+            got: bytes.len(),
+            want,
+        }
+    })
+}
+
+impl SavedVcpu {
+    fn into_state(self) -> Result<VcpuState, ShapeError> {
+        if self.msrs.len() > SAVED_MSRS.len() {
+            return Err(ShapeError::TooManyMsrs(self.msrs.len()));
+        }
+        for (i, &(index, _)) in self.msrs.iter().enumerate() {
+            if !SAVED_MSRS.contains(&index) {
+                return Err(ShapeError::UnknownMsr(index));
+            }
+            if self.msrs[..i].iter().any(|&(other, _)| other == index) {
+                return Err(ShapeError::DuplicateMsr(index));
+            }
+        }
+        Ok(VcpuState {
+            regs: kvm_struct("registers", &self.regs)?,
+            sregs: kvm_struct("special registers", &self.sregs)?,
+            xsave: kvm_struct("XSAVE state", &self.xsave)?,
+            xcrs: self.xcrs.map(|x| kvm_struct("XCRs", &x)).transpose()?,
+            events: kvm_struct("events", &self.events)?,
+            msrs: self.msrs,
+        })
+    }
+}
+
+/// A snapshot of the given shape with recognisable, made-up register values: for tests, seed
+/// corpora and the fuzz targets (a real one comes from a paused partition).
+pub fn sample_snapshot(config: PartitionConfig) -> PartitionSnapshot {
+    let vcpus = (0..config.vcpus)
+        .map(|i| {
+            let mut xsave = kvm_xsave::default();
+            xsave.region[0] = 0x37f;
+            xsave.region[6] = 0x1f80;
+            VcpuState {
+                regs: kvm_regs {
+                    rip: 0x20_0000 + u64::from(i),
+                    rsp: config.mem_size - u64::from(i) * 0x1_0000,
+                    rflags: 0x3002,
+                    rsi: u64::from(i),
+                    ..Default::default()
+                },
+                sregs: kvm_sregs {
+                    cr0: 0x8005_0033,
+                    cr3: 0x1000,
+                    cr4: 0x620,
+                    efer: 0x500,
+                    ..Default::default()
+                },
+                xsave,
+                xcrs: (i == 0).then(|| {
+                    let mut xcrs = kvm_xcrs {
+                        nr_xcrs: 1,
+                        ..Default::default()
+                    };
+                    xcrs.xcrs[0].value = 3;
+                    xcrs
+                }),
+                events: kvm_vcpu_events::default(),
+                msrs: SAVED_MSRS
+                    .iter()
+                    .take(3)
+                    .map(|&m| (m, u64::from(m) * 7))
+                    .collect(),
+            }
+        })
+        .collect();
+    PartitionSnapshot {
+        config,
+        tsc_khz: 2_500_000,
+        vcpus,
+        console: b"migrator-guest: idle\n".to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::GuestImage;
+
+    fn config(vcpus: u32) -> PartitionConfig {
+        PartitionConfig {
+            name: Some("p".into()),
+            mem_size: 4 << 20,
+            vcpus,
+            image: GuestImage::Builtin("idle".into()),
+            args: "rate=10".into(),
+        }
+    }
+
+    /// The payload of an encoded state, as `SavedPartition` would read it, for surgery.
+    fn payload_of(bytes: &[u8]) -> Vec<u8> {
+        bytes[HEADER_LEN..].to_vec()
+    }
+
+    #[test]
+    fn states_round_trip_byte_for_byte() {
+        let snapshot = sample_snapshot(config(2));
+        let bytes = encode(&snapshot);
+        let decoded = decode(&bytes, &config(2)).expect("decodes");
+        assert_eq!(decoded.vcpus.len(), 2);
+        assert_eq!(decoded.vcpus[1].regs.rip, 0x20_0001);
+        assert_eq!(decoded.vcpus[0].xsave.region[6], 0x1f80);
+        assert_eq!(decoded.vcpus[0].xcrs.map(|x| x.xcrs[0].value), Some(3));
+        assert!(decoded.vcpus[1].xcrs.is_none());
+        assert_eq!(decoded.console, snapshot.console);
+        assert_eq!(encode(&decoded), bytes);
+    }
+
+    #[test]
+    fn a_bad_header_is_refused_before_the_payload() {
+        let bytes = encode(&sample_snapshot(config(1)));
+        let expected = config(1);
+        assert!(matches!(
+            decode(&[0; HEADER_LEN], &expected),
+            Err(StateError::Magic(_))
+        ));
+        assert!(matches!(
+            decode(&bytes[..10], &expected),
+            Err(StateError::Truncated(10))
+        ));
+        let mut bad = bytes.clone();
+        bad[8] = 2;
+        assert!(matches!(
+            decode(&bad, &expected),
+            Err(StateError::Version(2))
+        ));
+        let mut bad = bytes.clone();
+        bad[12] = 1;
+        assert!(matches!(decode(&bad, &expected), Err(StateError::Reserved)));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1], &expected),
+            Err(StateError::Length { .. })
+        ));
+        let mut bad = bytes.clone();
+        bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&bad, &expected),
+            Err(StateError::TooLarge(_))
+        ));
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(
+            decode(&bad, &expected),
+            Err(StateError::Checksum { .. })
+        ));
+        assert!(matches!(
+            decode(&wrap(b"not bincode"), &expected),
+            Err(StateError::Payload(_))
+        ));
+        assert!(matches!(
+            decode(&bytes, &config(2)),
+            Err(StateError::Config)
+        ));
+    }
+
+    #[test]
+    fn a_vcpu_state_of_the_wrong_shape_is_refused() {
+        let expected = config(1);
+        // Three vCPU states for a one-vCPU partition, under a config that claims one.
+        let mut three = sample_snapshot(config(3));
+        three.config = config(1);
+        assert!(matches!(
+            decode(&encode(&three), &expected),
+            Err(StateError::VcpuCount { got: 3, want: 1 })
+        ));
+        // Registers one byte short: cut the length prefix and a byte of the registers.
+        let snapshot = sample_snapshot(config(1));
+        let payload = payload_of(&encode(&snapshot));
+        let config_len = options().serialized_size(&snapshot.config).expect("sizes") as usize;
+        // tsc_khz (8), the vCPU count (8), then the registers' length and bytes.
+        let at = config_len + 16;
+        let regs_len = size_of::<kvm_regs>();
+        let mut short = payload[..at].to_vec();
+        short.extend_from_slice(&(regs_len as u64 - 1).to_le_bytes());
+        short.extend_from_slice(&payload[at + 8..at + 8 + regs_len - 1]);
+        short.extend_from_slice(&payload[at + 8 + regs_len..]);
+        let err = decode(&wrap(&short), &expected).expect_err("refused");
+        assert!(
+            matches!(
+                &err,
+                StateError::Vcpu {
+                    index: 0,
+                    source: ShapeError::Size {
+                        field: "registers",
+                        ..
+                    }
+                }
+            ),
+            "{err:?}"
+        );
+        let mut unknown = sample_snapshot(config(1));
+        unknown.vcpus[0].msrs.push((0xdead, 1));
+        assert!(matches!(
+            decode(&encode(&unknown), &expected),
+            Err(StateError::Vcpu {
+                source: ShapeError::UnknownMsr(0xdead),
+                ..
+            })
+        ));
+        let mut twice = sample_snapshot(config(1));
+        let first = twice.vcpus[0].msrs[0];
+        twice.vcpus[0].msrs.push(first);
+        assert!(matches!(
+            decode(&encode(&twice), &expected),
+            Err(StateError::Vcpu {
+                source: ShapeError::DuplicateMsr(0x10),
+                ..
+            })
+        ));
+        let mut many = sample_snapshot(config(1));
+        many.vcpus[0].msrs = vec![(0x10, 0); SAVED_MSRS.len() + 1];
+        assert!(matches!(
+            decode(&encode(&many), &expected),
+            Err(StateError::Vcpu {
+                source: ShapeError::TooManyMsrs(_),
+                ..
+            })
+        ));
+        let mut chatty = sample_snapshot(config(1));
+        chatty.console = vec![b'x'; CONSOLE_KEEP + 1];
+        assert!(matches!(
+            decode(&encode(&chatty), &expected),
+            Err(StateError::Console(_))
+        ));
+    }
+}

@@ -1,0 +1,426 @@
+//! The fault matrix: on two network-namespace hosts, cut the link or kill -9 the destination
+//! daemon at each phase of a live migration (setup, round 0, a later round, stop-and-copy, and
+//! after a hybrid cutover), and check what docs/reliability.md promises:
+//!
+//! - before cutover: the migration reports failed with one error, the partition keeps running
+//!   on the source with zero guest errors; after a cut link comes back the destination holds
+//!   nothing of the failed attempt and a new migration completes with equal digests;
+//! - after a hybrid cutover: the migration reports failed, the source keeps the partition
+//!   paused and intact (it resumes with zero guest errors).
+//!
+//! Each fault is injected when the source's `migration_progress` shows the phase, and the phase
+//! is read again right after: a case whose fault did not land in its phase fails. Three cases
+//! run by default; all ten with `HEATPROBE_LONG_TESTS=1` (`cargo xtask test --long`).
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use heatprobe_tests::{
+    bpf_unavailable,
+    daemon::{Daemon, DaemonConfig, make_certs},
+    kvm_unavailable,
+    netns::{HostPair, netns_unavailable},
+    skip,
+};
+use migrator::{
+    daemon::client::{Connection, context_with},
+    migration::{MigrationProgress, report::Phase},
+    tls::Security,
+};
+use serde_json::Value;
+
+/// The daemons' `--peer-timeout`.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Guest memory: 64 MiB is about 4 s of pages at the paced rate below.
+const MEM: &str = "64M";
+const BANDWIDTH: &str = "16M";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    CutLink,
+    KillDestination,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Session prepared and data connection open, heat profiling before round 0.
+    Setup,
+    Round0,
+    LaterRound,
+    StopAndCopy,
+    /// Hybrid mode, after the cutover: the guest runs on the destination, pages still flow.
+    PostCutover,
+}
+
+impl Stage {
+    /// The `migrate` arguments that make this stage last seconds.
+    fn migrate_args(self) -> Vec<&'static str> {
+        let mut args = vec!["--bandwidth-limit", BANDWIDTH];
+        args.extend_from_slice(match self {
+            Stage::Setup => &["--strategy", "heat", "--profile-window", "4s"],
+            Stage::Round0 | Stage::LaterRound => &["--strategy", "address", "--max-rounds", "4"],
+            Stage::StopAndCopy => &["--strategy", "address", "--max-rounds", "1"],
+            Stage::PostCutover => &[
+                "--strategy",
+                "address",
+                "--max-rounds",
+                "1",
+                "--mode",
+                "hybrid",
+            ],
+        });
+        args
+    }
+
+    /// Whether the source's progress shows this stage.
+    fn shown_by(self, p: &MigrationProgress) -> bool {
+        match self {
+            Stage::Setup => p.phase == Phase::Profiling,
+            Stage::Round0 => p.phase == Phase::Precopy && p.round == 0 && p.bytes_sent > 0,
+            Stage::LaterRound => p.phase == Phase::Precopy && p.round >= 1,
+            Stage::StopAndCopy => p.phase == Phase::StopAndCopy,
+            Stage::PostCutover => p.phase == Phase::Postcopy,
+        }
+    }
+}
+
+/// Whether this build has mutual TLS (daemons off loopback then need it).
+fn tls_available() -> bool {
+    heatprobe_tests::daemon::migrator_command(None, None)
+        .args(["certs", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Moves the calling thread into network namespace `ns` (its children follow).
+fn enter_namespace(ns: &str) {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("the namespace's file");
+    // SAFETY: setns on a valid namespace descriptor; it changes only this thread's network
+    // namespace, which no other thread relies on.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// A tarpc client of the source daemon, to read `migration_progress` quickly.
+struct Progress {
+    runtime: tokio::runtime::Runtime,
+    connection: Connection,
+    id: String,
+}
+
+impl Progress {
+    fn open(addr: &str, tls: Option<PathBuf>, id: &str) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let security = Security::from_dir(tls.as_deref()).unwrap();
+        let addr: SocketAddr = addr.parse().unwrap();
+        let connection = runtime.block_on(Connection::open(addr, &security)).unwrap();
+        Self {
+            runtime,
+            connection,
+            id: id.to_string(),
+        }
+    }
+
+    fn get(&self) -> Option<MigrationProgress> {
+        self.runtime
+            .block_on(
+                self.connection
+                    .client
+                    .migration_progress(context_with(Duration::from_secs(5)), self.id.clone()),
+            )
+            .unwrap()
+    }
+}
+
+fn wait_for_exit(child: Child) -> (i32, Value, String) {
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    (
+        output.status.code().unwrap_or(-1),
+        serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn spawn_migrate(source: &Daemon, destination: &Daemon, id: &str, extra: &[&str]) -> Child {
+    source
+        .command()
+        .args(["migrate", "--json", "--from", &source.addr, "--to"])
+        .arg(&destination.addr)
+        .arg(id)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn ops(status: &Value) -> (u64, u64) {
+    (
+        status["ops"].as_u64().unwrap_or(0),
+        status["checks"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Runs one case of the matrix, or skips it with the reason.
+fn case(name: &str, fault: Fault, stage: Stage) {
+    if let Some(why) = kvm_unavailable().or_else(netns_unavailable) {
+        return skip(name, &why);
+    }
+    if stage == Stage::Setup
+        && let Some(why) = bpf_unavailable()
+    {
+        // The setup phase is made long by heat profiling, which needs the eBPF probes.
+        return skip(name, &why);
+    }
+    let started = Instant::now();
+    let hosts = HostPair::create().expect("two network namespaces");
+    let certs = tls_available().then(|| {
+        make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()]).expect("certs")
+    });
+    let timeout = format!("{}s", PEER_TIMEOUT.as_secs());
+    let start = |host: &heatprobe_tests::netns::Host, extra: &[&str]| {
+        Daemon::start_config(
+            DaemonConfig::in_namespace(&host.ns, host.addr)
+                .args(&["--peer-timeout", &timeout])
+                .args(extra)
+                .tls(certs.clone()),
+        )
+    };
+    let source = start(&hosts.a, &[]);
+    // Room for one partition: a session the destination failed to drop would refuse the retry.
+    let mut destination = start(&hosts.b, &["--max-partitions", "1"]);
+    // This thread joins host A, so it reaches the source's API like a local client would.
+    let a = hosts.a.ns.clone();
+    let source_addr = source.addr.clone();
+    let client_tls = certs.as_ref().map(|c| c.join("client"));
+
+    let id = source.json(&[
+        "launch",
+        "--workload",
+        "uniform-write",
+        "--args",
+        "check_every=200000",
+        "--mem",
+        MEM,
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    source.wait_progress(&id, 100_000, 1);
+
+    let poller_id = id.clone();
+    let progress = thread::spawn(move || {
+        enter_namespace(&a);
+        Progress::open(&source_addr, client_tls, &poller_id)
+    })
+    .join()
+    .unwrap();
+    // The tarpc client keeps the socket it opened inside host A.
+    let migrate = spawn_migrate(&source, &destination, &id, &stage.migrate_args());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut migrate = Some(migrate);
+    let before = loop {
+        if let Some(p) = progress.get() {
+            if matches!(p.phase, Phase::Completed | Phase::Failed) {
+                let (_, report, stderr) = wait_for_exit(migrate.take().unwrap());
+                panic!("{name}: the migration ended before the fault: {p:?} {report} {stderr}");
+            }
+            if stage.shown_by(&p) {
+                break p;
+            }
+        }
+        assert!(Instant::now() < deadline, "{name}: never reached {stage:?}");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let migrate = migrate.take().unwrap();
+    let injected = Instant::now();
+    match fault {
+        Fault::CutLink => hosts.link_down().unwrap(),
+        Fault::KillDestination => destination.kill(),
+    }
+    // The fault landed in the stage only if the source was still in it afterwards (or had
+    // already failed because of it).
+    let after = progress.get().unwrap();
+    assert!(
+        after.phase == Phase::Failed || (after.phase == before.phase && stage.shown_by(&after)),
+        "{name}: the fault missed {stage:?}: before {before:?}, after {after:?}"
+    );
+    let (code, report, stderr) = wait_for_exit(migrate);
+    let detected = injected.elapsed();
+    eprintln!(
+        "{name}: injected at {:?} in {:?} round {}; the source reported failure {detected:?} later",
+        fault, before.phase, before.round
+    );
+    assert_ne!(code, 0, "{name}: {report} {stderr}");
+    assert_eq!(report["status"], "failed", "{name}: {report} {stderr}");
+    let error = report["error"].as_str().unwrap_or_default().to_string();
+    assert!(!error.is_empty(), "{name}: {report}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{name}: one clear error: {stderr}"
+    );
+    assert!(
+        detected < 4 * PEER_TIMEOUT + Duration::from_secs(5),
+        "{name}: took {detected:?} to notice"
+    );
+    assert_eq!(progress.get().unwrap().phase, Phase::Failed, "{name}");
+
+    if stage == Stage::PostCutover {
+        post_cutover(name, fault, &hosts, &source, &destination, &id, &report);
+    } else {
+        pre_cutover(name, fault, &hosts, &source, &destination, &id, &report);
+    }
+    if let Some(certs) = certs {
+        let _ = std::fs::remove_dir_all(certs);
+    }
+    eprintln!("{name}: passed in {:?}", started.elapsed());
+}
+
+/// Before cutover nothing is lost: the partition runs on, and after a cut link comes back the
+/// destination holds nothing and a new migration completes.
+fn pre_cutover(
+    name: &str,
+    fault: Fault,
+    hosts: &HostPair,
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    report: &Value,
+) {
+    assert!(
+        report["id_on_destination"].is_null(),
+        "{name}: no cutover: {report}"
+    );
+    assert_eq!(report["downtime_ms"], 0, "{name}: no cutover: {report}");
+    let status = source.json(&["status", id]);
+    assert_eq!(status["state"], "running", "{name}: {status}");
+    assert_eq!(status["errors"], 0, "{name}: {status}");
+    let (ops_now, checks_now) = ops(&status);
+    source.wait_progress(id, ops_now + 100_000, checks_now + 1);
+    if fault == Fault::KillDestination {
+        return;
+    }
+    hosts.link_up().unwrap();
+    assert_eq!(
+        destination.json(&["list"]),
+        Value::Array(Vec::new()),
+        "{name}: the destination holds nothing"
+    );
+    // The destination drops the failed session by itself within the peer timeout; until it
+    // has, its one partition slot is taken and a retry is refused.
+    let deadline = Instant::now() + 4 * PEER_TIMEOUT + Duration::from_secs(10);
+    let retry = loop {
+        let (code, report, stderr) = wait_for_exit(spawn_migrate(
+            source,
+            destination,
+            id,
+            &["--strategy", "address"],
+        ));
+        if code == 0 {
+            break report;
+        }
+        assert!(
+            stderr.contains("maximum of 1 partitions") && Instant::now() < deadline,
+            "{name}: the retry failed: {report} {stderr}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(retry["status"], "completed", "{name}: {retry}");
+    assert!(retry["source_digest"].is_string(), "{name}: {retry}");
+    assert_eq!(
+        retry["source_digest"], retry["dest_digest"],
+        "{name}: {retry}"
+    );
+    let new_id = retry["id_on_destination"].as_str().unwrap();
+    let status = destination.json(&["status", new_id]);
+    let (ops_now, checks_now) = ops(&status);
+    let after = destination.wait_progress(new_id, ops_now + 100_000, checks_now + 1);
+    assert_eq!(after["state"], "running", "{name}: {after}");
+    assert_eq!(
+        destination.json(&["list"]).as_array().map(Vec::len),
+        Some(1),
+        "{name}: only the retried partition"
+    );
+}
+
+/// After a hybrid cutover the source keeps the partition paused and intact (docs/architecture.md,
+/// "Nothing is lost"); an operator resumes it once the destination's copy is gone.
+fn post_cutover(
+    name: &str,
+    fault: Fault,
+    hosts: &HostPair,
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    report: &Value,
+) {
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("after cutover"), "{name}: {report}");
+    let new_id = report["id_on_destination"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name}: the cutover happened: {report}"))
+        .to_string();
+    let status = source.json(&["status", id]);
+    assert_eq!(status["state"], "paused", "{name}: {status}");
+    assert_eq!(status["errors"], 0, "{name}: {status}");
+    thread::sleep(Duration::from_millis(500));
+    let later = source.json(&["status", id]);
+    assert_eq!(later["ops"], status["ops"], "{name}: paused means paused");
+    if fault == Fault::CutLink {
+        hosts.link_up().unwrap();
+        // The destination's guest waits on its missing pages: it is there, not crashed.
+        let list = destination.json(&["list"]);
+        let entries = list.as_array().unwrap();
+        assert_eq!(entries.len(), 1, "{name}: {list}");
+        assert_eq!(entries[0]["id"], new_id.as_str(), "{name}: {list}");
+        assert_eq!(entries[0]["errors"], 0, "{name}: {list}");
+        assert_ne!(entries[0]["state"], "crashed", "{name}: {list}");
+    }
+    // The operator's way out once the destination's copy is gone: resume the source's.
+    source.json(&["resume", id]);
+    let (ops_now, checks_now) = ops(&later);
+    let resumed = source.wait_progress(id, ops_now + 100_000, checks_now + 1);
+    assert_eq!(resumed["state"], "running", "{name}: {resumed}");
+}
+
+fn long() -> bool {
+    std::env::var_os("HEATPROBE_LONG_TESTS").is_some_and(|v| v == "1")
+}
+
+macro_rules! matrix {
+    ($($name:ident: $fault:ident, $stage:ident, $default:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            if !$default && !long() {
+                return skip(stringify!($name), "long variant (HEATPROBE_LONG_TESTS=1)");
+            }
+            case(stringify!($name), Fault::$fault, Stage::$stage);
+        }
+    )*};
+}
+
+matrix! {
+    cut_link_in_setup: CutLink, Setup, false;
+    cut_link_in_round_0: CutLink, Round0, true;
+    cut_link_in_a_later_round: CutLink, LaterRound, false;
+    cut_link_in_stop_and_copy: CutLink, StopAndCopy, false;
+    cut_link_after_hybrid_cutover: CutLink, PostCutover, true;
+    kill_destination_in_setup: KillDestination, Setup, false;
+    kill_destination_in_round_0: KillDestination, Round0, false;
+    kill_destination_in_a_later_round: KillDestination, LaterRound, false;
+    kill_destination_in_stop_and_copy: KillDestination, StopAndCopy, true;
+    kill_destination_after_hybrid_cutover: KillDestination, PostCutover, false;
+}
