@@ -47,7 +47,7 @@ enum Command {
     Bench {
         #[arg(value_enum)]
         suite: bench::Suite,
-        /// Passed to the benchmark (`migration` takes a number of runs, or `charts`).
+        /// Passed to the benchmark (`migration` takes a number of runs, `charts`, or `tls [RUNS]`).
         args: Vec<String>,
     },
 }

@@ -1,4 +1,5 @@
 //! `cargo xtask bench migration [RUNS]`: heat against address order, measured.
+//! `cargo xtask bench migration tls [RUNS]`: what mutual TLS costs the page stream.
 //!
 //! Two hosts are two network namespaces joined by a veth pair whose both ends are shaped with
 //! `tc tbf` to 1 Gbit/s. For each scenario, strategy and mode, a fresh 1 GiB partition is
@@ -239,11 +240,71 @@ fn charts(a: &Daemon, b: &Daemon) -> Result<()> {
     Ok(())
 }
 
+/// The cost of mutual TLS on the page stream: on loopback without a limit, the same
+/// migration between two plain daemons and between two TLS daemons, alternating, `runs` each.
+fn tls_cost(runs: usize) -> Result<()> {
+    let certs = make_certs(&["127.0.0.1"])?;
+    let plain = (
+        Daemon::try_start(DaemonConfig::default())?,
+        Daemon::try_start(DaemonConfig::default())?,
+    );
+    let tls = (
+        Daemon::try_start(DaemonConfig::default().tls(Some(certs.clone())))?,
+        Daemon::try_start(DaemonConfig::default().tls(Some(certs.clone())))?,
+    );
+    let scenario = Scenario {
+        name: "uniform-write, slow",
+        workload: "uniform-write",
+        args: "rate=1000 check_every=2000000",
+    };
+    let (mut plain_reports, mut tls_reports) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        plain_reports.push(one_migration(
+            &plain.0, &plain.1, &scenario, "address", "precopy",
+        )?);
+        tls_reports.push(one_migration(
+            &tls.0, &tls.1, &scenario, "address", "precopy",
+        )?);
+    }
+    println!(
+        "#### mutual TLS, loopback, no limit
+"
+    );
+    println!(
+        "1 GiB of non-zero pages (`uniform-write rate=1000`), address order, pre-copy; medians of {runs} alternating runs.\n"
+    );
+    println!("| daemons | completed | round 0 Mbit/s | total ms | downtime ms |");
+    println!("|---|---|---|---|---|");
+    for (name, reports) in [("plain TCP", &plain_reports), ("mutual TLS", &tls_reports)] {
+        let completed = reports
+            .iter()
+            .filter(|r| r["status"] == "completed" && r["source_digest"] == r["dest_digest"])
+            .count();
+        println!(
+            "| {name} | {completed}/{runs} | {:.0} | {:.0} | {:.0} |",
+            field(reports, "round0_mbps"),
+            field(reports, "total_time_ms"),
+            field(reports, "downtime_ms"),
+        );
+    }
+    println!(
+        "\nTLS / plain: round 0 rate {:.2}x, total time {:.2}x.",
+        field(&tls_reports, "round0_mbps") / field(&plain_reports, "round0_mbps"),
+        field(&tls_reports, "total_time_ms") / field(&plain_reports, "total_time_ms"),
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let first = std::env::args().nth(1);
     if first.as_deref() == Some("charts") {
         let (_hosts, a, b) = shaped_hosts()?;
         return charts(&a, &b);
+    }
+    if first.as_deref() == Some("tls") {
+        let runs = std::env::args().nth(2).map(|r| r.parse()).transpose()?;
+        return tls_cost(runs.unwrap_or(5));
     }
     let runs: usize = first.map(|r| r.parse()).transpose()?.unwrap_or(5);
     let (hosts, a, b) = shaped_hosts()?;
