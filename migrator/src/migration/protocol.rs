@@ -61,6 +61,8 @@ pub enum FrameError {
     PageOutOfRange { page: u64, frames: u64 },
     #[error("reserved header bits are set")]
     Reserved,
+    #[error("a Done frame carries {0} entries")]
+    DoneWithEntries(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +110,11 @@ impl FrameHeader {
         if count > MAX_PAGES_PER_FRAME {
             return Err(FrameError::TooManyEntries(count));
         }
+        // Found by fuzzing: a `Done` frame claiming entries made the reader slice entries out
+        // of an empty payload.
+        if kind == FrameKind::Done && count != 0 {
+            return Err(FrameError::DoneWithEntries(count));
+        }
         let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
         let index_bytes = 8 * u64::from(count);
         let max = match kind {
@@ -153,6 +160,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::migration::transport::{FrameReader, TransportError};
 
     #[test]
     fn a_zeroed_buffer_is_not_a_frame() {
@@ -194,6 +202,121 @@ mod tests {
         ));
         assert_eq!(check_page(7 | ZERO_PAGE, 8), Ok(7));
         assert!(check_page(8, 8).is_err());
+    }
+
+    /// Reads every frame of `stream` for a partition of `frames` pages.
+    fn read_all(stream: &[u8], frames: u64) -> Result<usize, TransportError> {
+        let mut reader = FrameReader::new(stream, frames);
+        let mut n = 0;
+        while reader.next_frame()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn pages_frame(entries: &[u64]) -> Vec<u8> {
+        let header = FrameHeader {
+            kind: FrameKind::Pages,
+            count: entries.len() as u32,
+            payload_len: pages_payload_len(entries),
+        };
+        let mut bytes = header.encode().to_vec();
+        for entry in entries {
+            bytes.extend_from_slice(&entry.to_le_bytes());
+        }
+        for entry in entries {
+            if entry & ZERO_PAGE == 0 {
+                bytes.extend_from_slice(&[0xa5; PAGE_SIZE]);
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_good_stream_reads_to_its_end() {
+        let mut stream = pages_frame(&[0, 3 | ZERO_PAGE, 7]);
+        stream.extend_from_slice(&Done::header());
+        assert_eq!(read_all(&stream, 8).expect("reads"), 2);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_its_payload() {
+        let mut header = FrameHeader {
+            kind: FrameKind::Pages,
+            count: 1,
+            payload_len: 8 + PAGE_SIZE as u64,
+        }
+        .encode();
+        header[8..12].copy_from_slice(&(MAX_PAGES_PER_FRAME + 1).to_le_bytes());
+        assert!(matches!(
+            read_all(&header, 8),
+            Err(TransportError::Frame(FrameError::TooManyEntries(_)))
+        ));
+        // A payload longer than its entries allow: refused from the header alone.
+        let header = FrameHeader {
+            kind: FrameKind::Pages,
+            count: 1,
+            payload_len: 8 + 2 * PAGE_SIZE as u64,
+        }
+        .encode();
+        assert!(matches!(
+            read_all(&header, 8),
+            Err(TransportError::Frame(FrameError::Length { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_truncated_stream_is_an_error_not_a_clean_end() {
+        let stream = pages_frame(&[0, 1]);
+        for cut in [HEADER_LEN, HEADER_LEN + 8, stream.len() - 1] {
+            assert!(
+                matches!(read_all(&stream[..cut], 8), Err(TransportError::Io(_))),
+                "cut at {cut}"
+            );
+        }
+        // Ending between frames is a clean end.
+        assert_eq!(read_all(&[], 8).expect("empty"), 0);
+    }
+
+    #[test]
+    fn a_page_beyond_the_partition_is_refused() {
+        assert!(matches!(
+            read_all(&pages_frame(&[8]), 8),
+            Err(TransportError::Frame(FrameError::PageOutOfRange {
+                page: 8,
+                frames: 8
+            }))
+        ));
+        assert!(matches!(
+            read_all(&pages_frame(&[u64::MAX]), 8),
+            Err(TransportError::Frame(FrameError::PageOutOfRange { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_done_frame_with_entries_is_refused() {
+        // The input the frames fuzz target found (fuzz/regressions/frames/).
+        let mut header = Done::header();
+        header[8] = 45;
+        header[16..24].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            FrameHeader::decode(&header),
+            Err(FrameError::DoneWithEntries(45))
+        );
+        assert!(read_all(&header, 1).is_err());
+    }
+
+    struct Done;
+
+    impl Done {
+        fn header() -> [u8; HEADER_LEN] {
+            FrameHeader {
+                kind: FrameKind::Done,
+                count: 0,
+                payload_len: 0,
+            }
+            .encode()
+        }
     }
 
     proptest! {
