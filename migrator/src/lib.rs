@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod dash;
+pub mod fuzzing;
 pub mod migration;
 pub mod tls;
 pub mod vmm;

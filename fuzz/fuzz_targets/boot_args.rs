@@ -1,0 +1,10 @@
+//! Fuzzes the boot-info header and the workload args; the checks live in `migrator::fuzzing`, shared with the regression tests.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use migrator::fuzzing::Target;
+
+fuzz_target!(|data: &[u8]| {
+    // Refusing an input is fine; panicking (a broken invariant) is the bug.
+    let _ = Target::BootArgs.feed(data);
+});
