@@ -536,6 +536,7 @@ async fn run_daemon(
     security: Security,
     peer_timeout: Duration,
 ) -> Result<()> {
+    migrator::daemon::memory::keep_large_buffers_mapped();
     let daemon = Daemon::new(listen)
         .with_limits(limits)
         .with_peer_timeout(peer_timeout)

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod client;
 pub mod heat_view;
+pub mod memory;
 pub mod server;
 
 pub use api::{ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo};
