@@ -1,10 +1,11 @@
-//! `cargo xtask`: setup, build, run, test and bench for the workspace.
+//! `cargo xtask`: setup, build, run, test, fuzz and bench for the workspace.
 //!
 //! Every command that needs the toolchain runs `setup` first, so a fresh machine needs only
 //! `cargo xtask run` or `cargo xtask test`.
 
 mod bench;
 mod build;
+mod fuzz;
 mod process;
 mod run;
 mod setup;
@@ -23,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what the build needs (idempotent): nightly with rust-src, bpf-linker, libclang,
-    /// tmux.
+    /// Install what the build needs (idempotent): nightly with rust-src, bpf-linker,
+    /// cargo-fuzz, libclang, tmux.
     Setup,
     /// Build the eBPF object and every binary, in release mode, into target/release/.
     Build,
@@ -42,6 +43,15 @@ enum Command {
         /// Also run the long variants.
         #[arg(long)]
         long: bool,
+    },
+    /// Build the fuzz targets and run each for a bounded time; a crashing input is kept in
+    /// fuzz/regressions/TARGET/.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target (frames, state, elf, boot_args); every target if absent.
+        target: Option<String>,
     },
     /// Run a benchmark and print its figures as Markdown.
     Bench {
@@ -67,6 +77,9 @@ fn main() -> ExitCode {
         Command::Test { long } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| test::test(long)),
+        Command::Fuzz { seconds, target } => {
+            setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref()))
+        }
         Command::Bench { suite, args } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| bench::bench(suite, &args)),

@@ -3,7 +3,8 @@
 //! - a nightly toolchain with `rust-src`, to build the eBPF object with `-Z build-std=core`;
 //! - `bpf-linker`, built against the nightly toolchain's own libLLVM (Debian has no LLVM of
 //!   the version bpf-linker's default feature wants);
-//! - libclang, for crates that run bindgen; tmux, for the dashboard's end-to-end test.
+//! - libclang, for crates that run bindgen; tmux, for the dashboard's end-to-end test;
+//! - `cargo-fuzz`, for the fuzz targets (`cargo xtask fuzz`).
 
 use std::{
     fs,
@@ -22,7 +23,23 @@ pub fn setup() -> Result<()> {
     ensure_apt_packages()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     Ok(())
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets in fuzz/ with libFuzzer.
+fn ensure_cargo_fuzz() -> Result<()> {
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (for the fuzz targets)");
+    run(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+        "cargo install cargo-fuzz",
+    )
 }
 
 fn ensure_apt_packages() -> Result<()> {

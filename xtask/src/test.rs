@@ -1,12 +1,16 @@
 //! `cargo xtask test`: formatting, lints, then every test in release mode (the same profile
-//! `cargo xtask build` used, so nothing is compiled twice). Ends with one line totalling the
-//! test results of every test binary.
+//! `cargo xtask build` used, so nothing is compiled twice), then every fuzz target for a
+//! bounded time. Ends with one line totalling the test results of every test binary and the
+//! fuzz targets.
 
 use std::io::{BufRead, BufReader};
 
 use anyhow::{Context, Result, bail};
 
-use crate::process::{cargo, run, workspace_root};
+use crate::{
+    fuzz,
+    process::{cargo, run, workspace_root},
+};
 
 pub fn test(long: bool) -> Result<()> {
     run(
@@ -54,15 +58,40 @@ pub fn test(long: bool) -> Result<()> {
     let skipped = skips.lines().count() as u64;
     totals.passed = totals.passed.saturating_sub(skipped);
     totals.skipped += skipped;
+    // Then every fuzz target for a bounded time; each counts as one test.
+    let seconds = if long {
+        FUZZ_SECONDS_LONG
+    } else {
+        FUZZ_SECONDS
+    };
+    let fuzzed = fuzz::run_targets(&fuzz::TARGETS, seconds)?;
+    let fuzz_failed = fuzzed.iter().filter(|o| o.failure.is_some()).count() as u64;
+    totals.passed += fuzzed.len() as u64 - fuzz_failed;
+    totals.failed += fuzz_failed;
     println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.skipped
+        "tests: {} passed, {} failed, {} skipped (including {} fuzz targets, {seconds} s each)",
+        totals.passed,
+        totals.failed,
+        totals.skipped,
+        fuzzed.len()
     );
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
+    for outcome in &fuzzed {
+        if let Some(why) = &outcome.failure {
+            eprintln!("xtask: fuzz {}: {why}", outcome.target);
+        }
+    }
+    if fuzz_failed > 0 {
+        bail!("{fuzz_failed} fuzz targets crashed");
+    }
     Ok(())
 }
+
+/// How long `cargo xtask test` runs each fuzz target, and with `--long`.
+const FUZZ_SECONDS: u64 = 10;
+const FUZZ_SECONDS_LONG: u64 = 60;
 
 /// Sums libtest's `test result: ok. N passed; N failed; N ignored; ...` lines.
 #[derive(Default)]
