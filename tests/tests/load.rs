@@ -1,0 +1,840 @@
+//! Load: one daemon hosting 32 small partitions, four migrations at once in each direction
+//! between it and a second daemon on another host (two network namespaces joined by a veth,
+//! mutual TLS), and a status script calling each daemon 100 times a second throughout. Every
+//! migration must complete with equal digests, every partition must keep checking itself with
+//! zero errors (the migrated ones on their new hosts), every status call must answer, quickly
+//! (p50/p99/max printed), and each daemon's own memory must stay within a stated budget
+//! (printed too). Without network namespaces (not root) both daemons run on loopback. The
+//! daemons keep their default limits (64 partitions, 4 outgoing migrations; incoming ones count
+//! as partitions), which admit four migrations out and four in at once. Migrations use the heat
+//! strategy (address order without eBPF), half pre-copy and half hybrid.
+//!
+//! `HEATPROBE_LONG_TESTS=1` (`cargo xtask test --long`) repeats the migrations for ten waves,
+//! back and forth over the same daemons, and checks the daemons' memory does not grow with them.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use heatprobe_tests::{
+    bpf_unavailable,
+    daemon::{Daemon, DaemonConfig, make_certs},
+    kvm_unavailable,
+    netns::{HostPair, netns_unavailable},
+    skip,
+};
+use migrator::{
+    daemon::{
+        LaunchRequest, PartitionInfo,
+        api::MigrateRequest,
+        client::{ClientError, Connection, context_with},
+    },
+    migration::{MigrationReport, Mode, Strategy, source::MigrationOptions},
+    tls::Security,
+    vmm::{GuestImage, PartitionState},
+};
+
+const MIB: u64 = 1 << 20;
+/// Status calls per second the script makes to each daemon.
+const STATUS_RATE: u64 = 100;
+/// A status call slower than this counts as not answering.
+const STATUS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A status call reads a few counters; a p99 above this means an async worker of the daemon
+/// was blocked (it was 300 ms while eBPF programs loaded on one).
+const STATUS_P99_LIMIT: Duration = Duration::from_millis(100);
+
+/// The daemon's own memory (RssAnon: heap, stacks, buffers; guest RAM is a shared memfd and
+/// counts as RssShmem) may not exceed `BASE + PER_PARTITION * partitions it may host +
+/// PER_MIGRATION * migrations it runs at once` (measured: 1.4 MiB idle with 32 partitions,
+/// about 25 MiB at the peak of eight migrations, most of it their 4 MiB frame buffers).
+const RSS_ANON_BASE: u64 = 16 * MIB;
+const RSS_ANON_PER_PARTITION: u64 = MIB / 4;
+const RSS_ANON_PER_MIGRATION: u64 = 5 * MIB;
+/// Long variant: how much the daemon's own memory may grow from the end of the first wave of
+/// migrations to the end of the last.
+const RSS_ANON_GROWTH_LIMIT: u64 = 8 * MIB;
+
+/// One partition to launch: workload, its arguments, memory.
+#[derive(Clone)]
+struct Spec {
+    workload: &'static str,
+    args: &'static str,
+    mem: u64,
+}
+
+/// Light, paced workloads: 2 host cores run 40 of them, two daemons and eight migrations.
+/// Below a thousand operations a second a paced workload sleeps between operations instead of
+/// spinning (at 1000/s and more it spins), and each still checks its data every second or so
+/// (`scan` verifies each page it reads, and the whole table every few seconds). 32 of them
+/// take about 40% of one core.
+const WORKLOADS: [(&str, &str); 4] = [
+    ("kv-zipf", "keys=4096 check_every=200 rate=200"),
+    ("rw-mix", "check_every=200 rate=200"),
+    ("scan", "hot_pages=16 rate=500"),
+    ("idle", ""),
+];
+
+/// Whether the workload completes a full self-check within a couple of seconds (`scan`
+/// sweeps its whole table between checks, but verifies every page it reads).
+fn checks_quickly(spec: &Spec) -> bool {
+    matches!(spec.workload, "kv-zipf" | "rw-mix")
+}
+
+fn spec(i: usize) -> Spec {
+    let (workload, args) = WORKLOADS[i % WORKLOADS.len()];
+    Spec {
+        workload,
+        args,
+        // Half 16 MiB, half 32 MiB, each workload in both sizes.
+        mem: if (i + i / 4).is_multiple_of(2) {
+            16 * MIB
+        } else {
+            32 * MIB
+        },
+    }
+}
+
+/// Where the two daemons run and how clients reach them.
+struct Network {
+    /// Two namespaces joined by a veth; `None` on loopback.
+    pair: Option<HostPair>,
+    /// Certificates for the daemons and the test's client (`client/`).
+    certs: Option<PathBuf>,
+}
+
+impl Network {
+    fn create() -> Self {
+        if let Some(why) = netns_unavailable() {
+            skip(
+                "the two-namespace part of the load test (both daemons on loopback)",
+                &why,
+            );
+            return Self {
+                pair: None,
+                certs: None,
+            };
+        }
+        let pair = HostPair::create().expect("two network namespaces");
+        let certs = make_certs(&[&pair.a.addr.to_string(), &pair.b.addr.to_string()])
+            .expect("certificates for both daemons");
+        Self {
+            pair: Some(pair),
+            certs: Some(certs),
+        }
+    }
+
+    fn daemon(&self, host: usize) -> Daemon {
+        match &self.pair {
+            Some(pair) => {
+                let host = [&pair.a, &pair.b][host];
+                Daemon::start_config(
+                    DaemonConfig::in_namespace(&host.ns, host.addr).tls(self.certs.clone()),
+                )
+            }
+            None => Daemon::start(),
+        }
+    }
+
+    fn security(&self) -> Security {
+        Security::from_dir(self.certs.as_ref().map(|c| c.join("client")).as_deref())
+            .expect("the client's certificate")
+    }
+
+    /// Moves the calling thread into host A's namespace (threads it starts follow), so the
+    /// test's clients reach A on its own address and B over the veth.
+    fn enter_host_a(&self) {
+        let Some(pair) = &self.pair else {
+            return;
+        };
+        let file =
+            std::fs::File::open(format!("/run/netns/{}", pair.a.ns)).expect("the namespace's file");
+        // SAFETY: setns on a valid namespace descriptor; it changes only this thread's network
+        // namespace, which no other thread relies on.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    fn describe(&self) -> String {
+        match &self.pair {
+            Some(pair) => format!(
+                "daemons in two network namespaces ({} and {}, veth), mutual TLS",
+                pair.a.addr, pair.b.addr
+            ),
+            None => "daemons on loopback, plain TCP".into(),
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Some(certs) = &self.certs {
+            let _ = std::fs::remove_dir_all(certs);
+        }
+    }
+}
+
+/// A daemon as the test drives it: the process (for its memory) and its address.
+struct Host {
+    name: &'static str,
+    daemon: Daemon,
+    addr: SocketAddr,
+}
+
+/// Memory of one process, from /proc/PID/status, in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Memory {
+    vm_rss: u64,
+    rss_anon: u64,
+    rss_shmem: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        Self {
+            vm_rss: field("VmRSS:"),
+            rss_anon: field("RssAnon:"),
+            rss_shmem: field("RssShmem:"),
+        }
+    }
+
+    fn max(self, other: Self) -> Self {
+        Self {
+            vm_rss: self.vm_rss.max(other.vm_rss),
+            rss_anon: self.rss_anon.max(other.rss_anon),
+            rss_shmem: self.rss_shmem.max(other.rss_shmem),
+        }
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VmRSS {} MiB (RssAnon {:.1} MiB, RssShmem {} MiB)",
+            self.vm_rss / MIB,
+            self.rss_anon as f64 / MIB as f64,
+            self.rss_shmem / MIB
+        )
+    }
+}
+
+/// How many KVM VMs (open `kvm-vm` descriptors) and threads process `pid` has.
+fn vms_and_threads(pid: u32) -> (usize, usize) {
+    let vms = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:kvm-vm")
+        })
+        .count();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
+        .count();
+    (vms, threads)
+}
+
+/// Samples both daemons' memory every 50 ms until told to stop; returns the peaks.
+struct MemorySampler {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Vec<Memory>>,
+}
+
+impl MemorySampler {
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut peaks: Vec<Memory> = pids.iter().map(|&p| Memory::of(p)).collect();
+            while !stopping.load(Ordering::Relaxed) {
+                for (peak, &pid) in peaks.iter_mut().zip(&pids) {
+                    *peak = peak.max(Memory::of(pid));
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            peaks
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> Vec<Memory> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the memory sampler")
+    }
+}
+
+/// What the status script saw on one daemon.
+#[derive(Default)]
+struct StatusLog {
+    /// Latency of every answered call, in microseconds.
+    latency: Option<Histogram<u64>>,
+    calls: u64,
+    failures: Vec<String>,
+}
+
+/// The status script: `STATUS_RATE` calls a second to `addr`, round-robin over `ids`, each
+/// call started on time whether or not the previous one has answered (so a slow daemon shows
+/// up as latency, not as fewer calls).
+async fn status_script(
+    addr: SocketAddr,
+    security: Security,
+    ids: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+) -> StatusLog {
+    let connection = Connection::open(addr, &security)
+        .await
+        .unwrap_or_else(|e| panic!("status script: {e}"));
+    let log = Arc::new(Mutex::new(StatusLog {
+        latency: Some(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
+        ..StatusLog::default()
+    }));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / STATUS_RATE));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut calls = Vec::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let id = {
+            let ids = ids.lock().unwrap();
+            ids[n % ids.len()].clone()
+        };
+        n += 1;
+        let client = connection.client.clone();
+        let log = Arc::clone(&log);
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let result = client
+                .status(context_with(STATUS_DEADLINE), id.clone())
+                .await;
+            let elapsed = started.elapsed();
+            let mut log = log.lock().unwrap();
+            log.calls += 1;
+            match result {
+                Ok(Ok(_)) => {
+                    let micros = (elapsed.as_micros() as u64).max(1);
+                    log.latency.as_mut().unwrap().saturating_record(micros);
+                }
+                Ok(Err(e)) => log.failures.push(format!("status {id}: {e}")),
+                Err(e) => log
+                    .failures
+                    .push(format!("status {id}: no answer after {elapsed:?}: {e}")),
+            }
+        }));
+    }
+    for call in calls {
+        call.await.expect("a status call task");
+    }
+    let mut log = log.lock().unwrap();
+    StatusLog {
+        latency: log.latency.take(),
+        calls: log.calls,
+        failures: std::mem::take(&mut log.failures),
+    }
+}
+
+async fn launch(connection: &Connection, spec: &Spec, name: String) -> String {
+    let request = LaunchRequest {
+        name: Some(name.clone()),
+        image: GuestImage::Builtin(spec.workload.into()),
+        args: spec.args.into(),
+        mem_size: spec.mem,
+        vcpus: 1,
+    };
+    connection
+        .client
+        .launch(context_with(Duration::from_secs(60)), request)
+        .await
+        .unwrap_or_else(|e| panic!("launch {name}: no answer: {e}"))
+        .unwrap_or_else(|e| panic!("launch {name}: {e}"))
+}
+
+async fn status(connection: &Connection, id: &str) -> PartitionInfo {
+    connection
+        .client
+        .status(context_with(STATUS_DEADLINE), id.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("status {id} on {}: no answer: {e}", connection.addr))
+        .unwrap_or_else(|e| panic!("status {id} on {}: {e}", connection.addr))
+}
+
+/// Waits until partition `id` has done `ops` operations and `checks` full self-checks, with no
+/// error and running; fails with its status otherwise.
+async fn wait_progress(connection: &Connection, id: &str, ops: u64, checks: u64, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = status(connection, id).await;
+        assert_eq!(
+            info.errors, 0,
+            "{why}: partition {id} on {} reports self-check errors: {info:?}",
+            connection.addr
+        );
+        assert_eq!(
+            info.state,
+            PartitionState::Running,
+            "{why}: partition {id} on {} is not running: {info:?}",
+            connection.addr
+        );
+        if info.ops >= ops && info.checks >= checks {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{why}: partition {id} on {} made no progress in 60 s (wanted {ops} ops, {checks} \
+             checks): {info:?}",
+            connection.addr
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A partition the test launched and where it lives now.
+struct Placed {
+    spec: Spec,
+    id: String,
+    /// Index into the hosts.
+    host: usize,
+}
+
+/// Asks daemon `from` to migrate partition `id` to `to`; the report, and how long it took.
+async fn migrate(
+    from: SocketAddr,
+    to: SocketAddr,
+    security: Security,
+    id: String,
+    options: MigrationOptions,
+) -> (MigrationReport, Duration) {
+    let connection = Connection::open(from, &security)
+        .await
+        .unwrap_or_else(|e| panic!("migrate {id}: {e}"));
+    let started = Instant::now();
+    let report = connection
+        .client
+        .migrate(
+            context_with(Duration::from_secs(300)),
+            MigrateRequest {
+                id: id.clone(),
+                to,
+                options,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("migrate {id} {from} -> {to}: no answer: {e}"))
+        .unwrap_or_else(|e| panic!("migrate {id} {from} -> {to}: refused: {e}"));
+    (report, started.elapsed())
+}
+
+struct Scenario {
+    /// Partitions on the busy daemon (host A).
+    partitions_a: usize,
+    /// Partitions on host B before any arrive.
+    partitions_b: usize,
+    /// Migrations at once in each direction.
+    migrations_each_way: usize,
+    /// How many times the migrations are repeated (back and forth).
+    waves: usize,
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
+    network.enter_host_a();
+    let security = network.security();
+    let hosts: Vec<Host> = ["A", "B"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let daemon = network.daemon(i);
+            let addr = daemon.addr.parse().expect("the daemon's address");
+            Host { name, daemon, addr }
+        })
+        .collect();
+    let pids: Vec<u32> = hosts.iter().map(|h| h.daemon.pid()).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let open = |addr: SocketAddr| -> Result<Connection, ClientError> {
+        runtime.block_on(Connection::open(addr, &security))
+    };
+    let connections: Vec<Connection> = hosts
+        .iter()
+        .map(|h| open(h.addr).unwrap_or_else(|e| panic!("host {}: {e}", h.name)))
+        .collect();
+    eprintln!("load: {}", network.describe());
+
+    // Launch: 32 on A, a few on B.
+    let started = Instant::now();
+    let mut placed: Vec<Placed> = Vec::new();
+    for (host, count) in [(0, scenario.partitions_a), (1, scenario.partitions_b)] {
+        for i in 0..count {
+            let spec = spec(i);
+            let name = format!("{}-{i}-{}", hosts[host].name, spec.workload);
+            let id = runtime.block_on(launch(&connections[host], &spec, name));
+            placed.push(Placed { spec, id, host });
+        }
+    }
+    let launch_time = started.elapsed();
+    runtime.block_on(async {
+        for p in &placed {
+            let checks = u64::from(checks_quickly(&p.spec));
+            wait_progress(&connections[p.host], &p.id, 5, checks, "before the load").await;
+        }
+    });
+    let idle_memory: Vec<Memory> = pids.iter().map(|&pid| Memory::of(pid)).collect();
+    eprintln!(
+        "load: launched {} partitions on A and {} on B in {launch_time:.1?}",
+        scenario.partitions_a, scenario.partitions_b
+    );
+
+    // The status script, against both daemons, for the whole run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids: Vec<Arc<Mutex<Vec<String>>>> = (0..hosts.len())
+        .map(|h| {
+            Arc::new(Mutex::new(
+                placed
+                    .iter()
+                    .filter(|p| p.host == h)
+                    .map(|p| p.id.clone())
+                    .collect(),
+            ))
+        })
+        .collect();
+    let scripts: Vec<_> = hosts
+        .iter()
+        .zip(&ids)
+        .map(|(h, ids)| {
+            runtime.spawn(status_script(
+                h.addr,
+                security.clone(),
+                Arc::clone(ids),
+                Arc::clone(&stop),
+            ))
+        })
+        .collect();
+    let sampler = MemorySampler::start(pids.clone());
+    let load_started = Instant::now();
+
+    let mut migrations: Vec<(String, Duration, MigrationReport)> = Vec::new();
+    // Each daemon's own memory at the end of each wave.
+    let mut wave_anon: Vec<Vec<u64>> = Vec::new();
+    for wave in 0..scenario.waves {
+        // The first `migrations_each_way` partitions on each host (one of each workload, both
+        // sizes), rotating with the wave so later waves move others; modes alternate.
+        let mut chosen: Vec<usize> = Vec::new();
+        for host in 0..hosts.len() {
+            let mut on_host: Vec<usize> = (0..placed.len())
+                .filter(|&i| placed[i].host == host)
+                .collect();
+            let shift = (wave * scenario.migrations_each_way) % on_host.len().max(1);
+            on_host.rotate_left(shift);
+            chosen.extend(on_host.into_iter().take(scenario.migrations_each_way));
+        }
+        let tasks: Vec<_> = chosen
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let p = &placed[i];
+                let options = MigrationOptions {
+                    strategy,
+                    mode: if k % 2 == 0 {
+                        Mode::Precopy
+                    } else {
+                        Mode::Hybrid
+                    },
+                    profile_window: Duration::from_millis(500),
+                    ..MigrationOptions::default()
+                };
+                let (from, to) = (hosts[p.host].addr, hosts[1 - p.host].addr);
+                runtime.spawn(migrate(from, to, security.clone(), p.id.clone(), options))
+            })
+            .collect();
+        let reports: Vec<(MigrationReport, Duration)> = runtime.block_on(async {
+            let mut reports = Vec::new();
+            for task in tasks {
+                reports.push(task.await.expect("a migration task"));
+            }
+            reports
+        });
+        // Check every report, then move the partitions in our books and in the scripts'.
+        for (&i, (report, took)) in chosen.iter().zip(reports) {
+            let p = &placed[i];
+            let case = format!(
+                "wave {wave}: {} ({} {} MiB) {} -> {}, {:?} {:?}",
+                p.id,
+                p.spec.workload,
+                p.spec.mem / MIB,
+                hosts[p.host].name,
+                hosts[1 - p.host].name,
+                report.strategy,
+                report.mode
+            );
+            assert_eq!(
+                report.status, "completed",
+                "{case}: the migration failed: {:?}\n{report:?}",
+                report.error
+            );
+            assert!(
+                report.source_digest.is_some(),
+                "{case}: no source digest: {report:?}"
+            );
+            assert_eq!(
+                report.source_digest, report.dest_digest,
+                "{case}: the destination's memory differs from the source's: {report:?}"
+            );
+            let new_id = report
+                .id_on_destination
+                .clone()
+                .unwrap_or_else(|| panic!("{case}: no id on the destination: {report:?}"));
+            ids[1 - p.host].lock().unwrap().push(new_id.clone());
+            migrations.push((case, took, report));
+            let p = &mut placed[i];
+            p.id = new_id;
+            p.host = 1 - p.host;
+        }
+        // The migrated partitions run on their new hosts and keep passing their self-checks.
+        runtime.block_on(async {
+            for &i in &chosen {
+                let p = &placed[i];
+                let info = status(&connections[p.host], &p.id).await;
+                let checks = u64::from(checks_quickly(&p.spec));
+                wait_progress(
+                    &connections[p.host],
+                    &p.id,
+                    info.ops + 5,
+                    info.checks + checks,
+                    &format!("wave {wave}, after migrating to {}", hosts[p.host].name),
+                )
+                .await;
+            }
+        });
+        let anon: Vec<u64> = pids.iter().map(|&pid| Memory::of(pid).rss_anon).collect();
+        let (vms, threads): (Vec<usize>, Vec<usize>) =
+            pids.iter().map(|&pid| vms_and_threads(pid)).unzip();
+        eprintln!(
+            "load: after wave {wave}: own memory (RssAnon) A {:.1} MiB, B {:.1} MiB; KVM VMs A \
+             {}, B {}; threads A {}, B {}",
+            anon[0] as f64 / MIB as f64,
+            anon[1] as f64 / MIB as f64,
+            vms[0],
+            vms[1],
+            threads[0],
+            threads[1]
+        );
+        for (h, host) in hosts.iter().enumerate() {
+            let hosted = placed.iter().filter(|p| p.host == h).count();
+            assert_eq!(
+                vms[h], hosted,
+                "wave {wave}: host {} holds {} KVM VMs but hosts {hosted} partitions: the VMs \
+                 of partitions that left were not freed",
+                host.name, vms[h]
+            );
+        }
+        wave_anon.push(anon);
+    }
+    let load_time = load_started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let logs: Vec<StatusLog> = runtime.block_on(async {
+        let mut logs = Vec::new();
+        for script in scripts {
+            logs.push(script.await.expect("a status script"));
+        }
+        logs
+    });
+    let peaks = sampler.finish();
+
+    // Every partition, migrated or not, is running with zero errors.
+    runtime.block_on(async {
+        for p in &placed {
+            let info = status(&connections[p.host], &p.id).await;
+            assert_eq!(info.errors, 0, "after the load: {info:?}");
+            assert_eq!(
+                info.state,
+                PartitionState::Running,
+                "after the load: {info:?}"
+            );
+        }
+    });
+    let end_memory: Vec<Memory> = pids.iter().map(|&pid| Memory::of(pid)).collect();
+
+    // The figures.
+    for (case, took, report) in &migrations {
+        eprintln!(
+            "load: {case}: {took:.2?} (downtime {} ms, {} rounds)",
+            report.downtime_ms, report.rounds
+        );
+    }
+    let mut times: Vec<Duration> = migrations.iter().map(|(_, t, _)| *t).collect();
+    times.sort();
+    let mut downtimes: Vec<u64> = migrations.iter().map(|(_, _, r)| r.downtime_ms).collect();
+    downtimes.sort();
+    eprintln!(
+        "load: {} migrations in {} waves, {load_time:.1?}: each took {:.2?} median, {:.2?} max; \
+         downtime {} ms median, {} ms max",
+        times.len(),
+        scenario.waves,
+        times[times.len() / 2],
+        times[times.len() - 1],
+        downtimes[downtimes.len() / 2],
+        downtimes[downtimes.len() - 1]
+    );
+    for (h, host) in hosts.iter().enumerate() {
+        let (log, latency) = (&logs[h], logs[h].latency.as_ref().unwrap());
+        eprintln!(
+            "load: host {}: {} status calls ({:.0}/s), {} failed; latency p50 {:.2} ms, p99 \
+             {:.2} ms, max {:.2} ms",
+            host.name,
+            log.calls,
+            log.calls as f64 / load_time.as_secs_f64(),
+            log.failures.len(),
+            ms(latency.value_at_quantile(0.5)),
+            ms(latency.value_at_quantile(0.99)),
+            ms(latency.max())
+        );
+        eprintln!(
+            "load: host {}: memory idle {}; peak {}; end {}",
+            host.name, idle_memory[h], peaks[h], end_memory[h]
+        );
+    }
+
+    // The checks on the figures.
+    for (h, host) in hosts.iter().enumerate() {
+        let log = &logs[h];
+        assert!(
+            log.failures.is_empty(),
+            "host {}: {} of {} status calls failed during the load, first: {}",
+            host.name,
+            log.failures.len(),
+            log.calls,
+            log.failures[0]
+        );
+        let expected = (load_time.as_secs_f64() * STATUS_RATE as f64 * 0.8) as u64;
+        assert!(
+            log.calls >= expected,
+            "host {}: the script made only {} status calls in {load_time:.1?} (wanted {} a \
+             second)",
+            host.name,
+            log.calls,
+            STATUS_RATE
+        );
+        let p99 = Duration::from_micros(log.latency.as_ref().unwrap().value_at_quantile(0.99));
+        assert!(
+            p99 <= STATUS_P99_LIMIT,
+            "host {}: status p99 latency {p99:.1?} during the migrations, over {:?}: something \
+             blocks the daemon's async workers or holds its partitions lock",
+            host.name,
+            STATUS_P99_LIMIT
+        );
+    }
+    let most_partitions = placed.len() as u64;
+    let concurrent = 2 * scenario.migrations_each_way as u64;
+    let budget = RSS_ANON_BASE
+        + RSS_ANON_PER_PARTITION * most_partitions
+        + RSS_ANON_PER_MIGRATION * concurrent;
+    for (h, host) in hosts.iter().enumerate() {
+        // Every partition could end up on one host; each host runs migrations_each_way
+        // outgoing and as many incoming migrations at once.
+        assert!(
+            peaks[h].rss_anon <= budget,
+            "host {}: the daemon's own memory (RssAnon) peaked at {:.1} MiB, over its budget of \
+             {} MiB = {} MiB + {} KiB per partition ({most_partitions}) + {} MiB per migration \
+             at once ({concurrent})",
+            host.name,
+            peaks[h].rss_anon as f64 / MIB as f64,
+            budget / MIB,
+            RSS_ANON_BASE / MIB,
+            RSS_ANON_PER_PARTITION >> 10,
+            RSS_ANON_PER_MIGRATION / MIB,
+        );
+        // Guest RAM is what the partitions hosted now touched, and no more: the memory of
+        // the partitions that left was freed.
+        let hosted: u64 = placed
+            .iter()
+            .filter(|p| p.host == h)
+            .map(|p| p.spec.mem)
+            .sum();
+        assert!(
+            end_memory[h].rss_shmem <= hosted,
+            "host {}: {} MiB of shared memory mapped after the load, more than the {} MiB of \
+             guest RAM of the partitions it hosts: the memory of migrated partitions was not \
+             freed",
+            host.name,
+            end_memory[h].rss_shmem / MIB,
+            hosted / MIB
+        );
+        if wave_anon.len() > 1 {
+            let (first, last) = (wave_anon[0][h], wave_anon[wave_anon.len() - 1][h]);
+            eprintln!(
+                "load: host {}: own memory after wave 0 {:.1} MiB, after wave {} {:.1} MiB",
+                host.name,
+                first as f64 / MIB as f64,
+                wave_anon.len() - 1,
+                last as f64 / MIB as f64
+            );
+            assert!(
+                last <= first + RSS_ANON_GROWTH_LIMIT,
+                "host {}: the daemon's own memory grew from {:.1} MiB after the first wave of \
+                 migrations to {:.1} MiB after wave {}: something keeps memory per migration",
+                host.name,
+                first as f64 / MIB as f64,
+                last as f64 / MIB as f64,
+                wave_anon.len() - 1
+            );
+        }
+    }
+}
+
+fn long() -> bool {
+    std::env::var_os("HEATPROBE_LONG_TESTS").is_some_and(|v| v == "1")
+}
+
+#[test]
+fn thirty_two_partitions_four_migrations_each_way_status_at_100_per_second() {
+    let name = "thirty_two_partitions_four_migrations_each_way_status_at_100_per_second";
+    if let Some(why) = kvm_unavailable() {
+        return skip(name, &why);
+    }
+    let strategy = match bpf_unavailable() {
+        None => Strategy::Heat,
+        Some(why) => {
+            skip(&format!("the heat strategy of {name}"), &why);
+            Strategy::Address
+        }
+    };
+    let scenario = Scenario {
+        partitions_a: 32,
+        partitions_b: 4,
+        migrations_each_way: 4,
+        waves: if long() { 10 } else { 1 },
+    };
+    let network = Network::create();
+    // On its own thread: it enters host A's namespace.
+    thread::scope(|scope| {
+        scope
+            .spawn(|| run(&network, &scenario, strategy))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
+}
