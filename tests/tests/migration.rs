@@ -291,3 +291,41 @@ fn migrating_an_unknown_id_fails_cleanly() {
     assert!(stderr.contains("no partition with id `p-nope`"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// The destination's own share of guest RAM (`RssShmem`, bytes): the guest memfd pages it has
+/// touched.
+fn resident_guest_memory(daemon: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+        .expect("the daemon's /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("an RssShmem line")
+        * 1024
+}
+
+#[test]
+fn zero_pages_arrive_without_becoming_resident() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("zero_pages_arrive_without_becoming_resident", &why);
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    let before = resident_guest_memory(&destination);
+    // An idle guest touches a few pages of its 256 MiB: nearly every page travels as a zero
+    // marker. Writing those would make all 256 MiB resident on the destination.
+    let id = launch(&source, "idle", "", "256M", 1);
+    source.wait_progress(&id, 1, 0);
+    let (code, report) = migrate(&source, &destination, &id, &["--strategy", "address"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
+    let zero_pages = report["zero_pages"].as_u64().unwrap_or(0);
+    assert!(zero_pages > 60_000, "{report}");
+    let grown = resident_guest_memory(&destination).saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "the destination made {} MiB of a mostly zero 256 MiB guest resident",
+        grown >> 20
+    );
+}

@@ -32,7 +32,7 @@ use super::{
     link::{DataLink, DataStream, LinkError},
     report::{Latency, Mode},
     source::{CommitRequest, FinishReply, PrepareRequest},
-    transport::{Frame, FrameReader, send_demand, tune_data_socket},
+    transport::{Frame, FrameReader, send_demand, tune_data_socket, zero_page_hash},
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
@@ -241,11 +241,31 @@ impl Session {
             let bytes = data.unwrap_or(&zero);
             match &uffd {
                 None => {
-                    self.memory
-                        .write(GuestAddress(page * PAGE_SIZE), bytes)
-                        .map_err(|e| e.to_string())?;
-                    // Hashing on arrival keeps the digest out of the cutover's downtime.
-                    let digest = xxh3_64(bytes);
+                    let digest = match data {
+                        Some(bytes) => {
+                            self.memory
+                                .write(GuestAddress(page * PAGE_SIZE), bytes)
+                                .map_err(|e| e.to_string())?;
+                            // Hashing on arrival keeps the digest out of the cutover's downtime.
+                            xxh3_64(bytes)
+                        }
+                        None => {
+                            // The session's memory is a fresh memfd, which reads as zeros:
+                            // writing zeros would only make the page resident. A page an
+                            // earlier round filled is freed instead, and reads as zeros again.
+                            let filled = {
+                                let progress = self.lock();
+                                progress.received[page as usize]
+                                    && progress.page_digests[page as usize] != zero_page_hash()
+                            };
+                            if filled {
+                                self.memory
+                                    .remove_page(page)
+                                    .map_err(|e| format!("freeing page {page}: {e}"))?;
+                            }
+                            zero_page_hash()
+                        }
+                    };
                     let mut progress = self.lock();
                     progress.received[page as usize] = true;
                     progress.page_digests[page as usize] = digest;
