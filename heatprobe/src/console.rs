@@ -42,6 +42,17 @@ pub fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// Lets a command-line tool end quietly when its reader goes away (`| head`), as Unix tools
+/// do. Rust ignores SIGPIPE, so printing to a closed pipe would panic instead. Not for
+/// daemons, which must outlive a peer that hangs up.
+pub fn end_quietly_on_closed_pipe() {
+    // SAFETY: restoring a signal's default disposition touches no memory; called at start,
+    // before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Holds the terminal in raw mode on the alternate screen; gives it back on drop, and before a
 /// panic message is printed.
 pub struct TerminalGuard {

@@ -119,6 +119,7 @@ struct PlanArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    heatprobe::console::end_quietly_on_closed_pipe();
     heatprobe::console::init_logging(cli.verbose);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -198,6 +198,9 @@ fn parse_bandwidth(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        heatprobe::console::end_quietly_on_closed_pipe();
+    }
     heatprobe::console::init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -176,3 +176,62 @@ fn limits_refuse_clearly_past_them() {
     daemon.json(&["stop", first["id"].as_str().unwrap()]);
     daemon.json(&["launch", "--workload", "idle", "--mem", "8M"]);
 }
+
+#[test]
+fn a_long_lived_daemon_remembers_a_bounded_number_of_stopped_partitions() {
+    use migrator::{
+        daemon::{
+            LaunchRequest,
+            client::{Connection, context_with},
+            server::{self, KEEP_STOPPED},
+        },
+        tls::Security,
+        vmm::GuestImage,
+    };
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_long_lived_daemon_remembers_a_bounded_number_of_stopped_partitions",
+            &why,
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let (addr, serving) = server::serve(server::Daemon::new(listen), listen)
+            .await
+            .unwrap();
+        tokio::spawn(serving);
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+        let ctx = || context_with(std::time::Duration::from_secs(30));
+        let mut ids = Vec::new();
+        for _ in 0..KEEP_STOPPED + 8 {
+            let request = LaunchRequest {
+                name: None,
+                image: GuestImage::Builtin("idle".into()),
+                args: String::new(),
+                mem_size: 4 << 20,
+                vcpus: 1,
+            };
+            let id = connection
+                .client
+                .launch(ctx(), request)
+                .await
+                .unwrap()
+                .unwrap();
+            connection
+                .client
+                .stop(ctx(), id.clone())
+                .await
+                .unwrap()
+                .unwrap();
+            ids.push(id);
+        }
+        let list = connection.client.list(ctx()).await.unwrap();
+        assert_eq!(list.len(), KEEP_STOPPED, "{} entries kept", list.len());
+        // The oldest are forgotten, the newest remembered.
+        let status = |id: String| connection.client.status(ctx(), id);
+        assert!(status(ids[0].clone()).await.unwrap().is_err());
+        let last = status(ids[ids.len() - 1].clone()).await.unwrap().unwrap();
+        assert_eq!(serde_json::to_value(last.state).unwrap(), "stopped");
+    });
+}

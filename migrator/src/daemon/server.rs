@@ -2,7 +2,7 @@
 //! blocking pool so one slow partition never stalls the others' requests.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock,
@@ -43,6 +43,9 @@ use crate::{
     vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
 };
 use heatprobe::{Probes, TargetId};
+
+/// How many stopped partitions a daemon remembers (for `status` and `list`).
+pub const KEEP_STOPPED: usize = 128;
 
 enum Entry {
     Live(Arc<Partition>),
@@ -98,6 +101,8 @@ pub struct Daemon {
     reserved: Arc<Mutex<Reserved>>,
     /// How clients, peers and data connections are authenticated.
     security: Security,
+    /// Stopped partitions, oldest first: only the last [`KEEP_STOPPED`] are remembered.
+    stopped_order: Arc<Mutex<VecDeque<String>>>,
     /// How long a silent migration peer is waited on (data connections, calls to it).
     peer_timeout: Duration,
 }
@@ -156,6 +161,7 @@ impl Daemon {
             limits: Limits::default(),
             reserved: Arc::default(),
             security: Security::Plain,
+            stopped_order: Arc::default(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
     }
@@ -300,6 +306,41 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
+    }
+
+    /// Records `id` as stopped with its last `info`; forgets the oldest stopped partitions
+    /// (and their finished migrations) past [`KEEP_STOPPED`], so a long-lived daemon's
+    /// memory stays bounded. Returns what `id` replaced.
+    fn remember_stopped(&self, id: String, info: PartitionInfo) -> Option<Entry> {
+        let mut forgotten = Vec::new();
+        let replaced = {
+            let mut partitions = self.lock();
+            let replaced = partitions.insert(id.clone(), Entry::Stopped(info));
+            let mut order = self.stopped_order.lock().unwrap_or_else(|p| p.into_inner());
+            order.retain(|old| *old != id);
+            order.push_back(id);
+            while order.len() > KEEP_STOPPED {
+                let Some(old) = order.pop_front() else { break };
+                if matches!(partitions.get(&old), Some(Entry::Stopped(_))) {
+                    partitions.remove(&old);
+                    forgotten.push(old);
+                }
+            }
+            replaced
+        };
+        let mut migrations = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        for old in forgotten {
+            let finished = migrations.get(&old).is_some_and(|p| {
+                matches!(
+                    p.lock().map(|p| p.phase).unwrap_or(Phase::Failed),
+                    Phase::Completed | Phase::Failed
+                )
+            });
+            if finished {
+                migrations.remove(&old);
+            }
+        }
+        replaced
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -592,7 +633,7 @@ impl MigratorApi for Daemon {
         .map_err(|e| ApiError::Partition(format!("stop panicked: {e}")))?;
         let mut info = info_of(&id, &stopped);
         info.state = PartitionState::Stopped;
-        self.lock().insert(id.clone(), Entry::Stopped(info.clone()));
+        self.remember_stopped(id.clone(), info.clone());
         // Dropping the last reference frees the partition's memory and its VM.
         free_off_runtime(stopped);
         info!("stopped partition {id}");
@@ -699,16 +740,20 @@ impl Daemon {
         .await
         .map_err(|e| ApiError::Migration(format!("the migration panicked: {e}")))?;
         if report.status == "completed" {
-            let mut partitions = self.lock();
-            if let Some(Entry::Live(partition)) = partitions.get(&id) {
-                let mut info = info_of(&id, partition);
-                info.state = PartitionState::Stopped;
-                info.console.push_str(&format!(
-                    "[vmm] migrated to {to} as {}\n",
-                    report.id_on_destination.as_deref().unwrap_or("?")
-                ));
-                let replaced = partitions.insert(id, Entry::Stopped(info));
-                drop(partitions);
+            let info = match self.lock().get(&id) {
+                Some(Entry::Live(partition)) => {
+                    let mut info = info_of(&id, partition);
+                    info.state = PartitionState::Stopped;
+                    info.console.push_str(&format!(
+                        "[vmm] migrated to {to} as {}\n",
+                        report.id_on_destination.as_deref().unwrap_or("?")
+                    ));
+                    Some(info)
+                }
+                _ => None,
+            };
+            if let Some(info) = info {
+                let replaced = self.remember_stopped(id, info);
                 if let Some(Entry::Live(partition)) = replaced {
                     free_off_runtime(partition);
                 }
