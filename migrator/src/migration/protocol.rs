@@ -268,7 +268,13 @@ mod tests {
     #[test]
     fn a_truncated_stream_is_an_error_not_a_clean_end() {
         let stream = pages_frame(&[0, 1]);
-        for cut in [HEADER_LEN, HEADER_LEN + 8, stream.len() - 1] {
+        for cut in [
+            1,
+            HEADER_LEN - 1,
+            HEADER_LEN,
+            HEADER_LEN + 8,
+            stream.len() - 1,
+        ] {
             assert!(
                 matches!(read_all(&stream[..cut], 8), Err(TransportError::Io(_))),
                 "cut at {cut}"

@@ -245,10 +245,22 @@ impl<R: Read> FrameReader<R> {
     /// The next frame, or `None` at a clean end of stream.
     pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, TransportError> {
         let mut header = [0u8; HEADER_LEN];
-        match self.stream.read_exact(&mut header) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
+        // The stream may end between frames, never inside one: a partial header is an error.
+        let mut filled = 0;
+        while filled < HEADER_LEN {
+            match self.stream.read(&mut header[filled..]) {
+                Ok(0) if filled == 0 => return Ok(None),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the stream ended {filled} bytes into a frame header"),
+                    )
+                    .into());
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let header = FrameHeader::decode(&header)?;
         self.buffer.resize(header.payload_len as usize, 0);
