@@ -21,7 +21,7 @@ use crate::vmm::GuestMemory;
 
 #[derive(Debug, Error)]
 pub enum TransportError {
-    #[error("the data connection failed")]
+    #[error("reading or writing the socket failed")]
     Io(#[from] io::Error),
     #[error("the peer sent a bad frame")]
     Frame(#[from] FrameError),

@@ -1,0 +1,187 @@
+//! Hostile bytes at a live destination daemon: an oversized frame, a page beyond the
+//! partition, a stream cut inside a header, a saved state that is garbage or zeroed. Each
+//! fails its session with a clean error, and the daemon keeps serving: afterwards it answers,
+//! and a real migration into it completes.
+
+use std::{io::Write, net::TcpStream, time::Duration};
+
+use heatprobe_tests::{daemon::Daemon, kvm_unavailable, skip};
+use migrator::{
+    daemon::client::{Connection, context_with},
+    migration::{
+        Mode,
+        protocol::{FrameHeader, FrameKind, MAX_PAGES_PER_FRAME, PROTOCOL_VERSION, ZERO_PAGE},
+        source::{CommitRequest, PrepareReply, PrepareRequest},
+    },
+    tls::Security,
+    vmm::{GuestImage, PartitionConfig, state},
+};
+
+const MEM: u64 = 4 << 20;
+const FRAMES: u64 = MEM / 4096;
+
+fn config() -> PartitionConfig {
+    PartitionConfig {
+        name: None,
+        mem_size: MEM,
+        vcpus: 1,
+        image: GuestImage::Builtin("idle".into()),
+        args: String::new(),
+    }
+}
+
+async fn prepare(connection: &Connection) -> PrepareReply {
+    let request = PrepareRequest {
+        protocol_min: PROTOCOL_VERSION,
+        protocol_max: PROTOCOL_VERSION,
+        config: config(),
+        mode: Mode::Precopy,
+    };
+    connection
+        .client
+        .migration_prepare(context_with(Duration::from_secs(30)), request)
+        .await
+        .expect("the daemon answers")
+        .expect("a session")
+}
+
+/// Sends `bytes` on the session's data connection, then closes it.
+fn send(connection: &Connection, reply: &PrepareReply, bytes: &[u8]) {
+    let mut stream = TcpStream::connect((connection.addr.ip(), reply.data_port)).unwrap();
+    stream.write_all(bytes).unwrap();
+}
+
+async fn commit(connection: &Connection, session: u64, snapshot: Vec<u8>) -> Result<(), String> {
+    let request = CommitRequest {
+        snapshot,
+        stale_pages: Vec::new(),
+    };
+    match connection
+        .client
+        .migration_commit(context_with(Duration::from_secs(30)), session, request)
+        .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => panic!("the daemon stopped answering: {e}"),
+    }
+}
+
+fn header(kind: FrameKind, count: u32, payload_len: u64) -> Vec<u8> {
+    FrameHeader {
+        kind,
+        count,
+        payload_len,
+    }
+    .encode()
+    .to_vec()
+}
+
+/// Every page as a zero marker, then Done: a complete, valid page stream.
+fn all_zero_pages() -> Vec<u8> {
+    let mut bytes = header(FrameKind::Pages, FRAMES as u32, 8 * FRAMES);
+    for page in 0..FRAMES {
+        bytes.extend_from_slice(&(page | ZERO_PAGE).to_le_bytes());
+    }
+    bytes.extend_from_slice(&header(FrameKind::Done, 0, 0));
+    bytes
+}
+
+#[test]
+fn a_destination_refuses_hostile_bytes_and_keeps_serving() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_destination_refuses_hostile_bytes_and_keeps_serving",
+            &why,
+        );
+    }
+    let destination = Daemon::start();
+    let source = Daemon::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let addr = destination.addr.parse().unwrap();
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+
+        let mut oversized = header(FrameKind::Pages, 1, 8 + 4096);
+        oversized[8..12].copy_from_slice(&(MAX_PAGES_PER_FRAME + 1).to_le_bytes());
+        let mut beyond = header(FrameKind::Pages, 1, 8);
+        beyond.extend_from_slice(&(FRAMES | ZERO_PAGE).to_le_bytes());
+        let huge_payload = header(FrameKind::Pages, 1, u64::MAX / 2);
+        let cut_in_header = all_zero_pages()[..10].to_vec();
+        let streams: [(&str, Vec<u8>); 4] = [
+            ("an oversized frame", oversized),
+            ("a page beyond the partition", beyond),
+            ("a payload length no frame can have", huge_payload),
+            ("a stream cut inside a header", cut_in_header),
+        ];
+        for (what, bytes) in streams {
+            let reply = prepare(&connection).await;
+            send(&connection, &reply, &bytes);
+            // A well-formed state, so the commit goes on to wait for the pages.
+            let valid_state = state::encode(&state::sample_snapshot(config()));
+            let committed = commit(&connection, reply.session, valid_state).await;
+            println!("{what}: {committed:?}");
+            let error = committed.expect_err(what);
+            // The session failed on the stream (or was already dropped for failing).
+            assert!(
+                ["frame", "page", "ended", "session"]
+                    .iter()
+                    .any(|word| error.contains(word)),
+                "{what}: {error}"
+            );
+            assert!(!error.contains("saved state"), "{what}: {error}");
+        }
+
+        // A complete page stream, then a saved state that is garbage, one of zeros, one for
+        // another partition, and one whose vCPU states do not match the partition.
+        let garbage = state::wrap(b"not a saved state");
+        let other = state::encode(&state::sample_snapshot(PartitionConfig {
+            vcpus: 2,
+            ..config()
+        }));
+        let mut shape = state::sample_snapshot(config());
+        shape.vcpus.clear();
+        let shape = state::encode(&shape);
+        let states = [
+            ("garbage", garbage),
+            ("zeros", vec![0u8; 256]),
+            ("another partition", other),
+            ("no vCPU state", shape),
+        ];
+        for (what, snapshot) in states {
+            let reply = prepare(&connection).await;
+            send(&connection, &reply, &all_zero_pages());
+            let error = commit(&connection, reply.session, snapshot)
+                .await
+                .expect_err(what);
+            println!("a saved state of {what}: {error}");
+            assert!(error.contains("state"), "{what}: {error}");
+        }
+
+        // Still serving, with nothing left behind.
+        let list = connection
+            .client
+            .list(context_with(Duration::from_secs(10)))
+            .await
+            .expect("the daemon answers");
+        assert!(list.is_empty(), "{list:?}");
+    });
+
+    // And a real migration into it completes.
+    let id = source.json(&["launch", "--workload", "kv-zipf", "--mem", "16M"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    source.wait_progress(&id, 1_000, 1);
+    let output = source
+        .command()
+        .args(["migrate", "--from", &source.addr, "--to", &destination.addr])
+        .args(["--strategy", "address", "--json", &id])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
+}
