@@ -39,6 +39,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Each direction's buffer in the data tunnel's pump.
+const TUNNEL_BUFFER: usize = 1 << 20;
+
 /// File names inside a credentials directory.
 pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "cert.pem";
@@ -268,7 +271,15 @@ pub fn tunnel(handle: &tokio::runtime::Handle, stream: Stream) -> Result<UnixStr
     };
     handle.spawn(async move {
         let (mut stream, mut pump_end) = (stream, pump_end);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut pump_end, &mut stream).await {
+        // Buffers of a frame's size, not tokio's 8 KiB: fewer wakeups and fuller TLS records.
+        let copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut pump_end,
+            &mut stream,
+            TUNNEL_BUFFER,
+            TUNNEL_BUFFER,
+        )
+        .await;
+        if let Err(e) = copied {
             tracing::debug!("data tunnel closed: {e}");
         }
     });
