@@ -29,7 +29,7 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    link::{DataLink, DataStream, LinkError},
+    link::{DataLink, DataStream},
     report::{Latency, Mode},
     source::{CommitRequest, FinishReply, PrepareRequest},
     transport::{Frame, FrameReader, send_demand, tune_data_socket, zero_page_hash},
@@ -89,6 +89,8 @@ pub struct Session {
     progress: Mutex<Progress>,
     changed: Condvar,
     aborted: AtomicBool,
+    /// Set once post-copy has ended and guest memory is unregistered from userfaultfd.
+    postcopy_done: AtomicBool,
     /// How long the source may stay silent (see `transport::tune_data_socket`).
     peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
@@ -126,6 +128,7 @@ impl Session {
             }),
             changed: Condvar::new(),
             aborted: AtomicBool::new(false),
+            postcopy_done: AtomicBool::new(false),
             peer_timeout,
             uffd: Mutex::new(None),
             demand_stream: Mutex::new(None),
@@ -165,31 +168,36 @@ impl Session {
         // The source connects as soon as `prepare` answers.
         let deadline = Instant::now() + (2 * self.peer_timeout).min(STEP_TIMEOUT);
         let _ = listener.set_nonblocking(true);
-        let stream = loop {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let stream = 'accepted: loop {
             match listener.accept() {
-                Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout)
-                    .map_err(LinkError::Socket)
-                    .and_then(|()| self.link.accept(stream, peer))
-                {
-                    Ok(stream) => break stream,
-                    Err(e) => warn!(
-                        "refused a data connection from {peer}: {}",
-                        heatprobe::probes::error_chain(&e)
-                    ),
+                Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout) {
+                    Ok(()) => self.link.accept_into(stream, peer, ready_tx.clone()),
+                    Err(e) => warn!("refused a data connection from {peer}: {e}"),
                 },
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
-                        self.fail("the source never connected".into());
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     self.fail(format!("accepting the data connection: {e}"));
                     return;
                 }
             }
+            while let Ok((peer, secured)) = ready.try_recv() {
+                match secured {
+                    Ok(stream) => break 'accepted stream,
+                    Err(e) => warn!(
+                        "refused a data connection from {peer}: {}",
+                        heatprobe::probes::error_chain(&e)
+                    ),
+                }
+            }
+            if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
+                self.fail("the source never connected".into());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         };
+        // Later connections (strangers, or a second try) are refused from here on.
+        drop(listener);
         if let Ok(clone) = stream.try_clone() {
             *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
         }
@@ -313,7 +321,11 @@ impl Session {
 
     /// Waits until `ready` holds, the session fails, or the step times out.
     fn wait(&self, ready: impl Fn(&Progress) -> bool) -> Result<(), SessionError> {
-        let deadline = Instant::now() + STEP_TIMEOUT;
+        // Shorter than the source's deadline for the call that waits (the peer timeout plus
+        // 60 s): the destination gives up first, so it never takes over after its source
+        // stopped waiting and resumed the partition.
+        let deadline =
+            Instant::now() + (self.peer_timeout + Duration::from_secs(30)).min(STEP_TIMEOUT);
         let mut progress = self.lock();
         loop {
             if let Some(error) = &progress.error {
@@ -356,6 +368,11 @@ impl Session {
                 drop(progress);
                 let partition = Partition::restore(&snapshot, Arc::clone(&self.memory), true)
                     .map_err(SessionError::Restore)?;
+                // An abort that came during the restore wins: the source has resumed.
+                if self.aborted.load(Ordering::Relaxed) {
+                    partition.stop();
+                    return Err(SessionError::Aborted);
+                }
                 Ok((partition, Some(digest)))
             }
             Mode::Hybrid => {
@@ -419,7 +436,9 @@ impl Session {
             revents: 0,
         };
         loop {
-            if self.aborted.load(Ordering::Relaxed) || self.lock().missing == 0 {
+            // Not done when nothing is missing: installed zero pages are holes in the memfd,
+            // and a guest touching one faults until `finish` unregisters the range.
+            if self.aborted.load(Ordering::Relaxed) || self.postcopy_done.load(Ordering::Relaxed) {
                 return;
             }
             // SAFETY: one valid pollfd for the duration of the call.
@@ -433,13 +452,20 @@ impl Session {
                 };
                 let page = (addr as u64 - self.memory.host_address()) / PAGE_SIZE;
                 let mut progress = self.lock();
-                if progress
+                let installed = progress
                     .installed
                     .get(page as usize)
                     .copied()
-                    .unwrap_or(true)
-                    || progress.demanded.contains_key(&page)
-                {
+                    .unwrap_or(true);
+                if installed {
+                    drop(progress);
+                    if let Err(e) = self.fill_zero_page(uffd, page) {
+                        self.fail(e);
+                        return;
+                    }
+                    continue;
+                }
+                if progress.demanded.contains_key(&page) {
                     continue;
                 }
                 progress.demanded.insert(page, Instant::now());
@@ -460,6 +486,22 @@ impl Session {
         }
     }
 
+    /// A fault on a page that is in place: it arrived as a zero marker and was left a hole
+    /// (or it was installed just now, and the fault raced the copy). Map the zero page, or
+    /// just wake the vCPU if the page is there.
+    fn fill_zero_page(&self, uffd: &Uffd, page: u64) -> Result<(), String> {
+        let start = (self.memory.host_address() + page * PAGE_SIZE) as *mut libc::c_void;
+        // SAFETY: `start` is a page of our registered guest-memory mapping; UFFDIO_ZEROPAGE
+        // maps zeros there only if the page is missing.
+        match unsafe { uffd.zeropage(start, PAGE_SIZE as usize, true) } {
+            Ok(_) => Ok(()),
+            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => uffd
+                .wake(start, PAGE_SIZE as usize)
+                .map_err(|e| format!("waking the vCPU on page {page}: {e}")),
+            Err(e) => Err(format!("UFFDIO_ZEROPAGE of page {page}: {e}")),
+        }
+    }
+
     /// Hybrid: waits until every page is in place and returns the digest and post-copy figures.
     pub fn finish(&self) -> Result<FinishReply, SessionError> {
         self.wait(|p| p.dones >= 2 && p.missing == 0)?;
@@ -477,10 +519,16 @@ impl Session {
         let requests = progress.requests;
         drop(progress);
         if let Some(uffd) = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = uffd.unregister(
+            // Unregistered, missing pages read as zeros again: the handler can go.
+            let unregistered = uffd.unregister(
                 self.memory.host_address() as *mut libc::c_void,
                 self.memory.size() as usize,
             );
+            if let Err(e) = unregistered {
+                warn!("unregistering guest memory from userfaultfd: {e}");
+            } else {
+                self.postcopy_done.store(true, Ordering::Relaxed);
+            }
         }
         Ok(FinishReply {
             dest_digest: digest.total_hex(),
