@@ -260,15 +260,36 @@ impl Security {
     }
 }
 
+/// Why a tunnel's TLS side failed, once it has. The engine's end of the socket pair can only
+/// see the end of the stream; it asks here whether that end was clean.
+#[derive(Debug, Default)]
+pub struct TunnelFailure(std::sync::Mutex<Option<String>>);
+
+impl TunnelFailure {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, why: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+}
+
 /// Gives blocking code a plain socket whose bytes travel through `stream` (TLS). The pump
-/// runs on `handle` until either side closes or fails; then both ends see the end of stream.
-pub fn tunnel(handle: &tokio::runtime::Handle, stream: Stream) -> Result<UnixStream, TlsError> {
+/// runs on `handle` until either side closes or fails; then both ends see the end of stream,
+/// and a failure (a dead link, a peer gone without closing TLS) is recorded first.
+pub fn tunnel(
+    handle: &tokio::runtime::Handle,
+    stream: Stream,
+) -> Result<(UnixStream, Arc<TunnelFailure>), TlsError> {
     let (engine_end, pump_end) = UnixStream::pair().map_err(TlsError::Tunnel)?;
     pump_end.set_nonblocking(true).map_err(TlsError::Tunnel)?;
     let pump_end = {
         let _runtime = handle.enter();
         tokio::net::UnixStream::from_std(pump_end).map_err(TlsError::Tunnel)?
     };
+    let failure = Arc::new(TunnelFailure::default());
+    let recorded = Arc::clone(&failure);
     handle.spawn(async move {
         let (mut stream, mut pump_end) = (stream, pump_end);
         // Buffers of a frame's size, not tokio's 8 KiB: fewer wakeups and fuller TLS records.
@@ -281,9 +302,11 @@ pub fn tunnel(handle: &tokio::runtime::Handle, stream: Stream) -> Result<UnixStr
         .await;
         if let Err(e) = copied {
             tracing::debug!("data tunnel closed: {e}");
+            // Before the pump's end drops, so the engine's read of the end sees it.
+            recorded.set(format!("the TLS connection failed: {e}"));
         }
     });
-    Ok(engine_end)
+    Ok((engine_end, failure))
 }
 
 /// Writes a fresh CA and, for every host and for command-line clients, a credentials

@@ -9,13 +9,14 @@ use std::{
         fd::{AsFd, BorrowedFd},
         unix::net::UnixStream,
     },
+    sync::{Arc, mpsc},
     time::Duration,
 };
 
 use thiserror::Error;
 use tokio::runtime::Handle;
 
-use crate::tls::{self, Security, TlsError};
+use crate::tls::{self, Security, TlsError, TunnelFailure};
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -35,22 +36,23 @@ pub enum LinkError {
 #[derive(Debug)]
 pub enum DataStream {
     Tcp(TcpStream),
-    /// One end of a socket pair whose other end is pumped through TLS ([`tls::tunnel`]).
-    Tunnel(UnixStream),
+    /// One end of a socket pair whose other end is pumped through TLS ([`tls::tunnel`]), and
+    /// how the TLS side ended.
+    Tunnel(UnixStream, Arc<TunnelFailure>),
 }
 
 impl DataStream {
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
             Self::Tcp(s) => Self::Tcp(s.try_clone()?),
-            Self::Tunnel(s) => Self::Tunnel(s.try_clone()?),
+            Self::Tunnel(s, failure) => Self::Tunnel(s.try_clone()?, Arc::clone(failure)),
         })
     }
 
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.shutdown(how),
-            Self::Tunnel(s) => s.shutdown(how),
+            Self::Tunnel(s, _) => s.shutdown(how),
         }
     }
 }
@@ -59,7 +61,7 @@ impl AsFd for DataStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Self::Tcp(s) => s.as_fd(),
-            Self::Tunnel(s) => s.as_fd(),
+            Self::Tunnel(s, _) => s.as_fd(),
         }
     }
 }
@@ -68,7 +70,14 @@ impl Read for DataStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.read(buf),
-            Self::Tunnel(s) => s.read(buf),
+            // The pair's end is clean even when the link under TLS died: ask the pump.
+            Self::Tunnel(s, failure) => match s.read(buf) {
+                Ok(0) if !buf.is_empty() => match failure.get() {
+                    Some(why) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+                    None => Ok(0),
+                },
+                other => other,
+            },
         }
     }
 }
@@ -77,14 +86,14 @@ impl Write for DataStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.write(buf),
-            Self::Tunnel(s) => s.write(buf),
+            Self::Tunnel(s, _) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.flush(),
-            Self::Tunnel(s) => s.flush(),
+            Self::Tunnel(s, _) => s.flush(),
         }
     }
 }
@@ -121,39 +130,49 @@ impl DataLink {
             .map_err(|source| LinkError::Connect { addr, source })?;
         super::transport::tune_data_socket(&tcp, peer_timeout).map_err(LinkError::Socket)?;
         let _ = tcp.set_nodelay(true);
-        self.secure(tcp, addr, Side::Client)
+        self.secure(tcp, addr)
     }
 
-    /// Wraps a connection the data listener accepted (destination side). Blocking.
-    pub fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Result<DataStream, LinkError> {
-        tcp.set_nonblocking(false).map_err(LinkError::Socket)?;
-        let _ = tcp.set_nodelay(true);
-        self.secure(tcp, peer, Side::Server)
-    }
-
-    fn secure(
+    /// Secures a connection the data listener accepted (destination side) and sends the
+    /// result to `ready`. Plain connections are ready at once. TLS handshakes run on the
+    /// runtime, each on its own task: a peer that connects and stays silent delays nobody,
+    /// and the first authenticated connection wins.
+    pub fn accept_into(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
-        side: Side,
-    ) -> Result<DataStream, LinkError> {
+        ready: mpsc::Sender<(SocketAddr, Result<DataStream, LinkError>)>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let Self::Tls { security, runtime } = self else {
+            let stream = tcp.set_nonblocking(false).map(|()| DataStream::Tcp(tcp));
+            let _ = ready.send((peer, stream.map_err(LinkError::Socket)));
+            return;
+        };
+        let security = security.clone();
+        let pump = runtime.clone();
+        runtime.spawn(async move {
+            let secured = async {
+                tcp.set_nonblocking(true).map_err(LinkError::Socket)?;
+                let tcp = tokio::net::TcpStream::from_std(tcp).map_err(LinkError::Socket)?;
+                let stream = security.accept(tcp, peer).await?;
+                let (engine_end, failure) = tls::tunnel(&pump, stream)?;
+                Ok(DataStream::Tunnel(engine_end, failure))
+            };
+            let _ = ready.send((peer, secured.await));
+        });
+    }
+
+    fn secure(&self, tcp: TcpStream, peer: SocketAddr) -> Result<DataStream, LinkError> {
         let Self::Tls { security, runtime } = self else {
             return Ok(DataStream::Tcp(tcp));
         };
         tcp.set_nonblocking(true).map_err(LinkError::Socket)?;
         let stream = runtime.block_on(async {
             let tcp = tokio::net::TcpStream::from_std(tcp).map_err(LinkError::Socket)?;
-            Ok::<_, LinkError>(match side {
-                Side::Client => security.client_handshake(tcp, peer).await?,
-                Side::Server => security.accept(tcp, peer).await?,
-            })
+            Ok::<_, LinkError>(security.client_handshake(tcp, peer).await?)
         })?;
-        Ok(DataStream::Tunnel(tls::tunnel(runtime, stream)?))
+        let (engine_end, failure) = tls::tunnel(runtime, stream)?;
+        Ok(DataStream::Tunnel(engine_end, failure))
     }
-}
-
-#[derive(Clone, Copy)]
-enum Side {
-    Client,
-    Server,
 }
