@@ -30,7 +30,7 @@ pub const API_VERSION: u32 = 2;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.
-pub const MAX_IMAGE: usize = 64 << 20;
+pub use crate::vmm::partition::MAX_IMAGE;
 
 /// What a daemon says about itself in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

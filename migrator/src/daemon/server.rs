@@ -101,6 +101,9 @@ pub struct Daemon {
     reserved: Arc<Mutex<Reserved>>,
     /// How clients, peers and data connections are authenticated.
     security: Security,
+    /// Recent pre-copy sessions that committed, with the partition each became, in case
+    /// their source aborts after all (it stopped waiting for the commit's answer).
+    committed: Arc<Mutex<VecDeque<(u64, String)>>>,
     /// Stopped partitions, oldest first: only the last [`KEEP_STOPPED`] are remembered.
     stopped_order: Arc<Mutex<VecDeque<String>>>,
     /// How long a silent migration peer is waited on (data connections, calls to it).
@@ -162,6 +165,7 @@ impl Daemon {
             reserved: Arc::default(),
             security: Security::Plain,
             stopped_order: Arc::default(),
+            committed: Arc::default(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
     }
@@ -561,6 +565,11 @@ impl MigratorApi for Daemon {
             .insert(id.clone(), Entry::Live(Arc::new(partition)));
         if session.mode == Mode::Precopy {
             self.remove_session(session_id);
+            let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+            committed.push_back((session_id, id.clone()));
+            if committed.len() > KEEP_STOPPED {
+                committed.pop_front();
+            }
         }
         Ok(CommitReply {
             id_on_destination: id,
@@ -592,10 +601,24 @@ impl MigratorApi for Daemon {
         Ok(reply)
     }
 
-    async fn migration_abort(self, _: Context, session_id: u64) {
+    async fn migration_abort(self, ctx: Context, session_id: u64) {
         if let Some(session) = self.remove_session(session_id) {
             session.abort();
             info!("migration session {session_id} aborted");
+            return;
+        }
+        // A pre-copy session that committed here after its source stopped waiting for the
+        // answer: the source resumed its copy, so this one must not run too.
+        let committed = {
+            let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+            let found = committed.iter().position(|(s, _)| *s == session_id);
+            found.and_then(|i| committed.remove(i))
+        };
+        if let Some((_, id)) = committed {
+            warn!("migration session {session_id} was aborted after its commit: stopping {id}");
+            if let Err(e) = MigratorApi::stop(self, ctx, id.clone()).await {
+                warn!("stopping {id}: {e}");
+            }
         }
     }
 
@@ -863,29 +886,34 @@ pub async fn serve(
         let next = listener.accept().await;
         Some((next, listener))
     });
-    let serving = accepted.for_each_concurrent(None, move |accepted| {
+    let serving = accepted.for_each(move |accepted| {
         let daemon = daemon.clone();
         async move {
             let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
+                    // Out of descriptors, say: back off rather than spin on the error.
                     warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     return;
                 }
             };
-            let stream = match daemon.security.accept(tcp, peer).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    warn!("refused {peer}: {}", error_chain(&e));
-                    return;
-                }
-            };
-            server::BaseChannel::with_defaults(transport(stream))
-                .execute(daemon.serve())
-                .for_each_concurrent(None, |response| async move {
-                    tokio::spawn(response);
-                })
-                .await;
+            // Each connection, its handshake included, on a task of its own.
+            tokio::spawn(async move {
+                let stream = match daemon.security.accept(tcp, peer).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        warn!("refused {peer}: {}", error_chain(&e));
+                        return;
+                    }
+                };
+                server::BaseChannel::with_defaults(transport(stream))
+                    .execute(daemon.serve())
+                    .for_each_concurrent(None, |response| async move {
+                        tokio::spawn(response);
+                    })
+                    .await;
+            });
         }
     });
     Ok((local, serving))
