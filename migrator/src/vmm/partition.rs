@@ -39,8 +39,13 @@ pub static BUILTIN_IMAGE: Option<&[u8]> = None;
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest guest image a partition may have (`launch`, incoming migrations).
+pub const MAX_IMAGE: usize = 64 << 20;
+
 #[derive(Debug, Error)]
 pub enum PartitionError {
+    #[error("the guest image is {0} bytes; the limit is {MAX_IMAGE}")]
+    ImageTooLarge(usize),
     #[error("unknown workload `{0}`; built in: {list}", list = migrator_guest::workloads::NAMES.join(", "))]
     UnknownWorkload(String),
     #[error("this migrator was built without its guest image; build it with `cargo xtask build`")]
@@ -139,7 +144,12 @@ impl PartitionConfig {
             });
         }
         self.checked_boot_args()?;
-        Image::parse(self.image_bytes()?, self.mem_size, stacks)?;
+        let image = self.image_bytes()?;
+        // Also keeps a saved state (the config carries the image) below its payload limit.
+        if image.len() > MAX_IMAGE {
+            return Err(PartitionError::ImageTooLarge(image.len()));
+        }
+        Image::parse(image, self.mem_size, stacks)?;
         Ok(())
     }
 

@@ -29,6 +29,8 @@ pub const STATE_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted: a guest image travels inside the config (see `daemon::api`).
 pub const MAX_PAYLOAD: u64 = 80 << 20;
+// `encode` relies on it: a valid partition's state always fits.
+const _: () = assert!(super::partition::MAX_IMAGE as u64 + (1 << 20) < MAX_PAYLOAD);
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -150,7 +152,9 @@ pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
         console: &snapshot.console,
     };
     // Invariant: serializing plain data (no maps, every sequence of known length) into a Vec
-    // cannot fail; only a payload past MAX_PAYLOAD could, and the daemon refuses such images.
+    // cannot fail; only a payload past MAX_PAYLOAD could, and `PartitionConfig::validate`
+    // (run on every launch and incoming migration) keeps the image, the bulk of it, to
+    // MAX_IMAGE, below MAX_PAYLOAD with room for the console and vCPU state.
     let payload = options()
         .serialize(&saved)
         .expect("a snapshot always serializes");
