@@ -631,8 +631,20 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             }
         });
         let anon: Vec<u64> = pids.iter().map(|&pid| Memory::of(pid).rss_anon).collect();
-        let (vms, threads): (Vec<usize>, Vec<usize>) =
-            pids.iter().map(|&pid| vms_and_threads(pid)).unzip();
+        // A partition that left is freed off the daemon's runtime, just after its migration
+        // answers: give that a moment before counting VMs.
+        let hosted: Vec<usize> = (0..hosts.len())
+            .map(|h| placed.iter().filter(|p| p.host == h).count())
+            .collect();
+        let counted = Instant::now();
+        let (vms, threads): (Vec<usize>, Vec<usize>) = loop {
+            let (vms, threads): (Vec<usize>, Vec<usize>) =
+                pids.iter().map(|&pid| vms_and_threads(pid)).unzip();
+            if vms == hosted || counted.elapsed() > Duration::from_secs(10) {
+                break (vms, threads);
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
         eprintln!(
             "load: after wave {wave}: own memory (RssAnon) A {:.1} MiB, B {:.1} MiB; KVM VMs A \
              {}, B {}; threads A {}, B {}",
