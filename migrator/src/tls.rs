@@ -14,7 +14,10 @@ use std::{
     fs,
     io::{self, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::{fs::OpenOptionsExt, net::UnixStream},
+    os::unix::{
+        fs::{OpenOptionsExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -397,6 +400,9 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
         .mode(mode)
         .open(path)
         .map_err(write)?;
+    // The mode above applies only to a file created here: tighten one that existed.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(write)?;
     file.write_all(contents.as_bytes()).map_err(write)
 }
 
@@ -447,6 +453,25 @@ mod tests {
         assert!(!handshake(&server, &Security::Plain).await.1);
         let _ = fs::remove_dir_all(&ours);
         let _ = fs::remove_dir_all(&theirs);
+    }
+
+    #[test]
+    fn keys_are_private_even_over_an_existing_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("modes");
+        fs::create_dir_all(dir.join(CLIENT_DIR)).unwrap();
+        fs::write(dir.join(CLIENT_DIR).join(KEY_FILE), "old").unwrap();
+        fs::set_permissions(
+            dir.join(CLIENT_DIR).join(KEY_FILE),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        generate(&dir, &[]).unwrap();
+        for key in [dir.join("ca-key.pem"), dir.join(CLIENT_DIR).join(KEY_FILE)] {
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
