@@ -197,6 +197,28 @@ impl Daemon {
         )
     }
 
+    /// Runs `migrator migrate --json --from SELF --to TO ID EXTRA...` with this daemon's
+    /// namespace and TLS settings; returns the exit code and the report. When it printed no
+    /// report, the value is a string with its stderr, so a failed assertion shows why.
+    pub fn migrate(&self, to: &Daemon, id: &str, extra: &[&str]) -> (i32, Value) {
+        let output = self
+            .command()
+            .args([
+                "migrate", "--json", "--from", &self.addr, "--to", &to.addr, id,
+            ])
+            .args(extra)
+            .output()
+            .expect("run migrator migrate");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+            Value::String(format!(
+                "no report; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        });
+        (output.status.code().unwrap_or(-1), report)
+    }
+
     /// Runs `migrator ARGS --host ADDR --json` and parses what it prints.
     pub fn try_json(&self, args: &[&str]) -> Result<Value> {
         let mut args = args.to_vec();

@@ -56,3 +56,53 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     dir.join(name)
 }
+
+/// Memory of one process, from /proc/PID/status, in bytes. Guest RAM is a shared memfd, so it
+/// shows as `rss_shmem`; a daemon's own memory is `rss_anon`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessMemory {
+    pub vm_rss: u64,
+    pub rss_anon: u64,
+    pub rss_shmem: u64,
+}
+
+impl ProcessMemory {
+    pub fn of(pid: u32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        Self {
+            vm_rss: field("VmRSS:"),
+            rss_anon: field("RssAnon:"),
+            rss_shmem: field("RssShmem:"),
+        }
+    }
+
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            vm_rss: self.vm_rss.max(other.vm_rss),
+            rss_anon: self.rss_anon.max(other.rss_anon),
+            rss_shmem: self.rss_shmem.max(other.rss_shmem),
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VmRSS {} MiB (RssAnon {:.1} MiB, RssShmem {} MiB)",
+            self.vm_rss >> 20,
+            self.rss_anon as f64 / (1u64 << 20) as f64,
+            self.rss_shmem >> 20
+        )
+    }
+}

@@ -173,15 +173,8 @@ fn a_destination_refuses_hostile_bytes_and_keeps_serving() {
         .unwrap()
         .to_string();
     source.wait_progress(&id, 1_000, 1);
-    let output = source
-        .command()
-        .args(["migrate", "--from", &source.addr, "--to", &destination.addr])
-        .args(["--strategy", "address", "--json", &id])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&output.stderr)));
+    let (code, report) = source.migrate(&destination, &id, &["--strategy", "address"]);
+    assert_eq!(code, 0, "{report}");
     assert_eq!(report["status"], "completed", "{report}");
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
 }

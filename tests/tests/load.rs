@@ -26,7 +26,7 @@ use std::{
 
 use hdrhistogram::Histogram;
 use heatprobe_tests::{
-    bpf_unavailable,
+    ProcessMemory, bpf_unavailable,
     daemon::{Daemon, DaemonConfig, make_certs},
     kvm_unavailable,
     netns::{HostPair, netns_unavailable},
@@ -190,55 +190,6 @@ struct Host {
     addr: SocketAddr,
 }
 
-/// Memory of one process, from /proc/PID/status, in bytes.
-#[derive(Clone, Copy, Debug, Default)]
-struct Memory {
-    vm_rss: u64,
-    rss_anon: u64,
-    rss_shmem: u64,
-}
-
-impl Memory {
-    fn of(pid: u32) -> Self {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().strip_suffix("kB"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-        };
-        Self {
-            vm_rss: field("VmRSS:"),
-            rss_anon: field("RssAnon:"),
-            rss_shmem: field("RssShmem:"),
-        }
-    }
-
-    fn max(self, other: Self) -> Self {
-        Self {
-            vm_rss: self.vm_rss.max(other.vm_rss),
-            rss_anon: self.rss_anon.max(other.rss_anon),
-            rss_shmem: self.rss_shmem.max(other.rss_shmem),
-        }
-    }
-}
-
-impl std::fmt::Display for Memory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "VmRSS {} MiB (RssAnon {:.1} MiB, RssShmem {} MiB)",
-            self.vm_rss / MIB,
-            self.rss_anon as f64 / MIB as f64,
-            self.rss_shmem / MIB
-        )
-    }
-}
-
 /// How many KVM VMs (open `kvm-vm` descriptors) and threads process `pid` has.
 fn vms_and_threads(pid: u32) -> (usize, usize) {
     let vms = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -257,7 +208,7 @@ fn vms_and_threads(pid: u32) -> (usize, usize) {
 /// Samples both daemons' memory every 50 ms until told to stop; returns the peaks.
 struct MemorySampler {
     stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<Vec<Memory>>,
+    thread: thread::JoinHandle<Vec<ProcessMemory>>,
 }
 
 impl MemorySampler {
@@ -265,10 +216,11 @@ impl MemorySampler {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = thread::spawn(move || {
-            let mut peaks: Vec<Memory> = pids.iter().map(|&p| Memory::of(p)).collect();
+            let mut peaks: Vec<ProcessMemory> =
+                pids.iter().map(|&p| ProcessMemory::of(p)).collect();
             while !stopping.load(Ordering::Relaxed) {
                 for (peak, &pid) in peaks.iter_mut().zip(&pids) {
-                    *peak = peak.max(Memory::of(pid));
+                    *peak = peak.max(ProcessMemory::of(pid));
                 }
                 thread::sleep(Duration::from_millis(50));
             }
@@ -277,7 +229,7 @@ impl MemorySampler {
         Self { stop, thread }
     }
 
-    fn finish(self) -> Vec<Memory> {
+    fn finish(self) -> Vec<ProcessMemory> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("the memory sampler")
     }
@@ -503,7 +455,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             wait_progress(&connections[p.host], &p.id, 5, checks, "before the load").await;
         }
     });
-    let idle_memory: Vec<Memory> = pids.iter().map(|&pid| Memory::of(pid)).collect();
+    let idle_memory: Vec<ProcessMemory> = pids.iter().map(|&pid| ProcessMemory::of(pid)).collect();
     eprintln!(
         "load: launched {} partitions on A and {} on B in {launch_time:.1?}",
         scenario.partitions_a, scenario.partitions_b
@@ -630,7 +582,10 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
                 .await;
             }
         });
-        let anon: Vec<u64> = pids.iter().map(|&pid| Memory::of(pid).rss_anon).collect();
+        let anon: Vec<u64> = pids
+            .iter()
+            .map(|&pid| ProcessMemory::of(pid).rss_anon)
+            .collect();
         // A partition that left is freed off the daemon's runtime, just after its migration
         // answers: give that a moment before counting VMs.
         let hosted: Vec<usize> = (0..hosts.len())
@@ -689,7 +644,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             );
         }
     });
-    let end_memory: Vec<Memory> = pids.iter().map(|&pid| Memory::of(pid)).collect();
+    let end_memory: Vec<ProcessMemory> = pids.iter().map(|&pid| ProcessMemory::of(pid)).collect();
 
     // The figures.
     for (case, took, report) in &migrations {

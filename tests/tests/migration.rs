@@ -5,7 +5,8 @@
 use std::{net::SocketAddr, thread, time::Duration};
 
 use heatprobe_tests::{
-    bpf_unavailable, daemon::Daemon, guest_images::handmade_image, kvm_unavailable, skip,
+    ProcessMemory, bpf_unavailable, daemon::Daemon, guest_images::handmade_image, kvm_unavailable,
+    skip,
 };
 use serde_json::Value;
 
@@ -26,26 +27,11 @@ fn launch(daemon: &Daemon, workload: &str, args: &str, mem: &str, vcpus: u32) ->
         .to_string()
 }
 
-/// Runs `migrator migrate --json`; returns its exit code and report.
+/// Migrates `id` with a short profile window (the tests' guests warm up fast).
 fn migrate(from: &Daemon, to: &Daemon, id: &str, extra: &[&str]) -> (i32, Value) {
-    let mut args = vec![
-        "migrate",
-        "--to",
-        &to.addr,
-        id,
-        "--json",
-        "--profile-window",
-        "200ms",
-    ];
+    let mut args = vec!["--profile-window", "200ms"];
     args.extend_from_slice(extra);
-    let output = std::process::Command::new(heatprobe_tests::workspace_bin("migrator"))
-        .args(&args)
-        .args(["--from", &from.addr])
-        .output()
-        .expect("run migrator migrate");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (output.status.code().unwrap_or(-1), report)
+    from.migrate(to, id, &args)
 }
 
 fn checks_and_ops(status: &Value) -> (u64, u64) {
@@ -292,19 +278,6 @@ fn migrating_an_unknown_id_fails_cleanly() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
-/// The destination's own share of guest RAM (`RssShmem`, bytes): the guest memfd pages it has
-/// touched.
-fn resident_guest_memory(daemon: &Daemon) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
-        .expect("the daemon's /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("an RssShmem line")
-        * 1024
-}
-
 #[test]
 fn zero_pages_arrive_without_becoming_resident() {
     if let Some(why) = kvm_unavailable() {
@@ -312,7 +285,7 @@ fn zero_pages_arrive_without_becoming_resident() {
     }
     let source = Daemon::start();
     let destination = Daemon::start();
-    let before = resident_guest_memory(&destination);
+    let before = ProcessMemory::of(destination.pid()).rss_shmem;
     // An idle guest touches a few pages of its 256 MiB: nearly every page travels as a zero
     // marker. Writing those would make all 256 MiB resident on the destination.
     let id = launch(&source, "idle", "", "256M", 1);
@@ -322,7 +295,9 @@ fn zero_pages_arrive_without_becoming_resident() {
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
     let zero_pages = report["zero_pages"].as_u64().unwrap_or(0);
     assert!(zero_pages > 60_000, "{report}");
-    let grown = resident_guest_memory(&destination).saturating_sub(before);
+    let grown = ProcessMemory::of(destination.pid())
+        .rss_shmem
+        .saturating_sub(before);
     assert!(
         grown < 32 << 20,
         "the destination made {} MiB of a mostly zero 256 MiB guest resident",

@@ -102,15 +102,8 @@ fn only_authenticated_peers_get_in_and_they_migrate_over_tls() {
     ]);
     let id = launched["id"].as_str().expect("an id").to_string();
     a.wait_progress(&id, 10_000, 2);
-    let output = a
-        .command()
-        .args(["migrate", "--from", &a.addr, "--to", &b.addr, "--json"])
-        .args(["--strategy", "address", "--mode", "hybrid", &id])
-        .output()
-        .expect("run migrator migrate");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&output.stderr)));
+    let (code, report) = a.migrate(&b, &id, &["--strategy", "address", "--mode", "hybrid"]);
+    assert_eq!(code, 0, "{report}");
     assert_eq!(report["status"], "completed", "{report}");
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
     println!("migrated over TLS: {report}");
