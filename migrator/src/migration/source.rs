@@ -578,23 +578,37 @@ fn cutover_precopy(
     order.sort(&mut dirty);
     run.send(sender, &dirty)?;
     sender.send_done()?;
-    let snapshot = state::encode(&partition.snapshot()?);
+    let reply = commit(run, destination, session, paused, Vec::new())?;
+    // Still paused here, so this is the memory at the moment of the pause; hashing it after
+    // the cutover keeps it out of the downtime.
+    run.report.source_digest = Some(partition.digest().total_hex());
+    run.report.dest_digest = reply.dest_digest;
+    Ok(())
+}
+
+/// Sends the paused partition's state (and, in hybrid mode, the pages whose copy is stale);
+/// returns once the destination runs it, with the downtime since `paused` and the new id
+/// recorded.
+fn commit(
+    run: &mut Run<'_>,
+    destination: &mut dyn Destination,
+    session: u64,
+    paused: Instant,
+    stale_pages: Vec<u64>,
+) -> Result<CommitReply, MigrationError> {
+    let snapshot = state::encode(&run.partition.snapshot()?);
     let reply = destination
         .commit(
             session,
             CommitRequest {
                 snapshot,
-                stale_pages: Vec::new(),
+                stale_pages,
             },
         )
         .map_err(MigrationError::Commit)?;
     run.report.downtime_ms = paused.elapsed().as_millis() as u64;
-    // Still paused here, so this is the memory at the moment of the pause; hashing it after
-    // the cutover keeps it out of the downtime.
-    run.report.source_digest = Some(partition.digest().total_hex());
-    run.report.dest_digest = reply.dest_digest;
-    run.report.id_on_destination = Some(reply.id_on_destination);
-    Ok(())
+    run.report.id_on_destination = Some(reply.id_on_destination.clone());
+    Ok(reply)
 }
 
 /// Pause, send the vCPU state and the list of stale pages, resume there at once; then push
@@ -611,18 +625,7 @@ fn cutover_hybrid(
     let partition = run.partition;
     let (paused, stale) = pause_for_cutover(run, last_dirty)?;
     sender.send_done()?;
-    let snapshot = state::encode(&partition.snapshot()?);
-    let reply = destination
-        .commit(
-            session,
-            CommitRequest {
-                snapshot,
-                stale_pages: stale.clone(),
-            },
-        )
-        .map_err(MigrationError::Commit)?;
-    run.report.downtime_ms = paused.elapsed().as_millis() as u64;
-    run.report.id_on_destination = Some(reply.id_on_destination);
+    commit(run, destination, session, paused, stale.clone())?;
 
     // Post-copy: push what the destination lacks, hottest first; demands jump the queue. A
     // small send buffer keeps a demanded page from queueing behind megabytes of pushed ones.
