@@ -1,17 +1,15 @@
-//! Connecting to a daemon: TCP (with mutual TLS off loopback), bincode frames, and the
-//! version handshake.
+//! Connecting to a daemon: TCP (with mutual TLS off loopback), postcard frames
+//! ([`super::codec`]), and the version handshake.
 
 use std::{net::SocketAddr, time::Duration};
 
-use tarpc::{
-    ClientMessage, Response, client, context,
-    serde_transport::{self, Transport},
-    tokio_serde::formats::Bincode,
-};
+use tarpc::{ClientMessage, Response, client, context, serde_transport::Transport};
 use thiserror::Error;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use super::api::{API_VERSION, ApiError, DaemonInfo, MAX_FRAME, MigratorApiClient};
+use super::{
+    api::{API_VERSION, ApiError, DaemonInfo, MigratorApiClient},
+    codec::{Postcard, transport},
+};
 use crate::tls::{Security, Stream, TlsError};
 
 #[derive(Debug, Error)]
@@ -48,25 +46,11 @@ pub fn context_with(timeout: Duration) -> context::Context {
     ctx
 }
 
-/// Bincode messages in length-delimited frames, no larger than [`MAX_FRAME`].
-pub fn transport<Item, SinkItem>(
-    stream: Stream,
-) -> Transport<Stream, Item, SinkItem, Bincode<Item, SinkItem>>
-where
-    Item: for<'de> serde::Deserialize<'de>,
-    SinkItem: serde::Serialize,
-{
-    let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec();
-    serde_transport::new(Framed::new(stream, codec), Bincode::default())
-}
-
 type ClientTransport = Transport<
     Stream,
     Response<super::api::MigratorApiResponse>,
     ClientMessage<super::api::MigratorApiRequest>,
-    Bincode<
+    Postcard<
         Response<super::api::MigratorApiResponse>,
         ClientMessage<super::api::MigratorApiRequest>,
     >,

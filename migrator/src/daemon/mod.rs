@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod client;
+pub mod codec;
 pub mod heat_view;
 pub mod memory;
 pub mod server;

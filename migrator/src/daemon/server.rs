@@ -24,7 +24,8 @@ use super::{
         API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_IMAGE, MigrateRequest, MigratorApi,
         MigratorApiClient, PartitionInfo,
     },
-    client::{Connection, context_with, transport},
+    client::{Connection, context_with},
+    codec::transport,
     heat_view::{HeatMonitor, HeatView},
 };
 use crate::{

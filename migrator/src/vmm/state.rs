@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  magic "HMIGSTAT" | version u32 | reserved u32 | payload_len u64 | xxh3-64 of payload u64
-//!  payload: bincode (fixed-width little-endian integers, no trailing bytes)
+//!  payload: postcard (varint integers, byte strings length-prefixed, no trailing bytes)
 //! ```
 //!
 //! Decoding checks the header (magic, version, length, checksum) before it looks at the
@@ -11,7 +11,6 @@
 //! vCPU state per vCPU, each register block of its exact size, only known MSRs) before anything
 //! reaches KVM. Every failed step is its own [`StateError`] variant.
 
-use bincode::Options;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use serde::{Deserialize, Serialize, de::value::BytesDeserializer};
 use thiserror::Error;
@@ -25,7 +24,8 @@ use super::{
 /// The first 8 bytes of every saved state (never all zero).
 pub const STATE_MAGIC: [u8; 8] = *b"HMIGSTAT";
 /// The state format this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+/// 2: the payload is postcard (1 was bincode).
+pub const STATE_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted: a guest image travels inside the config (see `daemon::api`).
 pub const MAX_PAYLOAD: u64 = 80 << 20;
@@ -51,7 +51,9 @@ pub enum StateError {
     )]
     Checksum { stored: u64, computed: u64 },
     #[error("the saved state's payload does not decode")]
-    Payload(#[source] bincode::Error),
+    Payload(#[source] postcard::Error),
+    #[error("the saved state's payload has {0} bytes after its end")]
+    Trailing(usize),
     #[error("the saved state is of another partition than the one prepared")]
     Config,
     #[error("the saved state has {got} vCPU states for {want} vCPUs")]
@@ -92,7 +94,7 @@ struct SavedPartitionRef<'a> {
     console: &'a [u8],
 }
 
-/// kvm-bindings serializes its structs as byte strings, which bincode lays out exactly as a
+/// kvm-bindings serializes its structs as byte strings, which postcard lays out exactly as a
 /// `Vec<u8>`: length, then the bytes. Reading them back as `Vec<u8>` lets the sizes be checked
 /// (kvm-bindings itself would pad or truncate silently).
 #[derive(Serialize)]
@@ -107,6 +109,7 @@ struct SavedVcpuRef<'a> {
 
 /// The payload as read.
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct SavedPartition {
     config: PartitionConfig,
     tsc_khz: u64,
@@ -115,6 +118,7 @@ struct SavedPartition {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct SavedVcpu {
     regs: Vec<u8>,
     sregs: Vec<u8>,
@@ -122,14 +126,6 @@ struct SavedVcpu {
     xcrs: Option<Vec<u8>>,
     events: Vec<u8>,
     msrs: Vec<(u32, u64)>,
-}
-
-fn options() -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_little_endian()
-        .reject_trailing_bytes()
-        .with_limit(MAX_PAYLOAD)
 }
 
 /// The saved state of `snapshot`, header included.
@@ -155,9 +151,7 @@ pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
     // cannot fail; only a payload past MAX_PAYLOAD could, and `PartitionConfig::validate`
     // (run on every launch and incoming migration) keeps the image, the bulk of it, to
     // MAX_IMAGE, below MAX_PAYLOAD with room for the console and vCPU state.
-    let payload = options()
-        .serialize(&saved)
-        .expect("a snapshot always serializes");
+    let payload = postcard::to_stdvec(&saved).expect("a snapshot always serializes");
     wrap(&payload)
 }
 
@@ -217,9 +211,13 @@ fn payload(bytes: &[u8]) -> Result<&[u8], StateError> {
 /// destination prepared for): nothing of it reaches KVM unchecked.
 pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnapshot, StateError> {
     let payload = payload(bytes)?;
-    let saved: SavedPartition = options()
-        .deserialize(payload)
-        .map_err(StateError::Payload)?;
+    // The header already bounds the payload to MAX_PAYLOAD; postcard allocates no more than
+    // the bytes it is given can describe.
+    let (saved, rest): (SavedPartition, _) =
+        postcard::take_from_bytes(payload).map_err(StateError::Payload)?;
+    if !rest.is_empty() {
+        return Err(StateError::Trailing(rest.len()));
+    }
     if saved.config != *expected {
         return Err(StateError::Config);
     }
@@ -392,10 +390,11 @@ mod tests {
             Err(StateError::Truncated(10))
         ));
         let mut bad = bytes.clone();
-        bad[8] = 2;
+        // Version 1, the bincode payload of earlier builds.
+        bad[8] = 1;
         assert!(matches!(
             decode(&bad, &expected),
-            Err(StateError::Version(2))
+            Err(StateError::Version(1))
         ));
         let mut bad = bytes.clone();
         bad[12] = 1;
@@ -418,8 +417,14 @@ mod tests {
             Err(StateError::Checksum { .. })
         ));
         assert!(matches!(
-            decode(&wrap(b"not bincode"), &expected),
+            decode(&wrap(b"not postcard"), &expected),
             Err(StateError::Payload(_))
+        ));
+        let mut trailing = payload_of(&bytes);
+        trailing.push(0);
+        assert!(matches!(
+            decode(&wrap(&trailing), &expected),
+            Err(StateError::Trailing(1))
         ));
         assert!(matches!(
             decode(&bytes, &config(2)),
@@ -437,17 +442,12 @@ mod tests {
             decode(&encode(&three), &expected),
             Err(StateError::VcpuCount { got: 3, want: 1 })
         ));
-        // Registers one byte short: cut the length prefix and a byte of the registers.
+        // Registers one byte short: the payload as read, one byte cut, written again.
         let snapshot = sample_snapshot(config(1));
-        let payload = payload_of(&encode(&snapshot));
-        let config_len = options().serialized_size(&snapshot.config).expect("sizes") as usize;
-        // tsc_khz (8), the vCPU count (8), then the registers' length and bytes.
-        let at = config_len + 16;
-        let regs_len = size_of::<kvm_regs>();
-        let mut short = payload[..at].to_vec();
-        short.extend_from_slice(&(regs_len as u64 - 1).to_le_bytes());
-        short.extend_from_slice(&payload[at + 8..at + 8 + regs_len - 1]);
-        short.extend_from_slice(&payload[at + 8 + regs_len..]);
+        let mut saved: SavedPartition =
+            postcard::from_bytes(&payload_of(&encode(&snapshot))).expect("decodes");
+        saved.vcpus[0].regs.pop();
+        let short = postcard::to_stdvec(&saved).expect("encodes");
         let err = decode(&wrap(&short), &expected).expect_err("refused");
         assert!(
             matches!(
