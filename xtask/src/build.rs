@@ -94,7 +94,7 @@ pub const GUEST_TARGET: &str = "x86_64-heat-guest";
 fn write_guest_target_spec() -> Result<PathBuf> {
     let json = output(
         std::process::Command::new("rustc").args([
-            "+nightly",
+            &crate::toolchain::plus(),
             "--print",
             "target-spec-json",
             "-Z",
@@ -102,7 +102,7 @@ fn write_guest_target_spec() -> Result<PathBuf> {
             "--target",
             "x86_64-unknown-none",
         ]),
-        "rustc +nightly --print target-spec-json",
+        "rustc --print target-spec-json (pinned nightly)",
     )?;
     let mut spec: serde_json::Value =
         serde_json::from_str(&json).context("parsing rustc's target spec")?;

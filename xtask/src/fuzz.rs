@@ -59,7 +59,7 @@ pub fn run_targets(targets: &[&'static str], seconds: u64) -> Result<Vec<Outcome
     }
     run(
         &mut build,
-        "cargo +nightly fuzz build (is cargo-fuzz installed? `cargo xtask setup` installs it)",
+        "cargo fuzz build with the pinned nightly (is cargo-fuzz installed? `cargo xtask setup` installs it)",
     )?;
     let mut outcomes = Vec::new();
     for &target in targets {
@@ -118,7 +118,7 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
         .stdout(Stdio::null())
         .stderr(log_file)
         .status()
-        .with_context(|| format!("starting cargo +nightly fuzz run {target}"))?;
+        .with_context(|| format!("starting cargo fuzz run {target}"))?;
     let text = fs::read_to_string(&log).unwrap_or_default();
     let runs = text.lines().find_map(parse_done);
     if status.success() {
@@ -156,9 +156,10 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
             let relative = input.strip_prefix(&fuzz).unwrap_or(input);
             format!(
                 "{target} crashed ({status}); the input is kept as fuzz/{}: reproduce with \
-                 `cd fuzz && cargo +nightly fuzz run {target} {}`, fix the decoder, and commit \
+                 `cd fuzz && cargo {} fuzz run {target} {}`, fix the decoder, and commit \
                  the input (tests/tests/fuzz_regressions.rs replays it)",
                 relative.display(),
+                crate::toolchain::plus(),
                 relative.display()
             )
         }

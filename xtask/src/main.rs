@@ -3,13 +3,16 @@
 //! Every command that needs the toolchain runs `setup` first, so a fresh machine needs only
 //! `cargo xtask run` or `cargo xtask test`.
 
+mod audit;
 mod bench;
 mod build;
 mod fuzz;
+mod libllvm;
 mod process;
 mod run;
 mod setup;
 mod test;
+mod toolchain;
 
 use std::process::ExitCode;
 
@@ -24,8 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what the build needs (idempotent): nightly with rust-src, bpf-linker,
-    /// cargo-fuzz, libclang, tmux.
+    /// Install what the build needs (idempotent): the pinned nightly with rust-src,
+    /// bpf-linker, cargo-fuzz, cargo-deny, libclang, tmux.
     Setup,
     /// Build the eBPF object and every binary, in release mode, into target/release/.
     Build,
@@ -38,7 +41,10 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test (lints included).
+    /// Audit the locked dependencies offline (advisories, duplicate versions, licenses)
+    /// against deny.toml and a local copy of the RustSec database.
+    Audit,
+    /// Run every test (lints and the audit included).
     Test {
         /// Also run the long variants.
         #[arg(long)]
@@ -74,6 +80,7 @@ fn main() -> ExitCode {
         Command::Run { args, .. } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| run::run(&args)),
+        Command::Audit => setup::setup().and_then(|()| audit::audit()),
         Command::Test { long } => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| test::test(long)),

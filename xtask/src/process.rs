@@ -32,10 +32,13 @@ pub fn cargo() -> Command {
     command
 }
 
-/// A `cargo +nightly` command. Goes through the rustup proxy, which picks the toolchain.
+/// A `cargo +NIGHTLY` command with the pinned nightly ([`crate::toolchain::NIGHTLY`]). Goes
+/// through the rustup proxy, which picks the toolchain.
 pub fn cargo_nightly() -> Command {
     let mut command = Command::new("cargo");
-    command.arg("+nightly").current_dir(workspace_root());
+    command
+        .arg(crate::toolchain::plus())
+        .current_dir(workspace_root());
     for var in [
         "RUSTC",
         "RUSTC_WRAPPER",

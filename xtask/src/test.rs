@@ -1,4 +1,4 @@
-//! `cargo xtask test`: formatting, lints, then every test in release mode (the same profile
+//! `cargo xtask test`: formatting, lints, the supply-chain audit, then every test in release mode (the same profile
 //! `cargo xtask build` used, so nothing is compiled twice), then every fuzz target for a
 //! bounded time. Ends with one line totalling the test results of every test binary and the
 //! fuzz targets.
@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    fuzz,
+    audit, fuzz,
     process::{cargo, run, workspace_root},
 };
 
@@ -29,6 +29,7 @@ pub fn test(long: bool) -> Result<()> {
         ]),
         "cargo clippy",
     )?;
+    audit::audit()?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--release"]);
     if long {
