@@ -473,7 +473,7 @@ async fn migrate(
             println!("error: {error}");
         }
     }
-    if report.status != "completed" {
+    if report.status != migrator::migration::MigrationStatus::Completed {
         bail!("the migration failed; the partition keeps running on the source");
     }
     Ok(())

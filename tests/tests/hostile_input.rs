@@ -10,8 +10,8 @@ use migrator::{
     daemon::client::{Connection, context_with},
     migration::{
         Mode,
+        control::{CommitRequest, PrepareReply, PrepareRequest},
         protocol::{FrameHeader, FrameKind, MAX_PAGES_PER_FRAME, PROTOCOL_VERSION, ZERO_PAGE},
-        source::{CommitRequest, PrepareReply, PrepareRequest},
     },
     tls::Security,
     vmm::{GuestImage, PartitionConfig, state},

@@ -544,7 +544,8 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
                 report.mode
             );
             assert_eq!(
-                report.status, "completed",
+                report.status,
+                migrator::migration::MigrationStatus::Completed,
                 "{case}: the migration failed: {:?}\n{report:?}",
                 report.error
             );

@@ -17,9 +17,8 @@ use crate::{
     daemon::heat_view::HeatView,
     migration::{
         MigrationProgress, MigrationReport,
-        source::{
-            CommitReply, CommitRequest, FinishReply, MigrationOptions, PrepareReply, PrepareRequest,
-        },
+        control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
+        source::MigrationOptions,
     },
     vmm::{GuestImage, PartitionState},
 };
@@ -100,6 +99,15 @@ pub enum ApiError {
     /// A migration step failed on this daemon; the message carries the cause chain.
     #[error("{0}")]
     Migration(String),
+    /// The daemon failed in a way no request should cause (a task panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<super::admission::AdmissionError> for ApiError {
+    fn from(error: super::admission::AdmissionError) -> Self {
+        Self::Limit(error.to_string())
+    }
 }
 
 /// Asks a source daemon to migrate one of its partitions.

@@ -10,9 +10,10 @@ use std::{
 };
 
 use heatprobe::{
-    Access, HeatClass, PageHeat, Probes, Profiler, probes::error_chain, profiler::ProfilerConfig,
+    Access, HeatClass, PageHeat, Probes, Profiler, ProfilerError, profiler::ProfilerConfig,
 };
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::vmm::{Partition, PartitionState, sampler::profile_partition};
 
@@ -107,6 +108,14 @@ impl HeatView {
     }
 }
 
+#[derive(Debug, Error)]
+pub enum HeatViewError {
+    #[error("cannot start profiling the partition")]
+    Start(#[source] ProfilerError),
+    #[error("advancing the partition's heat failed")]
+    Epoch(#[source] ProfilerError),
+}
+
 /// The profiler behind one partition's view.
 pub struct HeatMonitor {
     profiler: Profiler,
@@ -118,7 +127,7 @@ pub struct HeatMonitor {
 pub const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
 
 impl HeatMonitor {
-    pub fn start(probes: Arc<Probes>, partition: Arc<Partition>) -> Result<Self, String> {
+    pub fn start(probes: Arc<Probes>, partition: Arc<Partition>) -> Result<Self, HeatViewError> {
         let profiler = profile_partition(
             probes,
             &partition,
@@ -128,7 +137,7 @@ impl HeatMonitor {
                 ..ProfilerConfig::default()
             },
         )
-        .map_err(|e| error_chain(&e))?;
+        .map_err(HeatViewError::Start)?;
         Ok(Self {
             profiler,
             partition,
@@ -137,11 +146,11 @@ impl HeatMonitor {
     }
 
     /// Advances the heat if an interval has passed and the partition runs, then condenses it.
-    pub fn view(&mut self, cells: usize) -> Result<HeatView, String> {
+    pub fn view(&mut self, cells: usize) -> Result<HeatView, HeatViewError> {
         if self.last_epoch.elapsed() >= MONITOR_INTERVAL
             && self.partition.state() == PartitionState::Running
         {
-            self.profiler.end_epoch().map_err(|e| error_chain(&e))?;
+            self.profiler.end_epoch().map_err(HeatViewError::Epoch)?;
             self.last_epoch = Instant::now();
         }
         let heat = self.profiler.heat();

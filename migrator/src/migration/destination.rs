@@ -29,9 +29,9 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
+    control::{CommitRequest, FinishReply, PrepareRequest},
     link::{DataLink, DataStream},
     report::{Latency, Mode},
-    source::{CommitRequest, FinishReply, PrepareRequest},
     transport::{Frame, FrameReader, send_demand, tune_data_socket, zero_page_hash},
 };
 use crate::vmm::{
@@ -534,7 +534,6 @@ impl Session {
             dest_digest: digest.total_hex(),
             postcopy_requests: requests,
             fault_latency_us: latency,
-            post_cutover_faults: None,
         })
     }
 

@@ -1,11 +1,13 @@
 //! Live migration of a partition between two daemons.
 //!
+//! - `control`: what the source asks of the destination, and how those calls fail;
 //! - `protocol`: the data frames, versioned; `transport`: sending and reading them, paced;
 //! - `source`: plans (heat or address order), rounds of dirty pages, convergence, cutover;
 //! - `destination`: sessions that receive pages, restore the partition, and in hybrid mode
 //!   serve missing pages through userfaultfd;
 //! - `report`: what a migration reports (names follow QEMU's query-migrate where they can).
 
+pub mod control;
 pub mod destination;
 pub mod link;
 pub mod protocol;
@@ -13,4 +15,4 @@ pub mod report;
 pub mod source;
 pub mod transport;
 
-pub use report::{MigrationProgress, MigrationReport, Mode, Strategy};
+pub use report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy};

@@ -30,11 +30,27 @@ pub struct Latency {
     pub max: u64,
 }
 
+/// How a migration ended; serialized as `completed` or `failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationStatus {
+    Completed,
+    Failed,
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        })
+    }
+}
+
 /// The one JSON object `migrator migrate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
-    /// `completed` or `failed`.
-    pub status: String,
+    pub status: MigrationStatus,
     pub error: Option<String>,
     pub strategy: Strategy,
     pub mode: Mode,
@@ -53,8 +69,6 @@ pub struct MigrationReport {
     pub expected_downtime_ms: u64,
     pub postcopy_requests: u64,
     pub postcopy_fault_latency_us: Latency,
-    /// Guest page faults on the destination after cutover, as heatprobe counts them.
-    pub post_cutover_faults: Option<u64>,
     /// Dirty pages found at the start of each round after round 0.
     pub dirty_pages_per_round: Vec<u64>,
     /// The rate round 0 streamed at, in Mbit/s.
@@ -67,7 +81,7 @@ pub struct MigrationReport {
 impl MigrationReport {
     pub fn new(strategy: Strategy, mode: Mode) -> Self {
         Self {
-            status: "failed".into(),
+            status: MigrationStatus::Failed,
             error: None,
             strategy,
             mode,
@@ -85,7 +99,6 @@ impl MigrationReport {
             expected_downtime_ms: 0,
             postcopy_requests: 0,
             postcopy_fault_latency_us: Latency::default(),
-            post_cutover_faults: None,
             dirty_pages_per_round: Vec::new(),
             round0_mbps: 0.0,
             source_digest: None,
@@ -106,6 +119,13 @@ pub enum Phase {
     Postcopy,
     Completed,
     Failed,
+}
+
+impl Phase {
+    /// Whether the migration is over, one way or the other.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed)
+    }
 }
 
 /// A running migration, for progress bars and dashboards.

@@ -16,14 +16,14 @@ use tracing::{info, warn};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
+    control::{CommitReply, CommitRequest, Destination, DestinationError, PrepareRequest},
     link::{DataStream, LinkError},
     protocol::PROTOCOL_VERSION,
-    report::{Latency, MigrationProgress, MigrationReport, Mode, Phase, Strategy},
+    report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy},
     transport::{Frame, FrameReader, PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{
-    Partition, PartitionConfig, PartitionError, dirty::dirty_frames, sampler::profile_partition,
-    state,
+    Partition, PartitionError, dirty::dirty_frames, sampler::profile_partition, state,
 };
 
 /// Tunables of one migration.
@@ -57,76 +57,30 @@ impl Default for MigrationOptions {
     }
 }
 
-/// Asks the destination to get ready for a partition of this shape.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PrepareRequest {
-    pub protocol_min: u16,
-    pub protocol_max: u16,
-    pub config: PartitionConfig,
-    pub mode: Mode,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PrepareReply {
-    pub session: u64,
-    pub data_port: u16,
-}
-
-/// The cutover: the vCPU state, and in hybrid mode the pages whose copy is stale.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CommitRequest {
-    /// The partition's saved state (`vmm::state`), which the destination checks before it
-    /// restores anything.
-    pub snapshot: Vec<u8>,
-    pub stale_pages: Vec<u64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CommitReply {
-    pub id_on_destination: String,
-    /// The digest of the memory the destination installed (precopy: at once; hybrid: later,
-    /// from `finish`).
-    pub dest_digest: Option<String>,
-}
-
-/// What the destination says once every page has arrived (hybrid mode).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FinishReply {
-    pub dest_digest: String,
-    pub postcopy_requests: u64,
-    pub fault_latency_us: Latency,
-    pub post_cutover_faults: Option<u64>,
-}
-
-/// The destination as the source sees it. The daemon implements it over tarpc; tests can
-/// implement it directly.
-pub trait Destination {
-    fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, String>;
-    fn commit(&mut self, session: u64, request: CommitRequest) -> Result<CommitReply, String>;
-    fn finish(&mut self, session: u64) -> Result<FinishReply, String>;
-    fn abort(&mut self, session: u64);
-    /// Opens the data connection to the listener the destination prepared on `port`.
-    fn connect_data(&self, port: u16) -> Result<DataStream, LinkError>;
-}
-
 #[derive(Debug, Error)]
 pub enum MigrationError {
-    #[error("the destination refused to prepare: {0}")]
-    Prepare(String),
+    #[error("the destination did not prepare")]
+    Prepare(#[source] DestinationError),
     #[error("cannot open the data connection")]
     Connect(#[from] LinkError),
     #[error("sending pages failed")]
     Transport(#[from] TransportError),
     #[error(transparent)]
     Partition(#[from] PartitionError),
-    #[error("profiling the partition failed: {0}")]
-    Profile(String),
-    #[error("the destination failed to take over: {0}")]
-    Commit(String),
+    #[error("the heat strategy needs the eBPF probes, which could not be loaded")]
+    NoProbes,
+    #[error("profiling the partition failed")]
+    Profile(#[source] heatprobe::ProfilerError),
+    #[error("the profile does not fit the partition")]
+    Plan(#[source] heatprobe::plan::PlanError),
+    #[error("the destination failed to take over")]
+    Commit(#[source] DestinationError),
     #[error(
-        "after cutover, the destination did not get every page: {0}; the source keeps the paused partition with every page"
+        "after cutover, the destination did not get every page; the source keeps the paused partition with every page"
     )]
-    AfterCutover(String),
+    AfterCutover(#[source] Box<MigrationError>),
+    #[error("the destination did not confirm every page")]
+    Finish(#[source] DestinationError),
     #[error("the dirty log was off")]
     DirtyLogOff,
 }
@@ -156,8 +110,7 @@ impl Order {
     }
 
     fn from_heat(pages: &[heatprobe::PageHeat], frames: u64) -> Result<Self, MigrationError> {
-        let plan = MigrationPlan::build(pages, Some(0..frames))
-            .map_err(|e| MigrationError::Profile(e.to_string()))?;
+        let plan = MigrationPlan::build(pages, Some(0..frames)).map_err(MigrationError::Plan)?;
         let order: Vec<u64> = plan.order().collect();
         let mut rank = vec![0u32; frames as usize];
         for (position, &frame) in order.iter().enumerate() {
@@ -323,7 +276,7 @@ pub fn migrate(
     report.mbps = run.counts.bytes as f64 * 8.0 / started.elapsed().as_secs_f64().max(1e-6) / 1e6;
     let phase = match &result {
         Ok(()) => {
-            report.status = "completed".into();
+            report.status = MigrationStatus::Completed;
             // The destination runs the partition: only now is the source's copy released.
             partition.stop();
             Phase::Completed
@@ -383,15 +336,11 @@ fn execute(
         Strategy::Address => Order::address(frames),
         Strategy::Heat => {
             run.set_progress(|p| p.phase = Phase::Profiling);
-            let probes = probes.ok_or_else(|| {
-                MigrationError::Profile(
-                    "the heat strategy needs the eBPF probes, which could not be loaded".into(),
-                )
-            })?;
+            let probes = probes.ok_or(MigrationError::NoProbes)?;
             let mut profiler = start_profiler(partition, probes, options)?;
             profiler
                 .run_for(options.profile_window)
-                .map_err(|e| MigrationError::Profile(error_chain(&e)))?;
+                .map_err(MigrationError::Profile)?;
             // The profiler stops here. Its read re-arming drops host mappings, and KVM maps a
             // page writable (and so marks it dirty) when the guest faults it back in: left
             // running, it would dirty a quarter of memory per epoch (measured: 70x the pages
@@ -517,7 +466,7 @@ fn start_profiler(
             ..ProfilerConfig::default()
         },
     )
-    .map_err(|e| MigrationError::Profile(error_chain(&e)))?;
+    .map_err(MigrationError::Profile)?;
     Ok(profiler)
 }
 
@@ -689,19 +638,19 @@ fn cutover_hybrid(
         Ok(())
     })();
     if let Err(e) = result {
-        return Err(MigrationError::AfterCutover(error_chain(&e)));
+        return Err(MigrationError::AfterCutover(Box::new(e)));
     }
     let finish = destination.finish(session);
     // The reader holds a clone of the socket: shut it down so the reader sees the end.
     let _ = sender.stream().shutdown(std::net::Shutdown::Both);
     let _ = reader.join();
-    let finish = finish.map_err(MigrationError::AfterCutover)?;
+    let finish =
+        finish.map_err(|e| MigrationError::AfterCutover(Box::new(MigrationError::Finish(e))))?;
     // The source stayed paused throughout: its memory is that of the pause. Hashing it last
     // keeps it off both the downtime and the post-copy push.
     run.report.source_digest = Some(partition.digest().total_hex());
     run.report.dest_digest = Some(finish.dest_digest);
     run.report.postcopy_requests = finish.postcopy_requests;
     run.report.postcopy_fault_latency_us = finish.fault_latency_us;
-    run.report.post_cutover_faults = finish.post_cutover_faults;
     Ok(())
 }

@@ -1,0 +1,169 @@
+//! The source side of migrations: starting one (within the daemon's limit), running the
+//! engine on the blocking pool against the destination daemon, and what the partition becomes.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use tracing::warn;
+
+use super::{
+    api::{ApiError, MigrateRequest},
+    blocking,
+    client::Connection,
+    error_chain,
+    peer::RemoteDestination,
+    registry::info_of,
+    server::Daemon,
+};
+use crate::{
+    migration::{
+        MigrationProgress, MigrationReport, MigrationStatus, Strategy, link::DataLink,
+        report::Phase,
+    },
+    vmm::PartitionState,
+};
+
+/// The progress of every outgoing migration, by partition; finished ones stay readable until
+/// their partition is forgotten.
+#[derive(Clone, Default)]
+pub struct Outgoing {
+    migrations: Arc<Mutex<BTreeMap<String, Arc<Mutex<MigrationProgress>>>>>,
+}
+
+fn running(progress: &Mutex<MigrationProgress>) -> bool {
+    !progress
+        .lock()
+        .map(|p| p.phase)
+        .unwrap_or(Phase::Failed)
+        .is_final()
+}
+
+impl Outgoing {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Mutex<MigrationProgress>>>> {
+        self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a migration of partition `id`, unless it already migrates or `max` run.
+    fn start(&self, id: &str, daemon: &Daemon) -> Result<Arc<Mutex<MigrationProgress>>, ApiError> {
+        let mut migrations = self.lock();
+        if migrations.get(id).is_some_and(|p| running(p)) {
+            return Err(ApiError::Partition(format!(
+                "partition `{id}` is already migrating"
+            )));
+        }
+        let count = migrations.values().filter(|p| running(p)).count();
+        daemon.limits.admit_migration(count)?;
+        let progress = Arc::new(Mutex::new(MigrationProgress::default()));
+        migrations.insert(id.to_string(), Arc::clone(&progress));
+        Ok(progress)
+    }
+
+    pub fn progress(&self, id: &str) -> Option<MigrationProgress> {
+        self.lock()
+            .get(id)
+            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Forgets the finished migrations of `ids` (partitions the daemon no longer remembers).
+    pub fn forget_finished(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut migrations = self.lock();
+        for id in ids {
+            if migrations.get(id).is_some_and(|p| !running(p)) {
+                migrations.remove(id);
+            }
+        }
+    }
+}
+
+fn fail(progress: &Mutex<MigrationProgress>) {
+    progress.lock().unwrap_or_else(|p| p.into_inner()).phase = Phase::Failed;
+}
+
+impl Daemon {
+    /// Migrates partition `request.id` to the daemon at `request.to`.
+    pub(super) async fn migrate_out(
+        &self,
+        request: MigrateRequest,
+    ) -> Result<MigrationReport, ApiError> {
+        let partition = self.registry.live(&request.id)?;
+        self.unwatch(&request.id);
+        let state = partition.state();
+        if state != PartitionState::Running && state != PartitionState::Paused {
+            return Err(ApiError::Partition(format!(
+                "partition `{}` is {state:?}; only running or paused partitions migrate",
+                request.id
+            )));
+        }
+        let progress = self.outgoing.start(&request.id, self)?;
+        let opened = tokio::time::timeout(
+            self.peer_timeout,
+            Connection::open(request.to, &self.security),
+        )
+        .await;
+        let connection = match opened {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                fail(&progress);
+                return Err(ApiError::Migration(format!(
+                    "destination {}: {}",
+                    request.to,
+                    error_chain(&e)
+                )));
+            }
+            Err(_) => {
+                fail(&progress);
+                return Err(ApiError::Migration(format!(
+                    "destination {}: no answer within the peer timeout of {:?}",
+                    request.to, self.peer_timeout
+                )));
+            }
+        };
+        let probes = match request.options.strategy {
+            Strategy::Heat => match self.probes().await {
+                Ok(probes) => Some(probes),
+                Err(e) => {
+                    warn!("heat strategy without probes: {e}");
+                    None
+                }
+            },
+            Strategy::Address => None,
+        };
+        let handle = tokio::runtime::Handle::current();
+        let mut destination = RemoteDestination {
+            client: connection.client,
+            addr: connection.addr,
+            link: DataLink::new(self.security.clone(), handle.clone()),
+            handle,
+            peer_timeout: self.peer_timeout,
+        };
+        let engine = Arc::clone(&partition);
+        let options = request.options.clone();
+        let report = blocking("the migration", move || {
+            crate::migration::source::migrate(
+                &engine,
+                &mut destination,
+                probes,
+                &options,
+                &progress,
+            )
+        })
+        .await?;
+        if report.status == MigrationStatus::Completed {
+            let mut info = info_of(&request.id, &partition);
+            info.state = PartitionState::Stopped;
+            info.console.push_str(&format!(
+                "[vmm] migrated to {} as {}\n",
+                request.to,
+                report.id_on_destination.as_deref().unwrap_or("?")
+            ));
+            drop(partition);
+            self.remember_stopped(request.id, info);
+        }
+        Ok(report)
+    }
+}

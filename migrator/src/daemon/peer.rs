@@ -1,0 +1,84 @@
+//! The destination daemon as the source's migration engine sees it: the `Destination` calls
+//! over tarpc, each bounded by the peer timeout, and the data connection.
+
+use std::{net::SocketAddr, time::Duration};
+
+use super::{
+    api::{ApiError, MigratorApiClient},
+    client::context_with,
+};
+use crate::migration::{
+    control::{
+        CommitReply, CommitRequest, Destination, DestinationError, FinishReply, PrepareReply,
+        PrepareRequest,
+    },
+    link::{DataLink, DataStream, LinkError},
+};
+
+/// The destination daemon, driven from the source's migration thread.
+pub struct RemoteDestination {
+    pub client: MigratorApiClient,
+    pub addr: SocketAddr,
+    pub handle: tokio::runtime::Handle,
+    pub link: DataLink,
+    /// Bounds every wait on the destination: a dead peer or link fails the migration in time.
+    pub peer_timeout: Duration,
+}
+
+impl RemoteDestination {
+    /// Runs one call; tells a refusal (the destination answered no) from no answer at all.
+    fn call<T>(
+        &self,
+        what: &'static str,
+        future: impl Future<Output = Result<Result<T, ApiError>, tarpc::client::RpcError>>,
+    ) -> Result<T, DestinationError> {
+        match self.handle.block_on(future) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(refusal)) => Err(DestinationError::Refused(refusal)),
+            Err(e) => Err(DestinationError::Unreachable {
+                what,
+                source: format!("{}: {e}", self.addr).into(),
+            }),
+        }
+    }
+}
+
+impl Destination for RemoteDestination {
+    fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, DestinationError> {
+        // Preparing allocates the guest memory: allow for that beyond the peer timeout.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
+        self.call("prepare", self.client.migration_prepare(ctx, request))
+    }
+
+    fn commit(
+        &mut self,
+        session: u64,
+        request: CommitRequest,
+    ) -> Result<CommitReply, DestinationError> {
+        // The destination first waits for the pages still in flight, then restores.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
+        self.call(
+            "commit",
+            self.client.migration_commit(ctx, session, request),
+        )
+    }
+
+    fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {
+        // Called once every page has been sent: the destination waits for the last to land.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
+        self.call("finish", self.client.migration_finish(ctx, session))
+    }
+
+    fn abort(&mut self, session: u64) {
+        // Best effort: a destination that cannot be reached drops the session by itself.
+        let ctx = context_with(self.peer_timeout);
+        let _ = self
+            .handle
+            .block_on(self.client.migration_abort(ctx, session));
+    }
+
+    fn connect_data(&self, port: u16) -> Result<DataStream, LinkError> {
+        let addr = SocketAddr::new(self.addr.ip(), port);
+        self.link.connect(addr, self.peer_timeout)
+    }
+}

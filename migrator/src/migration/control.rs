@@ -1,0 +1,83 @@
+//! The control channel of a migration: what the source asks of the destination (prepare,
+//! commit, finish, abort, the data connection) and how each call can fail.
+//!
+//! The data path (pages) runs beside it on its own connection (`link`, `transport`).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::{
+    link::{DataStream, LinkError},
+    report::{Latency, Mode},
+};
+use crate::{daemon::api::ApiError, vmm::PartitionConfig};
+
+/// Asks the destination to get ready for a partition of this shape.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub protocol_min: u16,
+    pub protocol_max: u16,
+    pub config: PartitionConfig,
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareReply {
+    pub session: u64,
+    pub data_port: u16,
+}
+
+/// The cutover: the vCPU state, and in hybrid mode the pages whose copy is stale.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// The partition's saved state (`vmm::state`), which the destination checks before it
+    /// restores anything.
+    pub snapshot: Vec<u8>,
+    pub stale_pages: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitReply {
+    pub id_on_destination: String,
+    /// The digest of the memory the destination installed (precopy: at once; hybrid: later,
+    /// from `finish`).
+    pub dest_digest: Option<String>,
+}
+
+/// What the destination says once every page has arrived (hybrid mode).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FinishReply {
+    pub dest_digest: String,
+    pub postcopy_requests: u64,
+    pub fault_latency_us: Latency,
+}
+
+/// Why a call to the destination did not succeed. The difference matters: a refusal is an
+/// answer (the destination did not do it), while no answer leaves the outcome unknown.
+#[derive(Debug, Error)]
+pub enum DestinationError {
+    #[error("the destination refused")]
+    Refused(#[source] ApiError),
+    #[error("the destination did not answer {what}")]
+    Unreachable {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The destination as the source sees it. The daemon implements it over tarpc
+/// (`daemon::peer`); tests implement it in-process.
+pub trait Destination {
+    fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, DestinationError>;
+    fn commit(
+        &mut self,
+        session: u64,
+        request: CommitRequest,
+    ) -> Result<CommitReply, DestinationError>;
+    fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError>;
+    /// Best effort: a destination that cannot be reached drops the session by itself.
+    fn abort(&mut self, session: u64);
+    /// Opens the data connection to the listener the destination prepared on `port`.
+    fn connect_data(&self, port: u16) -> Result<DataStream, LinkError>;
+}
