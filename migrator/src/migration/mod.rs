@@ -2,14 +2,18 @@
 //!
 //! - `control`: what the source asks of the destination, and how those calls fail;
 //! - `protocol`: the data frames, versioned; `transport`: sending and reading them, paced;
-//! - `source`: plans (heat or address order), rounds of dirty pages, convergence, cutover;
+//! - `source`: the source's phases, rounds of dirty pages, cutover and rollback;
+//!   `order`: the page order (heat or address), kept current from the dirty log;
+//!   `convergence`: when the rounds stop;
 //! - `destination`: sessions that receive pages, restore the partition, and in hybrid mode
 //!   serve missing pages through userfaultfd;
 //! - `report`: what a migration reports (names follow QEMU's query-migrate where they can).
 
 pub mod control;
+pub mod convergence;
 pub mod destination;
 pub mod link;
+pub mod order;
 pub mod protocol;
 pub mod report;
 pub mod source;

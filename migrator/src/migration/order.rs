@@ -1,0 +1,95 @@
+//! The order pages travel in: ranks from the heat profile (or address order), kept current
+//! from each round's dirty log, and which pages are held back for the last round.
+
+use heatprobe::{MigrationPlan, plan::PlanError};
+
+/// Page ranks: `rank[frame]` is the frame's position in the plan.
+pub struct Order {
+    rank: Vec<u32>,
+    /// Pages dirty in the previous round.
+    last_dirty: Option<Vec<bool>>,
+    /// Frames that are hot and written.
+    hot_writes: Vec<bool>,
+    /// Frames hottest first (the post-copy push order).
+    pub hottest_first: Vec<u64>,
+    /// Round 0's order.
+    pub plan: Vec<u64>,
+}
+
+impl Order {
+    pub fn address(frames: u64) -> Self {
+        Self {
+            rank: (0..frames as u32).collect(),
+            last_dirty: None,
+            hot_writes: vec![false; frames as usize],
+            hottest_first: (0..frames).collect(),
+            plan: (0..frames).collect(),
+        }
+    }
+
+    pub fn from_heat(pages: &[heatprobe::PageHeat], frames: u64) -> Result<Self, PlanError> {
+        let plan = MigrationPlan::build(pages, Some(0..frames))?;
+        let order: Vec<u64> = plan.order().collect();
+        let mut rank = vec![0u32; frames as usize];
+        for (position, &frame) in order.iter().enumerate() {
+            rank[frame as usize] = position as u32;
+        }
+        let mut hot_writes = vec![false; frames as usize];
+        for page in pages {
+            if page.class == heatprobe::HeatClass::Hot
+                && page.access == heatprobe::Access::ReadWrite
+            {
+                hot_writes[page.page as usize] = true;
+            }
+        }
+        let mut by_heat: Vec<&heatprobe::PageHeat> = pages.iter().collect();
+        by_heat.sort_by(|a, b| b.heat.total_cmp(&a.heat).then(a.page.cmp(&b.page)));
+        let mut hottest_first: Vec<u64> = by_heat.iter().map(|p| p.page).collect();
+        hottest_first.extend(plan.untouched.iter().flat_map(Clone::clone));
+        Ok(Self {
+            rank,
+            last_dirty: None,
+            hot_writes,
+            hottest_first,
+            plan: order,
+        })
+    }
+
+    pub fn sort(&self, frames: &mut [u64]) {
+        frames.sort_by_key(|&f| self.rank[f as usize]);
+    }
+
+    /// Folds one round's dirty pages into the write heat: a page dirty in this round and
+    /// the one before counts as a hot write (and only such a page), and goes after every other
+    /// page of a round.
+    pub fn learn_from_round(&mut self, dirty: &[u64]) {
+        let mut now = vec![false; self.hot_writes.len()];
+        for &f in dirty {
+            now[f as usize] = true;
+        }
+        let last = self.last_dirty.replace(now.clone());
+        let Some(last) = last else {
+            return;
+        };
+        let base = self.rank.len() as u32;
+        for (f, (&was, &is)) in last.iter().zip(&now).enumerate() {
+            // From round 1 on, what is held back is what the dirty log shows being written
+            // round after round; the profile's guess only shapes round 0.
+            self.hot_writes[f] = was && is;
+            if was && is {
+                // Ranks beyond every planned one put it at the end of any round, keeping the
+                // plan's order among such pages.
+                if self.rank[f] < base {
+                    self.rank[f] += base;
+                }
+            }
+        }
+    }
+
+    /// Splits `frames` into what to send now and the hot written frames to hold back.
+    pub fn hold_back_hot_writes(&self, frames: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+        frames
+            .into_iter()
+            .partition(|&f| !self.hot_writes[f as usize])
+    }
+}

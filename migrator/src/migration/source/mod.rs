@@ -1,0 +1,241 @@
+//! The source side of a migration: plan, rounds, convergence, cutover, and rollback.
+//!
+//! Nothing is ever lost: until the destination confirms it runs the partition, any failure
+//! resumes the partition here, with every page intact, and aborts the destination's session.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use heatprobe::{Probes, probes::error_chain};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::warn;
+
+use super::{
+    control::{Destination, DestinationError, PrepareRequest},
+    link::LinkError,
+    protocol::PROTOCOL_VERSION,
+    report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy},
+    transport::{PageSender, SendCounts, TransportError},
+};
+use crate::vmm::{Partition, PartitionError};
+
+mod cutover;
+mod rounds;
+
+use self::{
+    cutover::{cutover_hybrid, cutover_precopy},
+    rounds::{Run, iterate, plan},
+};
+
+/// Tunables of one migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationOptions {
+    pub strategy: Strategy,
+    pub mode: Mode,
+    pub downtime_limit: Duration,
+    pub max_rounds: u32,
+    /// Bytes per second the sender may use; `None` for no limit.
+    pub bandwidth_limit: Option<u64>,
+    /// How long to profile before round 0 (heat strategy).
+    pub profile_window: Duration,
+    /// Heat strategy, pre-copy: hold back pages that are hot and written (the writable working
+    /// set of Clark et al.) from every round but the last, since they would be dirtied again
+    /// before the round ends.
+    pub defer_hot_writes: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Heat,
+            mode: Mode::Precopy,
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            bandwidth_limit: None,
+            profile_window: Duration::from_secs(1),
+            defer_hot_writes: true,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("the destination did not prepare")]
+    Prepare(#[source] DestinationError),
+    #[error("cannot open the data connection")]
+    Connect(#[from] LinkError),
+    #[error("sending pages failed")]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error("the heat strategy needs the eBPF probes, which could not be loaded")]
+    NoProbes,
+    #[error("profiling the partition failed")]
+    Profile(#[source] heatprobe::ProfilerError),
+    #[error("the profile does not fit the partition")]
+    Plan(#[source] heatprobe::plan::PlanError),
+    #[error("the destination failed to take over")]
+    Commit(#[source] DestinationError),
+    #[error(
+        "after cutover, the destination did not get every page; the source keeps the paused partition with every page"
+    )]
+    AfterCutover(#[source] Box<MigrationError>),
+    #[error("the destination did not confirm every page")]
+    Finish(#[source] DestinationError),
+    #[error("the dirty log was off")]
+    DirtyLogOff,
+}
+
+/// Where the source is in a migration. What a failure rolls back follows from it alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourcePhase {
+    /// Asking the destination to prepare: nothing exists there yet.
+    Preparing,
+    /// The destination holds session `session`; pages may be flowing (profiling, rounds).
+    Iterating { session: u64 },
+    /// Paused here, the last pages and the state on their way; the destination has not
+    /// answered the commit.
+    CuttingOver { session: u64 },
+    /// Hybrid: the destination runs the guest from the pages it has; ours is the only
+    /// complete copy.
+    Postcopy { session: u64 },
+    /// The destination runs the partition with every page.
+    Completed,
+}
+
+/// What undoing a failed migration takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rollback {
+    /// Resume the partition here; abort the destination's session, if it has one.
+    Resume { abort: Option<u64> },
+    /// Keep the partition paused here, every page intact, for whoever recovers the migration:
+    /// the guest already runs on the destination.
+    KeepPaused,
+}
+
+impl SourcePhase {
+    /// The rollback for a failure in this phase. A commit without an answer resumes here and
+    /// aborts the destination, whose daemon stops a copy it restored: see
+    /// docs/reliability.md for the window this leaves.
+    pub fn rollback(self) -> Option<Rollback> {
+        match self {
+            Self::Preparing => Some(Rollback::Resume { abort: None }),
+            Self::Iterating { session } | Self::CuttingOver { session } => Some(Rollback::Resume {
+                abort: Some(session),
+            }),
+            Self::Postcopy { .. } => Some(Rollback::KeepPaused),
+            Self::Completed => None,
+        }
+    }
+}
+
+/// Migrates `partition` to `destination`. Always returns a report; on failure before cutover
+/// the partition runs on here as before.
+pub fn migrate(
+    partition: &Arc<Partition>,
+    destination: &mut dyn Destination,
+    probes: Option<Arc<Probes>>,
+    options: &MigrationOptions,
+    progress: &Mutex<MigrationProgress>,
+) -> MigrationReport {
+    let started = Instant::now();
+    let frames = partition.memory().frames();
+    let mut run = Run {
+        partition,
+        options,
+        progress,
+        report: MigrationReport::new(options.strategy, options.mode),
+        sent_once: vec![false; frames as usize],
+        sent_hash: vec![0; frames as usize],
+        counts: SendCounts::default(),
+        started,
+        phase: SourcePhase::Preparing,
+    };
+    run.report.pages_total = frames;
+    partition.set_migrating(true);
+    let result = execute(&mut run, destination, probes);
+    let mut report = run.report;
+    report.pages_sent = run.counts.pages;
+    report.zero_pages = run.counts.zero_pages;
+    report.bytes_sent = run.counts.bytes;
+    report.total_time_ms = started.elapsed().as_millis() as u64;
+    report.mbps = run.counts.bytes as f64 * 8.0 / started.elapsed().as_secs_f64().max(1e-6) / 1e6;
+    match &result {
+        Ok(()) => {
+            report.status = MigrationStatus::Completed;
+            // The destination runs the partition: only now is the source's copy released.
+            partition.stop();
+        }
+        Err(e) => {
+            warn!("migration failed: {}", error_chain(e));
+            report.error = Some(error_chain(e));
+            match run.phase.rollback() {
+                Some(Rollback::Resume { abort }) => {
+                    if let Some(session) = abort {
+                        destination.abort(session);
+                    }
+                    let _ = partition.dirty_log_stop();
+                    partition.set_migrating(false);
+                    if let Err(e) = partition.resume() {
+                        warn!("resuming the partition after a failed migration: {e}");
+                    }
+                }
+                // It reads as `paused`, not `migrating`.
+                Some(Rollback::KeepPaused) => partition.set_migrating(false),
+                None => {}
+            }
+        }
+    }
+    let phase = match result {
+        Ok(()) => Phase::Completed,
+        Err(_) => Phase::Failed,
+    };
+    run.progress.lock().unwrap_or_else(|p| p.into_inner()).phase = phase;
+    report
+}
+
+fn execute(
+    run: &mut Run<'_>,
+    destination: &mut dyn Destination,
+    probes: Option<Arc<Probes>>,
+) -> Result<(), MigrationError> {
+    let partition = run.partition;
+    let options = run.options;
+    let reply = destination
+        .prepare(PrepareRequest {
+            protocol_min: PROTOCOL_VERSION,
+            protocol_max: PROTOCOL_VERSION,
+            config: partition.config().clone(),
+            mode: options.mode,
+        })
+        .map_err(MigrationError::Prepare)?;
+    let session = reply.session;
+    run.phase = SourcePhase::Iterating { session };
+    let stream = destination.connect_data(reply.data_port)?;
+    let demand_stream = stream
+        .try_clone()
+        .map_err(|e| MigrationError::Connect(LinkError::Socket(e)))?;
+    let mut sender = PageSender::new(stream, options.bandwidth_limit);
+    partition.dirty_log_start()?;
+    let mut order = plan(run, probes)?;
+    run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
+    let dirty = iterate(run, &mut sender, &mut order)?;
+    run.phase = SourcePhase::CuttingOver { session };
+    match options.mode {
+        Mode::Precopy => cutover_precopy(run, destination, session, &mut sender, &order, dirty),
+        Mode::Hybrid => cutover_hybrid(
+            run,
+            destination,
+            session,
+            sender,
+            demand_stream,
+            &order,
+            dirty,
+        ),
+    }?;
+    run.phase = SourcePhase::Completed;
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! The rounds of pre-copy: the plan of round 0, every round's dirty pages, and sending them
+//! with the counters and the progress kept current.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use heatprobe::{Probes, Profiler, profiler::ProfilerConfig};
+use tracing::info;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{MigrationError, MigrationOptions, SourcePhase};
+use crate::{
+    migration::{
+        convergence::{Convergence, Decision},
+        order::Order,
+        report::{MigrationProgress, MigrationReport, Mode, Phase, Strategy},
+        transport::{PageSender, SendCounts},
+    },
+    vmm::{Partition, dirty::dirty_frames, memory::PAGE_SIZE, sampler::profile_partition},
+};
+
+pub(super) struct Run<'a> {
+    pub(super) partition: &'a Arc<Partition>,
+    pub(super) options: &'a MigrationOptions,
+    pub(super) progress: &'a Mutex<MigrationProgress>,
+    pub(super) report: MigrationReport,
+    pub(super) sent_once: Vec<bool>,
+    /// The xxh3 of each page as last sent.
+    pub(super) sent_hash: Vec<u64>,
+    pub(super) counts: SendCounts,
+    pub(super) started: Instant,
+    pub(super) phase: SourcePhase,
+}
+
+impl Run<'_> {
+    pub(super) fn set_progress(&self, update: impl FnOnce(&mut MigrationProgress)) {
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        update(&mut progress);
+    }
+
+    /// Drops from `frames` the pages whose content is what was last sent. KVM marks a page
+    /// dirty whenever it maps it writable, even for a read; such pages need not travel again.
+    pub(super) fn changed_only(&mut self, frames: Vec<u64>) -> Vec<u64> {
+        let memory = Arc::clone(self.partition.memory());
+        let before = frames.len();
+        let kept: Vec<u64> = frames
+            .into_iter()
+            .filter(|&f| {
+                !self.sent_once[f as usize]
+                    || memory
+                        .frame_bytes(f)
+                        .map(|bytes| xxh3_64(bytes) != self.sent_hash[f as usize])
+                        .unwrap_or(true)
+            })
+            .collect();
+        self.report.unchanged_skipped += (before - kept.len()) as u64;
+        kept
+    }
+
+    /// Sends one round; returns the rate it streamed at (bytes per second), if it took long
+    /// enough to measure.
+    pub(super) fn send_round(
+        &mut self,
+        sender: &mut PageSender,
+        frames: &[u64],
+    ) -> Result<Option<f64>, MigrationError> {
+        let round_start = Instant::now();
+        let bytes_before = self.counts.bytes;
+        self.send(sender, frames)?;
+        let elapsed = round_start.elapsed().as_secs_f64();
+        Ok((elapsed > 0.001).then(|| (self.counts.bytes - bytes_before) as f64 / elapsed))
+    }
+
+    /// Sends `frames` in batches, keeping the counters and the progress current.
+    pub(super) fn send(
+        &mut self,
+        sender: &mut PageSender,
+        frames: &[u64],
+    ) -> Result<(), MigrationError> {
+        const BATCH: usize = 1024;
+        let memory = Arc::clone(self.partition.memory());
+        let mut hashes = Vec::with_capacity(BATCH);
+        for (i, batch) in frames.chunks(BATCH).enumerate() {
+            hashes.clear();
+            let counts = sender.send_pages(&memory, batch, &mut hashes)?;
+            self.counts += counts;
+            for (&frame, &hash) in batch.iter().zip(&hashes) {
+                let seen = &mut self.sent_once[frame as usize];
+                if *seen {
+                    self.report.pages_resent += 1;
+                }
+                *seen = true;
+                self.sent_hash[frame as usize] = hash;
+            }
+            let remaining = (frames.len() - (i * BATCH + batch.len())) as u64 * PAGE_SIZE;
+            let rate = self.counts.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6);
+            let sent = self.counts.bytes;
+            self.set_progress(|p| {
+                p.remaining_bytes = remaining;
+                p.bytes_sent = sent;
+                p.rate_bytes_per_sec = rate;
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The order of round 0: address order, or the heat profile's plan.
+pub(super) fn plan(
+    run: &mut Run<'_>,
+    probes: Option<Arc<Probes>>,
+) -> Result<Order, MigrationError> {
+    let frames = run.partition.memory().frames();
+    match run.options.strategy {
+        Strategy::Address => Ok(Order::address(frames)),
+        Strategy::Heat => {
+            run.set_progress(|p| p.phase = Phase::Profiling);
+            let probes = probes.ok_or(MigrationError::NoProbes)?;
+            let mut profiler = start_profiler(run.partition, probes, run.options)?;
+            profiler
+                .run_for(run.options.profile_window)
+                .map_err(MigrationError::Profile)?;
+            // The profiler stops here. Its read re-arming drops host mappings, and KVM maps a
+            // page writable (and so marks it dirty) when the guest faults it back in: left
+            // running, it would dirty a quarter of memory per epoch (measured: 70x the pages
+            // re-sent on rw-mix). The dirty log carries the write heat from now on.
+            Order::from_heat(&profiler.heat().pages(), frames).map_err(MigrationError::Plan)
+        }
+    }
+}
+
+/// Round 0 (every page, in plan order) and the rounds of dirty pages after it, until the
+/// convergence decision cuts over. Returns the pages still to send at the cutover.
+pub(super) fn iterate(
+    run: &mut Run<'_>,
+    sender: &mut PageSender,
+    order: &mut Order,
+) -> Result<Vec<u64>, MigrationError> {
+    let partition = run.partition;
+    let options = run.options;
+    // Writes from now on are caught by the dirty log.
+    run.set_progress(|p| {
+        p.phase = Phase::Precopy;
+        p.round = 0;
+    });
+    partition.dirty_log_fetch()?;
+    let defer = options.defer_hot_writes
+        && options.strategy == Strategy::Heat
+        && options.mode == Mode::Precopy;
+    let (round0, mut deferred) = if defer {
+        order.hold_back_hot_writes(order.plan.clone())
+    } else {
+        (order.plan.clone(), Vec::new())
+    };
+    let mut rate = run.send_round(sender, &round0)?.unwrap_or(1.0);
+    run.report.round0_mbps = rate * 8.0 / 1e6;
+    run.report.rounds = 1;
+    let mut convergence = Convergence::new(options.downtime_limit, options.max_rounds);
+    loop {
+        let dirty: Vec<u64> = dirty_frames(
+            &partition
+                .dirty_log_fetch()?
+                .ok_or(MigrationError::DirtyLogOff)?,
+        )
+        .collect();
+        run.report.dirty_pages_per_round.push(dirty.len() as u64);
+        // Keep the heat current from what the kernel's dirty log says: pages dirtied round
+        // after round are the hottest writes, and go last (or are held back).
+        if options.strategy == Strategy::Heat {
+            order.learn_from_round(&dirty);
+        }
+        // What is left to send: the dirty pages that really changed, and those held back.
+        let mut dirty = run.changed_only(dirty);
+        dirty.append(&mut deferred);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let count = dirty.len() as u64;
+        let expected = Convergence::expected_downtime(count, rate);
+        run.report.expected_downtime_ms = expected.as_millis() as u64;
+        let per_round = run.report.dirty_pages_per_round.clone();
+        run.set_progress(|p| {
+            p.expected_downtime_ms = expected.as_millis() as u64;
+            p.remaining_bytes = count * PAGE_SIZE;
+            p.dirty_pages_per_round = per_round;
+        });
+        if let Decision::CutOver(reason) = convergence.decide(count, rate, run.report.rounds) {
+            info!(
+                "cutover after {} rounds ({reason:?}): {count} dirty pages, expected downtime \
+                 {expected:?}",
+                run.report.rounds
+            );
+            return Ok(dirty);
+        }
+        order.sort(&mut dirty);
+        let dirty = if defer {
+            let (now, later) = order.hold_back_hot_writes(dirty);
+            deferred = later;
+            now
+        } else {
+            dirty
+        };
+        let round = run.report.rounds;
+        run.set_progress(|p| p.round = round);
+        if let Some(measured) = run.send_round(sender, &dirty)? {
+            rate = measured;
+        }
+        run.report.rounds += 1;
+    }
+}
+
+fn start_profiler(
+    partition: &Arc<Partition>,
+    probes: Arc<Probes>,
+    options: &MigrationOptions,
+) -> Result<Profiler, MigrationError> {
+    let interval =
+        (options.profile_window / 5).clamp(Duration::from_millis(20), Duration::from_millis(200));
+    let profiler = profile_partition(
+        probes,
+        partition,
+        ProfilerConfig {
+            interval,
+            ..ProfilerConfig::default()
+        },
+    )
+    .map_err(MigrationError::Profile)?;
+    Ok(profiler)
+}
