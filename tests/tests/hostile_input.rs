@@ -31,11 +31,15 @@ fn config() -> PartitionConfig {
 }
 
 async fn prepare(connection: &Connection) -> PrepareReply {
+    prepare_mode(connection, Mode::Precopy).await
+}
+
+async fn prepare_mode(connection: &Connection, mode: Mode) -> PrepareReply {
     let request = PrepareRequest {
         protocol_min: PROTOCOL_VERSION,
         protocol_max: PROTOCOL_VERSION,
         config: config(),
-        mode: Mode::Precopy,
+        mode,
     };
     connection
         .client
@@ -47,8 +51,14 @@ async fn prepare(connection: &Connection) -> PrepareReply {
 
 /// Sends `bytes` on the session's data connection, then closes it.
 fn send(connection: &Connection, reply: &PrepareReply, bytes: &[u8]) {
+    drop(send_and_hold(connection, reply, bytes));
+}
+
+/// Sends `bytes` on the session's data connection and keeps it open.
+fn send_and_hold(connection: &Connection, reply: &PrepareReply, bytes: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect((connection.addr.ip(), reply.data_port)).unwrap();
     stream.write_all(bytes).unwrap();
+    stream
 }
 
 async fn commit(connection: &Connection, session: u64, snapshot: Vec<u8>) -> Result<(), String> {
@@ -177,4 +187,62 @@ fn a_destination_refuses_hostile_bytes_and_keeps_serving() {
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["status"], "completed", "{report}");
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
+}
+
+/// The destination's session phases hold at a live daemon: a hybrid session that committed
+/// refuses a second commit, and an abort after its commit stops the partition it restored
+/// instead of leaving it running beside the source's copy.
+#[test]
+fn a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_copy() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_copy",
+            &why,
+        );
+    }
+    let destination = Daemon::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let addr = destination.addr.parse().unwrap();
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+        let reply = prepare_mode(&connection, Mode::Hybrid).await;
+        // Every page, the end of pre-copy, and the connection held open for the push.
+        let _data = send_and_hold(&connection, &reply, &all_zero_pages());
+        let snapshot = || state::encode(&state::sample_snapshot(config()));
+        commit(&connection, reply.session, snapshot())
+            .await
+            .expect("the first commit restores");
+        let listed = connection
+            .client
+            .list(context_with(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        let [arrived] = listed.as_slice() else {
+            panic!("{listed:?}");
+        };
+        assert_ne!(arrived.state, migrator::vmm::PartitionState::Stopped);
+        let second = commit(&connection, reply.session, snapshot())
+            .await
+            .expect_err("a second commit");
+        assert!(second.contains("second commit"), "{second}");
+        connection
+            .client
+            .migration_abort(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap();
+        let after = connection
+            .client
+            .status(context_with(Duration::from_secs(10)), arrived.id.clone())
+            .await
+            .unwrap()
+            .expect("still listed");
+        assert_eq!(after.state, migrator::vmm::PartitionState::Stopped);
+        // The session is gone with it.
+        let gone = connection
+            .client
+            .migration_finish(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap();
+        assert!(gone.is_err(), "{gone:?}");
+    });
 }

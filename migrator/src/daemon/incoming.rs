@@ -9,7 +9,7 @@ use super::{api::ApiError, blocking, error_chain, server::Daemon};
 use crate::migration::{
     Mode,
     control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
-    destination::Session,
+    destination::{PhaseError, Session, SessionError},
     link::DataLink,
     protocol::PROTOCOL_VERSION,
 };
@@ -58,22 +58,21 @@ impl Daemon {
         let committed = blocking("commit", move || committing.commit(request)).await?;
         let (partition, digest) = match committed {
             Ok(done) => done,
+            // Refused by the session's phase (a second commit, say): it goes on as it was.
+            Err(e @ SessionError::Phase(_)) => return Err(ApiError::Migration(error_chain(&e))),
             Err(e) => {
-                session.abort();
+                // The commit did not restore anything: the session is over.
+                let _ = session.abort();
                 self.registry.remove_session(session_id);
                 return Err(ApiError::Migration(error_chain(&e)));
             }
         };
         let id = self.new_id();
         info!("migrated partition arrived as {id}");
-        let partition = Arc::new(partition);
-        match session.mode {
-            Mode::Precopy => self
-                .registry
-                .session_committed(session_id, id.clone(), partition),
-            // The session lives on until every page is in place (`finish`).
-            Mode::Hybrid => self.registry.add_arrived(id.clone(), partition),
-        }
+        // Hybrid: the session lives on until every page is in place (`finish`).
+        let keep_session = session.mode == Mode::Hybrid;
+        self.registry
+            .session_committed(session_id, id.clone(), Arc::new(partition), keep_session);
         Ok(CommitReply {
             id_on_destination: id,
             dest_digest: digest.map(|d| d.total_hex()),
@@ -85,22 +84,36 @@ impl Daemon {
         let finishing = Arc::clone(&session);
         let finished = blocking("finish", move || finishing.finish()).await?;
         self.registry.remove_session(session_id);
+        if finished.is_ok() {
+            // Every page is in place: the move is over, and no late abort may undo it.
+            self.registry.take_committed(session_id);
+        }
         finished.map_err(|e| ApiError::Migration(error_chain(&e)))
     }
 
+    /// The source gives up on `session_id`. A partition the session restored here is stopped
+    /// first (the source resumes its own copy), so exactly one copy runs.
     pub(super) async fn abort_incoming(&self, session_id: u64) {
-        if let Some(session) = self.registry.remove_session(session_id) {
-            session.abort();
-            info!("migration session {session_id} aborted");
-            return;
-        }
-        // A pre-copy session that committed here after its source stopped waiting for the
-        // answer: the source resumed its copy, so this one must not run too.
-        if let Some(id) = self.registry.take_committed(session_id) {
+        let restored_as = self.registry.take_committed(session_id);
+        let session = self.registry.session(session_id).ok();
+        let refused = match &session {
+            Some(session) => session.abort().err(),
+            None => Some(PhaseError::WouldLeaveRunningCopy),
+        };
+        if let (Some(_), Some(id)) = (&refused, &restored_as) {
             warn!("migration session {session_id} was aborted after its commit: stopping {id}");
             if let Err(e) = self.stop_partition(id.clone()).await {
                 warn!("stopping {id}: {e}");
             }
+        }
+        if let Some(session) = session {
+            if refused.is_some()
+                && let Err(e) = session.discard()
+            {
+                warn!("migration session {session_id}: {e}");
+            }
+            self.registry.remove_session(session_id);
+            info!("migration session {session_id} aborted");
         }
     }
 
@@ -119,8 +132,11 @@ impl Daemon {
                     return;
                 }
                 if let Some(error) = session.failed_before_cutover() {
-                    warn!("migration session {id} failed, dropping it: {error}");
-                    session.abort();
+                    warn!(
+                        "migration session {id} failed, dropping it: {}",
+                        error_chain(&*error)
+                    );
+                    let _ = session.abort();
                     daemon.registry.remove_session(id);
                     return;
                 }

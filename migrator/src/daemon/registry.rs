@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// How many stopped partitions a daemon remembers (for `status` and `list`), and how many
-/// committed pre-copy sessions it remembers for a late abort.
+/// committed sessions it remembers for a late abort.
 pub const KEEP_STOPPED: usize = 128;
 
 pub enum Entry {
@@ -34,8 +34,8 @@ struct Inventory {
     sessions: BTreeMap<u64, Arc<Session>>,
     /// Promised to launches and incoming migrations that are not in the maps yet.
     reserved: Usage,
-    /// Recent pre-copy sessions that committed, with the partition each became, in case
-    /// their source aborts after all (it stopped waiting for the commit's answer).
+    /// Recent sessions that committed, with the partition each became, in case their source
+    /// aborts after all (it stopped waiting for the commit's answer).
     committed: VecDeque<(u64, String)>,
 }
 
@@ -120,11 +120,6 @@ impl Registry {
         })
     }
 
-    /// Adds a partition that arrived by migration: its session already held its room.
-    pub fn add_arrived(&self, id: String, partition: Arc<Partition>) {
-        self.lock().partitions.insert(id, Entry::Live(partition));
-    }
-
     pub fn live(&self, id: &str) -> Result<Arc<Partition>, ApiError> {
         match self.lock().partitions.get(id) {
             Some(Entry::Live(partition)) => Ok(Arc::clone(partition)),
@@ -190,11 +185,20 @@ impl Registry {
         self.lock().sessions.remove(&id)
     }
 
-    /// Pre-copy session `session` committed and became partition `id`: the partition takes
-    /// the session's place in the same breath, and the pair is remembered for a late abort.
-    pub fn session_committed(&self, session: u64, id: String, partition: Arc<Partition>) {
+    /// Session `session` committed and became partition `id`, remembered for a late abort.
+    /// Unless `keep_session` (hybrid, until every page is in place), the partition takes the
+    /// session's place in the same breath.
+    pub fn session_committed(
+        &self,
+        session: u64,
+        id: String,
+        partition: Arc<Partition>,
+        keep_session: bool,
+    ) {
         let mut inventory = self.lock();
-        inventory.sessions.remove(&session);
+        if !keep_session {
+            inventory.sessions.remove(&session);
+        }
         inventory
             .partitions
             .insert(id.clone(), Entry::Live(partition));

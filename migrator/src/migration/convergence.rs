@@ -73,8 +73,8 @@ impl Convergence {
 mod tests {
     use super::*;
 
-    /// 100 MB/s: 25,600 pages a second, so 300 ms is 7,680 pages.
-    const RATE: f64 = 100e6;
+    /// 100 MiB/s: 25,600 pages a second, so 300 ms is 7,680 pages.
+    const RATE: f64 = 104_857_600.0;
 
     /// Feeds `dirty` checks in order; returns the decision and the round it came at.
     fn run(convergence: &mut Convergence, dirty: &[u64]) -> (Decision, u32) {

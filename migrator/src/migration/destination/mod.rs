@@ -5,15 +5,15 @@
 //!
 //! Hybrid: at commit the pages whose copy went stale are punched out of the memfd, the whole
 //! of guest memory is registered with userfaultfd (missing mode), and the partition resumes at
-//! once. A guest access to a missing page blocks its vCPU; a handler thread asks the source for
-//! the page, and the receiver installs it with UFFDIO_COPY, which wakes the vCPU. Pages pushed
-//! by the source are installed the same way. Each page is hashed as it is installed, before
-//! the guest can touch it, so the destination's digest is of the cutover moment.
+//! once (`postcopy`). Each page is hashed as it is installed, before the guest can touch it,
+//! so the destination's digest is of the cutover moment.
+//!
+//! Every step goes through the session's phase machine (`phase`): what does not fit the
+//! phase is refused.
 
 use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener},
-    os::fd::AsRawFd,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -24,24 +24,84 @@ use std::{
 
 use hdrhistogram::Histogram;
 use thiserror::Error;
-use tracing::{debug, warn};
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use tracing::warn;
+use userfaultfd::Uffd;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
     control::{CommitRequest, FinishReply, PrepareRequest},
     link::{DataLink, DataStream},
     report::{Latency, Mode},
-    transport::{Frame, FrameReader, send_demand, tune_data_socket, zero_page_hash},
+    transport::{Frame, FrameReader, TransportError, tune_data_socket, zero_page_hash},
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
-    memory::{GuestAddress, PAGE_SIZE},
+    memory::{GuestAddress, MemoryError, PAGE_SIZE},
     state::{self, StateError},
 };
 
+pub mod phase;
+mod postcopy;
+
+pub use phase::{PhaseError, SessionEvent, SessionPhase};
+
 /// How long the destination waits for the source at each step before giving up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What went wrong on the data path (the receiver, the fault handler).
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("accepting the data connection")]
+    Accept(#[source] std::io::Error),
+    #[error("the source never connected")]
+    NeverConnected,
+    #[error("the source closed the data connection early")]
+    ClosedEarly,
+    #[error("reading the data connection")]
+    Read(#[source] TransportError),
+    #[error("the source sent a demand frame")]
+    UnexpectedDemand,
+    #[error("the source sent a `Done` frame out of place")]
+    UnexpectedDone(#[source] PhaseError),
+    #[error("writing page {page}")]
+    Write {
+        page: u64,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("freeing page {page}")]
+    Free {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("UFFDIO_COPY of page {page}")]
+    Copy {
+        page: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("UFFDIO_ZEROPAGE of page {page}")]
+    ZeroPage {
+        page: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("waking the vCPU waiting on page {page}")]
+    Wake {
+        page: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("demanding page {page}")]
+    Demand {
+        page: u64,
+        #[source]
+        source: TransportError,
+    },
+    #[error("no data connection to demand page {0} on")]
+    NoDemandStream(u64),
+}
 
 #[derive(Debug, Error)]
 pub enum SessionError {
@@ -49,27 +109,34 @@ pub enum SessionError {
     Shape(#[source] PartitionError),
     #[error("cannot open the data listener")]
     Listen(#[source] std::io::Error),
-    #[error("the data connection failed: {0}")]
-    Data(String),
+    #[error("the data connection failed")]
+    Data(#[source] Arc<DataError>),
     #[error("timed out waiting for the source")]
     Timeout,
     #[error("the partition's saved state is invalid")]
     State(#[source] StateError),
+    #[error("page {0} never arrived")]
+    Missing(u64),
+    #[error("stale page {0} is out of range")]
+    StaleOutOfRange(u64),
     #[error("restoring the partition failed")]
     Restore(#[source] PartitionError),
-    #[error("userfaultfd setup failed: {0}")]
-    Userfault(String),
+    #[error("userfaultfd setup failed")]
+    Userfault(#[source] userfaultfd::Error),
+    #[error("cannot start the fault handler")]
+    Handler(#[source] std::io::Error),
     #[error("dropping stale pages failed")]
     Stale(#[source] std::io::Error),
     #[error("the session was aborted")]
     Aborted,
+    #[error("the session refused the step")]
+    Phase(#[from] PhaseError),
 }
 
 #[derive(Default)]
 struct Progress {
-    /// `Done` frames seen: one ends pre-copy, a second ends the post-copy push.
-    dones: u32,
-    error: Option<String>,
+    phase: Option<SessionPhase>,
+    error: Option<Arc<DataError>>,
     /// Pages received so far, by frame.
     received: Vec<bool>,
     /// Hybrid, after commit: whether each page is in place, and its hash.
@@ -81,6 +148,12 @@ struct Progress {
     latency_us: Option<Histogram<u64>>,
 }
 
+impl Progress {
+    fn phase(&self) -> SessionPhase {
+        self.phase.unwrap_or(SessionPhase::Connecting)
+    }
+}
+
 /// One incoming migration.
 pub struct Session {
     pub config: PartitionConfig,
@@ -88,6 +161,7 @@ pub struct Session {
     memory: Arc<GuestMemory>,
     progress: Mutex<Progress>,
     changed: Condvar,
+    /// Set when the session is aborted (or dropped): every thread of it stops.
     aborted: AtomicBool,
     /// Set once post-copy has ended and guest memory is unregistered from userfaultfd.
     postcopy_done: AtomicBool,
@@ -152,10 +226,31 @@ impl Session {
         self.threads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn fail(&self, error: String) {
+    /// Where the session is.
+    pub fn phase(&self) -> SessionPhase {
+        self.lock().phase()
+    }
+
+    /// Moves the session on by `event`, or refuses it and changes nothing.
+    fn advance(&self, event: SessionEvent) -> Result<SessionPhase, PhaseError> {
+        let mut progress = self.lock();
+        let next = progress.phase().next(event, self.mode)?;
+        progress.phase = Some(next);
+        drop(progress);
+        if next == SessionPhase::Aborted {
+            self.aborted.store(true, Ordering::Relaxed);
+        }
+        self.changed.notify_all();
+        Ok(next)
+    }
+
+    fn fail(&self, error: DataError) {
         let mut progress = self.lock();
         if progress.error.is_none() {
-            progress.error = Some(error);
+            progress.error = Some(Arc::new(error));
+        }
+        if let Ok(next) = progress.phase().next(SessionEvent::Failure, self.mode) {
+            progress.phase = Some(next);
         }
         drop(progress);
         self.changed.notify_all();
@@ -177,7 +272,7 @@ impl Session {
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    self.fail(format!("accepting the data connection: {e}"));
+                    self.fail(DataError::Accept(e));
                     return;
                 }
             }
@@ -191,13 +286,16 @@ impl Session {
                 }
             }
             if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
-                self.fail("the source never connected".into());
+                self.fail(DataError::NeverConnected);
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         };
         // Later connections (strangers, or a second try) are refused from here on.
         drop(listener);
+        if self.advance(SessionEvent::Connected).is_err() {
+            return;
+        }
         if let Ok(clone) = stream.try_clone() {
             *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
         }
@@ -209,24 +307,20 @@ impl Session {
             let frame = match reader.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
-                    if self.lock().dones < self.expected_dones() {
-                        self.fail("the source closed the data connection early".into());
+                    if !self.all_sent() {
+                        self.fail(DataError::ClosedEarly);
                     }
                     return;
                 }
                 Err(e) => {
-                    self.fail(heatprobe::probes::error_chain(&e));
+                    self.fail(DataError::Read(e));
                     return;
                 }
             };
             let result = match frame {
                 Frame::Pages(pages) => self.install(&pages),
-                Frame::Done => {
-                    self.lock().dones += 1;
-                    self.changed.notify_all();
-                    Ok(())
-                }
-                Frame::Demand(_) => Err("the source sent a demand frame".to_string()),
+                Frame::Done => self.pages_done(),
+                Frame::Demand(_) => Err(DataError::UnexpectedDemand),
             };
             if let Err(e) = result {
                 self.fail(e);
@@ -235,14 +329,28 @@ impl Session {
         }
     }
 
-    fn expected_dones(&self) -> u32 {
-        match self.mode {
-            Mode::Precopy => 1,
-            Mode::Hybrid => 2,
+    /// A `Done` frame: the end of pre-copy, or in post-copy the end of the push. One in a
+    /// phase that expects none (a second before the commit, say) ends the session.
+    fn pages_done(&self) -> Result<(), DataError> {
+        self.advance(SessionEvent::PagesDone)
+            .map(drop)
+            .map_err(DataError::UnexpectedDone)
+    }
+
+    /// Whether the source has sent everything it will send, so a closed connection is no
+    /// failure.
+    fn all_sent(&self) -> bool {
+        use SessionPhase as P;
+        match (self.mode, self.phase()) {
+            // Already over: nothing more to say.
+            (_, P::Failed { .. } | P::Aborted) => true,
+            (Mode::Precopy, P::Received | P::Restoring { received: true } | P::Restored) => true,
+            (Mode::Hybrid, P::Postcopy { pushed: true } | P::Finished) => true,
+            _ => false,
         }
     }
 
-    fn install(&self, pages: &[(u64, Option<&[u8]>)]) -> Result<(), String> {
+    fn install(&self, pages: &[(u64, Option<&[u8]>)]) -> Result<(), DataError> {
         let uffd = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let zero = [0u8; PAGE_SIZE as usize];
         for &(page, data) in pages {
@@ -253,7 +361,7 @@ impl Session {
                         Some(bytes) => {
                             self.memory
                                 .write(GuestAddress(page * PAGE_SIZE), bytes)
-                                .map_err(|e| e.to_string())?;
+                                .map_err(|source| DataError::Write { page, source })?;
                             // Hashing on arrival keeps the digest out of the cutover's downtime.
                             xxh3_64(bytes)
                         }
@@ -269,7 +377,7 @@ impl Session {
                             if filled {
                                 self.memory
                                     .remove_page(page)
-                                    .map_err(|e| format!("freeing page {page}: {e}"))?;
+                                    .map_err(|source| DataError::Free { page, source })?;
                             }
                             zero_page_hash()
                         }
@@ -284,41 +392,6 @@ impl Session {
         Ok(())
     }
 
-    fn install_postcopy(&self, uffd: &Uffd, page: u64, bytes: &[u8]) -> Result<(), String> {
-        if self.lock().installed[page as usize] {
-            return Ok(());
-        }
-        let dst = (self.memory.host_address() + page * PAGE_SIZE) as *mut libc::c_void;
-        loop {
-            // SAFETY: `dst` is a page of our registered guest-memory mapping; `bytes` is one
-            // page long. UFFDIO_COPY atomically fills the missing page and wakes waiters.
-            let result = unsafe { uffd.copy(bytes.as_ptr().cast(), dst, PAGE_SIZE as usize, true) };
-            match result {
-                Ok(_) => break,
-                // Already present: installed by an earlier copy.
-                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => break,
-                Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
-                Err(e) => return Err(format!("UFFDIO_COPY of page {page}: {e}")),
-            }
-        }
-        let mut progress = self.lock();
-        progress.installed[page as usize] = true;
-        progress.page_digests[page as usize] = xxh3_64(bytes);
-        progress.missing = progress.missing.saturating_sub(1);
-        if let Some(asked) = progress.demanded.remove(&page) {
-            let micros = asked.elapsed().as_micros() as u64;
-            if let Some(histogram) = progress.latency_us.as_mut() {
-                let _ = histogram.record(micros.max(1));
-            }
-        }
-        let done = progress.missing == 0;
-        drop(progress);
-        if done {
-            self.changed.notify_all();
-        }
-        Ok(())
-    }
-
     /// Waits until `ready` holds, the session fails, or the step times out.
     fn wait(&self, ready: impl Fn(&Progress) -> bool) -> Result<(), SessionError> {
         // Shorter than the source's deadline for the call that waits (the peer timeout plus
@@ -329,7 +402,7 @@ impl Session {
         let mut progress = self.lock();
         loop {
             if let Some(error) = &progress.error {
-                return Err(SessionError::Data(error.clone()));
+                return Err(SessionError::Data(Arc::clone(error)));
             }
             if self.aborted.load(Ordering::Relaxed) {
                 return Err(SessionError::Aborted);
@@ -350,161 +423,68 @@ impl Session {
     }
 
     /// The cutover: restore the partition and run it. Returns it with, in pre-copy mode, the
-    /// digest of the memory it starts from.
+    /// digest of the memory it starts from. A second commit is refused.
     pub fn commit(
         self: &Arc<Self>,
         request: CommitRequest,
     ) -> Result<(Partition, Option<MemoryDigest>), SessionError> {
+        // Nothing of the state reaches KVM, or the session's phase, unchecked.
         let snapshot =
             state::decode(&request.snapshot, &self.config).map_err(SessionError::State)?;
-        self.wait(|p| p.dones >= 1)?;
+        self.advance(SessionEvent::Commit)?;
+        let result = self.restore(&snapshot, &request.stale_pages);
+        if result.is_err() {
+            // The restore did not happen: the session cannot go on.
+            let _ = self.advance(SessionEvent::Abort);
+        }
+        result
+    }
+
+    fn restore(
+        self: &Arc<Self>,
+        snapshot: &PartitionSnapshot,
+        stale_pages: &[u64],
+    ) -> Result<(Partition, Option<MemoryDigest>), SessionError> {
+        self.wait(|p| p.phase() == SessionPhase::Restoring { received: true })?;
         match self.mode {
             Mode::Precopy => {
                 let progress = self.lock();
                 if let Some(page) = progress.received.iter().position(|r| !r) {
-                    return Err(SessionError::Data(format!("page {page} never arrived")));
+                    return Err(SessionError::Missing(page as u64));
                 }
                 let digest = MemoryDigest::from_pages(progress.page_digests.clone());
                 drop(progress);
-                let partition = Partition::restore(&snapshot, Arc::clone(&self.memory), true)
+                let partition = Partition::restore(snapshot, Arc::clone(&self.memory), true)
                     .map_err(SessionError::Restore)?;
                 // An abort that came during the restore wins: the source has resumed.
-                if self.aborted.load(Ordering::Relaxed) {
+                if self.advance(SessionEvent::Restored).is_err() {
                     partition.stop();
                     return Err(SessionError::Aborted);
                 }
                 Ok((partition, Some(digest)))
             }
             Mode::Hybrid => {
-                let partition = self.start_postcopy(&snapshot, &request.stale_pages)?;
+                let partition = self.start_postcopy(snapshot, stale_pages)?;
+                if self.advance(SessionEvent::Restored).is_err() {
+                    partition.stop();
+                    return Err(SessionError::Aborted);
+                }
                 Ok((partition, None))
             }
         }
     }
 
-    fn start_postcopy(
-        self: &Arc<Self>,
-        snapshot: &PartitionSnapshot,
-        stale_pages: &[u64],
-    ) -> Result<Partition, SessionError> {
-        let frames = self.memory.frames();
-        for &page in stale_pages {
-            if page >= frames {
-                return Err(SessionError::Data(format!(
-                    "stale page {page} is out of range"
-                )));
-            }
-            self.memory.remove_page(page).map_err(SessionError::Stale)?;
-        }
-        {
-            let mut progress = self.lock();
-            let mut installed = progress.received.clone();
-            for &page in stale_pages {
-                installed[page as usize] = false;
-            }
-            progress.missing = installed.iter().filter(|i| !**i).count() as u64;
-            progress.installed = installed;
-            progress.latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).ok();
-        }
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(|e| SessionError::Userfault(e.to_string()))?;
-        uffd.register(
-            self.memory.host_address() as *mut libc::c_void,
-            self.memory.size() as usize,
-        )
-        .map_err(|e| SessionError::Userfault(e.to_string()))?;
-        let uffd = Arc::new(uffd);
-        *self.uffd.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&uffd));
-        let handler = Arc::clone(self);
-        let thread = std::thread::Builder::new()
-            .name("migration-uffd".into())
-            .spawn(move || handler.serve_faults(&uffd))
-            .map_err(|e| SessionError::Userfault(e.to_string()))?;
-        self.threads().push(thread);
-        Partition::restore(snapshot, Arc::clone(&self.memory), true).map_err(SessionError::Restore)
-    }
-
-    /// The fault handler: asks the source for each page a vCPU waits on.
-    fn serve_faults(&self, uffd: &Uffd) {
-        let mut poll = libc::pollfd {
-            fd: uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        loop {
-            // Not done when nothing is missing: installed zero pages are holes in the memfd,
-            // and a guest touching one faults until `finish` unregisters the range.
-            if self.aborted.load(Ordering::Relaxed) || self.postcopy_done.load(Ordering::Relaxed) {
-                return;
-            }
-            // SAFETY: one valid pollfd for the duration of the call.
-            let ready = unsafe { libc::poll(&mut poll, 1, 50) };
-            if ready <= 0 {
-                continue;
-            }
-            while let Ok(Some(event)) = uffd.read_event() {
-                let Event::Pagefault { addr, .. } = event else {
-                    continue;
-                };
-                let page = (addr as u64 - self.memory.host_address()) / PAGE_SIZE;
-                let mut progress = self.lock();
-                let installed = progress
-                    .installed
-                    .get(page as usize)
-                    .copied()
-                    .unwrap_or(true);
-                if installed {
-                    drop(progress);
-                    if let Err(e) = self.fill_zero_page(uffd, page) {
-                        self.fail(e);
-                        return;
-                    }
-                    continue;
-                }
-                if progress.demanded.contains_key(&page) {
-                    continue;
-                }
-                progress.demanded.insert(page, Instant::now());
-                progress.requests += 1;
-                drop(progress);
-                debug!("demanding page {page}");
-                let mut stream = self.demand_stream.lock().unwrap_or_else(|p| p.into_inner());
-                let sent = match stream.as_mut() {
-                    Some(stream) => send_demand(stream, &[page]).map_err(|e| e.to_string()),
-                    None => Err("no data connection".into()),
-                };
-                if let Err(e) = sent {
-                    warn!("demanding page {page}: {e}");
-                    self.fail(format!("demanding page {page}: {e}"));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// A fault on a page that is in place: it arrived as a zero marker and was left a hole
-    /// (or it was installed just now, and the fault raced the copy). Map the zero page, or
-    /// just wake the vCPU if the page is there.
-    fn fill_zero_page(&self, uffd: &Uffd, page: u64) -> Result<(), String> {
-        let start = (self.memory.host_address() + page * PAGE_SIZE) as *mut libc::c_void;
-        // SAFETY: `start` is a page of our registered guest-memory mapping; UFFDIO_ZEROPAGE
-        // maps zeros there only if the page is missing.
-        match unsafe { uffd.zeropage(start, PAGE_SIZE as usize, true) } {
-            Ok(_) => Ok(()),
-            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => uffd
-                .wake(start, PAGE_SIZE as usize)
-                .map_err(|e| format!("waking the vCPU on page {page}: {e}")),
-            Err(e) => Err(format!("UFFDIO_ZEROPAGE of page {page}: {e}")),
-        }
-    }
-
     /// Hybrid: waits until every page is in place and returns the digest and post-copy figures.
     pub fn finish(&self) -> Result<FinishReply, SessionError> {
-        self.wait(|p| p.dones >= 2 && p.missing == 0)?;
+        let phase = self.phase();
+        if !matches!(phase, SessionPhase::Postcopy { .. }) {
+            return Err(PhaseError::Unexpected {
+                phase,
+                event: SessionEvent::Finish,
+            }
+            .into());
+        }
+        self.wait(|p| p.phase() == SessionPhase::Postcopy { pushed: true } && p.missing == 0)?;
         let progress = self.lock();
         let latency = progress
             .latency_us
@@ -518,18 +498,8 @@ impl Session {
         let digest = MemoryDigest::from_pages(progress.page_digests.clone());
         let requests = progress.requests;
         drop(progress);
-        if let Some(uffd) = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            // Unregistered, missing pages read as zeros again: the handler can go.
-            let unregistered = uffd.unregister(
-                self.memory.host_address() as *mut libc::c_void,
-                self.memory.size() as usize,
-            );
-            if let Err(e) = unregistered {
-                warn!("unregistering guest memory from userfaultfd: {e}");
-            } else {
-                self.postcopy_done.store(true, Ordering::Relaxed);
-            }
-        }
+        self.end_postcopy();
+        self.advance(SessionEvent::Finish)?;
         Ok(FinishReply {
             dest_digest: digest.total_hex(),
             postcopy_requests: requests,
@@ -541,21 +511,32 @@ impl Session {
     /// it keeps its guest waiting for the source instead: see docs/architecture.md). The
     /// daemon polls this to drop a session whose source vanished, killed or cut off, since no
     /// `abort` will come; the data connection then fails within the peer timeout.
-    pub fn failed_before_cutover(&self) -> Option<String> {
-        if self.aborted.load(Ordering::Relaxed)
-            || self
-                .uffd
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
-        {
-            return None;
+    pub fn failed_before_cutover(&self) -> Option<Arc<DataError>> {
+        let progress = self.lock();
+        match progress.phase() {
+            SessionPhase::Failed { cut_over: false } => progress.error.clone(),
+            _ => None,
         }
-        self.lock().error.clone()
     }
 
-    /// Abandons the session (the source failed or gave up). The memory is freed with it.
-    pub fn abort(&self) {
+    /// Abandons the session (the source failed or gave up); the memory is freed with it.
+    /// Refused while a partition it restored runs here: stop that first, then [`discard`].
+    ///
+    /// [`discard`]: Session::discard
+    pub fn abort(&self) -> Result<(), PhaseError> {
+        self.advance(SessionEvent::Abort)?;
+        self.hang_up();
+        Ok(())
+    }
+
+    /// Ends a session whose restored partition was stopped.
+    pub fn discard(&self) -> Result<(), PhaseError> {
+        self.advance(SessionEvent::Discard)?;
+        self.hang_up();
+        Ok(())
+    }
+
+    fn hang_up(&self) {
         self.aborted.store(true, Ordering::Relaxed);
         self.changed.notify_all();
         if let Some(stream) = self

@@ -1,0 +1,271 @@
+//! The phases of an incoming migration session and the one function that moves between them,
+//! in the style of Cloud Hypervisor's `ReceiveMigrationState`: an event that does not fit the
+//! phase is refused with a typed error, and nothing changes.
+//!
+//! ```text
+//!  Connecting ─connected─▶ Receiving ─pages done─▶ Received
+//!                              │ commit                │ commit
+//!                              ▼                       ▼
+//!         Restoring{received: false} ─pages done─▶ Restoring{received: true}
+//!                                                      │ restored
+//!                                         pre-copy ◀───┴───▶ hybrid
+//!                                         Restored          Postcopy{pushed: false}
+//!                                                              │ pages done (push ended)
+//!                                                           Postcopy{pushed: true} ─finish─▶ Finished
+//!  any phase before the guest runs ─abort─▶ Aborted;  ─failure─▶ Failed
+//!  Restored, Postcopy ─(guest stopped) discard─▶ Aborted
+//! ```
+
+use thiserror::Error;
+
+use crate::migration::report::Mode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionPhase {
+    /// Waiting for the source's data connection.
+    Connecting,
+    /// Pages arrive.
+    Receiving,
+    /// The source said every page of pre-copy is sent.
+    Received,
+    /// The commit is restoring the partition (`received`: every pre-copy page is here; a
+    /// commit that came before the last pages waits for them).
+    Restoring { received: bool },
+    /// Pre-copy: the restored partition runs here.
+    Restored,
+    /// Hybrid: the restored partition runs here; missing pages arrive on demand and by push
+    /// (`pushed`: the push has ended).
+    Postcopy { pushed: bool },
+    /// Hybrid: every page is in place.
+    Finished,
+    /// The session failed; `cut_over` says whether a restored partition runs here.
+    Failed { cut_over: bool },
+    /// The source gave up, and nothing of the session runs here.
+    Aborted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The source's data connection was accepted.
+    Connected,
+    /// A `Done` frame: the end of pre-copy, or in post-copy the end of the push.
+    PagesDone,
+    Commit,
+    /// The commit restored the partition.
+    Restored,
+    Finish,
+    /// The data connection or a page install failed.
+    Failure,
+    /// The source gave up on the session.
+    Abort,
+    /// The partition this session restored was stopped, so the session may end.
+    Discard,
+}
+
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum PhaseError {
+    #[error("the session is already {phase:?}: a second commit is refused")]
+    SecondCommit { phase: SessionPhase },
+    #[error(
+        "aborting would leave the partition this session restored running beside its source; \
+         stop it first"
+    )]
+    WouldLeaveRunningCopy,
+    #[error("{event:?} does not fit a session that is {phase:?}")]
+    Unexpected {
+        phase: SessionPhase,
+        event: SessionEvent,
+    },
+}
+
+impl SessionPhase {
+    /// Whether a partition restored by this session runs here.
+    pub fn guest_runs_here(self) -> bool {
+        matches!(
+            self,
+            Self::Restored
+                | Self::Postcopy { .. }
+                | Self::Finished
+                | Self::Failed { cut_over: true }
+        )
+    }
+
+    /// The phase `event` leads to, or why it is refused.
+    pub fn next(self, event: SessionEvent, mode: Mode) -> Result<Self, PhaseError> {
+        use SessionEvent as E;
+        use SessionPhase as P;
+        match (self, event) {
+            (P::Connecting, E::Connected) => Ok(P::Receiving),
+            // The commit came before the receiver saw the connection: it waits all the same.
+            (P::Restoring { received: false }, E::Connected) => Ok(self),
+            (P::Receiving, E::PagesDone) => Ok(P::Received),
+            (P::Restoring { received: false }, E::PagesDone) => Ok(P::Restoring { received: true }),
+            (P::Postcopy { pushed: false }, E::PagesDone) => Ok(P::Postcopy { pushed: true }),
+            // A commit may come before the last pages: it waits for them.
+            (P::Connecting | P::Receiving, E::Commit) => Ok(P::Restoring { received: false }),
+            (P::Received, E::Commit) => Ok(P::Restoring { received: true }),
+            (P::Restoring { .. } | P::Restored | P::Postcopy { .. } | P::Finished, E::Commit) => {
+                Err(PhaseError::SecondCommit { phase: self })
+            }
+            (P::Restoring { received: true }, E::Restored) => Ok(match mode {
+                Mode::Precopy => P::Restored,
+                Mode::Hybrid => P::Postcopy { pushed: false },
+            }),
+            (P::Postcopy { pushed: true }, E::Finish) => Ok(P::Finished),
+            (P::Connecting | P::Receiving | P::Received | P::Restoring { .. }, E::Failure) => {
+                Ok(P::Failed { cut_over: false })
+            }
+            (P::Postcopy { .. }, E::Failure) => Ok(P::Failed { cut_over: true }),
+            // Once over, later failures (a connection closing) change nothing.
+            (P::Restored | P::Finished | P::Failed { .. } | P::Aborted, E::Failure) => Ok(self),
+            (
+                P::Connecting
+                | P::Receiving
+                | P::Received
+                | P::Restoring { .. }
+                | P::Failed { cut_over: false }
+                | P::Aborted,
+                E::Abort | E::Discard,
+            ) => Ok(P::Aborted),
+            (P::Restored | P::Postcopy { .. } | P::Failed { cut_over: true }, E::Abort) => {
+                Err(PhaseError::WouldLeaveRunningCopy)
+            }
+            (P::Restored | P::Postcopy { .. } | P::Failed { cut_over: true }, E::Discard) => {
+                Ok(P::Aborted)
+            }
+            _ => Err(PhaseError::Unexpected { phase: self, event }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SessionEvent as E, SessionPhase as P, *};
+
+    fn walk(mode: Mode, events: &[SessionEvent]) -> Result<SessionPhase, PhaseError> {
+        events
+            .iter()
+            .try_fold(P::Connecting, |phase, &event| phase.next(event, mode))
+    }
+
+    #[test]
+    fn a_precopy_session_runs_its_course() {
+        let done = walk(
+            Mode::Precopy,
+            &[E::Connected, E::PagesDone, E::Commit, E::Restored],
+        );
+        assert_eq!(done, Ok(P::Restored));
+        // The commit may arrive before the last pages, and waits for them.
+        let early = walk(Mode::Precopy, &[E::Connected, E::Commit]).unwrap();
+        assert_eq!(early, P::Restoring { received: false });
+        assert!(early.next(E::Restored, Mode::Precopy).is_err());
+        let early = early.next(E::PagesDone, Mode::Precopy).unwrap();
+        assert_eq!(early.next(E::Restored, Mode::Precopy), Ok(P::Restored));
+    }
+
+    #[test]
+    fn a_hybrid_session_runs_its_course() {
+        let done = walk(
+            Mode::Hybrid,
+            &[
+                E::Connected,
+                E::PagesDone,
+                E::Commit,
+                E::Restored,
+                E::PagesDone,
+                E::Finish,
+            ],
+        );
+        assert_eq!(done, Ok(P::Finished));
+        // Finish before the push ended is refused; so is a third `Done`.
+        let pushing = walk(
+            Mode::Hybrid,
+            &[E::Connected, E::PagesDone, E::Commit, E::Restored],
+        )
+        .unwrap();
+        assert!(pushing.next(E::Finish, Mode::Hybrid).is_err());
+        let pushed = pushing.next(E::PagesDone, Mode::Hybrid).unwrap();
+        assert!(pushed.next(E::PagesDone, Mode::Hybrid).is_err());
+    }
+
+    #[test]
+    fn a_second_commit_is_refused() {
+        for mode in [Mode::Precopy, Mode::Hybrid] {
+            let base = [E::Connected, E::PagesDone, E::Commit];
+            assert_eq!(
+                walk(mode, &[&base[..], &[E::Commit]].concat()),
+                Err(PhaseError::SecondCommit {
+                    phase: P::Restoring { received: true }
+                })
+            );
+            let restored = walk(mode, &[&base[..], &[E::Restored]].concat()).unwrap();
+            assert!(matches!(
+                restored.next(E::Commit, mode),
+                Err(PhaseError::SecondCommit { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn an_abort_never_leaves_a_running_copy() {
+        // Before the guest runs here, an abort ends the session.
+        for events in [
+            &[][..],
+            &[E::Connected],
+            &[E::Connected, E::PagesDone],
+            &[E::Connected, E::PagesDone, E::Commit],
+            &[E::Failure],
+        ] {
+            assert_eq!(
+                walk(Mode::Hybrid, &[events, &[E::Abort]].concat()),
+                Ok(P::Aborted),
+                "{events:?}"
+            );
+        }
+        // After a commit restored it, an abort is refused until the guest is stopped.
+        for mode in [Mode::Precopy, Mode::Hybrid] {
+            let restored =
+                walk(mode, &[E::Connected, E::PagesDone, E::Commit, E::Restored]).unwrap();
+            assert!(restored.guest_runs_here());
+            assert_eq!(
+                restored.next(E::Abort, mode),
+                Err(PhaseError::WouldLeaveRunningCopy)
+            );
+            assert_eq!(restored.next(E::Discard, mode), Ok(P::Aborted));
+        }
+        let failed_after = walk(
+            Mode::Hybrid,
+            &[
+                E::Connected,
+                E::PagesDone,
+                E::Commit,
+                E::Restored,
+                E::Failure,
+            ],
+        )
+        .unwrap();
+        assert_eq!(failed_after, P::Failed { cut_over: true });
+        assert_eq!(
+            failed_after.next(E::Abort, Mode::Hybrid),
+            Err(PhaseError::WouldLeaveRunningCopy)
+        );
+    }
+
+    #[test]
+    fn events_out_of_place_are_refused() {
+        assert!(P::Connecting.next(E::PagesDone, Mode::Precopy).is_err());
+        assert!(P::Receiving.next(E::Connected, Mode::Precopy).is_err());
+        assert!(P::Received.next(E::Finish, Mode::Precopy).is_err());
+        assert!(P::Restored.next(E::Finish, Mode::Precopy).is_err());
+        assert!(P::Receiving.next(E::Restored, Mode::Hybrid).is_err());
+        assert!(P::Aborted.next(E::Commit, Mode::Hybrid).is_err());
+        assert!(
+            P::Failed { cut_over: false }
+                .next(E::Commit, Mode::Hybrid)
+                .is_err()
+        );
+        assert!(P::Finished.next(E::PagesDone, Mode::Hybrid).is_err());
+        // A failure once the session is over changes nothing.
+        assert_eq!(P::Restored.next(E::Failure, Mode::Precopy), Ok(P::Restored));
+    }
+}

@@ -1,0 +1,194 @@
+//! Hybrid mode after the commit: guest memory registered with userfaultfd (missing mode). A
+//! guest access to a missing page blocks its vCPU; the handler thread asks the source for
+//! the page, and the receiver installs it with UFFDIO_COPY, which wakes the vCPU. Pages
+//! pushed by the source are installed the same way.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use hdrhistogram::Histogram;
+use tracing::{debug, warn};
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{DataError, Session, SessionError};
+use crate::{
+    migration::transport::send_demand,
+    vmm::{Partition, PartitionSnapshot, memory::PAGE_SIZE},
+};
+
+impl Session {
+    /// Drops the stale pages, registers guest memory with userfaultfd, starts the fault
+    /// handler and restores the partition, which then runs on the pages it has.
+    pub(super) fn start_postcopy(
+        self: &Arc<Self>,
+        snapshot: &PartitionSnapshot,
+        stale_pages: &[u64],
+    ) -> Result<Partition, SessionError> {
+        let frames = self.memory.frames();
+        if let Some(&page) = stale_pages.iter().find(|&&page| page >= frames) {
+            return Err(SessionError::StaleOutOfRange(page));
+        }
+        for &page in stale_pages {
+            self.memory.remove_page(page).map_err(SessionError::Stale)?;
+        }
+        {
+            let mut progress = self.lock();
+            let mut installed = progress.received.clone();
+            for &page in stale_pages {
+                installed[page as usize] = false;
+            }
+            progress.missing = installed.iter().filter(|i| !**i).count() as u64;
+            progress.installed = installed;
+            progress.latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).ok();
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(SessionError::Userfault)?;
+        uffd.register(
+            self.memory.host_address() as *mut libc::c_void,
+            self.memory.size() as usize,
+        )
+        .map_err(SessionError::Userfault)?;
+        let uffd = Arc::new(uffd);
+        *self.uffd.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&uffd));
+        let handler = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("migration-uffd".into())
+            .spawn(move || handler.serve_faults(&uffd))
+            .map_err(SessionError::Handler)?;
+        self.threads().push(thread);
+        Partition::restore(snapshot, Arc::clone(&self.memory), true).map_err(SessionError::Restore)
+    }
+
+    pub(super) fn install_postcopy(
+        &self,
+        uffd: &Uffd,
+        page: u64,
+        bytes: &[u8],
+    ) -> Result<(), DataError> {
+        if self.lock().installed[page as usize] {
+            return Ok(());
+        }
+        let dst = (self.memory.host_address() + page * PAGE_SIZE) as *mut libc::c_void;
+        loop {
+            // SAFETY: `dst` is a page of our registered guest-memory mapping; `bytes` is one
+            // page long. UFFDIO_COPY atomically fills the missing page and wakes waiters.
+            let result = unsafe { uffd.copy(bytes.as_ptr().cast(), dst, PAGE_SIZE as usize, true) };
+            match result {
+                Ok(_) => break,
+                // Already present: installed by an earlier copy.
+                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => break,
+                Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
+                Err(source) => return Err(DataError::Copy { page, source }),
+            }
+        }
+        let mut progress = self.lock();
+        progress.installed[page as usize] = true;
+        progress.page_digests[page as usize] = xxh3_64(bytes);
+        progress.missing = progress.missing.saturating_sub(1);
+        if let Some(asked) = progress.demanded.remove(&page) {
+            let micros = asked.elapsed().as_micros() as u64;
+            if let Some(histogram) = progress.latency_us.as_mut() {
+                let _ = histogram.record(micros.max(1));
+            }
+        }
+        let done = progress.missing == 0;
+        drop(progress);
+        if done {
+            self.changed.notify_all();
+        }
+        Ok(())
+    }
+
+    /// The fault handler: asks the source for each page a vCPU waits on.
+    fn serve_faults(&self, uffd: &Uffd) {
+        use rustix::event::{PollFd, PollFlags, poll};
+        loop {
+            // Not done when nothing is missing: installed zero pages are holes in the memfd,
+            // and a guest touching one faults until `finish` unregisters the range.
+            if self.aborted.load(Ordering::Relaxed) || self.postcopy_done.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut fds = [PollFd::new(uffd, PollFlags::IN)];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            match poll(&mut fds, Some(&timeout)) {
+                Ok(0) | Err(_) => continue,
+                Ok(_) => {}
+            }
+            while let Ok(Some(event)) = uffd.read_event() {
+                let Event::Pagefault { addr, .. } = event else {
+                    continue;
+                };
+                let page = (addr as u64 - self.memory.host_address()) / PAGE_SIZE;
+                if let Err(e) = self.serve_fault(uffd, page) {
+                    warn!("post-copy fault on page {page}: {e}");
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn serve_fault(&self, uffd: &Uffd, page: u64) -> Result<(), DataError> {
+        let mut progress = self.lock();
+        let installed = progress
+            .installed
+            .get(page as usize)
+            .copied()
+            .unwrap_or(true);
+        if installed {
+            drop(progress);
+            return self.fill_zero_page(uffd, page);
+        }
+        if progress.demanded.contains_key(&page) {
+            return Ok(());
+        }
+        progress.demanded.insert(page, Instant::now());
+        progress.requests += 1;
+        drop(progress);
+        debug!("demanding page {page}");
+        let mut stream = self.demand_stream.lock().unwrap_or_else(|p| p.into_inner());
+        let stream = stream.as_mut().ok_or(DataError::NoDemandStream(page))?;
+        send_demand(stream, &[page]).map_err(|source| DataError::Demand { page, source })
+    }
+
+    /// A fault on a page that is in place: it arrived as a zero marker and was left a hole
+    /// (or it was installed just now, and the fault raced the copy). Map the zero page, or
+    /// just wake the vCPU if the page is there.
+    fn fill_zero_page(&self, uffd: &Uffd, page: u64) -> Result<(), DataError> {
+        let start = (self.memory.host_address() + page * PAGE_SIZE) as *mut libc::c_void;
+        // SAFETY: `start` is a page of our registered guest-memory mapping; UFFDIO_ZEROPAGE
+        // maps zeros there only if the page is missing.
+        match unsafe { uffd.zeropage(start, PAGE_SIZE as usize, true) } {
+            Ok(_) => Ok(()),
+            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => uffd
+                .wake(start, PAGE_SIZE as usize)
+                .map_err(|source| DataError::Wake { page, source }),
+            Err(source) => Err(DataError::ZeroPage { page, source }),
+        }
+    }
+
+    /// Unregisters guest memory from userfaultfd once every page is in place: missing pages
+    /// then read as zeros again, and the handler can go.
+    pub(super) fn end_postcopy(&self) {
+        if let Some(uffd) = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let unregistered = uffd.unregister(
+                self.memory.host_address() as *mut libc::c_void,
+                self.memory.size() as usize,
+            );
+            match unregistered {
+                Ok(()) => self.postcopy_done.store(true, Ordering::Relaxed),
+                Err(e) => warn!("unregistering guest memory from userfaultfd: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The source's migration engine against an in-process destination (the real receiving
+//! `Session`, no daemons): a migration completes with equal digests in both modes, and a
+//! failure at each phase rolls back as that phase says: resume here and abort there before
+//! the guest runs on the destination, keep the paused copy after.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use heatprobe_tests::{kvm_unavailable, skip};
+use migrator::{
+    daemon::ApiError,
+    migration::{
+        MigrationProgress, MigrationStatus, Mode, Strategy,
+        control::{
+            CommitReply, CommitRequest, Destination, DestinationError, FinishReply, PrepareReply,
+            PrepareRequest,
+        },
+        destination::Session,
+        link::{DataLink, DataStream, LinkError},
+        source::{MigrationOptions, migrate},
+    },
+    vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
+};
+
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the in-process destination fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// It refuses to prepare.
+    PrepareRefused,
+    /// The data connection cannot be opened.
+    Connect,
+    /// It refuses the commit (and drops the session).
+    CommitRefused,
+    /// It commits, but the answer is lost.
+    CommitAnswerLost,
+    /// Hybrid: every page arrives, but the answer to `finish` is lost.
+    FinishAnswerLost,
+}
+
+#[derive(Default)]
+struct Seen {
+    aborted: Vec<u64>,
+    /// Partitions restored here, and whether each is still running.
+    arrived: Vec<Arc<Partition>>,
+}
+
+struct InProcess {
+    fault: Fault,
+    sessions: BTreeMap<u64, Arc<Session>>,
+    next: u64,
+    seen: Arc<Mutex<Seen>>,
+}
+
+fn unreachable(what: &'static str) -> DestinationError {
+    DestinationError::Unreachable {
+        what,
+        source: "the test cut the link".into(),
+    }
+}
+
+impl Destination for InProcess {
+    fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, DestinationError> {
+        if self.fault == Fault::PrepareRefused {
+            return Err(DestinationError::Refused(ApiError::Limit("full".into())));
+        }
+        let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (session, data_port) = Session::prepare(&request, bind, DataLink::Plain, PEER_TIMEOUT)
+            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        self.next += 1;
+        self.sessions.insert(self.next, session);
+        Ok(PrepareReply {
+            session: self.next,
+            data_port,
+        })
+    }
+
+    fn commit(
+        &mut self,
+        session: u64,
+        request: CommitRequest,
+    ) -> Result<CommitReply, DestinationError> {
+        let found = self.sessions.get(&session).cloned().expect("a session");
+        if self.fault == Fault::CommitRefused {
+            found.abort().expect("nothing restored yet");
+            self.sessions.remove(&session);
+            return Err(DestinationError::Refused(ApiError::Migration(
+                "refused by the test".into(),
+            )));
+        }
+        let (partition, digest) = found
+            .commit(request)
+            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        self.seen.lock().unwrap().arrived.push(Arc::new(partition));
+        if self.fault == Fault::CommitAnswerLost {
+            return Err(unreachable("commit"));
+        }
+        Ok(CommitReply {
+            id_on_destination: format!("arrived-{session}"),
+            dest_digest: digest.map(|d| d.total_hex()),
+        })
+    }
+
+    fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {
+        let found = self.sessions.remove(&session).expect("a session");
+        let reply = found
+            .finish()
+            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        if self.fault == Fault::FinishAnswerLost {
+            return Err(unreachable("finish"));
+        }
+        Ok(reply)
+    }
+
+    fn abort(&mut self, session: u64) {
+        let mut seen = self.seen.lock().unwrap();
+        seen.aborted.push(session);
+        let Some(found) = self.sessions.remove(&session) else {
+            return;
+        };
+        // As the daemon does: the session refuses while a copy it restored runs; that copy is
+        // stopped (the source resumes its own), then the session is discarded.
+        if found.abort().is_err() {
+            for partition in &seen.arrived {
+                partition.stop();
+            }
+            found
+                .discard()
+                .expect("discarded once its guest is stopped");
+        }
+    }
+
+    fn connect_data(&self, port: u16) -> Result<DataStream, LinkError> {
+        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        if self.fault == Fault::Connect {
+            return Err(LinkError::Connect {
+                addr,
+                source: std::io::Error::other("the test refused the connection"),
+            });
+        }
+        DataLink::Plain.connect(addr, PEER_TIMEOUT)
+    }
+}
+
+fn launch() -> Arc<Partition> {
+    Arc::new(
+        Partition::launch(PartitionConfig {
+            name: None,
+            mem_size: 16 << 20,
+            vcpus: 1,
+            image: GuestImage::Builtin("rw-mix".into()),
+            args: String::new(),
+        })
+        .expect("launches"),
+    )
+}
+
+fn ops(partition: &Partition) -> u64 {
+    partition.status().progress.ops
+}
+
+/// Migrates a fresh rw-mix partition with `fault` injected; returns the report, the source
+/// partition and what the destination saw.
+fn run(mode: Mode, fault: Fault) -> (migrator::migration::MigrationReport, Arc<Partition>, Seen) {
+    let partition = launch();
+    thread::sleep(Duration::from_millis(100));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut destination = InProcess {
+        fault,
+        sessions: BTreeMap::new(),
+        next: 0,
+        seen: Arc::clone(&seen),
+    };
+    let options = MigrationOptions {
+        strategy: Strategy::Address,
+        mode,
+        ..MigrationOptions::default()
+    };
+    let progress = Mutex::new(MigrationProgress::default());
+    let report = migrate(&partition, &mut destination, None, &options, &progress);
+    drop(destination);
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    (report, partition, seen)
+}
+
+/// The source runs on, advancing, with no errors.
+fn assert_runs_on(partition: &Partition, case: &str) {
+    assert_eq!(partition.state(), PartitionState::Running, "{case}");
+    let before = ops(partition);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        ops(partition) > before,
+        "{case}: the guest does not advance"
+    );
+    assert_eq!(partition.status().progress.errors, 0, "{case}");
+}
+
+#[test]
+fn a_migration_completes_in_both_modes() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_migration_completes_in_both_modes", &why);
+    }
+    for mode in [Mode::Precopy, Mode::Hybrid] {
+        let (report, source, seen) = run(mode, Fault::None);
+        assert_eq!(
+            report.status,
+            MigrationStatus::Completed,
+            "{mode:?}: {report:?}"
+        );
+        assert!(report.source_digest.is_some(), "{mode:?}");
+        assert_eq!(report.source_digest, report.dest_digest, "{mode:?}");
+        assert_eq!(source.state(), PartitionState::Stopped, "{mode:?}");
+        assert!(seen.aborted.is_empty(), "{mode:?}");
+        let [arrived] = seen.arrived.as_slice() else {
+            panic!("{mode:?}: {} partitions arrived", seen.arrived.len());
+        };
+        assert_runs_on(arrived, &format!("{mode:?} on the destination"));
+        arrived.stop();
+    }
+}
+
+#[test]
+fn a_failure_before_the_guest_runs_there_resumes_it_here() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_failure_before_the_guest_runs_there_resumes_it_here",
+            &why,
+        );
+    }
+    let cases = [
+        (Mode::Precopy, Fault::PrepareRefused, false),
+        (Mode::Precopy, Fault::Connect, true),
+        (Mode::Precopy, Fault::CommitRefused, true),
+        (Mode::Precopy, Fault::CommitAnswerLost, true),
+        (Mode::Hybrid, Fault::Connect, true),
+        (Mode::Hybrid, Fault::CommitRefused, true),
+        (Mode::Hybrid, Fault::CommitAnswerLost, true),
+    ];
+    for (mode, fault, had_session) in cases {
+        let case = format!("{mode:?}, {fault:?}");
+        let (report, source, seen) = run(mode, fault);
+        assert_eq!(report.status, MigrationStatus::Failed, "{case}");
+        assert!(report.error.is_some(), "{case}");
+        assert_runs_on(&source, &case);
+        assert_eq!(
+            seen.aborted,
+            if had_session { vec![1] } else { vec![] },
+            "{case}"
+        );
+        // Nothing runs on the destination: exactly one running copy.
+        for arrived in &seen.arrived {
+            assert_eq!(arrived.state(), PartitionState::Stopped, "{case}");
+        }
+        source.stop();
+    }
+}
+
+#[test]
+fn a_failure_after_a_hybrid_cutover_keeps_the_paused_copy() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_failure_after_a_hybrid_cutover_keeps_the_paused_copy",
+            &why,
+        );
+    }
+    let (report, source, seen) = run(Mode::Hybrid, Fault::FinishAnswerLost);
+    assert_eq!(report.status, MigrationStatus::Failed);
+    let error = report.error.unwrap_or_default();
+    assert!(error.contains("after cutover"), "{error}");
+    // The guest runs on the destination; the source keeps its copy, paused, untouched.
+    assert_eq!(source.state(), PartitionState::Paused);
+    assert!(seen.aborted.is_empty());
+    let [arrived] = seen.arrived.as_slice() else {
+        panic!("{} partitions arrived", seen.arrived.len());
+    };
+    assert_runs_on(arrived, "hybrid on the destination");
+    arrived.stop();
+    source.stop();
+}
