@@ -2,13 +2,14 @@
 //! files), loading with those offsets as global data, and attaching each program whose
 //! tracepoint this kernel has, raw first where there is a raw one.
 
-use std::{fs, sync::Mutex};
+use std::sync::Mutex;
 
 use aya::{
     Ebpf, EbpfLoader,
     programs::{RawTracePoint, TracePoint},
 };
 use heatprobe_ebpf::{OFFSETS_GLOBAL, TracepointOffsets};
+use rustix::thread::{CapabilitySet, capabilities};
 use tracing::{debug, warn};
 
 use super::{
@@ -104,21 +105,14 @@ fn read_offsets(
 }
 
 /// Whether this process may load eBPF tracing programs: root, or CAP_BPF + CAP_PERFMON, or
-/// CAP_SYS_ADMIN.
+/// CAP_SYS_ADMIN, in its effective set (capget(2), rather than parsing /proc/self/status).
 pub fn has_privileges() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+    let Ok(sets) = capabilities(None) else {
         return false;
     };
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+    let effective = sets.effective;
+    effective.contains(CapabilitySet::SYS_ADMIN)
+        || effective.contains(CapabilitySet::BPF | CapabilitySet::PERFMON)
 }
 
 impl Probes {
