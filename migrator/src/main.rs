@@ -380,9 +380,7 @@ async fn dash(
 ) -> Result<()> {
     use migrator::dash::{App, terminal};
     if once {
-        let snapshot = terminal::once(host, id, &security)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let snapshot = terminal::once(host, id, &security).await?;
         if json {
             println!("{}", serde_json::to_string(&snapshot)?);
         } else {
