@@ -21,6 +21,7 @@ use migrator_guest::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tracing::warn;
 
 use super::{
     dirty::DirtyLog,
@@ -458,23 +459,26 @@ impl Partition {
         }
     }
 
-    fn set_request(&self, request: Request) {
+    fn set_request(&self, request: Request) -> Result<(), VcpuError> {
         let mut state = self.control.lock();
         state.request = request;
         drop(state);
         self.control.changed.notify_all();
-        self.kick_all();
+        self.kick_all()
     }
 
-    fn kick_all(&self) {
-        for thread in self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            vcpu::kick(thread);
+    /// Kicks every vCPU thread; all are kicked even if one fails, and the first failure is
+    /// returned.
+    fn kick_all(&self) -> Result<(), VcpuError> {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut first = Ok(());
+        for thread in threads.iter() {
+            let kicked = vcpu::kick(thread);
+            if first.is_ok() {
+                first = kicked;
+            }
         }
+        first
     }
 
     /// Waits until no vCPU runs guest code.
@@ -494,7 +498,7 @@ impl Partition {
                 .unwrap_or_else(|p| p.into_inner().0);
             drop(state);
             // Re-kick: a signal may have landed before a thread registered its kvm_run.
-            self.kick_all();
+            self.kick_all()?;
             state = self.control.lock();
         }
         Ok(())
@@ -507,7 +511,7 @@ impl Partition {
             PartitionState::Paused => return Ok(()),
             other => return Err(PartitionError::WrongState(other, "running")),
         }
-        self.set_request(Request::Pause);
+        self.set_request(Request::Pause)?;
         self.wait_quiet()
     }
 
@@ -518,7 +522,7 @@ impl Partition {
             PartitionState::Running => return Ok(()),
             other => return Err(PartitionError::WrongState(other, "paused")),
         }
-        self.set_request(Request::Run);
+        self.set_request(Request::Run)?;
         Ok(())
     }
 
@@ -608,7 +612,13 @@ impl Partition {
 
     /// Stops the partition for good and joins its vCPU threads. Stopping twice is harmless.
     pub fn stop(&self) {
-        self.set_request(Request::Stop);
+        // A vCPU in KVM_RUN that missed its kick still sees the request at its next exit.
+        if let Err(e) = self.set_request(Request::Stop) {
+            warn!(
+                "stopping a partition: {}",
+                heatprobe::probes::error_chain(&e)
+            );
+        }
         let threads: Vec<_> = self
             .threads
             .lock()
