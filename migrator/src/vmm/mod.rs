@@ -6,11 +6,12 @@ pub mod loader;
 pub mod memory;
 pub mod partition;
 pub mod sampler;
+pub mod snapshot;
 pub mod state;
+pub mod status;
 pub mod vcpu;
 
 pub use memory::{GuestAddress, GuestMemory, MemoryDigest};
-pub use partition::{
-    GuestImage, Partition, PartitionConfig, PartitionError, PartitionSnapshot, PartitionState,
-    PartitionStatus,
-};
+pub use partition::{GuestImage, Partition, PartitionConfig, PartitionError};
+pub use snapshot::PartitionSnapshot;
+pub use status::{PartitionState, PartitionStatus};

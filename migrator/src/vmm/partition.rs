@@ -1,4 +1,6 @@
-//! A partition: one KVM VM with its guest memory, vCPU threads and lifecycle.
+//! A partition: what to launch (checked without KVM), and one KVM VM with its guest memory,
+//! vCPU threads and lifecycle. What users see of it is in [`super::status`], its snapshot and
+//! restore in [`super::snapshot`].
 //!
 //! ```text
 //!  launch ──▶ running ◀──resume── paused
@@ -15,10 +17,7 @@ use std::{
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use migrator_guest::{
-    Progress,
-    abi::{ARGS_LEN, MAX_VCPUS, STACK_SIZE},
-};
+use migrator_guest::abi::{ARGS_LEN, MAX_VCPUS, STACK_SIZE};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::warn;
@@ -28,7 +27,8 @@ use super::{
     layout,
     loader::{Image, ImageError},
     memory::{GuestMemory, MemoryDigest, MemoryError, PAGE_SIZE},
-    vcpu::{self, Control, Request, VcpuError, VcpuState, VcpuStatus},
+    status::PartitionState,
+    vcpu::{self, Control, Request, VcpuError, VcpuStatus},
 };
 
 /// The built-in guest image, embedded at build time by `cargo xtask build`.
@@ -167,58 +167,18 @@ impl PartitionConfig {
     }
 }
 
-/// A partition's lifecycle state, as users see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PartitionState {
-    Running,
-    Paused,
-    Stopped,
-    Migrating,
-    Crashed,
-}
-
-/// A point-in-time view of a partition.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionStatus {
-    pub state: PartitionState,
-    /// Progress summed over vCPUs.
-    pub progress: Progress,
-    /// Per-vCPU progress.
-    pub vcpu_progress: Vec<Progress>,
-    /// Why it crashed, if it did.
-    pub crash_reason: Option<String>,
-    /// Exit codes of vCPUs that called the exit hypercall.
-    pub exit_codes: Vec<u64>,
-    /// Self-check failures reported through the hypercall.
-    pub check_failures: u64,
-    /// Recent console output.
-    pub console: String,
-}
-
-/// The vCPU part of a partition's saved state (memory travels separately). It travels as
-/// bytes in the format of [`super::state`], checked before it is restored.
-#[derive(Clone, Debug)]
-pub struct PartitionSnapshot {
-    pub config: PartitionConfig,
-    pub tsc_khz: u64,
-    pub vcpus: Vec<VcpuState>,
-    /// Recent console output, so `status` reads the same after a move.
-    pub console: Vec<u8>,
-}
-
 pub struct Partition {
-    config: PartitionConfig,
+    pub(super) config: PartitionConfig,
     _kvm: Kvm,
     vm: Arc<VmFd>,
-    memory: Arc<GuestMemory>,
-    control: Arc<Control>,
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) control: Arc<Control>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     vcpu_tids: Vec<u32>,
-    tsc_khz: u64,
+    pub(super) tsc_khz: u64,
     dirty: Mutex<Option<DirtyLog>>,
     /// A state set by the migration engine that overrides what the vCPUs say.
-    migrating: Mutex<bool>,
+    pub(super) migrating: Mutex<bool>,
 }
 
 fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
@@ -251,34 +211,7 @@ impl Partition {
         Self::start(config, kvm, vm, vcpus, memory, tsc_khz, Request::Run)
     }
 
-    /// Recreates a partition from a snapshot and a memory image already filled in; it starts
-    /// paused or running as asked.
-    pub fn restore(
-        snapshot: &PartitionSnapshot,
-        memory: Arc<GuestMemory>,
-        run: bool,
-    ) -> Result<Self, PartitionError> {
-        let config = snapshot.config.clone();
-        if snapshot.vcpus.len() != config.vcpus as usize {
-            return Err(PartitionError::SnapshotShape {
-                got: snapshot.vcpus.len(),
-                want: config.vcpus,
-            });
-        }
-        if memory.size() != config.mem_size {
-            return Err(MemoryError::BadSize(memory.size()).into());
-        }
-        let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
-        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
-            state.apply(vcpu)?;
-        }
-        let request = if run { Request::Run } else { Request::Pause };
-        let partition = Self::start(config, kvm, vm, vcpus, memory, tsc_khz, request)?;
-        partition.control.lock().console = snapshot.console.clone();
-        Ok(partition)
-    }
-
-    fn create_vm(
+    pub(super) fn create_vm(
         config: &PartitionConfig,
         memory: &GuestMemory,
     ) -> Result<(Kvm, VmFd, Vec<VcpuFd>, u64), PartitionError> {
@@ -309,7 +242,8 @@ impl Partition {
         Ok((kvm, vm, vcpus, tsc_khz))
     }
 
-    fn start(
+    /// Starts a thread per vCPU and waits, when asked to start paused, until they are.
+    pub(super) fn start(
         config: PartitionConfig,
         kvm: Kvm,
         vm: VmFd,
@@ -371,92 +305,6 @@ impl Partition {
 
     pub fn tsc_khz(&self) -> u64 {
         self.tsc_khz
-    }
-
-    /// Marks the partition as being migrated (or not), for what users see.
-    pub fn set_migrating(&self, migrating: bool) {
-        *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) = migrating;
-    }
-
-    /// The current state, derived from the request and what the vCPUs say.
-    pub fn state(&self) -> PartitionState {
-        let state = self.control.lock();
-        let crashed = state
-            .vcpus
-            .iter()
-            .any(|s| matches!(s, VcpuStatus::Crashed(_)));
-        if crashed {
-            return PartitionState::Crashed;
-        }
-        let all_done = state
-            .vcpus
-            .iter()
-            .all(|s| matches!(s, VcpuStatus::Exited(_) | VcpuStatus::Stopped));
-        if state.request == Request::Stop || all_done {
-            return PartitionState::Stopped;
-        }
-        if *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) {
-            return PartitionState::Migrating;
-        }
-        match state.request {
-            Request::Pause => PartitionState::Paused,
-            _ => PartitionState::Running,
-        }
-    }
-
-    /// Reads each vCPU's progress from the boot-info page, without stopping anything.
-    pub fn progress(&self) -> Vec<Progress> {
-        (0..self.config.vcpus)
-            .map(|i| {
-                let at = layout::progress_address(i);
-                let word = |n: u64| {
-                    self.memory
-                        .read_u64_volatile(at.offset(8 * n).unwrap_or(at))
-                        .unwrap_or_default()
-                };
-                Progress {
-                    ops: word(0),
-                    errors: word(1),
-                    checks: word(2),
-                    heartbeat: word(3),
-                }
-            })
-            .collect()
-    }
-
-    pub fn status(&self) -> PartitionStatus {
-        let vcpu_progress = self.progress();
-        let progress = vcpu_progress
-            .iter()
-            .fold(Progress::default(), |sum, p| Progress {
-                ops: sum.ops + p.ops,
-                errors: sum.errors + p.errors,
-                checks: sum.checks + p.checks,
-                heartbeat: sum.heartbeat.max(p.heartbeat),
-            });
-        let state = self.state();
-        let control = self.control.lock();
-        let crash_reason = control.vcpus.iter().enumerate().find_map(|(i, s)| match s {
-            VcpuStatus::Crashed(reason) => Some(format!("vCPU {i}: {reason}")),
-            _ => None,
-        });
-        let exit_codes = control
-            .vcpus
-            .iter()
-            .filter_map(|s| match s {
-                VcpuStatus::Exited(code) => Some(*code),
-                _ => None,
-            })
-            .collect();
-        PartitionStatus {
-            state,
-            progress,
-            vcpu_progress,
-            crash_reason,
-            exit_codes,
-            check_failures: control.check_failures,
-            console: String::from_utf8_lossy(&control.console).into_owned(),
-        }
     }
 
     fn set_request(&self, request: Request) -> Result<(), VcpuError> {
@@ -524,29 +372,6 @@ impl Partition {
         }
         self.set_request(Request::Run)?;
         Ok(())
-    }
-
-    /// The vCPU states and config of a paused partition.
-    pub fn snapshot(&self) -> Result<PartitionSnapshot, PartitionError> {
-        let state = self.control.lock();
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| match s {
-                VcpuStatus::Paused(saved) => Ok((**saved).clone()),
-                _ => Err(()),
-            })
-            .collect::<Result<Vec<_>, ()>>();
-        drop(state);
-        match vcpus {
-            Ok(vcpus) => Ok(PartitionSnapshot {
-                config: self.config.clone(),
-                tsc_khz: self.tsc_khz,
-                vcpus,
-                console: self.control.lock().console.clone(),
-            }),
-            Err(()) => Err(PartitionError::WrongState(self.state(), "paused")),
-        }
     }
 
     /// The digest of guest memory (consistent only while paused).

@@ -17,7 +17,8 @@ use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    partition::{PartitionConfig, PartitionSnapshot},
+    partition::PartitionConfig,
+    snapshot::PartitionSnapshot,
     vcpu::{CONSOLE_KEEP, SAVED_MSRS, VcpuState},
 };
 
