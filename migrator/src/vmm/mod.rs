@@ -1,5 +1,6 @@
 //! The VMM: KVM partitions running guest images at CPL 3 under guest ABI v1.
 
+pub mod cpu;
 pub mod dirty;
 pub mod layout;
 pub mod loader;

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_bindings::{CpuId, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migrator_guest::abi::{ARGS_LEN, MAX_VCPUS, STACK_SIZE};
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::{
+    cpu::{self, CpuError, GuestCpu},
     dirty::DirtyLog,
     layout,
     loader::{Image, ImageError},
@@ -75,6 +76,8 @@ pub enum PartitionError {
     },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
     #[error("the partition is {0:?}, not {1}")]
     WrongState(PartitionState, &'static str),
     #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
@@ -175,7 +178,8 @@ pub struct Partition {
     pub(super) control: Arc<Control>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     vcpu_tids: Vec<u32>,
-    pub(super) tsc_khz: u64,
+    /// The CPU the guest was given (CPUID, TSC rate).
+    pub(super) cpu: GuestCpu,
     dirty: Mutex<Option<DirtyLog>>,
     /// A state set by the migration engine that overrides what the vCPUs say.
     pub(super) migrating: Mutex<bool>,
@@ -193,7 +197,13 @@ impl Partition {
         let stacks = u64::from(config.vcpus) * STACK_SIZE;
         let image = Image::parse(config.image_bytes()?, config.mem_size, stacks)?;
         image.load(&memory)?;
-        let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
+        let (kvm, vm) = Self::create_vm(&memory)?;
+        let cpuid = cpu::host_cpuid(&kvm)?;
+        let vcpus = Self::create_vcpus(&vm, config.vcpus, &cpuid)?;
+        // The guest is told its TSC rate once; a made-up one would skew its clock.
+        let first = vcpus.first().ok_or(PartitionError::VcpuCount(0))?;
+        let cpu = GuestCpu::new(&cpuid, cpu::host_tsc_khz(first)?);
+        let tsc_khz = u64::from(cpu.tsc_khz.get());
         layout::write_vmm_area(&memory, config.vcpus, tsc_khz, &config.boot_args())?;
         for (index, vcpu) in vcpus.iter().enumerate() {
             let sregs = vcpu
@@ -208,13 +218,11 @@ impl Partition {
             ))
             .map_err(kvm_error("set registers"))?;
         }
-        Self::start(config, kvm, vm, vcpus, memory, tsc_khz, Request::Run)
+        Self::start(config, kvm, vm, vcpus, memory, cpu, Request::Run)
     }
 
-    pub(super) fn create_vm(
-        config: &PartitionConfig,
-        memory: &GuestMemory,
-    ) -> Result<(Kvm, VmFd, Vec<VcpuFd>, u64), PartitionError> {
+    /// A VM with `memory` as its RAM, without vCPUs.
+    pub(super) fn create_vm(memory: &GuestMemory) -> Result<(Kvm, VmFd), PartitionError> {
         let kvm = Kvm::new().map_err(kvm_error("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_error("create a VM"))?;
         let region = kvm_userspace_memory_region {
@@ -227,19 +235,24 @@ impl Partition {
         // SAFETY: the region is the live mapping of `memory`, which the partition keeps (in an
         // Arc) until after the VM is dropped.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_error("register guest memory"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_error("report CPUID"))?;
+        Ok((kvm, vm))
+    }
+
+    /// `count` vCPUs, each given `cpuid`.
+    pub(super) fn create_vcpus(
+        vm: &VmFd,
+        count: u32,
+        cpuid: &CpuId,
+    ) -> Result<Vec<VcpuFd>, PartitionError> {
         let mut vcpus = Vec::new();
-        for index in 0..config.vcpus {
+        for index in 0..count {
             let vcpu = vm
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_error("create a vCPU"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_error("set CPUID"))?;
+            vcpu.set_cpuid2(cpuid).map_err(kvm_error("set CPUID"))?;
             vcpus.push(vcpu);
         }
-        let tsc_khz = vcpus[0].get_tsc_khz().map(u64::from).unwrap_or(1_000_000);
-        Ok((kvm, vm, vcpus, tsc_khz))
+        Ok(vcpus)
     }
 
     /// Starts a thread per vCPU and waits, when asked to start paused, until they are.
@@ -249,7 +262,7 @@ impl Partition {
         vm: VmFd,
         vcpus: Vec<VcpuFd>,
         memory: Arc<GuestMemory>,
-        tsc_khz: u64,
+        cpu: GuestCpu,
         request: Request,
     ) -> Result<Self, PartitionError> {
         vcpu::install_kick_handler()?;
@@ -276,7 +289,7 @@ impl Partition {
             control,
             threads: Mutex::new(threads),
             vcpu_tids,
-            tsc_khz,
+            cpu,
             dirty: Mutex::new(None),
             migrating: Mutex::new(false),
         };
@@ -303,8 +316,14 @@ impl Partition {
         &self.vcpu_tids
     }
 
+    /// The guest's TSC rate, which it was told at launch and keeps across moves.
     pub fn tsc_khz(&self) -> u64 {
-        self.tsc_khz
+        self.cpu.tsc_khz.get().into()
+    }
+
+    /// The CPU the guest was given.
+    pub fn cpu(&self) -> &GuestCpu {
+        &self.cpu
     }
 
     fn set_request(&self, request: Request) -> Result<(), VcpuError> {

@@ -1,5 +1,6 @@
-//! The saved state of a partition (its config, vCPU states and console; memory travels
-//! separately) as bytes: what a migration's commit carries to the destination.
+//! The saved state of a partition (its config, the CPU its guest was given, its vCPU states
+//! and console; memory travels separately) as bytes: what a migration's commit carries to the
+//! destination.
 //!
 //! ```text
 //!  magic "HMIGSTAT" | version u32 | reserved u32 | payload_len u64 | xxh3-64 of payload u64
@@ -7,9 +8,12 @@
 //! ```
 //!
 //! Decoding checks the header (magic, version, length, checksum) before it looks at the
-//! payload, and the shape of what the payload holds (the partition it was prepared for, one
-//! vCPU state per vCPU, each register block of its exact size, only known MSRs) before anything
-//! reaches KVM. Every failed step is its own [`StateError`] variant.
+//! payload, and the shape of what the payload holds (the partition it was prepared for, a
+//! known TSC rate, one vCPU state per vCPU, each register block of its exact size, only known
+//! MSRs) before anything reaches KVM. Every failed step is its own [`StateError`] variant.
+//! Whether this host can give the guest its CPU is checked on restore ([`super::cpu`]).
+
+use std::num::NonZeroU32;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use serde::{Deserialize, Serialize, de::value::BytesDeserializer};
@@ -17,6 +21,7 @@ use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
+    cpu::{FEATURE_REGISTERS, GuestCpu},
     partition::PartitionConfig,
     snapshot::PartitionSnapshot,
     vcpu::{CONSOLE_KEEP, SAVED_MSRS, VcpuState},
@@ -25,8 +30,9 @@ use super::{
 /// The first 8 bytes of every saved state (never all zero).
 pub const STATE_MAGIC: [u8; 8] = *b"HMIGSTAT";
 /// The state format this build writes and reads.
-/// 2: the payload is postcard (1 was bincode).
-pub const STATE_VERSION: u32 = 2;
+/// 3: the CPU the guest was given (vendor, features) with the TSC rate. 2: the payload is
+/// postcard (1 was bincode).
+pub const STATE_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 32;
 /// Largest payload accepted: a guest image travels inside the config (see `daemon::api`).
 pub const MAX_PAYLOAD: u64 = 80 << 20;
@@ -57,6 +63,8 @@ pub enum StateError {
     Trailing(usize),
     #[error("the saved state is of another partition than the one prepared")]
     Config,
+    #[error("the saved state's TSC rate is unknown (0 kHz)")]
+    TscUnknown,
     #[error("the saved state has {got} vCPU states for {want} vCPUs")]
     VcpuCount { got: usize, want: u32 },
     #[error("vCPU {index}'s saved state has the wrong shape")]
@@ -90,7 +98,7 @@ pub enum ShapeError {
 #[derive(Serialize)]
 struct SavedPartitionRef<'a> {
     config: &'a PartitionConfig,
-    tsc_khz: u64,
+    cpu: &'a GuestCpu,
     vcpus: Vec<SavedVcpuRef<'a>>,
     console: &'a [u8],
 }
@@ -113,9 +121,18 @@ struct SavedVcpuRef<'a> {
 #[cfg_attr(test, derive(Serialize))]
 struct SavedPartition {
     config: PartitionConfig,
-    tsc_khz: u64,
+    cpu: SavedCpu,
     vcpus: Vec<SavedVcpu>,
     console: Vec<u8>,
+}
+
+/// [`GuestCpu`] as read: a rate of 0 is refused with its own error.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SavedCpu {
+    tsc_khz: u32,
+    vendor: [u8; 12],
+    features: [u32; FEATURE_REGISTERS.len()],
 }
 
 #[derive(Deserialize)]
@@ -133,7 +150,7 @@ struct SavedVcpu {
 pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
     let saved = SavedPartitionRef {
         config: &snapshot.config,
-        tsc_khz: snapshot.tsc_khz,
+        cpu: &snapshot.cpu,
         vcpus: snapshot
             .vcpus
             .iter()
@@ -222,6 +239,7 @@ pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnaps
     if saved.config != *expected {
         return Err(StateError::Config);
     }
+    let tsc_khz = NonZeroU32::new(saved.cpu.tsc_khz).ok_or(StateError::TscUnknown)?;
     if saved.vcpus.len() != expected.vcpus as usize {
         return Err(StateError::VcpuCount {
             got: saved.vcpus.len(),
@@ -242,7 +260,11 @@ pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnaps
         .collect::<Result<Vec<_>, _>>()?;
     Ok(PartitionSnapshot {
         config: saved.config,
-        tsc_khz: saved.tsc_khz,
+        cpu: GuestCpu {
+            tsc_khz,
+            vendor: saved.cpu.vendor,
+            features: saved.cpu.features,
+        },
         vcpus,
         console: saved.console,
     })
@@ -336,9 +358,17 @@ pub fn sample_snapshot(config: PartitionConfig) -> PartitionSnapshot {
             }
         })
         .collect();
+    let mut features = [0; FEATURE_REGISTERS.len()];
+    // SSE2, FXSR, MMX, CMOV, TSC, FPU in leaf 1's EDX; syscall, NX, long mode in 0x8000_0001's.
+    features[1] = 0x0788_8111;
+    features[10] = 0x2010_0800;
     PartitionSnapshot {
         config,
-        tsc_khz: 2_500_000,
+        cpu: GuestCpu {
+            tsc_khz: NonZeroU32::new(2_500_000).unwrap_or(NonZeroU32::MIN),
+            vendor: *b"AuthenticAMD",
+            features,
+        },
         vcpus,
         console: b"migrator-guest: idle\n".to_vec(),
     }

@@ -152,3 +152,25 @@ fn a_vcpu_state_of_the_wrong_shape_is_refused() {
         Err(StateError::Console(_))
     ));
 }
+
+#[test]
+fn an_unknown_tsc_rate_is_refused() {
+    let snapshot = sample_snapshot(config(1));
+    let mut saved: SavedPartition =
+        postcard::from_bytes(&payload_of(&encode(&snapshot))).expect("decodes");
+    assert_eq!(saved.cpu.tsc_khz, 2_500_000);
+    saved.cpu.tsc_khz = 0;
+    let unknown = postcard::to_stdvec(&saved).expect("encodes");
+    assert!(matches!(
+        decode(&wrap(&unknown), &config(1)),
+        Err(StateError::TscUnknown)
+    ));
+}
+
+#[test]
+fn the_cpu_the_guest_was_given_round_trips() {
+    let snapshot = sample_snapshot(config(1));
+    let decoded = decode(&encode(&snapshot), &config(1)).expect("decodes");
+    assert_eq!(decoded.cpu, snapshot.cpu);
+    assert_eq!(&decoded.cpu.vendor, b"AuthenticAMD");
+}
