@@ -92,7 +92,18 @@ pub enum GuestImage {
     /// A workload of the built-in image, by name.
     Builtin(String),
     /// A guest ELF image, as bytes.
-    Elf(Vec<u8>),
+    Elf(#[serde(serialize_with = "byte_string")] Vec<u8>),
+}
+
+/// Serializes bytes as one byte string. Postcard and JSON write a byte string exactly as they
+/// write a sequence of bytes, so the encoding is unchanged, but a serializer gets the image in
+/// one call instead of one per byte: hashing a 64 MiB config for the saved state
+/// (`state::config_digest`) took 283 ms byte by byte.
+fn byte_string<T: AsRef<[u8]>, S: serde::Serializer>(
+    bytes: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bytes(bytes.as_ref())
 }
 
 /// What to launch.

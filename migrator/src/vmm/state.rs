@@ -1,24 +1,30 @@
-//! The saved state of a partition (its config, the CPU its guest was given, its vCPU states
-//! and console; memory travels separately) as bytes: what a migration's commit carries to the
-//! destination.
+//! The saved state of a partition (the digest of its config, the CPU its guest was given, its
+//! vCPU states and console; memory travels separately) as bytes: what a migration's commit
+//! carries to the destination.
 //!
 //! ```text
 //!  magic "HMIGSTAT" | version u32 | reserved u32 | payload_len u64 | xxh3-64 of payload u64
 //!  payload: postcard (varint integers, byte strings length-prefixed, no trailing bytes)
 //! ```
 //!
+//! The destination already has the config (it prepared the partition from it), so the state
+//! carries only [`config_digest`] of it, not the config with its guest image of up to
+//! [`MAX_IMAGE`](super::partition::MAX_IMAGE) bytes, during downtime.
+//!
 //! Decoding checks the header (magic, version, length, checksum) before it looks at the
-//! payload, and the shape of what the payload holds (the partition it was prepared for, a
-//! known TSC rate, one vCPU state per vCPU, each register block of its exact size, only known
-//! MSRs) before anything reaches KVM. Every failed step is its own [`StateError`] variant.
-//! Whether this host can give the guest its CPU is checked on restore ([`super::cpu`]).
+//! payload, and the shape of what the payload holds (the digest of the config it was prepared
+//! for, a known TSC rate, one vCPU state per vCPU, each register block of its exact size, only
+//! known MSRs) before anything reaches KVM. Every failed step is its own [`StateError`]
+//! variant. Whether this host can give the guest its CPU is checked on restore
+//! ([`super::cpu`]).
 
 use std::num::NonZeroU32;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use migrator_guest::abi::MAX_VCPUS;
 use serde::{Deserialize, Serialize, de::value::BytesDeserializer};
 use thiserror::Error;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 
 use super::{
     cpu::{FEATURE_REGISTERS, GuestCpu},
@@ -30,14 +36,24 @@ use super::{
 /// The first 8 bytes of every saved state (never all zero).
 pub const STATE_MAGIC: [u8; 8] = *b"HMIGSTAT";
 /// The state format this build writes and reads.
-/// 3: the CPU the guest was given (vendor, features) with the TSC rate. 2: the payload is
-/// postcard (1 was bincode).
-pub const STATE_VERSION: u32 = 3;
+/// 4: the config's digest instead of the config. 3: the CPU the guest was given (vendor,
+/// features) with the TSC rate. 2: the payload is postcard (1 was bincode).
+pub const STATE_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 32;
-/// Largest payload accepted: a guest image travels inside the config (see `daemon::api`).
-pub const MAX_PAYLOAD: u64 = 80 << 20;
-// `encode` relies on it: a valid partition's state always fits.
-const _: () = assert!(super::partition::MAX_IMAGE as u64 + (1 << 20) < MAX_PAYLOAD);
+/// Largest payload accepted: the most vCPU states a partition can have and a full console.
+pub const MAX_PAYLOAD: u64 = 1 << 20;
+/// The most one vCPU's saved state can take: its register blocks and MSRs, with room for
+/// postcard's length prefixes and tags.
+const MAX_VCPU_STATE: usize = size_of::<kvm_regs>()
+    + size_of::<kvm_sregs>()
+    + size_of::<kvm_xsave>()
+    + size_of::<kvm_xcrs>()
+    + size_of::<kvm_vcpu_events>()
+    + SAVED_MSRS.len() * (5 + 10)
+    + 64;
+// A valid partition's state always fits.
+const _: () =
+    assert!(MAX_VCPUS as usize * MAX_VCPU_STATE + CONSOLE_KEEP + (4 << 10) <= MAX_PAYLOAD as usize);
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -61,8 +77,10 @@ pub enum StateError {
     Payload(#[source] postcard::Error),
     #[error("the saved state's payload has {0} bytes after its end")]
     Trailing(usize),
-    #[error("the saved state is of another partition than the one prepared")]
-    Config,
+    #[error(
+        "the saved state is of another partition than the one prepared (config digest {saved:#018x}, expected {expected:#018x})"
+    )]
+    Config { saved: u64, expected: u64 },
     #[error("the saved state's TSC rate is unknown (0 kHz)")]
     TscUnknown,
     #[error("the saved state has {got} vCPU states for {want} vCPUs")]
@@ -97,7 +115,7 @@ pub enum ShapeError {
 /// The payload as written: borrows the snapshot, register blocks as their bytes.
 #[derive(Serialize)]
 struct SavedPartitionRef<'a> {
-    config: &'a PartitionConfig,
+    config_digest: u64,
     cpu: &'a GuestCpu,
     vcpus: Vec<SavedVcpuRef<'a>>,
     console: &'a [u8],
@@ -120,7 +138,7 @@ struct SavedVcpuRef<'a> {
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
 struct SavedPartition {
-    config: PartitionConfig,
+    config_digest: u64,
     cpu: SavedCpu,
     vcpus: Vec<SavedVcpu>,
     console: Vec<u8>,
@@ -146,10 +164,40 @@ struct SavedVcpu {
     msrs: Vec<(u32, u64)>,
 }
 
+/// A postcard flavor that hashes what is serialized instead of storing it.
+struct Hasher(Xxh3Default);
+
+impl postcard::ser_flavors::Flavor for Hasher {
+    type Output = u64;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.update(&[byte]);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.update(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<u64> {
+        Ok(self.0.digest())
+    }
+}
+
+/// xxh3-64 of the postcard encoding of `config`: what a saved state carries of its config.
+/// Hashed as it is serialized, so a config with a 64 MiB image is not copied first.
+pub fn config_digest(config: &PartitionConfig) -> u64 {
+    // Invariant: a config is plain data (strings, a byte string, integers, an enum), which
+    // postcard serializes without fail into a flavor that never fails.
+    postcard::serialize_with_flavor(config, Hasher(Xxh3Default::new()))
+        .expect("a config always serializes")
+}
+
 /// The saved state of `snapshot`, header included.
 pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
     let saved = SavedPartitionRef {
-        config: &snapshot.config,
+        config_digest: config_digest(&snapshot.config),
         cpu: &snapshot.cpu,
         vcpus: snapshot
             .vcpus
@@ -166,9 +214,7 @@ pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
         console: &snapshot.console,
     };
     // Invariant: serializing plain data (no maps, every sequence of known length) into a Vec
-    // cannot fail; only a payload past MAX_PAYLOAD could, and `PartitionConfig::validate`
-    // (run on every launch and incoming migration) keeps the image, the bulk of it, to
-    // MAX_IMAGE, below MAX_PAYLOAD with room for the console and vCPU state.
+    // cannot fail.
     let payload = postcard::to_stdvec(&saved).expect("a snapshot always serializes");
     wrap(&payload)
 }
@@ -226,7 +272,8 @@ fn payload(bytes: &[u8]) -> Result<&[u8], StateError> {
 }
 
 /// Decodes a saved state and checks it fits the partition `expected` describes (the one the
-/// destination prepared for): nothing of it reaches KVM unchecked.
+/// destination prepared for): its config digest is `expected`'s, and the snapshot's config is
+/// `expected`. Nothing of it reaches KVM unchecked.
 pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnapshot, StateError> {
     let payload = payload(bytes)?;
     // The header already bounds the payload to MAX_PAYLOAD; postcard allocates no more than
@@ -236,8 +283,12 @@ pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnaps
     if !rest.is_empty() {
         return Err(StateError::Trailing(rest.len()));
     }
-    if saved.config != *expected {
-        return Err(StateError::Config);
+    let expected_digest = config_digest(expected);
+    if saved.config_digest != expected_digest {
+        return Err(StateError::Config {
+            saved: saved.config_digest,
+            expected: expected_digest,
+        });
     }
     let tsc_khz = NonZeroU32::new(saved.cpu.tsc_khz).ok_or(StateError::TscUnknown)?;
     if saved.vcpus.len() != expected.vcpus as usize {
@@ -259,7 +310,7 @@ pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnaps
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(PartitionSnapshot {
-        config: saved.config,
+        config: expected.clone(),
         cpu: GuestCpu {
             tsc_khz,
             vendor: saved.cpu.vendor,

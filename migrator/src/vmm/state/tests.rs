@@ -83,14 +83,14 @@ fn a_bad_header_is_refused_before_the_payload() {
     ));
     assert!(matches!(
         decode(&bytes, &config(2)),
-        Err(StateError::Config)
+        Err(StateError::Config { .. })
     ));
 }
 
 #[test]
 fn a_vcpu_state_of_the_wrong_shape_is_refused() {
     let expected = config(1);
-    // Three vCPU states for a one-vCPU partition, under a config that claims one.
+    // Three vCPU states for a one-vCPU partition, under the digest of a config of one.
     let mut three = sample_snapshot(config(3));
     three.config = config(1);
     assert!(matches!(
@@ -173,4 +173,79 @@ fn the_cpu_the_guest_was_given_round_trips() {
     let decoded = decode(&encode(&snapshot), &config(1)).expect("decodes");
     assert_eq!(decoded.cpu, snapshot.cpu);
     assert_eq!(&decoded.cpu.vendor, b"AuthenticAMD");
+}
+
+#[test]
+fn the_state_carries_the_configs_digest_not_the_config() {
+    let mut big = config(1);
+    big.image = GuestImage::Elf(vec![0x7f; 8 << 20]);
+    assert_eq!(
+        config_digest(&big),
+        xxh3_64(&postcard::to_stdvec(&big).expect("encodes")),
+        "hashed as it is serialized, the digest is that of the encoding"
+    );
+    let bytes = encode(&sample_snapshot(big.clone()));
+    assert!(bytes.len() < 64 << 10, "{} bytes", bytes.len());
+    let decoded = decode(&bytes, &big).expect("decodes");
+    assert_eq!(
+        decoded.config, big,
+        "the config is rebuilt from the expected one"
+    );
+    // One byte of the image differs: another partition.
+    let mut other = big.clone();
+    if let GuestImage::Elf(image) = &mut other.image {
+        image[4 << 20] ^= 1;
+    }
+    assert_ne!(config_digest(&other), config_digest(&big));
+    assert!(matches!(
+        decode(&bytes, &other),
+        Err(StateError::Config { saved, expected })
+            if saved == config_digest(&big) && expected == config_digest(&other)
+    ));
+    // Every field counts.
+    for changed in [
+        PartitionConfig {
+            name: None,
+            ..config(1)
+        },
+        PartitionConfig {
+            mem_size: 8 << 20,
+            ..config(1)
+        },
+        PartitionConfig {
+            args: "rate=11".into(),
+            ..config(1)
+        },
+        PartitionConfig {
+            image: GuestImage::Builtin("kv-zipf".into()),
+            ..config(1)
+        },
+    ] {
+        assert_ne!(
+            config_digest(&changed),
+            config_digest(&config(1)),
+            "{changed:?}"
+        );
+    }
+}
+
+#[test]
+fn an_image_serializes_as_a_byte_string_with_an_unchanged_encoding() {
+    /// `GuestImage` as it was derived before its image became a byte string.
+    #[derive(Serialize)]
+    enum Plain {
+        #[allow(dead_code)]
+        Builtin(String),
+        Elf(Vec<u8>),
+    }
+    let bytes: Vec<u8> = (0..=255).chain(0..10).collect();
+    let image = GuestImage::Elf(bytes.clone());
+    assert_eq!(
+        postcard::to_stdvec(&image).expect("encodes"),
+        postcard::to_stdvec(&Plain::Elf(bytes.clone())).expect("encodes")
+    );
+    assert_eq!(
+        serde_json::to_string(&image).expect("encodes"),
+        serde_json::to_string(&Plain::Elf(bytes)).expect("encodes")
+    );
 }
