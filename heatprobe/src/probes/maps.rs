@@ -141,6 +141,8 @@ impl Probes {
                 map: map_names::PAGE_COUNTS,
                 source,
             })?;
+        // Hand-written where a crate exists: procfs does not read fdinfo files, and the
+        // kernel's bpf_map_info (what aya reads) has no memlock field.
         let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
         let text = fs::read_to_string(Path::new(&path)).map_err(ProbeError::MapMemory)?;
         text.lines()
