@@ -3,26 +3,51 @@
 //! replay their seeds and crashing inputs on stable.
 //!
 //! Each entry point feeds arbitrary bytes to the decoder and checks what it returns: an input
-//! is accepted (`Ok`) or refused with an error (`Err`, its message chain), and an accepted one
+//! is accepted (`Ok`) or refused with an error (`Err`, a [`FuzzError`] whose source is the
+//! decoder's own), and an accepted one
 //! satisfies the decoder's invariants (bounds, re-encoding to the same bytes). A panic, here or
 //! in the decoder, is a bug.
 
 use std::sync::OnceLock;
 
-use heatprobe::probes::error_chain;
-use migrator_guest::{BootInfo, abi::ARGS_LEN, args::Args};
+use migrator_guest::{
+    BootInfo,
+    abi::{ARGS_LEN, BootInfoError},
+    args::Args,
+};
+use thiserror::Error;
 
 use crate::{
     migration::{
         protocol::{FrameHeader, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE},
-        transport::{Frame, FrameReader},
+        transport::{Frame, FrameReader, TransportError},
     },
     vmm::{
         GuestImage, GuestMemory, PartitionConfig, layout,
-        loader::Image,
+        loader::{Image, ImageError},
+        memory::MemoryError,
         state::{self, StateError},
     },
 };
+
+/// Why a target refused its input: the decoder's own error, by the step that refused it.
+#[derive(Debug, Error)]
+pub enum FuzzError {
+    #[error("no input")]
+    Empty,
+    #[error("a data frame is refused")]
+    Frame(#[source] TransportError),
+    #[error("the saved state is refused")]
+    State(#[source] StateError),
+    #[error("the guest ELF image is refused")]
+    Elf(#[source] ImageError),
+    #[error("the accepted ELF image does not load")]
+    Load(#[source] ImageError),
+    #[error("a loaded segment cannot be read back")]
+    ReadBack(#[source] MemoryError),
+    #[error("not a boot-info header ({0:?}), and not args a launch accepts")]
+    BootArgs(BootInfoError),
+}
 
 /// The decoders, by the name of their fuzz target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +79,7 @@ impl Target {
     }
 
     /// Feeds `data` to this target's decoder.
-    pub fn feed(self, data: &[u8]) -> Result<(), String> {
+    pub fn feed(self, data: &[u8]) -> Result<(), FuzzError> {
         match self {
             Self::Frames => frames(data),
             Self::State => state(data),
@@ -66,9 +91,9 @@ impl Target {
 
 /// Input: one byte giving the partition's size in pages (0 to 255), then the bytes of a data
 /// connection, read frame by frame until the stream ends or a frame is refused.
-pub fn frames(data: &[u8]) -> Result<(), String> {
+pub fn frames(data: &[u8]) -> Result<(), FuzzError> {
     let Some((&pages, stream)) = data.split_first() else {
-        return Err("no input".into());
+        return Err(FuzzError::Empty);
     };
     let frames = u64::from(pages);
     // The header decoder alone: a header it accepts encodes back to the same bytes.
@@ -85,7 +110,7 @@ pub fn frames(data: &[u8]) -> Result<(), String> {
     loop {
         match reader.next_frame() {
             Ok(None) => return Ok(()),
-            Err(e) => return Err(error_chain(&e)),
+            Err(e) => return Err(FuzzError::Frame(e)),
             Ok(Some(Frame::Done)) => {}
             Ok(Some(Frame::Demand(pages))) => {
                 assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
@@ -116,7 +141,7 @@ pub fn state_config() -> PartitionConfig {
 /// Input: a saved state. It is decoded as it is, then again behind a header made for its
 /// payload, so that mutations of the payload get past the checksum and reach the payload
 /// decoder and the shape checks. Whatever decodes encodes back to the same bytes.
-pub fn state(data: &[u8]) -> Result<(), String> {
+pub fn state(data: &[u8]) -> Result<(), FuzzError> {
     let expected = state_config();
     let check = |bytes: &[u8]| -> Result<(), StateError> {
         let snapshot = state::decode(bytes, &expected)?;
@@ -131,7 +156,7 @@ pub fn state(data: &[u8]) -> Result<(), String> {
     if let Some(payload) = data.get(state::HEADER_LEN..) {
         let _ = check(&state::wrap(payload));
     }
-    raw.map_err(|e| error_chain(&e))
+    raw.map_err(FuzzError::State)
 }
 
 /// Guest memory the ELF target loads accepted images into: made once, reused.
@@ -147,8 +172,8 @@ const ELF_RESERVED_TOP: u64 = 2 * migrator_guest::abi::STACK_SIZE;
 
 /// Input: a guest ELF image, for 4 MiB of guest memory with two vCPU stacks. An accepted image
 /// lies between the VMM's memory and the stacks, its entry in a segment, and loads.
-pub fn elf(data: &[u8]) -> Result<(), String> {
-    let image = Image::parse(data, ELF_MEM_SIZE, ELF_RESERVED_TOP).map_err(|e| error_chain(&e))?;
+pub fn elf(data: &[u8]) -> Result<(), FuzzError> {
+    let image = Image::parse(data, ELF_MEM_SIZE, ELF_RESERVED_TOP).map_err(FuzzError::Elf)?;
     let limit = ELF_MEM_SIZE - ELF_RESERVED_TOP;
     assert!(image.end().0 <= limit, "the image ends below the stacks");
     let mut in_segment = false;
@@ -159,10 +184,10 @@ pub fn elf(data: &[u8]) -> Result<(), String> {
     }
     assert!(in_segment, "the entry point is in a segment");
     if let Some(memory) = elf_memory() {
-        image.load(memory).map_err(|e| error_chain(&e))?;
+        image.load(memory).map_err(FuzzError::Load)?;
         for (start, bytes, _) in image.segments() {
             let mut back = vec![0; bytes.len()];
-            memory.read(start, &mut back).map_err(|e| error_chain(&e))?;
+            memory.read(start, &mut back).map_err(FuzzError::ReadBack)?;
             // Segments may overlap; only a single one must read back as written.
             if image.segments().count() == 1 {
                 assert_eq!(back, bytes, "a loaded segment reads back");
@@ -209,7 +234,7 @@ fn read_args(text: &str) {
 /// Input: as a boot-info header (what a guest reads from the page RDI points to), then as the
 /// args of a launch: what the VMM accepts, it writes into a header that the guest reads back
 /// with the same args; the guest's argument parser reads every key from both.
-pub fn boot_args(data: &[u8]) -> Result<(), String> {
+pub fn boot_args(data: &[u8]) -> Result<(), FuzzError> {
     let header = BootInfo::decode(data);
     if let Ok(info) = &header {
         assert_eq!(
@@ -257,9 +282,7 @@ pub fn boot_args(data: &[u8]) -> Result<(), String> {
     }
     match (header, accepted) {
         (Ok(_), _) => Ok(()),
-        (Err(e), 0) => Err(format!(
-            "not a boot-info header ({e:?}), and not args a launch accepts"
-        )),
+        (Err(e), 0) => Err(FuzzError::BootArgs(e)),
         (Err(_), _) => Ok(()),
     }
 }

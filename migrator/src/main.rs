@@ -171,7 +171,7 @@ enum Command {
 }
 
 /// Bytes per second from `1gbit`, `100mbit`, `64kbit` (bits) or `50M`, `1G` (bytes).
-fn parse_bandwidth(text: &str) -> Result<u64, String> {
+fn parse_bandwidth(text: &str) -> Result<u64> {
     let lower = text.trim().to_ascii_lowercase();
     for (suffix, bits) in [
         ("gbit", 1_000_000_000u64),
@@ -183,15 +183,15 @@ fn parse_bandwidth(text: &str) -> Result<u64, String> {
             let number: f64 = number
                 .trim()
                 .parse()
-                .map_err(|_| format!("`{text}` is not a bandwidth such as 1gbit"))?;
+                .with_context(|| format!("`{text}` is not a bandwidth such as 1gbit"))?;
             if !(number > 0.0 && number.is_finite()) {
-                return Err(format!("`{text}` is not a positive bandwidth"));
+                bail!("`{text}` is not a positive bandwidth");
             }
             return Ok((number * bits as f64 / 8.0) as u64);
         }
     }
     match parse_size(text)? {
-        0 => Err("the bandwidth limit must be positive".into()),
+        0 => bail!("the bandwidth limit must be positive"),
         bytes => Ok(bytes),
     }
 }
@@ -380,9 +380,7 @@ async fn dash(
 ) -> Result<()> {
     use migrator::dash::{App, terminal};
     if once {
-        let snapshot = terminal::once(host, id, &security)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let snapshot = terminal::once(host, id, &security).await?;
         if json {
             println!("{}", serde_json::to_string(&snapshot)?);
         } else {

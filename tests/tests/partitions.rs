@@ -1,7 +1,9 @@
 //! Partitions on real KVM: every built-in workload runs and verifies itself, pause and resume,
-//! save and restore into a fresh VM, a guest image the test builds itself, and bad input.
+//! save and restore into a fresh VM (and the CPUs a restore refuses), a guest image the test
+//! builds itself, and bad input.
 
 use std::{
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
@@ -10,8 +12,10 @@ use heatprobe_tests::{
     guest_images::{elf_image, handmade_image},
     kvm_unavailable, skip,
 };
+use kvm_ioctls::{Cap, Kvm};
 use migrator::vmm::{
     GuestImage, GuestMemory, Partition, PartitionConfig, PartitionError, PartitionState,
+    cpu::{CpuError, FEATURE_REGISTERS},
     memory::GuestAddress,
 };
 
@@ -118,6 +122,85 @@ fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
     assert_eq!(restored.status().progress, progress);
     restored.resume().unwrap();
     wait_progress(&restored, 5000, 2, Duration::from_secs(10));
+}
+
+/// A copy of a paused partition's memory, page by page, as a migration would make it.
+fn copy_memory(source: &Partition) -> Arc<GuestMemory> {
+    let memory = GuestMemory::new(source.config().mem_size).unwrap();
+    for frame in 0..memory.frames() {
+        let bytes = source.memory().frame_bytes(frame).unwrap();
+        memory.write(GuestAddress(frame * 4096), bytes).unwrap();
+    }
+    Arc::new(memory)
+}
+
+#[test]
+fn a_restore_refuses_a_cpu_this_host_cannot_give() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_restore_refuses_a_cpu_this_host_cannot_give", &why);
+    }
+    let source = Partition::launch(builtin("idle", "", 8, 1)).unwrap();
+    wait_progress(&source, 3, 0, Duration::from_secs(5));
+    source.pause().unwrap();
+    let snapshot = source.snapshot().unwrap();
+    // The guest was given this host's TSC rate, not a made-up one.
+    let kvm = Kvm::new().unwrap();
+    let probe = kvm.create_vm().unwrap().create_vcpu(0).unwrap();
+    let host_khz = probe.get_tsc_khz().unwrap();
+    assert_eq!(snapshot.cpu.tsc_khz.get(), host_khz);
+    assert_eq!(source.tsc_khz(), u64::from(host_khz));
+
+    let mut other_vendor = snapshot.clone();
+    other_vendor.cpu.vendor = if &snapshot.cpu.vendor == b"GenuineIntel" {
+        *b"AuthenticAMD"
+    } else {
+        *b"GenuineIntel"
+    };
+    let refused = Partition::restore(&other_vendor, copy_memory(&source), false);
+    assert!(
+        matches!(refused, Err(PartitionError::Cpu(CpuError::Vendor { .. }))),
+        "{:?}",
+        refused.err()
+    );
+
+    // A feature the guest saw that this host lacks: a clear bit of leaf 7's EBX.
+    let at = FEATURE_REGISTERS
+        .iter()
+        .position(|&(leaf, subleaf, _)| (leaf, subleaf) == (7, 0))
+        .unwrap();
+    let lacking = !snapshot.cpu.features[at];
+    if lacking != 0 {
+        let mut more = snapshot.clone();
+        more.cpu.features[at] |= 1 << lacking.trailing_zeros();
+        let refused = Partition::restore(&more, copy_memory(&source), false);
+        assert!(
+            matches!(
+                refused,
+                Err(PartitionError::Cpu(CpuError::Features { leaf: 7, .. }))
+            ),
+            "{:?}",
+            refused.err()
+        );
+    }
+
+    // A TSC 10% faster: set where KVM scales guests' TSCs, refused where it cannot (this
+    // nested PVM host has no KVM_CAP_TSC_CONTROL).
+    let mut faster = snapshot.clone();
+    faster.cpu.tsc_khz = faster.cpu.tsc_khz.saturating_add(host_khz / 10);
+    let restored = Partition::restore(&faster, copy_memory(&source), false);
+    match (restored, kvm.check_extension(Cap::TscControl)) {
+        (Ok(partition), true) => assert_eq!(partition.cpu().tsc_khz, faster.cpu.tsc_khz),
+        (Err(PartitionError::Cpu(CpuError::TscScaling { saved, host })), false) => {
+            assert_eq!((saved, host), (faster.cpu.tsc_khz.get(), host_khz));
+        }
+        (other, scaling) => panic!("scaling {scaling}: {:?}", other.err()),
+    }
+
+    // The same host gives the guest the same CPU.
+    let restored = Partition::restore(&snapshot, copy_memory(&source), true).unwrap();
+    source.stop();
+    assert_eq!(restored.cpu(), &snapshot.cpu);
+    wait_progress(&restored, 3, 0, Duration::from_secs(5));
 }
 
 #[test]

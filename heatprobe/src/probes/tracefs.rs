@@ -5,11 +5,11 @@
 //! hands the offsets to the programs as global data.
 
 use std::{
-    ffi::CString,
     fs, io,
     path::{Path, PathBuf},
 };
 
+use rustix::mount::{MountFlags, mount};
 use thiserror::Error;
 
 /// Where tracefs lives on current kernels.
@@ -41,24 +41,8 @@ pub fn ensure_mounted() -> Result<bool, TracefsError> {
     if is_mounted() {
         return Ok(false);
     }
-    // Both strings are literals without interior NULs.
-    let source = CString::new("nodev").expect("literal has no NUL");
-    let target = CString::new(TRACEFS).expect("literal has no NUL");
-    let fstype = CString::new("tracefs").expect("literal has no NUL");
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call; a
-    // null data pointer is allowed for tracefs.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(TracefsError::Mount(io::Error::last_os_error()));
-    }
+    mount("nodev", TRACEFS, "tracefs", MountFlags::empty(), None)
+        .map_err(|errno| TracefsError::Mount(errno.into()))?;
     Ok(true)
 }
 

@@ -4,7 +4,7 @@
 use crate::tls::Security;
 use std::{io, net::SocketAddr, sync::mpsc, time::Duration};
 
-use heatprobe::console::TerminalGuard;
+use heatprobe::{console::TerminalGuard, probes::error_chain};
 use ratatui::{
     Terminal,
     backend::TestBackend,
@@ -20,8 +20,9 @@ use super::{
 };
 use crate::{
     daemon::{
+        ApiError,
         api::MigrateRequest,
-        client::{Connection, context_with},
+        client::{ClientError, Connection, context_with},
     },
     migration::{MigrationReport, source::MigrationOptions},
 };
@@ -30,11 +31,17 @@ use crate::{
 pub enum DashError {
     #[error("the terminal failed")]
     Terminal(#[from] io::Error),
+    #[error("opening a connection to the daemon failed")]
+    Connect(#[source] ClientError),
+    #[error("the `migrate` call got no answer")]
+    MigrateCall(#[source] ClientError),
+    #[error("the source daemon did not migrate the partition")]
+    Migration(#[source] ApiError),
 }
 
 /// What finished in the background.
 enum Done {
-    Migration(Result<MigrationReport, String>),
+    Migration(Result<MigrationReport, DashError>),
 }
 
 /// Runs the dashboard until `q`. Blocking: call it off the async runtime.
@@ -84,7 +91,7 @@ pub fn run(
                 }
                 Err(e) => {
                     app.migrating = false;
-                    app.message = format!("migration failed: {e}");
+                    app.message = format!("migration failed: {}", error_chain(&e));
                 }
             }
         }
@@ -127,10 +134,10 @@ async fn migrate(
     mode: crate::migration::Mode,
     downtime_limit: Duration,
     security: &Security,
-) -> Result<MigrationReport, String> {
+) -> Result<MigrationReport, DashError> {
     let connection = Connection::open(from, security)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(DashError::Connect)?;
     let request = MigrateRequest {
         id,
         to,
@@ -142,15 +149,15 @@ async fn migrate(
             ..MigrationOptions::default()
         },
     };
-    match connection
-        .client
-        .migrate(context_with(Duration::from_secs(3600)), request)
-        .await
-    {
-        Ok(Ok(report)) => Ok(report),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
+    let answer = connection.rpc(
+        connection
+            .client
+            .migrate(context_with(Duration::from_secs(3600)), request)
+            .await,
+    );
+    answer
+        .map_err(DashError::MigrateCall)?
+        .map_err(DashError::Migration)
 }
 
 /// One snapshot: two samples half a second apart, so ops/s and heat have moved.
@@ -158,10 +165,10 @@ pub async fn once(
     host: SocketAddr,
     id: Option<String>,
     security: &Security,
-) -> Result<super::Snapshot, String> {
+) -> Result<super::Snapshot, DashError> {
     let connection = Connection::open(host, security)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(DashError::Connect)?;
     let watch = Watch { host, id };
     let (_, previous) = sampler::sample(&connection, &watch, None).await;
     tokio::time::sleep(sampler::PERIOD).await;

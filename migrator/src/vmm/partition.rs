@@ -1,4 +1,6 @@
-//! A partition: one KVM VM with its guest memory, vCPU threads and lifecycle.
+//! A partition: what to launch (checked without KVM), and one KVM VM with its guest memory,
+//! vCPU threads and lifecycle. What users see of it is in [`super::status`], its snapshot and
+//! restore in [`super::snapshot`].
 //!
 //! ```text
 //!  launch ──▶ running ◀──resume── paused
@@ -13,21 +15,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_bindings::{CpuId, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use migrator_guest::{
-    Progress,
-    abi::{ARGS_LEN, MAX_VCPUS, STACK_SIZE},
-};
+use migrator_guest::abi::{ARGS_LEN, MAX_VCPUS, STACK_SIZE};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tracing::warn;
 
 use super::{
+    cpu::{self, CpuError, GuestCpu},
     dirty::DirtyLog,
     layout,
     loader::{Image, ImageError},
     memory::{GuestMemory, MemoryDigest, MemoryError, PAGE_SIZE},
-    vcpu::{self, Control, Request, VcpuError, VcpuState, VcpuStatus},
+    status::PartitionState,
+    vcpu::{self, Control, Request, VcpuError, VcpuStatus},
 };
 
 /// The built-in guest image, embedded at build time by `cargo xtask build`.
@@ -74,6 +76,8 @@ pub enum PartitionError {
     },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
     #[error("the partition is {0:?}, not {1}")]
     WrongState(PartitionState, &'static str),
     #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
@@ -88,7 +92,18 @@ pub enum GuestImage {
     /// A workload of the built-in image, by name.
     Builtin(String),
     /// A guest ELF image, as bytes.
-    Elf(Vec<u8>),
+    Elf(#[serde(serialize_with = "byte_string")] Vec<u8>),
+}
+
+/// Serializes bytes as one byte string. Postcard and JSON write a byte string exactly as they
+/// write a sequence of bytes, so the encoding is unchanged, but a serializer gets the image in
+/// one call instead of one per byte: hashing a 64 MiB config for the saved state
+/// (`state::config_digest`) took 283 ms byte by byte.
+fn byte_string<T: AsRef<[u8]>, S: serde::Serializer>(
+    bytes: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bytes(bytes.as_ref())
 }
 
 /// What to launch.
@@ -166,58 +181,19 @@ impl PartitionConfig {
     }
 }
 
-/// A partition's lifecycle state, as users see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PartitionState {
-    Running,
-    Paused,
-    Stopped,
-    Migrating,
-    Crashed,
-}
-
-/// A point-in-time view of a partition.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionStatus {
-    pub state: PartitionState,
-    /// Progress summed over vCPUs.
-    pub progress: Progress,
-    /// Per-vCPU progress.
-    pub vcpu_progress: Vec<Progress>,
-    /// Why it crashed, if it did.
-    pub crash_reason: Option<String>,
-    /// Exit codes of vCPUs that called the exit hypercall.
-    pub exit_codes: Vec<u64>,
-    /// Self-check failures reported through the hypercall.
-    pub check_failures: u64,
-    /// Recent console output.
-    pub console: String,
-}
-
-/// The vCPU part of a partition's saved state (memory travels separately). It travels as
-/// bytes in the format of [`super::state`], checked before it is restored.
-#[derive(Clone, Debug)]
-pub struct PartitionSnapshot {
-    pub config: PartitionConfig,
-    pub tsc_khz: u64,
-    pub vcpus: Vec<VcpuState>,
-    /// Recent console output, so `status` reads the same after a move.
-    pub console: Vec<u8>,
-}
-
 pub struct Partition {
-    config: PartitionConfig,
+    pub(super) config: PartitionConfig,
     _kvm: Kvm,
     vm: Arc<VmFd>,
-    memory: Arc<GuestMemory>,
-    control: Arc<Control>,
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) control: Arc<Control>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     vcpu_tids: Vec<u32>,
-    tsc_khz: u64,
+    /// The CPU the guest was given (CPUID, TSC rate).
+    pub(super) cpu: GuestCpu,
     dirty: Mutex<Option<DirtyLog>>,
     /// A state set by the migration engine that overrides what the vCPUs say.
-    migrating: Mutex<bool>,
+    pub(super) migrating: Mutex<bool>,
 }
 
 fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
@@ -232,7 +208,13 @@ impl Partition {
         let stacks = u64::from(config.vcpus) * STACK_SIZE;
         let image = Image::parse(config.image_bytes()?, config.mem_size, stacks)?;
         image.load(&memory)?;
-        let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
+        let (kvm, vm) = Self::create_vm(&memory)?;
+        let cpuid = cpu::host_cpuid(&kvm)?;
+        let vcpus = Self::create_vcpus(&vm, config.vcpus, &cpuid)?;
+        // The guest is told its TSC rate once; a made-up one would skew its clock.
+        let first = vcpus.first().ok_or(PartitionError::VcpuCount(0))?;
+        let cpu = GuestCpu::new(&cpuid, cpu::host_tsc_khz(first)?);
+        let tsc_khz = u64::from(cpu.tsc_khz.get());
         layout::write_vmm_area(&memory, config.vcpus, tsc_khz, &config.boot_args())?;
         for (index, vcpu) in vcpus.iter().enumerate() {
             let sregs = vcpu
@@ -247,40 +229,11 @@ impl Partition {
             ))
             .map_err(kvm_error("set registers"))?;
         }
-        Self::start(config, kvm, vm, vcpus, memory, tsc_khz, Request::Run)
+        Self::start(config, kvm, vm, vcpus, memory, cpu, Request::Run)
     }
 
-    /// Recreates a partition from a snapshot and a memory image already filled in; it starts
-    /// paused or running as asked.
-    pub fn restore(
-        snapshot: &PartitionSnapshot,
-        memory: Arc<GuestMemory>,
-        run: bool,
-    ) -> Result<Self, PartitionError> {
-        let config = snapshot.config.clone();
-        if snapshot.vcpus.len() != config.vcpus as usize {
-            return Err(PartitionError::SnapshotShape {
-                got: snapshot.vcpus.len(),
-                want: config.vcpus,
-            });
-        }
-        if memory.size() != config.mem_size {
-            return Err(MemoryError::BadSize(memory.size()).into());
-        }
-        let (kvm, vm, vcpus, tsc_khz) = Self::create_vm(&config, &memory)?;
-        for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
-            state.apply(vcpu)?;
-        }
-        let request = if run { Request::Run } else { Request::Pause };
-        let partition = Self::start(config, kvm, vm, vcpus, memory, tsc_khz, request)?;
-        partition.control.lock().console = snapshot.console.clone();
-        Ok(partition)
-    }
-
-    fn create_vm(
-        config: &PartitionConfig,
-        memory: &GuestMemory,
-    ) -> Result<(Kvm, VmFd, Vec<VcpuFd>, u64), PartitionError> {
+    /// A VM with `memory` as its RAM, without vCPUs.
+    pub(super) fn create_vm(memory: &GuestMemory) -> Result<(Kvm, VmFd), PartitionError> {
         let kvm = Kvm::new().map_err(kvm_error("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_error("create a VM"))?;
         let region = kvm_userspace_memory_region {
@@ -293,28 +246,34 @@ impl Partition {
         // SAFETY: the region is the live mapping of `memory`, which the partition keeps (in an
         // Arc) until after the VM is dropped.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_error("register guest memory"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_error("report CPUID"))?;
+        Ok((kvm, vm))
+    }
+
+    /// `count` vCPUs, each given `cpuid`.
+    pub(super) fn create_vcpus(
+        vm: &VmFd,
+        count: u32,
+        cpuid: &CpuId,
+    ) -> Result<Vec<VcpuFd>, PartitionError> {
         let mut vcpus = Vec::new();
-        for index in 0..config.vcpus {
+        for index in 0..count {
             let vcpu = vm
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_error("create a vCPU"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_error("set CPUID"))?;
+            vcpu.set_cpuid2(cpuid).map_err(kvm_error("set CPUID"))?;
             vcpus.push(vcpu);
         }
-        let tsc_khz = vcpus[0].get_tsc_khz().map(u64::from).unwrap_or(1_000_000);
-        Ok((kvm, vm, vcpus, tsc_khz))
+        Ok(vcpus)
     }
 
-    fn start(
+    /// Starts a thread per vCPU and waits, when asked to start paused, until they are.
+    pub(super) fn start(
         config: PartitionConfig,
         kvm: Kvm,
         vm: VmFd,
         vcpus: Vec<VcpuFd>,
         memory: Arc<GuestMemory>,
-        tsc_khz: u64,
+        cpu: GuestCpu,
         request: Request,
     ) -> Result<Self, PartitionError> {
         vcpu::install_kick_handler()?;
@@ -341,7 +300,7 @@ impl Partition {
             control,
             threads: Mutex::new(threads),
             vcpu_tids,
-            tsc_khz,
+            cpu,
             dirty: Mutex::new(None),
             migrating: Mutex::new(false),
         };
@@ -368,113 +327,36 @@ impl Partition {
         &self.vcpu_tids
     }
 
+    /// The guest's TSC rate, which it was told at launch and keeps across moves.
     pub fn tsc_khz(&self) -> u64 {
-        self.tsc_khz
+        self.cpu.tsc_khz.get().into()
     }
 
-    /// Marks the partition as being migrated (or not), for what users see.
-    pub fn set_migrating(&self, migrating: bool) {
-        *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) = migrating;
+    /// The CPU the guest was given.
+    pub fn cpu(&self) -> &GuestCpu {
+        &self.cpu
     }
 
-    /// The current state, derived from the request and what the vCPUs say.
-    pub fn state(&self) -> PartitionState {
-        let state = self.control.lock();
-        let crashed = state
-            .vcpus
-            .iter()
-            .any(|s| matches!(s, VcpuStatus::Crashed(_)));
-        if crashed {
-            return PartitionState::Crashed;
-        }
-        let all_done = state
-            .vcpus
-            .iter()
-            .all(|s| matches!(s, VcpuStatus::Exited(_) | VcpuStatus::Stopped));
-        if state.request == Request::Stop || all_done {
-            return PartitionState::Stopped;
-        }
-        if *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) {
-            return PartitionState::Migrating;
-        }
-        match state.request {
-            Request::Pause => PartitionState::Paused,
-            _ => PartitionState::Running,
-        }
-    }
-
-    /// Reads each vCPU's progress from the boot-info page, without stopping anything.
-    pub fn progress(&self) -> Vec<Progress> {
-        (0..self.config.vcpus)
-            .map(|i| {
-                let at = layout::progress_address(i);
-                let word = |n: u64| {
-                    self.memory
-                        .read_u64_volatile(at.offset(8 * n).unwrap_or(at))
-                        .unwrap_or_default()
-                };
-                Progress {
-                    ops: word(0),
-                    errors: word(1),
-                    checks: word(2),
-                    heartbeat: word(3),
-                }
-            })
-            .collect()
-    }
-
-    pub fn status(&self) -> PartitionStatus {
-        let vcpu_progress = self.progress();
-        let progress = vcpu_progress
-            .iter()
-            .fold(Progress::default(), |sum, p| Progress {
-                ops: sum.ops + p.ops,
-                errors: sum.errors + p.errors,
-                checks: sum.checks + p.checks,
-                heartbeat: sum.heartbeat.max(p.heartbeat),
-            });
-        let state = self.state();
-        let control = self.control.lock();
-        let crash_reason = control.vcpus.iter().enumerate().find_map(|(i, s)| match s {
-            VcpuStatus::Crashed(reason) => Some(format!("vCPU {i}: {reason}")),
-            _ => None,
-        });
-        let exit_codes = control
-            .vcpus
-            .iter()
-            .filter_map(|s| match s {
-                VcpuStatus::Exited(code) => Some(*code),
-                _ => None,
-            })
-            .collect();
-        PartitionStatus {
-            state,
-            progress,
-            vcpu_progress,
-            crash_reason,
-            exit_codes,
-            check_failures: control.check_failures,
-            console: String::from_utf8_lossy(&control.console).into_owned(),
-        }
-    }
-
-    fn set_request(&self, request: Request) {
+    fn set_request(&self, request: Request) -> Result<(), VcpuError> {
         let mut state = self.control.lock();
         state.request = request;
         drop(state);
         self.control.changed.notify_all();
-        self.kick_all();
+        self.kick_all()
     }
 
-    fn kick_all(&self) {
-        for thread in self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            vcpu::kick(thread);
+    /// Kicks every vCPU thread; all are kicked even if one fails, and the first failure is
+    /// returned.
+    fn kick_all(&self) -> Result<(), VcpuError> {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut first = Ok(());
+        for thread in threads.iter() {
+            let kicked = vcpu::kick(thread);
+            if first.is_ok() {
+                first = kicked;
+            }
         }
+        first
     }
 
     /// Waits until no vCPU runs guest code.
@@ -494,7 +376,7 @@ impl Partition {
                 .unwrap_or_else(|p| p.into_inner().0);
             drop(state);
             // Re-kick: a signal may have landed before a thread registered its kvm_run.
-            self.kick_all();
+            self.kick_all()?;
             state = self.control.lock();
         }
         Ok(())
@@ -507,7 +389,7 @@ impl Partition {
             PartitionState::Paused => return Ok(()),
             other => return Err(PartitionError::WrongState(other, "running")),
         }
-        self.set_request(Request::Pause);
+        self.set_request(Request::Pause)?;
         self.wait_quiet()
     }
 
@@ -518,31 +400,8 @@ impl Partition {
             PartitionState::Running => return Ok(()),
             other => return Err(PartitionError::WrongState(other, "paused")),
         }
-        self.set_request(Request::Run);
+        self.set_request(Request::Run)?;
         Ok(())
-    }
-
-    /// The vCPU states and config of a paused partition.
-    pub fn snapshot(&self) -> Result<PartitionSnapshot, PartitionError> {
-        let state = self.control.lock();
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| match s {
-                VcpuStatus::Paused(saved) => Ok((**saved).clone()),
-                _ => Err(()),
-            })
-            .collect::<Result<Vec<_>, ()>>();
-        drop(state);
-        match vcpus {
-            Ok(vcpus) => Ok(PartitionSnapshot {
-                config: self.config.clone(),
-                tsc_khz: self.tsc_khz,
-                vcpus,
-                console: self.control.lock().console.clone(),
-            }),
-            Err(()) => Err(PartitionError::WrongState(self.state(), "paused")),
-        }
     }
 
     /// The digest of guest memory (consistent only while paused).
@@ -608,7 +467,13 @@ impl Partition {
 
     /// Stops the partition for good and joins its vCPU threads. Stopping twice is harmless.
     pub fn stop(&self) {
-        self.set_request(Request::Stop);
+        // A vCPU in KVM_RUN that missed its kick still sees the request at its next exit.
+        if let Err(e) = self.set_request(Request::Stop) {
+            warn!(
+                "stopping a partition: {}",
+                heatprobe::probes::error_chain(&e)
+            );
+        }
         let threads: Vec<_> = self
             .threads
             .lock()

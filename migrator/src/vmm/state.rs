@@ -1,36 +1,59 @@
-//! The saved state of a partition (its config, vCPU states and console; memory travels
-//! separately) as bytes: what a migration's commit carries to the destination.
+//! The saved state of a partition (the digest of its config, the CPU its guest was given, its
+//! vCPU states and console; memory travels separately) as bytes: what a migration's commit
+//! carries to the destination.
 //!
 //! ```text
 //!  magic "HMIGSTAT" | version u32 | reserved u32 | payload_len u64 | xxh3-64 of payload u64
 //!  payload: postcard (varint integers, byte strings length-prefixed, no trailing bytes)
 //! ```
 //!
+//! The destination already has the config (it prepared the partition from it), so the state
+//! carries only [`config_digest`] of it, not the config with its guest image of up to
+//! [`MAX_IMAGE`](super::partition::MAX_IMAGE) bytes, during downtime.
+//!
 //! Decoding checks the header (magic, version, length, checksum) before it looks at the
-//! payload, and the shape of what the payload holds (the partition it was prepared for, one
-//! vCPU state per vCPU, each register block of its exact size, only known MSRs) before anything
-//! reaches KVM. Every failed step is its own [`StateError`] variant.
+//! payload, and the shape of what the payload holds (the digest of the config it was prepared
+//! for, a known TSC rate, one vCPU state per vCPU, each register block of its exact size, only
+//! known MSRs) before anything reaches KVM. Every failed step is its own [`StateError`]
+//! variant. Whether this host can give the guest its CPU is checked on restore
+//! ([`super::cpu`]).
+
+use std::num::NonZeroU32;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use migrator_guest::abi::MAX_VCPUS;
 use serde::{Deserialize, Serialize, de::value::BytesDeserializer};
 use thiserror::Error;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 
 use super::{
-    partition::{PartitionConfig, PartitionSnapshot},
+    cpu::{FEATURE_REGISTERS, GuestCpu},
+    partition::PartitionConfig,
+    snapshot::PartitionSnapshot,
     vcpu::{CONSOLE_KEEP, SAVED_MSRS, VcpuState},
 };
 
 /// The first 8 bytes of every saved state (never all zero).
 pub const STATE_MAGIC: [u8; 8] = *b"HMIGSTAT";
 /// The state format this build writes and reads.
-/// 2: the payload is postcard (1 was bincode).
-pub const STATE_VERSION: u32 = 2;
+/// 4: the config's digest instead of the config. 3: the CPU the guest was given (vendor,
+/// features) with the TSC rate. 2: the payload is postcard (1 was bincode).
+pub const STATE_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 32;
-/// Largest payload accepted: a guest image travels inside the config (see `daemon::api`).
-pub const MAX_PAYLOAD: u64 = 80 << 20;
-// `encode` relies on it: a valid partition's state always fits.
-const _: () = assert!(super::partition::MAX_IMAGE as u64 + (1 << 20) < MAX_PAYLOAD);
+/// Largest payload accepted: the most vCPU states a partition can have and a full console.
+pub const MAX_PAYLOAD: u64 = 1 << 20;
+/// The most one vCPU's saved state can take: its register blocks and MSRs, with room for
+/// postcard's length prefixes and tags.
+const MAX_VCPU_STATE: usize = size_of::<kvm_regs>()
+    + size_of::<kvm_sregs>()
+    + size_of::<kvm_xsave>()
+    + size_of::<kvm_xcrs>()
+    + size_of::<kvm_vcpu_events>()
+    + SAVED_MSRS.len() * (5 + 10)
+    + 64;
+// A valid partition's state always fits.
+const _: () =
+    assert!(MAX_VCPUS as usize * MAX_VCPU_STATE + CONSOLE_KEEP + (4 << 10) <= MAX_PAYLOAD as usize);
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -54,8 +77,12 @@ pub enum StateError {
     Payload(#[source] postcard::Error),
     #[error("the saved state's payload has {0} bytes after its end")]
     Trailing(usize),
-    #[error("the saved state is of another partition than the one prepared")]
-    Config,
+    #[error(
+        "the saved state is of another partition than the one prepared (config digest {saved:#018x}, expected {expected:#018x})"
+    )]
+    Config { saved: u64, expected: u64 },
+    #[error("the saved state's TSC rate is unknown (0 kHz)")]
+    TscUnknown,
     #[error("the saved state has {got} vCPU states for {want} vCPUs")]
     VcpuCount { got: usize, want: u32 },
     #[error("vCPU {index}'s saved state has the wrong shape")]
@@ -88,8 +115,8 @@ pub enum ShapeError {
 /// The payload as written: borrows the snapshot, register blocks as their bytes.
 #[derive(Serialize)]
 struct SavedPartitionRef<'a> {
-    config: &'a PartitionConfig,
-    tsc_khz: u64,
+    config_digest: u64,
+    cpu: &'a GuestCpu,
     vcpus: Vec<SavedVcpuRef<'a>>,
     console: &'a [u8],
 }
@@ -111,10 +138,19 @@ struct SavedVcpuRef<'a> {
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
 struct SavedPartition {
-    config: PartitionConfig,
-    tsc_khz: u64,
+    config_digest: u64,
+    cpu: SavedCpu,
     vcpus: Vec<SavedVcpu>,
     console: Vec<u8>,
+}
+
+/// [`GuestCpu`] as read: a rate of 0 is refused with its own error.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SavedCpu {
+    tsc_khz: u32,
+    vendor: [u8; 12],
+    features: [u32; FEATURE_REGISTERS.len()],
 }
 
 #[derive(Deserialize)]
@@ -128,11 +164,41 @@ struct SavedVcpu {
     msrs: Vec<(u32, u64)>,
 }
 
+/// A postcard flavor that hashes what is serialized instead of storing it.
+struct Hasher(Xxh3Default);
+
+impl postcard::ser_flavors::Flavor for Hasher {
+    type Output = u64;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.update(&[byte]);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.update(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<u64> {
+        Ok(self.0.digest())
+    }
+}
+
+/// xxh3-64 of the postcard encoding of `config`: what a saved state carries of its config.
+/// Hashed as it is serialized, so a config with a 64 MiB image is not copied first.
+pub fn config_digest(config: &PartitionConfig) -> u64 {
+    // Invariant: a config is plain data (strings, a byte string, integers, an enum), which
+    // postcard serializes without fail into a flavor that never fails.
+    postcard::serialize_with_flavor(config, Hasher(Xxh3Default::new()))
+        .expect("a config always serializes")
+}
+
 /// The saved state of `snapshot`, header included.
 pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
     let saved = SavedPartitionRef {
-        config: &snapshot.config,
-        tsc_khz: snapshot.tsc_khz,
+        config_digest: config_digest(&snapshot.config),
+        cpu: &snapshot.cpu,
         vcpus: snapshot
             .vcpus
             .iter()
@@ -148,9 +214,7 @@ pub fn encode(snapshot: &PartitionSnapshot) -> Vec<u8> {
         console: &snapshot.console,
     };
     // Invariant: serializing plain data (no maps, every sequence of known length) into a Vec
-    // cannot fail; only a payload past MAX_PAYLOAD could, and `PartitionConfig::validate`
-    // (run on every launch and incoming migration) keeps the image, the bulk of it, to
-    // MAX_IMAGE, below MAX_PAYLOAD with room for the console and vCPU state.
+    // cannot fail.
     let payload = postcard::to_stdvec(&saved).expect("a snapshot always serializes");
     wrap(&payload)
 }
@@ -208,7 +272,8 @@ fn payload(bytes: &[u8]) -> Result<&[u8], StateError> {
 }
 
 /// Decodes a saved state and checks it fits the partition `expected` describes (the one the
-/// destination prepared for): nothing of it reaches KVM unchecked.
+/// destination prepared for): its config digest is `expected`'s, and the snapshot's config is
+/// `expected`. Nothing of it reaches KVM unchecked.
 pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnapshot, StateError> {
     let payload = payload(bytes)?;
     // The header already bounds the payload to MAX_PAYLOAD; postcard allocates no more than
@@ -218,9 +283,14 @@ pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnaps
     if !rest.is_empty() {
         return Err(StateError::Trailing(rest.len()));
     }
-    if saved.config != *expected {
-        return Err(StateError::Config);
+    let expected_digest = config_digest(expected);
+    if saved.config_digest != expected_digest {
+        return Err(StateError::Config {
+            saved: saved.config_digest,
+            expected: expected_digest,
+        });
     }
+    let tsc_khz = NonZeroU32::new(saved.cpu.tsc_khz).ok_or(StateError::TscUnknown)?;
     if saved.vcpus.len() != expected.vcpus as usize {
         return Err(StateError::VcpuCount {
             got: saved.vcpus.len(),
@@ -240,8 +310,12 @@ pub fn decode(bytes: &[u8], expected: &PartitionConfig) -> Result<PartitionSnaps
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(PartitionSnapshot {
-        config: saved.config,
-        tsc_khz: saved.tsc_khz,
+        config: expected.clone(),
+        cpu: GuestCpu {
+            tsc_khz,
+            vendor: saved.cpu.vendor,
+            features: saved.cpu.features,
+        },
         vcpus,
         console: saved.console,
     })
@@ -335,166 +409,21 @@ pub fn sample_snapshot(config: PartitionConfig) -> PartitionSnapshot {
             }
         })
         .collect();
+    let mut features = [0; FEATURE_REGISTERS.len()];
+    // SSE2, FXSR, MMX, CMOV, TSC, FPU in leaf 1's EDX; syscall, NX, long mode in 0x8000_0001's.
+    features[1] = 0x0788_8111;
+    features[10] = 0x2010_0800;
     PartitionSnapshot {
         config,
-        tsc_khz: 2_500_000,
+        cpu: GuestCpu {
+            tsc_khz: NonZeroU32::new(2_500_000).unwrap_or(NonZeroU32::MIN),
+            vendor: *b"AuthenticAMD",
+            features,
+        },
         vcpus,
         console: b"migrator-guest: idle\n".to_vec(),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vmm::GuestImage;
-
-    fn config(vcpus: u32) -> PartitionConfig {
-        PartitionConfig {
-            name: Some("p".into()),
-            mem_size: 4 << 20,
-            vcpus,
-            image: GuestImage::Builtin("idle".into()),
-            args: "rate=10".into(),
-        }
-    }
-
-    /// The payload of an encoded state, as `SavedPartition` would read it, for surgery.
-    fn payload_of(bytes: &[u8]) -> Vec<u8> {
-        bytes[HEADER_LEN..].to_vec()
-    }
-
-    #[test]
-    fn states_round_trip_byte_for_byte() {
-        let snapshot = sample_snapshot(config(2));
-        let bytes = encode(&snapshot);
-        let decoded = decode(&bytes, &config(2)).expect("decodes");
-        assert_eq!(decoded.vcpus.len(), 2);
-        assert_eq!(decoded.vcpus[1].regs.rip, 0x20_0001);
-        assert_eq!(decoded.vcpus[0].xsave.region[6], 0x1f80);
-        assert_eq!(decoded.vcpus[0].xcrs.map(|x| x.xcrs[0].value), Some(3));
-        assert!(decoded.vcpus[1].xcrs.is_none());
-        assert_eq!(decoded.console, snapshot.console);
-        assert_eq!(encode(&decoded), bytes);
-    }
-
-    #[test]
-    fn a_bad_header_is_refused_before_the_payload() {
-        let bytes = encode(&sample_snapshot(config(1)));
-        let expected = config(1);
-        assert!(matches!(
-            decode(&[0; HEADER_LEN], &expected),
-            Err(StateError::Magic(_))
-        ));
-        assert!(matches!(
-            decode(&bytes[..10], &expected),
-            Err(StateError::Truncated(10))
-        ));
-        let mut bad = bytes.clone();
-        // Version 1, the bincode payload of earlier builds.
-        bad[8] = 1;
-        assert!(matches!(
-            decode(&bad, &expected),
-            Err(StateError::Version(1))
-        ));
-        let mut bad = bytes.clone();
-        bad[12] = 1;
-        assert!(matches!(decode(&bad, &expected), Err(StateError::Reserved)));
-        assert!(matches!(
-            decode(&bytes[..bytes.len() - 1], &expected),
-            Err(StateError::Length { .. })
-        ));
-        let mut bad = bytes.clone();
-        bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            decode(&bad, &expected),
-            Err(StateError::TooLarge(_))
-        ));
-        let mut bad = bytes.clone();
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        assert!(matches!(
-            decode(&bad, &expected),
-            Err(StateError::Checksum { .. })
-        ));
-        assert!(matches!(
-            decode(&wrap(b"not postcard"), &expected),
-            Err(StateError::Payload(_))
-        ));
-        let mut trailing = payload_of(&bytes);
-        trailing.push(0);
-        assert!(matches!(
-            decode(&wrap(&trailing), &expected),
-            Err(StateError::Trailing(1))
-        ));
-        assert!(matches!(
-            decode(&bytes, &config(2)),
-            Err(StateError::Config)
-        ));
-    }
-
-    #[test]
-    fn a_vcpu_state_of_the_wrong_shape_is_refused() {
-        let expected = config(1);
-        // Three vCPU states for a one-vCPU partition, under a config that claims one.
-        let mut three = sample_snapshot(config(3));
-        three.config = config(1);
-        assert!(matches!(
-            decode(&encode(&three), &expected),
-            Err(StateError::VcpuCount { got: 3, want: 1 })
-        ));
-        // Registers one byte short: the payload as read, one byte cut, written again.
-        let snapshot = sample_snapshot(config(1));
-        let mut saved: SavedPartition =
-            postcard::from_bytes(&payload_of(&encode(&snapshot))).expect("decodes");
-        saved.vcpus[0].regs.pop();
-        let short = postcard::to_stdvec(&saved).expect("encodes");
-        let err = decode(&wrap(&short), &expected).expect_err("refused");
-        assert!(
-            matches!(
-                &err,
-                StateError::Vcpu {
-                    index: 0,
-                    source: ShapeError::Size {
-                        field: "registers",
-                        ..
-                    }
-                }
-            ),
-            "{err:?}"
-        );
-        let mut unknown = sample_snapshot(config(1));
-        unknown.vcpus[0].msrs.push((0xdead, 1));
-        assert!(matches!(
-            decode(&encode(&unknown), &expected),
-            Err(StateError::Vcpu {
-                source: ShapeError::UnknownMsr(0xdead),
-                ..
-            })
-        ));
-        let mut twice = sample_snapshot(config(1));
-        let first = twice.vcpus[0].msrs[0];
-        twice.vcpus[0].msrs.push(first);
-        assert!(matches!(
-            decode(&encode(&twice), &expected),
-            Err(StateError::Vcpu {
-                source: ShapeError::DuplicateMsr(0x10),
-                ..
-            })
-        ));
-        let mut many = sample_snapshot(config(1));
-        many.vcpus[0].msrs = vec![(0x10, 0); SAVED_MSRS.len() + 1];
-        assert!(matches!(
-            decode(&encode(&many), &expected),
-            Err(StateError::Vcpu {
-                source: ShapeError::TooManyMsrs(_),
-                ..
-            })
-        ));
-        let mut chatty = sample_snapshot(config(1));
-        chatty.console = vec![b'x'; CONSOLE_KEEP + 1];
-        assert!(matches!(
-            decode(&encode(&chatty), &expected),
-            Err(StateError::Console(_))
-        ));
-    }
-}
+mod tests;

@@ -7,12 +7,12 @@
 
 use std::{
     cell::Cell,
-    os::unix::thread::JoinHandleExt,
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::JoinHandle,
     time::Duration,
 };
 
+use heatprobe::probes::error_chain;
 use kvm_bindings::{
     Msrs, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
@@ -20,9 +20,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use migrator_guest::abi::{HYPERCALL_PORT, hypercall};
 use thiserror::Error;
 use tracing::{debug, warn};
-use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use super::memory::{GuestAddress, GuestMemory};
+use super::memory::{GuestAddress, GuestMemory, MemoryError};
 
 /// MSRs saved with a vCPU: the TSC (so guest time stays monotonic across a move), and the
 /// syscall, segment-base and misc MSRs a guest may have set.
@@ -60,6 +60,14 @@ pub enum VcpuError {
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("starting the vCPU thread failed")]
     Spawn(#[source] std::io::Error),
+    #[error("kicking a vCPU thread out of KVM_RUN failed")]
+    Kick(#[source] vmm_sys_util::errno::Error),
+    #[error("reading the hypercall's arguments failed")]
+    HypercallArgs(#[source] kvm_ioctls::Error),
+    #[error("the guest's console write names a bad buffer")]
+    ConsoleBuffer(#[source] MemoryError),
+    #[error("unknown hypercall {0}")]
+    UnknownHypercall(u32),
 }
 
 /// Everything needed to continue a vCPU elsewhere (saved as bytes by [`super::state`]).
@@ -252,10 +260,15 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
         .map_err(|errno| VcpuError::Signal(vmm_sys_util::errno::Error::new(errno)))
 }
 
-/// Sends the kick signal to a vCPU thread.
-pub fn kick(thread: &JoinHandle<()>) {
-    // SAFETY: the handle's pthread is alive until joined, and the signal has a handler.
-    unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+/// Sends the kick signal to a vCPU thread (whose pthread lives until it is joined; the
+/// partition kicks only threads it has not joined).
+///
+/// vmm-sys-util checks the signal number; `pthread_kill` reports other failures as its return
+/// value rather than as -1 and errno, which `Killable::kill` takes for success, so only a bad
+/// signal number comes back as an error. A thread that has exited but not been joined is
+/// signalled harmlessly by glibc.
+pub fn kick(thread: &JoinHandle<()>) -> Result<(), VcpuError> {
+    thread.kill(kick_signal()).map_err(VcpuError::Kick)
 }
 
 /// Longest nap of a sleeping vCPU before it rechecks the partition's request.
@@ -294,7 +307,7 @@ pub fn run(
             Outcome::Hypercall(number) => match hypercall(number, &vcpu, &control, &memory) {
                 Ok(None) => continue,
                 Ok(Some(status)) => status,
-                Err(reason) => VcpuStatus::Crashed(reason),
+                Err(e) => VcpuStatus::Crashed(error_chain(&e)),
             },
             Outcome::Crash(reason) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
@@ -345,7 +358,7 @@ fn wait_for_run(index: usize, vcpu: &VcpuFd, control: &Control) -> bool {
                 if !matches!(state.vcpus[index], VcpuStatus::Paused(_)) {
                     state.vcpus[index] = match VcpuState::capture(vcpu) {
                         Ok(saved) => VcpuStatus::Paused(Box::new(saved)),
-                        Err(e) => VcpuStatus::Crashed(format!("saving state: {e}")),
+                        Err(e) => VcpuStatus::Crashed(format!("saving state: {}", error_chain(&e))),
                     };
                     control.changed.notify_all();
                     if matches!(state.vcpus[index], VcpuStatus::Crashed(_)) {
@@ -362,16 +375,14 @@ fn wait_for_run(index: usize, vcpu: &VcpuFd, control: &Control) -> bool {
 }
 
 /// Serves a hypercall. `Ok(None)`: keep running; `Ok(Some(status))`: this vCPU is done;
-/// `Err`: the guest broke the ABI.
+/// `Err`: the guest broke the ABI (or its registers could not be read).
 fn hypercall(
     number: u32,
     vcpu: &VcpuFd,
     control: &Control,
     memory: &GuestMemory,
-) -> Result<Option<VcpuStatus>, String> {
-    let regs = vcpu
-        .get_regs()
-        .map_err(|e| format!("reading hypercall arguments: {e}"))?;
+) -> Result<Option<VcpuStatus>, VcpuError> {
+    let regs = vcpu.get_regs().map_err(VcpuError::HypercallArgs)?;
     let (arg0, arg1) = (regs.rdi, regs.rsi);
     match number {
         hypercall::CONSOLE_WRITE => {
@@ -379,7 +390,7 @@ fn hypercall(
             let mut bytes = vec![0u8; len];
             memory
                 .read(GuestAddress(arg0), &mut bytes)
-                .map_err(|e| format!("console write from a bad buffer: {e}"))?;
+                .map_err(VcpuError::ConsoleBuffer)?;
             debug!(
                 "guest console: {}",
                 String::from_utf8_lossy(&bytes).trim_end()
@@ -404,6 +415,6 @@ fn hypercall(
             }
             Ok(None)
         }
-        other => Err(format!("unknown hypercall {other}")),
+        other => Err(VcpuError::UnknownHypercall(other)),
     }
 }
