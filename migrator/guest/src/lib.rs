@@ -8,6 +8,7 @@
 
 pub mod abi;
 pub mod args;
+pub mod perm;
 pub mod rng;
 pub mod workloads;
 pub mod zipf;
