@@ -79,7 +79,7 @@ enum Command {
     Launch {
         #[command(flatten)]
         host: Host,
-        /// A built-in workload: kv-zipf, scan, rw-mix, uniform-write, idle.
+        /// A built-in workload: kv-zipf, scan, rw-mix, uniform-write, hotspot, graded, idle.
         #[arg(long, conflicts_with = "image", required_unless_present = "image")]
         workload: Option<String>,
         /// A guest ELF image written to guest ABI v1.

@@ -63,6 +63,8 @@ fn every_workload_migrates_under_each_strategy_and_mode() {
         ("scan", "", 1),
         ("rw-mix", "check_every=20000", 1),
         ("uniform-write", "check_every=20000", 1),
+        ("hotspot", "scatter=1 check_every=20000", 1),
+        ("graded", "scatter=1 check_every=20000", 1),
         ("idle", "", 1),
     ];
     for (workload, args, vcpus) in workloads {

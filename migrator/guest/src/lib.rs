@@ -6,8 +6,14 @@
 //! two).
 #![no_std]
 
+// On the host (tests, benchmarks), [`workloads::Popularity::ranking`] returns a `Vec`; the
+// guest image has no allocator and never sees it.
+#[cfg(not(target_os = "none"))]
+extern crate alloc;
+
 pub mod abi;
 pub mod args;
+pub mod perm;
 pub mod rng;
 pub mod workloads;
 pub mod zipf;

@@ -4,6 +4,7 @@
 
 use crate::rng::SplitMix64;
 
+#[derive(Clone, Debug)]
 pub struct Zipf {
     items: u64,
     theta: f64,
@@ -49,6 +50,18 @@ impl Zipf {
             zeta_n,
             eta,
             half_pow_theta: 1.0 + libm::pow(0.5, theta),
+        }
+    }
+
+    /// The probability the distribution gives `key` (the sampler below follows it closely: exactly
+    /// for keys 0 and 1, by Gray et al.'s approximation beyond). Zero outside `0..items`.
+    pub fn probability(&self, key: u64) -> f64 {
+        if key >= self.items {
+            0.0
+        } else if self.theta == 0.0 {
+            1.0 / self.items as f64
+        } else {
+            1.0 / (libm::pow((key + 1) as f64, self.theta) * self.zeta_n)
         }
     }
 

@@ -14,7 +14,7 @@ mod guest {
 
     use migrator_guest::{
         BootInfo, Platform, Progress,
-        abi::{HYPERCALL_PORT, PROGRESS_OFFSET, STACK_SIZE, hypercall},
+        abi::{HYPERCALL_PORT, PROGRESS_OFFSET, hypercall},
         args::Args,
         workloads::{self, WorkloadError},
     };
@@ -120,14 +120,14 @@ mod guest {
             exit(2);
         };
         // Memory from the end of the image to the stacks, split evenly between vCPUs.
-        let start = (&raw const __image_end) as u64;
-        let end = info.mem_size - u64::from(vcpus) * STACK_SIZE;
-        let share = ((end.saturating_sub(start)) / u64::from(vcpus)) & !4095;
-        let base = start + u64::from(vcpu) * share;
-        // SAFETY: [base, base + share) lies between the image and the stacks, is identity
-        // mapped, and no other vCPU uses it.
-        let mem =
-            unsafe { core::slice::from_raw_parts_mut(base as *mut u64, (share / 8) as usize) };
+        let image_end = (&raw const __image_end) as u64;
+        let range = workloads::vcpu_share(image_end, info.mem_size, vcpus, vcpu);
+        let share = range.end - range.start;
+        // SAFETY: the range lies between the image and the stacks, is identity mapped, and no
+        // other vCPU uses it.
+        let mem = unsafe {
+            core::slice::from_raw_parts_mut(range.start as *mut u64, (share / 8) as usize)
+        };
         if vcpu == 0 {
             let _ = writeln!(
                 Console,
@@ -156,6 +156,10 @@ mod guest {
                     }
                     WorkloadError::BadArg(key) => {
                         let _ = writeln!(Console, "bad value for argument `{key}`");
+                    }
+                    WorkloadError::UnknownArg(key) => {
+                        let name = Args::new(text).name().unwrap_or_default();
+                        let _ = writeln!(Console, "`{name}` takes no argument `{key}`");
                     }
                     WorkloadError::TooSmall => {
                         let _ = writeln!(Console, "not enough memory for these arguments");

@@ -4,21 +4,40 @@
 //!
 //! Every workload takes `rate` (operations per second over all vCPUs, paced with the tick
 //! counter; 0 = flat out), `check_every` (operations between full self-checks) and `seed`.
+//! [`popularity`] gives, on the host, the page heat that `hotspot`, `graded` and `kv-zipf`
+//! arguments intend.
 
+mod graded;
+mod hotspot;
 mod idle;
 mod kv_zipf;
+mod pages;
+mod popularity;
 mod rw_mix;
 mod scan;
+#[cfg(test)]
+mod tests;
 mod uniform_write;
+
+pub use popularity::{Popularity, PopularityError, popularity};
 
 use crate::{
     Platform, Progress,
+    abi::STACK_SIZE,
     args::{Args, BadArg},
     rng::mix,
 };
 
 /// Names of the built-in workloads.
-pub const NAMES: [&str; 5] = ["kv-zipf", "scan", "rw-mix", "uniform-write", "idle"];
+pub const NAMES: [&str; 7] = [
+    "kv-zipf",
+    "scan",
+    "rw-mix",
+    "uniform-write",
+    "hotspot",
+    "graded",
+    "idle",
+];
 
 /// Words per 4 KiB page.
 pub const PAGE_WORDS: usize = 512;
@@ -29,6 +48,8 @@ pub enum WorkloadError<'a> {
     Unknown(&'a str),
     NoName,
     BadArg(&'a str),
+    /// A key the workload does not take (so a misspelt one is not silently ignored).
+    UnknownArg(&'a str),
     /// The vCPU's share of memory is too small for the arguments.
     TooSmall,
 }
@@ -57,9 +78,27 @@ pub fn run<'a, P: Platform>(
         "scan" => scan::run(args, mem, seed, &mut runner),
         "rw-mix" => rw_mix::run(args, mem, seed, &mut runner),
         "uniform-write" => uniform_write::run(args, mem, seed, &mut runner),
+        "hotspot" => hotspot::run(args, mem, seed, &mut runner),
+        "graded" => graded::run(args, mem, seed, &mut runner),
         "idle" => idle::run(&mut runner),
         other => Err(WorkloadError::Unknown(other)),
     }
+}
+
+/// Guest addresses of vCPU `vcpu`'s share of memory in the built-in image: what lies between
+/// the image's end (`image_end`, page-aligned) and the vCPUs' stacks, split evenly, in whole
+/// pages. The host uses it to turn [`popularity`]'s pages into guest frames.
+pub fn vcpu_share(image_end: u64, mem_size: u64, vcpus: u32, vcpu: u32) -> core::ops::Range<u64> {
+    let vcpus = u64::from(vcpus.max(1));
+    let end = mem_size.saturating_sub(vcpus.saturating_mul(STACK_SIZE));
+    let share = (end.saturating_sub(image_end) / vcpus) & !4095;
+    let base = image_end.saturating_add(u64::from(vcpu).saturating_mul(share));
+    base..base.saturating_add(share)
+}
+
+/// How many u64 words a share of `bytes` bytes holds.
+fn words_of_share(bytes: u64) -> usize {
+    usize::try_from(bytes / 8).unwrap_or(usize::MAX)
 }
 
 /// Counts, reports and paces a workload's operations.

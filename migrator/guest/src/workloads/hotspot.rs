@@ -1,0 +1,108 @@
+//! `hotspot`: a flat hot region that takes most of the writes, uniform writes over all pages for
+//! the rest: the classic hot/cold split, which pre-copy migrates well only if it sends the hot
+//! region last.
+//!
+//! Arguments: `hot` (the hot region's share of the data pages, as `1/64` or `0.015625`; at
+//! least one page; default `1/64`), `hot_share` (fraction of writes that go to the hot region,
+//! default 0.95), `scatter` (`1`: the hot pages are scattered over the share by a keyed
+//! permutation instead of sitting at its start; default 0), `check_every` (writes between full
+//! checks, default: as many as data pages), `rate`, `seed` (also picks the scatter).
+//!
+//! Every operation is a write; a full check reads every word of every page.
+
+use super::{
+    Runner, WorkloadError, load,
+    pages::{self, Layout},
+};
+use crate::{Platform, args::Args, rng::SplitMix64};
+
+const TAG: u64 = 5 << 40;
+const KEYS: [&str; 6] = ["hot", "hot_share", "scatter", "check_every", "rate", "seed"];
+
+/// The parsed arguments over a share of a given size.
+#[derive(Clone, Debug)]
+pub struct Hotspot {
+    layout: Layout,
+    /// Pages in the hot region: ranks `0..hot`.
+    hot: usize,
+    hot_share: f64,
+    check_every: u64,
+}
+
+impl Hotspot {
+    pub fn parse<'a>(args: &Args<'a>, words: usize) -> Result<Self, WorkloadError<'a>> {
+        if let Some(key) = args.unknown_key(&KEYS) {
+            return Err(WorkloadError::UnknownArg(key));
+        }
+        let hot = args.fraction("hot", 1.0 / 64.0)?;
+        if hot == 0.0 {
+            return Err(WorkloadError::BadArg("hot"));
+        }
+        let hot_share = args.fraction("hot_share", 0.95)?;
+        let scatter = args.flag("scatter", false)?;
+        let layout = Layout::new(words, scatter, args.u64("seed", 1)?)?;
+        let pages = layout.pages();
+        let hot = ((hot * pages as f64) as usize).clamp(1, pages);
+        let check_every = args.u64("check_every", pages as u64)?.max(1);
+        Ok(Self {
+            layout,
+            hot,
+            hot_share,
+            check_every,
+        })
+    }
+
+    /// Writes per operation to page `share_page` of the share (see [`Layout::weight`]).
+    pub fn weight(&self, share_page: usize) -> f64 {
+        let (hot, pages) = (self.hot as f64, self.layout.pages() as f64);
+        let background = (1.0 - self.hot_share) / pages;
+        self.layout.weight(share_page, |rank| {
+            if rank < self.hot {
+                self.hot_share / hot + background
+            } else {
+                background
+            }
+        })
+    }
+
+    pub fn share_pages(&self) -> usize {
+        self.layout.share_pages()
+    }
+
+    pub fn data_pages(&self) -> core::ops::Range<usize> {
+        self.layout.data_pages()
+    }
+}
+
+pub fn run<'a, P: Platform>(
+    args: &Args<'a>,
+    mem: &mut [u64],
+    seed: u64,
+    runner: &mut Runner<'_, P>,
+) -> Result<(), WorkloadError<'a>> {
+    let spec = Hotspot::parse(args, mem.len())?;
+    let layout = &spec.layout;
+    let (versions, data) = layout.split(mem);
+    let pages = layout.pages();
+    for p in 0..pages {
+        pages::init(data, versions, p, TAG);
+    }
+    let mut rng = SplitMix64::new(seed);
+    let mut since_check = 0;
+    while !runner.should_stop() {
+        let rank = if rng.unit() < spec.hot_share {
+            rng.below(spec.hot as u64)
+        } else {
+            rng.below(pages as u64)
+        };
+        let p = layout.place(rank as usize);
+        pages::stamp(data, versions, p, TAG, load(versions, p) + 1);
+        runner.op_done();
+        since_check += 1;
+        if since_check >= spec.check_every {
+            since_check = 0;
+            pages::check_all(runner, data, versions, pages, TAG);
+        }
+    }
+    Ok(())
+}
