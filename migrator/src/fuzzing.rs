@@ -14,12 +14,13 @@ use migrator_guest::{BootInfo, abi::ARGS_LEN, args::Args};
 
 use crate::{
     migration::{
-        protocol::{FrameHeader, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE},
+        protocol::{FrameHeader, HEADER_LEN, MAX_PAGES_PER_FRAME},
         transport::{Frame, FrameReader},
     },
     vmm::{
         GuestImage, GuestMemory, PartitionConfig, layout,
         loader::Image,
+        memory::PAGE_SIZE,
         state::{self, StateError},
     },
 };
@@ -95,7 +96,7 @@ pub fn frames(data: &[u8]) -> Result<(), String> {
                 assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
                 for (page, bytes) in pages {
                     assert!(page < frames, "page {page} of {frames} accepted");
-                    assert!(bytes.is_none_or(|b| b.len() == PAGE_SIZE));
+                    assert!(bytes.is_none_or(|b| b.len() as u64 == PAGE_SIZE));
                 }
             }
         }

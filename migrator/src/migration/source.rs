@@ -22,8 +22,8 @@ use super::{
     transport::{Frame, FrameReader, PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{
-    Partition, PartitionConfig, PartitionError, dirty::dirty_frames, sampler::profile_partition,
-    state,
+    Partition, PartitionConfig, PartitionError, dirty::dirty_frames, memory::PAGE_SIZE,
+    sampler::profile_partition, state,
 };
 
 /// Tunables of one migration.
@@ -277,7 +277,7 @@ impl Run<'_> {
                 *seen = true;
                 self.sent_hash[frame as usize] = hash;
             }
-            let remaining = (frames.len() - (i * BATCH + batch.len())) as u64 * 4096;
+            let remaining = (frames.len() - (i * BATCH + batch.len())) as u64 * PAGE_SIZE;
             let rate = self.counts.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6);
             let sent = self.counts.bytes;
             self.set_progress(|p| {
@@ -444,12 +444,12 @@ fn execute(
         dirty.sort_unstable();
         dirty.dedup();
         let count = dirty.len() as u64;
-        let expected = Duration::from_secs_f64(count as f64 * 4096.0 / rate.max(1.0));
+        let expected = Duration::from_secs_f64(count as f64 * PAGE_SIZE as f64 / rate.max(1.0));
         run.report.expected_downtime_ms = expected.as_millis() as u64;
         let per_round = run.report.dirty_pages_per_round.clone();
         run.set_progress(|p| {
             p.expected_downtime_ms = expected.as_millis() as u64;
-            p.remaining_bytes = count * 4096;
+            p.remaining_bytes = count * PAGE_SIZE;
             p.dirty_pages_per_round = per_round;
         });
         not_shrinking = if count >= previous_dirty {

@@ -14,10 +14,10 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::link::DataStream;
 use super::protocol::{
-    FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE, ZERO_PAGE,
-    check_page, pages_payload_len,
+    FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, ZERO_PAGE, check_page,
+    pages_payload_len,
 };
-use crate::vmm::GuestMemory;
+use crate::vmm::{GuestMemory, memory::PAGE_SIZE};
 
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -99,7 +99,7 @@ impl std::ops::AddAssign for SendCounts {
 /// The xxh3 of an all-zero page.
 pub fn zero_page_hash() -> u64 {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *HASH.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
+    *HASH.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE as usize]))
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -120,7 +120,9 @@ impl PageSender {
         Self {
             stream,
             pacer: Pacer::new(bytes_per_sec),
-            buffer: Vec::with_capacity(HEADER_LEN + (8 + PAGE_SIZE) * MAX_PAGES_PER_FRAME as usize),
+            buffer: Vec::with_capacity(
+                HEADER_LEN + (8 + PAGE_SIZE as usize) * MAX_PAGES_PER_FRAME as usize,
+            ),
         }
     }
 
@@ -295,7 +297,7 @@ impl<R: Read> FrameReader<R> {
                     if entry & ZERO_PAGE != 0 {
                         pages.push((page, None));
                     } else {
-                        let (bytes, rest) = data.split_at(PAGE_SIZE);
+                        let (bytes, rest) = data.split_at(PAGE_SIZE as usize);
                         pages.push((page, Some(bytes)));
                         data = rest;
                     }

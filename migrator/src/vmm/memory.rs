@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Page size of guest memory.
+/// Page size of guest memory, and of every page the migration protocol carries: the one
+/// definition, which everyone imports.
 pub const PAGE_SIZE: u64 = 4096;
 
 /// A guest-physical address.
