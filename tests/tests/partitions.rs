@@ -12,7 +12,7 @@ use heatprobe_tests::{
 };
 use migrator::vmm::{
     GuestImage, GuestMemory, Partition, PartitionConfig, PartitionError, PartitionState,
-    memory::GuestAddress,
+    memory::{GuestAddress, PAGE_SIZE},
 };
 
 fn builtin(workload: &str, args: &str, mem_mib: u64, vcpus: u32) -> PartitionConfig {
@@ -108,8 +108,11 @@ fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
     // Copy memory page by page, as a migration would.
     let memory = GuestMemory::new(snapshot.config.mem_size).unwrap();
     for frame in 0..memory.frames() {
-        let bytes = source.memory().frame_bytes(frame).unwrap();
-        memory.write(GuestAddress(frame * 4096), bytes).unwrap();
+        let mut page = [0u8; PAGE_SIZE as usize];
+        source.memory().copy_frame(frame, &mut page).unwrap();
+        memory
+            .write(GuestAddress(frame * PAGE_SIZE), &page)
+            .unwrap();
     }
     source.stop();
     let restored = Partition::restore(&snapshot, std::sync::Arc::new(memory), false).unwrap();

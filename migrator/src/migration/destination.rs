@@ -36,7 +36,7 @@ use super::{
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
-    memory::{GuestAddress, PAGE_SIZE},
+    memory::{GuestAddress, MemoryError, PAGE_SIZE},
     state::{self, StateError},
 };
 
@@ -60,7 +60,7 @@ pub enum SessionError {
     #[error("userfaultfd setup failed: {0}")]
     Userfault(String),
     #[error("dropping stale pages failed")]
-    Stale(#[source] std::io::Error),
+    Stale(#[source] MemoryError),
     #[error("the session was aborted")]
     Aborted,
 }
@@ -269,7 +269,7 @@ impl Session {
                             if filled {
                                 self.memory
                                     .remove_page(page)
-                                    .map_err(|e| format!("freeing page {page}: {e}"))?;
+                                    .map_err(|e| heatprobe::probes::error_chain(&e))?;
                             }
                             zero_page_hash()
                         }

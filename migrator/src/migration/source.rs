@@ -246,13 +246,14 @@ impl Run<'_> {
     fn changed_only(&mut self, frames: Vec<u64>) -> Vec<u64> {
         let memory = Arc::clone(self.partition.memory());
         let before = frames.len();
+        let mut page = [0u8; PAGE_SIZE as usize];
         let kept: Vec<u64> = frames
             .into_iter()
             .filter(|&f| {
                 !self.sent_once[f as usize]
                     || memory
-                        .frame_bytes(f)
-                        .map(|bytes| xxh3_64(bytes) != self.sent_hash[f as usize])
+                        .copy_frame(f, &mut page)
+                        .map(|()| xxh3_64(&page) != self.sent_hash[f as usize])
                         .unwrap_or(true)
             })
             .collect();

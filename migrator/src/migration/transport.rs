@@ -17,7 +17,10 @@ use super::protocol::{
     FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, ZERO_PAGE, check_page,
     pages_payload_len,
 };
-use crate::vmm::{GuestMemory, memory::PAGE_SIZE};
+use crate::vmm::{
+    GuestMemory,
+    memory::{MemoryError, PAGE_SIZE, Page},
+};
 
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -25,8 +28,14 @@ pub enum TransportError {
     Io(#[from] io::Error),
     #[error("the peer sent a bad frame")]
     Frame(#[from] FrameError),
-    #[error("reading page {0} from guest memory failed")]
-    Memory(u64),
+    #[error("reading page {page} from guest memory failed")]
+    Memory {
+        page: u64,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("a frame of {0} pages does not fit the send buffer")]
+    FrameTooLarge(usize),
 }
 
 /// How long a daemon waits on a silent peer by default before giving up on a migration.
@@ -102,16 +111,23 @@ pub fn zero_page_hash() -> u64 {
     *HASH.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE as usize]))
 }
 
-fn is_zero(page: &[u8]) -> bool {
+fn is_zero(page: &Page) -> bool {
     // Compare in words: fast enough to be free next to the network.
-    page.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0)
+    page.as_chunks::<8>()
+        .0
+        .iter()
+        .all(|w| u64::from_ne_bytes(*w) == 0)
 }
+
+/// The largest frame: header, an index entry and the data of every page.
+const MAX_FRAME_LEN: usize = HEADER_LEN + (8 + PAGE_SIZE as usize) * MAX_PAGES_PER_FRAME as usize;
 
 /// The sending side of a data connection.
 pub struct PageSender {
     stream: DataStream,
     pacer: Pacer,
+    /// Room for the largest frame, allocated once: pages are copied from guest memory straight
+    /// into their place here, and each frame leaves with one write of its first bytes.
     buffer: Vec<u8>,
 }
 
@@ -120,9 +136,7 @@ impl PageSender {
         Self {
             stream,
             pacer: Pacer::new(bytes_per_sec),
-            buffer: Vec::with_capacity(
-                HEADER_LEN + (8 + PAGE_SIZE as usize) * MAX_PAGES_PER_FRAME as usize,
-            ),
+            buffer: vec![0; MAX_FRAME_LEN],
         }
     }
 
@@ -148,41 +162,51 @@ impl PageSender {
         hashes: &mut Vec<u64>,
     ) -> Result<SendCounts, TransportError> {
         let mut counts = SendCounts::default();
-        self.buffer.clear();
-        self.buffer.resize(HEADER_LEN + 8 * pages.len(), 0);
+        let too_large = || TransportError::FrameTooLarge(pages.len());
+        if pages.len() > MAX_PAGES_PER_FRAME as usize {
+            return Err(too_large());
+        }
+        // The header, then one index entry per page, then the data of the non-zero pages.
+        let (head, data) = self
+            .buffer
+            .split_at_mut_checked(HEADER_LEN + 8 * pages.len())
+            .ok_or_else(too_large)?;
+        let (header_bytes, index) = head
+            .split_at_mut_checked(HEADER_LEN)
+            .ok_or_else(too_large)?;
+        let slots = data.as_chunks_mut::<{ PAGE_SIZE as usize }>().0;
         let mut entries = Vec::with_capacity(pages.len());
-        for &page in pages {
-            let bytes = memory
-                .frame_bytes(page)
-                .map_err(|_| TransportError::Memory(page))?;
+        let mut filled = 0;
+        for (&page, entry) in pages.iter().zip(index.as_chunks_mut::<8>().0) {
+            let slot = slots.get_mut(filled).ok_or_else(too_large)?;
             // Copy first, then look at the copy: what is hashed is what is sent.
-            let start = self.buffer.len();
-            self.buffer.extend_from_slice(bytes);
-            let copy = &self.buffer[start..];
-            if is_zero(copy) {
-                self.buffer.truncate(start);
-                entries.push(page | ZERO_PAGE);
+            memory
+                .copy_frame(page, slot)
+                .map_err(|source| TransportError::Memory { page, source })?;
+            let marked = if is_zero(slot) {
                 hashes.push(zero_page_hash());
                 counts.zero_pages += 1;
+                // A zero page travels as its marker alone: the next page reuses its slot.
+                page | ZERO_PAGE
             } else {
-                hashes.push(xxh3_64(copy));
-                entries.push(page);
-            }
+                hashes.push(xxh3_64(slot));
+                filled += 1;
+                page
+            };
+            *entry = marked.to_le_bytes();
+            entries.push(marked);
         }
         counts.pages = pages.len() as u64;
-        for (i, entry) in entries.iter().enumerate() {
-            let at = HEADER_LEN + 8 * i;
-            self.buffer[at..at + 8].copy_from_slice(&entry.to_le_bytes());
-        }
         let header = FrameHeader {
             kind: FrameKind::Pages,
             count: pages.len() as u32,
             payload_len: pages_payload_len(&entries),
         };
-        self.buffer[..HEADER_LEN].copy_from_slice(&header.encode());
-        self.pacer.pace(self.buffer.len() as u64);
-        self.stream.write_all(&self.buffer)?;
-        counts.bytes = self.buffer.len() as u64;
+        header_bytes.copy_from_slice(&header.encode());
+        let len = HEADER_LEN + 8 * pages.len() + filled * PAGE_SIZE as usize;
+        self.pacer.pace(len as u64);
+        self.stream.write_all(&self.buffer[..len])?;
+        counts.bytes = len as u64;
         Ok(counts)
     }
 

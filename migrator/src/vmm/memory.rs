@@ -57,9 +57,27 @@ pub enum MemoryError {
         len: u64,
         size: u64,
     },
-    #[error("madvise failed")]
-    Advise(#[source] std::io::Error),
+    #[error("frame {frame} is outside the {frames} frames of guest memory")]
+    FrameOutOfRange { frame: u64, frames: u64 },
+    #[error("frames {start}..{end} are outside the {frames} frames of guest memory")]
+    FramesOutOfRange { start: u64, end: u64, frames: u64 },
+    #[error("dropping the host mapping of frames {start}..{end} failed")]
+    DropMapping {
+        start: u64,
+        end: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("freeing the backing of frame {frame} failed")]
+    RemovePage {
+        frame: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// One guest page, as copied out of guest memory.
+pub type Page = [u8; PAGE_SIZE as usize];
 
 /// Guest RAM.
 pub struct GuestMemory {
@@ -154,6 +172,19 @@ impl GuestMemory {
         &self.memfd
     }
 
+    /// The offset of `frame` in the mapping, if the whole frame lies inside it.
+    fn frame_offset(&self, frame: u64) -> Result<usize, MemoryError> {
+        let out_of_range = || MemoryError::FrameOutOfRange {
+            frame,
+            frames: self.frames(),
+        };
+        let start = frame.checked_mul(PAGE_SIZE).ok_or_else(out_of_range)?;
+        match start.checked_add(PAGE_SIZE) {
+            Some(end) if end <= self.size => usize::try_from(start).map_err(|_| out_of_range()),
+            _ => Err(out_of_range()),
+        }
+    }
+
     fn check(&self, start: GuestAddress, len: u64) -> Result<usize, MemoryError> {
         match start.0.checked_add(len) {
             Some(end) if end <= self.size => Ok(start.0 as usize),
@@ -203,42 +234,68 @@ impl GuestMemory {
         Ok(unsafe { std::ptr::read_volatile(self.base.add(offset).cast::<u64>()) })
     }
 
-    /// The bytes of frame `frame`. The guest may be writing them concurrently unless paused.
-    pub fn frame_bytes(&self, frame: u64) -> Result<&[u8], MemoryError> {
-        let offset = self.check(GuestAddress(frame * PAGE_SIZE), PAGE_SIZE)?;
-        // SAFETY: in bounds of the mapping, which lives as long as &self.
-        Ok(unsafe { std::slice::from_raw_parts(self.base.add(offset), PAGE_SIZE as usize) })
+    /// Copies frame `frame` into `out`. Unless the guest is paused, it may be writing the
+    /// frame meanwhile: the copy may then mix old and new bytes, which is why callers look at
+    /// (hash, test for zeros, send) the copy and never at guest memory itself.
+    pub fn copy_frame(&self, frame: u64, out: &mut Page) -> Result<(), MemoryError> {
+        let offset = self.frame_offset(frame)?;
+        // SAFETY: `offset..offset + PAGE_SIZE` lies inside the mapping (checked above), which
+        // stays mapped as long as `&self` lives; `out` is an exclusive Rust buffer of exactly
+        // PAGE_SIZE bytes, so the two cannot overlap. Guest memory is only read through the
+        // raw pointer, never through a reference: guest writes during the copy come from
+        // outside this program (vCPUs, through KVM), as with memory shared with another
+        // process, and can change the bytes copied but no value Rust assumes unchanging.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    /// The offset and length of `frames` in the mapping, if they all lie inside it.
+    fn frames_range(&self, frames: &Range<u64>) -> Result<(usize, usize), MemoryError> {
+        let out_of_range = || MemoryError::FramesOutOfRange {
+            start: frames.start,
+            end: frames.end,
+            frames: self.frames(),
+        };
+        let start = frames
+            .start
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(out_of_range)?;
+        let len = frames
+            .end
+            .saturating_sub(frames.start)
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(out_of_range)?;
+        let offset = self
+            .check(GuestAddress(start), len)
+            .map_err(|_| out_of_range())?;
+        Ok((offset, usize::try_from(len).map_err(|_| out_of_range())?))
     }
 
     /// Drops the host mapping of `frames`; the data stays in the memfd and the next access
     /// (by the guest, through KVM) faults it back in.
     pub fn drop_mapping(&self, frames: Range<u64>) -> Result<(), MemoryError> {
-        let start = GuestAddress(frames.start * PAGE_SIZE);
-        let len = (frames.end.saturating_sub(frames.start)) * PAGE_SIZE;
-        let offset = self.check(start, len)?;
-        // SAFETY: the range lies inside our shared mapping; MADV_DONTNEED on a shared memfd
-        // mapping only zaps page-table entries.
-        let rc = unsafe {
-            libc::madvise(
-                self.base.add(offset).cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
+        let (offset, len) = self.frames_range(&frames)?;
+        // SAFETY: the range lies inside our shared mapping (checked above); MADV_DONTNEED on a
+        // shared memfd mapping only zaps page-table entries, the data stays in the memfd.
+        let rc = unsafe { libc::madvise(self.base.add(offset).cast(), len, libc::MADV_DONTNEED) };
         if rc != 0 {
-            return Err(MemoryError::Advise(std::io::Error::last_os_error()));
+            return Err(MemoryError::DropMapping {
+                start: frames.start,
+                end: frames.end,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
 
     /// Frees a page's backing (punches it out of the memfd): it reads as missing, so a
     /// userfaultfd registered on the mapping sees the next access to it.
-    pub fn remove_page(&self, frame: u64) -> std::io::Result<()> {
-        let offset = self
-            .check(GuestAddress(frame * PAGE_SIZE), PAGE_SIZE)
-            .map_err(std::io::Error::other)?;
-        // SAFETY: the page lies inside our shared mapping; MADV_REMOVE frees its backing store
-        // and leaves the mapping in place.
+    pub fn remove_page(&self, frame: u64) -> Result<(), MemoryError> {
+        let offset = self.frame_offset(frame)?;
+        // SAFETY: the page lies inside our shared mapping (checked above); MADV_REMOVE frees
+        // its backing store and leaves the mapping in place.
         let rc = unsafe {
             libc::madvise(
                 self.base.add(offset).cast(),
@@ -247,15 +304,24 @@ impl GuestMemory {
             )
         };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error());
+            return Err(MemoryError::RemovePage {
+                frame,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
 
-    /// The memory's digest: an xxh3 of every page, and an xxh3 over those.
+    /// The memory's digest: an xxh3 of every page, and an xxh3 over those. Each page is
+    /// copied out first, so a guest still running makes a digest of mixed moments, never
+    /// undefined behaviour.
     pub fn digest(&self) -> MemoryDigest {
+        let mut page = [0u8; PAGE_SIZE as usize];
         let pages: Vec<u64> = (0..self.frames())
-            .map(|f| self.frame_bytes(f).map(xxh3_64).unwrap_or_default())
+            .map(|f| match self.copy_frame(f, &mut page) {
+                Ok(()) => xxh3_64(&page),
+                Err(_) => 0,
+            })
             .collect();
         MemoryDigest::from_pages(pages)
     }
@@ -321,9 +387,48 @@ mod tests {
         assert_ne!(before.pages[1], after.pages[1]);
         assert!(mem.write(GuestAddress(4 * PAGE_SIZE - 2), b"abc").is_err());
         assert!(mem.read(GuestAddress(u64::MAX), &mut out).is_err());
+        let mut page = [0u8; PAGE_SIZE as usize];
+        mem.copy_frame(1, &mut page).unwrap();
+        assert_eq!(&page[8..13], b"hello");
+        assert_eq!(after.pages[1], xxh3_64(&page));
         // Dropping the mapping keeps the data.
         mem.drop_mapping(0..4).unwrap();
         mem.read(GuestAddress(PAGE_SIZE + 8), &mut out).unwrap();
         assert_eq!(&out, b"hello");
+    }
+
+    #[test]
+    fn frames_out_of_range_are_errors_not_panics() {
+        let mem = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for frame in [
+            4,
+            5,
+            u64::MAX / PAGE_SIZE,
+            u64::MAX / PAGE_SIZE + 1,
+            u64::MAX,
+        ] {
+            assert!(
+                matches!(
+                    mem.copy_frame(frame, &mut page),
+                    Err(MemoryError::FrameOutOfRange { frames: 4, .. })
+                ),
+                "frame {frame}"
+            );
+            assert!(mem.remove_page(frame).is_err(), "frame {frame}");
+        }
+        for frames in [0..5, 4..5, u64::MAX - 1..u64::MAX, 1..u64::MAX] {
+            assert!(
+                matches!(
+                    mem.drop_mapping(frames.clone()),
+                    Err(MemoryError::FramesOutOfRange { .. })
+                ),
+                "{frames:?}"
+            );
+        }
+        // An empty range anywhere inside is fine; the last frame is in range.
+        mem.drop_mapping(2..2).unwrap();
+        mem.copy_frame(3, &mut page).unwrap();
+        mem.remove_page(3).unwrap();
     }
 }
