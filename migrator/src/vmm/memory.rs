@@ -3,13 +3,17 @@
 //! Shared memfd memory lets the VMM drop its mapping of a page (MADV_DONTNEED) without losing
 //! the data, which is how the heat sampler makes the guest fault again, and lets userfaultfd
 //! serve pages on demand after a migration.
+//!
+//! The VMM never holds a Rust reference into guest memory, which a running guest may write at
+//! any time: it copies in and out through the mapping's raw pointer (`read`, `write`,
+//! `copy_frame`). The system calls go through rustix (memfd, mmap, madvise); no raw libc call is left here.
 
-use std::{
-    fmt,
-    ops::Range,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+use std::{fmt, ops::Range, os::fd::OwnedFd};
+
+use rustix::{
+    fs::{MemfdFlags, ftruncate, memfd_create},
+    mm::{Advice, MapFlags, ProtFlags, madvise, mmap, munmap},
 };
-
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
@@ -87,9 +91,10 @@ pub struct GuestMemory {
 }
 
 // SAFETY: the mapping is plain shared memory owned by this struct until Drop. Concurrent
-// access by vCPUs is inherent to guest memory; the VMM's own reads and writes go through
-// bounds-checked copies and tolerate concurrent guest writes (they are racy by nature, as in
-// every VMM, and used only on paused guests where consistency matters).
+// access by vCPUs is inherent to guest memory; the VMM's own reads and writes are
+// bounds-checked copies through the raw pointer, which lend out no reference into the mapping
+// and tolerate concurrent guest writes (a copy of a page being written may mix old and new
+// bytes; where consistency matters, the guest is paused).
 unsafe impl Send for GuestMemory {}
 // SAFETY: as above.
 unsafe impl Sync for GuestMemory {}
@@ -122,32 +127,24 @@ impl GuestMemory {
                 available,
             });
         }
-        // SAFETY: a valid NUL-terminated name and plain flags.
-        let fd = unsafe { libc::memfd_create(c"partition-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: memfd_create returned a fresh descriptor nobody else owns.
-        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = libc::off_t::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        // SAFETY: a valid descriptor; ftruncate has no memory-safety preconditions.
-        if unsafe { libc::ftruncate(memfd.as_raw_fd(), len) } != 0 {
-            return Err(MemoryError::Truncate(std::io::Error::last_os_error()));
-        }
-        // SAFETY: maps the whole memfd; the result is checked, and unmapped in Drop.
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        let memfd = memfd_create("partition-ram", MemfdFlags::CLOEXEC)
+            .map_err(|e| MemoryError::Memfd(e.into()))?;
+        ftruncate(&memfd, size).map_err(|e| MemoryError::Truncate(e.into()))?;
+        // SAFETY: a new shared mapping of the whole memfd at an address the kernel chooses (no
+        // hint, no MAP_FIXED), so it cannot replace or overlap any memory already in use; it is
+        // unmapped only in Drop.
         let base = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                memfd.as_raw_fd(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &memfd,
                 0,
             )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(MemoryError::Map(std::io::Error::last_os_error()));
         }
+        .map_err(|e| MemoryError::Map(e.into()))?;
         Ok(Self {
             memfd,
             base: base.cast(),
@@ -199,7 +196,8 @@ impl GuestMemory {
     /// Copies `bytes` into guest memory at `start`.
     pub fn write(&self, start: GuestAddress, bytes: &[u8]) -> Result<(), MemoryError> {
         let offset = self.check(start, bytes.len() as u64)?;
-        // SAFETY: the range was bounds-checked against the live mapping.
+        // SAFETY: the range was bounds-checked against the live mapping; `bytes` cannot lie
+        // inside it, since no Rust reference into guest memory is ever handed out.
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(offset), bytes.len())
         };
@@ -209,7 +207,8 @@ impl GuestMemory {
     /// Copies guest memory at `start` into `out`.
     pub fn read(&self, start: GuestAddress, out: &mut [u8]) -> Result<(), MemoryError> {
         let offset = self.check(start, out.len() as u64)?;
-        // SAFETY: the range was bounds-checked against the live mapping.
+        // SAFETY: the range was bounds-checked against the live mapping; `out`, an exclusive
+        // Rust buffer, cannot lie inside it (see `copy_frame` on concurrent guest writes).
         unsafe {
             std::ptr::copy_nonoverlapping(self.base.add(offset), out.as_mut_ptr(), out.len())
         };
@@ -230,7 +229,8 @@ impl GuestMemory {
                 size: self.size,
             });
         }
-        // SAFETY: in bounds and 8-byte aligned (checked above).
+        // SAFETY: in bounds and 8-byte aligned (checked above; the mapping is page-aligned);
+        // one volatile load, through the raw pointer.
         Ok(unsafe { std::ptr::read_volatile(self.base.add(offset).cast::<u64>()) })
     }
 
@@ -278,16 +278,15 @@ impl GuestMemory {
     pub fn drop_mapping(&self, frames: Range<u64>) -> Result<(), MemoryError> {
         let (offset, len) = self.frames_range(&frames)?;
         // SAFETY: the range lies inside our shared mapping (checked above); MADV_DONTNEED on a
-        // shared memfd mapping only zaps page-table entries, the data stays in the memfd.
-        let rc = unsafe { libc::madvise(self.base.add(offset).cast(), len, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(MemoryError::DropMapping {
+        // shared memfd mapping only zaps page-table entries, the data stays in the memfd, and
+        // no Rust reference into guest memory exists to see it go.
+        unsafe { madvise(self.base.add(offset).cast(), len, Advice::LinuxDontNeed) }.map_err(|e| {
+            MemoryError::DropMapping {
                 start: frames.start,
                 end: frames.end,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+                source: e.into(),
+            }
+        })
     }
 
     /// Frees a page's backing (punches it out of the memfd): it reads as missing, so a
@@ -295,21 +294,18 @@ impl GuestMemory {
     pub fn remove_page(&self, frame: u64) -> Result<(), MemoryError> {
         let offset = self.frame_offset(frame)?;
         // SAFETY: the page lies inside our shared mapping (checked above); MADV_REMOVE frees
-        // its backing store and leaves the mapping in place.
-        let rc = unsafe {
-            libc::madvise(
+        // its backing store (a hole punched in the memfd) and leaves the mapping in place.
+        unsafe {
+            madvise(
                 self.base.add(offset).cast(),
                 PAGE_SIZE as usize,
-                libc::MADV_REMOVE,
+                Advice::LinuxRemove,
             )
-        };
-        if rc != 0 {
-            return Err(MemoryError::RemovePage {
-                frame,
-                source: std::io::Error::last_os_error(),
-            });
         }
-        Ok(())
+        .map_err(|e| MemoryError::RemovePage {
+            frame,
+            source: e.into(),
+        })
     }
 
     /// The memory's digest: an xxh3 of every page, and an xxh3 over those. Each page is
@@ -329,8 +325,11 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped; no reference outlives self.
-        unsafe { libc::munmap(self.base.cast(), self.size as usize) };
+        // SAFETY: unmapping exactly what new() mapped (its size fit a usize there); nothing
+        // borrowed from the mapping outlives self.
+        if let Err(e) = unsafe { munmap(self.base.cast(), self.size as usize) } {
+            tracing::warn!("unmapping guest memory: {e}");
+        }
     }
 }
 
