@@ -29,10 +29,10 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    link::{DataLink, DataStream},
+    link::{DataLink, DataStream, tune_data_socket},
     report::{Latency, Mode},
     source::{CommitRequest, FinishReply, PrepareRequest},
-    transport::{Frame, FrameReader, send_demand, tune_data_socket, zero_page_hash},
+    transport::{Frame, FrameReader, send_demand, zero_page_hash},
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
@@ -91,7 +91,7 @@ pub struct Session {
     aborted: AtomicBool,
     /// Set once post-copy has ended and guest memory is unregistered from userfaultfd.
     postcopy_done: AtomicBool,
-    /// How long the source may stay silent (see `transport::tune_data_socket`).
+    /// How long the source may stay silent (see `link::tune_data_socket`).
     peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
     uffd: Mutex<Option<Arc<Uffd>>>,
@@ -173,7 +173,10 @@ impl Session {
             match listener.accept() {
                 Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout) {
                     Ok(()) => self.link.accept_into(stream, peer, ready_tx.clone()),
-                    Err(e) => warn!("refused a data connection from {peer}: {e}"),
+                    Err(e) => warn!(
+                        "refused a data connection from {peer}: {}",
+                        heatprobe::probes::error_chain(&e)
+                    ),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {

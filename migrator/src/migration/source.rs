@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    link::{DataStream, LinkError},
+    link::{self, DataStream, LinkError},
     protocol::PROTOCOL_VERSION,
     report::{Latency, MigrationProgress, MigrationReport, Mode, Phase, Strategy},
     transport::{Frame, FrameReader, PageSender, SendCounts, TransportError},
@@ -262,7 +262,11 @@ impl Run<'_> {
     }
 
     /// Sends `frames` in batches, keeping the counters and the progress current.
-    fn send(&mut self, sender: &mut PageSender, frames: &[u64]) -> Result<(), MigrationError> {
+    fn send(
+        &mut self,
+        sender: &mut PageSender<DataStream>,
+        frames: &[u64],
+    ) -> Result<(), MigrationError> {
         const BATCH: usize = 1024;
         let memory = Arc::clone(self.partition.memory());
         let mut hashes = Vec::with_capacity(BATCH);
@@ -522,29 +526,6 @@ fn start_profiler(
     Ok(profiler)
 }
 
-/// Socket send buffer during post-copy: a few push batches.
-const POSTCOPY_SEND_BUFFER: i32 = 512 * 1024;
-
-fn set_send_buffer(stream: &impl std::os::fd::AsFd, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket descriptor and a pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&raw const bytes).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        warn!(
-            "setting the send buffer: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Starts the cutover: pauses the partition and returns when it paused, with the pages that
 /// still have to travel: those dirty at the last check (not sent since) and those dirtied
 /// after it, without duplicates, minus those whose content is what was last sent.
@@ -570,7 +551,7 @@ fn cutover_precopy(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
-    sender: &mut PageSender,
+    sender: &mut PageSender<DataStream>,
     order: &Order,
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
@@ -618,7 +599,7 @@ fn cutover_hybrid(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
-    mut sender: PageSender,
+    mut sender: PageSender<DataStream>,
     demand_stream: DataStream,
     order: &Order,
     last_dirty: Vec<u64>,
@@ -631,7 +612,9 @@ fn cutover_hybrid(
     // Post-copy: push what the destination lacks, hottest first; demands jump the queue. A
     // small send buffer keeps a demanded page from queueing behind megabytes of pushed ones.
     run.set_progress(|p| p.phase = Phase::Postcopy);
-    set_send_buffer(sender.stream(), POSTCOPY_SEND_BUFFER);
+    if let Err(e) = link::set_send_buffer(sender.stream(), link::POSTCOPY_SEND_BUFFER) {
+        warn!("{}", error_chain(&e));
+    }
     let frames = partition.memory().frames();
     let mut needed = vec![false; frames as usize];
     for &f in &stale {

@@ -1,8 +1,11 @@
-//! The data connection: frames of pages over TCP, paced to a bandwidth limit.
+//! What travels over the data connection: frames of pages, paced to a bandwidth limit.
 //!
 //! Pages travel in frames of up to 1024 (4 MiB), zero pages as markers without data. The
 //! sender copies pages into one buffer per frame and writes it with one call: measured on
 //! loopback, that streams at close to a plain TCP copy (docs/BENCHMARKS.md).
+//!
+//! Sender and reader work on any `io::Write` and `io::Read`; opening and tuning the
+//! connection is `link`'s.
 
 use std::{
     io::{self, Read, Write},
@@ -12,7 +15,6 @@ use std::{
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::link::DataStream;
 use super::protocol::{
     FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, ZERO_PAGE, check_page,
     pages_payload_len,
@@ -40,24 +42,6 @@ pub enum TransportError {
 
 /// How long a daemon waits on a silent peer by default before giving up on a migration.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Bounds how long the data connection may stay silent: unacknowledged writes fail after
-/// `peer_timeout` (TCP_USER_TIMEOUT), and an idle connection probes its peer (keepalive) so a
-/// blocked read fails within about `peer_timeout` too when the peer or the link is gone.
-/// Call it on the TCP socket itself, under any tunnel.
-pub fn tune_data_socket(stream: &std::net::TcpStream, peer_timeout: Duration) -> io::Result<()> {
-    let socket = socket2::SockRef::from(stream);
-    // The kernel takes whole seconds, at least one.
-    let idle = Duration::from_secs((peer_timeout.as_secs() / 3).max(1));
-    let interval = Duration::from_secs((peer_timeout.as_secs() / 6).clamp(1, 5));
-    socket.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(interval)
-            .with_retries(3),
-    )?;
-    socket.set_tcp_user_timeout(Some(peer_timeout))
-}
 
 /// Spreads writes so that on average no more than `bytes_per_sec` leave.
 pub struct Pacer {
@@ -122,17 +106,17 @@ fn is_zero(page: &Page) -> bool {
 /// The largest frame: header, an index entry and the data of every page.
 const MAX_FRAME_LEN: usize = HEADER_LEN + (8 + PAGE_SIZE as usize) * MAX_PAGES_PER_FRAME as usize;
 
-/// The sending side of a data connection.
-pub struct PageSender {
-    stream: DataStream,
+/// The sending side of a data connection: frames of pages written to `W`.
+pub struct PageSender<W> {
+    stream: W,
     pacer: Pacer,
     /// Room for the largest frame, allocated once: pages are copied from guest memory straight
     /// into their place here, and each frame leaves with one write of its first bytes.
     buffer: Vec<u8>,
 }
 
-impl PageSender {
-    pub fn new(stream: DataStream, bytes_per_sec: Option<u64>) -> Self {
+impl<W: Write> PageSender<W> {
+    pub fn new(stream: W, bytes_per_sec: Option<u64>) -> Self {
         Self {
             stream,
             pacer: Pacer::new(bytes_per_sec),
@@ -222,13 +206,13 @@ impl PageSender {
         Ok(())
     }
 
-    pub fn stream(&self) -> &DataStream {
+    pub fn stream(&self) -> &W {
         &self.stream
     }
 }
 
 /// Sends a demand for `pages` (destination → source, hybrid mode).
-pub fn send_demand(stream: &mut DataStream, pages: &[u64]) -> Result<(), TransportError> {
+pub fn send_demand<W: Write>(stream: &mut W, pages: &[u64]) -> Result<(), TransportError> {
     for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
         let header = FrameHeader {
             kind: FrameKind::Demand,
@@ -329,5 +313,66 @@ impl<R: Read> FrameReader<R> {
                 Ok(Some(Frame::Pages(pages)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::GuestAddress;
+
+    #[test]
+    fn what_is_sent_reads_back_with_zero_pages_as_markers() {
+        let frames = 2 * u64::from(MAX_PAGES_PER_FRAME) + 3;
+        let memory = GuestMemory::new(frames * PAGE_SIZE).unwrap();
+        // Every third page holds data; the rest stay zero.
+        for page in (0..frames).step_by(3) {
+            memory
+                .write(GuestAddress(page * PAGE_SIZE + 8), &(page + 1).to_le_bytes())
+                .unwrap();
+        }
+        let order: Vec<u64> = (0..frames).rev().collect();
+        let mut sender = PageSender::new(Vec::new(), None);
+        let mut hashes = Vec::new();
+        let counts = sender.send_pages(&memory, &order, &mut hashes).unwrap();
+        sender.send_done().unwrap();
+        assert_eq!(counts.pages, frames);
+        assert_eq!(counts.zero_pages, frames - frames.div_ceil(3));
+        assert_eq!(
+            counts.bytes + HEADER_LEN as u64,
+            sender.stream().len() as u64
+        );
+
+        let mut reader = FrameReader::new(sender.stream().as_slice(), frames);
+        let (mut seen, mut expected) = (Vec::new(), [0u8; PAGE_SIZE as usize]);
+        while let Some(frame) = reader.next_frame().unwrap() {
+            let Frame::Pages(pages) = frame else {
+                assert!(matches!(frame, Frame::Done));
+                continue;
+            };
+            assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
+            for (page, data) in pages {
+                memory.copy_frame(page, &mut expected).unwrap();
+                assert_eq!(data.is_none(), page % 3 != 0, "page {page}");
+                assert_eq!(data.unwrap_or(&[0; PAGE_SIZE as usize]), &expected[..]);
+                assert_eq!(hashes[seen.len()], xxh3_64(&expected));
+                seen.push(page);
+            }
+        }
+        assert_eq!(seen, order);
+    }
+
+    #[test]
+    fn a_page_outside_guest_memory_is_an_error() {
+        let memory = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let mut sender = PageSender::new(Vec::new(), None);
+        assert!(matches!(
+            sender.send_pages(&memory, &[0, 4], &mut Vec::new()),
+            Err(TransportError::Memory { page: 4, .. })
+        ));
+        assert!(matches!(
+            sender.send_pages(&memory, &[u64::MAX], &mut Vec::new()),
+            Err(TransportError::Memory { .. })
+        ));
     }
 }

@@ -1,6 +1,13 @@
 //! Opening the data connection: plain TCP between loopback daemons, or TLS with the daemons'
 //! own identities. Either way the engine gets a [`DataStream`], a blocking socket it can clone
 //! for a reader thread and shut down.
+//!
+//! - `socket`: the socket policy (peer timeouts, keepalive, the post-copy send buffer).
+//!
+//! What travels over the stream (frames, pacing) is `transport`'s, which knows nothing of
+//! this module: it writes to any `io::Write` and reads from any `io::Read`.
+
+mod socket;
 
 use std::{
     io::{self, Read, Write},
@@ -16,6 +23,7 @@ use std::{
 use thiserror::Error;
 use tokio::runtime::Handle;
 
+pub use self::socket::{POSTCOPY_SEND_BUFFER, SocketError, set_send_buffer, tune_data_socket};
 use crate::tls::{self, Security, TlsError, TunnelFailure};
 
 #[derive(Debug, Error)]
@@ -26,6 +34,8 @@ pub enum LinkError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot apply the socket policy to the data connection")]
+    Tune(#[from] SocketError),
     #[error("cannot secure the data connection")]
     Tls(#[from] TlsError),
     #[error("cannot set up the data socket")]
@@ -128,7 +138,7 @@ impl DataLink {
     ) -> Result<DataStream, LinkError> {
         let tcp = TcpStream::connect_timeout(&addr, peer_timeout)
             .map_err(|source| LinkError::Connect { addr, source })?;
-        super::transport::tune_data_socket(&tcp, peer_timeout).map_err(LinkError::Socket)?;
+        tune_data_socket(&tcp, peer_timeout)?;
         let _ = tcp.set_nodelay(true);
         self.secure(tcp, addr)
     }
