@@ -6,18 +6,13 @@
 //! is valid for both. Servers require a client certificate signed by the CA, so a peer without
 //! one is refused in the handshake, before a single request byte is decoded.
 //!
-//! The migration engine is blocking code that reads and writes a socket from several threads.
-//! Rather than thread rustls through it, [`tunnel`] hands it one end of a socket pair and
-//! pumps the other end through the TLS stream on the runtime.
+//! The data connection's TLS tunnel is `migration::link`'s.
 
 use std::{
     fs,
     io::{self, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::{
-        fs::{OpenOptionsExt, PermissionsExt},
-        net::UnixStream,
-    },
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -41,9 +36,6 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Each direction's buffer in the data tunnel's pump.
-const TUNNEL_BUFFER: usize = 1 << 20;
 
 /// File names inside a credentials directory.
 pub const CA_FILE: &str = "ca.pem";
@@ -90,8 +82,6 @@ pub enum TlsError {
     },
     #[error("the TLS handshake with {peer} did not finish in {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout { peer: SocketAddr },
-    #[error("cannot start the TLS tunnel")]
-    Tunnel(#[source] io::Error),
     #[error("{dir} already holds a CA; choose an empty directory")]
     Exists { dir: PathBuf },
     #[error("cannot generate {what}")]
@@ -261,55 +251,6 @@ impl Security {
             }
         }
     }
-}
-
-/// Why a tunnel's TLS side failed, once it has. The engine's end of the socket pair can only
-/// see the end of the stream; it asks here whether that end was clean.
-#[derive(Debug, Default)]
-pub struct TunnelFailure(std::sync::Mutex<Option<String>>);
-
-impl TunnelFailure {
-    pub fn get(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, why: String) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-    }
-}
-
-/// Gives blocking code a plain socket whose bytes travel through `stream` (TLS). The pump
-/// runs on `handle` until either side closes or fails; then both ends see the end of stream,
-/// and a failure (a dead link, a peer gone without closing TLS) is recorded first.
-pub fn tunnel(
-    handle: &tokio::runtime::Handle,
-    stream: Stream,
-) -> Result<(UnixStream, Arc<TunnelFailure>), TlsError> {
-    let (engine_end, pump_end) = UnixStream::pair().map_err(TlsError::Tunnel)?;
-    pump_end.set_nonblocking(true).map_err(TlsError::Tunnel)?;
-    let pump_end = {
-        let _runtime = handle.enter();
-        tokio::net::UnixStream::from_std(pump_end).map_err(TlsError::Tunnel)?
-    };
-    let failure = Arc::new(TunnelFailure::default());
-    let recorded = Arc::clone(&failure);
-    handle.spawn(async move {
-        let (mut stream, mut pump_end) = (stream, pump_end);
-        // Buffers of a frame's size, not tokio's 8 KiB: fewer wakeups and fuller TLS records.
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut pump_end,
-            &mut stream,
-            TUNNEL_BUFFER,
-            TUNNEL_BUFFER,
-        )
-        .await;
-        if let Err(e) = copied {
-            tracing::debug!("data tunnel closed: {e}");
-            // Before the pump's end drops, so the engine's read of the end sees it.
-            recorded.set(format!("the TLS connection failed: {e}"));
-        }
-    });
-    Ok((engine_end, failure))
 }
 
 /// Writes a fresh CA and, for every host and for command-line clients, a credentials

@@ -328,7 +328,10 @@ mod tests {
         // Every third page holds data; the rest stay zero.
         for page in (0..frames).step_by(3) {
             memory
-                .write(GuestAddress(page * PAGE_SIZE + 8), &(page + 1).to_le_bytes())
+                .write(
+                    GuestAddress(page * PAGE_SIZE + 8),
+                    &(page + 1).to_le_bytes(),
+                )
                 .unwrap();
         }
         let order: Vec<u64> = (0..frames).rev().collect();
