@@ -19,13 +19,13 @@ use thiserror::Error;
 
 use crate::{
     migration::{
-        protocol::{FrameHeader, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE},
+        protocol::{FrameHeader, HEADER_LEN, MAX_PAGES_PER_FRAME},
         transport::{Frame, FrameReader, TransportError},
     },
     vmm::{
         GuestImage, GuestMemory, PartitionConfig, layout,
         loader::{Image, ImageError},
-        memory::MemoryError,
+        memory::{MemoryError, PAGE_SIZE},
         state::{self, StateError},
     },
 };
@@ -120,7 +120,7 @@ pub fn frames(data: &[u8]) -> Result<(), FuzzError> {
                 assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
                 for (page, bytes) in pages {
                     assert!(page < frames, "page {page} of {frames} accepted");
-                    assert!(bytes.is_none_or(|b| b.len() == PAGE_SIZE));
+                    assert!(bytes.is_none_or(|b| b.len() as u64 == PAGE_SIZE));
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The migrator: KVM micro-VMs ("partitions") that run real guest workloads, the daemon that
 //! hosts them, and (in later issues) their heat-ordered live migration.
 
+pub mod certs;
 pub mod daemon;
 pub mod dash;
 pub mod fuzzing;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use heatprobe::units::parse_size;
 use migrator::{
+    certs,
     daemon::{
         LaunchRequest, PartitionInfo,
         api::MigrateRequest,
@@ -13,7 +14,7 @@ use migrator::{
         server::{Daemon, Limits, serve},
     },
     migration::{Mode, Strategy, source::MigrationOptions},
-    tls::{self, Security},
+    tls::Security,
     vmm::GuestImage,
 };
 use tarpc::context;
@@ -223,7 +224,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
     if let Command::Certs { out, hosts } = &command {
-        for dir in tls::generate(out, hosts)? {
+        for dir in certs::generate(out, hosts)? {
             println!("{}", dir.display());
         }
         return Ok(());

@@ -2,31 +2,20 @@
 //!
 //! A node's credentials are one directory holding `ca.pem` (the authority it trusts),
 //! `cert.pem` (its own chain) and `key.pem`. The same identity serves (daemons) and connects
-//! (daemons calling peers, the CLI and the dashboard): every certificate `migrator certs` makes
-//! is valid for both. Servers require a client certificate signed by the CA, so a peer without
+//! (daemons calling peers, the CLI and the dashboard): every certificate `migrator certs`
+//! (`crate::certs`) makes is valid for both. Servers require a client certificate signed by the CA, so a peer without
 //! one is refused in the handshake, before a single request byte is decoded.
 //!
-//! The migration engine is blocking code that reads and writes a socket from several threads.
-//! Rather than thread rustls through it, [`tunnel`] hands it one end of a socket pair and
-//! pumps the other end through the TLS stream on the runtime.
+//! The data connection's TLS tunnel is `migration::link`'s.
 
 use std::{
-    fs,
-    io::{self, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::{
-        fs::{OpenOptionsExt, PermissionsExt},
-        net::UnixStream,
-    },
+    io,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
@@ -42,15 +31,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Each direction's buffer in the data tunnel's pump.
-const TUNNEL_BUFFER: usize = 1 << 20;
-
 /// File names inside a credentials directory.
 pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
-/// The directory `migrator certs` writes for command-line clients.
-pub const CLIENT_DIR: &str = "client";
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -90,22 +74,6 @@ pub enum TlsError {
     },
     #[error("the TLS handshake with {peer} did not finish in {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout { peer: SocketAddr },
-    #[error("cannot start the TLS tunnel")]
-    Tunnel(#[source] io::Error),
-    #[error("{dir} already holds a CA; choose an empty directory")]
-    Exists { dir: PathBuf },
-    #[error("cannot generate {what}")]
-    Generate {
-        what: String,
-        #[source]
-        source: rcgen::Error,
-    },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// A byte stream the API or a data tunnel can run over: plain TCP or TLS over TCP.
@@ -263,153 +231,14 @@ impl Security {
     }
 }
 
-/// Why a tunnel's TLS side failed, once it has. The engine's end of the socket pair can only
-/// see the end of the stream; it asks here whether that end was clean.
-#[derive(Debug, Default)]
-pub struct TunnelFailure(std::sync::Mutex<Option<String>>);
-
-impl TunnelFailure {
-    pub fn get(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, why: String) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-    }
-}
-
-/// Gives blocking code a plain socket whose bytes travel through `stream` (TLS). The pump
-/// runs on `handle` until either side closes or fails; then both ends see the end of stream,
-/// and a failure (a dead link, a peer gone without closing TLS) is recorded first.
-pub fn tunnel(
-    handle: &tokio::runtime::Handle,
-    stream: Stream,
-) -> Result<(UnixStream, Arc<TunnelFailure>), TlsError> {
-    let (engine_end, pump_end) = UnixStream::pair().map_err(TlsError::Tunnel)?;
-    pump_end.set_nonblocking(true).map_err(TlsError::Tunnel)?;
-    let pump_end = {
-        let _runtime = handle.enter();
-        tokio::net::UnixStream::from_std(pump_end).map_err(TlsError::Tunnel)?
-    };
-    let failure = Arc::new(TunnelFailure::default());
-    let recorded = Arc::clone(&failure);
-    handle.spawn(async move {
-        let (mut stream, mut pump_end) = (stream, pump_end);
-        // Buffers of a frame's size, not tokio's 8 KiB: fewer wakeups and fuller TLS records.
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut pump_end,
-            &mut stream,
-            TUNNEL_BUFFER,
-            TUNNEL_BUFFER,
-        )
-        .await;
-        if let Err(e) = copied {
-            tracing::debug!("data tunnel closed: {e}");
-            // Before the pump's end drops, so the engine's read of the end sees it.
-            recorded.set(format!("the TLS connection failed: {e}"));
-        }
-    });
-    Ok((engine_end, failure))
-}
-
-/// Writes a fresh CA and, for every host and for command-line clients, a credentials
-/// directory signed by it. Returns the directories written.
-///
-/// Every host certificate also names the loopback addresses, so the CLI can reach a daemon on
-/// its own machine with the same files.
-pub fn generate(out: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, TlsError> {
-    if out.join(CA_FILE).exists() {
-        return Err(TlsError::Exists {
-            dir: out.to_path_buf(),
-        });
-    }
-    let generate = |what: &str| {
-        let what = what.to_string();
-        move |source| TlsError::Generate { what, source }
-    };
-    let ca_key = KeyPair::generate().map_err(generate("the CA key"))?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(generate("the CA"))?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "migrator CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(generate("the CA"))?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    // Each leaf is made before anything is written, so a bad host name changes nothing.
-    let loopback = [
-        IpAddr::V4(Ipv4Addr::LOCALHOST).to_string(),
-        IpAddr::V6(Ipv6Addr::LOCALHOST).to_string(),
-        "localhost".to_string(),
-    ];
-    let mut leaves = Vec::new();
-    for name in hosts.iter().map(String::as_str).chain([CLIENT_DIR]) {
-        let sans: Vec<String> = if name == CLIENT_DIR {
-            Vec::new()
-        } else {
-            std::iter::once(name.to_string())
-                .chain(loopback.iter().filter(|l| *l != name).cloned())
-                .collect()
-        };
-        let what = format!("the certificate for {name}");
-        let key = KeyPair::generate().map_err(generate(&what))?;
-        let mut params = CertificateParams::new(sans).map_err(generate(&what))?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &issuer).map_err(generate(&what))?;
-        leaves.push((out.join(name), cert.pem(), key.serialize_pem()));
-    }
-
-    write_file(&out.join(CA_FILE), &ca_cert.pem(), 0o644)?;
-    write_file(
-        &out.join("ca-key.pem"),
-        &issuer.key().serialize_pem(),
-        0o600,
-    )?;
-    let mut dirs = Vec::new();
-    for (dir, cert, key) in leaves {
-        fs::create_dir_all(&dir).map_err(|source| TlsError::Write {
-            path: dir.clone(),
-            source,
-        })?;
-        write_file(&dir.join(CA_FILE), &ca_cert.pem(), 0o644)?;
-        write_file(&dir.join(CERT_FILE), &cert, 0o644)?;
-        write_file(&dir.join(KEY_FILE), &key, 0o600)?;
-        dirs.push(dir);
-    }
-    Ok(dirs)
-}
-
-fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
-    let write = |source| TlsError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(write)?;
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(write)?;
-    // The mode above applies only to a file created here: tighten one that existed.
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(write)?;
-    file.write_all(contents.as_bytes()).map_err(write)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::fs;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::certs::{CLIENT_DIR, generate};
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("migrator-tls-{name}-{}", std::process::id()));
@@ -453,39 +282,6 @@ mod tests {
         assert!(!handshake(&server, &Security::Plain).await.1);
         let _ = fs::remove_dir_all(&ours);
         let _ = fs::remove_dir_all(&theirs);
-    }
-
-    #[test]
-    fn keys_are_private_even_over_an_existing_file() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = temp_dir("modes");
-        fs::create_dir_all(dir.join(CLIENT_DIR)).unwrap();
-        fs::write(dir.join(CLIENT_DIR).join(KEY_FILE), "old").unwrap();
-        fs::set_permissions(
-            dir.join(CLIENT_DIR).join(KEY_FILE),
-            fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
-        generate(&dir, &[]).unwrap();
-        for key in [dir.join("ca-key.pem"), dir.join(CLIENT_DIR).join(KEY_FILE)] {
-            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{}", key.display());
-        }
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn generate_refuses_to_overwrite_a_ca() {
-        let dir = temp_dir("twice");
-        generate(&dir, &[]).unwrap();
-        let before = fs::read(dir.join(CA_FILE)).unwrap();
-        assert!(matches!(
-            generate(&dir, &["10.0.0.1".into()]),
-            Err(TlsError::Exists { .. })
-        ));
-        assert_eq!(fs::read(dir.join(CA_FILE)).unwrap(), before);
-        assert!(!dir.join("10.0.0.1").exists());
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

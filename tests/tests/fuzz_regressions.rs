@@ -13,8 +13,8 @@ use std::{
 use heatprobe_tests::guest_images;
 use migrator::{
     fuzzing::{Target, state_config},
-    migration::protocol::{FrameHeader, FrameKind, PAGE_SIZE, ZERO_PAGE, pages_payload_len},
-    vmm::{layout, state},
+    migration::protocol::{FrameHeader, FrameKind, ZERO_PAGE, pages_payload_len},
+    vmm::{layout, memory::PAGE_SIZE, state},
 };
 
 fn fuzz_dir() -> PathBuf {

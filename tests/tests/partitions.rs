@@ -16,7 +16,7 @@ use kvm_ioctls::{Cap, Kvm};
 use migrator::vmm::{
     GuestImage, GuestMemory, Partition, PartitionConfig, PartitionError, PartitionState,
     cpu::{CpuError, FEATURE_REGISTERS},
-    memory::GuestAddress,
+    memory::{GuestAddress, PAGE_SIZE},
 };
 
 fn builtin(workload: &str, args: &str, mem_mib: u64, vcpus: u32) -> PartitionConfig {
@@ -114,8 +114,11 @@ fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
     // Copy memory page by page, as a migration would.
     let memory = GuestMemory::new(snapshot.config.mem_size).unwrap();
     for frame in 0..memory.frames() {
-        let bytes = source.memory().frame_bytes(frame).unwrap();
-        memory.write(GuestAddress(frame * 4096), bytes).unwrap();
+        let mut page = [0u8; PAGE_SIZE as usize];
+        source.memory().copy_frame(frame, &mut page).unwrap();
+        memory
+            .write(GuestAddress(frame * PAGE_SIZE), &page)
+            .unwrap();
     }
     source.stop();
     let restored = Partition::restore(&snapshot, std::sync::Arc::new(memory), false).unwrap();
@@ -129,9 +132,10 @@ fn save_and_restore_into_a_fresh_vm_continues_without_errors() {
 /// A copy of a paused partition's memory, page by page, as a migration would make it.
 fn copy_memory(source: &Partition) -> Arc<GuestMemory> {
     let memory = GuestMemory::new(source.config().mem_size).unwrap();
+    let mut page = [0u8; PAGE_SIZE as usize];
     for frame in 0..memory.frames() {
-        let bytes = source.memory().frame_bytes(frame).unwrap();
-        memory.write(GuestAddress(frame * 4096), bytes).unwrap();
+        source.memory().copy_frame(frame, &mut page).unwrap();
+        memory.write(GuestAddress(frame * PAGE_SIZE), &page).unwrap();
     }
     Arc::new(memory)
 }

@@ -22,12 +22,13 @@
 
 use thiserror::Error;
 
+use crate::vmm::memory::PAGE_SIZE;
+
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// "HMIG", little-endian.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"HMIG");
 pub const HEADER_LEN: usize = 24;
-pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one frame (4 MiB of data).
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// Marks a frame index as a zero page: no data follows for it.
@@ -118,7 +119,7 @@ impl FrameHeader {
         let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
         let index_bytes = 8 * u64::from(count);
         let max = match kind {
-            FrameKind::Pages => index_bytes + PAGE_SIZE as u64 * u64::from(count),
+            FrameKind::Pages => index_bytes + PAGE_SIZE * u64::from(count),
             FrameKind::Demand => index_bytes,
             FrameKind::Done => 0,
         };
@@ -152,7 +153,7 @@ pub fn check_page(entry: u64, frames: u64) -> Result<u64, FrameError> {
 /// The payload length a `Pages` frame with these index entries must have.
 pub fn pages_payload_len(entries: &[u64]) -> u64 {
     let data_pages = entries.iter().filter(|e| *e & ZERO_PAGE == 0).count() as u64;
-    8 * entries.len() as u64 + data_pages * PAGE_SIZE as u64
+    8 * entries.len() as u64 + data_pages * PAGE_SIZE
 }
 
 #[cfg(test)]
@@ -175,7 +176,7 @@ mod tests {
         let header = FrameHeader {
             kind: FrameKind::Pages,
             count: 3,
-            payload_len: 24 + 2 * 4096,
+            payload_len: 24 + 2 * PAGE_SIZE,
         };
         assert_eq!(FrameHeader::decode(&header.encode()), Ok(header));
         let mut bad = header.encode();
@@ -226,7 +227,7 @@ mod tests {
         }
         for entry in entries {
             if entry & ZERO_PAGE == 0 {
-                bytes.extend_from_slice(&[0xa5; PAGE_SIZE]);
+                bytes.extend_from_slice(&[0xa5; PAGE_SIZE as usize]);
             }
         }
         bytes
@@ -244,7 +245,7 @@ mod tests {
         let mut header = FrameHeader {
             kind: FrameKind::Pages,
             count: 1,
-            payload_len: 8 + PAGE_SIZE as u64,
+            payload_len: 8 + PAGE_SIZE,
         }
         .encode();
         header[8..12].copy_from_slice(&(MAX_PAGES_PER_FRAME + 1).to_le_bytes());
@@ -256,7 +257,7 @@ mod tests {
         let header = FrameHeader {
             kind: FrameKind::Pages,
             count: 1,
-            payload_len: 8 + 2 * PAGE_SIZE as u64,
+            payload_len: 8 + 2 * PAGE_SIZE,
         }
         .encode();
         assert!(matches!(

@@ -1,8 +1,11 @@
-//! The data connection: frames of pages over TCP, paced to a bandwidth limit.
+//! What travels over the data connection: frames of pages, paced to a bandwidth limit.
 //!
 //! Pages travel in frames of up to 1024 (4 MiB), zero pages as markers without data. The
 //! sender copies pages into one buffer per frame and writes it with one call: measured on
 //! loopback, that streams at close to a plain TCP copy (docs/BENCHMARKS.md).
+//!
+//! Sender and reader work on any `io::Write` and `io::Read`; opening and tuning the
+//! connection is `link`'s.
 
 use std::{
     io::{self, Read, Write},
@@ -12,12 +15,14 @@ use std::{
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::link::DataStream;
 use super::protocol::{
-    FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGE_SIZE, ZERO_PAGE,
-    check_page, pages_payload_len,
+    FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, ZERO_PAGE, check_page,
+    pages_payload_len,
 };
-use crate::vmm::GuestMemory;
+use crate::vmm::{
+    GuestMemory,
+    memory::{MemoryError, PAGE_SIZE, Page},
+};
 
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -25,30 +30,18 @@ pub enum TransportError {
     Io(#[from] io::Error),
     #[error("the peer sent a bad frame")]
     Frame(#[from] FrameError),
-    #[error("reading page {0} from guest memory failed")]
-    Memory(u64),
+    #[error("reading page {page} from guest memory failed")]
+    Memory {
+        page: u64,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("a frame of {0} pages does not fit the send buffer")]
+    FrameTooLarge(usize),
 }
 
 /// How long a daemon waits on a silent peer by default before giving up on a migration.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Bounds how long the data connection may stay silent: unacknowledged writes fail after
-/// `peer_timeout` (TCP_USER_TIMEOUT), and an idle connection probes its peer (keepalive) so a
-/// blocked read fails within about `peer_timeout` too when the peer or the link is gone.
-/// Call it on the TCP socket itself, under any tunnel.
-pub fn tune_data_socket(stream: &std::net::TcpStream, peer_timeout: Duration) -> io::Result<()> {
-    let socket = socket2::SockRef::from(stream);
-    // The kernel takes whole seconds, at least one.
-    let idle = Duration::from_secs((peer_timeout.as_secs() / 3).max(1));
-    let interval = Duration::from_secs((peer_timeout.as_secs() / 6).clamp(1, 5));
-    socket.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(interval)
-            .with_retries(3),
-    )?;
-    socket.set_tcp_user_timeout(Some(peer_timeout))
-}
 
 /// Spreads writes so that on average no more than `bytes_per_sec` leave.
 pub struct Pacer {
@@ -99,28 +92,35 @@ impl std::ops::AddAssign for SendCounts {
 /// The xxh3 of an all-zero page.
 pub fn zero_page_hash() -> u64 {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *HASH.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
+    *HASH.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE as usize]))
 }
 
-fn is_zero(page: &[u8]) -> bool {
+fn is_zero(page: &Page) -> bool {
     // Compare in words: fast enough to be free next to the network.
-    page.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0)
+    page.as_chunks::<8>()
+        .0
+        .iter()
+        .all(|w| u64::from_ne_bytes(*w) == 0)
 }
 
-/// The sending side of a data connection.
-pub struct PageSender {
-    stream: DataStream,
+/// The largest frame: header, an index entry and the data of every page.
+const MAX_FRAME_LEN: usize = HEADER_LEN + (8 + PAGE_SIZE as usize) * MAX_PAGES_PER_FRAME as usize;
+
+/// The sending side of a data connection: frames of pages written to `W`.
+pub struct PageSender<W> {
+    stream: W,
     pacer: Pacer,
+    /// Room for the largest frame, allocated once: pages are copied from guest memory straight
+    /// into their place here, and each frame leaves with one write of its first bytes.
     buffer: Vec<u8>,
 }
 
-impl PageSender {
-    pub fn new(stream: DataStream, bytes_per_sec: Option<u64>) -> Self {
+impl<W: Write> PageSender<W> {
+    pub fn new(stream: W, bytes_per_sec: Option<u64>) -> Self {
         Self {
             stream,
             pacer: Pacer::new(bytes_per_sec),
-            buffer: Vec::with_capacity(HEADER_LEN + (8 + PAGE_SIZE) * MAX_PAGES_PER_FRAME as usize),
+            buffer: vec![0; MAX_FRAME_LEN],
         }
     }
 
@@ -146,41 +146,51 @@ impl PageSender {
         hashes: &mut Vec<u64>,
     ) -> Result<SendCounts, TransportError> {
         let mut counts = SendCounts::default();
-        self.buffer.clear();
-        self.buffer.resize(HEADER_LEN + 8 * pages.len(), 0);
+        let too_large = || TransportError::FrameTooLarge(pages.len());
+        if pages.len() > MAX_PAGES_PER_FRAME as usize {
+            return Err(too_large());
+        }
+        // The header, then one index entry per page, then the data of the non-zero pages.
+        let (head, data) = self
+            .buffer
+            .split_at_mut_checked(HEADER_LEN + 8 * pages.len())
+            .ok_or_else(too_large)?;
+        let (header_bytes, index) = head
+            .split_at_mut_checked(HEADER_LEN)
+            .ok_or_else(too_large)?;
+        let slots = data.as_chunks_mut::<{ PAGE_SIZE as usize }>().0;
         let mut entries = Vec::with_capacity(pages.len());
-        for &page in pages {
-            let bytes = memory
-                .frame_bytes(page)
-                .map_err(|_| TransportError::Memory(page))?;
+        let mut filled = 0;
+        for (&page, entry) in pages.iter().zip(index.as_chunks_mut::<8>().0) {
+            let slot = slots.get_mut(filled).ok_or_else(too_large)?;
             // Copy first, then look at the copy: what is hashed is what is sent.
-            let start = self.buffer.len();
-            self.buffer.extend_from_slice(bytes);
-            let copy = &self.buffer[start..];
-            if is_zero(copy) {
-                self.buffer.truncate(start);
-                entries.push(page | ZERO_PAGE);
+            memory
+                .copy_frame(page, slot)
+                .map_err(|source| TransportError::Memory { page, source })?;
+            let marked = if is_zero(slot) {
                 hashes.push(zero_page_hash());
                 counts.zero_pages += 1;
+                // A zero page travels as its marker alone: the next page reuses its slot.
+                page | ZERO_PAGE
             } else {
-                hashes.push(xxh3_64(copy));
-                entries.push(page);
-            }
+                hashes.push(xxh3_64(slot));
+                filled += 1;
+                page
+            };
+            *entry = marked.to_le_bytes();
+            entries.push(marked);
         }
         counts.pages = pages.len() as u64;
-        for (i, entry) in entries.iter().enumerate() {
-            let at = HEADER_LEN + 8 * i;
-            self.buffer[at..at + 8].copy_from_slice(&entry.to_le_bytes());
-        }
         let header = FrameHeader {
             kind: FrameKind::Pages,
             count: pages.len() as u32,
             payload_len: pages_payload_len(&entries),
         };
-        self.buffer[..HEADER_LEN].copy_from_slice(&header.encode());
-        self.pacer.pace(self.buffer.len() as u64);
-        self.stream.write_all(&self.buffer)?;
-        counts.bytes = self.buffer.len() as u64;
+        header_bytes.copy_from_slice(&header.encode());
+        let len = HEADER_LEN + 8 * pages.len() + filled * PAGE_SIZE as usize;
+        self.pacer.pace(len as u64);
+        self.stream.write_all(&self.buffer[..len])?;
+        counts.bytes = len as u64;
         Ok(counts)
     }
 
@@ -196,13 +206,13 @@ impl PageSender {
         Ok(())
     }
 
-    pub fn stream(&self) -> &DataStream {
+    pub fn stream(&self) -> &W {
         &self.stream
     }
 }
 
 /// Sends a demand for `pages` (destination → source, hybrid mode).
-pub fn send_demand(stream: &mut DataStream, pages: &[u64]) -> Result<(), TransportError> {
+pub fn send_demand<W: Write>(stream: &mut W, pages: &[u64]) -> Result<(), TransportError> {
     for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
         let header = FrameHeader {
             kind: FrameKind::Demand,
@@ -295,7 +305,7 @@ impl<R: Read> FrameReader<R> {
                     if entry & ZERO_PAGE != 0 {
                         pages.push((page, None));
                     } else {
-                        let (bytes, rest) = data.split_at(PAGE_SIZE);
+                        let (bytes, rest) = data.split_at(PAGE_SIZE as usize);
                         pages.push((page, Some(bytes)));
                         data = rest;
                     }
@@ -303,5 +313,69 @@ impl<R: Read> FrameReader<R> {
                 Ok(Some(Frame::Pages(pages)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::GuestAddress;
+
+    #[test]
+    fn what_is_sent_reads_back_with_zero_pages_as_markers() {
+        let frames = 2 * u64::from(MAX_PAGES_PER_FRAME) + 3;
+        let memory = GuestMemory::new(frames * PAGE_SIZE).unwrap();
+        // Every third page holds data; the rest stay zero.
+        for page in (0..frames).step_by(3) {
+            memory
+                .write(
+                    GuestAddress(page * PAGE_SIZE + 8),
+                    &(page + 1).to_le_bytes(),
+                )
+                .unwrap();
+        }
+        let order: Vec<u64> = (0..frames).rev().collect();
+        let mut sender = PageSender::new(Vec::new(), None);
+        let mut hashes = Vec::new();
+        let counts = sender.send_pages(&memory, &order, &mut hashes).unwrap();
+        sender.send_done().unwrap();
+        assert_eq!(counts.pages, frames);
+        assert_eq!(counts.zero_pages, frames - frames.div_ceil(3));
+        assert_eq!(
+            counts.bytes + HEADER_LEN as u64,
+            sender.stream().len() as u64
+        );
+
+        let mut reader = FrameReader::new(sender.stream().as_slice(), frames);
+        let (mut seen, mut expected) = (Vec::new(), [0u8; PAGE_SIZE as usize]);
+        while let Some(frame) = reader.next_frame().unwrap() {
+            let Frame::Pages(pages) = frame else {
+                assert!(matches!(frame, Frame::Done));
+                continue;
+            };
+            assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
+            for (page, data) in pages {
+                memory.copy_frame(page, &mut expected).unwrap();
+                assert_eq!(data.is_none(), page % 3 != 0, "page {page}");
+                assert_eq!(data.unwrap_or(&[0; PAGE_SIZE as usize]), &expected[..]);
+                assert_eq!(hashes[seen.len()], xxh3_64(&expected));
+                seen.push(page);
+            }
+        }
+        assert_eq!(seen, order);
+    }
+
+    #[test]
+    fn a_page_outside_guest_memory_is_an_error() {
+        let memory = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let mut sender = PageSender::new(Vec::new(), None);
+        assert!(matches!(
+            sender.send_pages(&memory, &[0, 4], &mut Vec::new()),
+            Err(TransportError::Memory { page: 4, .. })
+        ));
+        assert!(matches!(
+            sender.send_pages(&memory, &[u64::MAX], &mut Vec::new()),
+            Err(TransportError::Memory { .. })
+        ));
     }
 }

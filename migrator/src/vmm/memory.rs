@@ -3,18 +3,23 @@
 //! Shared memfd memory lets the VMM drop its mapping of a page (MADV_DONTNEED) without losing
 //! the data, which is how the heat sampler makes the guest fault again, and lets userfaultfd
 //! serve pages on demand after a migration.
+//!
+//! The VMM never holds a Rust reference into guest memory, which a running guest may write at
+//! any time: it copies in and out through the mapping's raw pointer (`read`, `write`,
+//! `copy_frame`). The system calls go through rustix (memfd, mmap, madvise); no raw libc call is left here.
 
-use std::{
-    fmt,
-    ops::Range,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+use std::{fmt, ops::Range, os::fd::OwnedFd};
+
+use rustix::{
+    fs::{MemfdFlags, ftruncate, memfd_create},
+    mm::{Advice, MapFlags, ProtFlags, madvise, mmap, munmap},
 };
-
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Page size of guest memory.
+/// Page size of guest memory, and of every page the migration protocol carries: the one
+/// definition, which everyone imports.
 pub const PAGE_SIZE: u64 = 4096;
 
 /// A guest-physical address.
@@ -56,9 +61,27 @@ pub enum MemoryError {
         len: u64,
         size: u64,
     },
-    #[error("madvise failed")]
-    Advise(#[source] std::io::Error),
+    #[error("frame {frame} is outside the {frames} frames of guest memory")]
+    FrameOutOfRange { frame: u64, frames: u64 },
+    #[error("frames {start}..{end} are outside the {frames} frames of guest memory")]
+    FramesOutOfRange { start: u64, end: u64, frames: u64 },
+    #[error("dropping the host mapping of frames {start}..{end} failed")]
+    DropMapping {
+        start: u64,
+        end: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("freeing the backing of frame {frame} failed")]
+    RemovePage {
+        frame: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// One guest page, as copied out of guest memory.
+pub type Page = [u8; PAGE_SIZE as usize];
 
 /// Guest RAM.
 pub struct GuestMemory {
@@ -68,9 +91,10 @@ pub struct GuestMemory {
 }
 
 // SAFETY: the mapping is plain shared memory owned by this struct until Drop. Concurrent
-// access by vCPUs is inherent to guest memory; the VMM's own reads and writes go through
-// bounds-checked copies and tolerate concurrent guest writes (they are racy by nature, as in
-// every VMM, and used only on paused guests where consistency matters).
+// access by vCPUs is inherent to guest memory; the VMM's own reads and writes are
+// bounds-checked copies through the raw pointer, which lend out no reference into the mapping
+// and tolerate concurrent guest writes (a copy of a page being written may mix old and new
+// bytes; where consistency matters, the guest is paused).
 unsafe impl Send for GuestMemory {}
 // SAFETY: as above.
 unsafe impl Sync for GuestMemory {}
@@ -103,32 +127,24 @@ impl GuestMemory {
                 available,
             });
         }
-        // SAFETY: a valid NUL-terminated name and plain flags.
-        let fd = unsafe { libc::memfd_create(c"partition-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: memfd_create returned a fresh descriptor nobody else owns.
-        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = libc::off_t::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        // SAFETY: a valid descriptor; ftruncate has no memory-safety preconditions.
-        if unsafe { libc::ftruncate(memfd.as_raw_fd(), len) } != 0 {
-            return Err(MemoryError::Truncate(std::io::Error::last_os_error()));
-        }
-        // SAFETY: maps the whole memfd; the result is checked, and unmapped in Drop.
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        let memfd = memfd_create("partition-ram", MemfdFlags::CLOEXEC)
+            .map_err(|e| MemoryError::Memfd(e.into()))?;
+        ftruncate(&memfd, size).map_err(|e| MemoryError::Truncate(e.into()))?;
+        // SAFETY: a new shared mapping of the whole memfd at an address the kernel chooses (no
+        // hint, no MAP_FIXED), so it cannot replace or overlap any memory already in use; it is
+        // unmapped only in Drop.
         let base = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                memfd.as_raw_fd(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &memfd,
                 0,
             )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(MemoryError::Map(std::io::Error::last_os_error()));
         }
+        .map_err(|e| MemoryError::Map(e.into()))?;
         Ok(Self {
             memfd,
             base: base.cast(),
@@ -153,6 +169,19 @@ impl GuestMemory {
         &self.memfd
     }
 
+    /// The offset of `frame` in the mapping, if the whole frame lies inside it.
+    fn frame_offset(&self, frame: u64) -> Result<usize, MemoryError> {
+        let out_of_range = || MemoryError::FrameOutOfRange {
+            frame,
+            frames: self.frames(),
+        };
+        let start = frame.checked_mul(PAGE_SIZE).ok_or_else(out_of_range)?;
+        match start.checked_add(PAGE_SIZE) {
+            Some(end) if end <= self.size => usize::try_from(start).map_err(|_| out_of_range()),
+            _ => Err(out_of_range()),
+        }
+    }
+
     fn check(&self, start: GuestAddress, len: u64) -> Result<usize, MemoryError> {
         match start.0.checked_add(len) {
             Some(end) if end <= self.size => Ok(start.0 as usize),
@@ -167,7 +196,8 @@ impl GuestMemory {
     /// Copies `bytes` into guest memory at `start`.
     pub fn write(&self, start: GuestAddress, bytes: &[u8]) -> Result<(), MemoryError> {
         let offset = self.check(start, bytes.len() as u64)?;
-        // SAFETY: the range was bounds-checked against the live mapping.
+        // SAFETY: the range was bounds-checked against the live mapping; `bytes` cannot lie
+        // inside it, since no Rust reference into guest memory is ever handed out.
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(offset), bytes.len())
         };
@@ -177,7 +207,8 @@ impl GuestMemory {
     /// Copies guest memory at `start` into `out`.
     pub fn read(&self, start: GuestAddress, out: &mut [u8]) -> Result<(), MemoryError> {
         let offset = self.check(start, out.len() as u64)?;
-        // SAFETY: the range was bounds-checked against the live mapping.
+        // SAFETY: the range was bounds-checked against the live mapping; `out`, an exclusive
+        // Rust buffer, cannot lie inside it (see `copy_frame` on concurrent guest writes).
         unsafe {
             std::ptr::copy_nonoverlapping(self.base.add(offset), out.as_mut_ptr(), out.len())
         };
@@ -198,63 +229,95 @@ impl GuestMemory {
                 size: self.size,
             });
         }
-        // SAFETY: in bounds and 8-byte aligned (checked above).
+        // SAFETY: in bounds and 8-byte aligned (checked above; the mapping is page-aligned);
+        // one volatile load, through the raw pointer.
         Ok(unsafe { std::ptr::read_volatile(self.base.add(offset).cast::<u64>()) })
     }
 
-    /// The bytes of frame `frame`. The guest may be writing them concurrently unless paused.
-    pub fn frame_bytes(&self, frame: u64) -> Result<&[u8], MemoryError> {
-        let offset = self.check(GuestAddress(frame * PAGE_SIZE), PAGE_SIZE)?;
-        // SAFETY: in bounds of the mapping, which lives as long as &self.
-        Ok(unsafe { std::slice::from_raw_parts(self.base.add(offset), PAGE_SIZE as usize) })
+    /// Copies frame `frame` into `out`. Unless the guest is paused, it may be writing the
+    /// frame meanwhile: the copy may then mix old and new bytes, which is why callers look at
+    /// (hash, test for zeros, send) the copy and never at guest memory itself.
+    pub fn copy_frame(&self, frame: u64, out: &mut Page) -> Result<(), MemoryError> {
+        let offset = self.frame_offset(frame)?;
+        // SAFETY: `offset..offset + PAGE_SIZE` lies inside the mapping (checked above), which
+        // stays mapped as long as `&self` lives; `out` is an exclusive Rust buffer of exactly
+        // PAGE_SIZE bytes, so the two cannot overlap. Guest memory is only read through the
+        // raw pointer, never through a reference: guest writes during the copy come from
+        // outside this program (vCPUs, through KVM), as with memory shared with another
+        // process, and can change the bytes copied but no value Rust assumes unchanging.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    /// The offset and length of `frames` in the mapping, if they all lie inside it.
+    fn frames_range(&self, frames: &Range<u64>) -> Result<(usize, usize), MemoryError> {
+        let out_of_range = || MemoryError::FramesOutOfRange {
+            start: frames.start,
+            end: frames.end,
+            frames: self.frames(),
+        };
+        let start = frames
+            .start
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(out_of_range)?;
+        let len = frames
+            .end
+            .saturating_sub(frames.start)
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(out_of_range)?;
+        let offset = self
+            .check(GuestAddress(start), len)
+            .map_err(|_| out_of_range())?;
+        Ok((offset, usize::try_from(len).map_err(|_| out_of_range())?))
     }
 
     /// Drops the host mapping of `frames`; the data stays in the memfd and the next access
     /// (by the guest, through KVM) faults it back in.
     pub fn drop_mapping(&self, frames: Range<u64>) -> Result<(), MemoryError> {
-        let start = GuestAddress(frames.start * PAGE_SIZE);
-        let len = (frames.end.saturating_sub(frames.start)) * PAGE_SIZE;
-        let offset = self.check(start, len)?;
-        // SAFETY: the range lies inside our shared mapping; MADV_DONTNEED on a shared memfd
-        // mapping only zaps page-table entries.
-        let rc = unsafe {
-            libc::madvise(
-                self.base.add(offset).cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if rc != 0 {
-            return Err(MemoryError::Advise(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        let (offset, len) = self.frames_range(&frames)?;
+        // SAFETY: the range lies inside our shared mapping (checked above); MADV_DONTNEED on a
+        // shared memfd mapping only zaps page-table entries, the data stays in the memfd, and
+        // no Rust reference into guest memory exists to see it go.
+        unsafe { madvise(self.base.add(offset).cast(), len, Advice::LinuxDontNeed) }.map_err(|e| {
+            MemoryError::DropMapping {
+                start: frames.start,
+                end: frames.end,
+                source: e.into(),
+            }
+        })
     }
 
     /// Frees a page's backing (punches it out of the memfd): it reads as missing, so a
     /// userfaultfd registered on the mapping sees the next access to it.
-    pub fn remove_page(&self, frame: u64) -> std::io::Result<()> {
-        let offset = self
-            .check(GuestAddress(frame * PAGE_SIZE), PAGE_SIZE)
-            .map_err(std::io::Error::other)?;
-        // SAFETY: the page lies inside our shared mapping; MADV_REMOVE frees its backing store
-        // and leaves the mapping in place.
-        let rc = unsafe {
-            libc::madvise(
+    pub fn remove_page(&self, frame: u64) -> Result<(), MemoryError> {
+        let offset = self.frame_offset(frame)?;
+        // SAFETY: the page lies inside our shared mapping (checked above); MADV_REMOVE frees
+        // its backing store (a hole punched in the memfd) and leaves the mapping in place.
+        unsafe {
+            madvise(
                 self.base.add(offset).cast(),
                 PAGE_SIZE as usize,
-                libc::MADV_REMOVE,
+                Advice::LinuxRemove,
             )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
         }
-        Ok(())
+        .map_err(|e| MemoryError::RemovePage {
+            frame,
+            source: e.into(),
+        })
     }
 
-    /// The memory's digest: an xxh3 of every page, and an xxh3 over those.
+    /// The memory's digest: an xxh3 of every page, and an xxh3 over those. Each page is
+    /// copied out first, so a guest still running makes a digest of mixed moments, never
+    /// undefined behaviour.
     pub fn digest(&self) -> MemoryDigest {
+        let mut page = [0u8; PAGE_SIZE as usize];
         let pages: Vec<u64> = (0..self.frames())
-            .map(|f| self.frame_bytes(f).map(xxh3_64).unwrap_or_default())
+            .map(|f| match self.copy_frame(f, &mut page) {
+                Ok(()) => xxh3_64(&page),
+                Err(_) => 0,
+            })
             .collect();
         MemoryDigest::from_pages(pages)
     }
@@ -262,8 +325,11 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped; no reference outlives self.
-        unsafe { libc::munmap(self.base.cast(), self.size as usize) };
+        // SAFETY: unmapping exactly what new() mapped (its size fit a usize there); nothing
+        // borrowed from the mapping outlives self.
+        if let Err(e) = unsafe { munmap(self.base.cast(), self.size as usize) } {
+            tracing::warn!("unmapping guest memory: {e}");
+        }
     }
 }
 
@@ -320,9 +386,48 @@ mod tests {
         assert_ne!(before.pages[1], after.pages[1]);
         assert!(mem.write(GuestAddress(4 * PAGE_SIZE - 2), b"abc").is_err());
         assert!(mem.read(GuestAddress(u64::MAX), &mut out).is_err());
+        let mut page = [0u8; PAGE_SIZE as usize];
+        mem.copy_frame(1, &mut page).unwrap();
+        assert_eq!(&page[8..13], b"hello");
+        assert_eq!(after.pages[1], xxh3_64(&page));
         // Dropping the mapping keeps the data.
         mem.drop_mapping(0..4).unwrap();
         mem.read(GuestAddress(PAGE_SIZE + 8), &mut out).unwrap();
         assert_eq!(&out, b"hello");
+    }
+
+    #[test]
+    fn frames_out_of_range_are_errors_not_panics() {
+        let mem = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for frame in [
+            4,
+            5,
+            u64::MAX / PAGE_SIZE,
+            u64::MAX / PAGE_SIZE + 1,
+            u64::MAX,
+        ] {
+            assert!(
+                matches!(
+                    mem.copy_frame(frame, &mut page),
+                    Err(MemoryError::FrameOutOfRange { frames: 4, .. })
+                ),
+                "frame {frame}"
+            );
+            assert!(mem.remove_page(frame).is_err(), "frame {frame}");
+        }
+        for frames in [0..5, 4..5, u64::MAX - 1..u64::MAX, 1..u64::MAX] {
+            assert!(
+                matches!(
+                    mem.drop_mapping(frames.clone()),
+                    Err(MemoryError::FramesOutOfRange { .. })
+                ),
+                "{frames:?}"
+            );
+        }
+        // An empty range anywhere inside is fine; the last frame is in range.
+        mem.drop_mapping(2..2).unwrap();
+        mem.copy_frame(3, &mut page).unwrap();
+        mem.remove_page(3).unwrap();
     }
 }

@@ -30,9 +30,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
     control::{CommitRequest, FinishReply, PrepareRequest},
-    link::{DataLink, DataStream},
+    link::{DataLink, DataStream, tune_data_socket},
     report::{Latency, Mode},
-    transport::{Frame, FrameReader, TransportError, tune_data_socket, zero_page_hash},
+    transport::{Frame, FrameReader, TransportError, zero_page_hash},
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
@@ -73,7 +73,7 @@ pub enum DataError {
     Free {
         page: u64,
         #[source]
-        source: std::io::Error,
+        source: MemoryError,
     },
     #[error("UFFDIO_COPY of page {page}")]
     Copy {
@@ -126,7 +126,7 @@ pub enum SessionError {
     #[error("cannot start the fault handler")]
     Handler(#[source] std::io::Error),
     #[error("dropping stale pages failed")]
-    Stale(#[source] std::io::Error),
+    Stale(#[source] MemoryError),
     #[error("the session was aborted")]
     Aborted,
     #[error("the session refused the step")]
@@ -165,7 +165,7 @@ pub struct Session {
     aborted: AtomicBool,
     /// Set once post-copy has ended and guest memory is unregistered from userfaultfd.
     postcopy_done: AtomicBool,
-    /// How long the source may stay silent (see `transport::tune_data_socket`).
+    /// How long the source may stay silent (see `link::tune_data_socket`).
     peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
     uffd: Mutex<Option<Arc<Uffd>>>,
@@ -268,7 +268,10 @@ impl Session {
             match listener.accept() {
                 Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout) {
                     Ok(()) => self.link.accept_into(stream, peer, ready_tx.clone()),
-                    Err(e) => warn!("refused a data connection from {peer}: {e}"),
+                    Err(e) => warn!(
+                        "refused a data connection from {peer}: {}",
+                        heatprobe::probes::error_chain(&e)
+                    ),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {

@@ -9,36 +9,13 @@ use super::{MigrationError, SourcePhase, rounds::Run};
 use crate::{
     migration::{
         control::{CommitReply, CommitRequest, Destination},
-        link::DataStream,
+        link::{self, DataStream},
         order::Order,
         report::Phase,
         transport::{Frame, FrameReader, PageSender},
     },
     vmm::{dirty::dirty_frames, state},
 };
-
-/// Socket send buffer during post-copy: a few push batches.
-const POSTCOPY_SEND_BUFFER: i32 = 512 * 1024;
-
-fn set_send_buffer(stream: &impl std::os::fd::AsFd, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket descriptor and a pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&raw const bytes).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        warn!(
-            "setting the send buffer: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
 
 /// Starts the cutover: pauses the partition and returns when it paused, with the pages that
 /// still have to travel: those dirty at the last check (not sent since) and those dirtied
@@ -65,7 +42,7 @@ pub(super) fn cutover_precopy(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
-    sender: &mut PageSender,
+    sender: &mut PageSender<DataStream>,
     order: &Order,
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
@@ -113,7 +90,7 @@ pub(super) fn cutover_hybrid(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
-    mut sender: PageSender,
+    mut sender: PageSender<DataStream>,
     demand_stream: DataStream,
     order: &Order,
     last_dirty: Vec<u64>,
@@ -127,7 +104,9 @@ pub(super) fn cutover_hybrid(
     // Post-copy: push what the destination lacks, hottest first; demands jump the queue. A
     // small send buffer keeps a demanded page from queueing behind megabytes of pushed ones.
     run.set_progress(|p| p.phase = Phase::Postcopy);
-    set_send_buffer(sender.stream(), POSTCOPY_SEND_BUFFER);
+    if let Err(e) = link::set_send_buffer(sender.stream(), link::POSTCOPY_SEND_BUFFER) {
+        warn!("{}", heatprobe::probes::error_chain(&e));
+    }
     let frames = partition.memory().frames();
     let mut needed = vec![false; frames as usize];
     for &f in &stale {

@@ -14,6 +14,7 @@ use super::{MigrationError, MigrationOptions, SourcePhase};
 use crate::{
     migration::{
         convergence::{Convergence, Decision},
+        link::DataStream,
         order::Order,
         report::{MigrationProgress, MigrationReport, Mode, Phase, Strategy},
         transport::{PageSender, SendCounts},
@@ -45,13 +46,14 @@ impl Run<'_> {
     pub(super) fn changed_only(&mut self, frames: Vec<u64>) -> Vec<u64> {
         let memory = Arc::clone(self.partition.memory());
         let before = frames.len();
+        let mut page = [0u8; PAGE_SIZE as usize];
         let kept: Vec<u64> = frames
             .into_iter()
             .filter(|&f| {
                 !self.sent_once[f as usize]
                     || memory
-                        .frame_bytes(f)
-                        .map(|bytes| xxh3_64(bytes) != self.sent_hash[f as usize])
+                        .copy_frame(f, &mut page)
+                        .map(|()| xxh3_64(&page) != self.sent_hash[f as usize])
                         .unwrap_or(true)
             })
             .collect();
@@ -63,7 +65,7 @@ impl Run<'_> {
     /// enough to measure.
     pub(super) fn send_round(
         &mut self,
-        sender: &mut PageSender,
+        sender: &mut PageSender<DataStream>,
         frames: &[u64],
     ) -> Result<Option<f64>, MigrationError> {
         let round_start = Instant::now();
@@ -76,7 +78,7 @@ impl Run<'_> {
     /// Sends `frames` in batches, keeping the counters and the progress current.
     pub(super) fn send(
         &mut self,
-        sender: &mut PageSender,
+        sender: &mut PageSender<DataStream>,
         frames: &[u64],
     ) -> Result<(), MigrationError> {
         const BATCH: usize = 1024;
@@ -135,7 +137,7 @@ pub(super) fn plan(
 /// convergence decision cuts over. Returns the pages still to send at the cutover.
 pub(super) fn iterate(
     run: &mut Run<'_>,
-    sender: &mut PageSender,
+    sender: &mut PageSender<DataStream>,
     order: &mut Order,
 ) -> Result<Vec<u64>, MigrationError> {
     let partition = run.partition;

@@ -1,6 +1,15 @@
 //! Opening the data connection: plain TCP between loopback daemons, or TLS with the daemons'
 //! own identities. Either way the engine gets a [`DataStream`], a blocking socket it can clone
 //! for a reader thread and shut down.
+//!
+//! - `socket`: the socket policy (peer timeouts, keepalive, the post-copy send buffer);
+//! - `tunnel`: the pump between the engine's blocking socket and a TLS stream.
+//!
+//! What travels over the stream (frames, pacing) is `transport`'s, which knows nothing of
+//! this module: it writes to any `io::Write` and reads from any `io::Read`.
+
+mod socket;
+mod tunnel;
 
 use std::{
     io::{self, Read, Write},
@@ -16,7 +25,11 @@ use std::{
 use thiserror::Error;
 use tokio::runtime::Handle;
 
-use crate::tls::{self, Security, TlsError, TunnelFailure};
+pub use self::{
+    socket::{POSTCOPY_SEND_BUFFER, SocketError, set_send_buffer, tune_data_socket},
+    tunnel::{TunnelError, TunnelFailure, tunnel},
+};
+use crate::tls::{Security, TlsError};
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -26,8 +39,12 @@ pub enum LinkError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot apply the socket policy to the data connection")]
+    Tune(#[from] SocketError),
     #[error("cannot secure the data connection")]
     Tls(#[from] TlsError),
+    #[error("cannot start the TLS tunnel")]
+    Tunnel(#[from] TunnelError),
     #[error("cannot set up the data socket")]
     Socket(#[source] io::Error),
 }
@@ -36,7 +53,7 @@ pub enum LinkError {
 #[derive(Debug)]
 pub enum DataStream {
     Tcp(TcpStream),
-    /// One end of a socket pair whose other end is pumped through TLS ([`tls::tunnel`]), and
+    /// One end of a socket pair whose other end is pumped through TLS ([`tunnel`]), and
     /// how the TLS side ended.
     Tunnel(UnixStream, Arc<TunnelFailure>),
 }
@@ -128,7 +145,7 @@ impl DataLink {
     ) -> Result<DataStream, LinkError> {
         let tcp = TcpStream::connect_timeout(&addr, peer_timeout)
             .map_err(|source| LinkError::Connect { addr, source })?;
-        super::transport::tune_data_socket(&tcp, peer_timeout).map_err(LinkError::Socket)?;
+        tune_data_socket(&tcp, peer_timeout)?;
         let _ = tcp.set_nodelay(true);
         self.secure(tcp, addr)
     }
@@ -156,7 +173,7 @@ impl DataLink {
                 tcp.set_nonblocking(true).map_err(LinkError::Socket)?;
                 let tcp = tokio::net::TcpStream::from_std(tcp).map_err(LinkError::Socket)?;
                 let stream = security.accept(tcp, peer).await?;
-                let (engine_end, failure) = tls::tunnel(&pump, stream)?;
+                let (engine_end, failure) = tunnel(&pump, stream)?;
                 Ok(DataStream::Tunnel(engine_end, failure))
             };
             let _ = ready.send((peer, secured.await));
@@ -172,7 +189,7 @@ impl DataLink {
             let tcp = tokio::net::TcpStream::from_std(tcp).map_err(LinkError::Socket)?;
             Ok::<_, LinkError>(security.client_handshake(tcp, peer).await?)
         })?;
-        let (engine_end, failure) = tls::tunnel(runtime, stream)?;
+        let (engine_end, failure) = tunnel(runtime, stream)?;
         Ok(DataStream::Tunnel(engine_end, failure))
     }
 }

@@ -1,0 +1,86 @@
+//! Socket policy of the data connection: how long it may stay silent, and how much it may
+//! queue. Set through socket2, on the TCP socket itself or on the engine's end of a tunnel.
+
+use std::{io, net::TcpStream, os::fd::AsFd, time::Duration};
+
+use socket2::{SockRef, TcpKeepalive};
+use thiserror::Error;
+
+/// The send buffer during post-copy: a few push batches, so that a demanded page does not
+/// queue behind megabytes of pushed ones.
+pub const POSTCOPY_SEND_BUFFER: usize = 512 * 1024;
+
+#[derive(Debug, Error)]
+pub enum SocketError {
+    #[error("cannot set TCP keepalive on the data socket")]
+    Keepalive(#[source] io::Error),
+    #[error("cannot set TCP_USER_TIMEOUT on the data socket")]
+    UserTimeout(#[source] io::Error),
+    #[error("cannot set the data socket's send buffer to {bytes} bytes")]
+    SendBuffer {
+        bytes: usize,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Bounds how long the data connection may stay silent: unacknowledged writes fail after
+/// `peer_timeout` (TCP_USER_TIMEOUT), and an idle connection probes its peer (keepalive) so a
+/// blocked read fails within about `peer_timeout` too when the peer or the link is gone.
+/// Call it on the TCP socket itself, under any tunnel.
+pub fn tune_data_socket(stream: &TcpStream, peer_timeout: Duration) -> Result<(), SocketError> {
+    let socket = SockRef::from(stream);
+    // The kernel takes whole seconds, at least one.
+    let idle = Duration::from_secs((peer_timeout.as_secs() / 3).max(1));
+    let interval = Duration::from_secs((peer_timeout.as_secs() / 6).clamp(1, 5));
+    socket
+        .set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(3),
+        )
+        .map_err(SocketError::Keepalive)?;
+    socket
+        .set_tcp_user_timeout(Some(peer_timeout))
+        .map_err(SocketError::UserTimeout)
+}
+
+/// Sets the send buffer (SO_SNDBUF) of the socket under `stream`: the TCP socket, or the
+/// engine's end of a tunnel.
+pub fn set_send_buffer(stream: &impl AsFd, bytes: usize) -> Result<(), SocketError> {
+    SockRef::from(stream)
+        .set_send_buffer_size(bytes)
+        .map_err(|source| SocketError::SendBuffer { bytes, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn the_policy_reaches_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        tune_data_socket(&stream, Duration::from_secs(10)).unwrap();
+        let socket = SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(3));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        set_send_buffer(&stream, POSTCOPY_SEND_BUFFER).unwrap();
+        // The kernel doubles what it is given, for its bookkeeping.
+        assert!(socket.send_buffer_size().unwrap() >= POSTCOPY_SEND_BUFFER);
+        let (pair, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        set_send_buffer(&pair, POSTCOPY_SEND_BUFFER).unwrap();
+    }
+}
