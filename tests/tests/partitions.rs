@@ -135,7 +135,9 @@ fn copy_memory(source: &Partition) -> Arc<GuestMemory> {
     let mut page = [0u8; PAGE_SIZE as usize];
     for frame in 0..memory.frames() {
         source.memory().copy_frame(frame, &mut page).unwrap();
-        memory.write(GuestAddress(frame * PAGE_SIZE), &page).unwrap();
+        memory
+            .write(GuestAddress(frame * PAGE_SIZE), &page)
+            .unwrap();
     }
     Arc::new(memory)
 }
