@@ -189,6 +189,17 @@ fn a_destination_refuses_hostile_bytes_and_keeps_serving() {
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
 }
 
+/// The CPU this host gives a guest, as a partition launched here would have saved it.
+fn this_hosts_cpu() -> migrator::vmm::cpu::GuestCpu {
+    use migrator::vmm::cpu;
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let cpuid = cpu::host_cpuid(&kvm).expect("the host's CPUID");
+    let vm = kvm.create_vm().expect("a VM");
+    let vcpu = vm.create_vcpu(0).expect("a vCPU");
+    let tsc = cpu::host_tsc_khz(&vcpu).expect("the host's TSC rate");
+    cpu::GuestCpu::new(&cpuid, tsc)
+}
+
 /// The destination's session phases hold at a live daemon: a hybrid session that committed
 /// refuses a second commit, and an abort after its commit stops the partition it restored
 /// instead of leaving it running beside the source's copy.
@@ -208,7 +219,13 @@ fn a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_cop
         let reply = prepare_mode(&connection, Mode::Hybrid).await;
         // Every page, the end of pre-copy, and the connection held open for the push.
         let _data = send_and_hold(&connection, &reply, &all_zero_pages());
-        let snapshot = || state::encode(&state::sample_snapshot(config()));
+        // Made-up registers, but this host's CPU and TSC rate, which a restore checks.
+        let host_cpu = this_hosts_cpu();
+        let snapshot = || {
+            let mut snapshot = state::sample_snapshot(config());
+            snapshot.cpu = host_cpu;
+            state::encode(&snapshot)
+        };
         commit(&connection, reply.session, snapshot())
             .await
             .expect("the first commit restores");

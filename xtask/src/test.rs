@@ -31,7 +31,8 @@ pub fn test(long: bool) -> Result<()> {
     )?;
     audit::audit()?;
     let mut test = cargo();
-    test.args(["test", "--workspace", "--release"]);
+    // Every test binary runs even when one fails, so the summary counts them all.
+    test.args(["test", "--workspace", "--release", "--no-fail-fast"]);
     if long {
         test.env("HEATPROBE_LONG_TESTS", "1");
     }
