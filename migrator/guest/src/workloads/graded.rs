@@ -13,10 +13,10 @@
 //! check reads every word of every page.
 
 use super::{
-    Runner, WorkloadError, load,
-    pages::{self, Layout},
+    Runner, WorkloadError,
+    pages::{self, Layout, Op},
 };
-use crate::{Platform, args::Args, rng::SplitMix64, zipf::Zipf};
+use crate::{Platform, args::Args, zipf::Zipf};
 
 const TAG: u64 = 6 << 40;
 const KEYS: [&str; 6] = ["alpha", "write", "scatter", "check_every", "rate", "seed"];
@@ -74,27 +74,17 @@ pub fn run<'a, P: Platform>(
     runner: &mut Runner<'_, P>,
 ) -> Result<(), WorkloadError<'a>> {
     let spec = Graded::parse(args, mem.len())?;
-    let layout = &spec.layout;
-    let (versions, data) = layout.split(mem);
-    let pages = layout.pages();
-    for p in 0..pages {
-        pages::init(data, versions, p, TAG);
-    }
-    let mut rng = SplitMix64::new(seed);
-    let mut since_check = 0;
-    while !runner.should_stop() {
-        let p = layout.place(spec.zipf.next(&mut rng) as usize);
-        if rng.unit() < spec.write {
-            pages::stamp(data, versions, p, TAG, load(versions, p) + 1);
-        } else if let Err(word) = pages::check(data, versions, p, TAG, false) {
-            runner.error(p as u64, word as u64);
-        }
-        runner.op_done();
-        since_check += 1;
-        if since_check >= spec.check_every {
-            since_check = 0;
-            pages::check_all(runner, data, versions, pages, TAG);
-        }
-    }
+    pages::drive(
+        &spec.layout,
+        mem,
+        TAG,
+        seed,
+        spec.check_every,
+        runner,
+        |rng| Op {
+            rank: spec.zipf.next(rng) as usize,
+            write: rng.unit() < spec.write,
+        },
+    );
     Ok(())
 }

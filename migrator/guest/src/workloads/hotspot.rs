@@ -11,10 +11,10 @@
 //! Every operation is a write; a full check reads every word of every page.
 
 use super::{
-    Runner, WorkloadError, load,
-    pages::{self, Layout},
+    Runner, WorkloadError,
+    pages::{self, Layout, Op},
 };
-use crate::{Platform, args::Args, rng::SplitMix64};
+use crate::{Platform, args::Args};
 
 const TAG: u64 = 5 << 40;
 const KEYS: [&str; 6] = ["hot", "hot_share", "scatter", "check_every", "rate", "seed"];
@@ -81,28 +81,25 @@ pub fn run<'a, P: Platform>(
     runner: &mut Runner<'_, P>,
 ) -> Result<(), WorkloadError<'a>> {
     let spec = Hotspot::parse(args, mem.len())?;
-    let layout = &spec.layout;
-    let (versions, data) = layout.split(mem);
-    let pages = layout.pages();
-    for p in 0..pages {
-        pages::init(data, versions, p, TAG);
-    }
-    let mut rng = SplitMix64::new(seed);
-    let mut since_check = 0;
-    while !runner.should_stop() {
-        let rank = if rng.unit() < spec.hot_share {
-            rng.below(spec.hot as u64)
-        } else {
-            rng.below(pages as u64)
-        };
-        let p = layout.place(rank as usize);
-        pages::stamp(data, versions, p, TAG, load(versions, p) + 1);
-        runner.op_done();
-        since_check += 1;
-        if since_check >= spec.check_every {
-            since_check = 0;
-            pages::check_all(runner, data, versions, pages, TAG);
-        }
-    }
+    let pages = spec.layout.pages() as u64;
+    pages::drive(
+        &spec.layout,
+        mem,
+        TAG,
+        seed,
+        spec.check_every,
+        runner,
+        |rng| {
+            let rank = if rng.unit() < spec.hot_share {
+                rng.below(spec.hot as u64)
+            } else {
+                rng.below(pages)
+            };
+            Op {
+                rank: rank as usize,
+                write: true,
+            }
+        },
+    );
     Ok(())
 }

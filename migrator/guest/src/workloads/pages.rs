@@ -7,7 +7,11 @@
 //! check reads every word, so a zeroed, misplaced, stale or torn page shows.
 
 use super::{PAGE_WORDS, Runner, WorkloadError, load, pattern, store};
-use crate::{Platform, perm::Permutation, rng::mix};
+use crate::{
+    Platform,
+    perm::Permutation,
+    rng::{SplitMix64, mix},
+};
 
 /// Words after the header that each write restamps.
 const STAMPED: usize = 8;
@@ -159,4 +163,46 @@ pub fn check_all<P: Platform>(
         }
     }
     runner.check_done();
+}
+
+/// One operation of a page workload: the popularity rank it touches, and whether it writes
+/// (a read checks that one page).
+pub struct Op {
+    pub rank: usize,
+    pub write: bool,
+}
+
+/// Runs a page workload until the platform says stop: lays out and initialises every page of
+/// `mem`, then does the operations `next` draws, with a full check every `check_every`.
+pub fn drive<P: Platform>(
+    layout: &Layout,
+    mem: &mut [u64],
+    tag: u64,
+    seed: u64,
+    check_every: u64,
+    runner: &mut Runner<'_, P>,
+    mut next: impl FnMut(&mut SplitMix64) -> Op,
+) {
+    let (versions, data) = layout.split(mem);
+    let pages = layout.pages();
+    for p in 0..pages {
+        init(data, versions, p, tag);
+    }
+    let mut rng = SplitMix64::new(seed);
+    let mut since_check = 0;
+    while !runner.should_stop() {
+        let op = next(&mut rng);
+        let p = layout.place(op.rank);
+        if op.write {
+            stamp(data, versions, p, tag, load(versions, p) + 1);
+        } else if let Err(word) = check(data, versions, p, tag, false) {
+            runner.error(p as u64, word as u64);
+        }
+        runner.op_done();
+        since_check += 1;
+        if since_check >= check_every {
+            since_check = 0;
+            check_all(runner, data, versions, pages, tag);
+        }
+    }
 }
