@@ -219,6 +219,43 @@ impl Daemon {
         (output.status.code().unwrap_or(-1), report)
     }
 
+    /// Migrates `id` to `to` (as [`Daemon::migrate`]) and checks the move: it completed and
+    /// the digests of both sides are equal. Returns the report and the id on the destination.
+    pub fn migrate_checked(
+        &self,
+        to: &Daemon,
+        id: &str,
+        extra: &[&str],
+        case: &str,
+    ) -> (Value, String) {
+        let (code, report) = self.migrate(to, id, extra);
+        assert_eq!(code, 0, "{case}: {report}");
+        assert_eq!(report["status"], "completed", "{case}: {report}");
+        assert!(report["source_digest"].is_string(), "{case}: {report}");
+        assert_eq!(
+            report["source_digest"], report["dest_digest"],
+            "{case}: {report}"
+        );
+        let new_id = report["id_on_destination"]
+            .as_str()
+            .expect("id on destination")
+            .to_string();
+        (report, new_id)
+    }
+
+    /// Waits until partition `id` has made `ops` more operations and `checks` more full
+    /// self-checks than now, and checks it still runs, with no error.
+    pub fn runs_clean(&self, id: &str, ops: u64, checks: u64, case: &str) {
+        let now = self.json(&["status", id]);
+        let (done_ops, done_checks) = (
+            now["ops"].as_u64().unwrap_or(0),
+            now["checks"].as_u64().unwrap_or(0),
+        );
+        let after = self.wait_progress(id, done_ops + ops, done_checks + checks);
+        assert_eq!(after["errors"], 0, "{case}: {after}");
+        assert_eq!(after["state"], "running", "{case}: {after}");
+    }
+
     /// Runs `migrator ARGS --host ADDR --json` and parses what it prints.
     pub fn try_json(&self, args: &[&str]) -> Result<Value> {
         let mut args = args.to_vec();
