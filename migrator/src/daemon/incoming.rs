@@ -9,7 +9,7 @@ use super::{api::ApiError, blocking, error_chain, server::Daemon};
 use crate::migration::{
     Mode,
     control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
-    destination::{PhaseError, Session, SessionError},
+    destination::{Session, SessionError},
     link::DataLink,
     protocol::PROTOCOL_VERSION,
 };
@@ -96,20 +96,17 @@ impl Daemon {
     pub(super) async fn abort_incoming(&self, session_id: u64) {
         let restored_as = self.registry.take_committed(session_id);
         let session = self.registry.session(session_id).ok();
-        let refused = match &session {
-            Some(session) => session.abort().err(),
-            None => Some(PhaseError::WouldLeaveRunningCopy),
-        };
-        if let (Some(_), Some(id)) = (&refused, &restored_as) {
+        // A session with nothing running ends here and now; one whose commit restored a
+        // partition (or a pre-copy one already handed over) refuses until that copy stops.
+        let ended = session.as_ref().is_some_and(|s| s.abort().is_ok());
+        if !ended && let Some(id) = &restored_as {
             warn!("migration session {session_id} was aborted after its commit: stopping {id}");
             if let Err(e) = self.stop_partition(id.clone()).await {
                 warn!("stopping {id}: {e}");
             }
         }
         if let Some(session) = session {
-            if refused.is_some()
-                && let Err(e) = session.discard()
-            {
+            if !ended && let Err(e) = session.discard() {
                 warn!("migration session {session_id}: {e}");
             }
             self.registry.remove_session(session_id);
