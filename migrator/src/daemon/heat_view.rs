@@ -15,7 +15,10 @@ use heatprobe::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::vmm::{Partition, PartitionState, sampler::profile_partition};
+use crate::vmm::{
+    Partition, PartitionState,
+    sampler::{Sampling, profile_partition},
+};
 
 /// One cell of the heatmap: a run of consecutive frames.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -136,6 +139,7 @@ impl HeatMonitor {
                 sample_fraction: 0.125,
                 ..ProfilerConfig::default()
             },
+            Sampling::ReadsAndWrites,
         )
         .map_err(HeatViewError::Start)?;
         Ok(Self {
