@@ -1,5 +1,5 @@
 //! Partitions on real KVM: every built-in workload runs and verifies itself, pause and resume,
-//! save and restore into a fresh VM (and the CPUs a restore refuses), a guest image the test
+//! throttling, save and restore into a fresh VM (and the CPUs a restore refuses), a guest image the test
 //! builds itself, and bad input.
 
 use std::{
@@ -94,6 +94,54 @@ fn pause_then_resume_continues_without_errors() {
     );
     partition.resume().unwrap();
     wait_progress(&partition, 1000, 2, Duration::from_secs(10));
+}
+
+/// Operations per second over `window`.
+fn ops_rate(partition: &Partition, window: Duration) -> f64 {
+    let before = partition.status().progress.ops;
+    let start = Instant::now();
+    thread::sleep(window);
+    (partition.status().progress.ops - before) as f64 / start.elapsed().as_secs_f64()
+}
+
+#[test]
+fn a_throttled_guest_runs_slower_pauses_at_once_and_recovers() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_throttled_guest_runs_slower", &why);
+    }
+    let partition = Partition::launch(builtin("uniform-write", "", 16, 2)).expect("launches");
+    wait_progress(&partition, 1, 0, Duration::from_secs(10));
+    let window = Duration::from_millis(500);
+    let full = ops_rate(&partition, window);
+    partition.set_throttle(75).expect("throttles");
+    assert_eq!(partition.throttle_pct(), 75);
+    let throttled = ops_rate(&partition, window);
+    // A quarter of the time; generous bounds, for a noisy machine.
+    assert!(
+        throttled < full * 0.5,
+        "75% throttle: {throttled:.0} ops/s against {full:.0} unthrottled"
+    );
+    assert!(throttled > 0.0, "a throttled guest still runs");
+    // At 99% a vCPU naps 990 ms at a time, but a pause cuts the nap short.
+    partition.set_throttle(99).expect("throttles");
+    thread::sleep(Duration::from_millis(100));
+    let asked = Instant::now();
+    partition.pause().expect("pauses");
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "pausing a throttled guest took {:?}",
+        asked.elapsed()
+    );
+    partition.resume().expect("resumes");
+    partition.set_throttle(0).expect("unthrottles");
+    assert_eq!(partition.throttle_pct(), 0);
+    let after = ops_rate(&partition, window);
+    assert!(
+        after > full * 0.6,
+        "unthrottled again: {after:.0} ops/s against {full:.0} before"
+    );
+    assert_eq!(partition.status().progress.errors, 0);
+    partition.stop();
 }
 
 #[test]

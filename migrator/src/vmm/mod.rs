@@ -10,6 +10,7 @@ pub mod sampler;
 pub mod snapshot;
 pub mod state;
 pub mod status;
+pub mod throttle;
 pub mod vcpu;
 
 pub use memory::{GuestAddress, GuestMemory, MemoryDigest};

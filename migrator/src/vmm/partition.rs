@@ -10,6 +10,7 @@
 //! ```
 
 use std::{
+    os::unix::thread::JoinHandleExt,
     sync::{Arc, Mutex, mpsc},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -29,6 +30,7 @@ use super::{
     loader::{Image, ImageError},
     memory::{GuestMemory, MemoryDigest, MemoryError, PAGE_SIZE},
     status::PartitionState,
+    throttle,
     vcpu::{self, Control, Request, VcpuError, VcpuStatus},
 };
 
@@ -194,6 +196,8 @@ pub struct Partition {
     dirty: Mutex<Option<DirtyLog>>,
     /// A state set by the migration engine that overrides what the vCPUs say.
     pub(super) migrating: Mutex<bool>,
+    /// The throttle's ticker, while one runs.
+    ticker: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
@@ -303,6 +307,7 @@ impl Partition {
             cpu,
             dirty: Mutex::new(None),
             migrating: Mutex::new(false),
+            ticker: Mutex::new(None),
         };
         if request == Request::Pause {
             partition.wait_quiet()?;
@@ -465,6 +470,46 @@ impl Partition {
             .map_err(kvm_error("change the memory slot's flags"))
     }
 
+    /// Slows every vCPU to `100 - pct` percent of its time (0: full speed; capped at
+    /// [`throttle::MAX_PCT`]). See [`throttle`].
+    pub fn set_throttle(&self, pct: u8) -> Result<(), PartitionError> {
+        self.control.throttle.set_all(pct);
+        // Wakes napping vCPUs (and the ticker) so a lower throttle takes effect at once.
+        self.control.changed.notify_all();
+        let mut ticker = self.ticker.lock().unwrap_or_else(|p| p.into_inner());
+        if ticker.as_ref().is_some_and(JoinHandle::is_finished) {
+            let _ = ticker.take().map(JoinHandle::join);
+        }
+        if pct == 0 || ticker.is_some() {
+            return Ok(());
+        }
+        let threads: Vec<libc::pthread_t> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(JoinHandleExt::as_pthread_t)
+            .collect();
+        let signal = vcpu::kick_signal();
+        *ticker = Some(
+            throttle::spawn_ticker(Arc::clone(&self.control), move || {
+                for &thread in &threads {
+                    // SAFETY: `stop` joins the ticker before it joins any vCPU thread, so
+                    // every pthread here is alive or exited but not yet joined, which
+                    // pthread_kill accepts; the kick handler only sets `immediate_exit`.
+                    unsafe { libc::pthread_kill(thread, signal) };
+                }
+            })
+            .map_err(VcpuError::Spawn)?,
+        );
+        Ok(())
+    }
+
+    /// The current throttle of the most throttled vCPU, in percent.
+    pub fn throttle_pct(&self) -> u8 {
+        self.control.throttle.max_pct()
+    }
+
     /// Stops the partition for good and joins its vCPU threads. Stopping twice is harmless.
     pub fn stop(&self) {
         // A vCPU in KVM_RUN that missed its kick still sees the request at its next exit.
@@ -473,6 +518,12 @@ impl Partition {
                 "stopping a partition: {}",
                 heatprobe::probes::error_chain(&e)
             );
+        }
+        // The ticker signals vCPU threads by pthread id: it must be gone before they are
+        // joined.
+        let ticker = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(ticker) = ticker {
+            let _ = ticker.join();
         }
         let threads: Vec<_> = self
             .threads

@@ -22,7 +22,10 @@ use thiserror::Error;
 use tracing::{debug, warn};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use super::memory::{GuestAddress, GuestMemory, MemoryError};
+use super::{
+    memory::{GuestAddress, GuestMemory, MemoryError},
+    throttle::Throttle,
+};
 
 /// MSRs saved with a vCPU: the TSC (so guest time stays monotonic across a move), and the
 /// syscall, segment-base and misc MSRs a guest may have set.
@@ -184,6 +187,7 @@ impl VcpuStatus {
 pub struct Control {
     pub state: Mutex<ControlState>,
     pub changed: Condvar,
+    pub throttle: Throttle,
 }
 
 pub struct ControlState {
@@ -208,6 +212,7 @@ impl Control {
                 check_failures: 0,
             }),
             changed: Condvar::new(),
+            throttle: Throttle::new(vcpus),
         }
     }
 
@@ -286,6 +291,7 @@ pub fn run(
     let _ = tid.send(unsafe { libc::gettid() } as u32);
     KVM_RUN.with(|run| run.set(vcpu.get_kvm_run()));
     loop {
+        control.throttle.nap_if_due(index, &control);
         if !wait_for_run(index, &vcpu, &control) {
             break;
         }
