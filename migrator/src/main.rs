@@ -13,7 +13,11 @@ use migrator::{
         client::{Connection, context_with},
         server::{Daemon, Limits, serve},
     },
-    migration::{Mode, Strategy, source::MigrationOptions},
+    migration::{
+        Mode, Strategy,
+        convergence::{Converge, TimeoutStrategy},
+        source::MigrationOptions,
+    },
     tls::Security,
     vmm::GuestImage,
 };
@@ -165,6 +169,17 @@ enum Command {
         /// Send hot written pages in every round instead of holding them back until the last.
         #[arg(long)]
         no_defer: bool,
+        /// What to do when rounds stop shrinking [default: throttle for precopy, postcopy for
+        /// hybrid].
+        #[arg(long, value_enum)]
+        converge: Option<Converge>,
+        /// Bound the time before cutover, e.g. 60s; what happens then is --timeout-strategy.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// On timeout (or, when throttling, at the round limit): cancel and keep the partition
+        /// running here, or force the cutover whatever the downtime.
+        #[arg(long, value_enum, default_value = "cancel")]
+        timeout_strategy: TimeoutStrategy,
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -336,6 +351,9 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             bandwidth_limit,
             profile_window,
             no_defer,
+            converge,
+            timeout,
+            timeout_strategy,
             json,
         } => {
             let options = MigrationOptions {
@@ -346,7 +364,12 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 bandwidth_limit,
                 profile_window,
                 defer_hot_writes: !no_defer,
+                converge,
+                timeout,
+                timeout_strategy,
             };
+            // Refused here with the flags' names, before anything is asked of a daemon.
+            options.validate()?;
             migrate(from, MigrateRequest { id, to, options }, json, &security).await
         }
     }

@@ -20,6 +20,7 @@ use migrator::{
             CommitReply, CommitRequest, Destination, DestinationError, FinishReply, PrepareReply,
             PrepareRequest,
         },
+        convergence::{Converge, CutoverReason, TimeoutStrategy},
         destination::Session,
         link::{DataLink, DataStream, LinkError},
         source::{MigrationOptions, migrate},
@@ -149,14 +150,14 @@ impl Destination for InProcess {
     }
 }
 
-fn launch() -> Arc<Partition> {
+fn launch_workload(workload: &str, args: &str) -> Arc<Partition> {
     Arc::new(
         Partition::launch(PartitionConfig {
             name: None,
             mem_size: 16 << 20,
             vcpus: 1,
-            image: GuestImage::Builtin("rw-mix".into()),
-            args: String::new(),
+            image: GuestImage::Builtin(workload.into()),
+            args: args.into(),
         })
         .expect("launches"),
     )
@@ -169,7 +170,22 @@ fn ops(partition: &Partition) -> u64 {
 /// Migrates a fresh rw-mix partition with `fault` injected; returns the report, the source
 /// partition and what the destination saw.
 fn run(mode: Mode, fault: Fault) -> (migrator::migration::MigrationReport, Arc<Partition>, Seen) {
-    let partition = launch();
+    let options = MigrationOptions {
+        strategy: Strategy::Address,
+        mode,
+        ..MigrationOptions::default()
+    };
+    run_with("rw-mix", "", &options, fault)
+}
+
+/// Migrates a fresh `workload` partition with `options` and `fault`.
+fn run_with(
+    workload: &str,
+    args: &str,
+    options: &MigrationOptions,
+    fault: Fault,
+) -> (migrator::migration::MigrationReport, Arc<Partition>, Seen) {
+    let partition = launch_workload(workload, args);
     thread::sleep(Duration::from_millis(100));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut destination = InProcess {
@@ -178,13 +194,8 @@ fn run(mode: Mode, fault: Fault) -> (migrator::migration::MigrationReport, Arc<P
         next: 0,
         seen: Arc::clone(&seen),
     };
-    let options = MigrationOptions {
-        strategy: Strategy::Address,
-        mode,
-        ..MigrationOptions::default()
-    };
     let progress = Mutex::new(MigrationProgress::default());
-    let report = migrate(&partition, &mut destination, None, &options, &progress);
+    let report = migrate(&partition, &mut destination, None, options, &progress);
     drop(destination);
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     (report, partition, seen)
@@ -282,5 +293,110 @@ fn a_failure_after_a_hybrid_cutover_keeps_the_paused_copy() {
     };
     assert_runs_on(arrived, "hybrid on the destination");
     arrived.stop();
+    source.stop();
+}
+
+/// Uniform writes without the periodic full check, which only reads (a round that falls on it
+/// finds nothing dirty).
+const WRITE_ONLY: &str = "check_every=1000000000000";
+
+/// A guest that dirties all its memory faster than a 16 MB/s link carries it: pre-copy could
+/// meet a 20 ms limit only by throttling it, which even at 99% is not enough.
+fn cannot_converge() -> MigrationOptions {
+    MigrationOptions {
+        strategy: Strategy::Address,
+        mode: Mode::Precopy,
+        downtime_limit: Duration::from_millis(20),
+        max_rounds: 4,
+        bandwidth_limit: Some(16_000_000),
+        ..MigrationOptions::default()
+    }
+}
+
+#[test]
+fn a_migration_that_cannot_meet_the_limit_throttles_then_cancels_and_the_guest_runs_on_here() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_migration_that_cannot_meet_the_limit_throttles", &why);
+    }
+    let (report, source, seen) =
+        run_with("uniform-write", WRITE_ONLY, &cannot_converge(), Fault::None);
+    assert_eq!(report.status, MigrationStatus::Failed, "{report:?}");
+    let error = report.error.clone().unwrap_or_default();
+    assert!(error.contains("did not converge"), "{error}");
+    assert!(report.throttle_pct_max >= 20, "{report:?}");
+    assert_eq!(report.cutover_reason, None);
+    assert_eq!(report.rounds, 4);
+    // Rolled back: running here at full speed, the destination's session aborted, nothing
+    // restored there.
+    assert_eq!(source.throttle_pct(), 0);
+    assert_runs_on(&source, "cancelled");
+    assert_eq!(seen.aborted, vec![1]);
+    assert!(seen.arrived.is_empty());
+    source.stop();
+}
+
+#[test]
+fn force_cuts_over_at_the_round_limit_and_says_the_limit_was_missed() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("force_cuts_over_at_the_round_limit", &why);
+    }
+    let options = MigrationOptions {
+        timeout_strategy: TimeoutStrategy::Force,
+        ..cannot_converge()
+    };
+    let (report, source, seen) = run_with("uniform-write", WRITE_ONLY, &options, Fault::None);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert_eq!(report.source_digest, report.dest_digest);
+    assert_eq!(report.cutover_reason, Some(CutoverReason::MaxRounds));
+    assert!(report.throttle_pct_max >= 20, "{report:?}");
+    assert!(report.downtime_ms > 20, "{report:?}");
+    let [arrived] = seen.arrived.as_slice() else {
+        panic!("{} partitions arrived", seen.arrived.len());
+    };
+    // The restored copy is not throttled.
+    assert_eq!(arrived.throttle_pct(), 0);
+    assert_runs_on(arrived, "forced, on the destination");
+    arrived.stop();
+    source.stop();
+}
+
+#[test]
+fn the_timeout_cancels_mid_round() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("the_timeout_cancels_mid_round", &why);
+    }
+    // Round 0 alone would take 16 MiB / 4 MB/s = 4.2 s; pages go in batches of 4 MiB.
+    let options = MigrationOptions {
+        bandwidth_limit: Some(4_000_000),
+        timeout: Some(Duration::from_millis(1500)),
+        ..cannot_converge()
+    };
+    let (report, source, seen) = run_with("uniform-write", WRITE_ONLY, &options, Fault::None);
+    assert_eq!(report.status, MigrationStatus::Failed, "{report:?}");
+    let error = report.error.clone().unwrap_or_default();
+    assert!(error.contains("timeout"), "{error}");
+    assert_eq!(report.rounds, 1);
+    assert!(report.pages_sent < report.pages_total, "{report:?}");
+    assert_runs_on(&source, "timed out");
+    assert_eq!(seen.aborted, vec![1]);
+    source.stop();
+}
+
+#[test]
+fn contradictory_options_are_refused_before_anything_is_asked() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("contradictory_options_are_refused", &why);
+    }
+    let options = MigrationOptions {
+        converge: Some(Converge::Postcopy),
+        ..MigrationOptions::default()
+    };
+    let (report, source, seen) = run_with("rw-mix", "", &options, Fault::None);
+    assert_eq!(report.status, MigrationStatus::Failed);
+    let error = report.error.clone().unwrap_or_default();
+    assert!(error.contains("--mode hybrid"), "{error}");
+    assert_eq!(report.pages_sent, 0);
+    assert_runs_on(&source, "refused options");
+    assert!(seen.aborted.is_empty() && seen.arrived.is_empty());
     source.stop();
 }

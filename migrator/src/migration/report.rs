@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::convergence::CutoverReason;
+
 /// The order pages are sent in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -73,6 +75,11 @@ pub struct MigrationReport {
     pub dirty_pages_per_round: Vec<u64>,
     /// The rate round 0 streamed at, in Mbit/s.
     pub round0_mbps: f64,
+    /// Why execution moved: `converged`, `not-shrinking`, `max-rounds` or `timeout`; null
+    /// when the migration did not get that far.
+    pub cutover_reason: Option<CutoverReason>,
+    /// The highest throttle the guest's vCPUs were slowed to, in percent (0: none).
+    pub throttle_pct_max: u8,
     pub source_digest: Option<String>,
     pub dest_digest: Option<String>,
     pub id_on_destination: Option<String>,
@@ -101,6 +108,8 @@ impl MigrationReport {
             postcopy_fault_latency_us: Latency::default(),
             dirty_pages_per_round: Vec::new(),
             round0_mbps: 0.0,
+            cutover_reason: None,
+            throttle_pct_max: 0,
             source_digest: None,
             dest_digest: None,
             id_on_destination: None,

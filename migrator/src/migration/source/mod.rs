@@ -15,6 +15,7 @@ use tracing::warn;
 
 use super::{
     control::{Destination, DestinationError, PrepareRequest},
+    convergence::{Converge, GiveUp, TimeoutStrategy},
     link::LinkError,
     protocol::PROTOCOL_VERSION,
     report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy},
@@ -45,6 +46,49 @@ pub struct MigrationOptions {
     /// set of Clark et al.) from every round but the last, since they would be dirtied again
     /// before the round ends.
     pub defer_hot_writes: bool,
+    /// What to do when rounds stop shrinking; `None` for the mode's default (pre-copy:
+    /// throttle; hybrid: post-copy).
+    pub converge: Option<Converge>,
+    /// A bound on the whole migration's time before cutover.
+    pub timeout: Option<Duration>,
+    /// What the timeout (and, when throttling, the round limit) does.
+    pub timeout_strategy: TimeoutStrategy,
+}
+
+/// Options that contradict each other.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum OptionsError {
+    #[error(
+        "--converge postcopy needs --mode hybrid (pre-copy never runs the guest on missing pages)"
+    )]
+    PostcopyInPrecopy,
+    #[error("--max-rounds must be at least 1")]
+    NoRounds,
+    #[error("--downtime-limit must be positive")]
+    NoDowntime,
+}
+
+impl MigrationOptions {
+    /// What happens when rounds stop shrinking.
+    pub fn converge(&self) -> Converge {
+        self.converge.unwrap_or(match self.mode {
+            Mode::Precopy => Converge::Throttle,
+            Mode::Hybrid => Converge::Postcopy,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if self.mode == Mode::Precopy && self.converge() == Converge::Postcopy {
+            return Err(OptionsError::PostcopyInPrecopy);
+        }
+        if self.max_rounds == 0 {
+            return Err(OptionsError::NoRounds);
+        }
+        if self.downtime_limit.is_zero() {
+            return Err(OptionsError::NoDowntime);
+        }
+        Ok(())
+    }
 }
 
 impl Default for MigrationOptions {
@@ -57,12 +101,27 @@ impl Default for MigrationOptions {
             bandwidth_limit: None,
             profile_window: Duration::from_secs(1),
             defer_hot_writes: true,
+            converge: None,
+            timeout: None,
+            timeout_strategy: TimeoutStrategy::Cancel,
         }
     }
 }
 
 #[derive(Debug, Error)]
 pub enum MigrationError {
+    #[error("bad migration options")]
+    Options(#[from] OptionsError),
+    #[error(
+        "pre-copy did not converge: {reason} with {pages} pages left ({expected_ms} ms at the measured rate, limit {limit_ms} ms) at {throttle_pct}% throttle; the partition runs on here"
+    )]
+    NotConverged {
+        reason: GiveUp,
+        pages: u64,
+        expected_ms: u64,
+        limit_ms: u64,
+        throttle_pct: u8,
+    },
     #[error("the destination did not prepare")]
     Prepare(#[source] DestinationError),
     #[error("cannot open the data connection")]
@@ -153,10 +212,16 @@ pub fn migrate(
         counts: SendCounts::default(),
         started,
         phase: SourcePhase::Preparing,
+        prepare_rtt: Duration::ZERO,
     };
     run.report.pages_total = frames;
     partition.set_migrating(true);
     let result = execute(&mut run, destination, probes);
+    // Full speed again, whatever happened: a paused partition is unaffected, a resumed one
+    // must not stay slowed.
+    if let Err(e) = partition.set_throttle(0) {
+        warn!("unthrottling the partition: {}", error_chain(&e));
+    }
     let mut report = run.report;
     report.pages_sent = run.counts.pages;
     report.zero_pages = run.counts.zero_pages;
@@ -204,6 +269,8 @@ fn execute(
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
     let options = run.options;
+    options.validate()?;
+    let asked = Instant::now();
     let reply = destination
         .prepare(PrepareRequest {
             protocol_min: PROTOCOL_VERSION,
@@ -213,6 +280,7 @@ fn execute(
         })
         .map_err(MigrationError::Prepare)?;
     let session = reply.session;
+    run.prepare_rtt = asked.elapsed();
     run.phase = SourcePhase::Iterating { session };
     let stream = destination.connect_data(reply.data_port)?;
     let demand_stream = stream

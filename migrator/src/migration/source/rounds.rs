@@ -13,13 +13,18 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{MigrationError, MigrationOptions, SourcePhase};
 use crate::{
     migration::{
-        convergence::{Convergence, Decision},
+        convergence::{Check, Convergence, Decision, Policy},
         link::DataStream,
         order::Order,
         report::{MigrationProgress, MigrationReport, Mode, Phase, Strategy},
         transport::{PageSender, SendCounts},
     },
-    vmm::{Partition, dirty::dirty_frames, memory::PAGE_SIZE, sampler::profile_partition},
+    vmm::{
+        Partition,
+        dirty::dirty_frames,
+        memory::PAGE_SIZE,
+        sampler::{Sampling, profile_partition},
+    },
 };
 
 pub(super) struct Run<'a> {
@@ -33,6 +38,17 @@ pub(super) struct Run<'a> {
     pub(super) counts: SendCounts,
     pub(super) started: Instant,
     pub(super) phase: SourcePhase,
+    /// How long the destination took to answer `prepare`: the round trip and the setting up
+    /// of a session, the part of the downtime known before the cutover.
+    pub(super) prepare_rtt: Duration,
+}
+
+/// What sending one round did.
+pub(super) struct RoundSent {
+    /// The rate it streamed at (bytes per second), if it took long enough to measure.
+    pub(super) rate: Option<f64>,
+    /// The pages it did not send because the timeout came first, in order.
+    pub(super) unsent: Vec<u64>,
 }
 
 impl Run<'_> {
@@ -61,18 +77,21 @@ impl Run<'_> {
         kept
     }
 
-    /// Sends one round; returns the rate it streamed at (bytes per second), if it took long
-    /// enough to measure.
+    /// Sends one round, stopping early at `deadline`.
     pub(super) fn send_round(
         &mut self,
         sender: &mut PageSender<DataStream>,
         frames: &[u64],
-    ) -> Result<Option<f64>, MigrationError> {
+        deadline: Option<Instant>,
+    ) -> Result<RoundSent, MigrationError> {
         let round_start = Instant::now();
         let bytes_before = self.counts.bytes;
-        self.send(sender, frames)?;
+        let sent = self.send_until(sender, frames, deadline)?;
         let elapsed = round_start.elapsed().as_secs_f64();
-        Ok((elapsed > 0.001).then(|| (self.counts.bytes - bytes_before) as f64 / elapsed))
+        Ok(RoundSent {
+            rate: (elapsed > 0.001).then(|| (self.counts.bytes - bytes_before) as f64 / elapsed),
+            unsent: frames[sent..].to_vec(),
+        })
     }
 
     /// Sends `frames` in batches, keeping the counters and the progress current.
@@ -81,10 +100,24 @@ impl Run<'_> {
         sender: &mut PageSender<DataStream>,
         frames: &[u64],
     ) -> Result<(), MigrationError> {
+        self.send_until(sender, frames, None).map(drop)
+    }
+
+    /// Sends `frames` in batches until they are all sent or `deadline` passes; returns how
+    /// many were sent.
+    fn send_until(
+        &mut self,
+        sender: &mut PageSender<DataStream>,
+        frames: &[u64],
+        deadline: Option<Instant>,
+    ) -> Result<usize, MigrationError> {
         const BATCH: usize = 1024;
         let memory = Arc::clone(self.partition.memory());
         let mut hashes = Vec::with_capacity(BATCH);
         for (i, batch) in frames.chunks(BATCH).enumerate() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(i * BATCH);
+            }
             hashes.clear();
             let counts = sender.send_pages(&memory, batch, &mut hashes)?;
             self.counts += counts;
@@ -105,7 +138,7 @@ impl Run<'_> {
                 p.rate_bytes_per_sec = rate;
             });
         }
-        Ok(())
+        Ok(frames.len())
     }
 }
 
@@ -124,17 +157,18 @@ pub(super) fn plan(
             profiler
                 .run_for(run.options.profile_window)
                 .map_err(MigrationError::Profile)?;
-            // The profiler stops here. Its read re-arming drops host mappings, and KVM maps a
-            // page writable (and so marks it dirty) when the guest faults it back in: left
-            // running, it would dirty a quarter of memory per epoch (measured: 70x the pages
-            // re-sent on rw-mix). The dirty log carries the write heat from now on.
+            // The profiler stops here. In hybrid mode its read re-arming drops host mappings,
+            // and KVM maps a page writable (and so marks it dirty) when the guest faults it back
+            // in: left running, it would dirty a quarter of memory per epoch (measured: 70x the
+            // pages re-sent on rw-mix). The dirty log carries the write heat from now on.
             Order::from_heat(&profiler.heat().pages(), frames).map_err(MigrationError::Plan)
         }
     }
 }
 
 /// Round 0 (every page, in plan order) and the rounds of dirty pages after it, until the
-/// convergence decision cuts over. Returns the pages still to send at the cutover.
+/// convergence decision cuts over (or gives up). Returns the pages still to send at the
+/// cutover.
 pub(super) fn iterate(
     run: &mut Run<'_>,
     sender: &mut PageSender<DataStream>,
@@ -156,10 +190,24 @@ pub(super) fn iterate(
     } else {
         (order.plan.clone(), Vec::new())
     };
-    let mut rate = run.send_round(sender, &round0)?.unwrap_or(1.0);
+    let deadline = options.timeout.map(|t| run.started + t);
+    let first = run.send_round(sender, &round0, deadline)?;
+    let mut rate = first.rate.unwrap_or(1.0);
+    // Held-back pages count as sent (and come back dirty in the next check): the ratio of
+    // the two is then the same whether a strategy holds its hot pages back or sends them.
+    let mut sent = (round0.len() - first.unsent.len() + deferred.len()) as u64;
+    // Pages a timeout kept from being sent: never in a dirty log, so carried by hand.
+    let mut unsent = first.unsent;
     run.report.round0_mbps = rate * 8.0 / 1e6;
     run.report.rounds = 1;
-    let mut convergence = Convergence::new(options.downtime_limit, options.max_rounds);
+    let mut convergence = Convergence::new(Policy {
+        downtime_limit: options.downtime_limit,
+        max_rounds: options.max_rounds,
+        converge: options.converge(),
+        timeout: options.timeout,
+        timeout_strategy: options.timeout_strategy,
+        fixed_cost: run.prepare_rtt,
+    });
     loop {
         let dirty: Vec<u64> = dirty_frames(
             &partition
@@ -173,13 +221,15 @@ pub(super) fn iterate(
         if options.strategy == Strategy::Heat {
             order.learn_from_round(&dirty);
         }
-        // What is left to send: the dirty pages that really changed, and those held back.
+        // What is left to send: the dirty pages that really changed, those held back, and
+        // those a timeout left unsent.
         let mut dirty = run.changed_only(dirty);
         dirty.append(&mut deferred);
+        dirty.append(&mut unsent);
         dirty.sort_unstable();
         dirty.dedup();
         let count = dirty.len() as u64;
-        let expected = Convergence::expected_downtime(count, rate);
+        let expected = convergence.expected_downtime(count, rate);
         run.report.expected_downtime_ms = expected.as_millis() as u64;
         let per_round = run.report.dirty_pages_per_round.clone();
         run.set_progress(|p| {
@@ -187,13 +237,42 @@ pub(super) fn iterate(
             p.remaining_bytes = count * PAGE_SIZE;
             p.dirty_pages_per_round = per_round;
         });
-        if let Decision::CutOver(reason) = convergence.decide(count, rate, run.report.rounds) {
-            info!(
-                "cutover after {} rounds ({reason:?}): {count} dirty pages, expected downtime \
-                 {expected:?}",
-                run.report.rounds
-            );
-            return Ok(dirty);
+        let check = Check {
+            pages: count,
+            sent,
+            rate,
+            rounds: run.report.rounds,
+            elapsed: run.started.elapsed(),
+        };
+        match convergence.decide(check) {
+            Decision::CutOver(reason) => {
+                info!(
+                    "cutover after {} rounds ({reason:?}): {count} pages left, expected downtime \
+                     {expected:?}, throttle {}%",
+                    run.report.rounds,
+                    convergence.throttle()
+                );
+                run.report.cutover_reason = Some(reason);
+                return Ok(dirty);
+            }
+            Decision::Cancel(reason) => {
+                return Err(MigrationError::NotConverged {
+                    reason,
+                    pages: count,
+                    expected_ms: expected.as_millis() as u64,
+                    limit_ms: options.downtime_limit.as_millis() as u64,
+                    throttle_pct: convergence.throttle(),
+                });
+            }
+            Decision::Throttle(pct) => {
+                info!(
+                    "round {}: {count} pages left of {sent} sent; throttling the guest to {pct}%",
+                    run.report.rounds
+                );
+                partition.set_throttle(pct)?;
+                run.report.throttle_pct_max = run.report.throttle_pct_max.max(pct);
+            }
+            Decision::Iterate => {}
         }
         order.sort(&mut dirty);
         let dirty = if defer {
@@ -205,9 +284,12 @@ pub(super) fn iterate(
         };
         let round = run.report.rounds;
         run.set_progress(|p| p.round = round);
-        if let Some(measured) = run.send_round(sender, &dirty)? {
+        let round_sent = run.send_round(sender, &dirty, deadline)?;
+        if let Some(measured) = round_sent.rate {
             rate = measured;
         }
+        sent = (dirty.len() - round_sent.unsent.len() + deferred.len()) as u64;
+        unsent = round_sent.unsent;
         run.report.rounds += 1;
     }
 }
@@ -225,6 +307,11 @@ fn start_profiler(
         ProfilerConfig {
             interval,
             ..ProfilerConfig::default()
+        },
+        match options.mode {
+            Mode::Precopy => Sampling::WritesOnly,
+            // Post-copy pushes the pages the guest reads most first.
+            Mode::Hybrid => Sampling::ReadsAndWrites,
         },
     )
     .map_err(MigrationError::Profile)?;
