@@ -490,8 +490,23 @@ fn show_paired(heat: &[Value], address: &[Value], pointer: &str) -> String {
     let ratios = paired(heat, address, pointer);
     let n = ratios.len();
     match Spread::of(ratios) {
-        Some(s) => format!("{:.2}x ({:.2}–{:.2}x, {n} pairs)", s.median, s.min, s.max),
+        Some(s) => format!(
+            "{:.2}x ({:.2}–{:.2}x, {})",
+            s.median,
+            s.min,
+            s.max,
+            plural(n, "pair")
+        ),
         None => "– (no pair)".into(),
+    }
+}
+
+/// `1 run`, `3 runs`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -549,7 +564,7 @@ impl Results<'_> {
         let s = self.scenario;
         println!("#### {}\n", s.name);
         println!(
-            "`{}` `{}`, layout {}, {}; {mode}; {runs} runs.\n",
+            "`{}` `{}`, layout {}, {}; {mode}; {}.\n",
             s.workload,
             if s.args.is_empty() {
                 "(defaults)"
@@ -558,6 +573,7 @@ impl Results<'_> {
             },
             s.layout,
             s.mem.replace('M', " MiB").replace('G', " GiB"),
+            plural(runs, "run"),
         );
         let mut header = String::from(
             "| strategy | completed | digests equal | no guest errors | limit met | cutover |",
@@ -757,7 +773,8 @@ fn matrix(args: &[String]) -> Result<()> {
         println!("Built from commit {commit}.\n");
     }
     println!(
-        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`, daemons with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition, 1 s after its workload's first operation, with `migrator migrate --strategy S --mode {mode} --downtime-limit {DOWNTIME_LIMIT}` and every other option at its default. {runs} runs, interleaved (run by run, scenario by scenario, heat and address, which goes first alternating). Figures are `median (min–max)` over the completed runs; counts over all runs; `–`: not in the report.\n"
+        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`, daemons with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition, 1 s after its workload's first operation, with `migrator migrate --strategy S --mode {mode} --downtime-limit {DOWNTIME_LIMIT}` and every other option at its default. {}, interleaved (run by run, scenario by scenario, heat and address, which goes first alternating). Figures are `median (min–max)` over the completed runs; counts over all runs; `–`: not in the report.\n",
+        plural(runs, "run")
     );
     let started = Instant::now();
     let mut results: Vec<Results> = scenarios
