@@ -63,7 +63,10 @@ enum Command {
     Bench {
         #[arg(value_enum)]
         suite: bench::Suite,
-        /// Passed to the benchmark (`migration` takes a number of runs, `charts`, or `tls [RUNS]`).
+        /// Passed to the benchmark, flags included (`migration` takes
+        /// `[RUNS] [--only SUBSTRING]... [--mode precopy|hybrid] [--list]`, `loopback [RUNS]`,
+        /// `tls [RUNS]` or `charts`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
