@@ -65,7 +65,16 @@ impl Stage {
         args.extend_from_slice(match self {
             Stage::Setup => &["--strategy", "heat", "--profile-window", "4s"],
             Stage::Round0 | Stage::LaterRound => &["--strategy", "address", "--max-rounds", "4"],
-            Stage::StopAndCopy => &["--strategy", "address", "--max-rounds", "1"],
+            // Cut over after one round whatever the downtime (a throttling pre-copy would
+            // cancel at the round limit instead).
+            Stage::StopAndCopy => &[
+                "--strategy",
+                "address",
+                "--max-rounds",
+                "1",
+                "--converge",
+                "none",
+            ],
             Stage::PostCutover => &[
                 "--strategy",
                 "address",
