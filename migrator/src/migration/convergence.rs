@@ -99,6 +99,9 @@ pub struct Policy {
 pub struct Check {
     /// Pages left to send.
     pub pages: u64,
+    /// Bytes written but not yet taken by the destination (socket buffers, the link's queue):
+    /// the cutover waits for them too.
+    pub queued: u64,
     /// Pages the round just ended sent, counting those it held back for the last round.
     pub sent: u64,
     /// The last measured link rate, bytes per second.
@@ -145,14 +148,15 @@ impl Convergence {
         }
     }
 
-    /// The time `pages` pages take at `rate` bytes per second.
-    pub fn transfer_time(pages: u64, rate: f64) -> Duration {
-        Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / rate.max(1.0))
+    /// The time `pages` pages and `queued` bytes take at `rate` bytes per second.
+    pub fn transfer_time(pages: u64, queued: u64, rate: f64) -> Duration {
+        Duration::from_secs_f64((pages * PAGE_SIZE + queued) as f64 / rate.max(1.0))
     }
 
-    /// The downtime a cutover with `pages` left would take: their transfer and the fixed cost.
-    pub fn expected_downtime(&self, pages: u64, rate: f64) -> Duration {
-        Self::transfer_time(pages, rate) + self.policy.fixed_cost
+    /// The downtime a cutover with `pages` left, behind `queued` bytes still on their way,
+    /// would take: their transfer and the fixed cost.
+    pub fn expected_downtime(&self, pages: u64, queued: u64, rate: f64) -> Duration {
+        Self::transfer_time(pages, queued, rate) + self.policy.fixed_cost
     }
 
     /// The throttle in force, in percent.
@@ -168,7 +172,7 @@ impl Convergence {
             _ => 0,
         };
         self.previous = Some(check.pages);
-        if self.expected_downtime(check.pages, check.rate) <= policy.downtime_limit {
+        if self.expected_downtime(check.pages, check.queued, check.rate) <= policy.downtime_limit {
             return Decision::CutOver(CutoverReason::Converged);
         }
         // Without throttling there is nothing to wait for once the limit is out of reach: the
@@ -251,6 +255,7 @@ mod tests {
     fn check(pages: u64, sent: u64, rounds: u32) -> Check {
         Check {
             pages,
+            queued: 0,
             sent,
             rate: RATE,
             rounds,
@@ -388,6 +393,20 @@ mod tests {
         assert_eq!(c.decide(check(7_680, 10_000, 1)), Decision::Iterate);
         assert_eq!(
             c.decide(check(5_120, 7_680, 2)),
+            Decision::CutOver(CutoverReason::Converged)
+        );
+        // Bytes still queued on the way count like pages.
+        let mut c = Convergence::new(policy(Converge::None));
+        let queued = Check {
+            queued: 4 << 20,
+            ..check(7_680, 10_000, 1)
+        };
+        assert_eq!(c.decide(queued), Decision::Iterate);
+        assert_eq!(
+            c.decide(Check {
+                queued: 4 << 20,
+                ..check(7_680 - 1_024, 10_000, 2)
+            }),
             Decision::CutOver(CutoverReason::Converged)
         );
         let mut c = Convergence::new(policy(Converge::None));

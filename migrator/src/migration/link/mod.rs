@@ -15,7 +15,7 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     os::{
-        fd::{AsFd, BorrowedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd},
         unix::net::UnixStream,
     },
     sync::{Arc, mpsc},
@@ -27,7 +27,7 @@ use tokio::runtime::Handle;
 
 pub use self::{
     socket::{POSTCOPY_SEND_BUFFER, SocketError, set_send_buffer, tune_data_socket},
-    tunnel::{TunnelError, TunnelFailure, tunnel},
+    tunnel::{TunnelError, TunnelFailure, TunnelWire, tunnel},
 };
 use crate::tls::{Security, TlsError};
 
@@ -53,23 +53,35 @@ pub enum LinkError {
 #[derive(Debug)]
 pub enum DataStream {
     Tcp(TcpStream),
-    /// One end of a socket pair whose other end is pumped through TLS ([`tunnel`]), and
-    /// how the TLS side ended.
-    Tunnel(UnixStream, Arc<TunnelFailure>),
+    /// One end of a socket pair whose other end is pumped through TLS ([`tunnel`]), how the
+    /// TLS side ended, and its TCP socket's queue.
+    Tunnel(UnixStream, Arc<TunnelFailure>, Arc<TunnelWire>),
 }
 
 impl DataStream {
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
             Self::Tcp(s) => Self::Tcp(s.try_clone()?),
-            Self::Tunnel(s, failure) => Self::Tunnel(s.try_clone()?, Arc::clone(failure)),
+            Self::Tunnel(s, failure, wire) => {
+                Self::Tunnel(s.try_clone()?, Arc::clone(failure), Arc::clone(wire))
+            }
         })
+    }
+
+    /// Bytes written that the peer has not yet acknowledged (or, through a tunnel, that are
+    /// still on their way to the TLS socket): what a cutover must wait for on top of the
+    /// pages it still has to write.
+    pub fn unsent_bytes(&self) -> io::Result<u64> {
+        match self {
+            Self::Tcp(s) => socket::unsent_bytes(s.as_fd()),
+            Self::Tunnel(s, _, wire) => Ok(socket::unsent_bytes(s.as_fd())? + wire.unsent_bytes()?),
+        }
     }
 
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.shutdown(how),
-            Self::Tunnel(s, _) => s.shutdown(how),
+            Self::Tunnel(s, ..) => s.shutdown(how),
         }
     }
 }
@@ -78,7 +90,7 @@ impl AsFd for DataStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Self::Tcp(s) => s.as_fd(),
-            Self::Tunnel(s, _) => s.as_fd(),
+            Self::Tunnel(s, ..) => s.as_fd(),
         }
     }
 }
@@ -88,7 +100,7 @@ impl Read for DataStream {
         match self {
             Self::Tcp(s) => s.read(buf),
             // The pair's end is clean even when the link under TLS died: ask the pump.
-            Self::Tunnel(s, failure) => match s.read(buf) {
+            Self::Tunnel(s, failure, _) => match s.read(buf) {
                 Ok(0) if !buf.is_empty() => match failure.get() {
                     Some(why) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
                     None => Ok(0),
@@ -103,14 +115,14 @@ impl Write for DataStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.write(buf),
-            Self::Tunnel(s, _) => s.write(buf),
+            Self::Tunnel(s, ..) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.flush(),
-            Self::Tunnel(s, _) => s.flush(),
+            Self::Tunnel(s, ..) => s.flush(),
         }
     }
 }
@@ -171,10 +183,11 @@ impl DataLink {
         runtime.spawn(async move {
             let secured = async {
                 tcp.set_nonblocking(true).map_err(LinkError::Socket)?;
+                let wire = tcp.as_raw_fd();
                 let tcp = tokio::net::TcpStream::from_std(tcp).map_err(LinkError::Socket)?;
                 let stream = security.accept(tcp, peer).await?;
-                let (engine_end, failure) = tunnel(&pump, stream)?;
-                Ok(DataStream::Tunnel(engine_end, failure))
+                let (engine_end, failure, wire) = tunnel(&pump, stream, Some(wire))?;
+                Ok(DataStream::Tunnel(engine_end, failure, wire))
             };
             let _ = ready.send((peer, secured.await));
         });
@@ -185,11 +198,12 @@ impl DataLink {
             return Ok(DataStream::Tcp(tcp));
         };
         tcp.set_nonblocking(true).map_err(LinkError::Socket)?;
+        let wire = tcp.as_raw_fd();
         let stream = runtime.block_on(async {
             let tcp = tokio::net::TcpStream::from_std(tcp).map_err(LinkError::Socket)?;
             Ok::<_, LinkError>(security.client_handshake(tcp, peer).await?)
         })?;
-        let (engine_end, failure) = tunnel(runtime, stream)?;
-        Ok(DataStream::Tunnel(engine_end, failure))
+        let (engine_end, failure, wire) = tunnel(runtime, stream, Some(wire))?;
+        Ok(DataStream::Tunnel(engine_end, failure, wire))
     }
 }

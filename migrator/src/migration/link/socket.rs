@@ -1,7 +1,12 @@
 //! Socket policy of the data connection: how long it may stay silent, and how much it may
 //! queue. Set through socket2, on the TCP socket itself or on the engine's end of a tunnel.
 
-use std::{io, net::TcpStream, os::fd::AsFd, time::Duration};
+use std::{
+    io,
+    net::TcpStream,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    time::Duration,
+};
 
 use socket2::{SockRef, TcpKeepalive};
 use thiserror::Error;
@@ -46,6 +51,22 @@ pub fn tune_data_socket(stream: &TcpStream, peer_timeout: Duration) -> Result<()
         .map_err(SocketError::UserTimeout)
 }
 
+/// Bytes written to a socket that its peer has not yet taken: for TCP, sent but not
+/// acknowledged plus not yet sent (SIOCOUTQ, `write_seq - snd_una`), so whatever is still in
+/// the send buffer, the qdisc or on the wire; for a Unix stream socket, what the peer has not
+/// read yet.
+pub fn unsent_bytes(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SIOCOUTQ is TIOCOUTQ's number (linux/sockios.h), which libc names only as the latter.
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points at a live c_int; the
+    // descriptor is borrowed, so it stays open for the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
 /// Sets the send buffer (SO_SNDBUF) of the socket under `stream`: the TCP socket, or the
 /// engine's end of a tunnel.
 pub fn set_send_buffer(stream: &impl AsFd, bytes: usize) -> Result<(), SocketError> {
@@ -59,6 +80,24 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+
+    #[test]
+    fn unsent_bytes_are_what_the_peer_has_not_taken() {
+        use std::{
+            io::{Read, Write},
+            os::unix::net::UnixStream,
+        };
+        let (mut writer, mut reader) = UnixStream::pair().unwrap();
+        assert_eq!(unsent_bytes(writer.as_fd()).unwrap(), 0);
+        writer.write_all(&[7; 1000]).unwrap();
+        assert!(unsent_bytes(writer.as_fd()).unwrap() >= 1000);
+        let mut buffer = [0; 1000];
+        reader.read_exact(&mut buffer).unwrap();
+        assert_eq!(unsent_bytes(writer.as_fd()).unwrap(), 0);
+        // Not a socket: an error, not a number.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(unsent_bytes(file.as_fd()).is_err());
+    }
 
     #[test]
     fn the_policy_reaches_the_socket() {

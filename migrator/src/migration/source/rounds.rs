@@ -229,7 +229,10 @@ pub(super) fn iterate(
         dirty.sort_unstable();
         dirty.dedup();
         let count = dirty.len() as u64;
-        let expected = convergence.expected_downtime(count, rate);
+        // What the last round wrote may still sit in socket buffers and the link's queue
+        // (megabytes: tens of milliseconds at 1 Gbit/s); the cutover waits for it too.
+        let queued = sender.stream().unsent_bytes().unwrap_or(0);
+        let expected = convergence.expected_downtime(count, queued, rate);
         run.report.expected_downtime_ms = expected.as_millis() as u64;
         let per_round = run.report.dirty_pages_per_round.clone();
         run.set_progress(|p| {
@@ -239,6 +242,7 @@ pub(super) fn iterate(
         });
         let check = Check {
             pages: count,
+            queued,
             sent,
             rate,
             rounds: run.report.rounds,
