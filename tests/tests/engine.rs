@@ -95,16 +95,21 @@ impl Destination for InProcess {
                 "refused by the test".into(),
             )));
         }
-        let (partition, digest) = found
+        let committed = found
             .commit(request)
             .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
-        self.seen.lock().unwrap().arrived.push(Arc::new(partition));
+        self.seen
+            .lock()
+            .unwrap()
+            .arrived
+            .push(Arc::new(committed.partition));
         if self.fault == Fault::CommitAnswerLost {
             return Err(unreachable("commit"));
         }
         Ok(CommitReply {
             id_on_destination: format!("arrived-{session}"),
-            dest_digest: digest.map(|d| d.total_hex()),
+            dest_digest: committed.digest.map(|d| d.total_hex()),
+            timings: committed.timings,
         })
     }
 
