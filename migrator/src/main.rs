@@ -434,6 +434,7 @@ async fn migrate(
     use std::io::IsTerminal;
     let connection = Connection::open(from, security).await?;
     let id = request.id.clone();
+    let downtime_limit = request.options.downtime_limit;
     let call = connection
         .client
         .migrate(context_with(Duration::from_secs(3600)), request);
@@ -491,6 +492,19 @@ async fn migrate(
             report.downtime_ms,
             report.mbps
         );
+        // A failed migration's limit was not kept or broken: it has no downtime to judge.
+        if report.status == migrator::migration::MigrationStatus::Completed {
+            println!("{}", downtime_line(&report, downtime_limit));
+        }
+        if let Some(note) = &report.downtime_note {
+            println!("  {note}");
+        }
+        if let Some(ratio) = report.guest_ops_ratio {
+            println!(
+                "guest ran at {:.0}% of its operations per second before the migration",
+                ratio * 100.0
+            );
+        }
         if let Some(error) = &report.error {
             println!("error: {error}");
         }
@@ -499,6 +513,21 @@ async fn migrate(
         bail!("the migration failed; the partition keeps running on the source");
     }
     Ok(())
+}
+
+/// The summary's downtime line: the total against the limit, then where it went.
+fn downtime_line(report: &migrator::migration::MigrationReport, limit: Duration) -> String {
+    let verdict = if report.downtime_limit_met {
+        "within"
+    } else {
+        "not within"
+    };
+    format!(
+        "downtime {} ms, {verdict} the {} ms limit: {}",
+        report.downtime_ms,
+        limit.as_millis(),
+        report.downtime_breakdown.summary()
+    )
 }
 
 fn state_name(info: &PartitionInfo) -> String {

@@ -236,6 +236,35 @@ impl Daemon {
             report["source_digest"], report["dest_digest"],
             "{case}: {report}"
         );
+        // Where the downtime went, with the destination's steps carried over the API: each
+        // step measured, together the downtime (`downtime_ms` is truncated, they are not).
+        let breakdown = &report["downtime_breakdown"];
+        let steps: Vec<f64> = [
+            "pause_ms",
+            "last_pages_ms",
+            "state_encode_ms",
+            "state_transfer_ms",
+            "restore_ms",
+            "resume_ms",
+        ]
+        .iter()
+        .map(|step| breakdown[step].as_f64().expect("a step in ms"))
+        .collect();
+        assert!(steps.iter().all(|ms| *ms >= 0.0), "{case}: {breakdown}");
+        assert!(
+            breakdown["restore_ms"].as_f64() > Some(0.0),
+            "{case}: {breakdown}"
+        );
+        let downtime = report["downtime_ms"].as_f64().expect("downtime_ms");
+        let total: f64 = steps.iter().sum();
+        assert!(
+            total <= downtime + 1.0 && total >= downtime - 0.01,
+            "{case}: {total} ms in steps, downtime {downtime} ms: {breakdown}"
+        );
+        assert!(
+            report["downtime_limit_met"].is_boolean(),
+            "{case}: {report}"
+        );
         let new_id = report["id_on_destination"]
             .as_str()
             .expect("id on destination")

@@ -15,7 +15,7 @@ use heatprobe_tests::{kvm_unavailable, skip};
 use migrator::{
     daemon::ApiError,
     migration::{
-        MigrationProgress, MigrationStatus, Mode, Strategy,
+        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
         control::{
             CommitReply, CommitRequest, Destination, DestinationError, FinishReply, PrepareReply,
             PrepareRequest,
@@ -96,16 +96,21 @@ impl Destination for InProcess {
                 "refused by the test".into(),
             )));
         }
-        let (partition, digest) = found
+        let committed = found
             .commit(request)
             .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
-        self.seen.lock().unwrap().arrived.push(Arc::new(partition));
+        self.seen
+            .lock()
+            .unwrap()
+            .arrived
+            .push(Arc::new(committed.partition));
         if self.fault == Fault::CommitAnswerLost {
             return Err(unreachable("commit"));
         }
         Ok(CommitReply {
             id_on_destination: format!("arrived-{session}"),
-            dest_digest: digest.map(|d| d.total_hex()),
+            dest_digest: committed.digest.map(|d| d.total_hex()),
+            timings: committed.timings,
         })
     }
 
@@ -169,7 +174,7 @@ fn ops(partition: &Partition) -> u64 {
 
 /// Migrates a fresh rw-mix partition with `fault` injected; returns the report, the source
 /// partition and what the destination saw.
-fn run(mode: Mode, fault: Fault) -> (migrator::migration::MigrationReport, Arc<Partition>, Seen) {
+fn run(mode: Mode, fault: Fault) -> (MigrationReport, Arc<Partition>, Seen) {
     let options = MigrationOptions {
         strategy: Strategy::Address,
         mode,
@@ -184,7 +189,7 @@ fn run_with(
     args: &str,
     options: &MigrationOptions,
     fault: Fault,
-) -> (migrator::migration::MigrationReport, Arc<Partition>, Seen) {
+) -> (MigrationReport, Arc<Partition>, Seen) {
     let partition = launch_workload(workload, args);
     thread::sleep(Duration::from_millis(100));
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -213,6 +218,45 @@ fn assert_runs_on(partition: &Partition, case: &str) {
     assert_eq!(partition.status().progress.errors, 0, "{case}");
 }
 
+/// Every step of the downtime was timed, on both sides, and together they are the downtime;
+/// the verdict on the limit and the note follow from the figures.
+fn assert_downtime_accounted(report: &MigrationReport, limit: Duration, case: &str) {
+    let b = &report.downtime_breakdown;
+    let steps = [
+        b.pause_ms,
+        b.last_pages_ms,
+        b.state_encode_ms,
+        b.state_transfer_ms,
+        b.restore_ms,
+        b.resume_ms,
+    ];
+    assert!(
+        steps.iter().all(|ms| ms.is_finite() && *ms >= 0.0),
+        "{case}: {b:?}"
+    );
+    // Measured, not left at zero: the destination's own figures made it across.
+    assert!(b.pause_ms > 0.0 && b.state_encode_ms > 0.0, "{case}: {b:?}");
+    assert!(b.restore_ms > 0.0 && b.resume_ms > 0.0, "{case}: {b:?}");
+    // `downtime_ms` is truncated to a whole millisecond; the steps keep the fractions.
+    let downtime = report.downtime_ms as f64;
+    assert!(
+        b.total_ms() <= downtime + 1.0 && b.total_ms() >= downtime - 0.01,
+        "{case}: {} ms in steps, downtime {downtime} ms: {b:?}",
+        b.total_ms()
+    );
+    assert_eq!(
+        report.downtime_limit_met,
+        Duration::from_millis(report.downtime_ms) <= limit,
+        "{case}: {report:?}"
+    );
+    let expected = report.expected_downtime_ms as f64;
+    assert_eq!(
+        report.downtime_note.is_some(),
+        (downtime - expected).abs() > 0.2 * downtime,
+        "{case}: {report:?}"
+    );
+}
+
 #[test]
 fn a_migration_completes_in_both_modes() {
     if let Some(why) = kvm_unavailable() {
@@ -229,6 +273,14 @@ fn a_migration_completes_in_both_modes() {
         assert_eq!(report.source_digest, report.dest_digest, "{mode:?}");
         assert_eq!(source.state(), PartitionState::Stopped, "{mode:?}");
         assert!(seen.aborted.is_empty(), "{mode:?}");
+        assert_downtime_accounted(
+            &report,
+            MigrationOptions::default().downtime_limit,
+            &format!("{mode:?}"),
+        );
+        // rw-mix runs flat out: it did work before and during the migration.
+        let ratio = report.guest_ops_ratio;
+        assert!(ratio.is_some_and(|r| r > 0.0), "{mode:?}: {ratio:?}");
         let [arrived] = seen.arrived.as_slice() else {
             panic!("{mode:?}: {} partitions arrived", seen.arrived.len());
         };
@@ -259,6 +311,15 @@ fn a_failure_before_the_guest_runs_there_resumes_it_here() {
         let (report, source, seen) = run(mode, fault);
         assert_eq!(report.status, MigrationStatus::Failed, "{case}");
         assert!(report.error.is_some(), "{case}");
+        assert!(!report.downtime_limit_met, "{case}");
+        assert_eq!(report.downtime_note, None, "{case}");
+        // Measured only once the rounds ran, which needs the data connection.
+        assert_eq!(
+            report.guest_ops_ratio.is_some(),
+            had_session && fault != Fault::Connect,
+            "{case}: {:?}",
+            report.guest_ops_ratio
+        );
         assert_runs_on(&source, &case);
         assert_eq!(
             seen.aborted,

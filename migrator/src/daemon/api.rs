@@ -25,8 +25,10 @@ use crate::{
 
 /// The API version this build speaks. Bumped whenever a request or reply changes shape:
 /// 2 carries the vCPU state of `migration_commit` as a saved state (`vmm::state`); 3 speaks
-/// postcard (`daemon::codec`) instead of bincode. New calls go at the end of the service.
-pub const API_VERSION: u32 = 3;
+/// postcard (`daemon::codec`) instead of bincode; 4 adds the destination's timings to the
+/// commit's reply and the downtime's breakdown to the migration report. New calls go at the
+/// end of the service.
+pub const API_VERSION: u32 = 4;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.

@@ -200,12 +200,43 @@ mod tests {
         let welcome: Response<MigratorApiResponse> = Response {
             request_id: 1,
             message: Ok(MigratorApiResponse::Hello(Ok(DaemonInfo {
-                api_version: 3,
+                api_version: 4,
                 guest_abi_version: 1,
                 partitions: 5,
             }))),
         };
-        assert_eq!(encode(&welcome), [1, 0, 0, 0, 3, 1, 5]);
+        assert_eq!(encode(&welcome), [1, 0, 0, 0, 4, 1, 5]);
+    }
+
+    /// The commit's answer carries the destination's timings since API 4; an answer of API 3,
+    /// without them, does not decode as one.
+    #[test]
+    fn the_commit_reply_is_pinned() {
+        use crate::migration::control::{CommitReply, CommitTimings};
+        let reply = CommitReply {
+            id_on_destination: "p1".into(),
+            dest_digest: None,
+            timings: CommitTimings {
+                pages_wait_ms: 0.0,
+                restore_ms: 1.0,
+                resume_ms: 0.5,
+            },
+        };
+        let bytes = encode(&reply);
+        assert_eq!(
+            bytes,
+            [
+                2, b'p', b'1', // the id
+                0,    // no digest
+                0, 0, 0, 0, 0, 0, 0, 0, // pages_wait_ms: 0.0
+                0, 0, 0, 0, 0, 0, 0xf0, 0x3f, // restore_ms: 1.0
+                0, 0, 0, 0, 0, 0, 0xe0, 0x3f, // resume_ms: 0.5
+            ],
+            "{bytes:02x?}"
+        );
+        let back: CommitReply = decode(&bytes).expect("decodes");
+        assert_eq!(back.timings, reply.timings);
+        assert!(decode::<CommitReply>(&bytes[..4]).is_err());
     }
 
     /// Calls' numbers on the wire: a call added anywhere but at the end of the service would

@@ -56,7 +56,7 @@ impl Daemon {
         let session = self.registry.session(session_id)?;
         let committing = Arc::clone(&session);
         let committed = blocking("commit", move || committing.commit(request)).await?;
-        let (partition, digest) = match committed {
+        let committed = match committed {
             Ok(done) => done,
             // Refused by the session's phase (a second commit, say): it goes on as it was.
             Err(e @ SessionError::Phase(_)) => return Err(ApiError::Migration(error_chain(&e))),
@@ -71,11 +71,16 @@ impl Daemon {
         info!("migrated partition arrived as {id}");
         // Hybrid: the session lives on until every page is in place (`finish`).
         let keep_session = session.mode == Mode::Hybrid;
-        self.registry
-            .session_committed(session_id, id.clone(), Arc::new(partition), keep_session);
+        self.registry.session_committed(
+            session_id,
+            id.clone(),
+            Arc::new(committed.partition),
+            keep_session,
+        );
         Ok(CommitReply {
             id_on_destination: id,
-            dest_digest: digest.map(|d| d.total_hex()),
+            dest_digest: committed.digest.map(|d| d.total_hex()),
+            timings: committed.timings,
         })
     }
 

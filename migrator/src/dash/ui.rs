@@ -178,11 +178,24 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
     }
     if let Some(r) = &app.last_report {
         lines.push(Line::from(format!(
-            "last: {} · downtime {} ms · {} re-sent · {} post-copy req",
-            r.status, r.downtime_ms, r.pages_resent, r.postcopy_requests
+            "last: {} · downtime {} ms, {} · {} re-sent · {} post-copy req",
+            r.status,
+            r.downtime_ms,
+            if r.downtime_limit_met {
+                "limit met"
+            } else {
+                "limit missed"
+            },
+            r.pages_resent,
+            r.postcopy_requests
         )));
+        // The guest's pace first: it is what the user's workload felt.
+        let pace = r
+            .guest_ops_ratio
+            .map(|ratio| format!("guest ops {:.0}% of before · ", ratio * 100.0))
+            .unwrap_or_default();
         lines.push(Line::from(format!(
-            "fault latency p50 {} µs · p99 {} µs · max {} µs",
+            "{pace}fault latency p50 {} µs · p99 {} µs · max {} µs",
             r.postcopy_fault_latency_us.p50,
             r.postcopy_fault_latency_us.p99,
             r.postcopy_fault_latency_us.max
@@ -391,7 +404,9 @@ mod tests {
             heat_view::{HeatCell, HotRange},
         },
         dash::{Snapshot, terminal::render_text},
-        migration::{MigrationProgress, report::Phase},
+        migration::{
+            MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy, report::Phase,
+        },
         vmm::PartitionState,
     };
 
@@ -497,6 +512,27 @@ mod tests {
         );
         assert!(text.contains("pre-copy · round 3 · 8 MiB left"), "{text}");
         assert!(text.contains("expected downtime 80 ms"), "{text}");
+    }
+
+    #[test]
+    fn the_last_report_says_whether_the_limit_held_and_how_the_guest_fared() {
+        let mut app = app();
+        let mut report = MigrationReport::new(Strategy::Heat, Mode::Precopy);
+        report.status = MigrationStatus::Completed;
+        report.downtime_ms = 12;
+        report.downtime_limit_met = true;
+        report.guest_ops_ratio = Some(0.85);
+        app.migration_done(report.clone());
+        let text = render_text(&app, 160, 30);
+        assert!(text.contains("downtime 12 ms, limit met"), "{text}");
+        assert!(text.contains("guest ops 85% of before"), "{text}");
+        report.downtime_limit_met = false;
+        report.guest_ops_ratio = None;
+        app.migration_done(report);
+        let text = render_text(&app, 160, 30);
+        assert!(text.contains("downtime 12 ms, limit missed"), "{text}");
+        // (The ops panel's title says "guest ops/s": look for the ratio's own words.)
+        assert!(!text.contains("of before"), "{text}");
     }
 
     #[test]

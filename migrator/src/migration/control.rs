@@ -42,6 +42,23 @@ pub struct CommitReply {
     /// The digest of the memory the destination installed (precopy: at once; hybrid: later,
     /// from `finish`).
     pub dest_digest: Option<String>,
+    /// What the commit spent on the destination, so the source can say where its downtime
+    /// went: the source sees only the round trip.
+    pub timings: CommitTimings,
+}
+
+/// The destination's own account of a commit, in milliseconds of its clock. Untrusted by the
+/// source: it only ever splits the round trip the source measured itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommitTimings {
+    /// Waiting for the last pages and the done marker, still in flight when the commit came,
+    /// to be written into guest memory.
+    pub pages_wait_ms: f64,
+    /// Checking and decoding the saved state, and restoring the partition with its vCPUs
+    /// parked (hybrid: with the stale pages dropped and userfaultfd set up first).
+    pub restore_ms: f64,
+    /// Starting the restored partition's vCPUs.
+    pub resume_ms: f64,
 }
 
 /// What the destination says once every page has arrived (hybrid mode).

@@ -20,4 +20,6 @@ pub mod report;
 pub mod source;
 pub mod transport;
 
-pub use report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy};
+pub use report::{
+    DowntimeBreakdown, MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
+};

@@ -1,5 +1,7 @@
 //! What a migration reports, at the end and while it runs.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use super::convergence::CutoverReason;
@@ -69,6 +71,18 @@ pub struct MigrationReport {
     pub bytes_sent: u64,
     pub mbps: f64,
     pub expected_downtime_ms: u64,
+    /// Where the downtime went.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Completed with `downtime_ms` within the options' downtime limit; false for a failed
+    /// migration.
+    pub downtime_limit_met: bool,
+    /// Why the downtime differed from `expected_downtime_ms` by more than a fifth of it, when
+    /// it did (completed migrations only).
+    pub downtime_note: Option<String>,
+    /// The guest's operations per second from the start of round 0 to the pause, over its rate
+    /// just before the migration; `None` if it did no operations then (paused, or an image
+    /// that keeps no count) or its counter went backwards.
+    pub guest_ops_ratio: Option<f64>,
     pub postcopy_requests: u64,
     pub postcopy_fault_latency_us: Latency,
     /// Dirty pages found at the start of each round after round 0.
@@ -104,6 +118,10 @@ impl MigrationReport {
             bytes_sent: 0,
             mbps: 0.0,
             expected_downtime_ms: 0,
+            downtime_breakdown: DowntimeBreakdown::default(),
+            downtime_limit_met: false,
+            downtime_note: None,
+            guest_ops_ratio: None,
             postcopy_requests: 0,
             postcopy_fault_latency_us: Latency::default(),
             dirty_pages_per_round: Vec::new(),
@@ -115,6 +133,141 @@ impl MigrationReport {
             id_on_destination: None,
         }
     }
+
+    /// Says whether the downtime kept to `limit` and, when it was far from what was
+    /// expected, why. Call once the status, the downtime and its breakdown are final.
+    pub fn judge_downtime(&mut self, limit: Duration) {
+        let completed = self.status == MigrationStatus::Completed;
+        self.downtime_limit_met = completed && Duration::from_millis(self.downtime_ms) <= limit;
+        self.downtime_note = if completed {
+            downtime_note(
+                self.mode,
+                self.downtime_ms,
+                self.expected_downtime_ms,
+                &self.downtime_breakdown,
+            )
+        } else {
+            None
+        };
+    }
+}
+
+/// The steps of the downtime, in milliseconds, from the pause on the source to the guest
+/// running on the destination. They follow one another, so they add up to the downtime (to
+/// within the rounding of `downtime_ms`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// Asking the vCPUs to stop until they are quiet, and the last fetch of the dirty log.
+    pub pause_ms: f64,
+    /// Pre-copy: picking the last dirty pages that changed, sending them and the done marker,
+    /// and the destination's wait for every page still in flight, the last round's included.
+    /// Hybrid: working out the stale pages, the done marker and that wait (the stale pages
+    /// themselves follow the resume).
+    pub last_pages_ms: f64,
+    /// Taking the vCPU state and encoding it (`Partition::snapshot`, `state::encode`).
+    pub state_encode_ms: f64,
+    /// The commit's round trip less what the destination says it spent: carrying the state
+    /// there and the answer back.
+    pub state_transfer_ms: f64,
+    /// Destination: checking and decoding the state and restoring the partition.
+    pub restore_ms: f64,
+    /// Destination: starting the restored partition's vCPUs.
+    pub resume_ms: f64,
+}
+
+impl DowntimeBreakdown {
+    pub fn total_ms(&self) -> f64 {
+        self.pause_ms
+            + self.last_pages_ms
+            + self.state_encode_ms
+            + self.state_transfer_ms
+            + self.restore_ms
+            + self.resume_ms
+    }
+
+    /// The steps in order, for people: `pause 2.1 ms, last pages 40.3 ms, ...`.
+    pub fn summary(&self) -> String {
+        [
+            ("pause", self.pause_ms),
+            ("last pages", self.last_pages_ms),
+            ("state encode", self.state_encode_ms),
+            ("state transfer", self.state_transfer_ms),
+            ("restore", self.restore_ms),
+            ("resume", self.resume_ms),
+        ]
+        .iter()
+        .map(|(name, ms)| format!("{name} {ms:.1} ms"))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
+
+    /// The steps the expected downtime does not model (it models only the last pages, at
+    /// the rate of the last round), named as a note names them.
+    fn unmodelled(&self) -> [(&'static str, f64); 5] {
+        [
+            ("pause", self.pause_ms),
+            ("state encoding", self.state_encode_ms),
+            ("state transfer", self.state_transfer_ms),
+            ("restore", self.restore_ms),
+            ("resume", self.resume_ms),
+        ]
+    }
+}
+
+/// How far the downtime may be from the expectation, as a share of the downtime, before a
+/// note explains the difference.
+pub const NOTE_THRESHOLD: f64 = 0.2;
+
+/// One line on why `actual_ms` of downtime was not the `expected_ms` predicted for the last
+/// pages, naming the steps that took a noticeable share of it (at least a tenth, and half a
+/// millisecond), largest first. `None` when the two agree to within [`NOTE_THRESHOLD`].
+pub fn downtime_note(
+    mode: Mode,
+    actual_ms: u64,
+    expected_ms: u64,
+    breakdown: &DowntimeBreakdown,
+) -> Option<String> {
+    let (actual, expected) = (actual_ms as f64, expected_ms as f64);
+    if (actual - expected).abs() <= NOTE_THRESHOLD * actual {
+        return None;
+    }
+    let noticeable = |ms: f64| ms >= 0.5 && ms >= 0.1 * actual;
+    let mut steps: Vec<(&str, f64)> = breakdown
+        .unmodelled()
+        .into_iter()
+        .filter(|&(_, ms)| noticeable(ms))
+        .collect();
+    // The last pages and the bytes still in flight at the last check are modelled, so they
+    // are named only when they missed the expectation; hybrid mode sends no last pages during
+    // the downtime, so the wait for those in flight is all of that step.
+    let last_pages = breakdown.last_pages_ms;
+    if (last_pages - expected).abs() > NOTE_THRESHOLD * actual {
+        steps.push((
+            match mode {
+                Mode::Precopy => "the last pages and those in flight",
+                Mode::Hybrid => "pages still in flight",
+            },
+            last_pages,
+        ));
+    }
+    steps.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let named: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ms))| {
+            if i == 0 {
+                format!("{name} took {ms:.0} ms")
+            } else {
+                format!("{name} {ms:.0} ms")
+            }
+        })
+        .collect();
+    let explained = match named.as_slice() {
+        [] => format!("the downtime was {actual_ms} ms"),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    };
+    Some(format!("expected {expected_ms} ms; {explained}"))
 }
 
 /// Where a migration is.
@@ -160,5 +313,103 @@ impl Default for MigrationProgress {
             expected_downtime_ms: 0,
             dirty_pages_per_round: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breakdown(last_pages_ms: f64, state_transfer_ms: f64, restore_ms: f64) -> DowntimeBreakdown {
+        DowntimeBreakdown {
+            pause_ms: 2.0,
+            last_pages_ms,
+            state_encode_ms: 1.0,
+            state_transfer_ms,
+            restore_ms,
+            resume_ms: 0.1,
+        }
+    }
+
+    fn completed(downtime_ms: u64, expected_downtime_ms: u64) -> MigrationReport {
+        let mut report = MigrationReport::new(Strategy::Heat, Mode::Precopy);
+        report.status = MigrationStatus::Completed;
+        report.downtime_ms = downtime_ms;
+        report.expected_downtime_ms = expected_downtime_ms;
+        report.downtime_breakdown = breakdown(downtime_ms as f64 - 3.1, 0.0, 0.0);
+        report
+    }
+
+    #[test]
+    fn no_note_when_the_expectation_is_within_a_fifth() {
+        let b = breakdown(95.0, 1.0, 1.0);
+        assert_eq!(downtime_note(Mode::Precopy, 100, 80, &b), None);
+        assert_eq!(downtime_note(Mode::Precopy, 100, 120, &b), None);
+        assert_eq!(downtime_note(Mode::Precopy, 0, 0, &b), None);
+    }
+
+    #[test]
+    fn the_note_names_what_the_expectation_left_out_largest_first() {
+        let b = breakdown(43.0, 120.0, 210.0);
+        let note = downtime_note(Mode::Precopy, 376, 43, &b);
+        assert_eq!(
+            note.as_deref(),
+            Some(
+                "expected 43 ms; restore took 210 ms and state transfer \
+                 120 ms"
+            )
+        );
+        // Just past a fifth of the actual downtime is enough.
+        let b = breakdown(79.0, 0.0, 21.0);
+        let note = downtime_note(Mode::Precopy, 100, 79, &b).expect("a note");
+        assert!(note.starts_with("expected 79 ms"), "{note}");
+        assert!(note.contains("restore took 21 ms"), "{note}");
+    }
+
+    #[test]
+    fn the_note_names_the_last_pages_when_they_missed() {
+        let b = breakdown(10.0, 3.0, 4.0);
+        let note = downtime_note(Mode::Precopy, 20, 300, &b).expect("a note");
+        assert_eq!(
+            note,
+            "expected 300 ms; the last pages and those in flight took 10 \
+             ms, restore 4 ms, state transfer 3 ms and pause 2 ms"
+        );
+        let note = downtime_note(Mode::Hybrid, 20, 300, &breakdown(0.2, 3.0, 15.0));
+        assert_eq!(
+            note.as_deref(),
+            Some(
+                "expected 300 ms; restore took 15 ms, state transfer 3 ms, \
+                 pause 2 ms and pages still in flight 0 ms"
+            )
+        );
+    }
+
+    #[test]
+    fn the_limit_is_met_only_by_a_completed_migration_within_it() {
+        let limit = Duration::from_millis(300);
+        let mut report = completed(300, 290);
+        report.judge_downtime(limit);
+        assert!(report.downtime_limit_met);
+        assert_eq!(report.downtime_note, None);
+        let mut report = completed(301, 290);
+        report.judge_downtime(limit);
+        assert!(!report.downtime_limit_met);
+        let mut report = completed(10, 290);
+        report.status = MigrationStatus::Failed;
+        report.judge_downtime(limit);
+        assert!(!report.downtime_limit_met);
+        assert_eq!(report.downtime_note, None);
+    }
+
+    #[test]
+    fn the_breakdown_adds_up_and_reads_in_order() {
+        let b = breakdown(43.0, 120.0, 210.0);
+        assert!((b.total_ms() - 376.1).abs() < 1e-9, "{}", b.total_ms());
+        assert_eq!(
+            b.summary(),
+            "pause 2.0 ms, last pages 43.0 ms, state encode 1.0 ms, state transfer 120.0 ms, \
+             restore 210.0 ms, resume 0.1 ms"
+        );
     }
 }

@@ -29,7 +29,7 @@ use userfaultfd::Uffd;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    control::{CommitRequest, FinishReply, PrepareRequest},
+    control::{CommitRequest, CommitTimings, FinishReply, PrepareRequest},
     link::{DataLink, DataStream, tune_data_socket},
     report::{Latency, Mode},
     transport::{Frame, FrameReader, TransportError, zero_page_hash},
@@ -131,6 +131,20 @@ pub enum SessionError {
     Aborted,
     #[error("the session refused the step")]
     Phase(#[from] PhaseError),
+}
+
+/// A commit that restored the partition and runs it.
+pub struct Committed {
+    pub partition: Partition,
+    /// Pre-copy: the digest of the memory the partition starts from (hybrid: from `finish`).
+    pub digest: Option<MemoryDigest>,
+    pub timings: CommitTimings,
+}
+
+/// Milliseconds since `since`, with the fraction: the steps of a downtime can take well under
+/// one.
+fn millis_since(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 #[derive(Default)]
@@ -426,30 +440,36 @@ impl Session {
     }
 
     /// The cutover: restore the partition and run it. Returns it with, in pre-copy mode, the
-    /// digest of the memory it starts from. A second commit is refused.
-    pub fn commit(
-        self: &Arc<Self>,
-        request: CommitRequest,
-    ) -> Result<(Partition, Option<MemoryDigest>), SessionError> {
+    /// digest of the memory it starts from, and what each step took. A second commit is
+    /// refused.
+    pub fn commit(self: &Arc<Self>, request: CommitRequest) -> Result<Committed, SessionError> {
+        let started = Instant::now();
         // Nothing of the state reaches KVM, or the session's phase, unchecked.
         let snapshot =
             state::decode(&request.snapshot, &self.config).map_err(SessionError::State)?;
+        let decode_ms = millis_since(started);
         self.advance(SessionEvent::Commit)?;
         let result = self.restore(&snapshot, &request.stale_pages);
         if result.is_err() {
             // The restore did not happen: the session cannot go on.
             let _ = self.advance(SessionEvent::Abort);
         }
-        result
+        result.map(|mut committed| {
+            committed.timings.restore_ms += decode_ms;
+            committed
+        })
     }
 
     fn restore(
         self: &Arc<Self>,
         snapshot: &PartitionSnapshot,
         stale_pages: &[u64],
-    ) -> Result<(Partition, Option<MemoryDigest>), SessionError> {
+    ) -> Result<Committed, SessionError> {
+        let waiting = Instant::now();
         self.wait(|p| p.phase() == SessionPhase::Restoring { received: true })?;
-        match self.mode {
+        let pages_wait_ms = millis_since(waiting);
+        let restoring = Instant::now();
+        let (partition, digest) = match self.mode {
             Mode::Precopy => {
                 let progress = self.lock();
                 if let Some(page) = progress.received.iter().position(|r| !r) {
@@ -457,24 +477,34 @@ impl Session {
                 }
                 let digest = MemoryDigest::from_pages(progress.page_digests.clone());
                 drop(progress);
-                let partition = Partition::restore(snapshot, Arc::clone(&self.memory), true)
+                // Restored parked, then resumed, so the report can tell the two apart.
+                let partition = Partition::restore(snapshot, Arc::clone(&self.memory), false)
                     .map_err(SessionError::Restore)?;
-                // An abort that came during the restore wins: the source has resumed.
-                if self.advance(SessionEvent::Restored).is_err() {
-                    partition.stop();
-                    return Err(SessionError::Aborted);
-                }
-                Ok((partition, Some(digest)))
+                (partition, Some(digest))
             }
-            Mode::Hybrid => {
-                let partition = self.start_postcopy(snapshot, stale_pages)?;
-                if self.advance(SessionEvent::Restored).is_err() {
-                    partition.stop();
-                    return Err(SessionError::Aborted);
-                }
-                Ok((partition, None))
-            }
+            Mode::Hybrid => (self.start_postcopy(snapshot, stale_pages)?, None),
+        };
+        let restore_ms = millis_since(restoring);
+        let resuming = Instant::now();
+        if let Err(e) = partition.resume() {
+            partition.stop();
+            return Err(SessionError::Restore(e));
         }
+        let resume_ms = millis_since(resuming);
+        // An abort that came during the restore wins: the source has resumed.
+        if self.advance(SessionEvent::Restored).is_err() {
+            partition.stop();
+            return Err(SessionError::Aborted);
+        }
+        Ok(Committed {
+            partition,
+            digest,
+            timings: CommitTimings {
+                pages_wait_ms,
+                restore_ms,
+                resume_ms,
+            },
+        })
     }
 
     /// Hybrid: waits until every page is in place and returns the digest and post-copy figures.

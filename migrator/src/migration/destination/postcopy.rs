@@ -21,7 +21,7 @@ use crate::{
 
 impl Session {
     /// Drops the stale pages, registers guest memory with userfaultfd, starts the fault
-    /// handler and restores the partition, which then runs on the pages it has.
+    /// handler and restores the partition, parked; once resumed it runs on the pages it has.
     pub(super) fn start_postcopy(
         self: &Arc<Self>,
         snapshot: &PartitionSnapshot,
@@ -63,7 +63,8 @@ impl Session {
             .spawn(move || handler.serve_faults(&uffd))
             .map_err(SessionError::Handler)?;
         self.threads().push(thread);
-        Partition::restore(snapshot, Arc::clone(&self.memory), true).map_err(SessionError::Restore)
+        // Parked: the caller resumes it, timing that apart.
+        Partition::restore(snapshot, Arc::clone(&self.memory), false).map_err(SessionError::Restore)
     }
 
     pub(super) fn install_postcopy(

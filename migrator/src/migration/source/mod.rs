@@ -24,6 +24,7 @@ use super::{
 use crate::vmm::{Partition, PartitionError};
 
 mod cutover;
+mod guest_ops;
 mod rounds;
 
 use self::{
@@ -201,6 +202,9 @@ pub fn migrate(
     progress: &Mutex<MigrationProgress>,
 ) -> MigrationReport {
     let started = Instant::now();
+    // The guest's pace before the migration touches it, to compare with its pace during the
+    // rounds; part of the setup time.
+    let ops_before = guest_ops::rate_before(partition, guest_ops::BEFORE_WINDOW);
     let frames = partition.memory().frames();
     let mut run = Run {
         partition,
@@ -216,7 +220,7 @@ pub fn migrate(
     };
     run.report.pages_total = frames;
     partition.set_migrating(true);
-    let result = execute(&mut run, destination, probes);
+    let result = execute(&mut run, destination, probes, ops_before);
     // Full speed again, whatever happened: a paused partition is unaffected, a resumed one
     // must not stay slowed.
     if let Err(e) = partition.set_throttle(0) {
@@ -254,6 +258,7 @@ pub fn migrate(
             }
         }
     }
+    report.judge_downtime(options.downtime_limit);
     let phase = match result {
         Ok(()) => Phase::Completed,
         Err(_) => Phase::Failed,
@@ -266,6 +271,7 @@ fn execute(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     probes: Option<Arc<Probes>>,
+    ops_before: Option<f64>,
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
     let options = run.options;
@@ -290,7 +296,11 @@ fn execute(
     partition.dirty_log_start()?;
     let mut order = plan(run, probes)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
+    let round0 = guest_ops::OpsMark::now(partition);
     let dirty = iterate(run, &mut sender, &mut order)?;
+    // The pause comes next: from round 0 to here is the guest's time under migration.
+    let during = guest_ops::rate(round0, guest_ops::OpsMark::now(partition));
+    run.report.guest_ops_ratio = guest_ops::ratio(ops_before, during);
     run.phase = SourcePhase::CuttingOver { session };
     match options.mode {
         Mode::Precopy => cutover_precopy(run, destination, session, &mut sender, &order, dirty),
