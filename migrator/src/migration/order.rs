@@ -12,7 +12,7 @@ pub struct Order {
     hot_writes: Vec<bool>,
     /// Frames hottest first (the post-copy push order).
     pub hottest_first: Vec<u64>,
-    /// Round 0's order.
+    /// Round 0's order (the plan's pre-copy order: pages seen written last).
     pub plan: Vec<u64>,
 }
 
@@ -29,7 +29,7 @@ impl Order {
 
     pub fn from_heat(pages: &[heatprobe::PageHeat], frames: u64) -> Result<Self, PlanError> {
         let plan = MigrationPlan::build(pages, Some(0..frames))?;
-        let order: Vec<u64> = plan.order().collect();
+        let order: Vec<u64> = plan.precopy_order().collect();
         let mut rank = vec![0u32; frames as usize];
         for (position, &frame) in order.iter().enumerate() {
             rank[frame as usize] = position as u32;
@@ -84,6 +84,11 @@ impl Order {
                 }
             }
         }
+    }
+
+    /// Whether `frame` is held back as a hot write.
+    pub fn is_hot_write(&self, frame: u64) -> bool {
+        self.hot_writes.get(frame as usize).copied().unwrap_or(false)
     }
 
     /// Splits `frames` into what to send now and the hot written frames to hold back.

@@ -52,8 +52,8 @@ impl Stopwatch {
 }
 
 /// Starts the cutover: pauses the partition and returns when it paused, with the pages that
-/// still have to travel: those dirty at the last check (not sent since) and those dirtied
-/// after it, without duplicates, minus those whose content is what was last sent.
+/// still have to travel: those left at the last check (not sent since) and those dirtied
+/// after it whose content is not what was last sent, without duplicates.
 fn pause_for_cutover(
     run: &mut Run<'_>,
     mut last_dirty: Vec<u64>,
@@ -66,10 +66,16 @@ fn pause_for_cutover(
         .dirty_log_fetch()?
         .ok_or(MigrationError::DirtyLogOff)?;
     run.report.downtime_breakdown.pause_ms = clock.lap();
-    last_dirty.extend(dirty_frames(&bitmap));
+    // The last check already dropped its unchanged pages: only those dirtied since are
+    // hashed, inside the downtime (hashing 9k pages again took about 10 ms there).
+    last_dirty.sort_unstable();
+    let fresh: Vec<u64> = dirty_frames(&bitmap)
+        .filter(|f| last_dirty.binary_search(f).is_err())
+        .collect();
+    last_dirty.extend(run.changed_only(fresh));
     last_dirty.sort_unstable();
     last_dirty.dedup();
-    Ok((clock, run.changed_only(last_dirty)))
+    Ok((clock, last_dirty))
 }
 
 /// Pause, send the pages dirtied since the last round and the vCPU state, resume there.

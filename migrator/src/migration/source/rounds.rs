@@ -13,7 +13,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{MigrationError, MigrationOptions, SourcePhase};
 use crate::{
     migration::{
-        convergence::{Check, Convergence, Decision, Policy},
+        convergence::{Check, Convergence, CutoverReason, Decision, Policy},
         link::DataStream,
         order::Order,
         report::{MigrationProgress, MigrationReport, Mode, Phase, Strategy},
@@ -200,6 +200,7 @@ pub(super) fn iterate(
     let mut unsent = first.unsent;
     run.report.round0_mbps = rate * 8.0 / 1e6;
     run.report.rounds = 1;
+    let mut refreshed = false;
     let mut convergence = Convergence::new(Policy {
         downtime_limit: options.downtime_limit,
         max_rounds: options.max_rounds,
@@ -249,6 +250,20 @@ pub(super) fn iterate(
             elapsed: run.started.elapsed(),
         };
         match convergence.decide(check) {
+            // Heat knows which of the pages left are hot writes. The others move now, in one
+            // more round while the guest runs, and only the hot ones (with what that round
+            // sees dirtied) wait for the pause: the method's "refresh, then move". The check
+            // after it still guards the limit.
+            Decision::CutOver(CutoverReason::Converged)
+                if defer && !refreshed && worth_refreshing(order, &dirty) =>
+            {
+                refreshed = true;
+                info!(
+                    "round {}: converged with {count} pages left; sending the cold ones before \
+                     the pause",
+                    run.report.rounds
+                );
+            }
             Decision::CutOver(reason) => {
                 info!(
                     "cutover after {} rounds ({reason:?}): {count} pages left, expected downtime \
@@ -296,6 +311,13 @@ pub(super) fn iterate(
         unsent = round_sent.unsent;
         run.report.rounds += 1;
     }
+}
+
+/// Whether a refresh round before the pause pays: at least a tenth of what is left is not
+/// held back as a hot write.
+fn worth_refreshing(order: &Order, left: &[u64]) -> bool {
+    let cold = left.iter().filter(|&&f| !order.is_hot_write(f)).count();
+    cold > 0 && cold * 10 >= left.len()
 }
 
 fn start_profiler(
