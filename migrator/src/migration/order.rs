@@ -98,3 +98,32 @@ impl Order {
             .partition(|&f| !self.hot_writes[f as usize])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(order: &Order, frames: u64) -> Vec<u64> {
+        (0..frames).filter(|&f| order.is_hot_write(f)).collect()
+    }
+
+    #[test]
+    fn pages_dirty_in_two_checks_in_a_row_are_held_back_and_go_last() {
+        let mut order = Order::address(8);
+        // One check says nothing of repetition.
+        order.learn_from_round(&[1, 2, 3]);
+        assert!(held(&order, 8).is_empty());
+        order.learn_from_round(&[1, 2, 4]);
+        assert_eq!(held(&order, 8), vec![1, 2]);
+        // Only the last two checks count: 1 and 2 are quiet now, 4 repeats.
+        order.learn_from_round(&[3, 4]);
+        assert_eq!(held(&order, 8), vec![4]);
+        let (now, later) = order.hold_back_hot_writes((0..8).collect());
+        assert_eq!(later, vec![4]);
+        assert_eq!(now, vec![0, 1, 2, 3, 5, 6, 7]);
+        // Sorted, every page once held back goes after the others, in plan order.
+        let mut frames: Vec<u64> = (0..8).rev().collect();
+        order.sort(&mut frames);
+        assert_eq!(frames, vec![0, 3, 5, 6, 7, 1, 2, 4]);
+    }
+}
