@@ -456,8 +456,13 @@ async fn migrate(
                 .migration_progress(context::current(), id.clone())
                 .await
             {
+                let throttle = if p.throttle_pct > 0 {
+                    format!("  throttle {}%", p.throttle_pct)
+                } else {
+                    String::new()
+                };
                 bar.set_message(format!(
-                    "{:?} round {}  remaining {} MiB  {:.0} MiB/s  expected downtime {} ms",
+                    "{:?} round {}  remaining {} MiB  {:.0} MiB/s  expected downtime {} ms{throttle}",
                     p.phase,
                     p.round,
                     p.remaining_bytes >> 20,

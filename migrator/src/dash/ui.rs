@@ -159,10 +159,15 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
     match &app.snapshot.migration {
         Some(p) => {
             lines.push(Line::from(format!(
-                "{} · round {} · {} MiB left",
+                "{} · round {} · {} MiB left{}",
                 phase_name(p.phase),
                 p.round,
-                p.remaining_bytes >> 20
+                p.remaining_bytes >> 20,
+                if p.throttle_pct > 0 {
+                    format!(" · throttle {}%", p.throttle_pct)
+                } else {
+                    String::new()
+                }
             )));
             lines.push(Line::from(format!(
                 "{:.0} MiB/s · expected downtime {} ms / limit {} ms",
@@ -478,6 +483,7 @@ mod tests {
                 rate_bytes_per_sec: 100.0 * (1 << 20) as f64,
                 expected_downtime_ms: 80,
                 dirty_pages_per_round: vec![900, 400, 100],
+                throttle_pct: 40,
             }),
             ops_per_sec: 12345.0,
             error: None,
@@ -511,6 +517,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("pre-copy · round 3 · 8 MiB left"), "{text}");
+        let wide = render_text(&app(), 160, 30);
+        assert!(
+            wide.contains("pre-copy · round 3 · 8 MiB left · throttle 40%"),
+            "{wide}"
+        );
         assert!(text.contains("expected downtime 80 ms"), "{text}");
     }
 

@@ -88,7 +88,10 @@ impl Order {
 
     /// Whether `frame` is held back as a hot write.
     pub fn is_hot_write(&self, frame: u64) -> bool {
-        self.hot_writes.get(frame as usize).copied().unwrap_or(false)
+        self.hot_writes
+            .get(frame as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Splits `frames` into what to send now and the hot written frames to hold back.

@@ -300,6 +300,8 @@ pub struct MigrationProgress {
     pub rate_bytes_per_sec: f64,
     pub expected_downtime_ms: u64,
     pub dirty_pages_per_round: Vec<u64>,
+    /// How far the guest's vCPUs are slowed now, in percent (QEMU's cpu-throttle-percentage).
+    pub throttle_pct: u8,
 }
 
 impl Default for MigrationProgress {
@@ -312,6 +314,7 @@ impl Default for MigrationProgress {
             rate_bytes_per_sec: 0.0,
             expected_downtime_ms: 0,
             dirty_pages_per_round: Vec::new(),
+            throttle_pct: 0,
         }
     }
 }

@@ -290,6 +290,7 @@ pub(super) fn iterate(
                 );
                 partition.set_throttle(pct)?;
                 run.report.throttle_pct_max = run.report.throttle_pct_max.max(pct);
+                run.set_progress(|p| p.throttle_pct = pct);
             }
             Decision::Iterate => {}
         }
