@@ -258,24 +258,27 @@ fn warm_up_and_migrate(
         thread::sleep(Duration::from_millis(100));
     }
     thread::sleep(Duration::from_secs(1));
-    cli(
-        a,
-        &[
-            "migrate",
-            "--from",
-            &a.addr,
-            "--to",
-            &b.addr,
-            id,
-            "--strategy",
-            strategy,
-            "--mode",
-            mode,
-            "--downtime-limit",
-            DOWNTIME_LIMIT,
-        ],
-    )
+    let mut args = vec![
+        "migrate",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        id,
+        "--strategy",
+        strategy,
+        "--mode",
+        mode,
+        "--downtime-limit",
+        DOWNTIME_LIMIT,
+    ];
+    args.extend(MIGRATE_ARGS.get().into_iter().flatten().map(String::as_str));
+    cli(a, &args)
 }
+
+/// Options the matrix passes to every `migrator migrate` besides its own (`--migrate-arg`), to
+/// measure what one mechanism does: `--converge none`, `--no-defer`.
+static MIGRATE_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 /// [`one_migration`], but a failure becomes a report with `status: "error"` (and goes to
 /// stderr), and so does a report that is not `completed`.
@@ -682,18 +685,20 @@ fn commit() -> Option<String> {
 struct MatrixArgs {
     runs: usize,
     only: Vec<String>,
+    migrate_args: Vec<String>,
     mode: String,
     list: bool,
 }
 
 const USAGE: &str =
-    "usage: bench_migration [RUNS] [--only SUBSTRING]... [--mode precopy|hybrid] [--list]
+    "usage: bench_migration [RUNS] [--only SUBSTRING]... [--mode precopy|hybrid] [--migrate-arg ARG]... [--list]
        bench_migration loopback [RUNS] | tls [RUNS] | charts";
 
 fn matrix_args(args: &[String]) -> Result<MatrixArgs> {
     let mut parsed = MatrixArgs {
         runs: DEFAULT_RUNS,
         only: Vec::new(),
+        migrate_args: Vec::new(),
         mode: "precopy".into(),
         list: false,
     };
@@ -714,6 +719,11 @@ fn matrix_args(args: &[String]) -> Result<MatrixArgs> {
                     bail!("--mode is precopy or hybrid, not {}\n{USAGE}", parsed.mode);
                 }
             }
+            "--migrate-arg" => parsed.migrate_args.push(
+                args.next()
+                    .context("--migrate-arg needs an argument of migrator migrate")?
+                    .clone(),
+            ),
             "--list" => parsed.list = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -737,9 +747,19 @@ fn matrix(args: &[String]) -> Result<()> {
     let MatrixArgs {
         runs,
         only,
+        migrate_args,
         mode,
         list,
     } = matrix_args(args)?;
+    let extra = if migrate_args.is_empty() {
+        "every other option at its default".to_string()
+    } else {
+        format!(
+            "`{}`, every other option at its default",
+            migrate_args.join(" ")
+        )
+    };
+    let _ = MIGRATE_ARGS.set(migrate_args);
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| only.is_empty() || only.iter().any(|o| s.name.to_lowercase().contains(o)))
@@ -773,7 +793,7 @@ fn matrix(args: &[String]) -> Result<()> {
         println!("Built from commit {commit}.\n");
     }
     println!(
-        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`, daemons with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition, 1 s after its workload's first operation, with `migrator migrate --strategy S --mode {mode} --downtime-limit {DOWNTIME_LIMIT}` and every other option at its default. {}, interleaved (run by run, scenario by scenario, heat and address, which goes first alternating). Figures are `median (min–max)` over the completed runs; counts over all runs; `–`: not in the report.\n",
+        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`, daemons with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition, 1 s after its workload's first operation, with `migrator migrate --strategy S --mode {mode} --downtime-limit {DOWNTIME_LIMIT}`, {extra}. {}, interleaved (run by run, scenario by scenario, heat and address, which goes first alternating). Figures are `median (min–max)` over the completed runs; counts over all runs; `–`: not in the report.\n",
         plural(runs, "run")
     );
     let started = Instant::now();
