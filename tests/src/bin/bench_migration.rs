@@ -313,11 +313,14 @@ fn recorded_migration(
         );
     }
     eprintln!(
-        "bench: {} / {strategy} / run {run}: {} in {took:.0} s, downtime {} ms, re-sent {}",
+        "bench: {} / {strategy} / run {run}: {} in {took:.0} s, downtime {} ms, re-sent {}, \
+         throttle {}%, dirty per round {}",
         scenario.name,
         report["status"].as_str().unwrap_or("?"),
         report["downtime_ms"],
         report["pages_resent"],
+        report["throttle_pct_max"],
+        report["dirty_pages_per_round"],
     );
     report
 }

@@ -231,7 +231,10 @@ pub(super) fn iterate(
         dirty.dedup();
         let count = dirty.len() as u64;
         // What the last round wrote may still sit in socket buffers and the link's queue
-        // (megabytes: tens of milliseconds at 1 Gbit/s); the cutover waits for it too.
+        // (megabytes: tens of milliseconds at 1 Gbit/s). The cutover lets it drain before the
+        // pause, but the pages dirtied meanwhile take its place in the last set: as many, at
+        // most, while the guest dirties no faster than the link carries, as it does once
+        // the rounds converge.
         let queued = sender.stream().unsent_bytes().unwrap_or(0);
         let expected = convergence.expected_downtime(count, queued, rate);
         run.report.expected_downtime_ms = expected.as_millis() as u64;
