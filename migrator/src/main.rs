@@ -164,7 +164,7 @@ enum Command {
         #[arg(long, value_parser = parse_bandwidth)]
         bandwidth_limit: Option<u64>,
         /// How long to profile page heat before round 0 (heat strategy).
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         profile_window: Duration,
         /// Send hot written pages in every round instead of holding them back until the last.
         #[arg(long)]

@@ -41,7 +41,9 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// Bytes per second the sender may use; `None` for no limit.
     pub bandwidth_limit: Option<u64>,
-    /// How long to profile before round 0 (heat strategy).
+    /// How long to profile before round 0 (heat strategy). 2 s by default: on kv-zipf with
+    /// its keys in place heat re-sent 0.54x the pages of address after 2 s against 0.60-0.62x
+    /// after 1 s (docs/BENCHMARKS.md), for one second more of total time.
     pub profile_window: Duration,
     /// Heat strategy, pre-copy: hold back pages that are hot and written (the writable working
     /// set of Clark et al.) from every round but the last, since they would be dirtied again
@@ -100,7 +102,7 @@ impl Default for MigrationOptions {
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
             bandwidth_limit: None,
-            profile_window: Duration::from_secs(1),
+            profile_window: Duration::from_secs(2),
             defer_hot_writes: true,
             converge: None,
             timeout: None,
