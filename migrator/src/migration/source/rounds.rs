@@ -43,9 +43,12 @@ pub(super) struct Run<'a> {
     pub(super) prepare_rtt: Duration,
 }
 
+/// The least a round must send for its rate to count: one batch of pages.
+const MIN_RATE_SAMPLE: u64 = 1024 * PAGE_SIZE;
+
 /// What sending one round did.
 pub(super) struct RoundSent {
-    /// The rate it streamed at (bytes per second), if it took long enough to measure.
+    /// The rate it streamed at (bytes per second), if it sent enough to measure.
     pub(super) rate: Option<f64>,
     /// The pages it did not send because the timeout came first, in order.
     pub(super) unsent: Vec<u64>,
@@ -77,19 +80,26 @@ impl Run<'_> {
         kept
     }
 
-    /// Sends one round, stopping early at `deadline`.
+    /// Sends one round (`first`: round 0), stopping early at `deadline`.
     pub(super) fn send_round(
         &mut self,
         sender: &mut PageSender<DataStream>,
         frames: &[u64],
+        first: bool,
         deadline: Option<Instant>,
     ) -> Result<RoundSent, MigrationError> {
         let round_start = Instant::now();
         let bytes_before = self.counts.bytes;
         let sent = self.send_until(sender, frames, deadline)?;
         let elapsed = round_start.elapsed().as_secs_f64();
+        let bytes = self.counts.bytes - bytes_before;
         Ok(RoundSent {
-            rate: (elapsed > 0.001).then(|| (self.counts.bytes - bytes_before) as f64 / elapsed),
+            // A round of a few pages measures the latency of its first write, not the link:
+            // one of 20 pages once measured a rate at which nothing fit the limit, and a
+            // partition with nothing left to send was throttled to 99% and cancelled. Round
+            // 0 (every page) always counts.
+            rate: ((bytes >= MIN_RATE_SAMPLE || first) && elapsed > 0.001)
+                .then(|| bytes as f64 / elapsed),
             unsent: frames[sent..].to_vec(),
         })
     }
@@ -191,7 +201,7 @@ pub(super) fn iterate(
         (order.plan.clone(), Vec::new())
     };
     let deadline = options.timeout.map(|t| run.started + t);
-    let first = run.send_round(sender, &round0, deadline)?;
+    let first = run.send_round(sender, &round0, true, deadline)?;
     let mut rate = first.rate.unwrap_or(1.0);
     // Held-back pages count as sent (and come back dirty in the next check): the ratio of
     // the two is then the same whether a strategy holds its hot pages back or sends them.
@@ -307,7 +317,7 @@ pub(super) fn iterate(
         };
         let round = run.report.rounds;
         run.set_progress(|p| p.round = round);
-        let round_sent = run.send_round(sender, &dirty, deadline)?;
+        let round_sent = run.send_round(sender, &dirty, false, deadline)?;
         if let Some(measured) = round_sent.rate {
             rate = measured;
         }
