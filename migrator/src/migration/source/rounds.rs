@@ -211,6 +211,7 @@ pub(super) fn iterate(
     run.report.round0_mbps = rate * 8.0 / 1e6;
     run.report.rounds = 1;
     let mut refreshed = false;
+    let mut refreshing = false;
     let mut convergence = Convergence::new(Policy {
         downtime_limit: options.downtime_limit,
         max_rounds: options.max_rounds,
@@ -263,17 +264,20 @@ pub(super) fn iterate(
             elapsed: run.started.elapsed(),
         };
         match convergence.decide(check) {
-            // Heat knows which of the pages left are hot writes. The others move now, in one
-            // more round while the guest runs, and only the hot ones (with what that round
-            // sees dirtied) wait for the pause: the method's "refresh, then move". The check
-            // after it still guards the limit.
+            // Heat knows which of the pages left are hot writes. Everything left moves now, in
+            // one more round while the guest runs, the hot ones last, so that only what is
+            // dirtied again during it waits for the pause: the method's "refresh, then move".
+            // The check after it still guards the limit. (Sending only the cold ones left the
+            // held-back hot pages to the pause: measured on kv-zipf in place, heat's downtime
+            // was then 1.17x address's.)
             Decision::CutOver(CutoverReason::Converged)
                 if defer && !refreshed && worth_refreshing(order, &dirty) =>
             {
                 refreshed = true;
+                refreshing = true;
                 info!(
-                    "round {}: converged with {count} pages left; sending the cold ones before \
-                     the pause",
+                    "round {}: converged with {count} pages left; refreshing them before the \
+                     pause",
                     run.report.rounds
                 );
             }
@@ -308,7 +312,7 @@ pub(super) fn iterate(
             Decision::Iterate => {}
         }
         order.sort(&mut dirty);
-        let dirty = if defer {
+        let dirty = if defer && !std::mem::take(&mut refreshing) {
             let (now, later) = order.hold_back_hot_writes(dirty);
             deferred = later;
             now
@@ -328,7 +332,8 @@ pub(super) fn iterate(
 }
 
 /// Whether a refresh round before the pause pays: at least a tenth of what is left is not
-/// held back as a hot write.
+/// held back as a hot write (a set of hot writes only, such as rw-mix's, would come back
+/// whole).
 fn worth_refreshing(order: &Order, left: &[u64]) -> bool {
     let cold = left.iter().filter(|&&f| !order.is_hot_write(f)).count();
     cold > 0 && cold * 10 >= left.len()
