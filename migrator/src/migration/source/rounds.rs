@@ -331,12 +331,13 @@ pub(super) fn iterate(
     }
 }
 
-/// Whether a refresh round before the pause pays: at least a tenth of what is left is not
-/// held back as a hot write (a set of hot writes only, such as rw-mix's, would come back
-/// whole).
+/// Whether a refresh round before the pause pays: what is left is at least one batch (a
+/// smaller set takes a few milliseconds to send; refreshing scan's 67 pages only re-sent
+/// them), and at least a tenth of it is not held back as a hot write (a set of hot writes
+/// only, such as rw-mix's, would come back whole).
 fn worth_refreshing(order: &Order, left: &[u64]) -> bool {
     let cold = left.iter().filter(|&&f| !order.is_hot_write(f)).count();
-    cold > 0 && cold * 10 >= left.len()
+    left.len() as u64 * PAGE_SIZE >= MIN_RATE_SAMPLE && cold * 10 >= left.len()
 }
 
 fn start_profiler(
