@@ -58,7 +58,7 @@ impl Throttle {
     }
 
     /// How long vCPU `index` sleeps per timeslice.
-    pub fn nap_length(&self, index: usize) -> Duration {
+    fn nap_length(&self, index: usize) -> Duration {
         let pct = self.pct.get(index).map_or(0, |p| p.load(Ordering::Relaxed));
         nap_for(pct)
     }

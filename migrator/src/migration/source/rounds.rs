@@ -43,8 +43,10 @@ pub(super) struct Run<'a> {
     pub(super) prepare_rtt: Duration,
 }
 
-/// The least a round must send for its rate to count: one batch of pages.
-const MIN_RATE_SAMPLE: u64 = 1024 * PAGE_SIZE;
+/// Pages sent per call to the sender, between which the counters, the progress and the
+/// timeout are looked at. Also the least a round must send for its rate to count, and the
+/// least set a refresh round is worth.
+const BATCH: usize = 1024;
 
 /// What sending one round did.
 pub(super) struct RoundSent {
@@ -98,7 +100,7 @@ impl Run<'_> {
             // one of 20 pages once measured a rate at which nothing fit the limit, and a
             // partition with nothing left to send was throttled to 99% and cancelled. Round
             // 0 (every page) always counts.
-            rate: ((bytes >= MIN_RATE_SAMPLE || first) && elapsed > 0.001)
+            rate: ((bytes >= BATCH as u64 * PAGE_SIZE || first) && elapsed > 0.001)
                 .then(|| bytes as f64 / elapsed),
             unsent: frames[sent..].to_vec(),
         })
@@ -121,7 +123,6 @@ impl Run<'_> {
         frames: &[u64],
         deadline: Option<Instant>,
     ) -> Result<usize, MigrationError> {
-        const BATCH: usize = 1024;
         let memory = Arc::clone(self.partition.memory());
         let mut hashes = Vec::with_capacity(BATCH);
         for (i, batch) in frames.chunks(BATCH).enumerate() {
@@ -211,7 +212,6 @@ pub(super) fn iterate(
     run.report.round0_mbps = rate * 8.0 / 1e6;
     run.report.rounds = 1;
     let mut refreshed = false;
-    let mut refreshing = false;
     let mut convergence = Convergence::new(Policy {
         downtime_limit: options.downtime_limit,
         max_rounds: options.max_rounds,
@@ -263,6 +263,8 @@ pub(super) fn iterate(
             rounds: run.report.rounds,
             elapsed: run.started.elapsed(),
         };
+        // Whether the round about to go is heat's refresh, which holds nothing back.
+        let mut refreshing = false;
         match convergence.decide(check) {
             // Heat knows which of the pages left are hot writes. Everything left moves now, in
             // one more round while the guest runs, the hot ones last, so that only what is
@@ -312,7 +314,7 @@ pub(super) fn iterate(
             Decision::Iterate => {}
         }
         order.sort(&mut dirty);
-        let dirty = if defer && !std::mem::take(&mut refreshing) {
+        let dirty = if defer && !refreshing {
             let (now, later) = order.hold_back_hot_writes(dirty);
             deferred = later;
             now
@@ -337,7 +339,7 @@ pub(super) fn iterate(
 /// only, such as rw-mix's, would come back whole).
 fn worth_refreshing(order: &Order, left: &[u64]) -> bool {
     let cold = left.iter().filter(|&&f| !order.is_hot_write(f)).count();
-    left.len() as u64 * PAGE_SIZE >= MIN_RATE_SAMPLE && cold * 10 >= left.len()
+    left.len() >= BATCH && cold * 10 >= left.len()
 }
 
 fn start_profiler(
