@@ -72,6 +72,11 @@ impl Partition {
         }
     }
 
+    /// The progress of all vCPUs together: see [`total`].
+    pub fn total_progress(&self) -> Progress {
+        total(&self.progress())
+    }
+
     /// Reads each vCPU's progress from the boot-info page, without stopping anything.
     pub fn progress(&self) -> Vec<Progress> {
         (0..self.config.vcpus)
@@ -94,14 +99,7 @@ impl Partition {
 
     pub fn status(&self) -> PartitionStatus {
         let vcpu_progress = self.progress();
-        let progress = vcpu_progress
-            .iter()
-            .fold(Progress::default(), |sum, p| Progress {
-                ops: sum.ops + p.ops,
-                errors: sum.errors + p.errors,
-                checks: sum.checks + p.checks,
-                heartbeat: sum.heartbeat.max(p.heartbeat),
-            });
+        let progress = total(&vcpu_progress);
         let state = self.state();
         let control = self.control.lock();
         let crash_reason = control.vcpus.iter().enumerate().find_map(|(i, s)| match s {
@@ -125,5 +123,41 @@ impl Partition {
             check_failures: control.check_failures,
             console: String::from_utf8_lossy(&control.console).into_owned(),
         }
+    }
+}
+
+/// Per-vCPU progress summed (the heartbeat is the latest). The guest writes these words, so
+/// the sums saturate rather than overflow.
+pub fn total(progress: &[Progress]) -> Progress {
+    progress
+        .iter()
+        .fold(Progress::default(), |sum, p| Progress {
+            ops: sum.ops.saturating_add(p.ops),
+            errors: sum.errors.saturating_add(p.errors),
+            checks: sum.checks.saturating_add(p.checks),
+            heartbeat: sum.heartbeat.max(p.heartbeat),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_and_saturate_on_words_the_guest_wrote() {
+        let p = |ops, errors, checks, heartbeat| Progress {
+            ops,
+            errors,
+            checks,
+            heartbeat,
+        };
+        let sum = total(&[p(3, 1, 2, 9), p(4, 0, 5, 7)]);
+        assert_eq!(
+            (sum.ops, sum.errors, sum.checks, sum.heartbeat),
+            (7, 1, 7, 9)
+        );
+        let sum = total(&[p(u64::MAX, 0, 0, 0), p(5, u64::MAX, 1, 0), p(0, 1, 0, 0)]);
+        assert_eq!((sum.ops, sum.errors), (u64::MAX, u64::MAX));
+        assert_eq!(total(&[]).ops, 0);
     }
 }

@@ -17,16 +17,11 @@ pub(super) struct OpsMark {
 }
 
 impl OpsMark {
-    /// Reads the count the guest keeps over its vCPUs. The guest writes it, so it is summed
-    /// without overflowing.
+    /// Reads the count the guest keeps over its vCPUs.
     pub(super) fn now(partition: &Partition) -> Self {
-        let ops = partition
-            .progress()
-            .iter()
-            .fold(0u64, |sum, p| sum.saturating_add(p.ops));
         Self {
             at: Instant::now(),
-            ops,
+            ops: partition.total_progress().ops,
         }
     }
 }
