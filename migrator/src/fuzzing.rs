@@ -111,7 +111,7 @@ pub fn frames(data: &[u8]) -> Result<(), FuzzError> {
         match reader.next_frame() {
             Ok(None) => return Ok(()),
             Err(e) => return Err(FuzzError::Frame(e)),
-            Ok(Some(Frame::Done)) => {}
+            Ok(Some(Frame::Done | Frame::Urgent)) => {}
             Ok(Some(Frame::Demand(pages))) => {
                 assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
                 assert!(pages.iter().all(|&p| p < frames), "demanded pages in range");

@@ -180,6 +180,10 @@ enum Command {
         /// running here, or force the cutover whatever the downtime.
         #[arg(long, value_enum, default_value = "cancel")]
         timeout_strategy: TimeoutStrategy,
+        /// How long after the resume to count the guest's faults on the destination (0s: do
+        /// not count); the command returns once it is over.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        fault_window: Duration,
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -354,6 +358,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             converge,
             timeout,
             timeout_strategy,
+            fault_window,
             json,
         } => {
             let options = MigrationOptions {
@@ -367,6 +372,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 converge,
                 timeout,
                 timeout_strategy,
+                fault_window,
             };
             // Refused here with the flags' names, before anything is asked of a daemon.
             options.validate()?;
@@ -510,6 +516,9 @@ async fn migrate(
                 ratio * 100.0
             );
         }
+        if report.status == migrator::migration::MigrationStatus::Completed {
+            println!("{}", after_move_line(&report));
+        }
         if let Some(error) = &report.error {
             println!("error: {error}");
         }
@@ -532,6 +541,36 @@ fn downtime_line(report: &migrator::migration::MigrationReport, limit: Duration)
         report.downtime_ms,
         limit.as_millis(),
         report.downtime_breakdown.summary()
+    )
+}
+
+/// The summary's line on what the guest felt after the move: its stall, its faults over the
+/// window, and (hybrid) how long demanded pages took.
+fn after_move_line(report: &migrator::migration::MigrationReport) -> String {
+    let faults = match (
+        &report.post_cutover_faults,
+        &report.post_cutover_faults_note,
+    ) {
+        (Some(f), _) => format!(
+            "{} local and {} remote faults in the {} ms after the resume",
+            f.local, f.remote, f.window_ms
+        ),
+        (None, Some(why)) => format!("faults not counted: {why}"),
+        (None, None) => "faults not counted (--fault-window 0)".into(),
+    };
+    let demand = match report.mode {
+        migrator::migration::Mode::Hybrid => {
+            let l = report.postcopy_fault_latency_us;
+            format!(
+                "; {} pages sent within the downtime, {} demanded (p50 {} µs, p99 {} µs, max {} µs)",
+                report.budgeted_pages, report.postcopy_requests, l.p50, l.p99, l.max
+            )
+        }
+        migrator::migration::Mode::Precopy => String::new(),
+    };
+    format!(
+        "guest stalled {:.0} ms (downtime and {:.1} ms blocked on missing pages); {faults}{demand}",
+        report.guest_stall_ms, report.postcopy_blocktime_ms
     )
 }
 

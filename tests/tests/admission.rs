@@ -40,6 +40,7 @@ fn prepare_request(mem: u64) -> PrepareRequest {
             args: String::new(),
         },
         mode: Mode::Precopy,
+        fault_window_ms: 0,
     }
 }
 

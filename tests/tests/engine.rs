@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use heatprobe_tests::{kvm_unavailable, skip};
+use heatprobe::Probes;
+use heatprobe_tests::{bpf_unavailable, kvm_unavailable, skip};
 use migrator::{
     daemon::ApiError,
     migration::{
@@ -21,8 +22,9 @@ use migrator::{
             PrepareRequest,
         },
         convergence::{Converge, CutoverReason, TimeoutStrategy},
-        destination::Session,
+        destination::{ProbeSlot, Session, WindowOrWhyNot},
         link::{DataLink, DataStream, LinkError},
+        report::PostCutoverFaults,
         source::{MigrationOptions, migrate},
     },
     vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
@@ -56,6 +58,10 @@ struct Seen {
 struct InProcess {
     fault: Fault,
     sessions: BTreeMap<u64, Arc<Session>>,
+    /// The probes that count faults after the resume: empty (never loaded) unless a test
+    /// counts them.
+    probes: ProbeSlot,
+    fault_windows: BTreeMap<u64, WindowOrWhyNot>,
     next: u64,
     seen: Arc<Mutex<Seen>>,
 }
@@ -73,8 +79,14 @@ impl Destination for InProcess {
             return Err(DestinationError::Refused(ApiError::Limit("full".into())));
         }
         let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (session, data_port) = Session::prepare(&request, bind, DataLink::Plain, PEER_TIMEOUT)
-            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        let (session, data_port) = Session::prepare(
+            &request,
+            bind,
+            DataLink::Plain,
+            PEER_TIMEOUT,
+            Arc::clone(&self.probes),
+        )
+        .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
         self.next += 1;
         self.sessions.insert(self.next, session);
         Ok(PrepareReply {
@@ -99,6 +111,9 @@ impl Destination for InProcess {
         let committed = found
             .commit(request)
             .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        if let Some(window) = found.fault_window() {
+            self.fault_windows.insert(session, window);
+        }
         self.seen
             .lock()
             .unwrap()
@@ -123,6 +138,16 @@ impl Destination for InProcess {
             return Err(unreachable("finish"));
         }
         Ok(reply)
+    }
+
+    fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError> {
+        let refused = |why: String| DestinationError::Refused(ApiError::Migration(why));
+        let window = self
+            .fault_windows
+            .remove(&session)
+            .ok_or_else(|| refused("no fault window".into()))?
+            .map_err(refused)?;
+        window.report().map_err(|e| refused(e.to_string()))
     }
 
     fn abort(&mut self, session: u64) {
@@ -190,12 +215,25 @@ fn run_with(
     options: &MigrationOptions,
     fault: Fault,
 ) -> (MigrationReport, Arc<Partition>, Seen) {
+    run_counting(workload, args, options, fault, &ProbeSlot::default())
+}
+
+/// As `run_with`, the destination counting faults after the resume with `probes`.
+fn run_counting(
+    workload: &str,
+    args: &str,
+    options: &MigrationOptions,
+    fault: Fault,
+    probes: &ProbeSlot,
+) -> (MigrationReport, Arc<Partition>, Seen) {
     let partition = launch_workload(workload, args);
     thread::sleep(Duration::from_millis(100));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut destination = InProcess {
         fault,
         sessions: BTreeMap::new(),
+        probes: Arc::clone(probes),
+        fault_windows: BTreeMap::new(),
         next: 0,
         seen: Arc::clone(&seen),
     };
@@ -286,6 +324,86 @@ fn a_migration_completes_in_both_modes() {
         };
         assert_runs_on(arrived, &format!("{mode:?} on the destination"));
         arrived.stop();
+    }
+}
+
+/// What the guest feels after the move is measured on the destination, in both modes: its
+/// faults over the fault window (local ones in pre-copy, remote ones too in hybrid mode), and
+/// in hybrid mode how long its vCPU waited on missing pages.
+#[test]
+fn the_guests_faults_and_waits_after_the_move_are_counted() {
+    let test = "the_guests_faults_and_waits_after_the_move_are_counted";
+    if let Some(why) = kvm_unavailable().or_else(bpf_unavailable) {
+        return skip(test, &why);
+    }
+    let probes = ProbeSlot::default();
+    if let Err(e) = probes.get_or_init(|| Probes::load().map(Arc::new).map_err(Arc::new)) {
+        panic!("the probes load where BPF is available: {e}");
+    }
+    // Hybrid twice: with room in the downtime for the stale pages, and with a slow link and a
+    // limit that leave room for almost none, so the guest resumes with them missing.
+    let cases = [
+        (Mode::Precopy, Duration::from_millis(300), None),
+        (Mode::Hybrid, Duration::from_millis(300), None),
+        (Mode::Hybrid, Duration::from_millis(1), Some(20_000_000)),
+    ];
+    for (mode, downtime_limit, bandwidth_limit) in cases {
+        let options = MigrationOptions {
+            strategy: Strategy::Address,
+            mode,
+            downtime_limit,
+            bandwidth_limit,
+            fault_window: Duration::from_millis(500),
+            ..MigrationOptions::default()
+        };
+        let (report, _source, seen) = run_counting("rw-mix", "", &options, Fault::None, &probes);
+        let mode = (mode, downtime_limit);
+        assert_eq!(
+            report.status,
+            MigrationStatus::Completed,
+            "{mode:?}: {report:?}"
+        );
+        let faults = report
+            .post_cutover_faults
+            .unwrap_or_else(|| panic!("{mode:?}: {:?}", report.post_cutover_faults_note));
+        assert_eq!(faults.window_ms, 500, "{mode:?}");
+        // A fresh VM has no guest page tables mapped: the pages the guest touches fault once.
+        assert!(faults.local > 0, "{mode:?}: {faults:?}");
+        assert_eq!(report.postcopy_vcpu_blocktime_ms.len(), 1, "{mode:?}");
+        match mode.0 {
+            Mode::Precopy => {
+                assert_eq!(faults.remote, 0, "{faults:?}");
+                assert_eq!(report.postcopy_blocktime_ms, 0.0);
+                assert_eq!(report.postcopy_vcpu_blocktime_ms, vec![0.0]);
+            }
+            // On loopback a 300 ms budget takes every stale page inside the downtime.
+            Mode::Hybrid if downtime_limit.as_millis() >= 300 => {
+                assert!(report.budgeted_pages > 0, "{report:?}");
+                assert_eq!(faults.remote, 0, "{faults:?}: {report:?}");
+            }
+            Mode::Hybrid => {
+                // rw-mix writes its region flat out: its pages are stale at the cutover, and
+                // the guest touches them at once. Each demand comes from a fault on a missing
+                // page; more than one fault may wait on one page.
+                assert!(report.postcopy_requests > 0, "{report:?}");
+                assert!(
+                    faults.remote >= report.postcopy_requests,
+                    "{faults:?}: {report:?}"
+                );
+                assert!(report.postcopy_blocktime_ms > 0.0, "{report:?}");
+                // One vCPU: all of them waited exactly when it did.
+                let vcpu = report.postcopy_vcpu_blocktime_ms[0];
+                assert!(
+                    (vcpu - report.postcopy_blocktime_ms).abs() < 1e-6,
+                    "{report:?}"
+                );
+            }
+        }
+        let stall = report.downtime_ms as f64 + report.postcopy_blocktime_ms;
+        assert!((report.guest_stall_ms - stall).abs() < 1e-9, "{report:?}");
+        for partition in &seen.arrived {
+            partition.stop();
+        }
     }
 }
 

@@ -28,7 +28,7 @@ fn frame(kind: FrameKind, entries: &[u64], pages: &[&[u8]]) -> Vec<u8> {
     let payload_len = match kind {
         FrameKind::Pages => pages_payload_len(entries),
         FrameKind::Demand => 8 * entries.len() as u64,
-        FrameKind::Done => 0,
+        FrameKind::Done | FrameKind::Urgent => 0,
     };
     let header = FrameHeader {
         kind,

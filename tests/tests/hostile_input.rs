@@ -40,6 +40,7 @@ async fn prepare_mode(connection: &Connection, mode: Mode) -> PrepareReply {
         protocol_max: PROTOCOL_VERSION,
         config: config(),
         mode,
+        fault_window_ms: 0,
     };
     connection
         .client
@@ -219,6 +220,8 @@ fn a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_cop
         let reply = prepare_mode(&connection, Mode::Hybrid).await;
         // Every page, the end of pre-copy, and the connection held open for the push.
         let _data = send_and_hold(&connection, &reply, &all_zero_pages());
+        // And the urgent connection a hybrid session needs for its demands.
+        let _urgent = send_and_hold(&connection, &reply, &header(FrameKind::Urgent, 0, 0));
         // Made-up registers, but this host's CPU and TSC rate, which a restore checks.
         let host_cpu = this_hosts_cpu();
         let snapshot = || {

@@ -18,6 +18,7 @@ use crate::{
     migration::{
         MigrationProgress, MigrationReport,
         control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
+        report::PostCutoverFaults,
         source::MigrationOptions,
     },
     vmm::{GuestImage, PartitionState},
@@ -26,9 +27,10 @@ use crate::{
 /// The API version this build speaks. Bumped whenever a request or reply changes shape:
 /// 2 carries the vCPU state of `migration_commit` as a saved state (`vmm::state`); 3 speaks
 /// postcard (`daemon::codec`) instead of bincode; 4 adds the destination's timings to the
-/// commit's reply and the downtime's breakdown to the migration report. New calls go at the
-/// end of the service.
-pub const API_VERSION: u32 = 4;
+/// commit's reply and the downtime's breakdown to the migration report; 5 adds the fault
+/// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
+/// report's post-cutover figures). New calls go at the end of the service.
+pub const API_VERSION: u32 = 5;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.
@@ -155,4 +157,8 @@ pub trait MigratorApi {
     /// The partition's page heat condensed into `cells` cells (starts watching it on first
     /// call; the heat advances at most every half second).
     async fn heat(id: String, cells: u32) -> Result<HeatView, ApiError>;
+
+    /// Destination side: the guest's faults over the fault window from its resume, once the
+    /// window is over.
+    async fn migration_faults(session: u64) -> Result<PostCutoverFaults, ApiError>;
 }

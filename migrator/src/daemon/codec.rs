@@ -278,6 +278,7 @@ mod tests {
             (11, MigratorApiRequest::MigrationFinish { session: 1 }),
             (12, MigratorApiRequest::MigrationAbort { session: 1 }),
             (13, MigratorApiRequest::Heat { id: id(), cells: 1 }),
+            (14, MigratorApiRequest::MigrationFaults { session: 1 }),
         ];
         for (number, call) in &calls {
             assert_eq!(encode(call)[0], *number, "{call:?} moved");

@@ -9,10 +9,14 @@ use super::{api::ApiError, blocking, error_chain, server::Daemon};
 use crate::migration::{
     Mode,
     control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
-    destination::{Session, SessionError},
+    destination::{Session, SessionError, WindowOrWhyNot},
     link::DataLink,
     protocol::PROTOCOL_VERSION,
+    report::PostCutoverFaults,
 };
+
+/// How long after its window ends a session's fault figures wait for their source.
+const FAULT_FIGURES_KEPT: Duration = Duration::from_secs(60);
 
 impl Daemon {
     pub(super) async fn prepare_incoming(
@@ -33,8 +37,15 @@ impl Daemon {
         let listen = self.listen;
         let link = DataLink::new(self.security.clone(), tokio::runtime::Handle::current());
         let peer_timeout = self.peer_timeout;
+        if request.fault_window_ms > 0 && self.probes.get().is_none() {
+            // The guest's faults after its resume are counted by the probes: load them while
+            // the pages travel, not in the downtime.
+            let daemon = self.clone();
+            tokio::spawn(async move { daemon.probes().await.map(drop) });
+        }
+        let probes = Arc::clone(&self.probes);
         let (session, data_port) = blocking("prepare", move || {
-            Session::prepare(&request, listen, link, peer_timeout)
+            Session::prepare(&request, listen, link, peer_timeout, probes)
         })
         .await?
         .map_err(|e| ApiError::Migration(error_chain(&e)))?;
@@ -67,6 +78,9 @@ impl Daemon {
                 return Err(ApiError::Migration(error_chain(&e)));
             }
         };
+        if let Some(window) = session.fault_window() {
+            self.keep_fault_window(session_id, window);
+        }
         let id = self.new_id();
         info!("migrated partition arrived as {id}");
         // Hybrid: the session lives on until every page is in place (`finish`).
@@ -94,6 +108,38 @@ impl Daemon {
             self.registry.take_committed(session_id);
         }
         finished.map_err(|e| ApiError::Migration(error_chain(&e)))
+    }
+
+    /// Keeps session `session_id`'s fault window for its source to ask about, and forgets it
+    /// a minute after its end if the source never does.
+    fn keep_fault_window(&self, session_id: u64, window: WindowOrWhyNot) {
+        let forget_at = match &window {
+            Ok(window) => window.ends_at(),
+            Err(_) => std::time::Instant::now(),
+        } + FAULT_FIGURES_KEPT;
+        self.fault_windows.insert(session_id, window);
+        let windows = self.fault_windows.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(forget_at.into()).await;
+            windows.take(session_id);
+        });
+    }
+
+    /// The guest's faults over session `session_id`'s fault window, once it is over.
+    pub(super) async fn faults_incoming(
+        &self,
+        session_id: u64,
+    ) -> Result<PostCutoverFaults, ApiError> {
+        let window = self.fault_windows.take(session_id).ok_or_else(|| {
+            ApiError::Migration(format!(
+                "session {session_id} has no fault window (a window of 0, no resume yet, or \
+                 its figures were already taken)"
+            ))
+        })?;
+        let window = window.map_err(ApiError::Migration)?;
+        blocking("counting faults", move || window.report())
+            .await?
+            .map_err(|e| ApiError::Migration(format!("counting faults: {}", error_chain(&e))))
     }
 
     /// The source gives up on `session_id`. A partition the session restored here is stopped

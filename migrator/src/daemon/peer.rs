@@ -13,6 +13,7 @@ use crate::migration::{
         PrepareRequest,
     },
     link::{DataLink, DataStream, LinkError},
+    report::PostCutoverFaults,
 };
 
 /// The destination daemon, driven from the source's migration thread.
@@ -67,6 +68,12 @@ impl Destination for RemoteDestination {
         // Called once every page has been sent: the destination waits for the last to land.
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
         self.call("finish", self.client.migration_finish(ctx, session))
+    }
+
+    fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError> {
+        // The destination answers once its fault window is over (at most a minute).
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
+        self.call("faults", self.client.migration_faults(ctx, session))
     }
 
     fn abort(&mut self, session: u64) {

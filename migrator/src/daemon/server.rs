@@ -8,13 +8,13 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use heatprobe::{Probes, probes::ProbeError};
+use heatprobe::Probes;
 use tarpc::context::Context;
 use tracing::info;
 
@@ -37,14 +37,13 @@ use crate::{
     migration::{
         MigrationProgress, MigrationReport,
         control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
+        destination::{FaultWindows, ProbeSlot},
+        report::PostCutoverFaults,
         transport::DEFAULT_PEER_TIMEOUT,
     },
     tls::Security,
     vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
 };
-
-/// The eBPF probes, loaded on first use; a failure to load is kept and reported each time.
-type LoadedProbes = Result<Arc<Probes>, Arc<ProbeError>>;
 
 /// One daemon: its partitions, incoming migration sessions and outgoing migrations.
 #[derive(Clone)]
@@ -55,8 +54,11 @@ pub struct Daemon {
     /// Where the API listens; data listeners bind to the same address.
     pub(super) listen: SocketAddr,
     api_version: u32,
-    /// Loaded on first use by a heat-ordered migration or a heat view.
-    probes: Arc<OnceLock<LoadedProbes>>,
+    /// Loaded on first use by a heat-ordered migration, a heat view or an incoming migration
+    /// (which counts the guest's faults after its resume).
+    pub(super) probes: ProbeSlot,
+    /// Incoming migrations' fault windows, until their source asks for the figures.
+    pub(super) fault_windows: FaultWindows,
     /// Heat profilers of partitions someone watches (dashboards).
     monitors: Arc<Mutex<BTreeMap<String, HeatMonitor>>>,
     pub(super) limits: Limits,
@@ -88,6 +90,7 @@ impl Daemon {
             listen,
             api_version,
             probes: Arc::default(),
+            fault_windows: FaultWindows::default(),
             monitors: Arc::default(),
             limits: Limits::default(),
             security: Security::Plain,
@@ -283,6 +286,14 @@ impl MigratorApi for Daemon {
 
     async fn migration_abort(self, _: Context, session: u64) {
         self.abort_incoming(session).await;
+    }
+
+    async fn migration_faults(
+        self,
+        _: Context,
+        session: u64,
+    ) -> Result<PostCutoverFaults, ApiError> {
+        self.faults_incoming(session).await
     }
 
     async fn heat(self, _: Context, id: String, cells: u32) -> Result<HeatView, ApiError> {

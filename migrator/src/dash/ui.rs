@@ -12,7 +12,10 @@ use ratatui::{
 };
 
 use super::app::{App, ViewMode, mode_name, strategy_name};
-use crate::{daemon::heat_view::HeatView, migration::report::Phase};
+use crate::{
+    daemon::heat_view::HeatView,
+    migration::report::{Mode, Phase},
+};
 
 /// Heat colours from cold to hot.
 const SCALE: [Color; 5] = [
@@ -154,7 +157,7 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
     let block = Block::bordered().title(title);
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    let [text, chart] = Layout::vertical([Constraint::Length(4), Constraint::Min(1)]).areas(inner);
+    let [text, chart] = Layout::vertical([Constraint::Length(5), Constraint::Min(1)]).areas(inner);
     let mut lines = Vec::new();
     match &app.snapshot.migration {
         Some(p) => {
@@ -199,12 +202,24 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
             .guest_ops_ratio
             .map(|ratio| format!("guest ops {:.0}% of before · ", ratio * 100.0))
             .unwrap_or_default();
+        // Then what it felt after the move: its stall (downtime and blocktime), its faults
+        // there, and how long a demanded page took.
+        let faults = r
+            .post_cutover_faults
+            .map(|f| format!(" {} faults local, {} remote", f.local, f.remote))
+            .unwrap_or_default();
+        let demand = if r.mode == Mode::Hybrid {
+            format!(" · demand p99 {} µs", r.postcopy_fault_latency_us.p99)
+        } else {
+            String::new()
+        };
         lines.push(Line::from(format!(
-            "{pace}fault latency p50 {} µs · p99 {} µs · max {} µs",
-            r.postcopy_fault_latency_us.p50,
-            r.postcopy_fault_latency_us.p99,
-            r.postcopy_fault_latency_us.max
+            "{pace}stall {:.0} ms (blocked {:.0} ms)",
+            r.guest_stall_ms, r.postcopy_blocktime_ms
         )));
+        if !faults.is_empty() || !demand.is_empty() {
+            lines.push(Line::from(format!("after the move:{faults}{demand}")));
+        }
     }
     frame.render_widget(Paragraph::new(lines), text);
     let rounds: Vec<u64> = app
@@ -410,7 +425,8 @@ mod tests {
         },
         dash::{Snapshot, terminal::render_text},
         migration::{
-            MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy, report::Phase,
+            MigrationProgress, MigrationReport, MigrationStatus, Strategy,
+            report::{Phase, PostCutoverFaults},
         },
         vmm::PartitionState,
     };
@@ -533,10 +549,19 @@ mod tests {
         report.downtime_ms = 12;
         report.downtime_limit_met = true;
         report.guest_ops_ratio = Some(0.85);
+        report.guest_stall_ms = 19.4;
+        report.postcopy_blocktime_ms = 7.2;
+        report.post_cutover_faults = Some(PostCutoverFaults {
+            window_ms: 2000,
+            local: 310,
+            remote: 4,
+        });
         app.migration_done(report.clone());
         let text = render_text(&app, 160, 30);
         assert!(text.contains("downtime 12 ms, limit met"), "{text}");
         assert!(text.contains("guest ops 85% of before"), "{text}");
+        assert!(text.contains("stall 19 ms (blocked 7 ms)"), "{text}");
+        assert!(text.contains("310 faults local, 4 remote"), "{text}");
         report.downtime_limit_met = false;
         report.guest_ops_ratio = None;
         app.migration_done(report);

@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use super::{
     link::{DataStream, LinkError},
-    report::{Latency, Mode},
+    report::{Latency, Mode, PostCutoverFaults},
 };
 use crate::{daemon::api::ApiError, vmm::PartitionConfig};
 
@@ -19,6 +19,8 @@ pub struct PrepareRequest {
     pub protocol_max: u16,
     pub config: PartitionConfig,
     pub mode: Mode,
+    /// How long after the resume the destination counts the guest's faults (0: not at all).
+    pub fault_window_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,6 +69,10 @@ pub struct FinishReply {
     pub dest_digest: String,
     pub postcopy_requests: u64,
     pub fault_latency_us: Latency,
+    /// The time every vCPU waited on a missing page at once, in milliseconds.
+    pub blocktime_ms: f64,
+    /// What each vCPU waited on missing pages, in milliseconds, in vCPU order.
+    pub vcpu_blocktime_ms: Vec<f64>,
 }
 
 /// Why a call to the destination did not succeed. The difference matters: a refusal is an
@@ -93,6 +99,8 @@ pub trait Destination {
         request: CommitRequest,
     ) -> Result<CommitReply, DestinationError>;
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError>;
+    /// The guest's faults over the fault window from its resume, once the window is over.
+    fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError>;
     /// Best effort: a destination that cannot be reached drops the session by itself.
     fn abort(&mut self, session: u64);
     /// Opens the data connection to the listener the destination prepared on `port`.

@@ -12,6 +12,8 @@ pub struct Order {
     hot_writes: Vec<bool>,
     /// Frames hottest first (the post-copy push order).
     pub hottest_first: Vec<u64>,
+    /// Each frame's position in `hottest_first`.
+    heat_rank: Vec<u32>,
     /// Round 0's order (the plan's pre-copy order: pages seen written last).
     pub plan: Vec<u64>,
 }
@@ -23,6 +25,7 @@ impl Order {
             last_dirty: None,
             hot_writes: vec![false; frames as usize],
             hottest_first: (0..frames).collect(),
+            heat_rank: (0..frames as u32).collect(),
             plan: (0..frames).collect(),
         }
     }
@@ -46,11 +49,18 @@ impl Order {
         by_heat.sort_by(|a, b| b.heat.total_cmp(&a.heat).then(a.page.cmp(&b.page)));
         let mut hottest_first: Vec<u64> = by_heat.iter().map(|p| p.page).collect();
         hottest_first.extend(plan.untouched.iter().flat_map(Clone::clone));
+        let mut heat_rank = vec![u32::MAX; frames as usize];
+        for (position, &frame) in hottest_first.iter().enumerate() {
+            if let Some(slot) = heat_rank.get_mut(frame as usize) {
+                *slot = position as u32;
+            }
+        }
         Ok(Self {
             rank,
             last_dirty: None,
             hot_writes,
             hottest_first,
+            heat_rank,
             plan: order,
         })
     }
@@ -84,6 +94,16 @@ impl Order {
                 }
             }
         }
+    }
+
+    /// Sorts `frames` by how soon the guest is likely to touch them after a cutover: pages the
+    /// dirty log shows written check after check first, then by heat, hottest first. In
+    /// address order (no heat, and no write is ever held back) that is lowest address first.
+    pub fn sort_touch_first(&self, frames: &mut [u64]) {
+        frames.sort_by_key(|&f| {
+            let rank = self.heat_rank.get(f as usize).copied().unwrap_or(u32::MAX);
+            (!self.is_hot_write(f), rank, f)
+        });
     }
 
     /// Whether `frame` is held back as a hot write.
@@ -128,5 +148,27 @@ mod tests {
         let mut frames: Vec<u64> = (0..8).rev().collect();
         order.sort(&mut frames);
         assert_eq!(frames, vec![0, 3, 5, 6, 7, 1, 2, 4]);
+    }
+
+    #[test]
+    fn pages_likely_touched_first_are_the_hot_writes_then_the_hottest() {
+        let pages = [(0, 1, 0), (1, 9, 0), (2, 0, 8), (3, 0, 1), (4, 0, 5)]
+            .map(|(page, reads, writes)| (page, heatprobe::PageCounts { reads, writes }));
+        let mut heat = heatprobe::HeatMap::new(heatprobe::HeatConfig::default()).unwrap();
+        heat.record_epoch(pages.to_vec());
+        let mut order = Order::from_heat(&heat.pages(), 6).unwrap();
+        let mut frames = vec![5, 4, 3, 2, 1, 0];
+        order.sort_touch_first(&mut frames);
+        // Hottest first (a write weighs more than a read), untouched (5) last.
+        assert_eq!(frames, vec![2, 1, 4, 0, 3, 5]);
+        // Written in two checks running: first of all.
+        order.learn_from_round(&[3]);
+        order.learn_from_round(&[3]);
+        order.sort_touch_first(&mut frames);
+        assert_eq!(frames[0], 3);
+        // Address order: lowest first.
+        let mut frames = vec![5, 4, 3, 2, 1, 0];
+        Order::address(6).sort_touch_first(&mut frames);
+        assert_eq!(frames, vec![0, 1, 2, 3, 4, 5]);
     }
 }

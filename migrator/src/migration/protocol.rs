@@ -11,7 +11,8 @@
 //!    │══ data: Pages (last dirty, precopy) ═══════▶│
 //!    │── migration_commit(vCPU state, stale) ─────▶│ restore, resume
 //!    │◀─────────── id on destination, dest digest  │
-//!    │   (hybrid: Pages pushed hot to cold ◀══ Demand frames)
+//!    │   (hybrid: Pages pushed hot to cold; on a second connection, opened with an Urgent
+//!    │    frame, the demanded pages ◀══ Demand frames)
 //!    │   stop and free the source partition        │
 //! ```
 //!
@@ -24,8 +25,9 @@ use thiserror::Error;
 
 use crate::vmm::memory::PAGE_SIZE;
 
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version spoken by this build: 2 adds the `Urgent` frame (a second connection
+/// for demanded pages in hybrid mode).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// "HMIG", little-endian.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"HMIG");
 pub const HEADER_LEN: usize = 24;
@@ -44,6 +46,10 @@ pub enum FrameKind {
     Demand = 2,
     /// Source → destination: every page has been sent; nothing follows.
     Done = 3,
+    /// Source → destination, the first frame of a hybrid migration's second connection: it
+    /// carries the destination's demands and the pages demanded, never queued behind the
+    /// push on the first. No entries.
+    Urgent = 4,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -62,7 +68,7 @@ pub enum FrameError {
     PageOutOfRange { page: u64, frames: u64 },
     #[error("reserved header bits are set")]
     Reserved,
-    #[error("a Done frame carries {0} entries")]
+    #[error("a Done or Urgent frame carries {0} entries")]
     DoneWithEntries(u32),
 }
 
@@ -102,6 +108,7 @@ impl FrameHeader {
             1 => FrameKind::Pages,
             2 => FrameKind::Demand,
             3 => FrameKind::Done,
+            4 => FrameKind::Urgent,
             other => return Err(FrameError::Kind(other)),
         };
         if u32_at(12) != 0 {
@@ -113,7 +120,7 @@ impl FrameHeader {
         }
         // Found by fuzzing: a `Done` frame claiming entries made the reader slice entries out
         // of an empty payload.
-        if kind == FrameKind::Done && count != 0 {
+        if matches!(kind, FrameKind::Done | FrameKind::Urgent) && count != 0 {
             return Err(FrameError::DoneWithEntries(count));
         }
         let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
@@ -121,11 +128,11 @@ impl FrameHeader {
         let max = match kind {
             FrameKind::Pages => index_bytes + PAGE_SIZE * u64::from(count),
             FrameKind::Demand => index_bytes,
-            FrameKind::Done => 0,
+            FrameKind::Done | FrameKind::Urgent => 0,
         };
         let min = match kind {
             FrameKind::Pages | FrameKind::Demand => index_bytes,
-            FrameKind::Done => 0,
+            FrameKind::Done | FrameKind::Urgent => 0,
         };
         if payload_len < min || payload_len > max {
             return Err(FrameError::Length {

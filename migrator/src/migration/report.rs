@@ -34,6 +34,18 @@ pub struct Latency {
     pub max: u64,
 }
 
+/// The guest's faults on the destination over a fixed window from its resume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostCutoverFaults {
+    /// The window's length (`--fault-window`).
+    pub window_ms: u64,
+    /// Faults served from memory already there: the guest's first touch of a page that
+    /// arrived before it was needed.
+    pub local: u64,
+    /// Faults on a missing page, which had to ask the source for it (hybrid only).
+    pub remote: u64,
+}
+
 /// How a migration ended; serialized as `completed` or `failed`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +97,21 @@ pub struct MigrationReport {
     pub guest_ops_ratio: Option<f64>,
     pub postcopy_requests: u64,
     pub postcopy_fault_latency_us: Latency,
+    /// Hybrid: stale pages sent inside the downtime, as many as its budget had room for,
+    /// those the guest would likely touch first first.
+    pub budgeted_pages: u64,
+    /// QEMU's postcopy blocktime: how long every vCPU waited on a missing page at once, in
+    /// milliseconds (0 in pre-copy, where no page is missing).
+    pub postcopy_blocktime_ms: f64,
+    /// How long each vCPU waited on missing pages in all, in vCPU order (zeros in pre-copy).
+    pub postcopy_vcpu_blocktime_ms: Vec<f64>,
+    /// What the guest as a whole lost to the move: the downtime plus the blocktime.
+    pub guest_stall_ms: f64,
+    /// The guest's faults on the destination over `--fault-window` from its resume; null
+    /// when the window is 0, the migration did not complete, or the destination could not
+    /// count (then `post_cutover_faults_note` says why).
+    pub post_cutover_faults: Option<PostCutoverFaults>,
+    pub post_cutover_faults_note: Option<String>,
     /// Dirty pages found at the start of each round after round 0.
     pub dirty_pages_per_round: Vec<u64>,
     /// The rate round 0 streamed at, in Mbit/s.
@@ -124,6 +151,12 @@ impl MigrationReport {
             guest_ops_ratio: None,
             postcopy_requests: 0,
             postcopy_fault_latency_us: Latency::default(),
+            budgeted_pages: 0,
+            postcopy_blocktime_ms: 0.0,
+            postcopy_vcpu_blocktime_ms: Vec::new(),
+            guest_stall_ms: 0.0,
+            post_cutover_faults: None,
+            post_cutover_faults_note: None,
             dirty_pages_per_round: Vec::new(),
             round0_mbps: 0.0,
             cutover_reason: None,

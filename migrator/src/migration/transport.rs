@@ -218,14 +218,28 @@ impl<W: Write> PageSender<W> {
 
     /// Tells the destination every page of this phase has been sent.
     pub fn send_done(&mut self) -> Result<(), TransportError> {
+        self.send_marker(FrameKind::Done)
+    }
+
+    /// Tells the destination this connection is the urgent one (its first frame).
+    pub fn send_urgent(&mut self) -> Result<(), TransportError> {
+        self.send_marker(FrameKind::Urgent)
+    }
+
+    fn send_marker(&mut self, kind: FrameKind) -> Result<(), TransportError> {
         let header = FrameHeader {
-            kind: FrameKind::Done,
+            kind,
             count: 0,
             payload_len: 0,
         };
         self.stream.write_all(&header.encode())?;
         self.stream.flush()?;
         Ok(())
+    }
+
+    /// Paces from now on at `bytes_per_sec` (`None`: not at all).
+    pub fn set_rate(&mut self, bytes_per_sec: Option<u64>) {
+        self.pacer = Pacer::new(bytes_per_sec);
     }
 
     pub fn stream(&self) -> &W {
@@ -256,6 +270,8 @@ pub enum Frame<'a> {
     Pages(Vec<(u64, Option<&'a [u8]>)>),
     Demand(Vec<u64>),
     Done,
+    /// This connection is the urgent one (hybrid mode).
+    Urgent,
 }
 
 /// Reads frames from a stream, checking every page index against the partition's size.
@@ -304,6 +320,7 @@ impl<R: Read> FrameReader<R> {
             .collect();
         match header.kind {
             FrameKind::Done => Ok(Some(Frame::Done)),
+            FrameKind::Urgent => Ok(Some(Frame::Urgent)),
             FrameKind::Demand => {
                 let pages = entries
                     .iter()

@@ -49,6 +49,8 @@ pub enum MemoryError {
     BadSize(u64),
     #[error("the host cannot give {requested} bytes of guest memory ({available} available)")]
     TooLarge { requested: u64, available: u64 },
+    #[error("writing guest memory through the memfd failed")]
+    Pwrite(#[source] std::io::Error),
     #[error("memfd_create failed")]
     Memfd(#[source] std::io::Error),
     #[error("sizing the memfd failed")]
@@ -204,6 +206,24 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Writes `bytes` into guest memory at `start` through the memfd (`pwrite`), not the
+    /// mapping: a page written for the first time is allocated by the write itself, with no
+    /// user page fault and no zeroing of what the write covers. The data is the mapping's too
+    /// (the same shared pages).
+    pub fn write_through_fd(&self, start: GuestAddress, bytes: &[u8]) -> Result<(), MemoryError> {
+        self.check(start, bytes.len() as u64)?;
+        let mut done = 0;
+        while done < bytes.len() {
+            let written = rustix::io::pwrite(&self.memfd, &bytes[done..], start.0 + done as u64)
+                .map_err(|e| MemoryError::Pwrite(e.into()))?;
+            if written == 0 {
+                return Err(MemoryError::Pwrite(std::io::ErrorKind::WriteZero.into()));
+            }
+            done += written;
+        }
+        Ok(())
+    }
+
     /// Copies guest memory at `start` into `out`.
     pub fn read(&self, start: GuestAddress, out: &mut [u8]) -> Result<(), MemoryError> {
         let offset = self.check(start, out.len() as u64)?;
@@ -292,19 +312,19 @@ impl GuestMemory {
     /// Frees a page's backing (punches it out of the memfd): it reads as missing, so a
     /// userfaultfd registered on the mapping sees the next access to it.
     pub fn remove_page(&self, frame: u64) -> Result<(), MemoryError> {
-        let offset = self.frame_offset(frame)?;
-        // SAFETY: the page lies inside our shared mapping (checked above); MADV_REMOVE frees
+        self.remove_frames(frame..frame + 1)
+    }
+
+    /// Frees the backing of `frames`, as [`remove_page`](Self::remove_page) does, in one call.
+    pub fn remove_frames(&self, frames: Range<u64>) -> Result<(), MemoryError> {
+        let (offset, len) = self.frames_range(&frames)?;
+        // SAFETY: the range lies inside our shared mapping (checked above); MADV_REMOVE frees
         // its backing store (a hole punched in the memfd) and leaves the mapping in place.
-        unsafe {
-            madvise(
-                self.base.add(offset).cast(),
-                PAGE_SIZE as usize,
-                Advice::LinuxRemove,
-            )
-        }
-        .map_err(|e| MemoryError::RemovePage {
-            frame,
-            source: e.into(),
+        unsafe { madvise(self.base.add(offset).cast(), len, Advice::LinuxRemove) }.map_err(|e| {
+            MemoryError::RemovePage {
+                frame: frames.start,
+                source: e.into(),
+            }
         })
     }
 

@@ -42,10 +42,17 @@ use heatprobe_tests::{
 use serde_json::{Value, json};
 
 const RATE: &str = "1gbit";
-/// The downtime limit every migration of the matrix is given.
+/// The downtime limit every pre-copy migration of the matrix is given.
 const DOWNTIME_LIMIT: &str = "300ms";
 /// The done-when bound on every pre-copy downtime: the limit plus 10%.
 const DOWNTIME_BOUND_MS: f64 = 330.0;
+/// The downtime limit every hybrid migration of the matrix is given, and its bound.
+const HYBRID_DOWNTIME_LIMIT: &str = "100ms";
+const HYBRID_DOWNTIME_BOUND_MS: f64 = 110.0;
+/// The post-copy done-when bound on every run's p99 demand latency.
+const DEMAND_P99_BOUND_US: f64 = 2000.0;
+/// The workloads the hybrid matrix runs by default: the skewed ones, in both layouts.
+const HYBRID_WORKLOADS: [&str; 3] = ["kv-zipf", "hotspot", "graded"];
 const DEFAULT_RUNS: usize = 3;
 const STRATEGIES: [&str; 2] = ["heat", "address"];
 
@@ -270,7 +277,11 @@ fn warm_up_and_migrate(
         "--mode",
         mode,
         "--downtime-limit",
-        DOWNTIME_LIMIT,
+        if mode == "hybrid" {
+            HYBRID_DOWNTIME_LIMIT
+        } else {
+            DOWNTIME_LIMIT
+        },
     ];
     args.extend(MIGRATE_ARGS.get().into_iter().flatten().map(String::as_str));
     cli(a, &args)
@@ -314,13 +325,18 @@ fn recorded_migration(
     }
     eprintln!(
         "bench: {} / {strategy} / run {run}: {} in {took:.0} s, downtime {} ms, re-sent {}, \
-         throttle {}%, dirty per round {}",
+         throttle {}%, dirty per round {}, blocktime {} ms, demands {} (p99 {} µs), faults \
+         after {}",
         scenario.name,
         report["status"].as_str().unwrap_or("?"),
         report["downtime_ms"],
         report["pages_resent"],
         report["throttle_pct_max"],
         report["dirty_pages_per_round"],
+        report["postcopy_blocktime_ms"],
+        report["postcopy_requests"],
+        report["postcopy_fault_latency_us"]["p99"],
+        report["post_cutover_faults"],
     );
     report
 }
@@ -448,6 +464,22 @@ const FIGURES: [(&str, &str, usize); 9] = [
     ("throttle % max", "/throttle_pct_max", 1),
     ("guest ops ratio", "/guest_ops_ratio", 2),
     ("round 0 Mbit/s", "/round0_mbps", 0),
+];
+
+/// What the guest felt after the move, in both modes.
+const AFTER_MOVE: [(&str, &str, usize); 3] = [
+    ("guest stall ms", "/guest_stall_ms", 0),
+    ("faults after, local", "/post_cutover_faults/local", 0),
+    ("faults after, remote", "/post_cutover_faults/remote", 0),
+];
+
+/// Post-copy's own figures (hybrid mode).
+const POSTCOPY: [(&str, &str, usize); 5] = [
+    ("blocktime ms", "/postcopy_blocktime_ms", 1),
+    ("budgeted pages", "/budgeted_pages", 0),
+    ("demand requests", "/postcopy_requests", 0),
+    ("demand p50 µs", "/postcopy_fault_latency_us/p50", 0),
+    ("demand p99 µs", "/postcopy_fault_latency_us/p99", 0),
 ];
 
 /// The downtime breakdown's components, in ms.
@@ -587,8 +619,13 @@ impl Results<'_> {
         for (name, _, _) in FIGURES {
             header.push_str(&format!(" {name} |"));
         }
+        for (name, _, _) in AFTER_MOVE {
+            header.push_str(&format!(" {name} |"));
+        }
         if mode == "hybrid" {
-            header.push_str(" post-copy requests | fault p99 µs |");
+            for (name, _, _) in POSTCOPY {
+                header.push_str(&format!(" {name} |"));
+            }
         }
         println!("{header}");
         println!("{}", "|---".repeat(header.matches('|').count() - 1) + "|");
@@ -604,12 +641,12 @@ impl Results<'_> {
             for (_, pointer, decimals) in FIGURES {
                 row.push_str(&format!(" {} |", show(stat(reports, pointer), decimals)));
             }
+            let mut columns: Vec<_> = AFTER_MOVE.to_vec();
             if mode == "hybrid" {
-                row.push_str(&format!(
-                    " {} | {} |",
-                    show(stat(reports, "/postcopy_requests"), 0),
-                    show(stat(reports, "/postcopy_fault_latency_us/p99"), 0),
-                ));
+                columns.extend(POSTCOPY);
+            }
+            for (_, pointer, decimals) in columns {
+                row.push_str(&format!(" {} |", show(stat(reports, pointer), decimals)));
             }
             println!("{row}");
         }
@@ -631,10 +668,19 @@ impl Results<'_> {
             println!("{row}");
         }
         println!();
-        for (what, pointer) in [
+        let mut ratios = vec![
             ("pages re-sent", "/pages_resent"),
             ("downtime", "/downtime_ms"),
-        ] {
+        ];
+        if mode == "hybrid" {
+            ratios.extend([
+                ("blocktime", "/postcopy_blocktime_ms"),
+                ("demand requests", "/postcopy_requests"),
+                ("remote faults", "/post_cutover_faults/remote"),
+                ("guest stall", "/guest_stall_ms"),
+            ]);
+        }
+        for (what, pointer) in ratios {
             println!(
                 "heat / address, {what}: {} of the medians; paired by run {}.  ",
                 show_ratio(stat(&self.heat, pointer), stat(&self.address, pointer)),
@@ -766,6 +812,8 @@ fn matrix(args: &[String]) -> Result<()> {
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| only.is_empty() || only.iter().any(|o| s.name.to_lowercase().contains(o)))
+        // Hybrid mode runs the skewed workloads, unless asked for others by name.
+        .filter(|s| !only.is_empty() || mode != "hybrid" || HYBRID_WORKLOADS.contains(&s.workload))
         .collect();
     if list {
         for s in &SCENARIOS {
@@ -830,12 +878,95 @@ fn matrix(args: &[String]) -> Result<()> {
         result.print(runs, &mode);
     }
 
+    if mode == "hybrid" {
+        hybrid_summary(&results);
+    } else {
+        precopy_summary(&results, scenarios.len());
+    }
+    println!(
+        "\nThe bench took {:.1} min.",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+/// The post-copy issue's done-when conditions, scenario by scenario.
+fn hybrid_summary(results: &[Results]) {
     println!("#### summary\n");
-    if mode != "precopy" {
+    println!(
+        "Conditions: every completed report has post-cutover faults and a blocktime; every run completed within {HYBRID_DOWNTIME_BOUND_MS:.0} ms of downtime, with equal digests and no guest errors; every run's p99 demand latency ≤ {DEMAND_P99_BOUND_US:.0} µs; heat's median blocktime and demand requests ≤ 0.3x address's with the hot set scattered, ≤ 1.0x in place.\n"
+    );
+    println!(
+        "| scenario | blocktime ratio | blocktime, paired | requests ratio | requests, paired | measured | downtime ≤ {HYBRID_DOWNTIME_BOUND_MS:.0} ms | digests, no errors | p99 ≤ {DEMAND_P99_BOUND_US:.0} µs | heat ≤ bound |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut all = [true; 5];
+    for result in results {
+        let bound = if result.scenario.layout == "scattered" {
+            0.3
+        } else {
+            1.0
+        };
+        let median = |reports: &[Value], pointer: &str| stat(reports, pointer).map(|s| s.median);
+        let within = |pointer: &str| match (
+            median(&result.heat, pointer),
+            median(&result.address, pointer),
+        ) {
+            (Some(h), Some(a)) => h <= bound * a,
+            _ => false,
+        };
+        let conditions = [
+            result.all().filter(|r| completed(r)).all(|r| {
+                r["post_cutover_faults"].is_object() && r["postcopy_blocktime_ms"].is_number()
+            }),
+            result.all().all(|r| {
+                completed(r)
+                    && r["downtime_ms"]
+                        .as_f64()
+                        .is_some_and(|d| d <= HYBRID_DOWNTIME_BOUND_MS)
+            }),
+            result.all().all(|r| {
+                completed(r) && digests_equal(r) && r["guest_errors_after"].as_u64() == Some(0)
+            }),
+            result.all().filter(|r| completed(r)).all(|r| {
+                r.pointer("/postcopy_fault_latency_us/p99")
+                    .and_then(Value::as_f64)
+                    .is_some_and(|p| p <= DEMAND_P99_BOUND_US)
+            }),
+            within("/postcopy_blocktime_ms") && within("/postcopy_requests"),
+        ];
+        for (total, ok) in all.iter_mut().zip(conditions) {
+            *total &= ok;
+        }
+        let ratio_of =
+            |pointer| show_ratio(stat(&result.heat, pointer), stat(&result.address, pointer));
         println!(
-            "The done-when conditions are stated for pre-copy; these hybrid runs are checked against them for reference only.\n"
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({bound:.1}x) |",
+            result.scenario.name,
+            ratio_of("/postcopy_blocktime_ms"),
+            show_paired(&result.heat, &result.address, "/postcopy_blocktime_ms"),
+            ratio_of("/postcopy_requests"),
+            show_paired(&result.heat, &result.address, "/postcopy_requests"),
+            pass(conditions[0]),
+            pass(conditions[1]),
+            pass(conditions[2]),
+            pass(conditions[3]),
+            pass(conditions[4]),
         );
     }
+    println!(
+        "\nOver these scenarios: measured {}, downtime {}, digests {}, p99 {}, heat ≤ bound {}.",
+        pass(all[0]),
+        pass(all[1]),
+        pass(all[2]),
+        pass(all[3]),
+        pass(all[4]),
+    );
+}
+
+/// The pre-copy issue's done-when conditions, scenario by scenario.
+fn precopy_summary(results: &[Results], scenarios: usize) {
+    println!("#### summary\n");
     println!(
         "Ratios are heat / address of the medians (paired by run: median and range). Conditions: every run of both strategies completed with downtime ≤ {DOWNTIME_BOUND_MS:.0} ms; every run with equal digests; heat's median pages re-sent ≤ the bound × address's (0.6 for paced kv-zipf in place, 1.0 elsewhere); heat's median downtime ≤ address's.\n"
     );
@@ -844,7 +975,7 @@ fn matrix(args: &[String]) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut all = [true; 4];
-    for result in &results {
+    for result in results {
         let c = result.conditions();
         for (total, ok) in
             all.iter_mut()
@@ -868,12 +999,11 @@ fn matrix(args: &[String]) -> Result<()> {
             pass(c.downtime_vs_address),
         );
     }
-    let over = if scenarios.len() == SCENARIOS.len() {
+    let over = if scenarios == SCENARIOS.len() {
         "every scenario".to_string()
     } else {
         format!(
-            "the {} of {} scenarios run (not the whole matrix)",
-            scenarios.len(),
+            "the {scenarios} of {} scenarios run (not the whole matrix)",
             SCENARIOS.len()
         )
     };
@@ -884,11 +1014,6 @@ fn matrix(args: &[String]) -> Result<()> {
         pass(all[2]),
         pass(all[3]),
     );
-    println!(
-        "\nThe bench took {:.1} min.",
-        started.elapsed().as_secs_f64() / 60.0
-    );
-    Ok(())
 }
 
 /// A plain TCP copy of `bytes` over loopback in 1 MiB writes; returns bytes per second.

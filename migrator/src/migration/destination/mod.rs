@@ -23,6 +23,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+use heatprobe::probes::error_chain;
 use thiserror::Error;
 use tracing::warn;
 use userfaultfd::Uffd;
@@ -40,10 +41,15 @@ use crate::vmm::{
     state::{self, StateError},
 };
 
+mod blocktime;
+mod faults;
 pub mod phase;
 mod postcopy;
 
+pub use faults::{FaultWindow, FaultWindows, ProbeSlot, WindowOrWhyNot};
 pub use phase::{PhaseError, SessionEvent, SessionPhase};
+
+use self::blocktime::Blocktime;
 
 /// How long the destination waits for the source at each step before giving up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -101,6 +107,10 @@ pub enum DataError {
     },
     #[error("no data connection to demand page {0} on")]
     NoDemandStream(u64),
+    #[error("an `Urgent` frame out of place (not the first of a hybrid connection)")]
+    UnexpectedUrgent,
+    #[error("cannot start reading a data connection")]
+    Reader(#[source] std::io::Error),
 }
 
 #[derive(Debug, Error)]
@@ -129,6 +139,8 @@ pub enum SessionError {
     Stale(#[source] MemoryError),
     #[error("the session was aborted")]
     Aborted,
+    #[error("the source opened no urgent connection, which post-copy sends its demands on")]
+    NoUrgentConnection,
     #[error("the session refused the step")]
     Phase(#[from] PhaseError),
 }
@@ -160,6 +172,8 @@ struct Progress {
     demanded: HashMap<u64, Instant>,
     requests: u64,
     latency_us: Option<Histogram<u64>>,
+    /// Hybrid, after commit: how long the vCPUs waited on missing pages.
+    blocktime: Option<Blocktime>,
 }
 
 impl Progress {
@@ -183,10 +197,17 @@ pub struct Session {
     peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
     uffd: Mutex<Option<Arc<Uffd>>>,
-    /// A clone of the data connection, for sending demands.
+    /// A clone of the urgent connection (hybrid), for sending demands.
     demand_stream: Mutex<Option<DataStream>>,
+    /// Clones of every data connection, to shut them down at a hang-up.
+    streams: Mutex<Vec<DataStream>>,
     link: DataLink,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The probes that count the guest's faults after its resume, over `fault_window`.
+    probes: ProbeSlot,
+    fault_window: Duration,
+    /// Started at the resume, until the daemon takes it.
+    faults: Mutex<Option<WindowOrWhyNot>>,
 }
 
 impl Session {
@@ -196,6 +217,7 @@ impl Session {
         bind: SocketAddr,
         link: DataLink,
         peer_timeout: Duration,
+        probes: ProbeSlot,
     ) -> Result<(Arc<Self>, u16), SessionError> {
         request.config.validate().map_err(SessionError::Shape)?;
         let memory = Arc::new(
@@ -220,12 +242,16 @@ impl Session {
             peer_timeout,
             uffd: Mutex::new(None),
             demand_stream: Mutex::new(None),
+            streams: Mutex::new(Vec::new()),
             link,
             threads: Mutex::new(Vec::new()),
+            probes,
+            fault_window: Duration::from_millis(request.fault_window_ms),
+            faults: Mutex::new(None),
         });
         let receiver = Arc::clone(&session);
         let thread = std::thread::Builder::new()
-            .name("migration-rx".into())
+            .name("migration-accept".into())
             .spawn(move || receiver.receive(listener))
             .map_err(SessionError::Listen)?;
         session.threads().push(thread);
@@ -270,22 +296,26 @@ impl Session {
         self.changed.notify_all();
     }
 
-    /// The receiver thread: accept the source's connection, then install frames until the end.
-    /// With TLS on, a connection that fails the handshake is dropped and the wait goes on, so
-    /// a stranger on the network cannot take the source's place or end the session.
+    /// The receiver thread: accepts the source's connections (pre-copy: one; hybrid: two, the
+    /// second opened with an `Urgent` frame), each read by a thread of its own that installs
+    /// frames until the end. With TLS on, a connection that fails the handshake is dropped and
+    /// the wait goes on, so a stranger on the network cannot take the source's place or end
+    /// the session.
     fn receive(self: Arc<Self>, listener: TcpListener) {
+        let wanted = match self.mode {
+            Mode::Precopy => 1,
+            Mode::Hybrid => 2,
+        };
         // The source connects as soon as `prepare` answers.
         let deadline = Instant::now() + (2 * self.peer_timeout).min(STEP_TIMEOUT);
         let _ = listener.set_nonblocking(true);
         let (ready_tx, ready) = std::sync::mpsc::channel();
-        let stream = 'accepted: loop {
+        let mut accepted = 0;
+        while accepted < wanted {
             match listener.accept() {
                 Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout) {
                     Ok(()) => self.link.accept_into(stream, peer, ready_tx.clone()),
-                    Err(e) => warn!(
-                        "refused a data connection from {peer}: {}",
-                        heatprobe::probes::error_chain(&e)
-                    ),
+                    Err(e) => warn!("refused a data connection from {peer}: {}", error_chain(&e)),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
@@ -293,30 +323,60 @@ impl Session {
                     return;
                 }
             }
-            while let Ok((peer, secured)) = ready.try_recv() {
+            while accepted < wanted
+                && let Ok((peer, secured)) = ready.try_recv()
+            {
                 match secured {
-                    Ok(stream) => break 'accepted stream,
-                    Err(e) => warn!(
-                        "refused a data connection from {peer}: {}",
-                        heatprobe::probes::error_chain(&e)
-                    ),
+                    Ok(stream) => {
+                        accepted += 1;
+                        if accepted == 1 && self.advance(SessionEvent::Connected).is_err() {
+                            return;
+                        }
+                        if let Err(e) = self.read_connection(stream) {
+                            self.fail(DataError::Reader(e));
+                            return;
+                        }
+                    }
+                    Err(e) => warn!("refused a data connection from {peer}: {}", error_chain(&e)),
                 }
             }
-            if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
-                self.fail(DataError::NeverConnected);
-                return;
+            if accepted < wanted {
+                if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    // Without its urgent connection a hybrid session refuses its commit.
+                    if accepted == 0 {
+                        self.fail(DataError::NeverConnected);
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        }
         // Later connections (strangers, or a second try) are refused from here on.
         drop(listener);
-        if self.advance(SessionEvent::Connected).is_err() {
-            return;
-        }
-        if let Ok(clone) = stream.try_clone() {
-            *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
-        }
+    }
+
+    /// Starts the thread that reads connection `stream`.
+    fn read_connection(self: &Arc<Self>, stream: DataStream) -> std::io::Result<()> {
+        let clone = stream.try_clone()?;
+        self.lock_streams().push(clone);
+        let reader = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("migration-rx".into())
+            .spawn(move || reader.install_from(stream))?;
+        self.threads().push(thread);
+        Ok(())
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, Vec<DataStream>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs the frames of one connection until it ends. The urgent connection says so
+    /// first; the destination's demands go out on it.
+    fn install_from(&self, stream: DataStream) {
+        let demands = stream.try_clone();
         let mut reader = FrameReader::new(stream, self.memory.frames());
+        let mut first = true;
         loop {
             if self.aborted.load(Ordering::Relaxed) {
                 return;
@@ -338,7 +398,16 @@ impl Session {
                 Frame::Pages(pages) => self.install(&pages),
                 Frame::Done => self.pages_done(),
                 Frame::Demand(_) => Err(DataError::UnexpectedDemand),
+                Frame::Urgent if first && self.mode == Mode::Hybrid => match &demands {
+                    Ok(demands) => demands.try_clone().map(|clone| {
+                        *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+                    }),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                }
+                .map_err(DataError::Reader),
+                Frame::Urgent => Err(DataError::UnexpectedUrgent),
             };
+            first = false;
             if let Err(e) = result {
                 self.fail(e);
                 return;
@@ -376,8 +445,10 @@ impl Session {
                 None => {
                     let digest = match data {
                         Some(bytes) => {
+                            // Through the memfd: most pages arrive once, and a first write
+                            // through the mapping would fault and zero each one first.
                             self.memory
-                                .write(GuestAddress(page * PAGE_SIZE), bytes)
+                                .write_through_fd(GuestAddress(page * PAGE_SIZE), bytes)
                                 .map_err(|source| DataError::Write { page, source })?;
                             // Hashing on arrival keeps the digest out of the cutover's downtime.
                             xxh3_64(bytes)
@@ -482,8 +553,25 @@ impl Session {
                     .map_err(SessionError::Restore)?;
                 (partition, Some(digest))
             }
-            Mode::Hybrid => (self.start_postcopy(snapshot, stale_pages)?, None),
+            Mode::Hybrid => {
+                // Post-copy needs somewhere to send its demands: refused now, before anything
+                // runs here, rather than failing at the guest's first missing page.
+                if self
+                    .demand_stream
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_none()
+                {
+                    return Err(SessionError::NoUrgentConnection);
+                }
+                (self.start_postcopy(snapshot, stale_pages)?, None)
+            }
         };
+        let tids = partition.vcpu_tids().to_vec();
+        if self.mode == Mode::Hybrid {
+            self.lock().blocktime = Some(Blocktime::new(&tids));
+        }
+        self.start_fault_window(&tids);
         let restore_ms = millis_since(restoring);
         let resuming = Instant::now();
         if let Err(e) = partition.resume() {
@@ -505,6 +593,43 @@ impl Session {
                 resume_ms,
             },
         })
+    }
+
+    /// Starts counting the faults of the vCPU threads `tids` for the fault window, from now
+    /// (just before the resume); or notes why it cannot.
+    fn start_fault_window(&self, tids: &[u32]) {
+        if self.fault_window.is_zero() {
+            return;
+        }
+        let window = match self.probes.get() {
+            Some(Ok(probes)) => FaultWindow::start(Arc::clone(probes), tids, self.fault_window)
+                .map(Arc::new)
+                .map_err(|e| format!("counting faults: {}", error_chain(&e))),
+            Some(Err(e)) => Err(format!("the eBPF probes: {}", error_chain(&**e))),
+            None => Err("the eBPF probes were still loading at the resume".into()),
+        };
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = Some(window);
+    }
+
+    /// The fault window started at the resume (the session keeps counting remote faults in
+    /// it); `None` before the resume or with a window of 0.
+    pub fn fault_window(&self) -> Option<WindowOrWhyNot> {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A fault on a missing page: counted as remote if it falls inside the fault window.
+    fn count_remote_fault(&self) {
+        if let Some(Ok(window)) = self
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            window.demanded();
+        }
     }
 
     /// Hybrid: waits until every page is in place and returns the digest and post-copy figures.
@@ -530,6 +655,12 @@ impl Session {
             .unwrap_or_default();
         let digest = MemoryDigest::from_pages(progress.page_digests.clone());
         let requests = progress.requests;
+        let now = Instant::now();
+        let (blocktime_ms, vcpu_blocktime_ms) = progress
+            .blocktime
+            .as_ref()
+            .map(|b| (b.all_ms(now), b.per_vcpu_ms(now)))
+            .unwrap_or_default();
         drop(progress);
         self.end_postcopy();
         self.advance(SessionEvent::Finish)?;
@@ -537,6 +668,8 @@ impl Session {
             dest_digest: digest.total_hex(),
             postcopy_requests: requests,
             fault_latency_us: latency,
+            blocktime_ms,
+            vcpu_blocktime_ms,
         })
     }
 
@@ -572,12 +705,7 @@ impl Session {
     fn hang_up(&self) {
         self.aborted.store(true, Ordering::Relaxed);
         self.changed.notify_all();
-        if let Some(stream) = self
-            .demand_stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        for stream in self.lock_streams().iter() {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }

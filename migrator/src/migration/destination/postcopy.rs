@@ -10,7 +10,7 @@ use std::{
 
 use hdrhistogram::Histogram;
 use tracing::{debug, warn};
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{DataError, Session, SessionError};
@@ -31,8 +31,16 @@ impl Session {
         if let Some(&page) = stale_pages.iter().find(|&&page| page >= frames) {
             return Err(SessionError::StaleOutOfRange(page));
         }
-        for &page in stale_pages {
-            self.memory.remove_page(page).map_err(SessionError::Stale)?;
+        // One call per run of neighbouring pages, not one per page: this is downtime.
+        let mut sorted = stale_pages.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        for run in sorted.chunk_by(|a, b| a + 1 == *b) {
+            if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
+                self.memory
+                    .remove_frames(first..last + 1)
+                    .map_err(SessionError::Stale)?;
+            }
         }
         {
             let mut progress = self.lock();
@@ -45,6 +53,8 @@ impl Session {
             progress.latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).ok();
         }
         let uffd = UffdBuilder::new()
+            // Names the faulting thread, so blocktime is charged to the vCPU that waits.
+            .require_features(FeatureFlags::THREAD_ID)
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
@@ -90,6 +100,9 @@ impl Session {
             }
         }
         let mut progress = self.lock();
+        if let Some(blocktime) = progress.blocktime.as_mut() {
+            blocktime.arrived(page, Instant::now());
+        }
         progress.installed[page as usize] = true;
         progress.page_digests[page as usize] = xxh3_64(bytes);
         progress.missing = progress.missing.saturating_sub(1);
@@ -126,11 +139,14 @@ impl Session {
                 Ok(_) => {}
             }
             while let Ok(Some(event)) = uffd.read_event() {
-                let Event::Pagefault { addr, .. } = event else {
+                let Event::Pagefault {
+                    addr, thread_id, ..
+                } = event
+                else {
                     continue;
                 };
                 let page = (addr as u64 - self.memory.host_address()) / PAGE_SIZE;
-                if let Err(e) = self.serve_fault(uffd, page) {
+                if let Err(e) = self.serve_fault(uffd, page, thread_id.as_raw() as u32) {
                     warn!("post-copy fault on page {page}: {e}");
                     self.fail(e);
                     return;
@@ -139,7 +155,9 @@ impl Session {
         }
     }
 
-    fn serve_fault(&self, uffd: &Uffd, page: u64) -> Result<(), DataError> {
+    /// Thread `tid` faulted on `page`.
+    fn serve_fault(&self, uffd: &Uffd, page: u64, tid: u32) -> Result<(), DataError> {
+        let now = Instant::now();
         let mut progress = self.lock();
         let installed = progress
             .installed
@@ -150,6 +168,10 @@ impl Session {
             drop(progress);
             return self.fill_zero_page(uffd, page);
         }
+        if let Some(blocktime) = progress.blocktime.as_mut() {
+            blocktime.faulted(tid, page, now);
+        }
+        self.count_remote_fault();
         if progress.demanded.contains_key(&page) {
             return Ok(());
         }

@@ -2,8 +2,10 @@
 //! demands served ahead of it.
 
 use std::{
-    collections::VecDeque,
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -16,9 +18,9 @@ use crate::{
         link::{self, DataStream},
         order::Order,
         report::Phase,
-        transport::{Frame, FrameReader, PageSender},
+        transport::{Frame, FrameReader, PageSender, SendCounts},
     },
-    vmm::{dirty::dirty_frames, state},
+    vmm::{GuestMemory, dirty::dirty_frames, memory::PAGE_SIZE, state},
 };
 
 /// The downtime's clock: started at the pause, read step by step into the report's
@@ -118,6 +120,8 @@ pub(super) fn cutover_precopy(
     // the cutover keeps it out of the downtime.
     run.report.source_digest = Some(partition.digest().total_hex());
     run.report.dest_digest = reply.dest_digest;
+    // No page is missing after a pre-copy: no vCPU waits on one.
+    run.report.postcopy_vcpu_blocktime_ms = vec![0.0; partition.config().vcpus as usize];
     Ok(())
 }
 
@@ -178,80 +182,106 @@ fn split_round_trip(round_trip_ms: f64, claimed: CommitTimings) -> (CommitTiming
     (spent, left.max(0.0))
 }
 
+/// How many pages fit what is left of the downtime budget, `spent` of it gone, at the link
+/// rate the rounds measured: the limit less what is spent, less the rest of the cutover as
+/// the prepare's round trip foretold it, less a tenth of the limit to spare.
+fn budgeted_pages(run: &Run<'_>, spent: Duration) -> usize {
+    let Some(rate) = run.link_rate.filter(|r| r.is_finite() && *r > 0.0) else {
+        return 0;
+    };
+    let limit = run.options.downtime_limit;
+    let left = limit
+        .saturating_sub(spent)
+        .saturating_sub(run.prepare_rtt)
+        .saturating_sub(limit / 10);
+    (left.as_secs_f64() * rate / PAGE_SIZE as f64) as usize
+}
+
+/// Share of the measured link rate the post-copy push is paced at: a little below the link,
+/// so that the bottleneck's queue stays short and a demanded page, on its own connection,
+/// finds no backlog in front of it there.
+const PUSH_RATE_SHARE: f64 = 0.9;
+
 /// Pause, send the vCPU state and the list of stale pages, resume there at once; then push
-/// what the destination lacks, hottest first, serving its demands ahead of the push.
+/// what the destination lacks, hottest first, while a thread of its own serves the
+/// destination's demands on the urgent connection.
 pub(super) fn cutover_hybrid(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
     mut sender: PageSender<DataStream>,
-    demand_stream: DataStream,
+    urgent: PageSender<DataStream>,
     order: &Order,
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
-    let (mut clock, stale) = pause_for_cutover(run, &sender, last_dirty)?;
+    let (mut clock, mut stale) = pause_for_cutover(run, &sender, last_dirty)?;
+    // What the downtime budget still has room for goes now, the pages the guest will likely
+    // touch first first: each one is a fault the guest does not take across the network.
+    let room = budgeted_pages(run, clock.paused.elapsed());
+    order.sort_touch_first(&mut stale);
+    let rest = stale.split_off(room.min(stale.len()));
+    run.send(&mut sender, &stale)?;
+    run.report.budgeted_pages = stale.len() as u64;
+    let stale = rest;
     sender.send_done()?;
     run.report.downtime_breakdown.last_pages_ms = clock.lap();
     commit(run, destination, session, clock, stale.clone())?;
     run.phase = SourcePhase::Postcopy { session };
 
-    // Post-copy: push what the destination lacks, hottest first; demands jump the queue. A
-    // small send buffer keeps a demanded page from queueing behind megabytes of pushed ones.
+    // Post-copy: push what the destination lacks, hottest first. A small send buffer and a
+    // pace below the link keep the queues the urgent connection shares with the push short.
     run.set_progress(|p| p.phase = Phase::Postcopy);
     if let Err(e) = link::set_send_buffer(sender.stream(), link::POSTCOPY_SEND_BUFFER) {
         warn!("{}", heatprobe::probes::error_chain(&e));
     }
+    let push_rate = run
+        .link_rate
+        .map(|rate| (rate * PUSH_RATE_SHARE) as u64)
+        .into_iter()
+        .chain(run.options.bandwidth_limit)
+        .min();
+    sender.set_rate(push_rate);
     let frames = partition.memory().frames();
-    let mut needed = vec![false; frames as usize];
+    let needed: Arc<Vec<AtomicBool>> =
+        Arc::new((0..frames).map(|_| AtomicBool::new(false)).collect());
     for &f in &stale {
-        needed[f as usize] = true;
+        needed[f as usize].store(true, Ordering::Relaxed);
     }
     for (f, sent) in run.sent_once.iter().enumerate() {
         if !sent {
-            needed[f] = true;
+            needed[f].store(true, Ordering::Relaxed);
         }
     }
-    let mut queue: VecDeque<u64> = order
+    let queue: Vec<u64> = order
         .hottest_first
         .iter()
         .copied()
-        .filter(|&f| needed[f as usize])
+        .filter(|&f| needed[f as usize].load(Ordering::Relaxed))
         .collect();
-    let (demand_tx, demand_rx) = mpsc::channel::<Vec<u64>>();
-    let reader = std::thread::spawn(move || {
-        let mut reader = FrameReader::new(demand_stream, frames);
-        while let Ok(Some(frame)) = reader.next_frame() {
-            if let Frame::Demand(pages) = frame
-                && demand_tx.send(pages).is_err()
-            {
-                break;
-            }
-        }
-    });
+    let urgent_end = urgent
+        .stream()
+        .try_clone()
+        .map_err(|e| MigrationError::Connect(link::LinkError::Socket(e)))?;
+    let server = {
+        let memory = Arc::clone(partition.memory());
+        let needed = Arc::clone(&needed);
+        std::thread::Builder::new()
+            .name("migration-urgent".into())
+            .spawn(move || serve_demands(urgent, &memory, &needed))
+            .map_err(|e| MigrationError::Connect(link::LinkError::Socket(e)))?
+    };
     const PUSH_BATCH: usize = 64;
     let result = (|| -> Result<(), MigrationError> {
-        let mut remaining = queue.len();
-        while remaining > 0 {
-            let mut batch = Vec::with_capacity(PUSH_BATCH);
-            while let Ok(pages) = demand_rx.try_recv() {
-                batch.extend(pages.into_iter().filter(|&f| needed[f as usize]));
-            }
-            while batch.len() < PUSH_BATCH {
-                match queue.pop_front() {
-                    Some(f) if needed[f as usize] => batch.push(f),
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            batch.sort_unstable();
-            batch.dedup();
-            for &f in &batch {
-                if needed[f as usize] {
-                    needed[f as usize] = false;
-                    remaining -= 1;
-                }
-            }
+        let mut batch = Vec::with_capacity(PUSH_BATCH);
+        for chunk in queue.chunks(PUSH_BATCH) {
+            batch.clear();
+            // A page a demand already brought goes no more.
+            batch.extend(
+                chunk
+                    .iter()
+                    .filter(|&&f| needed[f as usize].swap(false, Ordering::Relaxed)),
+            );
             if !batch.is_empty() {
                 run.send(&mut sender, &batch)?;
             }
@@ -263,9 +293,11 @@ pub(super) fn cutover_hybrid(
         return Err(MigrationError::AfterCutover(Box::new(e)));
     }
     let finish = destination.finish(session);
-    // The reader holds a clone of the socket: shut it down so the reader sees the end.
-    let _ = sender.stream().shutdown(std::net::Shutdown::Both);
-    let _ = reader.join();
+    // Shut the urgent connection down so its server sees the end.
+    let _ = urgent_end.shutdown(std::net::Shutdown::Both);
+    if let Ok(counts) = server.join() {
+        run.counts += counts;
+    }
     let finish =
         finish.map_err(|e| MigrationError::AfterCutover(Box::new(MigrationError::Finish(e))))?;
     // The source stayed paused throughout: its memory is that of the pause. Hashing it last
@@ -274,7 +306,50 @@ pub(super) fn cutover_hybrid(
     run.report.dest_digest = Some(finish.dest_digest);
     run.report.postcopy_requests = finish.postcopy_requests;
     run.report.postcopy_fault_latency_us = finish.fault_latency_us;
+    run.report.postcopy_blocktime_ms = finish.blocktime_ms;
+    run.report.postcopy_vcpu_blocktime_ms = finish.vcpu_blocktime_ms;
     Ok(())
+}
+
+/// Serves the destination's demands on the urgent connection until it ends: reads each
+/// demand and sends the pages it names at once, from this thread (QEMU's preempt-full does
+/// the same from its return-path thread). A page is sent even if the push already sent it:
+/// that copy may still be on its way. Returns what it sent.
+fn serve_demands(
+    mut urgent: PageSender<DataStream>,
+    memory: &GuestMemory,
+    needed: &[AtomicBool],
+) -> SendCounts {
+    let mut counts = SendCounts::default();
+    let stream = match urgent.stream().try_clone() {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!("the urgent connection: {e}");
+            return counts;
+        }
+    };
+    let mut reader = FrameReader::new(stream, memory.frames());
+    let mut hashes = Vec::new();
+    while let Ok(Some(frame)) = reader.next_frame() {
+        let Frame::Demand(pages) = frame else {
+            continue;
+        };
+        for &page in &pages {
+            if let Some(flag) = needed.get(page as usize) {
+                flag.store(false, Ordering::Relaxed);
+            }
+        }
+        hashes.clear();
+        match urgent.send_pages(memory, &pages, &mut hashes) {
+            Ok(sent) => counts += sent,
+            Err(e) => {
+                // The push, on the same link, fails too and says why.
+                warn!("serving demanded pages: {e}");
+                break;
+            }
+        }
+    }
+    counts
 }
 
 #[cfg(test)]

@@ -56,6 +56,9 @@ pub struct MigrationOptions {
     pub timeout: Option<Duration>,
     /// What the timeout (and, when throttling, the round limit) does.
     pub timeout_strategy: TimeoutStrategy,
+    /// How long after the resume the destination counts the guest's faults (zero: not at
+    /// all). The migration's report waits for it.
+    pub fault_window: Duration,
 }
 
 /// Options that contradict each other.
@@ -107,6 +110,7 @@ impl Default for MigrationOptions {
             converge: None,
             timeout: None,
             timeout_strategy: TimeoutStrategy::Cancel,
+            fault_window: Duration::from_secs(2),
         }
     }
 }
@@ -149,6 +153,8 @@ pub enum MigrationError {
     Finish(#[source] DestinationError),
     #[error("the dirty log was off")]
     DirtyLogOff,
+    #[error("a hybrid migration has no urgent connection")]
+    NoUrgentConnection,
 }
 
 /// Where the source is in a migration. What a failure rolls back follows from it alone.
@@ -219,10 +225,13 @@ pub fn migrate(
         started,
         phase: SourcePhase::Preparing,
         prepare_rtt: Duration::ZERO,
+        link_rate: None,
     };
     run.report.pages_total = frames;
     partition.set_migrating(true);
     let result = execute(&mut run, destination, probes, ops_before);
+    // The move is over; what follows (the fault window) is measurement.
+    let total_time = started.elapsed();
     // Full speed again, whatever happened: a paused partition is unaffected, a resumed one
     // must not stay slowed.
     if let Err(e) = partition.set_throttle(0) {
@@ -232,10 +241,10 @@ pub fn migrate(
     report.pages_sent = run.counts.pages;
     report.zero_pages = run.counts.zero_pages;
     report.bytes_sent = run.counts.bytes;
-    report.total_time_ms = started.elapsed().as_millis() as u64;
-    report.mbps = run.counts.bytes as f64 * 8.0 / started.elapsed().as_secs_f64().max(1e-6) / 1e6;
+    report.total_time_ms = total_time.as_millis() as u64;
+    report.mbps = run.counts.bytes as f64 * 8.0 / total_time.as_secs_f64().max(1e-6) / 1e6;
     match &result {
-        Ok(()) => {
+        Ok(_) => {
             report.status = MigrationStatus::Completed;
             // The destination runs the partition: only now is the source's copy released.
             partition.stop();
@@ -262,10 +271,21 @@ pub fn migrate(
     }
     report.judge_downtime(options.downtime_limit);
     let phase = match result {
-        Ok(()) => Phase::Completed,
+        Ok(_) => Phase::Completed,
         Err(_) => Phase::Failed,
     };
     run.progress.lock().unwrap_or_else(|p| p.into_inner()).phase = phase;
+    if report.status == MigrationStatus::Completed {
+        report.guest_stall_ms = report.downtime_ms as f64 + report.postcopy_blocktime_ms;
+    }
+    if let Ok(session) = result
+        && !options.fault_window.is_zero()
+    {
+        match destination.faults(session) {
+            Ok(faults) => report.post_cutover_faults = Some(faults),
+            Err(e) => report.post_cutover_faults_note = Some(error_chain(&e)),
+        }
+    }
     report
 }
 
@@ -274,7 +294,7 @@ fn execute(
     destination: &mut dyn Destination,
     probes: Option<Arc<Probes>>,
     ops_before: Option<f64>,
-) -> Result<(), MigrationError> {
+) -> Result<u64, MigrationError> {
     let partition = run.partition;
     let options = run.options;
     options.validate()?;
@@ -285,15 +305,23 @@ fn execute(
             protocol_max: PROTOCOL_VERSION,
             config: partition.config().clone(),
             mode: options.mode,
+            fault_window_ms: options.fault_window.as_millis() as u64,
         })
         .map_err(MigrationError::Prepare)?;
     let session = reply.session;
     run.prepare_rtt = asked.elapsed();
     run.phase = SourcePhase::Iterating { session };
     let stream = destination.connect_data(reply.data_port)?;
-    let demand_stream = stream
-        .try_clone()
-        .map_err(|e| MigrationError::Connect(LinkError::Socket(e)))?;
+    // Hybrid: a second connection for the destination's demands and the pages they ask for,
+    // so that none waits behind the push (QEMU's postcopy-preempt channel).
+    let urgent = match options.mode {
+        Mode::Precopy => None,
+        Mode::Hybrid => {
+            let mut urgent = PageSender::new(destination.connect_data(reply.data_port)?, None);
+            urgent.send_urgent()?;
+            Some(urgent)
+        }
+    };
     let mut sender = PageSender::new(stream, options.bandwidth_limit);
     partition.dirty_log_start()?;
     let mut order = plan(run, probes)?;
@@ -311,11 +339,11 @@ fn execute(
             destination,
             session,
             sender,
-            demand_stream,
+            urgent.ok_or(MigrationError::NoUrgentConnection)?,
             &order,
             dirty,
         ),
     }?;
     run.phase = SourcePhase::Completed;
-    Ok(())
+    Ok(session)
 }

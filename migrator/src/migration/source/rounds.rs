@@ -41,6 +41,8 @@ pub(super) struct Run<'a> {
     /// How long the destination took to answer `prepare`: the round trip and the setting up
     /// of a session, the part of the downtime known before the cutover.
     pub(super) prepare_rtt: Duration,
+    /// The rate the rounds last measured the link at, in bytes per second.
+    pub(super) link_rate: Option<f64>,
 }
 
 /// Pages sent per call to the sender, between which the counters, the progress and the
@@ -204,6 +206,7 @@ pub(super) fn iterate(
     let deadline = options.timeout.map(|t| run.started + t);
     let first = run.send_round(sender, &round0, true, deadline)?;
     let mut rate = first.rate.unwrap_or(1.0);
+    run.link_rate = first.rate;
     // Held-back pages count as sent (and come back dirty in the next check): the ratio of
     // the two is then the same whether a strategy holds its hot pages back or sends them.
     let mut sent = (round0.len() - first.unsent.len() + deferred.len()) as u64;
@@ -326,6 +329,7 @@ pub(super) fn iterate(
         let round_sent = run.send_round(sender, &dirty, false, deadline)?;
         if let Some(measured) = round_sent.rate {
             rate = measured;
+            run.link_rate = Some(measured);
         }
         sent = (dirty.len() - round_sent.unsent.len() + deferred.len()) as u64;
         unsent = round_sent.unsent;

@@ -1,0 +1,120 @@
+//! Post-cutover faults: what the restored guest faulted on over a fixed window from its
+//! resume, counted by heatprobe on its vCPU threads (`kvmmmu:kvm_mmu_spte_requested`, one
+//! event per guest page fault KVM maps), with the faults that had to ask the source for the
+//! page (remote) told apart from those memory here could serve (local).
+//!
+//! A fresh VM on the destination has no second-level page tables yet, so every page the guest
+//! touches faults once, in both modes; a page that is missing (hybrid) also crosses the
+//! network. That is what the guest feels after the move, and what a good order cuts.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use heatprobe::{ProbeError, Probes, TargetId};
+
+use crate::migration::report::PostCutoverFaults;
+
+/// The daemon's eBPF probes: loaded once, on first use; a failure to load is kept and
+/// reported each time.
+pub type ProbeSlot = Arc<OnceLock<Result<Arc<Probes>, Arc<ProbeError>>>>;
+
+/// A session's fault window, or why it has none.
+pub type WindowOrWhyNot = Result<Arc<FaultWindow>, String>;
+
+/// The fault windows of committed sessions, by session id, until their source asks for the
+/// figures.
+#[derive(Clone, Default)]
+pub struct FaultWindows(Arc<Mutex<HashMap<u64, WindowOrWhyNot>>>);
+
+impl FaultWindows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, WindowOrWhyNot>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, session: u64, window: WindowOrWhyNot) {
+        self.lock().insert(session, window);
+    }
+
+    /// Session `session`'s window, taken out: the figures are asked for once.
+    pub fn take(&self, session: u64) -> Option<WindowOrWhyNot> {
+        self.lock().remove(&session)
+    }
+}
+
+/// Counting over one window.
+pub struct FaultWindow {
+    probes: Arc<Probes>,
+    id: TargetId,
+    resumed: Instant,
+    window: Duration,
+    remote: AtomicU64,
+    /// The figures, once read at the window's end.
+    result: Mutex<Option<PostCutoverFaults>>,
+}
+
+impl FaultWindow {
+    /// Starts counting the faults of vCPU threads `tids` for `window` from now (the resume).
+    pub fn start(probes: Arc<Probes>, tids: &[u32], window: Duration) -> Result<Self, ProbeError> {
+        let id = probes.track_vcpus(tids)?;
+        Ok(Self {
+            probes,
+            id,
+            resumed: Instant::now(),
+            window,
+            remote: AtomicU64::new(0),
+            result: Mutex::new(None),
+        })
+    }
+
+    pub fn ends_at(&self) -> Instant {
+        self.resumed + self.window
+    }
+
+    /// A fault that asked the source for its page, if it falls inside the window.
+    pub fn demanded(&self) {
+        if Instant::now() < self.ends_at() {
+            self.remote.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The window's figures: waits for its end, then reads the counts once (later calls get
+    /// the same figures).
+    pub fn report(&self) -> Result<PostCutoverFaults, ProbeError> {
+        std::thread::sleep(self.ends_at().saturating_duration_since(Instant::now()));
+        let mut result = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(done) = *result {
+            return Ok(done);
+        }
+        let total: u64 = self
+            .probes
+            .counts(self.id)?
+            .values()
+            .map(|c| c.reads.saturating_add(c.writes))
+            .fold(0, u64::saturating_add);
+        let remote = self.remote.load(Ordering::Relaxed);
+        let done = PostCutoverFaults {
+            window_ms: self.window.as_millis() as u64,
+            // KVM maps a remote page once it arrives, so the probes count it too.
+            local: total.saturating_sub(remote),
+            remote,
+        };
+        *result = Some(done);
+        // Nothing more to count: the vCPU threads are free for a profiler.
+        let _ = self.probes.untrack(self.id);
+        Ok(done)
+    }
+}
+
+impl Drop for FaultWindow {
+    fn drop(&mut self) {
+        // Untracking twice is harmless; a failure leaves a stale entry the probes drop with
+        // their owner.
+        let _ = self.probes.untrack(self.id);
+    }
+}
