@@ -79,7 +79,7 @@ impl Destination for InProcess {
             return Err(DestinationError::Refused(ApiError::Limit("full".into())));
         }
         let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (session, data_port) = Session::prepare(
+        let (session, data_port, remove_ns_per_page) = Session::prepare(
             &request,
             bind,
             DataLink::Plain,
@@ -92,6 +92,7 @@ impl Destination for InProcess {
         Ok(PrepareReply {
             session: self.next,
             data_port,
+            remove_ns_per_page,
         })
     }
 

@@ -44,7 +44,7 @@ impl Daemon {
             tokio::spawn(async move { daemon.probes().await.map(drop) });
         }
         let probes = Arc::clone(&self.probes);
-        let (session, data_port) = blocking("prepare", move || {
+        let (session, data_port, remove_ns_per_page) = blocking("prepare", move || {
             Session::prepare(&request, listen, link, peer_timeout, probes)
         })
         .await?
@@ -56,6 +56,7 @@ impl Daemon {
         Ok(PrepareReply {
             session: id,
             data_port,
+            remove_ns_per_page,
         })
     }
 

@@ -27,6 +27,9 @@ pub struct PrepareRequest {
 pub struct PrepareReply {
     pub session: u64,
     pub data_port: u16,
+    /// What freeing one stale page costs there, measured on the session's memory: a hybrid
+    /// cutover's downtime pays it for every stale page it does not send.
+    pub remove_ns_per_page: u64,
 }
 
 /// The cutover: the vCPU state, and in hybrid mode the pages whose copy is stale.

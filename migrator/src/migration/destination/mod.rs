@@ -51,6 +51,9 @@ pub use phase::{PhaseError, SessionEvent, SessionPhase};
 
 use self::blocktime::Blocktime;
 
+/// Pages freed to measure what freeing one costs.
+const REMOVAL_SAMPLE: u64 = 256;
+
 /// How long the destination waits for the source at each step before giving up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -218,11 +221,19 @@ impl Session {
         link: DataLink,
         peer_timeout: Duration,
         probes: ProbeSlot,
-    ) -> Result<(Arc<Self>, u16), SessionError> {
+    ) -> Result<(Arc<Self>, u16, u64), SessionError> {
         request.config.validate().map_err(SessionError::Shape)?;
         let memory = Arc::new(
             GuestMemory::new(request.config.mem_size).map_err(|e| SessionError::Shape(e.into()))?,
         );
+        // A hybrid cutover frees every stale page it does not send, inside the downtime: the
+        // source budgets for it at this rate (a millisecond or two to measure).
+        let remove_ns_per_page = match request.mode {
+            Mode::Hybrid => memory
+                .measure_page_removal(REMOVAL_SAMPLE)
+                .map_err(SessionError::Stale)?,
+            Mode::Precopy => 0,
+        };
         let frames = memory.frames() as usize;
         let listener =
             TcpListener::bind(SocketAddr::new(bind.ip(), 0)).map_err(SessionError::Listen)?;
@@ -255,7 +266,7 @@ impl Session {
             .spawn(move || receiver.receive(listener))
             .map_err(SessionError::Listen)?;
         session.threads().push(thread);
-        Ok((session, port))
+        Ok((session, port, remove_ns_per_page))
     }
 
     fn lock(&self) -> MutexGuard<'_, Progress> {

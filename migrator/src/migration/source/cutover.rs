@@ -182,19 +182,45 @@ fn split_round_trip(round_trip_ms: f64, claimed: CommitTimings) -> (CommitTiming
     (spent, left.max(0.0))
 }
 
-/// How many pages fit what is left of the downtime budget, `spent` of it gone, at the link
-/// rate the rounds measured: the limit less what is spent, less the rest of the cutover as
-/// the prepare's round trip foretold it, less a tenth of the limit to spare.
-fn budgeted_pages(run: &Run<'_>, spent: Duration) -> usize {
+/// How many of `stale` pages fit what is left of the downtime budget, `spent` of it gone:
+/// the limit less what is spent, less the rest of the cutover as the prepare's round trip
+/// foretold it, less a tenth of the limit to spare, less freeing at the destination every
+/// stale page not sent. A page sent takes its time at the measured rate instead of its
+/// freeing's.
+fn budgeted_pages(run: &Run<'_>, spent: Duration, stale: usize) -> usize {
     let Some(rate) = run.link_rate.filter(|r| r.is_finite() && *r > 0.0) else {
         return 0;
     };
-    let limit = run.options.downtime_limit;
-    let left = limit
-        .saturating_sub(spent)
-        .saturating_sub(run.prepare_rtt)
-        .saturating_sub(limit / 10);
-    (left.as_secs_f64() * rate / PAGE_SIZE as f64) as usize
+    budget(
+        run.options.downtime_limit,
+        spent + run.prepare_rtt,
+        stale,
+        Duration::from_secs_f64(PAGE_SIZE as f64 / rate),
+        run.remove_per_page,
+    )
+}
+
+/// The pages `b` of `stale` to send within `limit`, `committed` of it already spoken for,
+/// when sending one takes `send` and freeing one left unsent takes `remove`: the largest `b`
+/// with `committed + limit/10 + b × send + (stale − b) × remove ≤ limit`.
+fn budget(
+    limit: Duration,
+    committed: Duration,
+    stale: usize,
+    send: Duration,
+    remove: Duration,
+) -> usize {
+    let left = limit.saturating_sub(committed).saturating_sub(limit / 10);
+    let freeing_all = remove.as_secs_f64() * stale as f64;
+    let room = left.as_secs_f64() - freeing_all;
+    if room <= 0.0 {
+        return 0;
+    }
+    let extra = send.as_secs_f64() - remove.as_secs_f64();
+    if extra <= 0.0 {
+        return stale;
+    }
+    ((room / extra) as usize).min(stale)
 }
 
 /// Share of the measured link rate the post-copy push is paced at: a little below the link,
@@ -218,7 +244,7 @@ pub(super) fn cutover_hybrid(
     let (mut clock, mut stale) = pause_for_cutover(run, &sender, last_dirty)?;
     // What the downtime budget still has room for goes now, the pages the guest will likely
     // touch first first: each one is a fault the guest does not take across the network.
-    let room = budgeted_pages(run, clock.paused.elapsed());
+    let room = budgeted_pages(run, clock.paused.elapsed(), stale.len());
     order.sort_touch_first(&mut stale);
     let rest = stale.split_off(room.min(stale.len()));
     run.send(&mut sender, &stale)?;
@@ -271,7 +297,11 @@ pub(super) fn cutover_hybrid(
             .spawn(move || serve_demands(urgent, &memory, &needed))
             .map_err(|e| MigrationError::Connect(link::LinkError::Socket(e)))?
     };
-    const PUSH_BATCH: usize = 64;
+    // Each batch leaves as one burst into the link's queue, and a demanded page on the urgent
+    // connection can wait behind it: 16 pages are half a millisecond at 1 Gbit/s. Measured on
+    // paced kv-zipf (8 runs each), the runs' p99 demand latency was 0.8-3.6 ms (median 1.6)
+    // with batches of 64, 0.6-3.4 ms (median 0.95) with 16.
+    const PUSH_BATCH: usize = 16;
     let result = (|| -> Result<(), MigrationError> {
         let mut batch = Vec::with_capacity(PUSH_BATCH);
         for chunk in queue.chunks(PUSH_BATCH) {
@@ -362,6 +392,23 @@ mod tests {
             restore_ms,
             resume_ms,
         }
+    }
+
+    #[test]
+    fn the_budget_pays_for_freeing_what_it_does_not_send() {
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        // 100 ms, 10 spent, 10 spare: 80 ms. Freeing 10k pages at 4 µs is 40 ms; each page sent
+        // instead costs 30 − 4 µs more: 40 ms / 26 µs = 1538 pages.
+        assert_eq!(budget(ms(100), ms(10), 10_000, us(30), us(4)), 1538);
+        // Freeing everything alone overruns: nothing is sent.
+        assert_eq!(budget(ms(100), ms(10), 30_000, us(30), us(4)), 0);
+        // Nothing left of the limit.
+        assert_eq!(budget(ms(100), ms(95), 10, us(30), us(0)), 0);
+        // Sending cheaper than freeing (a fast link): all of it.
+        assert_eq!(budget(ms(100), ms(0), 10, us(1), us(4)), 10);
+        // Never more than there is.
+        assert_eq!(budget(ms(100), ms(0), 10, us(30), us(0)), 10);
     }
 
     #[test]

@@ -226,6 +226,7 @@ pub fn migrate(
         phase: SourcePhase::Preparing,
         prepare_rtt: Duration::ZERO,
         link_rate: None,
+        remove_per_page: Duration::ZERO,
     };
     run.report.pages_total = frames;
     partition.set_migrating(true);
@@ -310,6 +311,8 @@ fn execute(
         .map_err(MigrationError::Prepare)?;
     let session = reply.session;
     run.prepare_rtt = asked.elapsed();
+    // The destination's word, bounded: at most a millisecond a page.
+    run.remove_per_page = Duration::from_nanos(reply.remove_ns_per_page.min(1_000_000));
     run.phase = SourcePhase::Iterating { session };
     let stream = destination.connect_data(reply.data_port)?;
     // Hybrid: a second connection for the destination's demands and the pages they ask for,

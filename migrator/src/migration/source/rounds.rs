@@ -43,6 +43,8 @@ pub(super) struct Run<'a> {
     pub(super) prepare_rtt: Duration,
     /// The rate the rounds last measured the link at, in bytes per second.
     pub(super) link_rate: Option<f64>,
+    /// What the destination says freeing one stale page costs it.
+    pub(super) remove_per_page: Duration,
 }
 
 /// Pages sent per call to the sender, between which the counters, the progress and the
