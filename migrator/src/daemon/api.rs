@@ -9,14 +9,19 @@
 //!    │◀──── PartitionInfo | ApiError│
 //! ```
 
+use std::time::Duration;
+
 use migrator_guest::abi::ABI_VERSION;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    daemon::heat_view::HeatView,
+    daemon::{
+        heat_report::{PartitionHeat, PlanPreview},
+        heat_view::HeatView,
+    },
     migration::{
-        MigrationProgress, MigrationReport,
+        MigrationProgress, MigrationReport, Strategy,
         control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
         source::MigrationOptions,
     },
@@ -26,9 +31,9 @@ use crate::{
 /// The API version this build speaks. Bumped whenever a request or reply changes shape:
 /// 2 carries the vCPU state of `migration_commit` as a saved state (`vmm::state`); 3 speaks
 /// postcard (`daemon::codec`) instead of bincode; 4 adds the destination's timings to the
-/// commit's reply and the downtime's breakdown to the migration report. New calls go at the
-/// end of the service.
-pub const API_VERSION: u32 = 4;
+/// commit's reply and the downtime's breakdown to the migration report; 5 adds `page_heat` and
+/// `plan`. New calls go at the end of the service.
+pub const API_VERSION: u32 = 5;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.
@@ -155,4 +160,15 @@ pub trait MigratorApi {
     /// The partition's page heat condensed into `cells` cells (starts watching it on first
     /// call; the heat advances at most every half second).
     async fn heat(id: String, cells: u32) -> Result<HeatView, ApiError>;
+
+    /// Per-page heat of partition `id` over a window of `duration` (200 ms to 60 s, whole
+    /// epochs of 200 ms) from its shared profiler, as `heatprobe record` reports it.
+    async fn page_heat(id: String, duration: Duration) -> Result<PartitionHeat, ApiError>;
+    /// A dry run of the order round 0 of a migration of partition `id` would send now: with
+    /// the heat strategy, from a window of `duration` of its heat.
+    async fn plan(
+        id: String,
+        strategy: Strategy,
+        duration: Duration,
+    ) -> Result<PlanPreview, ApiError>;
 }

@@ -278,6 +278,21 @@ mod tests {
             (11, MigratorApiRequest::MigrationFinish { session: 1 }),
             (12, MigratorApiRequest::MigrationAbort { session: 1 }),
             (13, MigratorApiRequest::Heat { id: id(), cells: 1 }),
+            (
+                14,
+                MigratorApiRequest::PageHeat {
+                    id: id(),
+                    duration: Duration::from_secs(2),
+                },
+            ),
+            (
+                15,
+                MigratorApiRequest::Plan {
+                    id: id(),
+                    strategy: crate::migration::Strategy::Heat,
+                    duration: Duration::from_secs(2),
+                },
+            ),
         ];
         for (number, call) in &calls {
             assert_eq!(encode(call)[0], *number, "{call:?} moved");
