@@ -22,6 +22,18 @@ pub enum PlanError {
     Duplicate(u64),
 }
 
+/// One of the plan's three segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Segment {
+    /// Read-write pages, coldest first.
+    ReadWrite,
+    /// Read-only pages, hottest first.
+    ReadOnly,
+    /// Pages never touched, by address.
+    Untouched,
+}
+
 /// Pages in copy order, in three segments.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationPlan {
@@ -101,10 +113,24 @@ impl MigrationPlan {
             .chain(self.read_write.iter().copied())
     }
 
+    /// The segments [`Self::precopy_order`] is made of, in the order it sends them, with their
+    /// sizes in pages: the order is these segments one after the other. A dry run cuts the
+    /// order it was given at these sizes to say which page is sent for which reason.
+    pub fn precopy_segments(&self) -> [(Segment, u64); 3] {
+        [
+            (Segment::ReadOnly, self.read_only.len() as u64),
+            (Segment::Untouched, self.untouched_len()),
+            (Segment::ReadWrite, self.read_write.len() as u64),
+        ]
+    }
+
     /// Number of pages in the plan.
     pub fn len(&self) -> u64 {
-        (self.read_write.len() + self.read_only.len()) as u64
-            + self.untouched.iter().map(|r| r.end - r.start).sum::<u64>()
+        (self.read_write.len() + self.read_only.len()) as u64 + self.untouched_len()
+    }
+
+    fn untouched_len(&self) -> u64 {
+        self.untouched.iter().map(|r| r.end - r.start).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,6 +193,14 @@ mod tests {
             plan.precopy_order().collect::<Vec<_>>(),
             vec![3, 4, 0, 5, 7, 2, 6, 1]
         );
+        assert_eq!(
+            plan.precopy_segments(),
+            [
+                (Segment::ReadOnly, 2),
+                (Segment::Untouched, 3),
+                (Segment::ReadWrite, 3)
+            ]
+        );
     }
 
     #[test]
@@ -224,6 +258,19 @@ mod tests {
             );
             prop_assert_eq!(precopy.len(), order.len());
             prop_assert_eq!(&precopy[precopy.len() - plan.read_write.len()..], &plan.read_write[..]);
+            // Cut at the sizes precopy_segments gives, the order is its segments in turn.
+            let mut rest = &precopy[..];
+            for (segment, len) in plan.precopy_segments() {
+                let (this, after) = rest.split_at(len as usize);
+                let expected: Vec<u64> = match segment {
+                    Segment::ReadOnly => plan.read_only.clone(),
+                    Segment::ReadWrite => plan.read_write.clone(),
+                    Segment::Untouched => plan.untouched.iter().flat_map(Clone::clone).collect(),
+                };
+                prop_assert_eq!(this, &expected[..], "{:?}", segment);
+                rest = after;
+            }
+            prop_assert!(rest.is_empty());
             prop_assert_eq!(order.iter().copied().collect::<BTreeSet<_>>(), (0..256).collect());
             prop_assert_eq!(order.len(), 256);
             let by_page: std::collections::BTreeMap<u64, &PageHeat> =

@@ -11,6 +11,7 @@ use migrator::{
         LaunchRequest, PartitionInfo,
         api::MigrateRequest,
         client::{Connection, context_with},
+        heat_report,
         server::{Daemon, Limits, serve},
     },
     migration::{
@@ -114,6 +115,27 @@ enum Command {
     Resume(Target),
     /// Stop a partition for good and free its memory.
     Stop(Target),
+    /// Per-page heat of a partition over a window, from the daemon's shared profiler (active
+    /// sampling); --json prints it as `heatprobe record --json` does.
+    Heat {
+        #[command(flatten)]
+        target: Target,
+        /// How long to profile: 200ms to 60s, rounded to whole epochs of 200 ms.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// The order round 0 of a migration would send the partition's pages in now (a dry run:
+    /// nothing is sent): the segments, their sizes and their first pages.
+    Plan {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_enum, default_value = "heat")]
+        strategy: Strategy,
+        /// How long to profile for the heat strategy (200ms to 60s), as a migration's
+        /// --profile-window.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// The live dashboard of a partition: heat, migration, guest.
     Dash {
         /// The daemon the partition is on.
@@ -337,6 +359,12 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             })
             .await
         }
+        Command::Heat { target, duration } => heat(target, duration, &security).await,
+        Command::Plan {
+            target,
+            strategy,
+            duration,
+        } => plan(target, strategy, duration, &security).await,
         Command::Dash {
             host,
             id,
@@ -396,6 +424,58 @@ where
         println!("{}", serde_json::to_string(&info)?);
     } else {
         print_info(&info);
+    }
+    Ok(())
+}
+
+/// How long past a window a call may take (connecting, the epoch that ends it, the answer).
+const WINDOW_SLACK: Duration = Duration::from_secs(30);
+
+async fn heat(target: Target, duration: Duration, security: &Security) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    let ctx = context_with(duration.saturating_add(WINDOW_SLACK));
+    let heat = connection.rpc(connection.client.page_heat(ctx, target.id, duration).await)??;
+    if target.host.json {
+        /// `heatprobe record --json`'s object, with the partition and its size added.
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            partition: &'a str,
+            frames: u64,
+            duration_ms: u64,
+            #[serde(flatten)]
+            record: &'a heatprobe::report::RecordReport,
+        }
+        let json = Json {
+            partition: &heat.id,
+            frames: heat.frames,
+            duration_ms: heat.duration_ms,
+            record: &heat.record,
+        };
+        println!("{}", serde_json::to_string(&json)?);
+    } else {
+        print!("{}", heat_report::render_heat(&heat));
+    }
+    Ok(())
+}
+
+async fn plan(
+    target: Target,
+    strategy: Strategy,
+    duration: Duration,
+    security: &Security,
+) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    let ctx = context_with(duration.saturating_add(WINDOW_SLACK));
+    let preview = connection.rpc(
+        connection
+            .client
+            .plan(ctx, target.id, strategy, duration)
+            .await,
+    )??;
+    if target.host.json {
+        println!("{}", serde_json::to_string(&preview)?);
+    } else {
+        print!("{}", heat_report::render_plan(&preview));
     }
     Ok(())
 }

@@ -9,14 +9,19 @@
 //!    │◀──── PartitionInfo | ApiError│
 //! ```
 
+use std::time::Duration;
+
 use migrator_guest::abi::ABI_VERSION;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    daemon::heat_view::HeatView,
+    daemon::{
+        heat_report::{PartitionHeat, PlanPreview},
+        heat_view::HeatView,
+    },
     migration::{
-        MigrationProgress, MigrationReport,
+        MigrationProgress, MigrationReport, Strategy,
         control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
         report::PostCutoverFaults,
         source::MigrationOptions,
@@ -29,7 +34,8 @@ use crate::{
 /// postcard (`daemon::codec`) instead of bincode; 4 adds the destination's timings to the
 /// commit's reply and the downtime's breakdown to the migration report; 5 adds the fault
 /// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
-/// report's post-cutover figures). New calls go at the end of the service.
+/// report's post-cutover figures), `page_heat` and `plan`. New calls go at the end of the
+/// service.
 pub const API_VERSION: u32 = 5;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
@@ -161,4 +167,14 @@ pub trait MigratorApi {
     /// Destination side: the guest's faults over the fault window from its resume, once the
     /// window is over.
     async fn migration_faults(session: u64) -> Result<PostCutoverFaults, ApiError>;
+    /// Per-page heat of partition `id` over a window of `duration` (200 ms to 60 s, whole
+    /// epochs of 200 ms) from its shared profiler, as `heatprobe record` reports it.
+    async fn page_heat(id: String, duration: Duration) -> Result<PartitionHeat, ApiError>;
+    /// A dry run of the order round 0 of a migration of partition `id` would send now: with
+    /// the heat strategy, from a window of `duration` of its heat.
+    async fn plan(
+        id: String,
+        strategy: Strategy,
+        duration: Duration,
+    ) -> Result<PlanPreview, ApiError>;
 }

@@ -279,6 +279,21 @@ mod tests {
             (12, MigratorApiRequest::MigrationAbort { session: 1 }),
             (13, MigratorApiRequest::Heat { id: id(), cells: 1 }),
             (14, MigratorApiRequest::MigrationFaults { session: 1 }),
+            (
+                15,
+                MigratorApiRequest::PageHeat {
+                    id: id(),
+                    duration: Duration::from_secs(2),
+                },
+            ),
+            (
+                16,
+                MigratorApiRequest::Plan {
+                    id: id(),
+                    strategy: crate::migration::Strategy::Heat,
+                    duration: Duration::from_secs(2),
+                },
+            ),
         ];
         for (number, call) in &calls {
             assert_eq!(encode(call)[0], *number, "{call:?} moved");

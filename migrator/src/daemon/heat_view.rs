@@ -1,24 +1,10 @@
 //! A partition's page heat, condensed for a dashboard: binned cells, hot ranges, a histogram.
 //!
-//! The daemon keeps one heatprobe profiler per watched partition and advances it at most once
-//! per interval, when asked. Its active sampler re-arms frames only while the partition simply
-//! runs: during a migration, dropping host mappings would make KVM mark pages dirty.
+//! The heat comes from the partition's shared profiler (`profilers`); this module only
+//! condenses it.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
-
-use heatprobe::{
-    Access, HeatClass, PageHeat, Probes, Profiler, ProfilerError, profiler::ProfilerConfig,
-};
+use heatprobe::{Access, HeatClass, PageHeat};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
-
-use crate::vmm::{
-    Partition, PartitionState,
-    sampler::{Sampling, profile_partition},
-};
 
 /// One cell of the heatmap: a run of consecutive frames.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -108,62 +94,6 @@ impl HeatView {
         ranges.truncate(16);
         view.hot_ranges = ranges;
         view
-    }
-}
-
-#[derive(Debug, Error)]
-pub enum HeatViewError {
-    #[error("cannot start profiling the partition")]
-    Start(#[source] ProfilerError),
-    #[error("advancing the partition's heat failed")]
-    Epoch(#[source] ProfilerError),
-}
-
-/// The profiler behind one partition's view.
-pub struct HeatMonitor {
-    profiler: Profiler,
-    partition: Arc<Partition>,
-    last_epoch: Instant,
-}
-
-/// How often a watched partition's heat advances.
-pub const MONITOR_INTERVAL: Duration = Duration::from_millis(500);
-
-impl HeatMonitor {
-    pub fn start(probes: Arc<Probes>, partition: Arc<Partition>) -> Result<Self, HeatViewError> {
-        let profiler = profile_partition(
-            probes,
-            &partition,
-            ProfilerConfig {
-                interval: MONITOR_INTERVAL,
-                sample_fraction: 0.125,
-                ..ProfilerConfig::default()
-            },
-            Sampling::ReadsAndWrites,
-        )
-        .map_err(HeatViewError::Start)?;
-        Ok(Self {
-            profiler,
-            partition,
-            last_epoch: Instant::now(),
-        })
-    }
-
-    /// Advances the heat if an interval has passed and the partition runs, then condenses it.
-    pub fn view(&mut self, cells: usize) -> Result<HeatView, HeatViewError> {
-        if self.last_epoch.elapsed() >= MONITOR_INTERVAL
-            && self.partition.state() == PartitionState::Running
-        {
-            self.profiler.end_epoch().map_err(HeatViewError::Epoch)?;
-            self.last_epoch = Instant::now();
-        }
-        let heat = self.profiler.heat();
-        Ok(HeatView::build(
-            &heat.pages(),
-            self.partition.memory().frames(),
-            cells,
-            heat.epochs(),
-        ))
     }
 }
 

@@ -7,19 +7,23 @@
 //!   `admission`: the limits every launch and incoming migration is checked against;
 //! - `incoming`: the destination side of migrations; `outgoing`: the source side;
 //!   `peer`: the destination daemon as the source's engine sees it;
-//! - `listener`: the accept loop; `heat_view`: heat condensed for dashboards; `memory`: the
-//!   daemon's own allocator settings.
+//! - `profilers`: one shared heat profiler per partition, serving every client's window;
+//!   `heat_view`: heat condensed for dashboards; `heat_report`: what `page_heat` and `plan`
+//!   answer, and their text;
+//! - `listener`: the accept loop; `memory`: the daemon's own allocator settings.
 
 pub mod admission;
 pub mod api;
 pub mod client;
 pub mod codec;
+pub mod heat_report;
 pub mod heat_view;
 mod incoming;
 pub mod listener;
 pub mod memory;
 mod outgoing;
 pub mod peer;
+pub mod profilers;
 mod registry;
 pub mod server;
 

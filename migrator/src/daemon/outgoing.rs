@@ -91,7 +91,6 @@ impl Daemon {
         request: MigrateRequest,
     ) -> Result<MigrationReport, ApiError> {
         let partition = self.registry.live(&request.id)?;
-        self.unwatch(&request.id);
         let state = partition.state();
         if state != PartitionState::Running && state != PartitionState::Paused {
             return Err(ApiError::Partition(format!(
@@ -100,6 +99,10 @@ impl Daemon {
             )));
         }
         let progress = self.outgoing.start(&request.id, self)?;
+        // Only once the migration is registered: from then on no shared heat profiler starts
+        // on the partition (they check for a running migration under the lock unwatch takes),
+        // so the vCPU threads this frees stay free for the migration's own profiler.
+        self.unwatch(&request.id);
         let opened = tokio::time::timeout(
             self.peer_timeout,
             Connection::open(request.to, &self.security),

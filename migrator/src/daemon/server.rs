@@ -5,10 +5,9 @@
 //! partition never stalls the others' requests.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -29,13 +28,15 @@ use super::{
         PartitionInfo,
     },
     blocking, error_chain,
-    heat_view::{HeatMonitor, HeatView},
+    heat_report::{PartitionHeat, PlanPreview},
+    heat_view::HeatView,
     outgoing::Outgoing,
+    profilers::Profilers,
     registry::{Registry, info_of},
 };
 use crate::{
     migration::{
-        MigrationProgress, MigrationReport,
+        MigrationProgress, MigrationReport, Strategy,
         control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
         destination::{FaultWindows, ProbeSlot},
         report::PostCutoverFaults,
@@ -59,8 +60,9 @@ pub struct Daemon {
     pub(super) probes: ProbeSlot,
     /// Incoming migrations' fault windows, until their source asks for the figures.
     pub(super) fault_windows: FaultWindows,
-    /// Heat profilers of partitions someone watches (dashboards).
-    monitors: Arc<Mutex<BTreeMap<String, HeatMonitor>>>,
+    /// The shared heat profiler of each partition someone watches (dashboards, `page_heat`,
+    /// `plan`): one per partition, since the probes count a vCPU thread for one target only.
+    pub(super) profilers: Profilers,
     pub(super) limits: Limits,
     /// How clients, peers and data connections are authenticated.
     pub(super) security: Security,
@@ -91,7 +93,7 @@ impl Daemon {
             api_version,
             probes: Arc::default(),
             fault_windows: FaultWindows::default(),
-            monitors: Arc::default(),
+            profilers: Profilers::default(),
             limits: Limits::default(),
             security: Security::Plain,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
@@ -138,10 +140,7 @@ impl Daemon {
     /// Stops watching a partition's heat (its vCPU threads are then free for another
     /// profiler, such as a migration's).
     pub(super) fn unwatch(&self, id: &str) {
-        self.monitors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.profilers.unwatch(id);
     }
 
     /// Records `id` as stopped with its last `info`, forgetting the finished migrations of
@@ -297,21 +296,26 @@ impl MigratorApi for Daemon {
     }
 
     async fn heat(self, _: Context, id: String, cells: u32) -> Result<HeatView, ApiError> {
-        let partition = self.registry.live(&id)?;
-        let probes = self.probes().await?;
-        let monitors = Arc::clone(&self.monitors);
-        blocking("heat", move || {
-            let mut monitors = monitors.lock().unwrap_or_else(|p| p.into_inner());
-            let monitor = match monitors.entry(id) {
-                std::collections::btree_map::Entry::Occupied(found) => found.into_mut(),
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(HeatMonitor::start(probes, partition)?)
-                }
-            };
-            monitor.view(cells.clamp(1, 65536) as usize)
-        })
-        .await?
-        .map_err(|e| ApiError::Partition(error_chain(&e)))
+        self.heat_view(id, cells).await
+    }
+
+    async fn page_heat(
+        self,
+        _: Context,
+        id: String,
+        duration: Duration,
+    ) -> Result<PartitionHeat, ApiError> {
+        self.partition_heat(id, duration).await
+    }
+
+    async fn plan(
+        self,
+        _: Context,
+        id: String,
+        strategy: Strategy,
+        duration: Duration,
+    ) -> Result<PlanPreview, ApiError> {
+        self.plan_preview(id, strategy, duration).await
     }
 }
 

@@ -1,0 +1,620 @@
+//! One shared heat profiler per partition, serving every client at once: the dashboard's
+//! view and any number of `page_heat` and `plan` windows.
+//!
+//! Why shared: heatprobe's probes count a vCPU thread under one target only, so a second
+//! profiler on a partition would take its threads from the first, and dropping either would
+//! stop both. So the daemon keeps at most one [`Profiler`] per partition and never starts one
+//! while the partition migrates (the migration profiles with its own).
+//!
+//! Each client's window is computed from the profiler's cumulative counts: a window takes the
+//! counts at the first epoch after it opens as its baseline and, epoch after epoch, feeds the
+//! change since its previous epoch into a heat map of its own. Its counts are therefore the
+//! counts at its end minus those at its start, and its heat decays over its own epochs, so
+//! overlapping windows neither see nor reset each other's counts. The dashboard's view is the
+//! profiler's own heat map, since the profiler started.
+//!
+//! Epochs advance when a client asks (a window waiting for its end, a dashboard polling), at
+//! most once per [`EPOCH`] whoever asks. The active sampler re-arms frames only while the
+//! partition simply runs: during a migration, dropping host mappings would make KVM mark pages
+//! dirty, and a paused guest has nothing to count.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use heatprobe::{
+    HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
+    heat::HeatError,
+    profiler::ProfilerConfig,
+    report::{RecordReport, TargetSummary},
+};
+use thiserror::Error;
+
+use super::{
+    api::ApiError,
+    blocking, error_chain,
+    heat_report::{PartitionHeat, PlanPreview},
+    heat_view::HeatView,
+    server::Daemon,
+};
+use crate::{
+    migration::Strategy,
+    vmm::{
+        Partition, PartitionState,
+        sampler::{Sampling, profile_partition},
+    },
+};
+
+/// Length of the shared profiler's epochs, and the least window a client can ask for (a
+/// window is whole epochs).
+pub const EPOCH: Duration = Duration::from_millis(200);
+/// Fraction of frames re-armed per epoch. The dashboard's view re-armed an eighth per half
+/// second before windows existed; an eighth per epoch re-arms every frame every 1.6 s, about
+/// once in a default two-second window. Tuning it against measured recall is the fidelity
+/// benchmark's job.
+pub const SAMPLE_FRACTION: f64 = 0.125;
+/// The least window `page_heat` and `plan` accept: one epoch.
+pub const MIN_WINDOW: Duration = EPOCH;
+/// The longest window: a minute, far beyond what heat needs to settle (a few seconds), short
+/// enough that a forgotten call does not hold a window for long.
+pub const MAX_WINDOW: Duration = Duration::from_secs(60);
+/// Most windows open on one partition at once: each keeps a copy of the counts of every
+/// touched page, so the number is bounded.
+pub const MAX_WINDOWS: usize = 8;
+
+#[derive(Debug, Error)]
+pub enum ProfilingError {
+    #[error(
+        "the heat window must be between {} ms and {} s, got {} ms",
+        MIN_WINDOW.as_millis(),
+        MAX_WINDOW.as_secs(),
+        .0.as_millis()
+    )]
+    Window(Duration),
+    #[error(
+        "partition `{0}` is migrating and its vCPUs are profiled by the migration; ask again \
+         when it is over"
+    )]
+    Migrating(String),
+    #[error("partition `{0}` already has {MAX_WINDOWS} heat windows open")]
+    TooManyWindows(String),
+    #[error("cannot start profiling the partition")]
+    Start(#[source] ProfilerError),
+    #[error("advancing the partition's heat failed")]
+    Epoch(#[source] ProfilerError),
+    #[error("reading the probes' counters failed")]
+    Dropped(#[source] ProfilerError),
+    #[error("the window's heat model cannot be built")]
+    Heat(#[source] HeatError),
+    #[error(
+        "profiling of partition `{0}` stopped before the window ended (it migrated or stopped)"
+    )]
+    Stopped(String),
+}
+
+/// Refuses a window outside [`MIN_WINDOW`]..=[`MAX_WINDOW`].
+pub fn check_window(duration: Duration) -> Result<(), ProfilingError> {
+    if (MIN_WINDOW..=MAX_WINDOW).contains(&duration) {
+        Ok(())
+    } else {
+        Err(ProfilingError::Window(duration))
+    }
+}
+
+/// One client's window over the shared cumulative counts.
+struct Window {
+    duration: Duration,
+    opened: Instant,
+    /// The cumulative counts at the window's previous epoch; `None` until its first epoch,
+    /// which is its start.
+    last: Option<BTreeMap<u64, PageCounts>>,
+    started: Option<Instant>,
+    /// Faults the probes had dropped (over all targets) at the window's start.
+    dropped_at_start: u64,
+    dropped: u64,
+    heat: HeatMap,
+    done: bool,
+}
+
+impl Window {
+    fn new(duration: Duration, heat: HeatMap, now: Instant) -> Self {
+        Self {
+            duration,
+            opened: now,
+            last: None,
+            started: None,
+            dropped_at_start: 0,
+            dropped: 0,
+            heat,
+            done: false,
+        }
+    }
+
+    /// Takes the counts of one epoch that ended at `now`: the first is the baseline, each
+    /// later one adds its change since the one before to the window's heat.
+    fn observe(&mut self, totals: &BTreeMap<u64, PageCounts>, dropped: u64, now: Instant) {
+        if self.done {
+            return;
+        }
+        let Some(last) = &self.last else {
+            self.last = Some(totals.clone());
+            self.started = Some(now);
+            self.dropped_at_start = dropped;
+            return;
+        };
+        let deltas: Vec<(u64, PageCounts)> = totals
+            .iter()
+            .map(|(&page, now)| {
+                let before = last.get(&page).copied().unwrap_or_default();
+                (
+                    page,
+                    PageCounts {
+                        reads: now.reads.saturating_sub(before.reads),
+                        writes: now.writes.saturating_sub(before.writes),
+                    },
+                )
+            })
+            .collect();
+        self.heat.record_epoch(deltas);
+        self.last = Some(totals.clone());
+        self.dropped = dropped.saturating_sub(self.dropped_at_start);
+        // Half an epoch of slack, so timer jitter does not add an epoch to every window.
+        let started = self.started.unwrap_or(now);
+        if now + EPOCH / 2 >= started + self.duration {
+            self.done = true;
+        }
+    }
+
+    /// Whether the window is over: its epochs cover its duration, or the partition did not
+    /// run for long enough to give it them (paused, say), in which case it ends with what it
+    /// has.
+    fn over(&self, now: Instant) -> bool {
+        self.done || now >= self.opened + self.duration + 2 * EPOCH
+    }
+}
+
+/// The profiler of one partition and the windows open on it.
+struct State {
+    profiler: Profiler,
+    last_epoch: Instant,
+    windows: BTreeMap<u64, Window>,
+    next_window: u64,
+}
+
+/// One partition's shared profiler. `None` inside once it is stopped ([`Profilers::unwatch`]):
+/// the profiler is dropped at once, releasing the vCPU threads, even while clients still hold
+/// this.
+pub struct Shared {
+    id: String,
+    partition: Arc<Partition>,
+    state: Mutex<Option<State>>,
+}
+
+/// What a window's driver does next.
+pub enum Step {
+    /// Ask again at this instant, when the next epoch is due.
+    Wait(Instant),
+    /// The window is over; its heat as `heatprobe record` reports it.
+    Done(RecordReport),
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Option<State>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn partition(&self) -> &Arc<Partition> {
+        &self.partition
+    }
+
+    /// Ends an epoch if one is due; the partition's frames are re-armed only if it runs.
+    fn advance(&self, state: &mut State) -> Result<(), ProfilingError> {
+        let now = Instant::now();
+        if now.duration_since(state.last_epoch) < EPOCH {
+            return Ok(());
+        }
+        state.last_epoch = now;
+        if self.partition.state() != PartitionState::Running {
+            return Ok(());
+        }
+        state.profiler.end_epoch().map_err(ProfilingError::Epoch)?;
+        if state.windows.values().any(|w| !w.done) {
+            let dropped = state.profiler.dropped().map_err(ProfilingError::Dropped)?;
+            let totals = state.profiler.totals();
+            for window in state.windows.values_mut() {
+                window.observe(totals, dropped, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a window of `duration`; returns its number.
+    pub fn open_window(&self, duration: Duration) -> Result<u64, ProfilingError> {
+        check_window(duration)?;
+        let mut guard = self.lock();
+        let state = guard
+            .as_mut()
+            .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        if state.windows.len() >= MAX_WINDOWS {
+            return Err(ProfilingError::TooManyWindows(self.id.clone()));
+        }
+        let heat = HeatMap::new(state.profiler.config().heat).map_err(ProfilingError::Heat)?;
+        let number = state.next_window;
+        state.next_window += 1;
+        state
+            .windows
+            .insert(number, Window::new(duration, heat, Instant::now()));
+        Ok(number)
+    }
+
+    /// Advances the epochs if one is due, and says whether window `number` is over.
+    pub fn step(&self, number: u64) -> Result<Step, ProfilingError> {
+        let mut guard = self.lock();
+        let state = guard
+            .as_mut()
+            .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        self.advance(state)?;
+        let now = Instant::now();
+        let over = state
+            .windows
+            .get(&number)
+            .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?
+            .over(now);
+        if !over {
+            return Ok(Step::Wait(state.last_epoch + EPOCH));
+        }
+        let window = state
+            .windows
+            .remove(&number)
+            .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        Ok(Step::Done(RecordReport {
+            target: TargetSummary::from(state.profiler.target()),
+            page_size: PAGE_SIZE,
+            interval_ms: EPOCH.as_millis() as u64,
+            epochs: window.heat.epochs(),
+            dropped: window.dropped,
+            pages: window.heat.pages(),
+        }))
+    }
+
+    /// Forgets window `number` (its client went away).
+    pub fn close_window(&self, number: u64) {
+        if let Some(state) = self.lock().as_mut() {
+            state.windows.remove(&number);
+        }
+    }
+
+    /// The dashboard's view: the profiler's heat since it started, advanced if an epoch is
+    /// due.
+    pub fn view(&self, cells: usize) -> Result<HeatView, ProfilingError> {
+        let mut guard = self.lock();
+        let state = guard
+            .as_mut()
+            .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        self.advance(state)?;
+        let heat = state.profiler.heat();
+        Ok(HeatView::build(
+            &heat.pages(),
+            self.partition.memory().frames(),
+            cells,
+            heat.epochs(),
+        ))
+    }
+
+    /// Number of windows open (for tests and logs).
+    pub fn open_windows(&self) -> usize {
+        self.lock().as_ref().map_or(0, |s| s.windows.len())
+    }
+}
+
+/// The daemon's shared profilers, by partition id.
+#[derive(Clone, Default)]
+pub struct Profilers {
+    by_id: Arc<Mutex<BTreeMap<String, Arc<Shared>>>>,
+}
+
+impl Profilers {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Shared>>> {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared profiler of partition `id`, started if there is none. `migrating` is asked
+    /// under the same lock [`Self::unwatch`] takes, so a migration that registered itself and
+    /// then unwatched the partition cannot be raced by a profiler started in between. Blocks
+    /// (loading the sampler, tracking the threads): call it on the blocking pool.
+    pub fn get_or_start(
+        &self,
+        id: &str,
+        partition: Arc<Partition>,
+        probes: Arc<Probes>,
+        migrating: impl FnOnce() -> bool,
+    ) -> Result<Arc<Shared>, ProfilingError> {
+        let mut by_id = self.lock();
+        if let Some(shared) = by_id.get(id)
+            && shared.lock().is_some()
+        {
+            return Ok(Arc::clone(shared));
+        }
+        if migrating() || partition.state() == PartitionState::Migrating {
+            return Err(ProfilingError::Migrating(id.to_string()));
+        }
+        let profiler = profile_partition(
+            probes,
+            &partition,
+            ProfilerConfig {
+                interval: EPOCH,
+                sample_fraction: SAMPLE_FRACTION,
+                ..ProfilerConfig::default()
+            },
+            Sampling::ReadsAndWrites,
+        )
+        .map_err(ProfilingError::Start)?;
+        let shared = Arc::new(Shared {
+            id: id.to_string(),
+            partition,
+            state: Mutex::new(Some(State {
+                profiler,
+                last_epoch: Instant::now(),
+                windows: BTreeMap::new(),
+                next_window: 0,
+            })),
+        });
+        by_id.insert(id.to_string(), Arc::clone(&shared));
+        Ok(shared)
+    }
+
+    /// Stops profiling partition `id`: its profiler is dropped now, so its vCPU threads are
+    /// free for another (a migration's), and the windows open on it end with
+    /// [`ProfilingError::Stopped`].
+    pub fn unwatch(&self, id: &str) {
+        let mut by_id = self.lock();
+        if let Some(shared) = by_id.remove(id) {
+            let stopped = shared.lock().take();
+            drop(stopped);
+        }
+    }
+}
+
+/// Closes a window when its client's request ends, however it ends (a dropped request
+/// included: tarpc drops the future of a call whose client went away).
+pub struct OpenWindow {
+    pub shared: Arc<Shared>,
+    pub number: u64,
+}
+
+impl Drop for OpenWindow {
+    fn drop(&mut self) {
+        self.shared.close_window(self.number);
+    }
+}
+
+/// How a profiling failure reaches a client.
+fn api_error(error: ProfilingError) -> ApiError {
+    match error {
+        ProfilingError::TooManyWindows(_) => ApiError::Limit(error.to_string()),
+        other => ApiError::Partition(error_chain(&other)),
+    }
+}
+
+impl Daemon {
+    /// The shared profiler of live partition `id`, started on first use, unless the partition
+    /// migrates.
+    async fn shared_profiler(
+        &self,
+        id: &str,
+    ) -> Result<Result<Arc<Shared>, ProfilingError>, ApiError> {
+        let partition = self.registry.live(id)?;
+        let probes = self.probes().await?;
+        let profilers = self.profilers.clone();
+        let outgoing = self.outgoing.clone();
+        let id = id.to_string();
+        blocking("starting the heat profiler", move || {
+            profilers.get_or_start(&id, partition, probes, || {
+                outgoing
+                    .progress(&id)
+                    .is_some_and(|progress| !progress.phase.is_final())
+            })
+        })
+        .await
+    }
+
+    /// Runs a window of `duration` on `shared`, driving its epochs until it is over.
+    async fn window(
+        &self,
+        shared: Arc<Shared>,
+        duration: Duration,
+    ) -> Result<RecordReport, ApiError> {
+        let opening = Arc::clone(&shared);
+        let number = blocking("opening a heat window", move || {
+            opening.open_window(duration)
+        })
+        .await?
+        .map_err(api_error)?;
+        // Closed however this call ends, a client that hangs up included.
+        let _open = OpenWindow {
+            shared: Arc::clone(&shared),
+            number,
+        };
+        loop {
+            let stepping = Arc::clone(&shared);
+            match blocking("advancing the heat", move || stepping.step(number))
+                .await?
+                .map_err(api_error)?
+            {
+                Step::Done(record) => return Ok(record),
+                Step::Wait(at) => tokio::time::sleep_until(at.into()).await,
+            }
+        }
+    }
+
+    /// The dashboard's view of partition `id`. A migrating partition shows no heat: its vCPUs
+    /// are the migration's profiler's.
+    pub(super) async fn heat_view(&self, id: String, cells: u32) -> Result<HeatView, ApiError> {
+        let cells = cells.clamp(1, 65536) as usize;
+        let shared = match self.shared_profiler(&id).await? {
+            Ok(shared) => shared,
+            Err(ProfilingError::Migrating(_)) => {
+                let frames = self.registry.live(&id)?.memory().frames();
+                return Ok(HeatView::build(&[], frames, cells, 0));
+            }
+            Err(e) => return Err(api_error(e)),
+        };
+        blocking("heat", move || shared.view(cells))
+            .await?
+            .map_err(api_error)
+    }
+
+    /// `page_heat`: partition `id`'s heat over a window of `duration`.
+    pub(super) async fn partition_heat(
+        &self,
+        id: String,
+        duration: Duration,
+    ) -> Result<PartitionHeat, ApiError> {
+        // Refused before anything is started.
+        check_window(duration).map_err(api_error)?;
+        let shared = self.shared_profiler(&id).await?.map_err(api_error)?;
+        let frames = shared.partition().memory().frames();
+        let record = self.window(shared, duration).await?;
+        Ok(PartitionHeat {
+            id,
+            frames,
+            duration_ms: duration.as_millis() as u64,
+            record,
+        })
+    }
+
+    /// `plan`: round 0's order for `strategy`, from a window of `duration` of heat.
+    pub(super) async fn plan_preview(
+        &self,
+        id: String,
+        strategy: Strategy,
+        duration: Duration,
+    ) -> Result<PlanPreview, ApiError> {
+        check_window(duration).map_err(api_error)?;
+        match strategy {
+            Strategy::Address => {
+                let frames = self.registry.live(&id)?.memory().frames();
+                blocking("planning", move || PlanPreview::address(&id, frames)).await
+            }
+            Strategy::Heat => {
+                let shared = self.shared_profiler(&id).await?.map_err(api_error)?;
+                let frames = shared.partition().memory().frames();
+                let record = self.window(shared, duration).await?;
+                let millis = duration.as_millis() as u64;
+                blocking("planning", move || {
+                    PlanPreview::heat(&id, frames, millis, &record)
+                })
+                .await?
+                .map_err(|e| ApiError::Partition(error_chain(&e)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use heatprobe::{HeatConfig, PageHeat};
+
+    use super::*;
+
+    fn counts(pairs: &[(u64, u64, u64)]) -> BTreeMap<u64, PageCounts> {
+        pairs
+            .iter()
+            .map(|&(page, reads, writes)| (page, PageCounts { reads, writes }))
+            .collect()
+    }
+
+    fn window(duration: Duration, at: Instant) -> Window {
+        Window::new(
+            duration,
+            HeatMap::new(HeatConfig::default()).expect("the default config is valid"),
+            at,
+        )
+    }
+
+    fn totals(pages: &[PageHeat]) -> Vec<(u64, u64, u64)> {
+        pages.iter().map(|p| (p.page, p.reads, p.writes)).collect()
+    }
+
+    /// Two windows over the same cumulative counts, the second opened later and closed
+    /// earlier: each counts what happened between its own start and end, no more.
+    #[test]
+    fn overlapping_windows_count_end_minus_start_each() {
+        let t0 = Instant::now();
+        let at = |epochs: u32| t0 + EPOCH * epochs;
+        // Cumulative counts at epochs 0..=6 of one profiler.
+        let epochs = [
+            counts(&[(1, 1, 0)]),
+            counts(&[(1, 3, 0), (2, 0, 1)]),
+            counts(&[(1, 6, 0), (2, 0, 2)]),
+            counts(&[(1, 10, 0), (2, 0, 4), (3, 1, 0)]),
+            counts(&[(1, 15, 0), (2, 0, 4), (3, 2, 0)]),
+            counts(&[(1, 21, 1), (2, 0, 5), (3, 2, 0)]),
+            counts(&[(1, 28, 1), (2, 0, 5), (3, 3, 0)]),
+        ];
+        let mut long = window(EPOCH * 6, at(0));
+        let mut short = window(EPOCH * 2, at(1));
+        for (n, cumulative) in epochs.iter().enumerate() {
+            let now = at(n as u32);
+            long.observe(cumulative, 0, now);
+            if n >= 2 {
+                short.observe(cumulative, 0, now);
+            }
+        }
+        assert!(long.over(at(6)) && long.done);
+        assert!(short.done, "two epochs from epoch 2 end it at epoch 4");
+        // long: epoch 6 minus epoch 0; short: epoch 4 minus epoch 2.
+        assert_eq!(
+            totals(&long.heat.pages()),
+            vec![(1, 27, 1), (2, 0, 5), (3, 3, 0)]
+        );
+        assert_eq!(
+            totals(&short.heat.pages()),
+            vec![(1, 9, 0), (2, 0, 2), (3, 2, 0)]
+        );
+        assert_eq!((long.heat.epochs(), short.heat.epochs()), (6, 2));
+    }
+
+    #[test]
+    fn a_window_without_epochs_ends_after_its_time_with_nothing() {
+        let t0 = Instant::now();
+        let w = window(EPOCH * 5, t0);
+        assert!(!w.over(t0 + EPOCH * 6));
+        assert!(w.over(t0 + EPOCH * 7));
+        assert!(w.heat.pages().is_empty());
+    }
+
+    #[test]
+    fn dropped_faults_are_counted_from_the_window_start() {
+        let t0 = Instant::now();
+        let mut w = window(EPOCH, t0);
+        w.observe(&counts(&[]), 7, t0);
+        w.observe(&counts(&[(4, 1, 0)]), 9, t0 + EPOCH);
+        assert_eq!(w.dropped, 2);
+        assert!(w.done);
+        // Counts that went backwards (a map entry deleted) count as nothing, not as a wrap.
+        let mut w = window(EPOCH * 3, t0);
+        w.observe(&counts(&[(4, 5, 5)]), 0, t0);
+        w.observe(&counts(&[(4, 2, 6)]), 0, t0 + EPOCH);
+        assert_eq!(totals(&w.heat.pages()), vec![(4, 0, 1)]);
+    }
+
+    #[test]
+    fn windows_outside_the_bounds_are_refused() {
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(199),
+            Duration::from_millis(60_001),
+            Duration::MAX,
+        ] {
+            assert!(check_window(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in [MIN_WINDOW, Duration::from_secs(2), MAX_WINDOW] {
+            assert!(check_window(good).is_ok(), "{good:?} refused");
+        }
+        let message = check_window(Duration::ZERO).unwrap_err().to_string();
+        assert!(message.contains("200 ms and 60 s"), "{message}");
+    }
+}
