@@ -37,18 +37,20 @@ impl Daemon {
         let listen = self.listen;
         let link = DataLink::new(self.security.clone(), tokio::runtime::Handle::current());
         let peer_timeout = self.peer_timeout;
-        if request.fault_window_ms > 0 && self.probes.get().is_none() {
-            // The guest's faults after its resume are counted by the probes: load them while
-            // the pages travel, not in the downtime.
-            let daemon = self.clone();
-            tokio::spawn(async move { daemon.probes().await.map(drop) });
-        }
+        let count_faults = request.fault_window_ms > 0;
         let probes = Arc::clone(&self.probes);
         let (session, data_port, remove_ns_per_page) = blocking("prepare", move || {
             Session::prepare(&request, listen, link, peer_timeout, probes)
         })
         .await?
         .map_err(|e| ApiError::Migration(error_chain(&e)))?;
+        if count_faults && self.probes.get().is_none() {
+            // The guest's faults after its resume are counted by the probes: load them while
+            // the pages travel, not in the downtime, and not before this answer (the source
+            // takes its round trip for the cost of a call).
+            let daemon = self.clone();
+            tokio::spawn(async move { daemon.probes().await.map(drop) });
+        }
         let id = self.new_session_id();
         reservation.host_session(id, Arc::clone(&session));
         self.reap_on_failure(id, &session);

@@ -76,6 +76,13 @@ impl Destination for RemoteDestination {
         self.call("faults", self.client.migration_faults(ctx, session))
     }
 
+    fn round_trip(&mut self) -> Option<Duration> {
+        let ctx = context_with(self.peer_timeout);
+        let asked = std::time::Instant::now();
+        let answer = self.handle.block_on(self.client.hello(ctx, 0, u32::MAX));
+        matches!(answer, Ok(Ok(_))).then(|| asked.elapsed())
+    }
+
     fn abort(&mut self, session: u64) {
         // Best effort: a destination that cannot be reached drops the session by itself.
         let ctx = context_with(self.peer_timeout);

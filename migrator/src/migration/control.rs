@@ -104,6 +104,11 @@ pub trait Destination {
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError>;
     /// The guest's faults over the fault window from its resume, once the window is over.
     fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError>;
+    /// The round trip of a call that does nothing there, if it can be measured: with the
+    /// prepare's, a bound on what the commit's call itself costs.
+    fn round_trip(&mut self) -> Option<std::time::Duration> {
+        None
+    }
     /// Best effort: a destination that cannot be reached drops the session by itself.
     fn abort(&mut self, session: u64);
     /// Opens the data connection to the listener the destination prepared on `port`.

@@ -177,6 +177,8 @@ struct Progress {
     latency_us: Option<Histogram<u64>>,
     /// Hybrid, after commit: how long the vCPUs waited on missing pages.
     blocktime: Option<Blocktime>,
+    /// Hybrid: the urgent connection said so.
+    urgent: bool,
 }
 
 impl Progress {
@@ -412,6 +414,8 @@ impl Session {
                 Frame::Urgent if first && self.mode == Mode::Hybrid => match &demands {
                     Ok(demands) => demands.try_clone().map(|clone| {
                         *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+                        self.lock().urgent = true;
+                        self.changed.notify_all();
                     }),
                     Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
                 }
@@ -565,14 +569,11 @@ impl Session {
                 (partition, Some(digest))
             }
             Mode::Hybrid => {
-                // Post-copy needs somewhere to send its demands: refused now, before anything
-                // runs here, rather than failing at the guest's first missing page.
-                if self
-                    .demand_stream
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_none()
-                {
+                // Post-copy needs somewhere to send its demands: a commit is refused without
+                // it, before anything runs here, rather than failing at the guest's first
+                // missing page. The source opens it right after `prepare`; its first frame
+                // may still be on its way.
+                if self.wait(|p| p.urgent).is_err() {
                     return Err(SessionError::NoUrgentConnection);
                 }
                 (self.start_postcopy(snapshot, stale_pages)?, None)

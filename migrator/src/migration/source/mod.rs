@@ -310,7 +310,13 @@ fn execute(
         })
         .map_err(MigrationError::Prepare)?;
     let session = reply.session;
+    // The prepare's round trip includes setting the session up, which can be slow once (a busy
+    // host, the destination's first migration): a plain call's bounds it, or a fixed cost
+    // above the limit would keep even an empty set from fitting.
     run.prepare_rtt = asked.elapsed();
+    if let Some(rtt) = destination.round_trip() {
+        run.prepare_rtt = run.prepare_rtt.min(rtt);
+    }
     // The destination's word, bounded: at most a millisecond a page.
     run.remove_per_page = Duration::from_nanos(reply.remove_ns_per_page.min(1_000_000));
     run.phase = SourcePhase::Iterating { session };
