@@ -148,9 +148,16 @@ impl Convergence {
         }
     }
 
-    /// The time `pages` pages and `queued` bytes take at `rate` bytes per second.
+    /// The time `pages` pages and `queued` bytes take at `rate` bytes per second. The cutover
+    /// waits for the queued bytes before it pauses; they stand for the pages the guest
+    /// dirties meanwhile, so they count up to as many bytes as the pages left, no more: a
+    /// guest that dirtied nothing since the last check dirties nothing while they drain.
+    /// (Counted whole, a megabyte queued behind a round of zero pages, whose rate measures
+    /// the sender rather than the link, once kept an empty set from ever fitting 300 ms.)
     pub fn transfer_time(pages: u64, queued: u64, rate: f64) -> Duration {
-        Duration::from_secs_f64((pages * PAGE_SIZE + queued) as f64 / rate.max(1.0))
+        let left = pages.saturating_mul(PAGE_SIZE);
+        let in_flight = queued.min(left);
+        Duration::from_secs_f64(left.saturating_add(in_flight) as f64 / rate.max(1.0))
     }
 
     /// The downtime a cutover with `pages` left, behind `queued` bytes still on their way,
@@ -407,6 +414,18 @@ mod tests {
                 queued: 4 << 20,
                 ..check(7_680 - 1_024, 10_000, 2)
             }),
+            Decision::CutOver(CutoverReason::Converged)
+        );
+        // Nothing left to send: what is still queued drains before the pause, and with nothing
+        // dirtied nothing takes its place.
+        let mut c = Convergence::new(policy(Converge::None));
+        let drained = Check {
+            queued: 64 << 20,
+            rate: 1_000_000.0,
+            ..check(0, 10_000, 1)
+        };
+        assert_eq!(
+            c.decide(drained),
             Decision::CutOver(CutoverReason::Converged)
         );
         let mut c = Convergence::new(policy(Converge::None));
