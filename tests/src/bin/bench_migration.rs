@@ -576,25 +576,32 @@ impl Results<'_> {
         self.heat.iter().chain(&self.address)
     }
 
-    fn conditions(&self) -> Conditions {
-        let medians = |reports: &[Value], pointer: &str| stat(reports, pointer).map(|s| s.median);
-        let le = |pointer: &str, bound: f64| match (
-            medians(&self.heat, pointer),
-            medians(&self.address, pointer),
-        ) {
+    /// Whether heat's median at `pointer` is at most `bound` times address's.
+    fn heat_within(&self, pointer: &str, bound: f64) -> bool {
+        let median = |reports: &[Value]| stat(reports, pointer).map(|s| s.median);
+        match (median(&self.heat), median(&self.address)) {
             (Some(h), Some(a)) => h <= bound * a,
             _ => false,
-        };
+        }
+    }
+
+    /// Whether every run of both strategies completed with a downtime of at most `bound_ms`.
+    fn all_completed_within(&self, bound_ms: f64) -> bool {
+        self.all()
+            .all(|r| completed(r) && r["downtime_ms"].as_f64().is_some_and(|d| d <= bound_ms))
+    }
+
+    /// Heat / address of the medians at `pointer`, for the summary.
+    fn ratio(&self, pointer: &str) -> String {
+        show_ratio(stat(&self.heat, pointer), stat(&self.address, pointer))
+    }
+
+    fn conditions(&self) -> Conditions {
         Conditions {
-            downtime_bound: self.all().all(|r| {
-                completed(r)
-                    && r["downtime_ms"]
-                        .as_f64()
-                        .is_some_and(|d| d <= DOWNTIME_BOUND_MS)
-            }),
+            downtime_bound: self.all_completed_within(DOWNTIME_BOUND_MS),
             digests: self.all().all(|r| completed(r) && digests_equal(r)),
-            resent: le("/pages_resent", self.scenario.resent_bound),
-            downtime_vs_address: le("/downtime_ms", 1.0),
+            resent: self.heat_within("/pages_resent", self.scenario.resent_bound),
+            downtime_vs_address: self.heat_within("/downtime_ms", 1.0),
         }
     }
 
@@ -907,24 +914,11 @@ fn hybrid_summary(results: &[Results]) {
         } else {
             1.0
         };
-        let median = |reports: &[Value], pointer: &str| stat(reports, pointer).map(|s| s.median);
-        let within = |pointer: &str| match (
-            median(&result.heat, pointer),
-            median(&result.address, pointer),
-        ) {
-            (Some(h), Some(a)) => h <= bound * a,
-            _ => false,
-        };
         let conditions = [
             result.all().filter(|r| completed(r)).all(|r| {
                 r["post_cutover_faults"].is_object() && r["postcopy_blocktime_ms"].is_number()
             }),
-            result.all().all(|r| {
-                completed(r)
-                    && r["downtime_ms"]
-                        .as_f64()
-                        .is_some_and(|d| d <= HYBRID_DOWNTIME_BOUND_MS)
-            }),
+            result.all_completed_within(HYBRID_DOWNTIME_BOUND_MS),
             result.all().all(|r| {
                 completed(r) && digests_equal(r) && r["guest_errors_after"].as_u64() == Some(0)
             }),
@@ -933,19 +927,18 @@ fn hybrid_summary(results: &[Results]) {
                     .and_then(Value::as_f64)
                     .is_some_and(|p| p <= DEMAND_P99_BOUND_US)
             }),
-            within("/postcopy_blocktime_ms") && within("/postcopy_requests"),
+            result.heat_within("/postcopy_blocktime_ms", bound)
+                && result.heat_within("/postcopy_requests", bound),
         ];
         for (total, ok) in all.iter_mut().zip(conditions) {
             *total &= ok;
         }
-        let ratio_of =
-            |pointer| show_ratio(stat(&result.heat, pointer), stat(&result.address, pointer));
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({bound:.1}x) |",
             result.scenario.name,
-            ratio_of("/postcopy_blocktime_ms"),
+            result.ratio("/postcopy_blocktime_ms"),
             show_paired(&result.heat, &result.address, "/postcopy_blocktime_ms"),
-            ratio_of("/postcopy_requests"),
+            result.ratio("/postcopy_requests"),
             show_paired(&result.heat, &result.address, "/postcopy_requests"),
             pass(conditions[0]),
             pass(conditions[1]),
@@ -983,14 +976,12 @@ fn precopy_summary(results: &[Results], scenarios: usize) {
         {
             *total &= ok;
         }
-        let ratio_of =
-            |pointer| show_ratio(stat(&result.heat, pointer), stat(&result.address, pointer));
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} ({:.1}x) | {} |",
             result.scenario.name,
-            ratio_of("/pages_resent"),
+            result.ratio("/pages_resent"),
             show_paired(&result.heat, &result.address, "/pages_resent"),
-            ratio_of("/downtime_ms"),
+            result.ratio("/downtime_ms"),
             show_paired(&result.heat, &result.address, "/downtime_ms"),
             pass(c.downtime_bound),
             pass(c.digests),
