@@ -21,7 +21,7 @@ use thiserror::Error;
 
 use crate::{
     heat::{HeatConfig, HeatError, HeatMap},
-    probes::{PageCounts, ProbeError, Probes, TargetId},
+    probes::{PageCounts, ProbeError, Probes, TargetId, counts_since},
 };
 
 /// What to profile.
@@ -204,20 +204,8 @@ impl Profiler {
             }
         }
         let counts = self.probes.counts(self.id)?;
-        let deltas: Vec<(u64, PageCounts)> = counts
-            .iter()
-            .map(|(&page, now)| {
-                let before = self.last_counts.get(&page).copied().unwrap_or_default();
-                (
-                    page,
-                    PageCounts {
-                        reads: now.reads.saturating_sub(before.reads),
-                        writes: now.writes.saturating_sub(before.writes),
-                    },
-                )
-            })
-            .collect();
-        self.heat.record_epoch(deltas);
+        self.heat
+            .record_epoch(counts_since(&counts, &self.last_counts));
         self.last_counts = counts;
         self.rearm_next_sample()?;
         Ok(())

@@ -9,7 +9,10 @@ mod load;
 mod maps;
 pub mod tracefs;
 
-use std::sync::{Mutex, MutexGuard};
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard},
+};
 
 use aya::{EbpfError, maps::MapError, programs::ProgramError};
 use serde::{Deserialize, Serialize};
@@ -71,6 +74,26 @@ impl TargetId {
 pub struct PageCounts {
     pub reads: u64,
     pub writes: u64,
+}
+
+/// What each page of `now` counted since `before` (both cumulative counts of one target), as
+/// an epoch's input to a heat map. A count that went backwards counts as none.
+pub fn counts_since(
+    now: &BTreeMap<u64, PageCounts>,
+    before: &BTreeMap<u64, PageCounts>,
+) -> Vec<(u64, PageCounts)> {
+    now.iter()
+        .map(|(&page, now)| {
+            let before = before.get(&page).copied().unwrap_or_default();
+            (
+                page,
+                PageCounts {
+                    reads: now.reads.saturating_sub(before.reads),
+                    writes: now.writes.saturating_sub(before.writes),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Kernel-side counters, summed over CPUs.

@@ -27,6 +27,7 @@ use std::{
 use heatprobe::{
     HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
     heat::HeatError,
+    probes::counts_since,
     profiler::ProfilerConfig,
     report::{RecordReport, TargetSummary},
 };
@@ -144,20 +145,7 @@ impl Window {
             self.dropped_at_start = dropped;
             return;
         };
-        let deltas: Vec<(u64, PageCounts)> = totals
-            .iter()
-            .map(|(&page, now)| {
-                let before = last.get(&page).copied().unwrap_or_default();
-                (
-                    page,
-                    PageCounts {
-                        reads: now.reads.saturating_sub(before.reads),
-                        writes: now.writes.saturating_sub(before.writes),
-                    },
-                )
-            })
-            .collect();
-        self.heat.record_epoch(deltas);
+        self.heat.record_epoch(counts_since(totals, last));
         self.last = Some(totals.clone());
         self.dropped = dropped.saturating_sub(self.dropped_at_start);
         // Half an epoch of slack, so timer jitter does not add an epoch to every window.
