@@ -111,10 +111,10 @@ pub fn frames(data: &[u8]) -> Result<(), FuzzError> {
         match reader.next_frame() {
             Ok(None) => return Ok(()),
             Err(e) => return Err(FuzzError::Frame(e)),
-            Ok(Some(Frame::Done | Frame::Urgent)) => {}
-            Ok(Some(Frame::Demand(pages))) => {
+            Ok(Some(Frame::Done | Frame::Urgent | Frame::Discarded)) => {}
+            Ok(Some(Frame::Demand(pages) | Frame::Discard(pages))) => {
                 assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);
-                assert!(pages.iter().all(|&p| p < frames), "demanded pages in range");
+                assert!(pages.iter().all(|&p| p < frames), "named pages in range");
             }
             Ok(Some(Frame::Pages(pages))) => {
                 assert!(pages.len() <= MAX_PAGES_PER_FRAME as usize);

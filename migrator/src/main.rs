@@ -642,8 +642,14 @@ fn after_move_line(report: &migrator::migration::MigrationReport) -> String {
         migrator::migration::Mode::Hybrid => {
             let l = report.postcopy_fault_latency_us;
             format!(
-                "; {} pages sent within the downtime, {} demanded (p50 {} µs, p99 {} µs, max {} µs)",
-                report.budgeted_pages, report.postcopy_requests, l.p50, l.p99, l.max
+                "; {} stale copies dropped before the pause, {} pages sent within the downtime, \
+                 {} demanded (p50 {} µs, p99 {} µs, max {} µs)",
+                report.discarded_pages,
+                report.budgeted_pages,
+                report.postcopy_requests,
+                l.p50,
+                l.p99,
+                l.max
             )
         }
         migrator::migration::Mode::Precopy => String::new(),

@@ -27,8 +27,8 @@ fn fuzz_dir() -> PathBuf {
 fn frame(kind: FrameKind, entries: &[u64], pages: &[&[u8]]) -> Vec<u8> {
     let payload_len = match kind {
         FrameKind::Pages => pages_payload_len(entries),
-        FrameKind::Demand => 8 * entries.len() as u64,
-        FrameKind::Done | FrameKind::Urgent => 0,
+        FrameKind::Demand | FrameKind::Discard => 8 * entries.len() as u64,
+        FrameKind::Done | FrameKind::Urgent | FrameKind::Discarded => 0,
     };
     let header = FrameHeader {
         kind,
@@ -50,7 +50,8 @@ fn seeds(target: Target) -> Vec<(&'static str, Vec<u8>)> {
     match target {
         Target::Frames => {
             let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 251) as u8).collect();
-            // A partition of 16 pages: round 0, a demand, a last round, the end.
+            // A partition of 16 pages: round 0, a demand, a discard and its answer, a last round,
+            // the end.
             let mut stream = vec![16u8];
             stream.extend(frame(
                 FrameKind::Pages,
@@ -58,6 +59,8 @@ fn seeds(target: Target) -> Vec<(&'static str, Vec<u8>)> {
                 &[&page, &page],
             ));
             stream.extend(frame(FrameKind::Demand, &[1, 2], &[]));
+            stream.extend(frame(FrameKind::Discard, &[3, 15], &[]));
+            stream.extend(frame(FrameKind::Discarded, &[], &[]));
             stream.extend(frame(FrameKind::Pages, &[ZERO_PAGE], &[]));
             stream.extend(frame(FrameKind::Done, &[], &[]));
             let mut done = vec![1u8];

@@ -34,9 +34,10 @@ use crate::{
 /// postcard (`daemon::codec`) instead of bincode; 4 adds the destination's timings to the
 /// commit's reply and the downtime's breakdown to the migration report; 5 adds the fault
 /// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
-/// report's post-cutover figures), `page_heat` and `plan`. New calls go at the end of the
+/// report's post-cutover figures), `page_heat` and `plan`; 6 adds the report's discarded
+/// pages (data protocol 3: `Discard` before the pause). New calls go at the end of the
 /// service.
-pub const API_VERSION: u32 = 5;
+pub const API_VERSION: u32 = 6;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.

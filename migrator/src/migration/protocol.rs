@@ -7,6 +7,8 @@
 //!    │── migration_prepare(shape) ────────────────▶│ empty memory + data listener
 //!    │◀──────────────────────── session, data port │
 //!    │══ data: Pages frames (round 0, 1, ...) ════▶│ installs pages
+//!    │══ data: Discard (hybrid: stale copies) ════▶│ drops them, guest still on the source
+//!    │◀═════════════════════════════════ Discarded │
 //!    │   pause                                      │
 //!    │══ data: Pages (last dirty, precopy) ═══════▶│
 //!    │── migration_commit(vCPU state, stale) ─────▶│ restore, resume
@@ -26,8 +28,8 @@ use thiserror::Error;
 use crate::vmm::memory::PAGE_SIZE;
 
 /// Protocol version spoken by this build: 2 adds the `Urgent` frame (a second connection
-/// for demanded pages in hybrid mode).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// for demanded pages in hybrid mode), 3 the `Discard` and `Discarded` frames.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// "HMIG", little-endian.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"HMIG");
 pub const HEADER_LEN: usize = 24;
@@ -50,6 +52,13 @@ pub enum FrameKind {
     /// carries the destination's demands and the pages demanded, never queued behind the
     /// push on the first. No entries.
     Urgent = 4,
+    /// Source → destination, hybrid mode before the commit: `count` page indexes whose copy
+    /// there went stale. The destination drops them while the guest still runs on the
+    /// source, so the cutover has fewer to free inside its downtime.
+    Discard = 5,
+    /// Destination → source on the same connection: every `Discard` before it has been
+    /// carried out. No entries.
+    Discarded = 6,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -68,8 +77,15 @@ pub enum FrameError {
     PageOutOfRange { page: u64, frames: u64 },
     #[error("reserved header bits are set")]
     Reserved,
-    #[error("a Done or Urgent frame carries {0} entries")]
+    #[error("a Done, Urgent or Discarded frame carries {0} entries")]
     DoneWithEntries(u32),
+}
+
+impl FrameKind {
+    /// Kinds that are markers alone: no entries, no payload.
+    fn is_marker(self) -> bool {
+        matches!(self, Self::Done | Self::Urgent | Self::Discarded)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +125,8 @@ impl FrameHeader {
             2 => FrameKind::Demand,
             3 => FrameKind::Done,
             4 => FrameKind::Urgent,
+            5 => FrameKind::Discard,
+            6 => FrameKind::Discarded,
             other => return Err(FrameError::Kind(other)),
         };
         if u32_at(12) != 0 {
@@ -120,19 +138,19 @@ impl FrameHeader {
         }
         // Found by fuzzing: a `Done` frame claiming entries made the reader slice entries out
         // of an empty payload.
-        if matches!(kind, FrameKind::Done | FrameKind::Urgent) && count != 0 {
+        if kind.is_marker() && count != 0 {
             return Err(FrameError::DoneWithEntries(count));
         }
         let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
         let index_bytes = 8 * u64::from(count);
         let max = match kind {
             FrameKind::Pages => index_bytes + PAGE_SIZE * u64::from(count),
-            FrameKind::Demand => index_bytes,
-            FrameKind::Done | FrameKind::Urgent => 0,
+            FrameKind::Demand | FrameKind::Discard => index_bytes,
+            FrameKind::Done | FrameKind::Urgent | FrameKind::Discarded => 0,
         };
         let min = match kind {
-            FrameKind::Pages | FrameKind::Demand => index_bytes,
-            FrameKind::Done | FrameKind::Urgent => 0,
+            FrameKind::Pages | FrameKind::Demand | FrameKind::Discard => index_bytes,
+            FrameKind::Done | FrameKind::Urgent | FrameKind::Discarded => 0,
         };
         if payload_len < min || payload_len > max {
             return Err(FrameError::Length {

@@ -100,6 +100,11 @@ pub struct MigrationReport {
     /// Hybrid: stale pages sent inside the downtime, as many as its budget had room for,
     /// those the guest would likely touch first first.
     pub budgeted_pages: u64,
+    /// Hybrid: stale pages the destination dropped while the guest still ran on the source
+    /// (QEMU's discard, sent before the pause rather than inside it), and how long that took
+    /// from the first discard to the last acknowledgement.
+    pub discarded_pages: u64,
+    pub discard_ms: f64,
     /// QEMU's postcopy blocktime: how long every vCPU waited on a missing page at once, in
     /// milliseconds (0 in pre-copy, where no page is missing).
     pub postcopy_blocktime_ms: f64,
@@ -152,6 +157,8 @@ impl MigrationReport {
             postcopy_requests: 0,
             postcopy_fault_latency_us: Latency::default(),
             budgeted_pages: 0,
+            discarded_pages: 0,
+            discard_ms: 0.0,
             postcopy_blocktime_ms: 0.0,
             postcopy_vcpu_blocktime_ms: Vec::new(),
             guest_stall_ms: 0.0,

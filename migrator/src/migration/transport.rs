@@ -226,15 +226,16 @@ impl<W: Write> PageSender<W> {
         self.send_marker(FrameKind::Urgent)
     }
 
-    fn send_marker(&mut self, kind: FrameKind) -> Result<(), TransportError> {
-        let header = FrameHeader {
-            kind,
-            count: 0,
-            payload_len: 0,
-        };
-        self.stream.write_all(&header.encode())?;
+    /// Tells the destination its copies of `pages` are stale (hybrid mode, before the
+    /// commit): it drops them and answers `Discarded` once done. Returns the frames sent.
+    pub fn send_discard(&mut self, pages: &[u64]) -> Result<usize, TransportError> {
+        let frames = send_index_frames(&mut self.stream, FrameKind::Discard, pages)?;
         self.stream.flush()?;
-        Ok(())
+        Ok(frames)
+    }
+
+    fn send_marker(&mut self, kind: FrameKind) -> Result<(), TransportError> {
+        write_marker(&mut self.stream, kind)
     }
 
     /// Paces from now on at `bytes_per_sec` (`None`: not at all).
@@ -247,11 +248,27 @@ impl<W: Write> PageSender<W> {
     }
 }
 
-/// Sends a demand for `pages` (destination → source, hybrid mode).
-pub fn send_demand<W: Write>(stream: &mut W, pages: &[u64]) -> Result<(), TransportError> {
+fn write_marker<W: Write>(stream: &mut W, kind: FrameKind) -> Result<(), TransportError> {
+    let header = FrameHeader {
+        kind,
+        count: 0,
+        payload_len: 0,
+    };
+    stream.write_all(&header.encode())?;
+    stream.flush()?;
+    Ok(())
+}
+
+/// Writes `pages` as frames of `kind` carrying page indexes alone; returns how many frames.
+fn send_index_frames<W: Write>(
+    stream: &mut W,
+    kind: FrameKind,
+    pages: &[u64],
+) -> Result<usize, TransportError> {
+    let mut frames = 0;
     for chunk in pages.chunks(MAX_PAGES_PER_FRAME as usize) {
         let header = FrameHeader {
-            kind: FrameKind::Demand,
+            kind,
             count: chunk.len() as u32,
             payload_len: 8 * chunk.len() as u64,
         };
@@ -260,8 +277,19 @@ pub fn send_demand<W: Write>(stream: &mut W, pages: &[u64]) -> Result<(), Transp
             bytes.extend_from_slice(&page.to_le_bytes());
         }
         stream.write_all(&bytes)?;
+        frames += 1;
     }
-    Ok(())
+    Ok(frames)
+}
+
+/// Sends a demand for `pages` (destination → source, hybrid mode).
+pub fn send_demand<W: Write>(stream: &mut W, pages: &[u64]) -> Result<(), TransportError> {
+    send_index_frames(stream, FrameKind::Demand, pages).map(drop)
+}
+
+/// Says every `Discard` read so far has been carried out (destination → source).
+pub fn send_discarded<W: Write>(stream: &mut W) -> Result<(), TransportError> {
+    write_marker(stream, FrameKind::Discarded)
 }
 
 /// One decoded frame.
@@ -272,6 +300,10 @@ pub enum Frame<'a> {
     Done,
     /// This connection is the urgent one (hybrid mode).
     Urgent,
+    /// Pages whose copy at the destination is stale (hybrid mode, before the commit).
+    Discard(Vec<u64>),
+    /// The discards before it are carried out.
+    Discarded,
 }
 
 /// Reads frames from a stream, checking every page index against the partition's size.
@@ -288,6 +320,14 @@ impl<R: Read> FrameReader<R> {
             frames,
             buffer: Vec::new(),
         }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.stream
+    }
+
+    pub fn into_inner(self) -> R {
+        self.stream
     }
 
     /// The next frame, or `None` at a clean end of stream.
@@ -321,12 +361,17 @@ impl<R: Read> FrameReader<R> {
         match header.kind {
             FrameKind::Done => Ok(Some(Frame::Done)),
             FrameKind::Urgent => Ok(Some(Frame::Urgent)),
-            FrameKind::Demand => {
+            FrameKind::Discarded => Ok(Some(Frame::Discarded)),
+            FrameKind::Demand | FrameKind::Discard => {
                 let pages = entries
                     .iter()
                     .map(|&e| check_page(e, self.frames))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(Some(Frame::Demand(pages)))
+                Ok(Some(if header.kind == FrameKind::Demand {
+                    Frame::Demand(pages)
+                } else {
+                    Frame::Discard(pages)
+                }))
             }
             FrameKind::Pages => {
                 let want = pages_payload_len(&entries);
@@ -398,6 +443,30 @@ mod tests {
 
     use super::*;
     use crate::vmm::GuestAddress;
+
+    #[test]
+    fn discards_and_their_answer_read_back() {
+        let pages: Vec<u64> = (0..2 * u64::from(MAX_PAGES_PER_FRAME) + 1).collect();
+        let mut sender = PageSender::new(Vec::new(), None);
+        // Three frames: 1024, 1024 and 1 page.
+        assert_eq!(sender.send_discard(&pages).unwrap(), 3);
+        let mut stream = sender.stream().clone();
+        send_discarded(&mut stream).unwrap();
+        let mut reader = FrameReader::new(stream.as_slice(), pages.len() as u64);
+        let mut read = Vec::new();
+        while let Some(frame) = reader.next_frame().unwrap() {
+            match frame {
+                Frame::Discard(named) => read.extend(named),
+                Frame::Discarded => break,
+                _ => panic!("only discards and their answer were sent"),
+            }
+        }
+        assert_eq!(read, pages);
+        assert!(reader.next_frame().unwrap().is_none());
+        // A page beyond the partition is refused.
+        let mut reader = FrameReader::new(stream.as_slice(), 10);
+        assert!(reader.next_frame().is_err());
+    }
 
     #[test]
     fn what_is_sent_reads_back_with_zero_pages_as_markers() {

@@ -474,8 +474,9 @@ const AFTER_MOVE: [(&str, &str, usize); 3] = [
 ];
 
 /// Post-copy's own figures (hybrid mode).
-const POSTCOPY: [(&str, &str, usize); 5] = [
+const POSTCOPY: [(&str, &str, usize); 6] = [
     ("blocktime ms", "/postcopy_blocktime_ms", 1),
+    ("discarded pages", "/discarded_pages", 0),
     ("budgeted pages", "/budgeted_pages", 0),
     ("demand requests", "/postcopy_requests", 0),
     ("demand p50 µs", "/postcopy_fault_latency_us/p50", 0),

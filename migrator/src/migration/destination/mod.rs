@@ -33,7 +33,7 @@ use super::{
     control::{CommitRequest, CommitTimings, FinishReply, PrepareRequest},
     link::{DataLink, DataStream, tune_data_socket},
     report::{Latency, Mode},
-    transport::{Frame, FrameReader, TransportError, zero_page_hash},
+    transport::{Frame, FrameReader, TransportError, send_discarded, zero_page_hash},
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
@@ -114,6 +114,12 @@ pub enum DataError {
     UnexpectedUrgent,
     #[error("cannot start reading a data connection")]
     Reader(#[source] std::io::Error),
+    #[error("a `Discard` frame out of place (only a hybrid session before its commit takes one)")]
+    UnexpectedDiscard,
+    #[error("a `Discarded` frame from the source")]
+    UnexpectedDiscarded,
+    #[error("answering the source's discard")]
+    Discarded(#[source] TransportError),
 }
 
 #[derive(Debug, Error)]
@@ -387,7 +393,7 @@ impl Session {
     /// Installs the frames of one connection until it ends. The urgent connection says so
     /// first; the destination's demands go out on it.
     fn install_from(&self, stream: DataStream) {
-        let demands = stream.try_clone();
+        let mut demands = stream.try_clone();
         let mut reader = FrameReader::new(stream, self.memory.frames());
         let mut first = true;
         loop {
@@ -421,6 +427,17 @@ impl Session {
                 }
                 .map_err(DataError::Reader),
                 Frame::Urgent => Err(DataError::UnexpectedUrgent),
+                Frame::Discard(pages) => {
+                    self.drop_stale_copies(pages)
+                        .and_then(|()| match &mut demands {
+                            Ok(answer) => send_discarded(answer).map_err(DataError::Discarded),
+                            Err(e) => Err(DataError::Reader(std::io::Error::new(
+                                e.kind(),
+                                e.to_string(),
+                            ))),
+                        })
+                }
+                Frame::Discarded => Err(DataError::UnexpectedDiscarded),
             };
             first = false;
             if let Err(e) = result {
@@ -436,6 +453,48 @@ impl Session {
         self.advance(SessionEvent::PagesDone)
             .map(drop)
             .map_err(DataError::UnexpectedDone)
+    }
+
+    /// A `Discard` frame: the source's guest still runs and has written these pages since
+    /// it sent them. Their copies are punched out now, one call per run of neighbouring
+    /// pages, so the commit does not free them inside the downtime; they read as missing
+    /// from here on, and a later copy fills them again. Pages already missing cost nothing.
+    fn drop_stale_copies(&self, mut pages: Vec<u64>) -> Result<(), DataError> {
+        let before_commit = matches!(self.phase(), SessionPhase::Receiving)
+            && self
+                .uffd
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none();
+        if self.mode != Mode::Hybrid || !before_commit {
+            return Err(DataError::UnexpectedDiscard);
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        {
+            let progress = self.lock();
+            // A zero page received is a hole already: nothing to free.
+            pages.retain(|&page| {
+                progress.received[page as usize]
+                    && progress.page_digests[page as usize] != zero_page_hash()
+            });
+        }
+        for run in pages.chunk_by(|a, b| a + 1 == *b) {
+            if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
+                self.memory
+                    .remove_frames(first..last + 1)
+                    .map_err(|source| DataError::Free {
+                        page: first,
+                        source,
+                    })?;
+            }
+        }
+        let mut progress = self.lock();
+        for &page in &pages {
+            progress.received[page as usize] = false;
+            progress.page_digests[page as usize] = zero_page_hash();
+        }
+        Ok(())
     }
 
     /// Whether the source has sent everything it will send, so a closed connection is no

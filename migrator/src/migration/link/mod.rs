@@ -78,6 +78,15 @@ impl DataStream {
         }
     }
 
+    /// How long a read waits before it fails with `WouldBlock` or `TimedOut` (`None`: for
+    /// ever). Clones share it: it is the socket's.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(timeout),
+            Self::Tunnel(s, ..) => s.set_read_timeout(timeout),
+        }
+    }
+
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.shutdown(how),

@@ -11,7 +11,7 @@ use std::{
 
 use tracing::warn;
 
-use super::{MigrationError, SourcePhase, rounds::Run};
+use super::{MigrationError, SourcePhase, discard::discard_live, rounds::Run};
 use crate::{
     migration::{
         control::{CommitReply, CommitRequest, CommitTimings, Destination},
@@ -184,43 +184,41 @@ fn split_round_trip(round_trip_ms: f64, claimed: CommitTimings) -> (CommitTiming
 
 /// How many of `stale` pages fit what is left of the downtime budget, `spent` of it gone:
 /// the limit less what is spent, less the rest of the cutover as the prepare's round trip
-/// foretold it, less a tenth of the limit to spare, less freeing at the destination every
-/// stale page not sent. A page sent takes its time at the measured rate instead of its
-/// freeing's.
-fn budgeted_pages(run: &Run<'_>, spent: Duration, stale: usize) -> usize {
+/// foretold it, less a tenth of the limit to spare, less freeing the `to_free` stale copies
+/// the destination still holds (those discarded before the pause are gone already).
+fn budgeted_pages(run: &Run<'_>, spent: Duration, stale: usize, to_free: usize) -> usize {
     let Some(rate) = run.link_rate.filter(|r| r.is_finite() && *r > 0.0) else {
         return 0;
     };
     budget(
         run.options.downtime_limit,
         spent + run.prepare_rtt,
-        stale,
+        (stale, to_free),
         Duration::from_secs_f64(PAGE_SIZE as f64 / rate),
         run.remove_per_page,
     )
 }
 
 /// The pages `b` of `stale` to send within `limit`, `committed` of it already spoken for,
-/// when sending one takes `send` and freeing one left unsent takes `remove`: the largest `b`
-/// with `committed + limit/10 + b × send + (stale − b) × remove ≤ limit`.
+/// when sending one takes `send` and freeing each of `to_free` copies takes `remove`: the
+/// largest `b` with `committed + limit/10 + to_free × remove + b × send ≤ limit`. A page sent
+/// may be one whose freeing it saves; counting the freeing anyway keeps to the limit.
 fn budget(
     limit: Duration,
     committed: Duration,
-    stale: usize,
+    (stale, to_free): (usize, usize),
     send: Duration,
     remove: Duration,
 ) -> usize {
     let left = limit.saturating_sub(committed).saturating_sub(limit / 10);
-    let freeing_all = remove.as_secs_f64() * stale as f64;
-    let room = left.as_secs_f64() - freeing_all;
+    let room = left.as_secs_f64() - remove.as_secs_f64() * to_free as f64;
     if room <= 0.0 {
         return 0;
     }
-    let extra = send.as_secs_f64() - remove.as_secs_f64();
-    if extra <= 0.0 {
+    if send.is_zero() {
         return stale;
     }
-    ((room / extra) as usize).min(stale)
+    ((room / send.as_secs_f64()) as usize).min(stale)
 }
 
 /// Share of the measured link rate the post-copy push is paced at: a little below the link,
@@ -241,10 +239,17 @@ pub(super) fn cutover_hybrid(
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
     let partition = run.partition;
-    let (mut clock, mut stale) = pause_for_cutover(run, &sender, last_dirty)?;
+    let discarded = discard_live(run, &mut sender, last_dirty)?;
+    let (mut clock, mut stale) = pause_for_cutover(run, &sender, discarded.stale.clone())?;
     // What the downtime budget still has room for goes now, the pages the guest will likely
     // touch first first: each one is a fault the guest does not take across the network.
-    let room = budgeted_pages(run, clock.paused.elapsed(), stale.len());
+    let held = |run: &Run<'_>, pages: &[u64]| {
+        pages
+            .iter()
+            .filter(|&&f| discarded.held_there(run, f))
+            .count()
+    };
+    let room = budgeted_pages(run, clock.paused.elapsed(), stale.len(), held(run, &stale));
     order.sort_touch_first(&mut stale);
     let rest = stale.split_off(room.min(stale.len()));
     run.send(&mut sender, &stale)?;
@@ -252,7 +257,14 @@ pub(super) fn cutover_hybrid(
     let stale = rest;
     sender.send_done()?;
     run.report.downtime_breakdown.last_pages_ms = clock.lap();
-    commit(run, destination, session, clock, stale.clone())?;
+    // The destination frees only the stale copies it still holds: the discarded ones are
+    // gone there already, and it counts pages it has no copy of as missing.
+    let to_free: Vec<u64> = stale
+        .iter()
+        .copied()
+        .filter(|&f| discarded.held_there(run, f))
+        .collect();
+    commit(run, destination, session, clock, to_free)?;
     run.phase = SourcePhase::Postcopy { session };
 
     // Post-copy: push what the destination lacks, hottest first. A small send buffer and a
@@ -395,20 +407,24 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_pays_for_freeing_what_it_does_not_send() {
+    fn the_budget_pays_for_freeing_the_copies_left() {
         let ms = Duration::from_millis;
         let us = Duration::from_micros;
-        // 100 ms, 10 spent, 10 spare: 80 ms. Freeing 10k pages at 4 µs is 40 ms; each page sent
-        // instead costs 30 − 4 µs more: 40 ms / 26 µs = 1538 pages.
-        assert_eq!(budget(ms(100), ms(10), 10_000, us(30), us(4)), 1538);
-        // Freeing everything alone overruns: nothing is sent.
-        assert_eq!(budget(ms(100), ms(10), 30_000, us(30), us(4)), 0);
+        // 100 ms, 10 spent, 10 spare: 80 ms. Freeing 10k copies at 4 µs is 40 ms; the other
+        // 40 ms send 40 ms / 30 µs = 1333 pages.
+        assert_eq!(
+            budget(ms(100), ms(10), (20_000, 10_000), us(30), us(4)),
+            1333
+        );
+        // Every copy discarded before the pause: the whole 80 ms goes to pages.
+        assert_eq!(budget(ms(100), ms(10), (20_000, 0), us(30), us(4)), 2666);
+        // Freeing alone overruns: nothing is sent.
+        assert_eq!(budget(ms(100), ms(10), (30_000, 30_000), us(30), us(4)), 0);
         // Nothing left of the limit.
-        assert_eq!(budget(ms(100), ms(95), 10, us(30), us(0)), 0);
-        // Sending cheaper than freeing (a fast link): all of it.
-        assert_eq!(budget(ms(100), ms(0), 10, us(1), us(4)), 10);
+        assert_eq!(budget(ms(100), ms(95), (10, 0), us(30), us(0)), 0);
         // Never more than there is.
-        assert_eq!(budget(ms(100), ms(0), 10, us(30), us(0)), 10);
+        assert_eq!(budget(ms(100), ms(0), (10, 10), us(30), us(0)), 10);
+        assert_eq!(budget(ms(100), ms(0), (10, 0), Duration::ZERO, us(4)), 10);
     }
 
     #[test]

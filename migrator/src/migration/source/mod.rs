@@ -24,6 +24,7 @@ use super::{
 use crate::vmm::{Partition, PartitionError};
 
 mod cutover;
+mod discard;
 mod guest_ops;
 mod rounds;
 
@@ -155,6 +156,8 @@ pub enum MigrationError {
     DirtyLogOff,
     #[error("a hybrid migration has no urgent connection")]
     NoUrgentConnection,
+    #[error("the destination sent a frame other than `Discarded` on the data connection")]
+    UnexpectedFrame,
 }
 
 /// Where the source is in a migration. What a failure rolls back follows from it alone.
