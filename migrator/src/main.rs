@@ -113,6 +113,16 @@ enum Command {
     Pause(Target),
     /// Let a paused partition run again.
     Resume(Target),
+    /// Settle a partition awaiting the handover of a migration whose outcome its daemon could
+    /// not learn: asks the destination, and ends with one copy running, there or here.
+    Reconcile {
+        #[command(flatten)]
+        target: Target,
+        /// Resume it here without asking: you vouch that nothing of it runs on the
+        /// destination (a host gone for good).
+        #[arg(long)]
+        resume_here: bool,
+    },
     /// Stop a partition for good and free its memory.
     Stop(Target),
     /// Per-page heat of a partition over a window, from the daemon's shared profiler (active
@@ -353,6 +363,10 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             })
             .await
         }
+        Command::Reconcile {
+            target,
+            resume_here,
+        } => reconcile(target, resume_here, &security).await,
         Command::Stop(target) => {
             one(target, &security, |c, ctx, id| async move {
                 c.stop(ctx, id).await
@@ -424,6 +438,33 @@ where
         println!("{}", serde_json::to_string(&info)?);
     } else {
         print_info(&info);
+    }
+    Ok(())
+}
+
+async fn reconcile(target: Target, resume_here: bool, security: &Security) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    // Asking the destination is bounded by the daemon's peer timeout, plus its answer.
+    let ctx = context_with(Duration::from_secs(120));
+    let id = target.id.clone();
+    let settled = connection.rpc(
+        connection
+            .client
+            .reconcile(ctx, target.id, resume_here)
+            .await,
+    )??;
+    if target.host.json {
+        println!("{}", serde_json::to_string(&settled)?);
+    } else {
+        match settled {
+            migrator::daemon::api::Reconciled::MovedTo { id_on_destination } => println!(
+                "partition {id} runs on the destination as {}; the copy here is stopped",
+                id_on_destination.as_deref().unwrap_or("?")
+            ),
+            migrator::daemon::api::Reconciled::ResumedHere => {
+                println!("partition {id} runs here again; nothing of it runs on the destination")
+            }
+        }
     }
     Ok(())
 }
@@ -693,6 +734,12 @@ fn print_info(info: &PartitionInfo) {
     println!("name:    {}", info.name.as_deref().unwrap_or("-"));
     println!("image:   {}", info.image);
     println!("state:   {}", state_name(info));
+    if let Some(handover) = &info.awaiting_handover {
+        println!(
+            "awaits:  the handover of session {} on {} (`migrator reconcile {}` settles it)",
+            handover.session, handover.peer, info.id
+        );
+    }
     if let Some(reason) = &info.crash_reason {
         println!("crashed: {reason}");
     }

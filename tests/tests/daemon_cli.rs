@@ -60,6 +60,12 @@ fn launch_status_pause_resume_stop_over_the_cli() {
     let (code, text, _) = daemon.cli(&["list"]);
     assert_eq!(code, 0);
     assert!(text.contains(&id) && text.contains("demo"), "{text}");
+    // Nothing to settle: one clear error, and it runs on.
+    let (code, _, err) = daemon.cli(&["reconcile", &id]);
+    assert_ne!(code, 0);
+    assert!(err.contains("awaits no handover"), "{err}");
+    assert_eq!(daemon.json(&["status", &id])["state"], "running");
+    assert!(daemon.json(&["status", &id])["awaiting_handover"].is_null());
 
     assert_eq!(daemon.json(&["stop", &id])["state"], "stopped");
     assert_eq!(daemon.json(&["status", &id])["state"], "stopped");

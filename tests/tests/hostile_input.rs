@@ -202,13 +202,14 @@ fn this_hosts_cpu() -> migrator::vmm::cpu::GuestCpu {
 }
 
 /// The destination's session phases hold at a live daemon: a hybrid session that committed
-/// refuses a second commit, and an abort after its commit stops the partition it restored
+/// holds its partition parked until the handover, refuses a second commit, answers a second
+/// handover as the first, and an abort after the handover stops the partition it restored
 /// instead of leaving it running beside the source's copy.
 #[test]
-fn a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_copy() {
+fn a_committed_hybrid_session_runs_only_at_the_handover_and_an_abort_stops_its_copy() {
     if let Some(why) = kvm_unavailable() {
         return skip(
-            "a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_copy",
+            "a_committed_hybrid_session_runs_only_at_the_handover_and_an_abort_stops_its_copy",
             &why,
         );
     }
@@ -240,11 +241,35 @@ fn a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_cop
         let [arrived] = listed.as_slice() else {
             panic!("{listed:?}");
         };
-        assert_ne!(arrived.state, migrator::vmm::PartitionState::Stopped);
+        // Restored, parked: it runs only on the source's word.
+        assert_eq!(arrived.state, migrator::vmm::PartitionState::Paused);
         let second = commit(&connection, reply.session, snapshot())
             .await
             .expect_err("a second commit");
         assert!(second.contains("second commit"), "{second}");
+        for _ in 0..2 {
+            let handed = connection
+                .client
+                .migration_handover(context_with(Duration::from_secs(10)), reply.session)
+                .await
+                .unwrap()
+                .expect("the handover runs it");
+            assert_eq!(handed.id_on_destination, arrived.id);
+            let running = connection
+                .client
+                .status(context_with(Duration::from_secs(10)), arrived.id.clone())
+                .await
+                .unwrap()
+                .expect("listed");
+            // It ran: on made-up registers it may have crashed since, but it left `paused`.
+            assert!(
+                matches!(
+                    running.state,
+                    migrator::vmm::PartitionState::Running | migrator::vmm::PartitionState::Crashed
+                ),
+                "{running:?}"
+            );
+        }
         connection
             .client
             .migration_abort(context_with(Duration::from_secs(10)), reply.session)
@@ -264,5 +289,43 @@ fn a_committed_hybrid_session_refuses_a_second_commit_and_an_abort_stops_its_cop
             .await
             .unwrap();
         assert!(gone.is_err(), "{gone:?}");
+    });
+}
+
+/// A handover for a session whose commit never came (a reconcile after the commit was lost
+/// on its way) is refused, and the session is dropped with it: a late commit cannot restore
+/// anything any more, so the source may resume.
+#[test]
+fn a_handover_before_any_commit_is_refused_and_ends_the_session() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_handover_before_any_commit_is_refused_and_ends_the_session",
+            &why,
+        );
+    }
+    let destination = Daemon::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let addr = destination.addr.parse().unwrap();
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+        let reply = prepare(&connection).await;
+        let refused = connection
+            .client
+            .migration_handover(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap()
+            .expect_err("nothing to hand over");
+        assert!(refused.to_string().contains("Handover"), "{refused}");
+        let state = state::encode(&state::sample_snapshot(config()));
+        let late = commit(&connection, reply.session, state)
+            .await
+            .expect_err("the session is gone");
+        assert!(late.contains("session"), "{late}");
+        let listed = connection
+            .client
+            .list(context_with(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
     });
 }

@@ -22,11 +22,13 @@ use crate::{
     },
     migration::{
         MigrationProgress, MigrationReport, Strategy,
-        control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
+        control::{
+            CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply, PrepareRequest,
+        },
         report::PostCutoverFaults,
         source::MigrationOptions,
     },
-    vmm::{GuestImage, PartitionState},
+    vmm::{AwaitingHandover, GuestImage, PartitionState},
 };
 
 /// The API version this build speaks. Bumped whenever a request or reply changes shape:
@@ -35,8 +37,8 @@ use crate::{
 /// commit's reply and the downtime's breakdown to the migration report; 5 adds the fault
 /// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
 /// report's post-cutover figures), `page_heat` and `plan`; 6 adds the report's discarded
-/// pages (data protocol 3: `Discard` before the pause). New calls go at the end of the
-/// service.
+/// pages (data protocol 3: `Discard` before the pause), the parked commit with
+/// `migration_handover`, and `reconcile`. New calls go at the end of the service.
 pub const API_VERSION: u32 = 6;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
@@ -87,6 +89,8 @@ pub struct PartitionInfo {
     pub crash_reason: Option<String>,
     /// Self-check failures the guest reported through the hypercall.
     pub check_failures: u64,
+    /// In state `awaiting-handover`: the destination and session whose handover it awaits.
+    pub awaiting_handover: Option<AwaitingHandover>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
@@ -151,7 +155,7 @@ pub trait MigratorApi {
 
     /// Destination side: get ready to receive a partition of this shape.
     async fn migration_prepare(request: PrepareRequest) -> Result<PrepareReply, ApiError>;
-    /// Destination side: take over (restore and run) the partition.
+    /// Destination side: restore the partition, parked until `migration_handover`.
     async fn migration_commit(
         session: u64,
         request: CommitRequest,
@@ -178,4 +182,23 @@ pub trait MigratorApi {
         strategy: Strategy,
         duration: Duration,
     ) -> Result<PlanPreview, ApiError>;
+    /// Destination side: the source stopped its copy for good; run the partition the commit
+    /// restored parked. Asking again is safe. Refused, nothing of the session runs here and
+    /// it is dropped.
+    async fn migration_handover(session: u64) -> Result<HandoverReply, ApiError>;
+    /// Source side: settle partition `id`, paused awaiting the handover of a migration whose
+    /// outcome it could not learn. Asks the destination again: the move finishes if it runs
+    /// the partition, and the partition resumes here if it refuses. Says which. With
+    /// `resume_here`, the operator vouches that nothing of it runs on the destination (a host
+    /// that is gone for good): it resumes here without asking.
+    async fn reconcile(id: String, resume_here: bool) -> Result<Reconciled, ApiError>;
+}
+
+/// How `reconcile` settled an awaiting handover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reconciled {
+    /// The destination runs the partition, as `id_on_destination`; the copy here is stopped.
+    MovedTo { id_on_destination: Option<String> },
+    /// The destination runs nothing of it: the partition runs here again.
+    ResumedHere,
 }

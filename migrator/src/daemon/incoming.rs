@@ -8,7 +8,9 @@ use tracing::{info, warn};
 use super::{api::ApiError, blocking, error_chain, server::Daemon};
 use crate::migration::{
     Mode,
-    control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
+    control::{
+        CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply, PrepareRequest,
+    },
     destination::{Session, SessionError, WindowOrWhyNot},
     link::DataLink,
     protocol::PROTOCOL_VERSION,
@@ -81,24 +83,89 @@ impl Daemon {
                 return Err(ApiError::Migration(error_chain(&e)));
             }
         };
-        if let Some(window) = session.fault_window() {
-            self.keep_fault_window(session_id, window);
-        }
         let id = self.new_id();
-        info!("migrated partition arrived as {id}");
-        // Hybrid: the session lives on until every page is in place (`finish`).
-        let keep_session = session.mode == Mode::Hybrid;
-        self.registry.session_committed(
-            session_id,
-            id.clone(),
-            Arc::new(committed.partition),
-            keep_session,
-        );
+        info!("migrated partition arrived as {id}, parked until its source hands over");
+        // The session lives on until the handover (pre-copy) or until every page is in place
+        // (hybrid, `finish`).
+        self.registry
+            .session_committed(session_id, id.clone(), committed.partition);
         Ok(CommitReply {
             id_on_destination: id,
             dest_digest: committed.digest.map(|d| d.total_hex()),
             timings: committed.timings,
         })
+    }
+
+    /// The source's word: run the partition session `session_id` restored parked. Asked
+    /// again after it ran, it answers the same. Refused, nothing of the session runs here:
+    /// it is dropped, and a copy its commit restored is stopped.
+    pub(super) async fn handover_incoming(
+        &self,
+        session_id: u64,
+    ) -> Result<HandoverReply, ApiError> {
+        let session = match self.registry.session(session_id) {
+            Ok(session) => session,
+            // A pre-copy session ends at its handover; asked again, the partition runs.
+            Err(e) => {
+                return match self.registry.committed_id(session_id) {
+                    Some(id) if self.registry.live(&id).is_ok() => Ok(HandoverReply {
+                        id_on_destination: id,
+                        resume_ms: 0.0,
+                    }),
+                    _ => Err(e),
+                };
+            }
+        };
+        let handing = Arc::clone(&session);
+        let handed = blocking("handover", move || handing.handover()).await?;
+        match handed {
+            Ok(resumed) => {
+                // Started at the resume; a handover asked again finds it kept already.
+                if resumed.is_some()
+                    && let Some(window) = session.fault_window()
+                {
+                    self.keep_fault_window(session_id, window);
+                }
+                let id = self.committed_id_soon(session_id).await;
+                if session.mode == Mode::Precopy {
+                    self.registry.remove_session(session_id);
+                }
+                info!("migration session {session_id} handed over: {id} runs here");
+                Ok(HandoverReply {
+                    id_on_destination: id,
+                    resume_ms: resumed.unwrap_or(0.0),
+                })
+            }
+            Err(e) => {
+                let _ = session.abort();
+                self.registry.remove_session(session_id);
+                self.stop_committed(session_id).await;
+                Err(ApiError::Migration(error_chain(&e)))
+            }
+        }
+    }
+
+    /// The id the commit of session `session_id` gave its partition. A handover that a
+    /// reconcile sends while that commit still answers can come before the id is recorded.
+    async fn committed_id_soon(&self, session_id: u64) -> String {
+        for _ in 0..50 {
+            if let Some(id) = self.registry.committed_id(session_id) {
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        "?".into()
+    }
+
+    /// Stops (and records as stopped) the partition session `session_id`'s commit restored,
+    /// if any: it never ran, or must not run on.
+    async fn stop_committed(&self, session_id: u64) {
+        if let Some(id) = self.registry.take_committed(session_id)
+            && self.registry.live(&id).is_ok()
+            && let Err(e) = self.stop_partition(id.clone()).await
+        {
+            warn!("stopping {id}: {e}");
+        }
     }
 
     pub(super) async fn finish_incoming(&self, session_id: u64) -> Result<FinishReply, ApiError> {
@@ -153,8 +220,15 @@ impl Daemon {
         // A session with nothing running ends here and now; one whose commit restored a
         // partition (or a pre-copy one already handed over) refuses until that copy stops.
         let ended = session.as_ref().is_some_and(|s| s.abort().is_ok());
-        if !ended && let Some(id) = &restored_as {
-            warn!("migration session {session_id} was aborted after its commit: stopping {id}");
+        if let Some(id) = &restored_as
+            && self.registry.live(id).is_ok()
+        {
+            // Ended, it was parked and never ran (the abort stopped it): recorded as stopped.
+            if !ended {
+                warn!(
+                    "migration session {session_id} was aborted after its handover: stopping {id}"
+                );
+            }
             if let Err(e) = self.stop_partition(id.clone()).await {
                 warn!("stopping {id}: {e}");
             }
@@ -189,6 +263,8 @@ impl Daemon {
                     );
                     let _ = session.abort();
                     daemon.registry.remove_session(id);
+                    // Parked there, a copy its commit restored never ran.
+                    daemon.stop_committed(id).await;
                     return;
                 }
             }

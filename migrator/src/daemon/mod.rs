@@ -24,6 +24,7 @@ pub mod memory;
 mod outgoing;
 pub mod peer;
 pub mod profilers;
+mod reconcile;
 mod registry;
 pub mod server;
 

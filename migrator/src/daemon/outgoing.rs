@@ -156,6 +156,13 @@ impl Daemon {
             )
         })
         .await?;
+        if let Some(handover) = partition.awaiting_handover() {
+            warn!(
+                "partition {} awaits the handover of session {} on {}: reconciling by itself",
+                request.id, handover.session, handover.peer
+            );
+            self.reconcile_in_background(request.id.clone(), handover);
+        }
         if report.status == MigrationStatus::Completed {
             let mut info = info_of(&request.id, &partition);
             info.state = PartitionState::Stopped;

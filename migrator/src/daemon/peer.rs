@@ -9,8 +9,8 @@ use super::{
 };
 use crate::migration::{
     control::{
-        CommitReply, CommitRequest, Destination, DestinationError, FinishReply, PrepareReply,
-        PrepareRequest,
+        CommitReply, CommitRequest, Destination, DestinationError, FinishReply, HandoverReply,
+        PrepareReply, PrepareRequest,
     },
     link::{DataLink, DataStream, LinkError},
     report::PostCutoverFaults,
@@ -62,6 +62,16 @@ impl Destination for RemoteDestination {
             "commit",
             self.client.migration_commit(ctx, session, request),
         )
+    }
+
+    fn handover(&mut self, session: u64) -> Result<HandoverReply, DestinationError> {
+        // A handover that comes during the restore waits for it there.
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
+        self.call("handover", self.client.migration_handover(ctx, session))
+    }
+
+    fn peer(&self) -> String {
+        self.addr.to_string()
     }
 
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {

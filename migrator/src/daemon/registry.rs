@@ -46,10 +46,12 @@ impl Inventory {
             Entry::Live(p) => Some(Usage::one(p.config().mem_size)),
             Entry::Stopped(_) => None,
         });
+        // A committed session's memory is its partition's, counted once.
         let sessions = self
             .sessions
-            .values()
-            .map(|s| Usage::one(s.config.mem_size));
+            .iter()
+            .filter(|(id, _)| !self.committed.iter().any(|(s, _)| s == *id))
+            .map(|(_, s)| Usage::one(s.config.mem_size));
         partitions
             .chain(sessions)
             .fold(Usage::default(), Usage::plus)
@@ -185,20 +187,11 @@ impl Registry {
         self.lock().sessions.remove(&id)
     }
 
-    /// Session `session` committed and became partition `id`, remembered for a late abort.
-    /// Unless `keep_session` (hybrid, until every page is in place), the partition takes the
-    /// session's place in the same breath.
-    pub fn session_committed(
-        &self,
-        session: u64,
-        id: String,
-        partition: Arc<Partition>,
-        keep_session: bool,
-    ) {
+    /// Session `session` committed and became partition `id` (parked), remembered for a
+    /// late abort or a repeated handover. The session stays until its handover (pre-copy) or
+    /// its finish (hybrid).
+    pub fn session_committed(&self, session: u64, id: String, partition: Arc<Partition>) {
         let mut inventory = self.lock();
-        if !keep_session {
-            inventory.sessions.remove(&session);
-        }
         inventory
             .partitions
             .insert(id.clone(), Entry::Live(partition));
@@ -208,7 +201,16 @@ impl Registry {
         }
     }
 
-    /// The partition a committed pre-copy session became, forgotten from the list.
+    /// The partition committed session `session` became, still on the list.
+    pub fn committed_id(&self, session: u64) -> Option<String> {
+        self.lock()
+            .committed
+            .iter()
+            .find(|(s, _)| *s == session)
+            .map(|(_, id)| id.clone())
+    }
+
+    /// The partition a committed session became, forgotten from the list.
     pub fn take_committed(&self, session: u64) -> Option<String> {
         let mut inventory = self.lock();
         let found = inventory.committed.iter().position(|(s, _)| *s == session);
@@ -265,5 +267,6 @@ pub fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
         console: status.console,
         crash_reason: status.crash_reason,
         check_failures: status.check_failures,
+        awaiting_handover: status.awaiting_handover,
     }
 }

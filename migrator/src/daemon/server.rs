@@ -25,7 +25,7 @@ pub use super::{
 use super::{
     api::{
         API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_IMAGE, MigrateRequest, MigratorApi,
-        PartitionInfo,
+        PartitionInfo, Reconciled,
     },
     blocking, error_chain,
     heat_report::{PartitionHeat, PlanPreview},
@@ -37,7 +37,9 @@ use super::{
 use crate::{
     migration::{
         MigrationProgress, MigrationReport, Strategy,
-        control::{CommitReply, CommitRequest, FinishReply, PrepareReply, PrepareRequest},
+        control::{
+            CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply, PrepareRequest,
+        },
         destination::{FaultWindows, ProbeSlot},
         report::PostCutoverFaults,
         transport::DEFAULT_PEER_TIMEOUT,
@@ -316,6 +318,19 @@ impl MigratorApi for Daemon {
         duration: Duration,
     ) -> Result<PlanPreview, ApiError> {
         self.plan_preview(id, strategy, duration).await
+    }
+
+    async fn migration_handover(self, _: Context, session: u64) -> Result<HandoverReply, ApiError> {
+        self.handover_incoming(session).await
+    }
+
+    async fn reconcile(
+        self,
+        _: Context,
+        id: String,
+        resume_here: bool,
+    ) -> Result<Reconciled, ApiError> {
+        self.reconcile_partition(id, resume_here).await
     }
 }
 

@@ -250,6 +250,7 @@ mod tests {
             console: String::new(),
             crash_reason: None,
             check_failures: 0,
+            awaiting_handover: None,
         });
         assert_eq!(
             app.on_key(key(KeyCode::Char('m'))),

@@ -445,6 +445,7 @@ mod tests {
             console: String::new(),
             crash_reason: None,
             check_failures: 0,
+            awaiting_handover: None,
         }
     }
 

@@ -62,7 +62,18 @@ pub struct CommitTimings {
     /// Checking and decoding the saved state, and restoring the partition with its vCPUs
     /// parked (hybrid: with the stale pages dropped and userfaultfd set up first).
     pub restore_ms: f64,
-    /// Starting the restored partition's vCPUs.
+    /// Starting the restored partition's vCPUs: 0 from the commit, which leaves them parked
+    /// until the handover; the source fills it in from the handover's answer.
+    pub resume_ms: f64,
+}
+
+/// The destination ran the partition its commit restored parked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HandoverReply {
+    /// The partition's id there.
+    pub id_on_destination: String,
+    /// Starting the vCPUs there, in milliseconds of its clock (0 when a handover came again
+    /// and found it running).
     pub resume_ms: f64,
 }
 
@@ -101,6 +112,10 @@ pub trait Destination {
         session: u64,
         request: CommitRequest,
     ) -> Result<CommitReply, DestinationError>;
+    /// The source's copy is stopped for good: run the partition the commit restored parked.
+    /// Refused, the destination runs nothing of the session and has dropped it; unanswered,
+    /// the outcome is unknown and asking again is safe.
+    fn handover(&mut self, session: u64) -> Result<HandoverReply, DestinationError>;
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError>;
     /// The guest's faults over the fault window from its resume, once the window is over.
     fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError>;
@@ -108,6 +123,10 @@ pub trait Destination {
     /// prepare's, a bound on what the commit's call itself costs.
     fn round_trip(&mut self) -> Option<std::time::Duration> {
         None
+    }
+    /// Who the destination is, for a partition awaiting its handover.
+    fn peer(&self) -> String {
+        "the destination".into()
     }
     /// Best effort: a destination that cannot be reached drops the session by itself.
     fn abort(&mut self, session: u64);

@@ -82,6 +82,11 @@ pub enum PartitionError {
     Cpu(#[from] CpuError),
     #[error("the partition is {0:?}, not {1}")]
     WrongState(PartitionState, &'static str),
+    #[error(
+        "the partition awaits the handover of a migration whose outcome is unknown and may run \
+         on the destination; `migrator reconcile` settles it"
+    )]
+    AwaitingHandover,
     #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
     PauseTimeout,
     #[error("the snapshot has {got} vCPU states for {want} vCPUs")]
@@ -196,6 +201,8 @@ pub struct Partition {
     dirty: Mutex<Option<DirtyLog>>,
     /// A state set by the migration engine that overrides what the vCPUs say.
     pub(super) migrating: Mutex<bool>,
+    /// Set when a migration's outcome could not be learnt: the partition must not resume.
+    pub(super) handover: Mutex<Option<super::status::AwaitingHandover>>,
     /// The throttle's ticker, while one runs.
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
@@ -307,6 +314,7 @@ impl Partition {
             cpu,
             dirty: Mutex::new(None),
             migrating: Mutex::new(false),
+            handover: Mutex::new(None),
             ticker: Mutex::new(None),
         };
         if request == Request::Pause {
@@ -391,18 +399,20 @@ impl Partition {
     pub fn pause(&self) -> Result<(), PartitionError> {
         match self.state() {
             PartitionState::Running | PartitionState::Migrating => {}
-            PartitionState::Paused => return Ok(()),
+            PartitionState::Paused | PartitionState::AwaitingHandover => return Ok(()),
             other => return Err(PartitionError::WrongState(other, "running")),
         }
         self.set_request(Request::Pause)?;
         self.wait_quiet()
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again. Refused while awaiting a handover: the guest may run on
+    /// the destination.
     pub fn resume(&self) -> Result<(), PartitionError> {
         match self.state() {
             PartitionState::Paused | PartitionState::Migrating => {}
             PartitionState::Running => return Ok(()),
+            PartitionState::AwaitingHandover => return Err(PartitionError::AwaitingHandover),
             other => return Err(PartitionError::WrongState(other, "paused")),
         }
         self.set_request(Request::Run)?;

@@ -19,7 +19,21 @@ pub enum PartitionState {
     Paused,
     Stopped,
     Migrating,
+    /// Paused after a migration whose outcome could not be learnt: neither resumed nor
+    /// discarded until `reconcile` asks the destination (`PartitionStatus::awaiting_handover`
+    /// says which).
+    #[serde(rename = "awaiting-handover")]
+    AwaitingHandover,
     Crashed,
+}
+
+/// The migration a partition awaits the handover of: the destination daemon and its session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwaitingHandover {
+    pub peer: String,
+    pub session: u64,
+    /// A hybrid migration: the destination's copy depends on this one's pages.
+    pub postcopy: bool,
 }
 
 /// A point-in-time view of a partition.
@@ -38,12 +52,27 @@ pub struct PartitionStatus {
     pub check_failures: u64,
     /// Recent console output.
     pub console: String,
+    /// The migration whose handover it awaits, in state `awaiting-handover`.
+    pub awaiting_handover: Option<AwaitingHandover>,
 }
 
 impl Partition {
     /// Marks the partition as being migrated (or not), for what users see.
     pub fn set_migrating(&self, migrating: bool) {
         *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) = migrating;
+    }
+
+    /// Marks the (paused) partition as awaiting the handover of a migration, or no longer:
+    /// while it does, it refuses to resume.
+    pub fn set_awaiting_handover(&self, handover: Option<AwaitingHandover>) {
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = handover;
+    }
+
+    pub fn awaiting_handover(&self) -> Option<AwaitingHandover> {
+        self.handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current state, derived from the request and what the vCPUs say.
@@ -65,6 +94,9 @@ impl Partition {
         }
         if *self.migrating.lock().unwrap_or_else(|p| p.into_inner()) {
             return PartitionState::Migrating;
+        }
+        if self.awaiting_handover().is_some() {
+            return PartitionState::AwaitingHandover;
         }
         match state.request {
             Request::Pause => PartitionState::Paused,
@@ -122,6 +154,7 @@ impl Partition {
             exit_codes,
             check_failures: control.check_failures,
             console: String::from_utf8_lossy(&control.console).into_owned(),
+            awaiting_handover: self.awaiting_handover(),
         }
     }
 }

@@ -851,8 +851,13 @@ fn matrix(args: &[String]) -> Result<()> {
     if let Some(commit) = commit() {
         println!("Built from commit {commit}.\n");
     }
+    let limit = if mode == "hybrid" {
+        HYBRID_DOWNTIME_LIMIT
+    } else {
+        DOWNTIME_LIMIT
+    };
     println!(
-        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`, daemons with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition, 1 s after its workload's first operation, with `migrator migrate --strategy S --mode {mode} --downtime-limit {DOWNTIME_LIMIT}`, {extra}. {}, interleaved (run by run, scenario by scenario, heat and address, which goes first alternating). Figures are `median (min–max)` over the completed runs; counts over all runs; `–`: not in the report.\n",
+        "Two network namespaces joined by a veth pair shaped with `tc tbf rate {RATE}`, daemons with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition, 1 s after its workload's first operation, with `migrator migrate --strategy S --mode {mode} --downtime-limit {limit}`, {extra}. {}, interleaved (run by run, scenario by scenario, heat and address, which goes first alternating). Figures are `median (min–max)` over the completed runs; counts over all runs; `–`: not in the report.\n",
         plural(runs, "run")
     );
     let started = Instant::now();

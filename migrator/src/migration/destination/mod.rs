@@ -156,7 +156,8 @@ pub enum SessionError {
 
 /// A commit that restored the partition and runs it.
 pub struct Committed {
-    pub partition: Partition,
+    /// Restored parked: it runs at the handover.
+    pub partition: Arc<Partition>,
     /// Pre-copy: the digest of the memory the partition starts from (hybrid: from `finish`).
     pub digest: Option<MemoryDigest>,
     pub timings: CommitTimings,
@@ -210,6 +211,9 @@ pub struct Session {
     uffd: Mutex<Option<Arc<Uffd>>>,
     /// A clone of the urgent connection (hybrid), for sending demands.
     demand_stream: Mutex<Option<DataStream>>,
+    /// The partition the commit restored, parked until the handover runs it; an abort
+    /// before that stops it.
+    parked: Mutex<Option<Arc<Partition>>>,
     /// Clones of every data connection, to shut them down at a hang-up.
     streams: Mutex<Vec<DataStream>>,
     link: DataLink,
@@ -261,6 +265,7 @@ impl Session {
             peer_timeout,
             uffd: Mutex::new(None),
             demand_stream: Mutex::new(None),
+            parked: Mutex::new(None),
             streams: Mutex::new(Vec::new()),
             link,
             threads: Mutex::new(Vec::new()),
@@ -504,7 +509,10 @@ impl Session {
         match (self.mode, self.phase()) {
             // Already over: nothing more to say.
             (_, P::Failed { .. } | P::Aborted) => true,
-            (Mode::Precopy, P::Received | P::Restoring { received: true } | P::Restored) => true,
+            (
+                Mode::Precopy,
+                P::Received | P::Restoring { received: true } | P::Parked | P::Restored,
+            ) => true,
             (Mode::Hybrid, P::Postcopy { pushed: true } | P::Finished) => true,
             _ => false,
         }
@@ -638,18 +646,9 @@ impl Session {
                 (self.start_postcopy(snapshot, stale_pages)?, None)
             }
         };
-        let tids = partition.vcpu_tids().to_vec();
-        if self.mode == Mode::Hybrid {
-            self.lock().blocktime = Some(Blocktime::new(&tids));
-        }
-        self.start_fault_window(&tids);
         let restore_ms = millis_since(restoring);
-        let resuming = Instant::now();
-        if let Err(e) = partition.resume() {
-            partition.stop();
-            return Err(SessionError::Restore(e));
-        }
-        let resume_ms = millis_since(resuming);
+        let partition = Arc::new(partition);
+        *self.lock_parked() = Some(Arc::clone(&partition));
         // An abort that came during the restore wins: the source has resumed.
         if self.advance(SessionEvent::Restored).is_err() {
             partition.stop();
@@ -661,9 +660,49 @@ impl Session {
             timings: CommitTimings {
                 pages_wait_ms,
                 restore_ms,
-                resume_ms,
+                // Parked: it runs at the handover, which times its own resume.
+                resume_ms: 0.0,
             },
         })
+    }
+
+    /// The source's word that its copy is stopped for good: runs `partition`, which this
+    /// session's commit restored parked, and returns the milliseconds its resume took. A
+    /// handover that comes again (its answer lost) finds it running, changes nothing and
+    /// returns `None`. One
+    /// that comes while the commit is still restoring waits for it. Refused, changing
+    /// nothing, in any other phase: before a commit, or once aborted.
+    pub fn handover(&self) -> Result<Option<f64>, SessionError> {
+        self.wait(|p| !matches!(p.phase(), SessionPhase::Restoring { .. }))?;
+        let partition = self.lock_parked().clone();
+        if self.phase().guest_runs_here() {
+            return Ok(None);
+        }
+        let phase = self.phase();
+        let Some(partition) = partition.filter(|_| phase == SessionPhase::Parked) else {
+            return Err(PhaseError::Unexpected {
+                phase,
+                event: SessionEvent::Handover,
+            }
+            .into());
+        };
+        let resuming = Instant::now();
+        let tids = partition.vcpu_tids().to_vec();
+        if self.mode == Mode::Hybrid {
+            self.lock().blocktime = Some(Blocktime::new(&tids));
+        }
+        self.start_fault_window(&tids);
+        if let Err(e) = partition.resume() {
+            partition.stop();
+            return Err(SessionError::Restore(e));
+        }
+        // Only the source hands over, and it never aborts at the same time; should an abort
+        // have come first all the same, the copy here stops.
+        if self.advance(SessionEvent::Handover).is_err() {
+            partition.stop();
+            return Err(SessionError::Aborted);
+        }
+        Ok(Some(millis_since(resuming)))
     }
 
     /// Starts counting the faults of the vCPU threads `tids` for the fault window, from now
@@ -761,9 +800,19 @@ impl Session {
     ///
     /// [`discard`]: Session::discard
     pub fn abort(&self) -> Result<(), PhaseError> {
-        self.advance(SessionEvent::Abort)?;
+        let phase = self.advance(SessionEvent::Abort)?;
+        // A partition the commit restored parked never ran: it goes with the session.
+        if phase == SessionPhase::Aborted
+            && let Some(parked) = self.lock_parked().take()
+        {
+            parked.stop();
+        }
         self.hang_up();
         Ok(())
+    }
+
+    fn lock_parked(&self) -> MutexGuard<'_, Option<Arc<Partition>>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Ends a session whose restored partition was stopped.

@@ -7,7 +7,9 @@
 //!                              │ commit                │ commit
 //!                              ▼                       ▼
 //!         Restoring{received: false} ─pages done─▶ Restoring{received: true}
-//!                                                      │ restored
+//!                                                      │ restored (parked)
+//!                                                    Parked
+//!                                                      │ handover (the source's word)
 //!                                         pre-copy ◀───┴───▶ hybrid
 //!                                         Restored          Postcopy{pushed: false}
 //!                                                              │ pages done (push ended)
@@ -31,6 +33,9 @@ pub enum SessionPhase {
     /// The commit is restoring the partition (`received`: every pre-copy page is here; a
     /// commit that came before the last pages waits for them).
     Restoring { received: bool },
+    /// The commit restored the partition here, parked: it runs only when the source, its
+    /// own copy stopped for good, hands over (QEMU's `-S` and `cont`, libvirt's Finish).
+    Parked,
     /// Pre-copy: the restored partition runs here.
     Restored,
     /// Hybrid: the restored partition runs here; missing pages arrive on demand and by push
@@ -51,8 +56,10 @@ pub enum SessionEvent {
     /// A `Done` frame: the end of pre-copy, or in post-copy the end of the push.
     PagesDone,
     Commit,
-    /// The commit restored the partition.
+    /// The commit restored the partition, parked.
     Restored,
+    /// The source stopped its copy for good: the parked partition runs here.
+    Handover,
     Finish,
     /// The data connection or a page install failed.
     Failure,
@@ -104,17 +111,22 @@ impl SessionPhase {
             // A commit may come before the last pages: it waits for them.
             (P::Connecting | P::Receiving, E::Commit) => Ok(P::Restoring { received: false }),
             (P::Received, E::Commit) => Ok(P::Restoring { received: true }),
-            (P::Restoring { .. } | P::Restored | P::Postcopy { .. } | P::Finished, E::Commit) => {
-                Err(PhaseError::SecondCommit { phase: self })
-            }
-            (P::Restoring { received: true }, E::Restored) => Ok(match mode {
+            (
+                P::Restoring { .. } | P::Parked | P::Restored | P::Postcopy { .. } | P::Finished,
+                E::Commit,
+            ) => Err(PhaseError::SecondCommit { phase: self }),
+            (P::Restoring { received: true }, E::Restored) => Ok(P::Parked),
+            (P::Parked, E::Handover) => Ok(match mode {
                 Mode::Precopy => P::Restored,
                 Mode::Hybrid => P::Postcopy { pushed: false },
             }),
+            // A handover whose answer was lost comes again: it changes nothing.
+            (P::Restored | P::Postcopy { .. } | P::Finished, E::Handover) => Ok(self),
             (P::Postcopy { pushed: true }, E::Finish) => Ok(P::Finished),
-            (P::Connecting | P::Receiving | P::Received | P::Restoring { .. }, E::Failure) => {
-                Ok(P::Failed { cut_over: false })
-            }
+            (
+                P::Connecting | P::Receiving | P::Received | P::Restoring { .. } | P::Parked,
+                E::Failure,
+            ) => Ok(P::Failed { cut_over: false }),
             (P::Postcopy { .. }, E::Failure) => Ok(P::Failed { cut_over: true }),
             // Once over, later failures (a connection closing) change nothing.
             (P::Restored | P::Finished | P::Failed { .. } | P::Aborted, E::Failure) => Ok(self),
@@ -123,6 +135,7 @@ impl SessionPhase {
                 | P::Receiving
                 | P::Received
                 | P::Restoring { .. }
+                | P::Parked
                 | P::Failed { cut_over: false }
                 | P::Aborted,
                 E::Abort | E::Discard,
@@ -152,15 +165,26 @@ mod tests {
     fn a_precopy_session_runs_its_course() {
         let done = walk(
             Mode::Precopy,
-            &[E::Connected, E::PagesDone, E::Commit, E::Restored],
+            &[
+                E::Connected,
+                E::PagesDone,
+                E::Commit,
+                E::Restored,
+                E::Handover,
+            ],
         );
         assert_eq!(done, Ok(P::Restored));
+        // A handover again (its answer lost) changes nothing.
+        assert_eq!(
+            P::Restored.next(E::Handover, Mode::Precopy),
+            Ok(P::Restored)
+        );
         // The commit may arrive before the last pages, and waits for them.
         let early = walk(Mode::Precopy, &[E::Connected, E::Commit]).unwrap();
         assert_eq!(early, P::Restoring { received: false });
         assert!(early.next(E::Restored, Mode::Precopy).is_err());
         let early = early.next(E::PagesDone, Mode::Precopy).unwrap();
-        assert_eq!(early.next(E::Restored, Mode::Precopy), Ok(P::Restored));
+        assert_eq!(early.next(E::Restored, Mode::Precopy), Ok(P::Parked));
     }
 
     #[test]
@@ -172,6 +196,7 @@ mod tests {
                 E::PagesDone,
                 E::Commit,
                 E::Restored,
+                E::Handover,
                 E::PagesDone,
                 E::Finish,
             ],
@@ -180,7 +205,13 @@ mod tests {
         // Finish before the push ended is refused; so is a third `Done`.
         let pushing = walk(
             Mode::Hybrid,
-            &[E::Connected, E::PagesDone, E::Commit, E::Restored],
+            &[
+                E::Connected,
+                E::PagesDone,
+                E::Commit,
+                E::Restored,
+                E::Handover,
+            ],
         )
         .unwrap();
         assert!(pushing.next(E::Finish, Mode::Hybrid).is_err());
@@ -222,10 +253,28 @@ mod tests {
                 "{events:?}"
             );
         }
-        // After a commit restored it, an abort is refused until the guest is stopped.
+        // Restored but parked, nothing runs here yet: an abort ends the session, and a
+        // handover after it is refused.
         for mode in [Mode::Precopy, Mode::Hybrid] {
-            let restored =
-                walk(mode, &[E::Connected, E::PagesDone, E::Commit, E::Restored]).unwrap();
+            let parked = walk(mode, &[E::Connected, E::PagesDone, E::Commit, E::Restored]).unwrap();
+            assert_eq!(parked, P::Parked);
+            assert!(!parked.guest_runs_here());
+            let aborted = parked.next(E::Abort, mode).unwrap();
+            assert!(aborted.next(E::Handover, mode).is_err());
+        }
+        // Once handed over, an abort is refused until the guest is stopped.
+        for mode in [Mode::Precopy, Mode::Hybrid] {
+            let restored = walk(
+                mode,
+                &[
+                    E::Connected,
+                    E::PagesDone,
+                    E::Commit,
+                    E::Restored,
+                    E::Handover,
+                ],
+            )
+            .unwrap();
             assert!(restored.guest_runs_here());
             assert_eq!(
                 restored.next(E::Abort, mode),
@@ -240,6 +289,7 @@ mod tests {
                 E::PagesDone,
                 E::Commit,
                 E::Restored,
+                E::Handover,
                 E::Failure,
             ],
         )
@@ -258,6 +308,13 @@ mod tests {
         assert!(P::Received.next(E::Finish, Mode::Precopy).is_err());
         assert!(P::Restored.next(E::Finish, Mode::Precopy).is_err());
         assert!(P::Receiving.next(E::Restored, Mode::Hybrid).is_err());
+        // No handover before the commit restored the partition.
+        assert!(P::Receiving.next(E::Handover, Mode::Precopy).is_err());
+        assert!(
+            P::Restoring { received: true }
+                .next(E::Handover, Mode::Hybrid)
+                .is_err()
+        );
         assert!(P::Aborted.next(E::Commit, Mode::Hybrid).is_err());
         assert!(
             P::Failed { cut_over: false }

@@ -14,7 +14,7 @@ use tracing::warn;
 use super::{MigrationError, SourcePhase, discard::discard_live, rounds::Run};
 use crate::{
     migration::{
-        control::{CommitReply, CommitRequest, CommitTimings, Destination},
+        control::{CommitReply, CommitRequest, CommitTimings, Destination, DestinationError},
         link::{self, DataStream},
         order::Order,
         report::Phase,
@@ -137,6 +137,13 @@ fn commit(
 ) -> Result<CommitReply, MigrationError> {
     let snapshot = state::encode(&run.partition.snapshot()?);
     run.report.downtime_breakdown.state_encode_ms = clock.lap();
+    // Unanswered, the destination may have restored the partition or not: this copy neither
+    // resumes nor goes until a reconcile asks.
+    let undecided = |run: &mut Run<'_>, e: &DestinationError| {
+        if matches!(e, DestinationError::Unreachable { .. }) {
+            run.phase = SourcePhase::Undecided { session };
+        }
+    };
     let reply = destination
         .commit(
             session,
@@ -145,16 +152,34 @@ fn commit(
                 stale_pages,
             },
         )
-        .map_err(MigrationError::Commit)?;
+        .map_err(|e| {
+            undecided(run, &e);
+            MigrationError::Commit(e)
+        })?;
     let round_trip = clock.lap();
+    // Restored there, parked. This copy is stopped for good (still paused, it is never
+    // resumed unless the destination refuses): only now may that one run.
+    run.phase = SourcePhase::HandingOver { session };
+    let handover = destination.handover(session).map_err(|e| {
+        undecided(run, &e);
+        MigrationError::Handover(e)
+    })?;
+    let handover_ms = clock.lap();
     run.report.downtime_ms = clock.downtime().as_millis() as u64;
     let (spent, transfer) = split_round_trip(round_trip, reply.timings);
     let breakdown = &mut run.report.downtime_breakdown;
     // Waiting there for pages still in flight is the last pages' time, not the state's.
     breakdown.last_pages_ms += spent.pages_wait_ms;
     breakdown.restore_ms = spent.restore_ms;
-    breakdown.resume_ms = spent.resume_ms;
-    breakdown.state_transfer_ms = transfer;
+    // The handover's round trip: the destination's resume, its word bounded by the trip, and
+    // the rest transfer.
+    let resume_ms = if handover.resume_ms.is_finite() {
+        handover.resume_ms.clamp(0.0, handover_ms)
+    } else {
+        0.0
+    };
+    breakdown.resume_ms = resume_ms;
+    breakdown.state_transfer_ms = transfer + (handover_ms - resume_ms);
     run.report.id_on_destination = Some(reply.id_on_destination.clone());
     Ok(reply)
 }
@@ -192,7 +217,8 @@ fn budgeted_pages(run: &Run<'_>, spent: Duration, stale: usize, to_free: usize) 
     };
     budget(
         run.options.downtime_limit,
-        spent + run.prepare_rtt,
+        // The commit's round trip and the handover's.
+        spent + 2 * run.prepare_rtt,
         (stale, to_free),
         Duration::from_secs_f64(PAGE_SIZE as f64 / rate),
         run.remove_per_page,

@@ -21,7 +21,7 @@ use super::{
     report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy},
     transport::{PageSender, SendCounts, TransportError},
 };
-use crate::vmm::{Partition, PartitionError};
+use crate::vmm::{AwaitingHandover, Partition, PartitionError};
 
 mod cutover;
 mod discard;
@@ -150,6 +150,8 @@ pub enum MigrationError {
         "after cutover, the destination did not get every page; the source keeps the paused partition with every page"
     )]
     AfterCutover(#[source] Box<MigrationError>),
+    #[error("the destination did not run the partition it restored")]
+    Handover(#[source] DestinationError),
     #[error("the destination did not confirm every page")]
     Finish(#[source] DestinationError),
     #[error("the dirty log was off")]
@@ -170,6 +172,12 @@ pub enum SourcePhase {
     /// Paused here, the last pages and the state on their way; the destination has not
     /// answered the commit.
     CuttingOver { session: u64 },
+    /// The destination restored the partition parked; the source, its copy stopped for good,
+    /// asks it to run.
+    HandingOver { session: u64 },
+    /// A commit or handover went unanswered: the destination may run the guest or not. The
+    /// source neither resumes nor discards its copy until a reconcile learns which.
+    Undecided { session: u64 },
     /// Hybrid: the destination runs the guest from the pages it has; ours is the only
     /// complete copy.
     Postcopy { session: u64 },
@@ -185,18 +193,24 @@ pub enum Rollback {
     /// Keep the partition paused here, every page intact, for whoever recovers the migration:
     /// the guest already runs on the destination.
     KeepPaused,
+    /// Keep the partition paused here, marked as awaiting the handover of `session`: whether
+    /// the destination runs it is unknown.
+    AwaitHandover { session: u64 },
 }
 
 impl SourcePhase {
-    /// The rollback for a failure in this phase. A commit without an answer resumes here and
-    /// aborts the destination, whose daemon stops a copy it restored: see
-    /// docs/reliability.md for the window this leaves.
+    /// The rollback for a failure in this phase. Before the handover (and on its refusal,
+    /// which says the destination runs nothing of it) the partition resumes here; when a
+    /// commit or handover goes unanswered it stays paused, awaiting the handover.
     pub fn rollback(self) -> Option<Rollback> {
         match self {
             Self::Preparing => Some(Rollback::Resume { abort: None }),
-            Self::Iterating { session } | Self::CuttingOver { session } => Some(Rollback::Resume {
+            Self::Iterating { session }
+            | Self::CuttingOver { session }
+            | Self::HandingOver { session } => Some(Rollback::Resume {
                 abort: Some(session),
             }),
+            Self::Undecided { session } => Some(Rollback::AwaitHandover { session }),
             Self::Postcopy { .. } => Some(Rollback::KeepPaused),
             Self::Completed => None,
         }
@@ -269,6 +283,14 @@ pub fn migrate(
                 }
                 // It reads as `paused`, not `migrating`.
                 Some(Rollback::KeepPaused) => partition.set_migrating(false),
+                Some(Rollback::AwaitHandover { session }) => {
+                    partition.set_awaiting_handover(Some(AwaitingHandover {
+                        peer: destination.peer(),
+                        session,
+                        postcopy: options.mode == Mode::Hybrid,
+                    }));
+                    partition.set_migrating(false);
+                }
                 None => {}
             }
         }

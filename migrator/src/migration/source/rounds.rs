@@ -223,7 +223,8 @@ pub(super) fn iterate(
         converge: options.converge(),
         timeout: options.timeout,
         timeout_strategy: options.timeout_strategy,
-        fixed_cost: run.prepare_rtt,
+        // The cutover's two calls: the commit and the handover.
+        fixed_cost: 2 * run.prepare_rtt,
     });
     loop {
         let dirty: Vec<u64> = dirty_frames(

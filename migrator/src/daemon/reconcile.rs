@@ -1,0 +1,154 @@
+//! Settling a partition that awaits a handover: a migration whose commit or handover went
+//! unanswered leaves it paused here, neither resumed nor discarded, because the destination
+//! may run the guest. Reconciling asks the destination, by hand (`migrator reconcile`) or
+//! by itself with backoff, and ends with exactly one copy running.
+//!
+//! - Pre-copy: the destination holds every page, so the move is finished: the handover is
+//!   asked again. Run there (now or before), the copy here stops; refused, nothing of it runs
+//!   there, and it resumes here.
+//! - Hybrid: the destination's copy needs this one's pages, and post-copy does not resume
+//!   over a new connection yet, so the move is undone instead: the destination stops whatever
+//!   it restored, then the partition resumes here. What the guest did on the destination in
+//!   between, if its handover had come through, is lost (docs/reliability.md).
+
+use std::{net::SocketAddr, time::Duration};
+
+use tracing::{info, warn};
+
+use super::{
+    api::{ApiError, Reconciled},
+    client::{Connection, context_with},
+    registry::info_of,
+    server::Daemon,
+};
+use crate::vmm::{AwaitingHandover, Partition, PartitionState};
+
+/// The automatic reconcile's first wait, doubled after each unanswered try up to
+/// [`BACKOFF_MAX`].
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    /// Settles partition `id`'s awaiting handover, or says why it cannot yet; with
+    /// `resume_here`, on the operator's word that nothing of it runs on the destination.
+    pub(super) async fn reconcile_partition(
+        &self,
+        id: String,
+        resume_here: bool,
+    ) -> Result<Reconciled, ApiError> {
+        let partition = self.registry.live(&id)?;
+        let Some(handover) = partition.awaiting_handover() else {
+            return Err(ApiError::Partition(format!(
+                "partition `{id}` awaits no handover"
+            )));
+        };
+        if resume_here {
+            warn!(
+                "partition {id}: resumed here on the operator's word, without asking {}",
+                handover.peer
+            );
+            return resume_here_again(&id, &partition);
+        }
+        let addr: SocketAddr = handover.peer.parse().map_err(|_| {
+            ApiError::Partition(format!(
+                "partition `{id}` awaits a handover from `{}`, which is no address",
+                handover.peer
+            ))
+        })?;
+        let unreachable = |why: String| {
+            ApiError::Migration(format!(
+                "destination {addr}: {why}; partition `{id}` still awaits the handover of \
+                 session {}",
+                handover.session
+            ))
+        };
+        let connection =
+            tokio::time::timeout(self.peer_timeout, Connection::open(addr, &self.security))
+                .await
+                .map_err(|_| unreachable("no answer within the peer timeout".into()))?
+                .map_err(|e| unreachable(super::error_chain(&e)))?;
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
+        let outcome = if handover.postcopy {
+            connection
+                .client
+                .migration_abort(ctx, handover.session)
+                .await
+                .map(|()| None)
+                .map_err(|e| unreachable(e.to_string()))?
+        } else {
+            match connection
+                .client
+                .migration_handover(ctx, handover.session)
+                .await
+            {
+                Ok(Ok(reply)) => Some(reply.id_on_destination),
+                Ok(Err(refused)) => {
+                    info!("partition {id}: the destination refused the handover: {refused}");
+                    None
+                }
+                Err(e) => return Err(unreachable(e.to_string())),
+            }
+        };
+        // The partition may have changed hands meanwhile (reconciled twice at once).
+        if partition.awaiting_handover().as_ref() != Some(&handover) {
+            return Err(ApiError::Partition(format!(
+                "partition `{id}` was settled meanwhile"
+            )));
+        }
+        match outcome {
+            Some(id_on_destination) => {
+                partition.stop();
+                let mut info = info_of(&id, &partition);
+                info.state = PartitionState::Stopped;
+                info.console.push_str(&format!(
+                    "[vmm] migrated to {addr} as {id_on_destination} (reconciled)\n"
+                ));
+                drop(partition);
+                self.remember_stopped(id.clone(), info);
+                info!("partition {id} reconciled: it runs on {addr} as {id_on_destination}");
+                Ok(Reconciled::MovedTo {
+                    id_on_destination: Some(id_on_destination),
+                })
+            }
+            None => resume_here_again(&id, &partition),
+        }
+    }
+
+    /// Reconciles partition `id` by itself, with backoff, until it is settled (here, by
+    /// hand, or by stopping it).
+    pub(super) fn reconcile_in_background(&self, id: String, handover: AwaitingHandover) {
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let mut wait = BACKOFF_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                let still = daemon
+                    .registry
+                    .live(&id)
+                    .ok()
+                    .and_then(|p| p.awaiting_handover());
+                if still.as_ref() != Some(&handover) {
+                    return;
+                }
+                match daemon.reconcile_partition(id.clone(), false).await {
+                    Ok(_) => return,
+                    Err(e) => warn!("partition {id}: reconcile: {e}"),
+                }
+                wait = (wait * 2).min(BACKOFF_MAX);
+            }
+        });
+    }
+}
+
+/// Nothing of partition `id` runs on the destination: it runs here again.
+fn resume_here_again(id: &str, partition: &Partition) -> Result<Reconciled, ApiError> {
+    partition.set_awaiting_handover(None);
+    if let Err(e) = partition.dirty_log_stop() {
+        warn!("partition {id}: stopping the dirty log: {e}");
+    }
+    partition
+        .resume()
+        .map_err(|e| ApiError::Partition(super::error_chain(&e)))?;
+    info!("partition {id} reconciled: it runs here again");
+    Ok(Reconciled::ResumedHere)
+}
