@@ -645,7 +645,7 @@ async fn migrate(
         }
     }
     if report.status != migrator::migration::MigrationStatus::Completed {
-        bail!("the migration failed; the partition keeps running on the source");
+        bail!("the migration failed; {}", report.guest_location);
     }
     Ok(())
 }

@@ -63,11 +63,46 @@ impl std::fmt::Display for MigrationStatus {
     }
 }
 
+/// Where the guest is once a migration ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestLocation {
+    /// Running on the destination: the move completed.
+    Destination,
+    /// Running on the source, as before: the move failed before the handover.
+    Source,
+    /// Hybrid, failed after the handover: running on the destination on the pages it has,
+    /// the source keeping the only complete copy, paused.
+    DestinationSourcePaused,
+    /// Paused on the source, awaiting the handover: whether the destination runs it is
+    /// unknown until a reconcile asks.
+    AwaitingHandover,
+}
+
+impl std::fmt::Display for GuestLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Destination => "the partition runs on the destination",
+            Self::Source => "the partition keeps running on the source",
+            Self::DestinationSourcePaused => {
+                "the partition runs on the destination on the pages it has; the source keeps \
+                 the only complete copy, paused"
+            }
+            Self::AwaitingHandover => {
+                "the partition is paused on the source, awaiting the handover; the source \
+                 daemon asks the destination again by itself (`migrator reconcile` asks now)"
+            }
+        })
+    }
+}
+
 /// The one JSON object `migrator migrate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub status: MigrationStatus,
     pub error: Option<String>,
+    /// Where the guest is now.
+    pub guest_location: GuestLocation,
     pub strategy: Strategy,
     pub mode: Mode,
     pub total_time_ms: u64,
@@ -136,6 +171,7 @@ impl MigrationReport {
         Self {
             status: MigrationStatus::Failed,
             error: None,
+            guest_location: GuestLocation::Source,
             strategy,
             mode,
             total_time_ms: 0,

@@ -18,7 +18,9 @@ use super::{
     convergence::{Converge, GiveUp, TimeoutStrategy},
     link::LinkError,
     protocol::PROTOCOL_VERSION,
-    report::{MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy},
+    report::{
+        GuestLocation, MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy,
+    },
     transport::{PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{AwaitingHandover, Partition, PartitionError};
@@ -264,6 +266,7 @@ pub fn migrate(
     match &result {
         Ok(_) => {
             report.status = MigrationStatus::Completed;
+            report.guest_location = GuestLocation::Destination;
             // The destination runs the partition: only now is the source's copy released.
             partition.stop();
         }
@@ -282,7 +285,10 @@ pub fn migrate(
                     }
                 }
                 // It reads as `paused`, not `migrating`.
-                Some(Rollback::KeepPaused) => partition.set_migrating(false),
+                Some(Rollback::KeepPaused) => {
+                    partition.set_migrating(false);
+                    report.guest_location = GuestLocation::DestinationSourcePaused;
+                }
                 Some(Rollback::AwaitHandover { session }) => {
                     partition.set_awaiting_handover(Some(AwaitingHandover {
                         peer: destination.peer(),
@@ -290,6 +296,7 @@ pub fn migrate(
                         postcopy: options.mode == Mode::Hybrid,
                     }));
                     partition.set_migrating(false);
+                    report.guest_location = GuestLocation::AwaitingHandover;
                 }
                 None => {}
             }
