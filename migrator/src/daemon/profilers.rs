@@ -25,7 +25,7 @@ use std::{
 };
 
 use heatprobe::{
-    HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
+    Credit, HeatConfig, HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
     heat::HeatError,
     probes::counts_since,
     profiler::ProfilerConfig,
@@ -222,7 +222,15 @@ impl Shared {
         if state.windows.len() >= MAX_WINDOWS {
             return Err(ProfilingError::TooManyWindows(self.id.clone()));
         }
-        let heat = HeatMap::new(state.profiler.config().heat).map_err(ProfilingError::Heat)?;
+        // A window's heat is its counts, undecayed, as DAMON's access count within one
+        // aggregation interval: each frame is checked only once per 1 / fraction epochs, so a
+        // decay per epoch would rank frames by where the sampler's cursor stood when they
+        // were checked rather than by how often they were found touched.
+        let heat = HeatMap::new(HeatConfig {
+            decay: 1.0,
+            ..state.profiler.config().heat
+        })
+        .map_err(ProfilingError::Heat)?;
         let number = state.next_window;
         state.next_window += 1;
         state.windows.insert(
@@ -336,7 +344,7 @@ impl Profilers {
         if migrating() || partition.state() == PartitionState::Migrating {
             return Err(ProfilingError::Migrating(id.to_string()));
         }
-        let profiler = profile_partition(
+        let mut profiler = profile_partition(
             probes,
             &partition,
             ProfilerConfig {
@@ -347,6 +355,10 @@ impl Profilers {
             Sampling::ReadsAndWrites,
         )
         .map_err(ProfilingError::Start)?;
+        // Nothing else re-arms these frames (no dirty log while the partition is not
+        // migrating), so a fault outside the epoch after its frame's re-arming is a late
+        // first touch, not heat.
+        profiler.set_credit(Credit::ArmedLastEpoch);
         let shared = Arc::new(Shared {
             id: id.to_string(),
             partition,
@@ -512,7 +524,7 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
-    use heatprobe::{HeatConfig, PageHeat};
+    use heatprobe::PageHeat;
 
     use super::*;
     use crate::daemon::heat_sampling::EPOCH;
