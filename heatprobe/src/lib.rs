@@ -23,7 +23,7 @@ pub mod units;
 pub use heat::{Access, HeatClass, HeatConfig, HeatMap, PageHeat};
 pub use plan::MigrationPlan;
 pub use probes::{PageCounts, ProbeError, Probes, TargetId};
-pub use profiler::{ActiveSampler, Profiler, ProfilerError, SamplerError, Target};
+pub use profiler::{ActiveSampler, Credit, Profiler, ProfilerError, SamplerError, Target};
 
 /// Size in bytes of the pages heatprobe counts.
 pub const PAGE_SIZE: u64 = 1 << heatprobe_ebpf::PAGE_SHIFT;

@@ -5,6 +5,12 @@
 //! [`ActiveSampler`]; each epoch the profiler asks it to re-arm a slice of the guest's frames
 //! so that their next access faults again. Every frame is re-armed once every
 //! `1 / sample_fraction` epochs, the bounded-overhead sampling DAMON uses.
+//!
+//! A re-armed frame faults on its next access whenever that comes, so counting every fault
+//! tells a frame used a thousand times a second from one used once in the seconds since its
+//! re-arming only by the order of the faults. [`Credit::ArmedLastEpoch`] counts what DAMON's
+//! accessed-bit check does instead: whether each frame re-armed at the end of one epoch was
+//! touched during the next, an access within one epoch of re-arming.
 
 use std::{
     collections::BTreeMap,
@@ -85,6 +91,18 @@ pub trait ActiveSampler: Send {
     fn rearm_accesses(&mut self, frames: Range<u64>) -> Result<(), SamplerError>;
 }
 
+/// Which faults count as heat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Credit {
+    /// Every fault: a process's faults, or a sampler that re-arms every frame each epoch.
+    #[default]
+    Every,
+    /// Only the faults, during an epoch, of the frames re-armed at its start: a frame touched
+    /// within one epoch of its re-arming. A frame re-armed long ago and touched only now is
+    /// touched rarely; its late fault is not counted.
+    ArmedLastEpoch,
+}
+
 /// Tunables of a profiling run.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProfilerConfig {
@@ -115,6 +133,11 @@ pub struct Profiler {
     last_counts: BTreeMap<u64, PageCounts>,
     sampler: Option<Box<dyn ActiveSampler>>,
     sample_cursor: u64,
+    credit: Credit,
+    /// The frames re-armed at the end of the last epoch.
+    armed: Vec<Range<u64>>,
+    /// With [`Credit::ArmedLastEpoch`], the counted faults over the whole run.
+    credited: BTreeMap<u64, PageCounts>,
 }
 
 impl Profiler {
@@ -155,6 +178,9 @@ impl Profiler {
             last_counts: BTreeMap::new(),
             sampler: None,
             sample_cursor: 0,
+            credit: Credit::Every,
+            armed: Vec::new(),
+            credited: BTreeMap::new(),
         })
     }
 
@@ -162,6 +188,11 @@ impl Profiler {
     /// epoch.
     pub fn set_sampler(&mut self, sampler: Box<dyn ActiveSampler>) {
         self.sampler = Some(sampler);
+    }
+
+    /// Which faults count from the next epoch on.
+    pub fn set_credit(&mut self, credit: Credit) {
+        self.credit = credit;
     }
 
     pub fn target(&self) -> &Target {
@@ -180,9 +211,13 @@ impl Profiler {
         &self.probes
     }
 
-    /// Raw fault counts over the whole run.
+    /// Fault counts over the whole run: every fault, or with [`Credit::ArmedLastEpoch`] the
+    /// counted ones.
     pub fn totals(&self) -> &BTreeMap<u64, PageCounts> {
-        &self.last_counts
+        match self.credit {
+            Credit::Every => &self.last_counts,
+            Credit::ArmedLastEpoch => &self.credited,
+        }
     }
 
     /// Whether the target process still exists.
@@ -204,8 +239,17 @@ impl Profiler {
             }
         }
         let counts = self.probes.counts(self.id)?;
-        self.heat
-            .record_epoch(counts_since(&counts, &self.last_counts));
+        let mut epoch = counts_since(&counts, &self.last_counts);
+        let armed = std::mem::take(&mut self.armed);
+        if self.credit == Credit::ArmedLastEpoch {
+            epoch = touched_within(epoch, &armed);
+            for (page, c) in &epoch {
+                let total = self.credited.entry(*page).or_default();
+                total.reads += c.reads;
+                total.writes += c.writes;
+            }
+        }
+        self.heat.record_epoch(epoch);
         self.last_counts = counts;
         self.rearm_next_sample()?;
         Ok(())
@@ -226,7 +270,8 @@ impl Profiler {
         for range in [first, wrapped] {
             if !range.is_empty() {
                 sampler.rearm_writes(range.clone())?;
-                sampler.rearm_accesses(range)?;
+                sampler.rearm_accesses(range.clone())?;
+                self.armed.push(range);
             }
         }
         self.sample_cursor = (start + wanted) % frames;
@@ -265,6 +310,14 @@ impl Drop for Profiler {
     }
 }
 
+/// The pages of one epoch's counts that were touched and lie in one of `armed`.
+fn touched_within(epoch: Vec<(u64, PageCounts)>, armed: &[Range<u64>]) -> Vec<(u64, PageCounts)> {
+    epoch
+        .into_iter()
+        .filter(|(page, c)| (c.reads, c.writes) != (0, 0) && armed.iter().any(|r| r.contains(page)))
+        .collect()
+}
+
 // Hand-written where a crate exists: procfs would do these two look-ups (`Process::new`,
 // `tasks`), but it and procfs-core are 14,500 lines that took 11.6 s to build here, for a
 // directory test and a directory listing.
@@ -281,4 +334,32 @@ pub fn threads_of(pid: u32) -> Vec<u32> {
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(reads: u64, writes: u64) -> PageCounts {
+        PageCounts { reads, writes }
+    }
+
+    #[test]
+    fn only_touched_pages_of_the_armed_slices_are_credited() {
+        let epoch = vec![
+            (3, counts(1, 0)),
+            (4, counts(0, 0)),
+            (9, counts(0, 1)),
+            (10, counts(2, 1)),
+            (20, counts(1, 1)),
+            (41, counts(0, 1)),
+        ];
+        // A wrapped slice: its end of memory and its start.
+        let armed = [8..12, 0..5];
+        assert_eq!(
+            touched_within(epoch.clone(), &armed),
+            vec![(3, counts(1, 0)), (9, counts(0, 1)), (10, counts(2, 1))]
+        );
+        assert!(touched_within(epoch, &[]).is_empty());
+    }
 }

@@ -12,6 +12,7 @@ use migrator::{
         api::MigrateRequest,
         client::{Connection, context_with},
         heat_report,
+        heat_sampling::{HeatSampling, parse_fraction},
         server::{Daemon, Limits, serve},
     },
     migration::{
@@ -80,6 +81,14 @@ enum Command {
         /// connection fails, calls to the peer time out, and the migration rolls back.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         peer_timeout: Duration,
+        /// The heat profilers' epoch (10ms to 1s): how often the counts are read and a slice of
+        /// frames re-armed, while someone watches; also the least `heat`/`plan` window.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        heat_epoch: Duration,
+        /// The fraction of guest frames re-armed each heat epoch, as 0.125 or 1/8: every frame
+        /// is re-armed once per epoch / fraction.
+        #[arg(long, default_value = "1/8", value_parser = parse_fraction)]
+        heat_sample_fraction: f64,
     },
     /// Create and start a partition.
     Launch {
@@ -130,7 +139,8 @@ enum Command {
     Heat {
         #[command(flatten)]
         target: Target,
-        /// How long to profile: 200ms to 60s, rounded to whole epochs of 200 ms.
+        /// How long to profile: one epoch of the daemon's (200ms unless `serve --heat-epoch`
+        /// says otherwise) to 60s, rounded to whole epochs.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
@@ -141,7 +151,7 @@ enum Command {
         target: Target,
         #[arg(long, value_enum, default_value = "heat")]
         strategy: Strategy,
-        /// How long to profile for the heat strategy (200ms to 60s), as a migration's
+        /// How long to profile for the heat strategy (one epoch to 60s), as a migration's
         /// --profile-window.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         duration: Duration,
@@ -289,13 +299,16 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             max_memory,
             max_migrations,
             peer_timeout,
+            heat_epoch,
+            heat_sample_fraction,
         } => {
             let limits = Limits {
                 max_partitions,
                 max_memory: max_memory.unwrap_or(u64::MAX),
                 max_migrations,
             };
-            run_daemon(listen, limits, security, peer_timeout).await
+            let sampling = HeatSampling::new(heat_epoch, heat_sample_fraction)?;
+            run_daemon(listen, limits, security, peer_timeout, sampling).await
         }
         Command::Launch {
             host,
@@ -766,10 +779,12 @@ async fn run_daemon(
     limits: Limits,
     security: Security,
     peer_timeout: Duration,
+    sampling: HeatSampling,
 ) -> Result<()> {
     migrator::daemon::memory::keep_large_buffers_mapped();
     let daemon = Daemon::new(listen)
         .with_limits(limits)
+        .with_heat_sampling(sampling)
         .with_peer_timeout(peer_timeout)
         .with_security(security);
     let (local, serving) = serve(daemon.clone(), listen).await?;

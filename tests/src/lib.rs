@@ -1,6 +1,8 @@
-//! Shared helpers for the integration tests: a page-touching child process, a minimal KVM
-//! test VM, and the checks that decide whether a privileged test can run here.
+//! Shared helpers for the integration tests and benchmarks: a page-touching child process, a
+//! minimal KVM test VM, the checks that decide whether a privileged test can run here, and
+//! the benchmarks' report helpers.
 
+pub mod bench;
 pub mod daemon;
 pub mod guest_images;
 pub mod netns;

@@ -347,3 +347,47 @@ fn a_migration_ends_open_windows_and_completes() {
         "{stderr}"
     );
 }
+
+/// `serve --heat-epoch --heat-sample-fraction`: bad values are refused with one clear error
+/// before the daemon serves; good ones set the epoch windows are made of and the least window.
+#[test]
+fn the_daemon_samples_as_its_options_say() {
+    if let Some(why) = unavailable() {
+        return skip("the_daemon_samples_as_its_options_say", &why);
+    }
+    for (args, message) in [
+        (["--heat-sample-fraction", "0"], "(0, 1]"),
+        (["--heat-sample-fraction", "3/2"], "(0, 1]"),
+        (["--heat-sample-fraction", "most"], "(0, 1]"),
+        (["--heat-epoch", "5ms"], "between 10 ms and 1 s"),
+        (["--heat-epoch", "2s"], "between 10 ms and 1 s"),
+    ] {
+        let output = heatprobe_tests::daemon::migrator_command(None, None)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .expect("run migrator serve");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} accepted");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("serving on"), "{args:?}: {stderr}");
+        // One error line (clap adds a pointer to --help for an option it refused).
+        let errors = stderr.lines().filter(|l| l.contains("error")).count();
+        assert_eq!(errors, 1, "one error: {stderr}");
+    }
+    let daemon = Daemon::start_with(&["--heat-epoch", "100ms", "--heat-sample-fraction", "1/4"]);
+    let id = launch_hotspot(&daemon);
+    // 100 ms is a window now, and 1 s is ten epochs of it.
+    let short = daemon.json(&["heat", &id, "--duration", "100ms"]);
+    assert_eq!(short["interval_ms"], 100, "{short}");
+    let heat = daemon.json(&["heat", &id, "--duration", "1s"]);
+    assert_eq!(heat["interval_ms"], 100, "{heat}");
+    assert!(
+        (9..=11).contains(&epochs(&heat)),
+        "a 1 s window is ten epochs of 100 ms: {}",
+        epochs(&heat)
+    );
+    let (code, _, stderr) = daemon.cli(&["heat", &id, "--duration", "50ms"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("between 100 ms and 60 s"), "{stderr}");
+}

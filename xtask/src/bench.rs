@@ -15,6 +15,9 @@ pub enum Suite {
     Partitions,
     /// Heat against address order over a shaped link between two network namespaces.
     Migration,
+    /// Recall of the daemon's heat against guests' known hot sets, and the guest's slowdown
+    /// while profiled, per sampling configuration.
+    Heat,
 }
 
 pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
@@ -22,6 +25,7 @@ pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
         Suite::Heatprobe => "bench_heatprobe",
         Suite::Partitions => "bench_partitions",
         Suite::Migration => "bench_migration",
+        Suite::Heat => "bench_heat",
     };
     run(Command::new(release_bin(name)).args(args), name)
 }

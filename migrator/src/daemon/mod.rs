@@ -8,7 +8,7 @@
 //! - `incoming`: the destination side of migrations; `outgoing`: the source side;
 //!   `peer`: the destination daemon as the source's engine sees it;
 //! - `profilers`: one shared heat profiler per partition, serving every client's window;
-//!   `heat_view`: heat condensed for dashboards; `heat_report`: what `page_heat` and `plan`
+//!   `heat_sampling`: how they sample (epoch, fraction re-armed); `heat_view`: heat condensed for dashboards; `heat_report`: what `page_heat` and `plan`
 //!   answer, and their text;
 //! - `listener`: the accept loop; `memory`: the daemon's own allocator settings.
 
@@ -17,6 +17,7 @@ pub mod api;
 pub mod client;
 pub mod codec;
 pub mod heat_report;
+pub mod heat_sampling;
 pub mod heat_view;
 mod incoming;
 pub mod listener;

@@ -14,9 +14,9 @@
 //! profiler's own heat map, since the profiler started.
 //!
 //! Epochs advance when a client asks (a window waiting for its end, a dashboard polling), at
-//! most once per [`EPOCH`] whoever asks. The active sampler re-arms frames only while the
-//! partition simply runs: during a migration, dropping host mappings would make KVM mark pages
-//! dirty, and a paused guest has nothing to count.
+//! most once per epoch (the daemon's [`HeatSampling`]) whoever asks. The active sampler
+//! re-arms frames only while the partition simply runs: during a migration, dropping host
+//! mappings would make KVM mark pages dirty, and a paused guest has nothing to count.
 
 use std::{
     collections::BTreeMap,
@@ -25,7 +25,7 @@ use std::{
 };
 
 use heatprobe::{
-    HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
+    Credit, HeatConfig, HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
     heat::HeatError,
     probes::counts_since,
     profiler::ProfilerConfig,
@@ -37,6 +37,7 @@ use super::{
     api::ApiError,
     blocking, error_chain,
     heat_report::{PartitionHeat, PlanPreview},
+    heat_sampling::HeatSampling,
     heat_view::HeatView,
     server::Daemon,
 };
@@ -48,16 +49,6 @@ use crate::{
     },
 };
 
-/// Length of the shared profiler's epochs, and the least window a client can ask for (a
-/// window is whole epochs).
-pub const EPOCH: Duration = Duration::from_millis(200);
-/// Fraction of frames re-armed per epoch. The dashboard's view re-armed an eighth per half
-/// second before windows existed; an eighth per epoch re-arms every frame every 1.6 s, about
-/// once in a default two-second window. Tuning it against measured recall is the fidelity
-/// benchmark's job.
-pub const SAMPLE_FRACTION: f64 = 0.125;
-/// The least window `page_heat` and `plan` accept: one epoch.
-pub const MIN_WINDOW: Duration = EPOCH;
 /// The longest window: a minute, far beyond what heat needs to settle (a few seconds), short
 /// enough that a forgotten call does not hold a window for long.
 pub const MAX_WINDOW: Duration = Duration::from_secs(60);
@@ -69,11 +60,11 @@ pub const MAX_WINDOWS: usize = 8;
 pub enum ProfilingError {
     #[error(
         "the heat window must be between {} ms and {} s, got {} ms",
-        MIN_WINDOW.as_millis(),
+        .epoch.as_millis(),
         MAX_WINDOW.as_secs(),
-        .0.as_millis()
+        .duration.as_millis()
     )]
-    Window(Duration),
+    Window { duration: Duration, epoch: Duration },
     #[error(
         "partition `{0}` is migrating and its vCPUs are profiled by the migration; ask again \
          when it is over"
@@ -95,18 +86,19 @@ pub enum ProfilingError {
     Stopped(String),
 }
 
-/// Refuses a window outside [`MIN_WINDOW`]..=[`MAX_WINDOW`].
-pub fn check_window(duration: Duration) -> Result<(), ProfilingError> {
-    if (MIN_WINDOW..=MAX_WINDOW).contains(&duration) {
+/// Refuses a window shorter than one `epoch` or longer than [`MAX_WINDOW`].
+pub fn check_window(duration: Duration, epoch: Duration) -> Result<(), ProfilingError> {
+    if (epoch..=MAX_WINDOW).contains(&duration) {
         Ok(())
     } else {
-        Err(ProfilingError::Window(duration))
+        Err(ProfilingError::Window { duration, epoch })
     }
 }
 
 /// One client's window over the shared cumulative counts.
 struct Window {
     duration: Duration,
+    epoch: Duration,
     opened: Instant,
     /// The cumulative counts at the window's previous epoch; `None` until its first epoch,
     /// which is its start.
@@ -120,9 +112,10 @@ struct Window {
 }
 
 impl Window {
-    fn new(duration: Duration, heat: HeatMap, now: Instant) -> Self {
+    fn new(duration: Duration, epoch: Duration, heat: HeatMap, now: Instant) -> Self {
         Self {
             duration,
+            epoch,
             opened: now,
             last: None,
             started: None,
@@ -150,7 +143,7 @@ impl Window {
         self.dropped = dropped.saturating_sub(self.dropped_at_start);
         // Half an epoch of slack, so timer jitter does not add an epoch to every window.
         let started = self.started.unwrap_or(now);
-        if now + EPOCH / 2 >= started + self.duration {
+        if now + self.epoch / 2 >= started + self.duration {
             self.done = true;
         }
     }
@@ -159,13 +152,14 @@ impl Window {
     /// run for long enough to give it them (paused, say), in which case it ends with what it
     /// has.
     fn over(&self, now: Instant) -> bool {
-        self.done || now >= self.opened + self.duration + 2 * EPOCH
+        self.done || now >= self.opened + self.duration + 2 * self.epoch
     }
 }
 
 /// The profiler of one partition and the windows open on it.
 struct State {
     profiler: Profiler,
+    epoch: Duration,
     last_epoch: Instant,
     windows: BTreeMap<u64, Window>,
     next_window: u64,
@@ -200,7 +194,7 @@ impl Shared {
     /// Ends an epoch if one is due; the partition's frames are re-armed only if it runs.
     fn advance(&self, state: &mut State) -> Result<(), ProfilingError> {
         let now = Instant::now();
-        if now.duration_since(state.last_epoch) < EPOCH {
+        if now.duration_since(state.last_epoch) < state.epoch {
             return Ok(());
         }
         state.last_epoch = now;
@@ -220,20 +214,29 @@ impl Shared {
 
     /// Opens a window of `duration`; returns its number.
     pub fn open_window(&self, duration: Duration) -> Result<u64, ProfilingError> {
-        check_window(duration)?;
         let mut guard = self.lock();
         let state = guard
             .as_mut()
             .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        check_window(duration, state.epoch)?;
         if state.windows.len() >= MAX_WINDOWS {
             return Err(ProfilingError::TooManyWindows(self.id.clone()));
         }
-        let heat = HeatMap::new(state.profiler.config().heat).map_err(ProfilingError::Heat)?;
+        // A window's heat is its counts, undecayed, as DAMON's access count within one
+        // aggregation interval: each frame is checked only once per 1 / fraction epochs, so a
+        // decay per epoch would rank frames by where the sampler's cursor stood when they
+        // were checked rather than by how often they were found touched.
+        let heat = HeatMap::new(HeatConfig {
+            decay: 1.0,
+            ..state.profiler.config().heat
+        })
+        .map_err(ProfilingError::Heat)?;
         let number = state.next_window;
         state.next_window += 1;
-        state
-            .windows
-            .insert(number, Window::new(duration, heat, Instant::now()));
+        state.windows.insert(
+            number,
+            Window::new(duration, state.epoch, heat, Instant::now()),
+        );
         Ok(number)
     }
 
@@ -251,7 +254,7 @@ impl Shared {
             .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?
             .over(now);
         if !over {
-            return Ok(Step::Wait(state.last_epoch + EPOCH));
+            return Ok(Step::Wait(state.last_epoch + state.epoch));
         }
         let window = state
             .windows
@@ -260,7 +263,7 @@ impl Shared {
         Ok(Step::Done(RecordReport {
             target: TargetSummary::from(state.profiler.target()),
             page_size: PAGE_SIZE,
-            interval_ms: EPOCH.as_millis() as u64,
+            interval_ms: state.epoch.as_millis() as u64,
             epochs: window.heat.epochs(),
             dropped: window.dropped,
             pages: window.heat.pages(),
@@ -301,9 +304,22 @@ impl Shared {
 #[derive(Clone, Default)]
 pub struct Profilers {
     by_id: Arc<Mutex<BTreeMap<String, Arc<Shared>>>>,
+    sampling: HeatSampling,
 }
 
 impl Profilers {
+    /// Profilers that sample as `sampling` says.
+    pub fn new(sampling: HeatSampling) -> Self {
+        Self {
+            by_id: Arc::default(),
+            sampling,
+        }
+    }
+
+    pub fn sampling(&self) -> HeatSampling {
+        self.sampling
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Shared>>> {
         self.by_id.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -328,22 +344,27 @@ impl Profilers {
         if migrating() || partition.state() == PartitionState::Migrating {
             return Err(ProfilingError::Migrating(id.to_string()));
         }
-        let profiler = profile_partition(
+        let mut profiler = profile_partition(
             probes,
             &partition,
             ProfilerConfig {
-                interval: EPOCH,
-                sample_fraction: SAMPLE_FRACTION,
+                interval: self.sampling.epoch(),
+                sample_fraction: self.sampling.fraction(),
                 ..ProfilerConfig::default()
             },
             Sampling::ReadsAndWrites,
         )
         .map_err(ProfilingError::Start)?;
+        // Nothing else re-arms these frames (no dirty log while the partition is not
+        // migrating), so a fault outside the epoch after its frame's re-arming is a late
+        // first touch, not heat.
+        profiler.set_credit(Credit::ArmedLastEpoch);
         let shared = Arc::new(Shared {
             id: id.to_string(),
             partition,
             state: Mutex::new(Some(State {
                 profiler,
+                epoch: self.sampling.epoch(),
                 last_epoch: Instant::now(),
                 windows: BTreeMap::new(),
                 next_window: 0,
@@ -461,7 +482,7 @@ impl Daemon {
         duration: Duration,
     ) -> Result<PartitionHeat, ApiError> {
         // Refused before anything is started.
-        check_window(duration).map_err(api_error)?;
+        check_window(duration, self.profilers.sampling().epoch()).map_err(api_error)?;
         let shared = self.shared_profiler(&id).await?.map_err(api_error)?;
         let frames = shared.partition().memory().frames();
         let record = self.window(shared, duration).await?;
@@ -480,7 +501,7 @@ impl Daemon {
         strategy: Strategy,
         duration: Duration,
     ) -> Result<PlanPreview, ApiError> {
-        check_window(duration).map_err(api_error)?;
+        check_window(duration, self.profilers.sampling().epoch()).map_err(api_error)?;
         match strategy {
             Strategy::Address => {
                 let frames = self.registry.live(&id)?.memory().frames();
@@ -503,9 +524,10 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
-    use heatprobe::{HeatConfig, PageHeat};
+    use heatprobe::PageHeat;
 
     use super::*;
+    use crate::daemon::heat_sampling::EPOCH;
 
     fn counts(pairs: &[(u64, u64, u64)]) -> BTreeMap<u64, PageCounts> {
         pairs
@@ -517,6 +539,7 @@ mod tests {
     fn window(duration: Duration, at: Instant) -> Window {
         Window::new(
             duration,
+            EPOCH,
             HeatMap::new(HeatConfig::default()).expect("the default config is valid"),
             at,
         )
@@ -597,12 +620,16 @@ mod tests {
             Duration::from_millis(60_001),
             Duration::MAX,
         ] {
-            assert!(check_window(bad).is_err(), "{bad:?} accepted");
+            assert!(check_window(bad, EPOCH).is_err(), "{bad:?} accepted");
         }
-        for good in [MIN_WINDOW, Duration::from_secs(2), MAX_WINDOW] {
-            assert!(check_window(good).is_ok(), "{good:?} refused");
+        for good in [EPOCH, Duration::from_secs(2), MAX_WINDOW] {
+            assert!(check_window(good, EPOCH).is_ok(), "{good:?} refused");
         }
-        let message = check_window(Duration::ZERO).unwrap_err().to_string();
+        let message = check_window(Duration::ZERO, EPOCH).unwrap_err().to_string();
         assert!(message.contains("200 ms and 60 s"), "{message}");
+        // The least window is the daemon's epoch, whatever it is.
+        let short = Duration::from_millis(50);
+        assert!(check_window(short, short).is_ok());
+        assert!(check_window(short - Duration::from_millis(1), short).is_err());
     }
 }

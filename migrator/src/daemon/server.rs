@@ -29,6 +29,7 @@ use super::{
     },
     blocking, error_chain,
     heat_report::{PartitionHeat, PlanPreview},
+    heat_sampling::HeatSampling,
     heat_view::HeatView,
     outgoing::Outgoing,
     profilers::Profilers,
@@ -111,6 +112,12 @@ impl Daemon {
     /// The same daemon with mutual TLS (or explicitly without).
     pub fn with_security(mut self, security: Security) -> Self {
         self.security = security;
+        self
+    }
+
+    /// The same daemon with its shared profilers sampling as `sampling` says.
+    pub fn with_heat_sampling(mut self, sampling: HeatSampling) -> Self {
+        self.profilers = Profilers::new(sampling);
         self
     }
 

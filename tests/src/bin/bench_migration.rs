@@ -36,6 +36,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use heatprobe_tests::{
+    bench::{Spread, commit, median, pass, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig, make_certs},
     netns::HostPair,
 };
@@ -349,59 +350,9 @@ fn digests_equal(report: &Value) -> bool {
     report["source_digest"].is_string() && report["source_digest"] == report["dest_digest"]
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
-}
-
 /// The median of `key` over the reports that have it as a number (for the tls section).
 fn field(reports: &[Value], key: &str) -> f64 {
     median(reports.iter().filter_map(|r| r[key].as_f64()).collect())
-}
-
-/// Median and range of some values.
-#[derive(Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(values: Vec<f64>) -> Option<Self> {
-        if values.is_empty() {
-            return None;
-        }
-        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        Some(Self {
-            median: median(values),
-            min,
-            max,
-        })
-    }
-}
-
-/// `median (min–max)` with `decimals`, or `–` when there is nothing to show.
-fn show(spread: Option<Spread>, decimals: usize) -> String {
-    match spread {
-        Some(s) => format!(
-            "{:.d$} ({:.d$}–{:.d$})",
-            s.median,
-            s.min,
-            s.max,
-            d = decimals
-        ),
-        None => "–".into(),
-    }
 }
 
 /// The number at JSON `pointer` in each completed report that has one.
@@ -538,19 +489,6 @@ fn show_paired(heat: &[Value], address: &[Value], pointer: &str) -> String {
         ),
         None => "– (no pair)".into(),
     }
-}
-
-/// `1 run`, `3 runs`.
-fn plural(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("{n} {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
-}
-
-fn pass(ok: bool) -> &'static str {
-    if ok { "PASS" } else { "FAIL" }
 }
 
 /// One scenario's reports, by strategy, each in run order.
@@ -699,46 +637,6 @@ impl Results<'_> {
     }
 }
 
-/// Quotes an argument for a shell when it needs it.
-fn shell_word(arg: &str) -> String {
-    if !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+".contains(c))
-    {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', r"'\''"))
-    }
-}
-
-/// The commit the bench was built from, if git can tell.
-fn commit() -> Option<String> {
-    let output = std::process::Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ])
-        .output()
-        .ok()?;
-    let dirty = std::process::Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "status", "--porcelain"])
-        .output()
-        .ok()
-        .is_some_and(|o| !o.stdout.is_empty());
-    output.status.success().then(|| {
-        let hash = String::from_utf8_lossy(&output.stdout).trim().to_string();
-        if dirty {
-            format!("{hash} + local changes")
-        } else {
-            hash
-        }
-    })
-}
-
 struct MatrixArgs {
     runs: usize,
     only: Vec<String>,
@@ -842,10 +740,7 @@ fn matrix(args: &[String]) -> Result<()> {
     if scenarios.is_empty() {
         bail!("no scenario matches --only {only:?}; --list shows them");
     }
-    let command = std::iter::once("cargo xtask bench migration".to_string())
-        .chain(args.iter().map(|a| shell_word(a)))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = reproduce("cargo xtask bench migration", args);
     println!("### migration\n");
     println!("Reproduce: `{command}` (as root).\n");
     if let Some(commit) = commit() {
