@@ -192,6 +192,32 @@ impl HeatMap {
         }
     }
 
+    /// Starts from heat measured elsewhere (a profile that travelled with a migrated guest):
+    /// each page takes `pages`' counts and its heat scaled by `scale` (the decay the time
+    /// since has earned), as if recorded before this map's first epoch; a page written
+    /// there counts as written now. Pages already in the map keep theirs and add these.
+    pub fn seed(&mut self, pages: &[PageHeat], scale: f64) {
+        let scale = if scale.is_finite() {
+            scale.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        for page in pages {
+            let heat = if page.heat.is_finite() && page.heat > 0.0 {
+                page.heat * scale
+            } else {
+                0.0
+            };
+            let state = self.pages.entry(page.page).or_default();
+            state.totals.reads = state.totals.reads.saturating_add(page.reads);
+            state.totals.writes = state.totals.writes.saturating_add(page.writes);
+            state.heat += heat;
+            if page.access == Access::ReadWrite {
+                state.last_write_epoch = Some(self.epochs);
+            }
+        }
+    }
+
     /// The thresholds the current heats give, or `None` if no page was touched.
     pub fn thresholds(&self) -> Option<Thresholds> {
         let mut heats: Vec<f64> = self.pages.values().map(|s| s.heat).collect();
@@ -280,6 +306,30 @@ mod tests {
         for config in bad {
             assert!(HeatMap::new(config).is_err(), "{config:?} was accepted");
         }
+    }
+
+    #[test]
+    fn seeded_heat_carries_its_ranking_and_decays_with_new_epochs() {
+        let mut source = map();
+        let mut deltas: Vec<_> = (0..90).map(|p| (p, counts(1, 0))).collect();
+        deltas.extend((90..100).map(|p| (p, counts(40, 10))));
+        source.record_epoch(deltas);
+        let carried = source.pages();
+        let mut there = map();
+        there.seed(&carried, 0.5);
+        let seeded = there.pages();
+        assert_eq!(seeded.len(), 100);
+        assert!(seeded[90..].iter().all(|p| p.class == HeatClass::Hot));
+        assert!(seeded[90..].iter().all(|p| p.access == Access::ReadWrite));
+        assert_eq!(seeded[95].writes, 10);
+        assert!((seeded[95].heat - 25.0).abs() < 1e-9, "{:?}", seeded[95]);
+        // A new epoch decays the seed like any heat.
+        there.record_epoch([(0, counts(1, 0))]);
+        assert!(there.pages()[95].heat < seeded[95].heat);
+        // Nonsense scales and heats seed nothing hot.
+        let mut odd = map();
+        odd.seed(&carried, f64::NAN);
+        assert!(odd.pages().iter().all(|p| p.heat == 0.0));
     }
 
     #[test]

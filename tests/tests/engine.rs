@@ -11,21 +11,21 @@ use std::{
     time::Duration,
 };
 
-use heatprobe::Probes;
+use heatprobe::{Access, HeatClass, PageHeat, Probes};
 use heatprobe_tests::{bpf_unavailable, kvm_unavailable, skip};
 use migrator::{
     daemon::ApiError,
     migration::{
         MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
         control::{
-            CommitReply, CommitRequest, Destination, DestinationError, FinishReply, HandoverReply,
-            PrepareReply, PrepareRequest,
+            CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
+            HandoverReply, PrepareReply, PrepareRequest,
         },
         convergence::{Converge, CutoverReason, TimeoutStrategy},
         destination::{ProbeSlot, Session, WindowOrWhyNot},
         link::{DataLink, DataStream, LinkError},
-        report::PostCutoverFaults,
-        source::{MigrationOptions, migrate},
+        report::{PlanHeatOrigin, PostCutoverFaults},
+        source::{MigrationOptions, PlanHeat, migrate},
     },
     vmm::{GuestImage, Partition, PartitionConfig, PartitionState},
 };
@@ -53,6 +53,8 @@ enum Fault {
 #[derive(Default)]
 struct Seen {
     aborted: Vec<u64>,
+    /// The heat each session was handed once the move completed.
+    carried: Vec<(u64, CarriedHeat)>,
     /// Partitions restored here, and whether each is still running.
     arrived: Vec<Arc<Partition>>,
 }
@@ -155,6 +157,11 @@ impl Destination for InProcess {
         Ok(reply)
     }
 
+    fn carry_heat(&mut self, session: u64, heat: CarriedHeat) -> Result<(), DestinationError> {
+        self.seen.lock().unwrap().carried.push((session, heat));
+        Ok(())
+    }
+
     fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError> {
         let refused = |why: String| DestinationError::Refused(ApiError::Migration(why));
         let window = self
@@ -230,7 +237,7 @@ fn run_with(
     options: &MigrationOptions,
     fault: Fault,
 ) -> (MigrationReport, Arc<Partition>, Seen) {
-    run_counting(workload, args, options, fault, &ProbeSlot::default())
+    run_counting(workload, args, options, fault, &ProbeSlot::default(), None)
 }
 
 /// As `run_with`, the destination counting faults after the resume with `probes`.
@@ -240,7 +247,10 @@ fn run_counting(
     options: &MigrationOptions,
     fault: Fault,
     probes: &ProbeSlot,
+    carried: Option<PlanHeat>,
 ) -> (MigrationReport, Arc<Partition>, Seen) {
+    // Shared with the other tests' migrations, unless this one runs `alone`.
+    let _shared = (!ALONE.get()).then(|| MIGRATIONS.read().unwrap_or_else(|p| p.into_inner()));
     let partition = launch_workload(workload, args);
     thread::sleep(Duration::from_millis(100));
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -253,7 +263,14 @@ fn run_counting(
         seen: Arc::clone(&seen),
     };
     let progress = Mutex::new(MigrationProgress::default());
-    let report = migrate(&partition, &mut destination, None, options, &progress);
+    let report = migrate(
+        &partition,
+        &mut destination,
+        None,
+        carried,
+        options,
+        &progress,
+    );
     drop(destination);
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     (report, partition, seen)
@@ -378,7 +395,8 @@ fn the_guests_faults_and_waits_after_the_move_are_counted() {
         } else {
             ""
         };
-        let (report, _source, seen) = run_counting("rw-mix", args, &options, Fault::None, &probes);
+        let (report, _source, seen) =
+            run_counting("rw-mix", args, &options, Fault::None, &probes, None);
         assert_eq!(
             report.source_digest, report.dest_digest,
             "{mode:?}: {report:?}"
@@ -431,6 +449,71 @@ fn the_guests_faults_and_waits_after_the_move_are_counted() {
         for partition in &seen.arrived {
             partition.stop();
         }
+    }
+}
+
+/// Heat carried by a previous migration plans the next one without a profile (no probes are
+/// given here: a profile would fail), and goes on with the guest to the destination.
+#[test]
+fn carried_heat_plans_without_profiling_and_travels_on() {
+    if let Some(why) = kvm_unavailable() {
+        return skip("carried_heat_plans_without_profiling_and_travels_on", &why);
+    }
+    let pages: Vec<PageHeat> = (0..64)
+        .map(|page| PageHeat {
+            page,
+            reads: 10,
+            writes: 5,
+            heat: 100.0 - page as f64,
+            class: if page < 8 {
+                HeatClass::Hot
+            } else {
+                HeatClass::Warm
+            },
+            access: Access::ReadWrite,
+        })
+        .collect();
+    let carried = PlanHeat {
+        pages: pages.clone().into(),
+        measured: std::time::Instant::now(),
+    };
+    for mode in [Mode::Precopy, Mode::Hybrid] {
+        let options = MigrationOptions {
+            strategy: Strategy::Heat,
+            mode,
+            ..MigrationOptions::default()
+        };
+        let (report, _source, seen) = run_counting(
+            "rw-mix",
+            "",
+            &options,
+            Fault::None,
+            &ProbeSlot::default(),
+            Some(carried.clone()),
+        );
+        assert_eq!(
+            report.status,
+            MigrationStatus::Completed,
+            "{mode:?}: {report:?}"
+        );
+        assert_eq!(report.source_digest, report.dest_digest, "{mode:?}");
+        assert_eq!(report.plan_heat, Some(PlanHeatOrigin::Carried), "{mode:?}");
+        assert!(report.heat_carried, "{mode:?}");
+        let [(session, heat)] = seen.carried.as_slice() else {
+            panic!("{mode:?}: {} handed on", seen.carried.len());
+        };
+        assert_eq!(*session, 1, "{mode:?}");
+        assert_eq!(heat.pages, pages, "{mode:?}");
+        for partition in &seen.arrived {
+            partition.stop();
+        }
+    }
+    // Address order has no heat to hand on.
+    let (report, _source, seen) = run(Mode::Precopy, Fault::None);
+    assert_eq!(report.plan_heat, None);
+    assert!(!report.heat_carried && seen.carried.is_empty());
+    for partition in &seen.arrived {
+        partition.stop();
     }
 }
 
@@ -544,6 +627,25 @@ const WRITE_ONLY: &str = "check_every=1000000000000";
 
 /// A guest that dirties all its memory faster than a 16 MB/s link carries it: pre-copy could
 /// meet a 20 ms limit only by throttling it, which even at 99% is not enough.
+/// Every migration of this binary holds this shared; one that must not share the machine with
+/// the others holds it alone.
+static MIGRATIONS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+thread_local! {
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `migration` with no other migration of this binary running: a guest that must keep
+/// dirtying memory to be what the test says (one that cannot converge) needs its CPU, and on
+/// two cores ten migrations at once starved it into converging.
+fn alone<T>(migration: impl FnOnce() -> T) -> T {
+    let _alone = MIGRATIONS.write().unwrap_or_else(|p| p.into_inner());
+    ALONE.set(true);
+    let result = migration();
+    ALONE.set(false);
+    result
+}
+
 fn cannot_converge() -> MigrationOptions {
     MigrationOptions {
         strategy: Strategy::Address,
@@ -561,7 +663,7 @@ fn a_migration_that_cannot_meet_the_limit_throttles_then_cancels_and_the_guest_r
         return skip("a_migration_that_cannot_meet_the_limit_throttles", &why);
     }
     let (report, source, seen) =
-        run_with("uniform-write", WRITE_ONLY, &cannot_converge(), Fault::None);
+        alone(|| run_with("uniform-write", WRITE_ONLY, &cannot_converge(), Fault::None));
     assert_eq!(report.status, MigrationStatus::Failed, "{report:?}");
     let error = report.error.clone().unwrap_or_default();
     assert!(error.contains("did not converge"), "{error}");
@@ -586,7 +688,8 @@ fn force_cuts_over_at_the_round_limit_and_says_the_limit_was_missed() {
         timeout_strategy: TimeoutStrategy::Force,
         ..cannot_converge()
     };
-    let (report, source, seen) = run_with("uniform-write", WRITE_ONLY, &options, Fault::None);
+    let (report, source, seen) =
+        alone(|| run_with("uniform-write", WRITE_ONLY, &options, Fault::None));
     assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
     assert_eq!(report.source_digest, report.dest_digest);
     assert_eq!(report.cutover_reason, Some(CutoverReason::MaxRounds));

@@ -348,6 +348,42 @@ fn a_migration_ends_open_windows_and_completes() {
     );
 }
 
+/// The plan's heat travels with the guest: on the destination a heat window starts warm
+/// (pages with heat at once, before its own sampling could find them all), and a migration
+/// back plans from it without profiling.
+#[test]
+fn heat_travels_with_the_guest_and_plans_the_way_back() {
+    if let Some(why) = unavailable() {
+        return skip("heat_travels_with_the_guest_and_plans_the_way_back", &why);
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    let id = launch_hotspot(&source);
+    let (there, _) = source.migrate_checked(&destination, &id, &["--strategy", "heat"], "out");
+    assert_eq!(there["plan_heat"], "profiled", "{there}");
+    assert_eq!(there["heat_carried"], true, "{there}");
+    let moved = there["id_on_destination"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    // One epoch: on its own the sampler checks an eighth of the frames in it.
+    let warm = destination.json(&["heat", &moved, "--duration", "200ms"]);
+    let pages = check_heat_shape(&warm, &moved);
+    // The source's profile found more pages than one epoch of sampling can check.
+    assert!(pages.len() as u64 > FRAMES / 8, "{} pages", pages.len());
+    let (back, _) = destination.migrate_checked(&source, &moved, &["--strategy", "heat"], "back");
+    assert_eq!(back["plan_heat"], "carried", "{back}");
+    // Address order neither uses nor hands on heat.
+    let home = back["id_on_destination"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let (again, _) =
+        source.migrate_checked(&destination, &home, &["--strategy", "address"], "address");
+    assert!(again["plan_heat"].is_null(), "{again}");
+    assert_eq!(again["heat_carried"], false, "{again}");
+}
+
 /// `serve --heat-epoch --heat-sample-fraction`: bad values are refused with one clear error
 /// before the daemon serves; good ones set the epoch windows are made of and the least window.
 #[test]

@@ -23,7 +23,8 @@ use crate::{
     migration::{
         MigrationProgress, MigrationReport, Strategy,
         control::{
-            CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply, PrepareRequest,
+            CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
+            PrepareRequest,
         },
         report::PostCutoverFaults,
         source::MigrationOptions,
@@ -38,7 +39,8 @@ use crate::{
 /// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
 /// report's post-cutover figures), `page_heat` and `plan`; 6 adds the report's discarded
 /// pages (data protocol 3: `Discard` before the pause), the parked commit with
-/// `migration_handover`, and `reconcile`. New calls go at the end of the service.
+/// `migration_handover`, `reconcile` and `migration_heat`. New calls go at the end of the
+/// service.
 pub const API_VERSION: u32 = 6;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
@@ -192,7 +194,14 @@ pub trait MigratorApi {
     /// `resume_here`, the operator vouches that nothing of it runs on the destination (a host
     /// that is gone for good): it resumes here without asking.
     async fn reconcile(id: String, resume_here: bool) -> Result<Reconciled, ApiError>;
+    /// Destination side: the heat the source's plan was made from, for the partition session
+    /// `session` became; its heat windows (`page_heat`, `plan`) start from it, and a
+    /// migration of it plans from it without profiling, for [`CARRIED_HEAT_FRESH`].
+    async fn migration_heat(session: u64, heat: CarriedHeat) -> Result<(), ApiError>;
 }
+
+/// How long heat carried by a migration stays in use at the destination.
+pub const CARRIED_HEAT_FRESH: Duration = Duration::from_secs(120);
 
 /// How `reconcile` settled an awaiting handover.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,8 @@ use super::{api::ApiError, blocking, error_chain, server::Daemon};
 use crate::migration::{
     Mode,
     control::{
-        CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply, PrepareRequest,
+        CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
+        PrepareRequest,
     },
     destination::{Session, SessionError, WindowOrWhyNot},
     link::DataLink,
@@ -166,6 +167,17 @@ impl Daemon {
         {
             warn!("stopping {id}: {e}");
         }
+    }
+
+    /// The heat the source's plan was made from, for the partition session `session_id`
+    /// became here.
+    pub(super) fn heat_incoming(&self, session_id: u64, heat: CarriedHeat) -> Result<(), ApiError> {
+        let id = self
+            .registry
+            .committed_id(session_id)
+            .ok_or(ApiError::UnknownSession(session_id))?;
+        let frames = self.registry.live(&id)?.memory().frames();
+        self.carried_heat.insert(&id, frames, heat)
     }
 
     pub(super) async fn finish_incoming(&self, session_id: u64) -> Result<FinishReply, ApiError> {

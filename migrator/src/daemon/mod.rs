@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod api;
+mod carried;
 pub mod client;
 pub mod codec;
 pub mod heat_report;

@@ -144,6 +144,11 @@ impl Daemon {
             handle,
             peer_timeout: self.peer_timeout,
         };
+        // Heat that came with this partition, fresh enough to plan from without profiling.
+        let carried = match request.options.strategy {
+            Strategy::Heat => self.carried_heat.fresh(&request.id),
+            Strategy::Address => None,
+        };
         let engine = Arc::clone(&partition);
         let options = request.options.clone();
         let report = blocking("the migration", move || {
@@ -151,6 +156,7 @@ impl Daemon {
                 &engine,
                 &mut destination,
                 probes,
+                carried,
                 &options,
                 &progress,
             )
@@ -164,6 +170,7 @@ impl Daemon {
             self.reconcile_in_background(request.id.clone(), handover);
         }
         if report.status == MigrationStatus::Completed {
+            self.carried_heat.forget(&request.id);
             let mut info = info_of(&request.id, &partition);
             info.state = PartitionState::Stopped;
             info.console.push_str(&format!(

@@ -9,8 +9,8 @@ use super::{
 };
 use crate::migration::{
     control::{
-        CommitReply, CommitRequest, Destination, DestinationError, FinishReply, HandoverReply,
-        PrepareReply, PrepareRequest,
+        CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
+        HandoverReply, PrepareReply, PrepareRequest,
     },
     link::{DataLink, DataStream, LinkError},
     report::PostCutoverFaults,
@@ -68,6 +68,12 @@ impl Destination for RemoteDestination {
         // A handover that comes during the restore waits for it there.
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
         self.call("handover", self.client.migration_handover(ctx, session))
+    }
+
+    fn carry_heat(&mut self, session: u64, heat: CarriedHeat) -> Result<(), DestinationError> {
+        // A few megabytes at most (a page's heat is some tens of bytes).
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
+        self.call("carry heat", self.client.migration_heat(ctx, session, heat))
     }
 
     fn peer(&self) -> String {

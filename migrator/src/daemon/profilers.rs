@@ -42,7 +42,7 @@ use super::{
     server::Daemon,
 };
 use crate::{
-    migration::Strategy,
+    migration::{Strategy, source::PlanHeat},
     vmm::{
         Partition, PartitionState,
         sampler::{Sampling, profile_partition},
@@ -212,8 +212,13 @@ impl Shared {
         Ok(())
     }
 
-    /// Opens a window of `duration`; returns its number.
-    pub fn open_window(&self, duration: Duration) -> Result<u64, ProfilingError> {
+    /// Opens a window of `duration`, starting from `carried` heat if the partition brought
+    /// some; returns its number.
+    pub fn open_window(
+        &self,
+        duration: Duration,
+        carried: Option<&PlanHeat>,
+    ) -> Result<u64, ProfilingError> {
         let mut guard = self.lock();
         let state = guard
             .as_mut()
@@ -226,11 +231,16 @@ impl Shared {
         // aggregation interval: each frame is checked only once per 1 / fraction epochs, so a
         // decay per epoch would rank frames by where the sampler's cursor stood when they
         // were checked rather than by how often they were found touched.
-        let heat = HeatMap::new(HeatConfig {
+        let mut heat = HeatMap::new(HeatConfig {
             decay: 1.0,
             ..state.profiler.config().heat
         })
         .map_err(ProfilingError::Heat)?;
+        // The heat the partition arrived with, as the source measured it: the window continues
+        // from it.
+        if let Some(carried) = carried {
+            heat.seed(&carried.pages, 1.0);
+        }
         let number = state.next_window;
         state.next_window += 1;
         state.windows.insert(
@@ -436,8 +446,9 @@ impl Daemon {
         duration: Duration,
     ) -> Result<RecordReport, ApiError> {
         let opening = Arc::clone(&shared);
+        let carried = self.carried_heat.fresh(&shared.id);
         let number = blocking("opening a heat window", move || {
-            opening.open_window(duration)
+            opening.open_window(duration, carried.as_ref())
         })
         .await?
         .map_err(api_error)?;

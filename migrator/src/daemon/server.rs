@@ -27,7 +27,9 @@ use super::{
         API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_IMAGE, MigrateRequest, MigratorApi,
         PartitionInfo, Reconciled,
     },
-    blocking, error_chain,
+    blocking,
+    carried::CarriedHeats,
+    error_chain,
     heat_report::{PartitionHeat, PlanPreview},
     heat_sampling::HeatSampling,
     heat_view::HeatView,
@@ -39,7 +41,8 @@ use crate::{
     migration::{
         MigrationProgress, MigrationReport, Strategy,
         control::{
-            CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply, PrepareRequest,
+            CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
+            PrepareRequest,
         },
         destination::{FaultWindows, ProbeSlot},
         report::PostCutoverFaults,
@@ -66,6 +69,8 @@ pub struct Daemon {
     /// The shared heat profiler of each partition someone watches (dashboards, `page_heat`,
     /// `plan`): one per partition, since the probes count a vCPU thread for one target only.
     pub(super) profilers: Profilers,
+    /// Heat that arrived with migrated partitions, while it is fresh.
+    pub(super) carried_heat: CarriedHeats,
     pub(super) limits: Limits,
     /// How clients, peers and data connections are authenticated.
     pub(super) security: Security,
@@ -97,6 +102,7 @@ impl Daemon {
             probes: Arc::default(),
             fault_windows: FaultWindows::default(),
             profilers: Profilers::default(),
+            carried_heat: CarriedHeats::default(),
             limits: Limits::default(),
             security: Security::Plain,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
@@ -331,6 +337,15 @@ impl MigratorApi for Daemon {
         self.handover_incoming(session).await
     }
 
+    async fn migration_heat(
+        self,
+        _: Context,
+        session: u64,
+        heat: CarriedHeat,
+    ) -> Result<(), ApiError> {
+        self.heat_incoming(session, heat)
+    }
+
     async fn reconcile(
         self,
         _: Context,
@@ -346,6 +361,7 @@ impl Daemon {
     pub(super) async fn stop_partition(&self, id: String) -> Result<PartitionInfo, ApiError> {
         let partition = self.registry.live(&id)?;
         self.unwatch(&id);
+        self.carried_heat.forget(&id);
         let stopped = blocking("stop", move || {
             partition.stop();
             partition

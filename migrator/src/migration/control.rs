@@ -77,6 +77,17 @@ pub struct HandoverReply {
     pub resume_ms: f64,
 }
 
+/// The heat the source's plan was made from, sent once the guest runs on the destination
+/// (never in the downtime) so that heat there starts warm, and a migration back plans from it
+/// without profiling again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CarriedHeat {
+    /// Milliseconds between the end of the source's profile and this being sent: the
+    /// destination decays the heat by that age.
+    pub age_ms: u64,
+    pub pages: Vec<heatprobe::PageHeat>,
+}
+
 /// What the destination says once every page has arrived (hybrid mode).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FinishReply {
@@ -117,6 +128,8 @@ pub trait Destination {
     /// the outcome is unknown and asking again is safe.
     fn handover(&mut self, session: u64) -> Result<HandoverReply, DestinationError>;
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError>;
+    /// Hands the heat the plan was made from to the destination, once the move completed.
+    fn carry_heat(&mut self, session: u64, heat: CarriedHeat) -> Result<(), DestinationError>;
     /// The guest's faults over the fault window from its resume, once the window is over.
     fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError>;
     /// The round trip of a call that does nothing there, if it can be measured: with the

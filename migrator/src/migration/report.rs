@@ -96,6 +96,16 @@ impl std::fmt::Display for GuestLocation {
     }
 }
 
+/// Where a heat plan's heat came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanHeatOrigin {
+    /// Profiled for `--profile-window` before round 0.
+    Profiled,
+    /// Carried here by the partition's previous migration, recently enough to need no profile.
+    Carried,
+}
+
 /// The one JSON object `migrator migrate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -103,6 +113,10 @@ pub struct MigrationReport {
     pub error: Option<String>,
     /// Where the guest is now.
     pub guest_location: GuestLocation,
+    /// Heat strategy: where the plan's heat came from (null for address).
+    pub plan_heat: Option<PlanHeatOrigin>,
+    /// Whether the destination took the plan's heat, to start warm.
+    pub heat_carried: bool,
     pub strategy: Strategy,
     pub mode: Mode,
     pub total_time_ms: u64,
@@ -172,6 +186,8 @@ impl MigrationReport {
             status: MigrationStatus::Failed,
             error: None,
             guest_location: GuestLocation::Source,
+            plan_heat: None,
+            heat_carried: false,
             strategy,
             mode,
             total_time_ms: 0,

@@ -14,7 +14,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::{
-    control::{Destination, DestinationError, PrepareRequest},
+    control::{CarriedHeat, Destination, DestinationError, PrepareRequest},
     convergence::{Converge, GiveUp, TimeoutStrategy},
     link::LinkError,
     protocol::PROTOCOL_VERSION,
@@ -164,6 +164,14 @@ pub enum MigrationError {
     UnexpectedFrame,
 }
 
+/// Heat a plan can be made from without profiling: what a migration carried here, and when
+/// it was measured.
+#[derive(Clone, Debug)]
+pub struct PlanHeat {
+    pub pages: Arc<[heatprobe::PageHeat]>,
+    pub measured: Instant,
+}
+
 /// Where the source is in a migration. What a failure rolls back follows from it alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourcePhase {
@@ -225,6 +233,7 @@ pub fn migrate(
     partition: &Arc<Partition>,
     destination: &mut dyn Destination,
     probes: Option<Arc<Probes>>,
+    carried: Option<PlanHeat>,
     options: &MigrationOptions,
     progress: &Mutex<MigrationProgress>,
 ) -> MigrationReport {
@@ -246,10 +255,11 @@ pub fn migrate(
         prepare_rtt: Duration::ZERO,
         link_rate: None,
         remove_per_page: Duration::ZERO,
+        plan_heat: None,
     };
     run.report.pages_total = frames;
     partition.set_migrating(true);
-    let result = execute(&mut run, destination, probes, ops_before);
+    let result = execute(&mut run, destination, probes, carried, ops_before);
     // The move is over; what follows (the fault window) is measurement.
     let total_time = started.elapsed();
     // Full speed again, whatever happened: a paused partition is unaffected, a resumed one
@@ -311,6 +321,18 @@ pub fn migrate(
     if report.status == MigrationStatus::Completed {
         report.guest_stall_ms = report.downtime_ms as f64 + report.postcopy_blocktime_ms;
     }
+    // The heat the plan was made from goes on with the guest (not in the downtime: it runs
+    // there already).
+    if let (Ok(session), Some(heat)) = (&result, run.plan_heat.take()) {
+        let carried = CarriedHeat {
+            age_ms: heat.measured.elapsed().as_millis() as u64,
+            pages: heat.pages.to_vec(),
+        };
+        match destination.carry_heat(*session, carried) {
+            Ok(()) => report.heat_carried = true,
+            Err(e) => warn!("handing the heat on: {}", error_chain(&e)),
+        }
+    }
     if let Ok(session) = result
         && !options.fault_window.is_zero()
     {
@@ -326,6 +348,7 @@ fn execute(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     probes: Option<Arc<Probes>>,
+    carried: Option<PlanHeat>,
     ops_before: Option<f64>,
 ) -> Result<u64, MigrationError> {
     let partition = run.partition;
@@ -365,7 +388,7 @@ fn execute(
     };
     let mut sender = PageSender::new(stream, options.bandwidth_limit);
     partition.dirty_log_start()?;
-    let mut order = plan(run, probes)?;
+    let mut order = plan(run, probes, carried)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
     let round0 = guest_ops::OpsMark::now(partition);
     let dirty = iterate(run, &mut sender, &mut order)?;

@@ -10,13 +10,13 @@ use heatprobe::{Probes, Profiler, profiler::ProfilerConfig};
 use tracing::info;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{MigrationError, MigrationOptions, SourcePhase};
+use super::{MigrationError, MigrationOptions, PlanHeat, SourcePhase};
 use crate::{
     migration::{
         convergence::{Check, Convergence, CutoverReason, Decision, Policy},
         link::DataStream,
         order::Order,
-        report::{MigrationProgress, MigrationReport, Mode, Phase, Strategy},
+        report::{MigrationProgress, MigrationReport, Mode, Phase, PlanHeatOrigin, Strategy},
         transport::{PageSender, SendCounts},
     },
     vmm::{
@@ -45,6 +45,8 @@ pub(super) struct Run<'a> {
     pub(super) link_rate: Option<f64>,
     /// What the destination says freeing one stale page costs it.
     pub(super) remove_per_page: Duration,
+    /// The heat the plan was made from (heat strategy), handed on once the move completes.
+    pub(super) plan_heat: Option<PlanHeat>,
 }
 
 /// Pages sent per call to the sender, between which the counters, the progress and the
@@ -161,10 +163,18 @@ impl Run<'_> {
 pub(super) fn plan(
     run: &mut Run<'_>,
     probes: Option<Arc<Probes>>,
+    carried: Option<PlanHeat>,
 ) -> Result<Order, MigrationError> {
     let frames = run.partition.memory().frames();
     match run.options.strategy {
         Strategy::Address => Ok(Order::address(frames)),
+        // Heat a previous migration carried here, fresh: no profile needed.
+        Strategy::Heat if let Some(carried) = carried => {
+            let order = Order::from_heat(&carried.pages, frames).map_err(MigrationError::Plan)?;
+            run.report.plan_heat = Some(PlanHeatOrigin::Carried);
+            run.plan_heat = Some(carried);
+            Ok(order)
+        }
         Strategy::Heat => {
             run.set_progress(|p| p.phase = Phase::Profiling);
             let probes = probes.ok_or(MigrationError::NoProbes)?;
@@ -176,7 +186,14 @@ pub(super) fn plan(
             // and KVM maps a page writable (and so marks it dirty) when the guest faults it back
             // in: left running, it would dirty a quarter of memory per epoch (measured: 70x the
             // pages re-sent on rw-mix). The dirty log carries the write heat from now on.
-            Order::from_heat(&profiler.heat().pages(), frames).map_err(MigrationError::Plan)
+            let pages = profiler.heat().pages();
+            let order = Order::from_heat(&pages, frames).map_err(MigrationError::Plan)?;
+            run.report.plan_heat = Some(PlanHeatOrigin::Profiled);
+            run.plan_heat = Some(PlanHeat {
+                pages: pages.into(),
+                measured: Instant::now(),
+            });
+            Ok(order)
         }
     }
 }
