@@ -45,7 +45,13 @@ const BANDWIDTH: &str = "16M";
 enum Fault {
     CutLink,
     KillDestination,
+    /// The link down for a third of the peer timeout, then back: TCP retransmits, and the
+    /// migration goes on as if nothing happened.
+    BriefCut,
 }
+
+/// How long a brief cut lasts.
+const BRIEF_CUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
@@ -59,9 +65,14 @@ enum Stage {
 }
 
 impl Stage {
-    /// The `migrate` arguments that make this stage last seconds.
-    fn migrate_args(self) -> Vec<&'static str> {
+    /// The `migrate` arguments that make this stage last seconds; for `fault`, a brief cut
+    /// that the migration must get through, ones that also make it complete (the rounds'
+    /// guest never converges, and would be cancelled at the round limit).
+    fn migrate_args(self, fault: Fault) -> Vec<&'static str> {
         let mut args = vec!["--bandwidth-limit", BANDWIDTH];
+        if fault == Fault::BriefCut && matches!(self, Stage::Round0 | Stage::LaterRound) {
+            args.extend_from_slice(&["--converge", "none"]);
+        }
         args.extend_from_slice(match self {
             Stage::Setup => &["--strategy", "heat", "--profile-window", "4s"],
             Stage::Round0 | Stage::LaterRound => &["--strategy", "address", "--max-rounds", "4"],
@@ -237,7 +248,7 @@ fn case(name: &str, fault: Fault, stage: Stage) {
     .join()
     .unwrap();
     // The tarpc client keeps the socket it opened inside host A.
-    let migrate = spawn_migrate(&source, &destination, &id, &stage.migrate_args());
+    let migrate = spawn_migrate(&source, &destination, &id, &stage.migrate_args(fault));
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut migrate = Some(migrate);
     let before = loop {
@@ -256,8 +267,44 @@ fn case(name: &str, fault: Fault, stage: Stage) {
     let migrate = migrate.take().unwrap();
     let injected = Instant::now();
     match fault {
-        Fault::CutLink => hosts.link_down().unwrap(),
+        Fault::CutLink | Fault::BriefCut => hosts.link_down().unwrap(),
         Fault::KillDestination => destination.kill(),
+    }
+    if fault == Fault::BriefCut {
+        let after = progress.get().unwrap();
+        assert!(
+            after.phase == before.phase && stage.shown_by(&after),
+            "{name}: the cut missed {stage:?}: before {before:?}, after {after:?}"
+        );
+        thread::sleep(BRIEF_CUT);
+        hosts.link_up().unwrap();
+        let (code, report, stderr) = wait_for_exit(migrate);
+        assert_eq!(code, 0, "{name}: {report} {stderr}");
+        assert_eq!(report["status"], "completed", "{name}: {report}");
+        assert!(report["source_digest"].is_string(), "{name}: {report}");
+        assert_eq!(
+            report["source_digest"], report["dest_digest"],
+            "{name}: {report}"
+        );
+        assert_eq!(report["guest_location"], "destination", "{name}: {report}");
+        let moved = report["id_on_destination"].as_str().expect("an id");
+        // Running there with zero errors, its operations advancing past where they arrived.
+        let arrived = destination.json(&["status", moved])["ops"]
+            .as_u64()
+            .unwrap_or(0);
+        destination.wait_progress(moved, arrived + 10_000, 0);
+        // One copy: the source's is stopped.
+        assert_eq!(source.json(&["status", &id])["state"], "stopped", "{name}");
+        eprintln!(
+            "{name}: cut for {BRIEF_CUT:?} in {:?} round {}; completed in {:?}",
+            before.phase,
+            before.round,
+            injected.elapsed()
+        );
+        if let Some(certs) = certs {
+            let _ = std::fs::remove_dir_all(certs);
+        }
+        return;
     }
     // The fault landed in the stage only if the source was still in it afterwards (or had
     // already failed because of it).
@@ -432,4 +479,9 @@ matrix! {
     kill_destination_in_a_later_round: KillDestination, LaterRound, false;
     kill_destination_in_stop_and_copy: KillDestination, StopAndCopy, true;
     kill_destination_after_hybrid_cutover: KillDestination, PostCutover, false;
+    brief_cut_in_setup: BriefCut, Setup, false;
+    brief_cut_in_round_0: BriefCut, Round0, false;
+    brief_cut_in_a_later_round: BriefCut, LaterRound, true;
+    brief_cut_in_stop_and_copy: BriefCut, StopAndCopy, false;
+    brief_cut_after_hybrid_cutover: BriefCut, PostCutover, false;
 }
