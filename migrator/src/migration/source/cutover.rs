@@ -252,9 +252,10 @@ fn budget(
 /// finds no backlog in front of it there.
 const PUSH_RATE_SHARE: f64 = 0.9;
 
-/// Pause, send the vCPU state and the list of stale pages, resume there at once; then push
-/// what the destination lacks, hottest first, while a thread of its own serves the
-/// destination's demands on the urgent connection.
+/// Discard the stale copies there while the guest runs, pause, send the budgeted pages, the
+/// vCPU state and the stale copies left, hand over; then push what the destination lacks,
+/// hottest first, while a thread of its own serves the destination's demands on the urgent
+/// connection.
 pub(super) fn cutover_hybrid(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
