@@ -48,6 +48,9 @@ enum Fault {
     /// The link down for a third of the peer timeout, then back: TCP retransmits, and the
     /// migration goes on as if nothing happened.
     BriefCut,
+    /// SIGKILL to the source daemon, which hosts the partition (until partitions get
+    /// processes of their own, the guest dies with it).
+    KillSource,
 }
 
 /// How long a brief cut lasts.
@@ -218,7 +221,7 @@ fn case(name: &str, fault: Fault, stage: Stage) {
                 .tls(certs.clone()),
         )
     };
-    let source = start(&hosts.a, &[]);
+    let mut source = start(&hosts.a, &[]);
     // Room for one partition: a session the destination failed to drop would refuse the retry.
     let mut destination = start(&hosts.b, &["--max-partitions", "1"]);
     // This thread joins host A, so it reaches the source's API like a local client would.
@@ -269,6 +272,14 @@ fn case(name: &str, fault: Fault, stage: Stage) {
     match fault {
         Fault::CutLink | Fault::BriefCut => hosts.link_down().unwrap(),
         Fault::KillDestination => destination.kill(),
+        Fault::KillSource => source.kill(),
+    }
+    if fault == Fault::KillSource {
+        source_killed(name, stage, migrate, &destination, injected);
+        if let Some(certs) = certs {
+            let _ = std::fs::remove_dir_all(certs);
+        }
+        return;
     }
     if fault == Fault::BriefCut {
         let after = progress.get().unwrap();
@@ -343,6 +354,77 @@ fn case(name: &str, fault: Fault, stage: Stage) {
         let _ = std::fs::remove_dir_all(certs);
     }
     eprintln!("{name}: passed in {:?}", started.elapsed());
+}
+
+/// The source daemon died with its partition. Before the guest ran on the destination, the
+/// destination drops the session, its memory and any copy its commit restored parked, by
+/// itself: its one partition slot is free again and nothing of the guest runs there. After a
+/// hybrid handover, the destination's copy is the only one left, and it stays.
+fn source_killed(
+    name: &str,
+    stage: Stage,
+    migrate: Child,
+    destination: &Daemon,
+    injected: Instant,
+) {
+    let (code, _, stderr) = wait_for_exit(migrate);
+    assert_ne!(code, 0, "{name}: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{name}: one clear error: {stderr}"
+    );
+    let deadline = injected + 4 * PEER_TIMEOUT + Duration::from_secs(10);
+    let listed = || {
+        destination
+            .json(&["list"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    if stage == Stage::PostCutover {
+        let [moved] = listed().try_into().unwrap_or_else(|l: Vec<Value>| {
+            panic!("{name}: one partition on the destination, not {l:?}")
+        });
+        assert_ne!(moved["state"], "stopped", "{name}: {moved}");
+        assert_ne!(moved["state"], "crashed", "{name}: {moved}");
+        eprintln!(
+            "{name}: the destination keeps the one copy left, {}",
+            moved["state"]
+        );
+        return;
+    }
+    let freed = loop {
+        let running: Vec<Value> = listed()
+            .into_iter()
+            .filter(|p| p["state"] != "stopped")
+            .collect();
+        assert!(
+            running.is_empty(),
+            "{name}: nothing of it runs there: {running:?}"
+        );
+        // The destination takes one partition: a launch fits once the session is gone.
+        let (code, out, _) =
+            destination.cli(&["launch", "--workload", "idle", "--mem", MEM, "--json"]);
+        if code == 0 {
+            break serde_json::from_str::<Value>(&out).expect("a launch report");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: the session was never dropped"
+        );
+        thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "{name}: the destination dropped the session {:?} after the kill",
+        injected.elapsed()
+    );
+    let id = freed["id"].as_str().expect("an id");
+    assert_eq!(
+        destination.json(&["stop", id])["state"],
+        "stopped",
+        "{name}"
+    );
 }
 
 /// Before cutover nothing is lost: the partition runs on, and after a cut link comes back the
@@ -484,4 +566,9 @@ matrix! {
     brief_cut_in_a_later_round: BriefCut, LaterRound, true;
     brief_cut_in_stop_and_copy: BriefCut, StopAndCopy, false;
     brief_cut_after_hybrid_cutover: BriefCut, PostCutover, false;
+    kill_source_in_setup: KillSource, Setup, false;
+    kill_source_in_round_0: KillSource, Round0, true;
+    kill_source_in_a_later_round: KillSource, LaterRound, false;
+    kill_source_in_stop_and_copy: KillSource, StopAndCopy, false;
+    kill_source_after_hybrid_cutover: KillSource, PostCutover, false;
 }
