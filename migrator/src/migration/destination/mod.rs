@@ -460,25 +460,15 @@ impl Session {
             .map_err(DataError::UnexpectedDone)
     }
 
-    /// A `Discard` frame: the source's guest still runs and has written these pages since
-    /// it sent them. Their copies are punched out now, one call per run of neighbouring
-    /// pages, so the commit does not free them inside the downtime; they read as missing
-    /// from here on, and a later copy fills them again. Pages already missing cost nothing.
-    fn drop_stale_copies(&self, mut pages: Vec<u64>) -> Result<(), DataError> {
-        let before_commit = matches!(self.phase(), SessionPhase::Receiving)
-            && self
-                .uffd
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_none();
-        if self.mode != Mode::Hybrid || !before_commit {
-            return Err(DataError::UnexpectedDiscard);
-        }
+    /// Punches out of the memfd the copies this session holds of `pages`, one call per run of
+    /// neighbouring pages; pages it has no copy of (never received, discarded, or received
+    /// as zero, a hole already) cost nothing. Returns the pages punched, in order; on failure,
+    /// the first page of the run that failed.
+    fn punch_held_copies(&self, mut pages: Vec<u64>) -> Result<Vec<u64>, (u64, MemoryError)> {
         pages.sort_unstable();
         pages.dedup();
         {
             let progress = self.lock();
-            // A zero page received is a hole already: nothing to free.
             pages.retain(|&page| {
                 progress.received[page as usize]
                     && progress.page_digests[page as usize] != zero_page_hash()
@@ -488,12 +478,29 @@ impl Session {
             if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
                 self.memory
                     .remove_frames(first..last + 1)
-                    .map_err(|source| DataError::Free {
-                        page: first,
-                        source,
-                    })?;
+                    .map_err(|source| (first, source))?;
             }
         }
+        Ok(pages)
+    }
+
+    /// A `Discard` frame: the source's guest still runs and has written these pages since
+    /// it sent them. Their copies are punched out now, one call per run of neighbouring
+    /// pages, so the commit does not free them inside the downtime; they read as missing
+    /// from here on, and a later copy fills them again. Pages already missing cost nothing.
+    fn drop_stale_copies(&self, pages: Vec<u64>) -> Result<(), DataError> {
+        let before_commit = matches!(self.phase(), SessionPhase::Receiving)
+            && self
+                .uffd
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none();
+        if self.mode != Mode::Hybrid || !before_commit {
+            return Err(DataError::UnexpectedDiscard);
+        }
+        let pages = self
+            .punch_held_copies(pages)
+            .map_err(|(page, source)| DataError::Free { page, source })?;
         let mut progress = self.lock();
         for &page in &pages {
             progress.received[page as usize] = false;

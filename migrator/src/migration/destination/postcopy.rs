@@ -15,7 +15,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{DataError, Session, SessionError};
 use crate::{
-    migration::transport::{send_demand, zero_page_hash},
+    migration::transport::send_demand,
     vmm::{Partition, PartitionSnapshot, memory::PAGE_SIZE},
 };
 
@@ -31,25 +31,9 @@ impl Session {
         if let Some(&page) = stale_pages.iter().find(|&&page| page >= frames) {
             return Err(SessionError::StaleOutOfRange(page));
         }
-        // One call per run of neighbouring pages, not one per page: this is downtime. Pages
-        // with no copy here (discarded before the pause, or zero) need no freeing.
-        let mut sorted = stale_pages.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        {
-            let progress = self.lock();
-            sorted.retain(|&page| {
-                progress.received[page as usize]
-                    && progress.page_digests[page as usize] != zero_page_hash()
-            });
-        }
-        for run in sorted.chunk_by(|a, b| a + 1 == *b) {
-            if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
-                self.memory
-                    .remove_frames(first..last + 1)
-                    .map_err(SessionError::Stale)?;
-            }
-        }
+        // This is downtime: only the copies held here, a run of neighbours at a time.
+        self.punch_held_copies(stale_pages.to_vec())
+            .map_err(|(_, source)| SessionError::Stale(source))?;
         {
             let mut progress = self.lock();
             let mut installed = progress.received.clone();
