@@ -20,7 +20,7 @@ use crate::{
         report::Phase,
         transport::{Frame, FrameReader, PageSender, SendCounts},
     },
-    vmm::{GuestMemory, dirty::dirty_frames, memory::PAGE_SIZE, state},
+    vmm::{GuestMemory, memory::PAGE_SIZE, state},
 };
 
 /// The downtime's clock: started at the pause, read step by step into the report's
@@ -91,12 +91,8 @@ fn pause_for_cutover(
     // The last check already dropped its unchanged pages: only those dirtied since are
     // hashed, inside the downtime (hashing 9k pages again took about 10 ms there).
     last_dirty.sort_unstable();
-    let fresh: Vec<u64> = dirty_frames(&bitmap)
-        .filter(|f| last_dirty.binary_search(f).is_err())
-        .collect();
-    last_dirty.extend(run.changed_only(fresh));
-    last_dirty.sort_unstable();
     last_dirty.dedup();
+    run.add_changed(&mut last_dirty, &bitmap);
     Ok((clock, last_dirty))
 }
 
@@ -270,13 +266,11 @@ pub(super) fn cutover_hybrid(
     let (mut clock, mut stale) = pause_for_cutover(run, &sender, discarded.stale.clone())?;
     // What the downtime budget still has room for goes now, the pages the guest will likely
     // touch first first: each one is a fault the guest does not take across the network.
-    let held = |run: &Run<'_>, pages: &[u64]| {
-        pages
-            .iter()
-            .filter(|&&f| discarded.held_there(run, f))
-            .count()
-    };
-    let room = budgeted_pages(run, clock.paused.elapsed(), stale.len(), held(run, &stale));
+    let held = stale
+        .iter()
+        .filter(|&&f| discarded.held_there(run, f))
+        .count();
+    let room = budgeted_pages(run, clock.paused.elapsed(), stale.len(), held);
     order.sort_touch_first(&mut stale);
     let rest = stale.split_off(room.min(stale.len()));
     run.send(&mut sender, &stale)?;

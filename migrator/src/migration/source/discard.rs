@@ -12,12 +12,9 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::{MigrationError, rounds::Run};
-use crate::{
-    migration::{
-        link::{DataStream, LinkError},
-        transport::{Frame, FrameReader, PageSender},
-    },
-    vmm::dirty::dirty_frames,
+use crate::migration::{
+    link::{DataStream, LinkError},
+    transport::{Frame, FrameReader, PageSender},
 };
 
 /// At most this many rounds of discards before the pause.
@@ -94,17 +91,8 @@ pub(super) fn discard_live(
             .partition
             .dirty_log_fetch()?
             .ok_or(MigrationError::DirtyLogOff)?;
-        let fresh: Vec<u64> = dirty_frames(&bitmap)
-            .filter(|f| stale.binary_search(f).is_err())
-            .collect();
-        let fresh = run.changed_only(fresh);
-        batch = fresh
-            .iter()
-            .copied()
-            .filter(|&f| run.sent_once[f as usize])
-            .collect();
-        stale.extend(fresh);
-        stale.sort_unstable();
+        batch = run.add_changed(&mut stale, &bitmap);
+        batch.retain(|&f| run.sent_once[f as usize]);
     }
     // Back to what the connection had: the source reads nothing more on it.
     let _ = answers.into_inner().set_read_timeout(None);

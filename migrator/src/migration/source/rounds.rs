@@ -68,6 +68,19 @@ impl Run<'_> {
         update(&mut progress);
     }
 
+    /// Adds to `known` (sorted, without duplicates) the pages of dirty `bitmap` not in it
+    /// whose content changed since they were last sent, keeping it sorted; returns those
+    /// added. Only they are hashed: `known` was checked already.
+    pub(super) fn add_changed(&mut self, known: &mut Vec<u64>, bitmap: &[u64]) -> Vec<u64> {
+        let fresh: Vec<u64> = dirty_frames(bitmap)
+            .filter(|f| known.binary_search(f).is_err())
+            .collect();
+        let fresh = self.changed_only(fresh);
+        known.extend_from_slice(&fresh);
+        known.sort_unstable();
+        fresh
+    }
+
     /// Drops from `frames` the pages whose content is what was last sent. KVM marks a page
     /// dirty whenever it maps it writable, even for a read; such pages need not travel again.
     pub(super) fn changed_only(&mut self, frames: Vec<u64>) -> Vec<u64> {
