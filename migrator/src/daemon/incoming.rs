@@ -227,24 +227,16 @@ impl Daemon {
     /// The source gives up on `session_id`. A partition the session restored here is stopped
     /// first (the source resumes its own copy), so exactly one copy runs.
     pub(super) async fn abort_incoming(&self, session_id: u64) {
-        let restored_as = self.registry.take_committed(session_id);
         let session = self.registry.session(session_id).ok();
         // A session with nothing running ends here and now; one whose commit restored a
         // partition (or a pre-copy one already handed over) refuses until that copy stops.
         let ended = session.as_ref().is_some_and(|s| s.abort().is_ok());
-        if let Some(id) = &restored_as
-            && self.registry.live(id).is_ok()
-        {
-            // Ended, it was parked and never ran (the abort stopped it): recorded as stopped.
-            if !ended {
-                warn!(
-                    "migration session {session_id} was aborted after its handover: stopping {id}"
-                );
-            }
-            if let Err(e) = self.stop_partition(id.clone()).await {
-                warn!("stopping {id}: {e}");
-            }
+        if !ended && let Some(id) = self.registry.committed_id(session_id) {
+            warn!("migration session {session_id} was aborted after its handover: stopping {id}");
         }
+        // Ended, a copy it restored was parked and never ran (the abort stopped it): it is
+        // recorded as stopped all the same.
+        self.stop_committed(session_id).await;
         if let Some(session) = session {
             if !ended && let Err(e) = session.discard() {
                 warn!("migration session {session_id}: {e}");

@@ -489,13 +489,8 @@ impl Session {
     /// pages, so the commit does not free them inside the downtime; they read as missing
     /// from here on, and a later copy fills them again. Pages already missing cost nothing.
     fn drop_stale_copies(&self, pages: Vec<u64>) -> Result<(), DataError> {
-        let before_commit = matches!(self.phase(), SessionPhase::Receiving)
-            && self
-                .uffd
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_none();
-        if self.mode != Mode::Hybrid || !before_commit {
+        // Before the commit: userfaultfd, which the commit sets up, is not there yet.
+        if self.mode != Mode::Hybrid || self.phase() != SessionPhase::Receiving {
             return Err(DataError::UnexpectedDiscard);
         }
         let pages = self
@@ -681,11 +676,11 @@ impl Session {
     /// nothing, in any other phase: before a commit, or once aborted.
     pub fn handover(&self) -> Result<Option<f64>, SessionError> {
         self.wait(|p| !matches!(p.phase(), SessionPhase::Restoring { .. }))?;
-        let partition = self.lock_parked().clone();
-        if self.phase().guest_runs_here() {
+        let phase = self.phase();
+        if phase.guest_runs_here() {
             return Ok(None);
         }
-        let phase = self.phase();
+        let partition = self.lock_parked().clone();
         let Some(partition) = partition.filter(|_| phase == SessionPhase::Parked) else {
             return Err(PhaseError::Unexpected {
                 phase,
