@@ -6,6 +6,21 @@ pub struct Args<'a> {
     text: &'a str,
 }
 
+/// A number written as a decimal (`0.25`) or a ratio (`1/4`, its denominator positive and
+/// both finite), spaces around either part allowed; `None` for anything else. Callers check
+/// the range they need.
+pub fn ratio(text: &str) -> Option<f64> {
+    match text.trim().split_once('/') {
+        None => text.trim().parse::<f64>().ok(),
+        Some((num, den)) => match (num.trim().parse::<f64>(), den.trim().parse::<f64>()) {
+            (Ok(num), Ok(den)) if den > 0.0 && num.is_finite() && den.is_finite() => {
+                Some(num / den)
+            }
+            _ => None,
+        },
+    }
+}
+
 /// An argument that is present but not a number of the right kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadArg<'a>(pub &'a str);
@@ -45,16 +60,7 @@ impl<'a> Args<'a> {
         let Some(v) = self.raw(key) else {
             return Ok(default);
         };
-        let value = match v.split_once('/') {
-            None => v.parse::<f64>().ok(),
-            Some((num, den)) => match (num.parse::<f64>(), den.parse::<f64>()) {
-                (Ok(num), Ok(den)) if den > 0.0 && num.is_finite() && den.is_finite() => {
-                    Some(num / den)
-                }
-                _ => None,
-            },
-        };
-        match value {
+        match ratio(v) {
             Some(f) if (0.0..=1.0).contains(&f) => Ok(f),
             _ => Err(BadArg(key)),
         }

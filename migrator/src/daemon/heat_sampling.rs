@@ -79,23 +79,13 @@ impl HeatSampling {
     }
 }
 
-/// A fraction in (0, 1] written as a decimal (`0.125`) or a ratio (`1/8`), as the workloads'
-/// fractions are.
+/// A fraction in (0, 1] written as a decimal (`0.125`) or a ratio (`1/8`), parsed as the
+/// workloads' fractions are (`migrator_guest::args::ratio`).
 pub fn parse_fraction(text: &str) -> Result<f64, SamplingError> {
-    let bad = || SamplingError::Fraction(text.to_string());
-    let value = match text.trim().split_once('/') {
-        None => text.trim().parse::<f64>().map_err(|_| bad())?,
-        Some((num, den)) => {
-            let num = num.trim().parse::<f64>().map_err(|_| bad())?;
-            let den = den.trim().parse::<f64>().map_err(|_| bad())?;
-            num / den
-        }
-    };
-    // NaN and infinities fail this too.
-    if value > 0.0 && value <= 1.0 {
-        Ok(value)
-    } else {
-        Err(bad())
+    match migrator_guest::args::ratio(text) {
+        // NaN fails this too.
+        Some(value) if value > 0.0 && value <= 1.0 => Ok(value),
+        _ => Err(SamplingError::Fraction(text.to_string())),
     }
 }
 
