@@ -230,12 +230,7 @@ impl Daemon {
     ) -> (Value, String) {
         let (code, report) = self.migrate(to, id, extra);
         assert_eq!(code, 0, "{case}: {report}");
-        assert_eq!(report["status"], "completed", "{case}: {report}");
-        assert!(report["source_digest"].is_string(), "{case}: {report}");
-        assert_eq!(
-            report["source_digest"], report["dest_digest"],
-            "{case}: {report}"
-        );
+        assert_completed(&report, case);
         // Where the downtime went, with the destination's steps carried over the API: each
         // step measured, together the downtime (`downtime_ms` is truncated, they are not).
         let breakdown = &report["downtime_breakdown"];
@@ -319,4 +314,14 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A migration report says `completed`, with a source digest equal to the destination's.
+pub fn assert_completed(report: &Value, case: &str) {
+    assert_eq!(report["status"], "completed", "{case}: {report}");
+    assert!(report["source_digest"].is_string(), "{case}: {report}");
+    assert_eq!(
+        report["source_digest"], report["dest_digest"],
+        "{case}: {report}"
+    );
 }

@@ -23,7 +23,7 @@ use std::{
 
 use heatprobe_tests::{
     bpf_unavailable,
-    daemon::{Daemon, DaemonConfig, make_certs},
+    daemon::{Daemon, DaemonConfig, assert_completed, make_certs},
     kvm_unavailable,
     netns::{HostPair, netns_unavailable},
     skip,
@@ -291,12 +291,7 @@ fn case(name: &str, fault: Fault, stage: Stage) {
         hosts.link_up().unwrap();
         let (code, report, stderr) = wait_for_exit(migrate);
         assert_eq!(code, 0, "{name}: {report} {stderr}");
-        assert_eq!(report["status"], "completed", "{name}: {report}");
-        assert!(report["source_digest"].is_string(), "{name}: {report}");
-        assert_eq!(
-            report["source_digest"], report["dest_digest"],
-            "{name}: {report}"
-        );
+        assert_completed(&report, name);
         assert_eq!(report["guest_location"], "destination", "{name}: {report}");
         let moved = report["id_on_destination"].as_str().expect("an id");
         // Running there with zero errors, its operations advancing past where they arrived.
@@ -476,12 +471,7 @@ fn pre_cutover(
         );
         thread::sleep(Duration::from_millis(500));
     };
-    assert_eq!(retry["status"], "completed", "{name}: {retry}");
-    assert!(retry["source_digest"].is_string(), "{name}: {retry}");
-    assert_eq!(
-        retry["source_digest"], retry["dest_digest"],
-        "{name}: {retry}"
-    );
+    assert_completed(&retry, name);
     let new_id = retry["id_on_destination"].as_str().unwrap();
     let status = destination.json(&["status", new_id]);
     let (ops_now, checks_now) = ops(&status);

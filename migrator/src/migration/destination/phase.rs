@@ -155,6 +155,15 @@ impl SessionPhase {
 mod tests {
     use super::{SessionEvent as E, SessionPhase as P, *};
 
+    /// A session's events up to its guest running here.
+    const HANDED_OVER: &[SessionEvent] = &[
+        E::Connected,
+        E::PagesDone,
+        E::Commit,
+        E::Restored,
+        E::Handover,
+    ];
+
     fn walk(mode: Mode, events: &[SessionEvent]) -> Result<SessionPhase, PhaseError> {
         events
             .iter()
@@ -163,16 +172,7 @@ mod tests {
 
     #[test]
     fn a_precopy_session_runs_its_course() {
-        let done = walk(
-            Mode::Precopy,
-            &[
-                E::Connected,
-                E::PagesDone,
-                E::Commit,
-                E::Restored,
-                E::Handover,
-            ],
-        );
+        let done = walk(Mode::Precopy, HANDED_OVER);
         assert_eq!(done, Ok(P::Restored));
         // A handover again (its answer lost) changes nothing.
         assert_eq!(
@@ -191,29 +191,11 @@ mod tests {
     fn a_hybrid_session_runs_its_course() {
         let done = walk(
             Mode::Hybrid,
-            &[
-                E::Connected,
-                E::PagesDone,
-                E::Commit,
-                E::Restored,
-                E::Handover,
-                E::PagesDone,
-                E::Finish,
-            ],
+            &[HANDED_OVER, &[E::PagesDone, E::Finish]].concat(),
         );
         assert_eq!(done, Ok(P::Finished));
         // Finish before the push ended is refused; so is a third `Done`.
-        let pushing = walk(
-            Mode::Hybrid,
-            &[
-                E::Connected,
-                E::PagesDone,
-                E::Commit,
-                E::Restored,
-                E::Handover,
-            ],
-        )
-        .unwrap();
+        let pushing = walk(Mode::Hybrid, HANDED_OVER).unwrap();
         assert!(pushing.next(E::Finish, Mode::Hybrid).is_err());
         let pushed = pushing.next(E::PagesDone, Mode::Hybrid).unwrap();
         assert!(pushed.next(E::PagesDone, Mode::Hybrid).is_err());
@@ -264,17 +246,7 @@ mod tests {
         }
         // Once handed over, an abort is refused until the guest is stopped.
         for mode in [Mode::Precopy, Mode::Hybrid] {
-            let restored = walk(
-                mode,
-                &[
-                    E::Connected,
-                    E::PagesDone,
-                    E::Commit,
-                    E::Restored,
-                    E::Handover,
-                ],
-            )
-            .unwrap();
+            let restored = walk(mode, HANDED_OVER).unwrap();
             assert!(restored.guest_runs_here());
             assert_eq!(
                 restored.next(E::Abort, mode),
@@ -282,18 +254,7 @@ mod tests {
             );
             assert_eq!(restored.next(E::Discard, mode), Ok(P::Aborted));
         }
-        let failed_after = walk(
-            Mode::Hybrid,
-            &[
-                E::Connected,
-                E::PagesDone,
-                E::Commit,
-                E::Restored,
-                E::Handover,
-                E::Failure,
-            ],
-        )
-        .unwrap();
+        let failed_after = walk(Mode::Hybrid, &[HANDED_OVER, &[E::Failure]].concat()).unwrap();
         assert_eq!(failed_after, P::Failed { cut_over: true });
         assert_eq!(
             failed_after.next(E::Abort, Mode::Hybrid),
