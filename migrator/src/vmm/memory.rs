@@ -8,7 +8,7 @@
 //! any time: it copies in and out through the mapping's raw pointer (`read`, `write`,
 //! `copy_frame`). The system calls go through rustix (memfd, mmap, madvise); no raw libc call is left here.
 
-use std::{fmt, ops::Range, os::fd::OwnedFd};
+use std::{fmt, io::IoSlice, ops::Range, os::fd::OwnedFd};
 
 use rustix::{
     fs::{FallocateFlags, MemfdFlags, fallocate, ftruncate, memfd_create},
@@ -220,6 +220,31 @@ impl GuestMemory {
                 return Err(MemoryError::Pwrite(std::io::ErrorKind::WriteZero.into()));
             }
             done += written;
+        }
+        Ok(())
+    }
+
+    /// Writes `pages` into guest memory from frame `first` on, one page after the other,
+    /// through the memfd as [`write_through_fd`](Self::write_through_fd) does, with one
+    /// `pwritev` for all of them: a run of neighbouring pages costs one call, not one a page.
+    pub fn write_frames_through_fd(&self, first: u64, pages: &[&[u8]]) -> Result<(), MemoryError> {
+        let len: u64 = pages.iter().map(|p| p.len() as u64).sum();
+        let start = GuestAddress(first.saturating_mul(PAGE_SIZE));
+        self.check(start, len)?;
+        let mut offset = start.0;
+        // The kernel takes at most IOV_MAX (1024) slices a call.
+        for chunk in pages.chunks(1024) {
+            let mut slices: Vec<IoSlice<'_>> = chunk.iter().map(|p| IoSlice::new(p)).collect();
+            let mut bufs = &mut slices[..];
+            while !bufs.is_empty() {
+                let written = rustix::io::pwritev(&self.memfd, bufs, offset)
+                    .map_err(|e| MemoryError::Pwrite(e.into()))?;
+                if written == 0 {
+                    return Err(MemoryError::Pwrite(std::io::ErrorKind::WriteZero.into()));
+                }
+                offset += written as u64;
+                IoSlice::advance_slices(&mut bufs, written);
+            }
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ use super::{
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
-    memory::{GuestAddress, MemoryError, PAGE_SIZE},
+    memory::{MemoryError, PAGE_SIZE},
     state::{self, StateError},
 };
 
@@ -522,44 +522,59 @@ impl Session {
 
     fn install(&self, pages: &[(u64, Option<&[u8]>)]) -> Result<(), DataError> {
         let uffd = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let zero = [0u8; PAGE_SIZE as usize];
-        for &(page, data) in pages {
-            let bytes = data.unwrap_or(&zero);
-            match &uffd {
-                None => {
-                    let digest = match data {
-                        Some(bytes) => {
-                            // Through the memfd: most pages arrive once, and a first write
-                            // through the mapping would fault and zero each one first.
-                            self.memory
-                                .write_through_fd(GuestAddress(page * PAGE_SIZE), bytes)
-                                .map_err(|source| DataError::Write { page, source })?;
-                            // Hashing on arrival keeps the digest out of the cutover's downtime.
-                            xxh3_64(bytes)
-                        }
-                        None => {
-                            // The session's memory is a fresh memfd, which reads as zeros:
-                            // writing zeros would only make the page resident. A page an
-                            // earlier round filled is freed instead, and reads as zeros again.
-                            let filled = {
-                                let progress = self.lock();
-                                progress.received[page as usize]
-                                    && progress.page_digests[page as usize] != zero_page_hash()
-                            };
-                            if filled {
-                                self.memory
-                                    .remove_page(page)
-                                    .map_err(|source| DataError::Free { page, source })?;
-                            }
-                            zero_page_hash()
-                        }
-                    };
-                    let mut progress = self.lock();
-                    progress.received[page as usize] = true;
-                    progress.page_digests[page as usize] = digest;
-                }
-                Some(uffd) => self.install_postcopy(uffd, page, bytes)?,
+        if let Some(uffd) = uffd {
+            let zero = [0u8; PAGE_SIZE as usize];
+            for &(page, data) in pages {
+                self.install_postcopy(&uffd, page, data.unwrap_or(&zero))?;
             }
+            return Ok(());
+        }
+        // Before the commit. Pages with data go in through the memfd, one `pwritev` per run
+        // of neighbouring pages: most pages arrive once, and a first write through the mapping
+        // would fault and zero each one first.
+        for run in pages.chunk_by(|a, b| a.0 + 1 == b.0 && a.1.is_some() == b.1.is_some()) {
+            let Some(&(first, _)) = run.first() else {
+                continue;
+            };
+            let data: Vec<&[u8]> = run.iter().filter_map(|&(_, data)| data).collect();
+            if !data.is_empty() {
+                self.memory
+                    .write_frames_through_fd(first, &data)
+                    .map_err(|source| DataError::Write { page: first, source })?;
+            }
+        }
+        // Hashing on arrival keeps the digest out of the cutover's downtime; outside the lock,
+        // which the session's other connections take too.
+        let digests: Vec<u64> = pages
+            .iter()
+            .map(|&(_, data)| data.map_or_else(zero_page_hash, xxh3_64))
+            .collect();
+        // The session's memory is a fresh memfd, which reads as zeros: writing a zero page
+        // would only make it resident. A page an earlier round filled is freed instead, and
+        // reads as zeros again.
+        let refilled_as_zero: Vec<u64> = {
+            let progress = self.lock();
+            pages
+                .iter()
+                .filter(|&&(page, data)| {
+                    data.is_none()
+                        && progress.received[page as usize]
+                        && progress.page_digests[page as usize] != zero_page_hash()
+                })
+                .map(|&(page, _)| page)
+                .collect()
+        };
+        for run in refilled_as_zero.chunk_by(|a, b| a + 1 == *b) {
+            if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
+                self.memory
+                    .remove_frames(first..last + 1)
+                    .map_err(|source| DataError::Free { page: first, source })?;
+            }
+        }
+        let mut progress = self.lock();
+        for (&(page, _), digest) in pages.iter().zip(digests) {
+            progress.received[page as usize] = true;
+            progress.page_digests[page as usize] = digest;
         }
         Ok(())
     }
