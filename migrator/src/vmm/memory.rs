@@ -464,6 +464,32 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_pages_written_through_the_memfd_reads_back() {
+        // More pages than one pwritev takes, so the run is split.
+        let frames = 1100;
+        let mem = GuestMemory::new((frames + 2) * PAGE_SIZE).unwrap();
+        let pages: Vec<Vec<u8>> = (0..frames)
+            .map(|f| vec![(f % 251) as u8 + 1; PAGE_SIZE as usize])
+            .collect();
+        let slices: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+        mem.write_frames_through_fd(1, &slices).unwrap();
+        let mut page = [0u8; PAGE_SIZE as usize];
+        mem.copy_frame(0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0), "the page before the run is untouched");
+        for f in 0..frames {
+            mem.copy_frame(f + 1, &mut page).unwrap();
+            assert_eq!(&page[..], &pages[f as usize][..], "frame {}", f + 1);
+        }
+        mem.copy_frame(frames + 1, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0), "the page after the run is untouched");
+        // A run past the end is refused and writes nothing.
+        assert!(matches!(
+            mem.write_frames_through_fd(frames, &slices[..3]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
     fn frames_out_of_range_are_errors_not_panics() {
         let mem = GuestMemory::new(4 * PAGE_SIZE).unwrap();
         let mut page = [0u8; PAGE_SIZE as usize];
