@@ -226,6 +226,10 @@ enum Command {
         /// not count); the command returns once it is over.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         fault_window: Duration,
+        /// Data connections to stripe the pages across (1 to 16), each with a sender and a
+        /// receiver thread of its own.
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -414,6 +418,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             timeout,
             timeout_strategy,
             fault_window,
+            connections,
             json,
         } => {
             let options = MigrationOptions {
@@ -428,6 +433,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 timeout,
                 timeout_strategy,
                 fault_window,
+                connections,
             };
             // Refused here with the flags' names, before anything is asked of a daemon.
             options.validate()?;

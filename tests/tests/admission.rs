@@ -41,6 +41,7 @@ fn prepare_request(mem: u64) -> PrepareRequest {
         },
         mode: Mode::Precopy,
         fault_window_ms: 0,
+        connections: 1,
     }
 }
 

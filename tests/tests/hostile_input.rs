@@ -35,19 +35,30 @@ async fn prepare(connection: &Connection) -> PrepareReply {
 }
 
 async fn prepare_mode(connection: &Connection, mode: Mode) -> PrepareReply {
+    prepare_striped(connection, mode, 1)
+        .await
+        .expect("a session")
+}
+
+async fn prepare_striped(
+    connection: &Connection,
+    mode: Mode,
+    connections: u32,
+) -> Result<PrepareReply, String> {
     let request = PrepareRequest {
         protocol_min: PROTOCOL_VERSION,
         protocol_max: PROTOCOL_VERSION,
         config: config(),
         mode,
         fault_window_ms: 0,
+        connections,
     };
     connection
         .client
         .migration_prepare(context_with(Duration::from_secs(30)), request)
         .await
         .expect("the daemon answers")
-        .expect("a session")
+        .map_err(|e| e.to_string())
 }
 
 /// Sends `bytes` on the session's data connection, then closes it.
@@ -188,6 +199,49 @@ fn a_destination_refuses_hostile_bytes_and_keeps_serving() {
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["status"], "completed", "{report}");
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
+}
+
+/// A session's data connections are as many as it was prepared for: a count out of range
+/// is refused, and a second `Done` on one connection before the others ended the phase fails
+/// the session instead of ending the phase with pages still on their way.
+#[test]
+fn striped_sessions_refuse_bad_counts_and_a_connection_that_ends_a_phase_twice() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "striped_sessions_refuse_bad_counts_and_a_connection_that_ends_a_phase_twice",
+            &why,
+        );
+    }
+    let destination = Daemon::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let addr = destination.addr.parse().unwrap();
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+        for bad in [0, 17, u32::MAX] {
+            let refused = prepare_striped(&connection, Mode::Precopy, bad).await;
+            let error = refused.expect_err("a count out of range");
+            assert!(error.contains("connections"), "{bad}: {error}");
+        }
+        let reply = prepare_striped(&connection, Mode::Precopy, 2)
+            .await
+            .expect("a session of two connections");
+        let mut twice = all_zero_pages();
+        twice.extend_from_slice(&header(FrameKind::Done, 0, 0));
+        let _first = send_and_hold(&connection, &reply, &twice);
+        let _second = send_and_hold(&connection, &reply, &[]);
+        let valid_state = state::encode(&state::sample_snapshot(config()));
+        let error = commit(&connection, reply.session, valid_state)
+            .await
+            .expect_err("a phase ended twice on one connection");
+        println!("a second Done on one connection: {error}");
+        assert!(!error.contains("saved state"), "{error}");
+        let list = connection
+            .client
+            .list(context_with(Duration::from_secs(10)))
+            .await
+            .expect("the daemon answers");
+        assert!(list.is_empty(), "{list:?}");
+    });
 }
 
 /// The CPU this host gives a guest, as a partition launched here would have saved it.

@@ -289,3 +289,70 @@ fn zero_pages_arrive_without_becoming_resident() {
         grown >> 20
     );
 }
+
+#[test]
+fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
+    use heatprobe_tests::daemon::{DaemonConfig, make_certs};
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls",
+            &why,
+        );
+    }
+    let certs = make_certs(&["127.0.0.1"]).expect("certificates");
+    for tls in [false, true] {
+        let config = || DaemonConfig::default().tls(tls.then(|| certs.clone()));
+        let source = Daemon::try_start(config()).expect("source daemon");
+        let destination = Daemon::try_start(config()).expect("destination daemon");
+        for mode in ["precopy", "hybrid"] {
+            let case = format!("3 connections, {mode}, tls {tls}");
+            // Written as fast as it can: pages go again in later rounds, on the connection
+            // of their first copy, and the newest copy must be the one that stays.
+            let id = launch(&source, "uniform-write", "check_every=20000", "64M", 1);
+            source.wait_progress(&id, 5, 1);
+            let args = [
+                "--strategy",
+                "address",
+                "--mode",
+                mode,
+                "--connections",
+                "3",
+            ];
+            let (report, new_id) = migrate_and_check(&source, &destination, &id, &args, &case);
+            assert!(report["pages_resent"].as_u64() > Some(0), "{case}: {report}");
+            destination.runs_clean(&new_id, 5, 1, &case);
+            destination.json(&["stop", &new_id]);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+fn migrate_and_check(
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    args: &[&str],
+    case: &str,
+) -> (Value, String) {
+    let mut all = vec!["--profile-window", "200ms"];
+    all.extend_from_slice(args);
+    source.migrate_checked(destination, id, &all, case)
+}
+
+#[test]
+fn a_bad_number_of_connections_is_refused_and_changes_nothing() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_bad_number_of_connections_is_refused_and_changes_nothing",
+            &why,
+        );
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    let id = launch(&source, "idle", "", "8M", 1);
+    for bad in ["0", "17"] {
+        let (code, report) = migrate(&source, &destination, &id, &["--connections", bad]);
+        assert_ne!(code, 0, "--connections {bad}: {report}");
+        assert_eq!(source.json(&["status", &id])["state"], "running");
+    }
+}

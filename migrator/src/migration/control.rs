@@ -21,6 +21,13 @@ pub struct PrepareRequest {
     pub mode: Mode,
     /// How long after the resume the destination counts the guest's faults (0: not at all).
     pub fault_window_ms: u64,
+    /// Data connections the pages come striped across (protocol 4; one before).
+    #[serde(default = "one_connection")]
+    pub connections: u32,
+}
+
+fn one_connection() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -28,13 +28,17 @@ use thiserror::Error;
 use crate::vmm::memory::PAGE_SIZE;
 
 /// Protocol version spoken by this build: 2 adds the `Urgent` frame (a second connection
-/// for demanded pages in hybrid mode), 3 the `Discard` and `Discarded` frames.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// for demanded pages in hybrid mode), 3 the `Discard` and `Discarded` frames, 4 pages
+/// striped across several data connections (`PrepareRequest::connections`), each ending a
+/// phase with its own `Done`.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// "HMIG", little-endian.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"HMIG");
 pub const HEADER_LEN: usize = 24;
 /// Most pages in one frame (4 MiB of data).
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
+/// The most data connections one migration stripes its pages across.
+pub const MAX_CONNECTIONS: u32 = 16;
 /// Marks a frame index as a zero page: no data follows for it.
 pub const ZERO_PAGE: u64 = 1 << 63;
 

@@ -475,13 +475,19 @@ mod tests {
         mem.write_frames_through_fd(1, &slices).unwrap();
         let mut page = [0u8; PAGE_SIZE as usize];
         mem.copy_frame(0, &mut page).unwrap();
-        assert!(page.iter().all(|&b| b == 0), "the page before the run is untouched");
+        assert!(
+            page.iter().all(|&b| b == 0),
+            "the page before the run is untouched"
+        );
         for f in 0..frames {
             mem.copy_frame(f + 1, &mut page).unwrap();
             assert_eq!(&page[..], &pages[f as usize][..], "frame {}", f + 1);
         }
         mem.copy_frame(frames + 1, &mut page).unwrap();
-        assert!(page.iter().all(|&b| b == 0), "the page after the run is untouched");
+        assert!(
+            page.iter().all(|&b| b == 0),
+            "the page after the run is untouched"
+        );
         // A run past the end is refused and writes nothing.
         assert!(matches!(
             mem.write_frames_through_fd(frames, &slices[..3]),

@@ -32,6 +32,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{
     control::{CommitRequest, CommitTimings, FinishReply, PrepareRequest},
     link::{DataLink, DataStream, tune_data_socket},
+    protocol::MAX_CONNECTIONS,
     report::{Latency, Mode},
     transport::{Frame, FrameReader, TransportError, send_discarded, zero_page_hash},
 };
@@ -72,6 +73,10 @@ pub enum DataError {
     UnexpectedDemand,
     #[error("the source sent a `Done` frame out of place")]
     UnexpectedDone(#[source] PhaseError),
+    #[error("a second `Done` on one data connection before the others ended the phase")]
+    DoneTwice,
+    #[error("a `Done` frame on the urgent connection")]
+    UrgentDone,
     #[error("writing page {page}")]
     Write {
         page: u64,
@@ -126,6 +131,8 @@ pub enum DataError {
 pub enum SessionError {
     #[error("the partition shape is invalid")]
     Shape(#[source] PartitionError),
+    #[error("a migration uses 1 to {MAX_CONNECTIONS} data connections, not {0}")]
+    Connections(u32),
     #[error("cannot open the data listener")]
     Listen(#[source] std::io::Error),
     #[error("the data connection failed")]
@@ -186,6 +193,9 @@ struct Progress {
     blocktime: Option<Blocktime>,
     /// Hybrid: the urgent connection said so.
     urgent: bool,
+    /// `Done` frames read so far, over every data connection: a phase ends when each has
+    /// sent its own.
+    dones: u32,
 }
 
 impl Progress {
@@ -198,6 +208,8 @@ impl Progress {
 pub struct Session {
     pub config: PartitionConfig,
     pub mode: Mode,
+    /// Data connections the pages come striped across (the urgent one aside).
+    connections: u32,
     memory: Arc<GuestMemory>,
     progress: Mutex<Progress>,
     changed: Condvar,
@@ -235,6 +247,9 @@ impl Session {
         probes: ProbeSlot,
     ) -> Result<(Arc<Self>, u16, u64), SessionError> {
         request.config.validate().map_err(SessionError::Shape)?;
+        if !(1..=MAX_CONNECTIONS).contains(&request.connections) {
+            return Err(SessionError::Connections(request.connections));
+        }
         let memory = Arc::new(
             GuestMemory::new(request.config.mem_size).map_err(|e| SessionError::Shape(e.into()))?,
         );
@@ -253,6 +268,7 @@ impl Session {
         let session = Arc::new(Self {
             config: request.config.clone(),
             mode: request.mode,
+            connections: request.connections,
             memory,
             progress: Mutex::new(Progress {
                 received: vec![false; frames],
@@ -320,15 +336,15 @@ impl Session {
         self.changed.notify_all();
     }
 
-    /// The receiver thread: accepts the source's connections (pre-copy: one; hybrid: two, the
-    /// second opened with an `Urgent` frame), each read by a thread of its own that installs
-    /// frames until the end. With TLS on, a connection that fails the handshake is dropped and
+    /// The receiver thread: accepts the source's connections (its data connections, and in
+    /// hybrid mode one more, opened with an `Urgent` frame), each read by a thread of its own
+    /// that installs frames until the end. With TLS on, a connection that fails the handshake is dropped and
     /// the wait goes on, so a stranger on the network cannot take the source's place or end
     /// the session.
     fn receive(self: Arc<Self>, listener: TcpListener) {
         let wanted = match self.mode {
-            Mode::Precopy => 1,
-            Mode::Hybrid => 2,
+            Mode::Precopy => self.connections,
+            Mode::Hybrid => self.connections + 1,
         };
         // The source connects as soon as `prepare` answers.
         let deadline = Instant::now() + (2 * self.peer_timeout).min(STEP_TIMEOUT);
@@ -401,6 +417,9 @@ impl Session {
         let mut demands = stream.try_clone();
         let mut reader = FrameReader::new(stream, self.memory.frames());
         let mut first = true;
+        let mut urgent = false;
+        // The `Done` frames this connection sent.
+        let mut dones = 0;
         loop {
             if self.aborted.load(Ordering::Relaxed) {
                 return;
@@ -408,7 +427,9 @@ impl Session {
             let frame = match reader.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
-                    if !self.all_sent() {
+                    // A data connection may end once it has ended its phase, while the others
+                    // still send theirs.
+                    if !self.all_sent() && !(dones > self.phases_done()) {
                         self.fail(DataError::ClosedEarly);
                     }
                     return;
@@ -420,11 +441,16 @@ impl Session {
             };
             let result = match frame {
                 Frame::Pages(pages) => self.install(&pages),
-                Frame::Done => self.pages_done(),
+                Frame::Done if urgent => Err(DataError::UrgentDone),
+                Frame::Done => {
+                    dones += 1;
+                    self.pages_done(dones)
+                }
                 Frame::Demand(_) => Err(DataError::UnexpectedDemand),
                 Frame::Urgent if first && self.mode == Mode::Hybrid => match &demands {
                     Ok(demands) => demands.try_clone().map(|clone| {
                         *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+                        urgent = true;
                         self.lock().urgent = true;
                         self.changed.notify_all();
                     }),
@@ -452,12 +478,29 @@ impl Session {
         }
     }
 
-    /// A `Done` frame: the end of pre-copy, or in post-copy the end of the push. One in a
-    /// phase that expects none (a second before the commit, say) ends the session.
-    fn pages_done(&self) -> Result<(), DataError> {
+    /// A data connection's `Done` frame, its `dones`-th: the end of pre-copy, or in post-copy
+    /// the end of the push, once every data connection has sent its own. One in a phase that
+    /// expects none (a second before the commit, say) ends the session, as does a second on
+    /// one connection before the others sent their first.
+    fn pages_done(&self, dones: u32) -> Result<(), DataError> {
+        {
+            let mut progress = self.lock();
+            if dones > progress.dones / self.connections + 1 {
+                return Err(DataError::DoneTwice);
+            }
+            progress.dones += 1;
+            if !progress.dones.is_multiple_of(self.connections) {
+                return Ok(());
+            }
+        }
         self.advance(SessionEvent::PagesDone)
             .map(drop)
             .map_err(DataError::UnexpectedDone)
+    }
+
+    /// Phases every data connection has ended with its `Done`.
+    fn phases_done(&self) -> u32 {
+        self.lock().dones / self.connections
     }
 
     /// Punches out of the memfd the copies this session holds of `pages`, one call per run of
@@ -540,7 +583,10 @@ impl Session {
             if !data.is_empty() {
                 self.memory
                     .write_frames_through_fd(first, &data)
-                    .map_err(|source| DataError::Write { page: first, source })?;
+                    .map_err(|source| DataError::Write {
+                        page: first,
+                        source,
+                    })?;
             }
         }
         // Hashing on arrival keeps the digest out of the cutover's downtime; outside the lock,
@@ -568,7 +614,10 @@ impl Session {
             if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
                 self.memory
                     .remove_frames(first..last + 1)
-                    .map_err(|source| DataError::Free { page: first, source })?;
+                    .map_err(|source| DataError::Free {
+                        page: first,
+                        source,
+                    })?;
             }
         }
         let mut progress = self.lock();

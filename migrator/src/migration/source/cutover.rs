@@ -11,7 +11,7 @@ use std::{
 
 use tracing::warn;
 
-use super::{MigrationError, SourcePhase, discard::discard_live, rounds::Run};
+use super::{MigrationError, SourcePhase, discard::discard_live, rounds::Run, stripes::Stripes};
 use crate::{
     migration::{
         control::{CommitReply, CommitRequest, CommitTimings, Destination, DestinationError},
@@ -60,10 +60,10 @@ const DRAINED: u64 = 64 * 1024;
 /// (or `limit` has passed): the pause would wait for it otherwise. Measured with nothing left
 /// to send, that wait was most of the downtime (36-45 ms at 1 Gbit/s: the socket buffers and
 /// the link's queue).
-fn drain(sender: &PageSender<DataStream>, limit: Duration) {
+fn drain(sender: &Stripes, limit: Duration) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        match sender.stream().unsent_bytes() {
+        match sender.unsent_bytes() {
             Ok(queued) if queued > DRAINED => std::thread::sleep(Duration::from_millis(1)),
             _ => return,
         }
@@ -76,7 +76,7 @@ fn drain(sender: &PageSender<DataStream>, limit: Duration) {
 /// after it whose content is not what was last sent, without duplicates.
 fn pause_for_cutover(
     run: &mut Run<'_>,
-    sender: &PageSender<DataStream>,
+    sender: &Stripes,
     mut last_dirty: Vec<u64>,
 ) -> Result<(Stopwatch, Vec<u64>), MigrationError> {
     let partition = run.partition;
@@ -101,7 +101,7 @@ pub(super) fn cutover_precopy(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
-    sender: &mut PageSender<DataStream>,
+    sender: &mut Stripes,
     order: &Order,
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
@@ -256,7 +256,7 @@ pub(super) fn cutover_hybrid(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
-    mut sender: PageSender<DataStream>,
+    mut sender: Stripes,
     urgent: PageSender<DataStream>,
     order: &Order,
     last_dirty: Vec<u64>,
@@ -291,7 +291,7 @@ pub(super) fn cutover_hybrid(
     // Post-copy: push what the destination lacks, hottest first. A small send buffer and a
     // pace below the link keep the queues the urgent connection shares with the push short.
     run.set_progress(|p| p.phase = Phase::Postcopy);
-    if let Err(e) = link::set_send_buffer(sender.stream(), link::POSTCOPY_SEND_BUFFER) {
+    if let Err(e) = sender.set_send_buffer(link::POSTCOPY_SEND_BUFFER) {
         warn!("{}", heatprobe::probes::error_chain(&e));
     }
     let push_rate = run

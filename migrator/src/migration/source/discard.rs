@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::{MigrationError, rounds::Run};
+use super::{MigrationError, rounds::Run, stripes::Stripes};
 use crate::migration::{
     link::{DataStream, LinkError},
-    transport::{Frame, FrameReader, PageSender},
+    transport::{Frame, FrameReader},
 };
 
 /// At most this many rounds of discards before the pause.
@@ -44,7 +44,7 @@ impl Discarded {
 /// frees, as it would have without them.
 pub(super) fn discard_live(
     run: &mut Run<'_>,
-    sender: &mut PageSender<DataStream>,
+    sender: &mut Stripes,
     mut stale: Vec<u64>,
 ) -> Result<Discarded, MigrationError> {
     let frames = run.partition.memory().frames() as usize;
@@ -57,11 +57,12 @@ pub(super) fn discard_live(
         .filter(|&f| run.sent_once[f as usize])
         .collect();
     let started = Instant::now();
-    let answers = sender
-        .stream()
-        .try_clone()
-        .map_err(|e| MigrationError::Connect(LinkError::Socket(e)))?;
-    let mut answers = FrameReader::new(answers, frames as u64);
+    // Each connection answers for the discards sent on it.
+    let mut answers: Vec<FrameReader<DataStream>> = sender
+        .clone_streams()?
+        .into_iter()
+        .map(|stream| FrameReader::new(stream, frames as u64))
+        .collect();
     for _ in 0..ROUNDS {
         if batch.len() < ENOUGH {
             break;
@@ -70,7 +71,7 @@ pub(super) fn discard_live(
         // The destination's own figure for freeing, four times over, and the round trip.
         let expected = run.remove_per_page * batch.len() as u32;
         let patience = expected * 4 + run.prepare_rtt * 4 + Duration::from_millis(100);
-        match acknowledged(&mut answers, sent, patience) {
+        match acknowledged(&mut answers, &sent, patience) {
             Ok(true) => {}
             Ok(false) => {
                 warn!(
@@ -94,19 +95,36 @@ pub(super) fn discard_live(
         batch = run.add_changed(&mut stale, &bitmap);
         batch.retain(|&f| run.sent_once[f as usize]);
     }
-    // Back to what the connection had: the source reads nothing more on it.
-    let _ = answers.into_inner().set_read_timeout(None);
+    // Back to what the connections had: the source reads nothing more on them.
+    for answers in answers {
+        let _ = answers.into_inner().set_read_timeout(None);
+    }
     run.report.discard_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(Discarded { stale, gone })
 }
 
-/// Reads `frames` acknowledgements within `patience`: `Ok(false)` if they did not all come.
+/// Reads on each connection the acknowledgements of the `frames` sent on it, within
+/// `patience` in all: `Ok(false)` if they did not all come.
 fn acknowledged(
-    answers: &mut FrameReader<DataStream>,
-    frames: usize,
+    answers: &mut [FrameReader<DataStream>],
+    frames: &[usize],
     patience: Duration,
 ) -> Result<bool, MigrationError> {
     let deadline = Instant::now() + patience;
+    for (answers, &frames) in answers.iter_mut().zip(frames) {
+        if !acknowledged_on(answers, frames, deadline)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reads `frames` acknowledgements on one connection by `deadline`.
+fn acknowledged_on(
+    answers: &mut FrameReader<DataStream>,
+    frames: usize,
+    deadline: Instant,
+) -> Result<bool, MigrationError> {
     for _ in 0..frames {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

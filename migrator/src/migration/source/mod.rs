@@ -17,7 +17,7 @@ use super::{
     control::{CarriedHeat, Destination, DestinationError, PrepareRequest},
     convergence::{Converge, GiveUp, TimeoutStrategy},
     link::LinkError,
-    protocol::PROTOCOL_VERSION,
+    protocol::{MAX_CONNECTIONS, PROTOCOL_VERSION},
     report::{
         GuestLocation, MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy,
     },
@@ -29,10 +29,12 @@ mod cutover;
 mod discard;
 mod guest_ops;
 mod rounds;
+pub mod stripes;
 
 use self::{
     cutover::{cutover_hybrid, cutover_precopy},
     rounds::{Run, iterate, plan},
+    stripes::Stripes,
 };
 
 /// Tunables of one migration.
@@ -62,6 +64,14 @@ pub struct MigrationOptions {
     /// How long after the resume the destination counts the guest's faults (zero: not at
     /// all). The migration's report waits for it.
     pub fault_window: Duration,
+    /// Data connections the pages are striped across, each with a sender and a receiver
+    /// thread of its own (hybrid mode adds the urgent one).
+    #[serde(default = "one_connection")]
+    pub connections: u32,
+}
+
+fn one_connection() -> u32 {
+    1
 }
 
 /// Options that contradict each other.
@@ -75,6 +85,8 @@ pub enum OptionsError {
     NoRounds,
     #[error("--downtime-limit must be positive")]
     NoDowntime,
+    #[error("--connections must be 1 to {MAX_CONNECTIONS}, got {0}")]
+    Connections(u32),
 }
 
 impl MigrationOptions {
@@ -96,6 +108,9 @@ impl MigrationOptions {
         if self.downtime_limit.is_zero() {
             return Err(OptionsError::NoDowntime);
         }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(OptionsError::Connections(self.connections));
+        }
         Ok(())
     }
 }
@@ -114,6 +129,7 @@ impl Default for MigrationOptions {
             timeout: None,
             timeout_strategy: TimeoutStrategy::Cancel,
             fault_window: Duration::from_secs(2),
+            connections: 1,
         }
     }
 }
@@ -362,6 +378,7 @@ fn execute(
             config: partition.config().clone(),
             mode: options.mode,
             fault_window_ms: options.fault_window.as_millis() as u64,
+            connections: options.connections,
         })
         .map_err(MigrationError::Prepare)?;
     let session = reply.session;
@@ -375,7 +392,9 @@ fn execute(
     // The destination's word, bounded: at most a millisecond a page.
     run.remove_per_page = Duration::from_nanos(reply.remove_ns_per_page.min(1_000_000));
     run.phase = SourcePhase::Iterating { session };
-    let stream = destination.connect_data(reply.data_port)?;
+    let streams = (0..options.connections)
+        .map(|_| destination.connect_data(reply.data_port))
+        .collect::<Result<Vec<_>, _>>()?;
     // Hybrid: a second connection for the destination's demands and the pages they ask for,
     // so that none waits behind the push (QEMU's postcopy-preempt channel).
     let urgent = match options.mode {
@@ -386,7 +405,7 @@ fn execute(
             Some(urgent)
         }
     };
-    let mut sender = PageSender::new(stream, options.bandwidth_limit);
+    let mut sender = Stripes::new(streams, options.bandwidth_limit);
     partition.dirty_log_start()?;
     let mut order = plan(run, probes, carried)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;

@@ -10,14 +10,13 @@ use heatprobe::{Probes, Profiler, profiler::ProfilerConfig};
 use tracing::info;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{MigrationError, MigrationOptions, PlanHeat, SourcePhase};
+use super::{MigrationError, MigrationOptions, PlanHeat, SourcePhase, stripes::Stripes};
 use crate::{
     migration::{
         convergence::{Check, Convergence, CutoverReason, Decision, Policy},
-        link::DataStream,
         order::Order,
         report::{MigrationProgress, MigrationReport, Mode, Phase, PlanHeatOrigin, Strategy},
-        transport::{PageSender, SendCounts},
+        transport::SendCounts,
     },
     vmm::{
         Partition,
@@ -104,7 +103,7 @@ impl Run<'_> {
     /// Sends one round (`first`: round 0), stopping early at `deadline`.
     pub(super) fn send_round(
         &mut self,
-        sender: &mut PageSender<DataStream>,
+        sender: &mut Stripes,
         frames: &[u64],
         first: bool,
         deadline: Option<Instant>,
@@ -128,7 +127,7 @@ impl Run<'_> {
     /// Sends `frames` in batches, keeping the counters and the progress current.
     pub(super) fn send(
         &mut self,
-        sender: &mut PageSender<DataStream>,
+        sender: &mut Stripes,
         frames: &[u64],
     ) -> Result<(), MigrationError> {
         self.send_until(sender, frames, None).map(drop)
@@ -138,15 +137,17 @@ impl Run<'_> {
     /// many were sent.
     fn send_until(
         &mut self,
-        sender: &mut PageSender<DataStream>,
+        sender: &mut Stripes,
         frames: &[u64],
         deadline: Option<Instant>,
     ) -> Result<usize, MigrationError> {
         let memory = Arc::clone(self.partition.memory());
-        let mut hashes = Vec::with_capacity(BATCH);
-        for (i, batch) in frames.chunks(BATCH).enumerate() {
+        // A batch per connection, so each sends frames as full as with one.
+        let per_call = BATCH * sender.len().max(1);
+        let mut hashes = Vec::with_capacity(per_call);
+        for (i, batch) in frames.chunks(per_call).enumerate() {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(i * BATCH);
+                return Ok(i * per_call);
             }
             hashes.clear();
             let counts = sender.send_pages(&memory, batch, &mut hashes)?;
@@ -159,7 +160,7 @@ impl Run<'_> {
                 *seen = true;
                 self.sent_hash[frame as usize] = hash;
             }
-            let remaining = (frames.len() - (i * BATCH + batch.len())) as u64 * PAGE_SIZE;
+            let remaining = (frames.len() - (i * per_call + batch.len())) as u64 * PAGE_SIZE;
             let rate = self.counts.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-6);
             let sent = self.counts.bytes;
             self.set_progress(|p| {
@@ -216,7 +217,7 @@ pub(super) fn plan(
 /// cutover.
 pub(super) fn iterate(
     run: &mut Run<'_>,
-    sender: &mut PageSender<DataStream>,
+    sender: &mut Stripes,
     order: &mut Order,
 ) -> Result<Vec<u64>, MigrationError> {
     let partition = run.partition;
@@ -282,7 +283,7 @@ pub(super) fn iterate(
         // pause, but the pages dirtied meanwhile take its place in the last set: as many, at
         // most, while the guest dirties no faster than the link carries, as it does once
         // the rounds converge.
-        let queued = sender.stream().unsent_bytes().unwrap_or(0);
+        let queued = sender.unsent_bytes().unwrap_or(0);
         let expected = convergence.expected_downtime(count, queued, rate);
         run.report.expected_downtime_ms = expected.as_millis() as u64;
         let per_round = run.report.dirty_pages_per_round.clone();
