@@ -429,7 +429,7 @@ impl Session {
                 Ok(None) => {
                     // A data connection may end once it has ended its phase, while the others
                     // still send theirs.
-                    if !self.all_sent() && !(dones > self.phases_done()) {
+                    if !self.all_sent() && dones <= self.phases_done() {
                         self.fail(DataError::ClosedEarly);
                     }
                     return;
