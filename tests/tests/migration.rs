@@ -319,7 +319,10 @@ fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
                 "3",
             ];
             let (report, new_id) = migrate_and_check(&source, &destination, &id, &args, &case);
-            assert!(report["pages_resent"].as_u64() > Some(0), "{case}: {report}");
+            assert!(
+                report["pages_resent"].as_u64() > Some(0),
+                "{case}: {report}"
+            );
             destination.runs_clean(&new_id, 5, 1, &case);
             destination.json(&["stop", &new_id]);
         }

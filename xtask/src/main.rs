@@ -64,7 +64,7 @@ enum Command {
         #[arg(value_enum)]
         suite: bench::Suite,
         /// Passed to the benchmark, flags included (`migration` takes
-        /// `[RUNS] [--only SUBSTRING]... [--mode precopy|hybrid] [--list]`, `loopback [RUNS]`,
+        /// `[RUNS] [--only SUBSTRING]... [--mode precopy|hybrid] [--list]`, `loopback [RUNS]`, `link [RUNS]`,
         /// `tls [RUNS]` or `charts`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
