@@ -94,7 +94,7 @@ enum Command {
     Launch {
         #[command(flatten)]
         host: Host,
-        /// A built-in workload: kv-zipf, scan, rw-mix, uniform-write, hotspot, graded, idle.
+        /// A built-in workload: kv-zipf, scan, rw-mix, uniform-write, fill, hotspot, graded, idle.
         #[arg(long, conflicts_with = "image", required_unless_present = "image")]
         workload: Option<String>,
         /// A guest ELF image written to guest ABI v1.
