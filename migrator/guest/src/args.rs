@@ -85,11 +85,7 @@ impl<'a> Args<'a> {
     ) -> Result<&'a str, BadArg<'a>> {
         match self.raw(key) {
             None => Ok(default),
-            Some(v) => options
-                .iter()
-                .copied()
-                .find(|o| *o == v)
-                .ok_or(BadArg(key)),
+            Some(v) => options.iter().copied().find(|o| *o == v).ok_or(BadArg(key)),
         }
     }
 

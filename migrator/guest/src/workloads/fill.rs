@@ -49,9 +49,9 @@ const WORDS: [&str; 64] = [
     "the ", "of ", "and ", "ok.\n", "to ", "a ", "done.\n", "in ", "is ", "that ", "for ", "it ",
     "was ", "on ", "with ", "as ", "INFO ", "be ", "at ", "by ", "this ", "from ", "request ",
     "or ", "have ", "an ", "they ", "which ", "one ", "you ", "were ", "all ", "served ", "we ",
-    "when ", "there ", "can ", "said ", "WARN ", "each ", "about ", "how ", "up ", "out ",
-    "them ", "then ", "she ", "many ", "some ", "so ", "these ", "would ", "other ", "into ",
-    "has ", "more ", "her ", "two ", "like ", "him ", "see ", "time ", "could ", "again.\n",
+    "when ", "there ", "can ", "said ", "WARN ", "each ", "about ", "how ", "up ", "out ", "them ",
+    "then ", "she ", "many ", "some ", "so ", "these ", "would ", "other ", "into ", "has ",
+    "more ", "her ", "two ", "like ", "him ", "see ", "time ", "could ", "again.\n",
 ];
 
 /// Log lines' fixed starts: one in 16 choices starts a line with one of them, which repeats
@@ -99,7 +99,10 @@ const LINE_TOKENS: [[(u64, u32); LINE_CHUNKS]; 8] = {
     let mut lines = [[(0u64, 0u32); LINE_CHUNKS]; 8];
     let mut i = 0;
     while i < 8 {
-        assert!(LINES[i].len() <= 8 * LINE_CHUNKS, "a line start fits its chunks");
+        assert!(
+            LINES[i].len() <= 8 * LINE_CHUNKS,
+            "a line start fits its chunks"
+        );
         let mut c = 0;
         while c < LINE_CHUNKS {
             lines[i][c] = pack(LINES[i], 8 * c);

@@ -371,13 +371,21 @@ fn fill_text_reads_as_words_and_random_does_not() {
     let line = String::from_utf8(prose.clone()).expect("text is UTF-8");
     assert!(line.contains(" the ") && line.contains('\n'), "{line}");
     assert!(line.contains("INFO  http: GET /api/v1/items "), "{line}");
-    assert!(prose.iter().all(|b| b.is_ascii_graphic() || b" \n".contains(b)));
+    assert!(
+        prose
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b" \n".contains(b))
+    );
     // About 4 bits a byte of letters and spaces, against 8 for random bytes: text an
     // entropy coder halves at least, and that repeats its words for lz4 to find.
     let e = entropy(&prose);
     assert!((3.0..5.0).contains(&e), "text: {e} bits a byte");
     let noise = page_bytes(&data[2 * PAGE_WORDS + 2..3 * PAGE_WORDS]);
-    assert!(entropy(&noise) > 7.9, "random: {} bits a byte", entropy(&noise));
+    assert!(
+        entropy(&noise) > 7.9,
+        "random: {} bits a byte",
+        entropy(&noise)
+    );
     // Another version of a page, or another seed, is other text.
     assert_ne!(data[2..PAGE_WORDS], data[PAGE_WORDS + 2..2 * PAGE_WORDS]);
     let other = fill::Filler { seed: 4, ..text };

@@ -14,6 +14,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::{
+    compress::{Compress, CompressError},
     control::{CarriedHeat, Destination, DestinationError, PrepareRequest},
     convergence::{Converge, GiveUp, TimeoutStrategy},
     link::LinkError,
@@ -62,6 +63,10 @@ pub struct MigrationOptions {
     /// How long after the resume the destination counts the guest's faults (zero: not at
     /// all). The migration's report waits for it.
     pub fault_window: Duration,
+    /// How pages frames are compressed on the data connection (not the urgent one, whose
+    /// demanded pages go one at a time, as fast as they can). Off when absent.
+    #[serde(default)]
+    pub compress: Compress,
 }
 
 /// Options that contradict each other.
@@ -75,6 +80,8 @@ pub enum OptionsError {
     NoRounds,
     #[error("--downtime-limit must be positive")]
     NoDowntime,
+    #[error("bad --compress")]
+    Compress(#[from] CompressError),
 }
 
 impl MigrationOptions {
@@ -96,6 +103,7 @@ impl MigrationOptions {
         if self.downtime_limit.is_zero() {
             return Err(OptionsError::NoDowntime);
         }
+        self.compress.validate()?;
         Ok(())
     }
 }
@@ -114,6 +122,7 @@ impl Default for MigrationOptions {
             timeout: None,
             timeout_strategy: TimeoutStrategy::Cancel,
             fault_window: Duration::from_secs(2),
+            compress: Compress::None,
         }
     }
 }
@@ -254,6 +263,7 @@ pub fn migrate(
         phase: SourcePhase::Preparing,
         prepare_rtt: Duration::ZERO,
         link_rate: None,
+        wire_rate: None,
         remove_per_page: Duration::ZERO,
         plan_heat: None,
     };
@@ -271,6 +281,8 @@ pub fn migrate(
     report.pages_sent = run.counts.pages;
     report.zero_pages = run.counts.zero_pages;
     report.bytes_sent = run.counts.bytes;
+    report.bytes_uncompressed = run.counts.uncompressed_bytes;
+    report.compression_ratio = compression_ratio(run.counts);
     report.total_time_ms = total_time.as_millis() as u64;
     report.mbps = run.counts.bytes as f64 * 8.0 / total_time.as_secs_f64().max(1e-6) / 1e6;
     match &result {
@@ -344,6 +356,14 @@ pub fn migrate(
     report
 }
 
+/// Uncompressed bytes over bytes on the wire: 1 when nothing was compressed (or sent).
+fn compression_ratio(counts: SendCounts) -> f64 {
+    if counts.bytes == 0 {
+        return 1.0;
+    }
+    counts.uncompressed_bytes as f64 / counts.bytes as f64
+}
+
 fn execute(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
@@ -387,6 +407,7 @@ fn execute(
         }
     };
     let mut sender = PageSender::new(stream, options.bandwidth_limit);
+    sender.set_compression(options.compress)?;
     partition.dirty_log_start()?;
     let mut order = plan(run, probes, carried)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
