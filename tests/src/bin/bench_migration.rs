@@ -1104,72 +1104,65 @@ const LINK_MBPS: f64 = 1000.0;
 const COMPRESSIBLE_BOUND: f64 = 2.0;
 const INCOMPRESSIBLE_LOSS: f64 = 0.05;
 
-/// `--compress` on the shaped link: for a compressible and an incompressible guest, each
-/// codec in turn (the order rotating every run), `runs` runs each.
-fn compression(runs: usize) -> Result<()> {
-    let started = Instant::now();
-    let guests = [&FILL_TEXT, &FILL_RANDOM];
-    // reports[guest][codec], each in run order.
-    let mut reports: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); CODECS.len()]; guests.len()];
-    {
-        let (_hosts, a, b) = shaped_hosts()?;
-        for run in 0..runs {
-            for (g, guest) in guests.iter().enumerate() {
-                for k in 0..CODECS.len() {
-                    let c = (k + run) % CODECS.len();
-                    let codec = CODECS[c];
-                    let report =
-                        one_migration(&a, &b, guest, "address", "precopy", &["--compress", codec])
-                            .unwrap_or_else(
-                                |e| json!({"status": "error", "error": format!("{e:#}")}),
-                            );
-                    eprintln!(
-                        "bench: {} / {codec} / run {run}: {}, round 0 {} Mbit/s ({} on the wire), \
-                         {} bytes as {} ({}x), total {} ms, downtime {} ms",
-                        guest.name,
-                        report["status"].as_str().unwrap_or("?"),
-                        report["round0_mbps"],
-                        report["round0_wire_mbps"],
-                        report["bytes_uncompressed"],
-                        report["bytes_sent"],
-                        report["compression_ratio"],
-                        report["total_time_ms"],
-                        report["downtime_ms"],
-                    );
-                    if !completed(&report) {
-                        eprintln!("bench: not completed: {}", report["error"]);
-                    }
-                    reports[g][c].push(report);
+/// reports[guest][codec], each in run order.
+type CodecReports = Vec<Vec<Vec<Value>>>;
+
+/// Migrates each of `guests` from `a` to `b` with each codec in turn (the order rotating
+/// every run), `runs` times.
+fn codec_runs(
+    a: &Daemon,
+    b: &Daemon,
+    guests: &[&Scenario],
+    runs: usize,
+    link: &str,
+) -> CodecReports {
+    let mut reports: CodecReports = vec![vec![Vec::new(); CODECS.len()]; guests.len()];
+    for run in 0..runs {
+        for (g, guest) in guests.iter().enumerate() {
+            for k in 0..CODECS.len() {
+                let c = (k + run) % CODECS.len();
+                let codec = CODECS[c];
+                let report =
+                    one_migration(a, b, guest, "address", "precopy", &["--compress", codec])
+                        .unwrap_or_else(|e| json!({"status": "error", "error": format!("{e:#}")}));
+                eprintln!(
+                    "bench: {link} / {} / {codec} / run {run}: {}, round 0 {} Mbit/s ({} on the \
+                     wire), {} bytes as {} ({}x), total {} ms, downtime {} ms",
+                    guest.name,
+                    report["status"].as_str().unwrap_or("?"),
+                    report["round0_mbps"],
+                    report["round0_wire_mbps"],
+                    report["bytes_uncompressed"],
+                    report["bytes_sent"],
+                    report["compression_ratio"],
+                    report["total_time_ms"],
+                    report["downtime_ms"],
+                );
+                if !completed(&report) {
+                    eprintln!("bench: not completed: {}", report["error"]);
                 }
+                reports[g][c].push(report);
             }
         }
     }
-    println!("#### compression, the shaped 1 Gbit/s link\n");
+    reports
+}
+
+/// The table of [`codec_runs`]: round 0's effective rate as a multiple of `base` (the link's
+/// rate, named `base_name`) or, without one, of the same guest's rate without compression.
+fn codec_table(guests: &[&Scenario], reports: &CodecReports, base: Option<(f64, &str)>) {
+    let multiple = base.map_or("× none", |(_, name)| name);
     println!(
-        "Reproduce: `{}` (as root).\n",
-        reproduce("cargo xtask bench migration compress", &[runs.to_string()])
-    );
-    if let Some(commit) = commit() {
-        println!("Built from commit {commit}.\n");
-    }
-    println!(
-        "The matrix's two namespaces (`tc tbf rate {RATE}`, mutual TLS); each run migrates a fresh 512 MiB, 1-vCPU `fill` partition, 1 s after its first operation, with `migrator migrate --strategy address --mode precopy --downtime-limit {DOWNTIME_LIMIT} --compress C`; {}, the codecs interleaved (their order rotating every run). Figures are `median (min–max)` over the completed runs. The effective rate is round 0's uncompressed bytes a second (`round0_mbps`), the wire rate its bytes on the wire (`round0_wire_mbps`).\n",
-        plural(runs, "run")
-    );
-    println!(
-        "| guest | compress | completed | digests equal | round 0 effective Gbit/s | × link | round 0 wire Mbit/s | MiB on the wire | ratio | total ms | downtime ms |"
+        "| guest | compress | completed | digests equal | round 0 effective Gbit/s | {multiple} | round 0 wire Mbit/s | MiB on the wire | ratio | total ms | downtime ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (guest, by_codec) in guests.iter().zip(&reports) {
+    for (guest, by_codec) in guests.iter().zip(reports) {
+        let none = stat(&by_codec[0], "/round0_mbps").map(|s| s.median);
+        let base = base.map(|(mbps, _)| mbps).or(none).unwrap_or(f64::NAN);
         for (codec, reports) in CODECS.iter().zip(by_codec) {
-            let gbit = completed_values(reports, "/round0_mbps")
-                .into_iter()
-                .map(|m| m / 1000.0)
-                .collect();
-            let times_link = completed_values(reports, "/round0_mbps")
-                .into_iter()
-                .map(|m| m / LINK_MBPS)
-                .collect();
+            let rates = completed_values(reports, "/round0_mbps");
+            let gbit = rates.iter().map(|m| m / 1000.0).collect();
+            let times = rates.iter().map(|m| m / base).collect();
             let mib = completed_values(reports, "/bytes_sent")
                 .into_iter()
                 .map(|b| b / f64::from(1 << 20))
@@ -1180,7 +1173,7 @@ fn compression(runs: usize) -> Result<()> {
                 count(reports, completed),
                 count(reports, |r| completed(r) && digests_equal(r)),
                 show(Spread::of(gbit), 2),
-                show(Spread::of(times_link), 2),
+                show(Spread::of(times), 2),
                 show(stat(reports, "/round0_wire_mbps"), 0),
                 show(Spread::of(mib), 0),
                 show(stat(reports, "/compression_ratio"), 2),
@@ -1189,14 +1182,46 @@ fn compression(runs: usize) -> Result<()> {
             );
         }
     }
-    let median_of = |reports: &[Value], pointer: &str| stat(reports, pointer).map(|s| s.median);
-    println!("\n#### compression: summary\n");
+    println!();
+}
+
+/// `--compress` on the shaped link, then on loopback without a limit (where the link is not
+/// what limits the move): for a compressible and an incompressible guest, each codec in
+/// turn, `runs` runs each.
+fn compression(runs: usize) -> Result<()> {
+    let started = Instant::now();
+    let guests = [&FILL_TEXT, &FILL_RANDOM];
+    let shaped = {
+        let (_hosts, a, b) = shaped_hosts()?;
+        codec_runs(&a, &b, &guests, runs, "shaped")
+    };
+    let loopback = {
+        let a = Daemon::try_start(DaemonConfig::default())?;
+        let b = Daemon::try_start(DaemonConfig::default())?;
+        codec_runs(&a, &b, &guests, runs, "loopback")
+    };
+    println!("#### compression, the shaped 1 Gbit/s link\n");
     println!(
-        "Conditions: the compressible guest's median round-0 effective rate ≥ {COMPRESSIBLE_BOUND:.0}x the link with a codec; the incompressible guest's median total time with each codec ≤ {:.2}x its time without; every run completed with equal digests.\n",
+        "Reproduce: `{}` (as root).\n",
+        reproduce("cargo xtask bench migration compress", &[runs.to_string()])
+    );
+    if let Some(commit) = commit() {
+        println!("Built from commit {commit}.\n");
+    }
+    println!(
+        "The matrix's two namespaces (`tc tbf rate {RATE}`, mutual TLS); each run migrates a fresh 512 MiB, 1-vCPU `fill` partition (`{}` or `{}`), 1 s after its first operation, with `migrator migrate --strategy address --mode precopy --downtime-limit {DOWNTIME_LIMIT} --compress C`; {}, the codecs interleaved (their order rotating every run). Figures are `median (min–max)` over the completed runs. The effective rate is round 0's uncompressed bytes a second (`round0_mbps`), the wire rate its bytes on the wire (`round0_wire_mbps`).\n",
+        FILL_TEXT.args,
+        FILL_RANDOM.args,
+        plural(runs, "run")
+    );
+    codec_table(&guests, &shaped, Some((LINK_MBPS, "× link")));
+    let median_of = |reports: &[Value], pointer: &str| stat(reports, pointer).map(|s| s.median);
+    println!("#### compression: summary\n");
+    println!(
+        "Conditions (shaped link): the compressible guest's median round-0 effective rate ≥ {COMPRESSIBLE_BOUND:.0}x the link with a codec; the incompressible guest's median total time with each codec ≤ {:.2}x its time without; every run completed with equal digests.\n",
         1.0 + INCOMPRESSIBLE_LOSS
     );
-    let text = &reports[0];
-    let random = &reports[1];
+    let (text, random) = (&shaped[0], &shaped[1]);
     let best = (1..CODECS.len())
         .filter_map(|c| Some((CODECS[c], median_of(&text[c], "/round0_mbps")? / LINK_MBPS)))
         .max_by(|a, b| a.1.total_cmp(&b.1));
@@ -1214,8 +1239,9 @@ fn compression(runs: usize) -> Result<()> {
     let cheap = losses
         .iter()
         .all(|(_, r)| r.is_some_and(|r| r <= 1.0 + INCOMPRESSIBLE_LOSS));
-    let digests = reports
+    let digests = shaped
         .iter()
+        .chain(&loopback)
         .flatten()
         .flatten()
         .all(|r| completed(r) && digests_equal(r));
@@ -1236,12 +1262,17 @@ fn compression(runs: usize) -> Result<()> {
         }
     }
     println!(
-        "- every run completed with equal digests: {}",
+        "- every run (both tables) completed with equal digests: {}",
         pass(digests)
     );
+    println!("\nOver both guests: {}.\n", pass(fast && cheap && digests));
+    println!("#### compression, loopback, no limit\n");
     println!(
-        "\nOver both guests: {}.\n\nThe bench took {:.1} min.",
-        pass(fast && cheap && digests),
+        "The same migrations between two plain daemons on loopback, no bandwidth limit: the sender's CPU, not the link, bounds the move. `× none`: the effective rate over the same guest's without compression.\n"
+    );
+    codec_table(&guests, &loopback, None);
+    println!(
+        "The bench took {:.1} min.",
         started.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
