@@ -228,7 +228,8 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         fault_window: Duration,
         /// Compress the pages, frame by frame, where that saves an eighth of a frame:
-        /// none, lz4, zstd or zstd:LEVEL (-7 to 22; zstd alone is level 1).
+        /// none, lz4, zstd or zstd:LEVEL (-7 to 22; zstd alone is level 1), or auto (lz4
+        /// where compressing is measured to be faster than sending as it is).
         #[arg(long, default_value = "none")]
         compress: Compress,
         /// Print one JSON object when done instead of a progress bar and summary.

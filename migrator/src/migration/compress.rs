@@ -7,8 +7,15 @@
 //! than the attempt. Decompression writes into a buffer of exactly the length the frame
 //! announces, which its entries bound, so no input can make it write more (a decompression
 //! bomb is an error, as is a payload that comes out shorter).
+//!
+//! `auto` compresses with LZ4 only where that is faster than sending as it is, judged from
+//! what the sender measures as it goes ([`Auto`]).
 
-use std::{fmt, str::FromStr};
+use std::{
+    fmt,
+    str::FromStr,
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -26,6 +33,8 @@ pub enum Compress {
     Lz4,
     /// Zstandard at `level`: slower than LZ4 at every level, and smaller.
     Zstd { level: i32 },
+    /// LZ4 on the frames where compressing is measured to beat the link ([`Auto`]).
+    Auto,
 }
 
 /// Zstandard's level when `--compress zstd` names none: its fastest positive level, since
@@ -41,7 +50,7 @@ pub const MIN_SAVING: usize = 8;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CompressError {
     #[error(
-        "`{0}` is not a compression: none, lz4, zstd or zstd:LEVEL (LEVEL from -7 to 22, default 1)"
+        "`{0}` is not a compression: none, lz4, zstd or zstd:LEVEL (LEVEL from -7 to 22, default 1), or auto"
     )]
     Spec(String),
     #[error("zstd level {0} is out of range (-7 to 22)")]
@@ -71,6 +80,7 @@ impl FromStr for Compress {
         let compress = match text.trim() {
             "none" => Self::None,
             "lz4" => Self::Lz4,
+            "auto" => Self::Auto,
             "zstd" => Self::Zstd {
                 level: DEFAULT_ZSTD_LEVEL,
             },
@@ -93,7 +103,92 @@ impl fmt::Display for Compress {
             Self::None => f.write_str("none"),
             Self::Lz4 => f.write_str("lz4"),
             Self::Zstd { level } => write!(f, "zstd:{level}"),
+            Self::Auto => f.write_str("auto"),
         }
+    }
+}
+
+/// `--compress auto`'s judgement: whether compressing the next frame is faster than sending it
+/// as it is, from what compressing and writing took so far.
+///
+/// The sender compresses, then writes, on one thread: a frame of `n` bytes costs `n / W`
+/// sent as it is, where `W` is the rate its writes drain at (time writing and pacing: the
+/// link's rate when the link is what limits, far more when the socket takes what it is given),
+/// and `n / C + n / (r W)` compressed, where `C` is the rate the codec compresses at and `r`
+/// its ratio. Compressing pays when `C (1 - 1/r) > W`. Measured on the fly, as moving averages
+/// of totals (bytes over seconds), since `C` depends on the content and on what else the
+/// host runs, and `W` on the link and the pacer. While it does not pay, one frame in
+/// [`PROBE_EVERY`] is compressed anyway, so the figures stay current.
+#[derive(Clone, Debug, Default)]
+pub struct Auto {
+    /// Bytes compressed and the seconds it took.
+    compressed: Average,
+    /// Bytes given to the codec and the bytes that went out for them.
+    ratio: Average,
+    /// Bytes written and the seconds writing (and pacing) took.
+    written: Average,
+    since_probe: u32,
+}
+
+/// While compressing does not pay, one frame in this many is compressed, to keep measuring.
+pub const PROBE_EVERY: u32 = 16;
+/// The weight of each new frame in [`Auto`]'s averages.
+const WEIGHT: f64 = 0.25;
+
+/// A moving average of a rate: totals of an amount and of what it is per, both decayed alike.
+#[derive(Clone, Copy, Debug, Default)]
+struct Average {
+    amount: f64,
+    per: f64,
+}
+
+impl Average {
+    fn add(&mut self, amount: f64, per: f64) {
+        if self.per == 0.0 {
+            (self.amount, self.per) = (amount, per);
+        } else {
+            self.amount += WEIGHT * (amount - self.amount);
+            self.per += WEIGHT * (per - self.per);
+        }
+    }
+
+    fn rate(&self) -> Option<f64> {
+        (self.per > 0.0).then(|| self.amount / self.per)
+    }
+}
+
+impl Auto {
+    /// Whether to compress the next frame: when it pays, or nothing is known yet, or it is
+    /// time to probe.
+    pub fn wants(&mut self) -> bool {
+        let pays = match (
+            self.compressed.rate(),
+            self.ratio.rate(),
+            self.written.rate(),
+        ) {
+            (Some(speed), Some(ratio), Some(wire)) => speed * (1.0 - 1.0 / ratio) > wire,
+            _ => true,
+        };
+        self.since_probe += 1;
+        if pays || self.since_probe >= PROBE_EVERY {
+            self.since_probe = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Compressing `raw` bytes took `took` and made `sent` bytes to send (`raw` when it was
+    /// not worth sending compressed).
+    pub fn compressed(&mut self, raw: usize, sent: usize, took: Duration) {
+        self.compressed
+            .add(raw as f64, took.as_secs_f64().max(1e-9));
+        self.ratio.add(raw as f64, sent.max(1) as f64);
+    }
+
+    /// Writing `bytes` (and pacing them) took `took`.
+    pub fn wrote(&mut self, bytes: usize, took: Duration) {
+        self.written.add(bytes as f64, took.as_secs_f64().max(1e-9));
     }
 }
 
@@ -103,6 +198,8 @@ pub struct Compressor {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     /// Room for LZ4's worst case, which its encoder insists on before it starts.
     scratch: Vec<u8>,
+    /// `--compress auto`: when to compress at all.
+    auto: Option<Auto>,
 }
 
 impl Compressor {
@@ -111,7 +208,7 @@ impl Compressor {
         compress.validate()?;
         let (codec, zstd) = match compress {
             Compress::None => return Ok(None),
-            Compress::Lz4 => (Codec::Lz4, None),
+            Compress::Lz4 | Compress::Auto => (Codec::Lz4, None),
             Compress::Zstd { level } => (
                 Codec::Zstd,
                 Some(
@@ -124,7 +221,15 @@ impl Compressor {
             codec,
             zstd,
             scratch: Vec::new(),
+            auto: (compress == Compress::Auto).then(Auto::default),
         }))
+    }
+
+    /// Tells `auto` that writing `bytes` (pacing included) took `took`.
+    pub fn wrote(&mut self, bytes: usize, took: Duration) {
+        if let Some(auto) = &mut self.auto {
+            auto.wrote(bytes, took);
+        }
     }
 
     pub fn codec(&self) -> Codec {
@@ -132,8 +237,21 @@ impl Compressor {
     }
 
     /// Compresses `input` into the start of `output` if that saves at least [`MIN_SAVING`]
-    /// of it and fits; returns the compressed length, or `None` to send `input` as it is.
+    /// of it and fits (and, with `auto`, if compressing is worth trying); returns the
+    /// compressed length, or `None` to send `input` as it is.
     pub fn compress(&mut self, input: &[u8], output: &mut [u8]) -> Option<usize> {
+        if !self.auto.as_mut().is_none_or(Auto::wants) {
+            return None;
+        }
+        let started = Instant::now();
+        let len = self.compress_now(input, output);
+        if let Some(auto) = &mut self.auto {
+            auto.compressed(input.len(), len.unwrap_or(input.len()), started.elapsed());
+        }
+        len
+    }
+
+    fn compress_now(&mut self, input: &[u8], output: &mut [u8]) -> Option<usize> {
         let limit = (input.len() - input.len() / MIN_SAVING).min(output.len());
         let len = match (self.codec, &mut self.zstd) {
             (Codec::Zstd, Some(zstd)) => {
@@ -216,7 +334,13 @@ mod tests {
                 "{bad}"
             );
         }
-        for compress in [Compress::None, Compress::Lz4, Compress::Zstd { level: 5 }] {
+        assert_eq!("auto".parse(), Ok(Compress::Auto));
+        for compress in [
+            Compress::None,
+            Compress::Lz4,
+            Compress::Zstd { level: 5 },
+            Compress::Auto,
+        ] {
             assert_eq!(compress.to_string().parse(), Ok(compress));
         }
         assert_eq!(
@@ -291,5 +415,61 @@ mod tests {
             assert!(compressor.compress(&mixed, &mut out).is_some());
         }
         assert!(Compressor::new(Compress::None).unwrap().is_none());
+    }
+
+    const MB: f64 = 1e6;
+
+    /// How many of `frames` frames `auto` compresses when the codec runs at `speed` bytes a
+    /// second with `ratio`, and writes drain at `wire`.
+    fn compressed_of(frames: u32, speed: f64, ratio: f64, wire: f64) -> u32 {
+        let mut auto = Auto::default();
+        let frame = 4.0 * MB;
+        let mut compressed = 0;
+        for _ in 0..frames {
+            let sent = if auto.wants() {
+                compressed += 1;
+                auto.compressed(
+                    frame as usize,
+                    (frame / ratio) as usize,
+                    Duration::from_secs_f64(frame / speed),
+                );
+                frame / ratio
+            } else {
+                frame
+            };
+            auto.wrote(sent as usize, Duration::from_secs_f64(sent / wire));
+        }
+        compressed
+    }
+
+    #[test]
+    fn auto_compresses_where_it_beats_the_link_and_probes_elsewhere() {
+        // LZ4 on text (600 MB/s, 2.9x) over 1 Gbit/s: every frame.
+        assert_eq!(compressed_of(160, 600.0 * MB, 2.9, 125.0 * MB), 160);
+        // The same over a link that takes 1.2 GB/s: the first frame, then one in 16.
+        let probes = compressed_of(160, 600.0 * MB, 2.9, 1200.0 * MB);
+        assert_eq!(probes, 1 + 159 / PROBE_EVERY, "{probes}");
+        // Incompressible memory, any link: probes only.
+        let probes = compressed_of(160, 2000.0 * MB, 1.0, 125.0 * MB);
+        assert_eq!(probes, 1 + 159 / PROBE_EVERY, "{probes}");
+        // A link that slows down (a full queue, a pacer) turns it back on.
+        let mut auto = Auto::default();
+        auto.compressed(4 << 20, (4 << 20) / 3, Duration::from_millis(7));
+        auto.wrote(4 << 20, Duration::from_millis(2));
+        assert!(!auto.wants());
+        for _ in 0..8 {
+            auto.wrote(4 << 20, Duration::from_millis(40));
+        }
+        assert!(auto.wants());
+    }
+
+    #[test]
+    fn auto_compresses_with_lz4_and_keeps_the_eighth_rule() {
+        let mut compressor = Compressor::new(Compress::Auto).unwrap().unwrap();
+        assert_eq!(compressor.codec(), Codec::Lz4);
+        let input = text(64 << 10);
+        let mut out = vec![0; input.len()];
+        // Nothing measured: the first frame is tried.
+        assert!(compressor.compress(&input, &mut out).is_some());
     }
 }

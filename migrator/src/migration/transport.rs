@@ -242,8 +242,12 @@ impl<W: Write> PageSender<W> {
             Some(packed) => &self.packed[..packed],
             None => &self.buffer[..len],
         };
+        let started = Instant::now();
         self.pacer.pace(frame.len() as u64);
         self.stream.write_all(frame)?;
+        if let Some(compressor) = &mut self.compressor {
+            compressor.wrote(frame.len(), started.elapsed());
+        }
         counts.bytes = frame.len() as u64;
         counts.uncompressed_bytes = len as u64;
         Ok(counts)

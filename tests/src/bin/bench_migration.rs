@@ -1096,7 +1096,7 @@ const FILL_RANDOM: Scenario = Scenario {
     resent_bound: 1.0,
 };
 /// The codecs compared, `none` first: the baseline of each guest.
-const CODECS: [&str; 3] = ["none", "lz4", "zstd"];
+const CODECS: [&str; 4] = ["none", "lz4", "zstd", "auto"];
 /// The link's rate in Mbit/s (`RATE`), which the effective rates are multiples of.
 const LINK_MBPS: f64 = 1000.0;
 /// Done-when: a compressible guest's round 0 at 2x the link with compression; an
