@@ -13,8 +13,12 @@ use std::{
 use heatprobe_tests::guest_images;
 use migrator::{
     fuzzing::{Target, state_config},
-    migration::protocol::{FrameHeader, FrameKind, ZERO_PAGE, pages_payload_len},
-    vmm::{layout, memory::PAGE_SIZE, state},
+    migration::{
+        compress::Compress,
+        protocol::{FrameHeader, FrameKind, ZERO_PAGE, pages_payload_len},
+        transport::PageSender,
+    },
+    vmm::{GuestAddress, GuestMemory, layout, memory::PAGE_SIZE, state},
 };
 
 fn fuzz_dir() -> PathBuf {
@@ -29,6 +33,7 @@ fn frame(kind: FrameKind, entries: &[u64], pages: &[&[u8]]) -> Vec<u8> {
         FrameKind::Pages => pages_payload_len(entries),
         FrameKind::Demand | FrameKind::Discard => 8 * entries.len() as u64,
         FrameKind::Done | FrameKind::Urgent | FrameKind::Discarded => 0,
+        FrameKind::CompressedPages => panic!("compressed frames come from the sender"),
     };
     let header = FrameHeader {
         kind,
@@ -43,6 +48,53 @@ fn frame(kind: FrameKind, entries: &[u64], pages: &[&[u8]]) -> Vec<u8> {
         bytes.extend_from_slice(page);
     }
     bytes
+}
+
+/// A partition of 16 pages sent by the real sender with `compress`: a frame of text pages
+/// and zero pages, compressed, then one of pseudo-random bytes, which does not compress, then
+/// the end.
+fn compressed(compress: Compress) -> Vec<u8> {
+    let mut state = 1u64;
+    let noise: Vec<u8> = (0..PAGE_SIZE)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 56) as u8
+        })
+        .collect();
+    let memory = GuestMemory::new(16 * PAGE_SIZE).expect("memory");
+    let text: Vec<u8> = b"a line of a log, and another line of it\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(PAGE_SIZE as usize)
+        .collect();
+    for page in [0, 2, 3, 9] {
+        memory
+            .write(GuestAddress(page * PAGE_SIZE), &text)
+            .expect("write");
+    }
+    memory
+        .write(GuestAddress(15 * PAGE_SIZE), &noise)
+        .expect("write");
+    let mut sender = PageSender::new(vec![16u8], None);
+    sender.set_compression(compress).expect("a codec");
+    let mut hashes = Vec::new();
+    sender
+        .send_pages(&memory, &(0..12).collect::<Vec<_>>(), &mut hashes)
+        .expect("sends");
+    sender
+        .send_pages(&memory, &[15], &mut hashes)
+        .expect("sends");
+    sender.send_done().expect("sends");
+    let stream = sender.stream().clone();
+    // The first frame (after the partition's size) is compressed, the second is not.
+    let kind = |at: usize| u16::from_le_bytes([stream[at + 6], stream[at + 7]]);
+    assert_eq!(kind(1), FrameKind::CompressedPages as u16);
+    let second = 1 + 24 + u64::from_le_bytes(stream[17..25].try_into().expect("8 bytes")) as usize;
+    assert_eq!(kind(second), FrameKind::Pages as u16);
+    stream
 }
 
 /// Small valid inputs for each target, by file name.
@@ -65,7 +117,12 @@ fn seeds(target: Target) -> Vec<(&'static str, Vec<u8>)> {
             stream.extend(frame(FrameKind::Done, &[], &[]));
             let mut done = vec![1u8];
             done.extend(frame(FrameKind::Done, &[], &[]));
-            vec![("session", stream), ("done", done)]
+            vec![
+                ("session", stream),
+                ("done", done),
+                ("lz4", compressed(Compress::Lz4)),
+                ("zstd", compressed(Compress::Zstd { level: 1 })),
+            ]
         }
         Target::State => vec![(
             "two-vcpus",

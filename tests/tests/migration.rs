@@ -310,6 +310,8 @@ fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
             // of their first copy, and the newest copy must be the one that stays.
             let id = launch(&source, "uniform-write", "check_every=20000", "64M", 1);
             source.wait_progress(&id, 5, 1);
+            // Compressed in hybrid mode: each connection compresses its own frames.
+            let compress = if mode == "hybrid" { "lz4" } else { "none" };
             let args = [
                 "--strategy",
                 "address",
@@ -317,6 +319,8 @@ fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
                 mode,
                 "--connections",
                 "3",
+                "--compress",
+                compress,
             ];
             let (report, new_id) = migrate_and_check(&source, &destination, &id, &args, &case);
             assert!(
@@ -357,5 +361,98 @@ fn a_bad_number_of_connections_is_refused_and_changes_nothing() {
         let (code, report) = migrate(&source, &destination, &id, &["--connections", bad]);
         assert_ne!(code, 0, "--connections {bad}: {report}");
         assert_eq!(source.json(&["status", &id])["state"], "running");
+    }
+}
+
+#[test]
+fn a_compressible_guest_migrates_compressed_with_each_codec() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_compressible_guest_migrates_compressed_with_each_codec",
+            &why,
+        );
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    // (content, --compress, mode, the least and the most compression ratio expected)
+    let cases = [
+        ("text", "lz4", "precopy", 2.0, 4.0),
+        ("text", "zstd", "precopy", 3.0, 6.0),
+        ("text", "zstd:-3", "hybrid", 2.0, 6.0),
+        ("text", "lz4", "hybrid", 2.0, 4.0),
+        ("text", "none", "precopy", 1.0, 1.0),
+        // Random pages do not save an eighth: they travel as they are.
+        ("random", "zstd", "precopy", 1.0, 1.05),
+        ("random", "lz4", "precopy", 1.0, 1.05),
+        // On loopback the link may outrun LZ4: auto compresses what it finds worth it.
+        ("text", "auto", "precopy", 1.0, 4.0),
+        ("text", "auto", "hybrid", 1.0, 4.0),
+    ];
+    for (content, compress, mode, least, most) in cases {
+        let case = format!("fill content={content} --compress {compress} --mode {mode}");
+        let args = format!("content={content} check_every=20000 rate=20000");
+        let id = launch(&source, "fill", &args, "32M", 1);
+        source.wait_progress(&id, 5, 1);
+        let (report, new_id) = source.migrate_checked(
+            &destination,
+            &id,
+            &[
+                "--strategy",
+                "address",
+                "--mode",
+                mode,
+                "--compress",
+                compress,
+            ],
+            &case,
+        );
+        let sent = report["bytes_sent"].as_u64().expect("bytes_sent");
+        let uncompressed = report["bytes_uncompressed"]
+            .as_u64()
+            .expect("bytes_uncompressed");
+        let ratio = report["compression_ratio"].as_f64().expect("a ratio");
+        // Every page went at least once: the uncompressed bytes hold all 32 MiB.
+        assert!(uncompressed >= 32 << 20, "{case}: {report}");
+        assert!(
+            (ratio - uncompressed as f64 / sent as f64).abs() < 1e-9,
+            "{case}: {report}"
+        );
+        assert!((least..=most).contains(&ratio), "{case}: ratio {ratio}");
+        if compress == "none" {
+            assert_eq!(sent, uncompressed, "{case}");
+        }
+        // Round 0's effective rate is its wire rate times what compression saved there.
+        let (effective, wire) = (
+            report["round0_mbps"].as_f64().unwrap(),
+            report["round0_wire_mbps"].as_f64().unwrap(),
+        );
+        assert!(
+            effective >= wire * least * 0.9,
+            "{case}: {effective} over {wire}"
+        );
+        eprintln!(
+            "{case}: {uncompressed} bytes as {sent} ({ratio:.2}x), round 0 {effective:.0} Mbit/s \
+             over {wire:.0}"
+        );
+        // The destination's guest checks every word of every page.
+        destination.runs_clean(&new_id, 5, 1, &case);
+        destination.json(&["stop", &new_id]);
+    }
+}
+
+#[test]
+fn a_bad_compression_is_refused_with_one_clear_error() {
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    for bad in ["gzip", "zstd:99", "zstd:", "lz4:1"] {
+        let (code, report) = source.migrate(&destination, "p0", &["--compress", bad]);
+        assert_ne!(code, 0, "{bad}");
+        let stderr = report.as_str().unwrap_or_default();
+        assert!(
+            stderr.contains(&format!(
+                "`{bad}` is not a compression: none, lz4, zstd or zstd:LEVEL"
+            )),
+            "{bad}: {stderr}"
+        );
     }
 }

@@ -57,6 +57,8 @@ fn every_builtin_workload_runs_and_checks_itself() {
         ("scan", "", 1),
         ("rw-mix", "check_every=20000", 2),
         ("uniform-write", "check_every=20000", 1),
+        ("fill", "check_every=20000", 1),
+        ("fill", "content=random check_every=20000", 2),
         ("hotspot", "check_every=20000", 1),
         ("graded", "scatter=1 check_every=20000", 2),
         ("idle", "", 1),

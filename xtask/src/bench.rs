@@ -13,7 +13,8 @@ pub enum Suite {
     Heatprobe,
     /// Guest ops/s in a partition against the same code on the host; launch time of 1 GiB.
     Partitions,
-    /// Heat against address order over a shaped link between two network namespaces.
+    /// Heat against address order over a shaped link between two network namespaces (and
+    /// `loopback`, `tls`, `compress`: the page stream's rate, TLS's cost, compression's).
     Migration,
     /// Recall of the daemon's heat against guests' known hot sets, and the guest's slowdown
     /// while profiled, per sampling configuration.

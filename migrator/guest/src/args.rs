@@ -76,6 +76,19 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// One of `options`, or `default` when absent; any other word is refused.
+    pub fn choice(
+        &self,
+        key: &'a str,
+        options: &[&'a str],
+        default: &'a str,
+    ) -> Result<&'a str, BadArg<'a>> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(v) => options.iter().copied().find(|o| *o == v).ok_or(BadArg(key)),
+        }
+    }
+
     /// The first `key=value` word whose key is not in `known`: a misspelt key would otherwise
     /// be ignored silently and the workload would run with a default the user did not want.
     pub fn unknown_key(&self, known: &[&str]) -> Option<&'a str> {
@@ -125,6 +138,16 @@ mod tests {
         assert_eq!(args.flag("c", false), Err(BadArg("c")));
         assert_eq!(args.flag("d", false), Err(BadArg("d")));
         assert_eq!(args.flag("absent", true), Ok(true));
+    }
+
+    #[test]
+    fn choices_are_one_of_their_options() {
+        let args = Args::new("w a=text b=prose c=");
+        let options = ["text", "random"];
+        assert_eq!(args.choice("a", &options, "random"), Ok("text"));
+        assert_eq!(args.choice("b", &options, "text"), Err(BadArg("b")));
+        assert_eq!(args.choice("c", &options, "text"), Err(BadArg("c")));
+        assert_eq!(args.choice("absent", &options, "random"), Ok("random"));
     }
 
     #[test]

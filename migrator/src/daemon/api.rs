@@ -39,9 +39,11 @@ use crate::{
 /// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
 /// report's post-cutover figures), `page_heat` and `plan`; 6 adds the report's discarded
 /// pages (data protocol 3: `Discard` before the pause), the parked commit with
-/// `migration_handover`, `reconcile` and `migration_heat`. New calls go at the end of the
-/// service.
-pub const API_VERSION: u32 = 6;
+/// `migration_handover`, `reconcile` and `migration_heat`; 7 adds the options' `compress`
+/// and `connections`, the prepare's `connections`, and the report's `bytes_uncompressed`,
+/// `compression_ratio` and `round0_wire_mbps` (data protocol 4: `CompressedPages`, pages
+/// striped across connections). New calls go at the end of the service.
+pub const API_VERSION: u32 = 7;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.

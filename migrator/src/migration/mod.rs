@@ -2,6 +2,7 @@
 //!
 //! - `control`: what the source asks of the destination, and how those calls fail;
 //! - `protocol`: the data frames, versioned; `transport`: sending and reading them, paced;
+//!   `compress`: compressing their pages (`--compress`);
 //! - `link`: opening the data connection (plain or TLS), its socket policy and TLS tunnel;
 //! - `source`: the source's phases, rounds of dirty pages, cutover and rollback;
 //!   `order`: the page order (heat or address), kept current from the dirty log;
@@ -10,6 +11,7 @@
 //!   serve missing pages through userfaultfd;
 //! - `report`: what a migration reports (names follow QEMU's query-migrate where they can).
 
+pub mod compress;
 pub mod control;
 pub mod convergence;
 pub mod destination;

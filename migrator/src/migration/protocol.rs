@@ -22,6 +22,11 @@
 //! `magic u32 | version u16 | kind u16 | count u32 | reserved u32 | payload_len u64`.
 //! The magic is non-zero and kinds start at 1, so a zeroed buffer never decodes as a frame.
 //! Decoding checks the magic, version, kind, sizes and page indexes before trusting anything.
+//!
+//! A `CompressedPages` frame carries a `Pages` frame's payload compressed: its payload opens
+//! with `codec u32 | raw_len u32` (the codec, and the length of the `Pages` payload it
+//! decompresses to, which its `count` entries bound), then the codec's bytes. The reader
+//! decompresses into exactly `raw_len` bytes and reads them as that `Pages` payload.
 
 use thiserror::Error;
 
@@ -30,7 +35,8 @@ use crate::vmm::memory::PAGE_SIZE;
 /// Protocol version spoken by this build: 2 adds the `Urgent` frame (a second connection
 /// for demanded pages in hybrid mode), 3 the `Discard` and `Discarded` frames, 4 pages
 /// striped across several data connections (`PrepareRequest::connections`), each ending a
-/// phase with its own `Done`.
+/// phase with its own `Done`, and the `CompressedPages` frame (pages compressed with LZ4 or
+/// Zstandard, frame by frame).
 pub const PROTOCOL_VERSION: u16 = 4;
 /// "HMIG", little-endian.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"HMIG");
@@ -63,6 +69,70 @@ pub enum FrameKind {
     /// Destination → source on the same connection: every `Discard` before it has been
     /// carried out. No entries.
     Discarded = 6,
+    /// Source → destination: a `Pages` frame's payload of `count` entries, compressed; the
+    /// payload opens with its [`CompressedPrefix`].
+    CompressedPages = 7,
+}
+
+/// The bytes a `CompressedPages` payload opens with.
+pub const COMPRESSED_PREFIX_LEN: usize = 8;
+
+/// How a `CompressedPages` payload is compressed. Codecs start at 1, so zeros never name one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Codec {
+    /// LZ4's block format.
+    Lz4 = 1,
+    /// One Zstandard frame.
+    Zstd = 2,
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
+        })
+    }
+}
+
+/// The start of a `CompressedPages` payload: `codec u32 | raw_len u32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompressedPrefix {
+    pub codec: Codec,
+    /// The length of the `Pages` payload the rest decompresses to.
+    pub raw_len: u32,
+}
+
+impl CompressedPrefix {
+    pub fn encode(&self) -> [u8; COMPRESSED_PREFIX_LEN] {
+        let mut bytes = [0u8; COMPRESSED_PREFIX_LEN];
+        bytes[0..4].copy_from_slice(&(self.codec as u32).to_le_bytes());
+        bytes[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
+        bytes
+    }
+
+    /// Decodes and checks the prefix of a frame of `count` entries: a known codec, and a
+    /// length a `Pages` payload of `count` entries can have (their index, and whole pages of
+    /// data for at most all of them), so decompression never writes beyond what the entries
+    /// allow.
+    pub fn decode(bytes: &[u8; COMPRESSED_PREFIX_LEN], count: u32) -> Result<Self, FrameError> {
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let codec = match u32_at(0) {
+            1 => Codec::Lz4,
+            2 => Codec::Zstd,
+            other => return Err(FrameError::Codec(other)),
+        };
+        let raw_len = u32_at(4);
+        let index_bytes = 8 * u64::from(count);
+        let max = index_bytes + PAGE_SIZE * u64::from(count);
+        let len = u64::from(raw_len);
+        if len < index_bytes || len > max || !(len - index_bytes).is_multiple_of(PAGE_SIZE) {
+            return Err(FrameError::RawLength { got: len, max });
+        }
+        Ok(Self { codec, raw_len })
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -83,6 +153,16 @@ pub enum FrameError {
     Reserved,
     #[error("a Done, Urgent or Discarded frame carries {0} entries")]
     DoneWithEntries(u32),
+    #[error("unknown compression codec {0}")]
+    Codec(u32),
+    #[error(
+        "a compressed frame announces {got} bytes of pages, which its entries cannot have (at most {max}, whole pages)"
+    )]
+    RawLength { got: u64, max: u64 },
+    #[error("the {codec} payload does not decompress: {detail}")]
+    Decompress { codec: Codec, detail: String },
+    #[error("the compressed payload decompressed to {got} bytes, not the {want} announced")]
+    Decompressed { got: u64, want: u64 },
 }
 
 impl FrameKind {
@@ -131,6 +211,7 @@ impl FrameHeader {
             4 => FrameKind::Urgent,
             5 => FrameKind::Discard,
             6 => FrameKind::Discarded,
+            7 => FrameKind::CompressedPages,
             other => return Err(FrameError::Kind(other)),
         };
         if u32_at(12) != 0 {
@@ -147,13 +228,19 @@ impl FrameHeader {
         }
         let payload_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
         let index_bytes = 8 * u64::from(count);
+        let pages_max = index_bytes + PAGE_SIZE * u64::from(count);
+        // A compressed payload is sent only when smaller than the plain one: its prefix and
+        // at most the plain payload's length bound it.
+        let prefix = COMPRESSED_PREFIX_LEN as u64;
         let max = match kind {
-            FrameKind::Pages => index_bytes + PAGE_SIZE * u64::from(count),
+            FrameKind::Pages => pages_max,
+            FrameKind::CompressedPages => prefix + pages_max,
             FrameKind::Demand | FrameKind::Discard => index_bytes,
             FrameKind::Done | FrameKind::Urgent | FrameKind::Discarded => 0,
         };
         let min = match kind {
             FrameKind::Pages | FrameKind::Demand | FrameKind::Discard => index_bytes,
+            FrameKind::CompressedPages => prefix,
             FrameKind::Done | FrameKind::Urgent | FrameKind::Discarded => 0,
         };
         if payload_len < min || payload_len > max {
@@ -232,6 +319,48 @@ mod tests {
         ));
         assert_eq!(check_page(7 | ZERO_PAGE, 8), Ok(7));
         assert!(check_page(8, 8).is_err());
+    }
+
+    #[test]
+    fn compressed_headers_and_prefixes_are_checked() {
+        let header = FrameHeader {
+            kind: FrameKind::CompressedPages,
+            count: 2,
+            payload_len: COMPRESSED_PREFIX_LEN as u64 + 100,
+        };
+        assert_eq!(FrameHeader::decode(&header.encode()), Ok(header));
+        for payload_len in [
+            COMPRESSED_PREFIX_LEN as u64 - 1,
+            8 + 2 * (8 + PAGE_SIZE) + 1,
+        ] {
+            let bad = FrameHeader {
+                payload_len,
+                ..header
+            };
+            assert!(matches!(
+                FrameHeader::decode(&bad.encode()),
+                Err(FrameError::Length { .. })
+            ));
+        }
+        let prefix = CompressedPrefix {
+            codec: Codec::Zstd,
+            raw_len: 16 + PAGE_SIZE as u32,
+        };
+        assert_eq!(CompressedPrefix::decode(&prefix.encode(), 2), Ok(prefix));
+        // Zeros name no codec.
+        assert_eq!(
+            CompressedPrefix::decode(&[0; COMPRESSED_PREFIX_LEN], 2),
+            Err(FrameError::Codec(0))
+        );
+        // Lengths two entries cannot have: short of their index, past all their data, or
+        // not whole pages.
+        for raw_len in [15, 16 + 2 * PAGE_SIZE as u32 + PAGE_SIZE as u32, 17] {
+            let bad = CompressedPrefix { raw_len, ..prefix };
+            assert!(matches!(
+                CompressedPrefix::decode(&bad.encode(), 2),
+                Err(FrameError::RawLength { .. })
+            ));
+        }
     }
 
     /// Reads every frame of `stream` for a partition of `frames` pages.

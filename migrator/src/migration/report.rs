@@ -129,7 +129,13 @@ pub struct MigrationReport {
     /// Dirty pages not sent again because their content was what was last sent.
     pub unchanged_skipped: u64,
     pub zero_pages: u64,
+    /// Bytes on the data connections, as they went on the wire (compressed, where they were).
     pub bytes_sent: u64,
+    /// The same frames' bytes uncompressed: `bytes_sent` without `--compress`.
+    pub bytes_uncompressed: u64,
+    /// `bytes_uncompressed / bytes_sent`: 1.0 when nothing was compressed.
+    pub compression_ratio: f64,
+    /// `bytes_sent` over the total time, in Mbit/s: what the link carried.
     pub mbps: f64,
     pub expected_downtime_ms: u64,
     /// Where the downtime went.
@@ -168,8 +174,12 @@ pub struct MigrationReport {
     pub post_cutover_faults_note: Option<String>,
     /// Dirty pages found at the start of each round after round 0.
     pub dirty_pages_per_round: Vec<u64>,
-    /// The rate round 0 streamed at, in Mbit/s.
+    /// The rate round 0 moved memory at, in Mbit/s of uncompressed pages (the effective rate:
+    /// with compression, more than the link carries).
     pub round0_mbps: f64,
+    /// The rate round 0 streamed at on the wire, in Mbit/s (`round0_mbps` without
+    /// compression).
+    pub round0_wire_mbps: f64,
     /// Why execution moved: `converged`, `not-shrinking`, `max-rounds` or `timeout`; null
     /// when the migration did not get that far.
     pub cutover_reason: Option<CutoverReason>,
@@ -200,6 +210,8 @@ impl MigrationReport {
             unchanged_skipped: 0,
             zero_pages: 0,
             bytes_sent: 0,
+            bytes_uncompressed: 0,
+            compression_ratio: 1.0,
             mbps: 0.0,
             expected_downtime_ms: 0,
             downtime_breakdown: DowntimeBreakdown::default(),
@@ -218,6 +230,7 @@ impl MigrationReport {
             post_cutover_faults_note: None,
             dirty_pages_per_round: Vec::new(),
             round0_mbps: 0.0,
+            round0_wire_mbps: 0.0,
             cutover_reason: None,
             throttle_pct_max: 0,
             source_digest: None,

@@ -4,6 +4,10 @@
 //! sender copies pages into one buffer per frame and writes it with one call: measured on
 //! loopback, that streams at close to a plain TCP copy (docs/BENCHMARKS.md).
 //!
+//! With `--compress`, each frame's payload is compressed when that saves at least an eighth
+//! of it, and sent as a `CompressedPages` frame; the reader turns it back into the `Pages`
+//! frame it was (`migration::compress`).
+//!
 //! Sender and reader work on any `io::Write` and `io::Read`; opening and tuning the
 //! connection is `link`'s.
 
@@ -15,9 +19,12 @@ use std::{
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::protocol::{
-    FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAGES_PER_FRAME, ZERO_PAGE, check_page,
-    pages_payload_len,
+use super::{
+    compress::{Compress, CompressError, Compressor, Decompressor},
+    protocol::{
+        COMPRESSED_PREFIX_LEN, CompressedPrefix, FrameError, FrameHeader, FrameKind, HEADER_LEN,
+        MAX_PAGES_PER_FRAME, ZERO_PAGE, check_page, pages_payload_len,
+    },
 };
 use crate::vmm::{
     GuestMemory,
@@ -38,6 +45,8 @@ pub enum TransportError {
     },
     #[error("a frame of {0} pages does not fit the send buffer")]
     FrameTooLarge(usize),
+    #[error("cannot compress the page stream")]
+    Compress(#[from] CompressError),
 }
 
 /// How long a daemon waits on a silent peer by default before giving up on a migration.
@@ -100,7 +109,10 @@ impl Pacer {
 pub struct SendCounts {
     pub pages: u64,
     pub zero_pages: u64,
+    /// What went on the wire.
     pub bytes: u64,
+    /// What would have, uncompressed: `bytes` when nothing was compressed.
+    pub uncompressed_bytes: u64,
 }
 
 impl std::ops::AddAssign for SendCounts {
@@ -108,6 +120,7 @@ impl std::ops::AddAssign for SendCounts {
         self.pages += other.pages;
         self.zero_pages += other.zero_pages;
         self.bytes += other.bytes;
+        self.uncompressed_bytes += other.uncompressed_bytes;
     }
 }
 
@@ -135,6 +148,9 @@ pub struct PageSender<W> {
     /// Room for the largest frame, allocated once: pages are copied from guest memory straight
     /// into their place here, and each frame leaves with one write of its first bytes.
     buffer: Vec<u8>,
+    /// With compression: the codec, and room for the compressed form of the largest frame.
+    compressor: Option<Compressor>,
+    packed: Vec<u8>,
 }
 
 impl<W: Write> PageSender<W> {
@@ -143,7 +159,19 @@ impl<W: Write> PageSender<W> {
             stream,
             pacer: Pacer::new(bytes_per_sec),
             buffer: vec![0; MAX_FRAME_LEN],
+            compressor: None,
+            packed: Vec::new(),
         }
+    }
+
+    /// Compresses `Pages` frames from now on as `compress` says (where it saves an eighth).
+    pub fn set_compression(&mut self, compress: Compress) -> Result<(), TransportError> {
+        self.compressor = Compressor::new(compress)?;
+        self.packed = match self.compressor {
+            Some(_) => vec![0; MAX_FRAME_LEN + COMPRESSED_PREFIX_LEN],
+            None => Vec::new(),
+        };
+        Ok(())
     }
 
     /// Sends `pages` of `memory`, in order, in as many frames as needed, and pushes onto
@@ -210,10 +238,41 @@ impl<W: Write> PageSender<W> {
         };
         header_bytes.copy_from_slice(&header.encode());
         let len = HEADER_LEN + 8 * pages.len() + filled * PAGE_SIZE as usize;
-        self.pacer.pace(len as u64);
-        self.stream.write_all(&self.buffer[..len])?;
-        counts.bytes = len as u64;
+        let frame = match self.compress_frame(pages.len(), len) {
+            Some(packed) => &self.packed[..packed],
+            None => &self.buffer[..len],
+        };
+        let started = Instant::now();
+        self.pacer.pace(frame.len() as u64);
+        self.stream.write_all(frame)?;
+        if let Some(compressor) = &mut self.compressor {
+            compressor.wrote(frame.len(), started.elapsed());
+        }
+        counts.bytes = frame.len() as u64;
+        counts.uncompressed_bytes = len as u64;
         Ok(counts)
+    }
+
+    /// Compresses the `Pages` frame of `count` entries in `buffer[..len]` into `packed`, as a
+    /// `CompressedPages` frame; returns its length, or `None` to send the frame as it is
+    /// (no compression, or too little saved).
+    fn compress_frame(&mut self, count: usize, len: usize) -> Option<usize> {
+        let compressor = self.compressor.as_mut()?;
+        let payload = self.buffer.get(HEADER_LEN..len)?;
+        let start = HEADER_LEN + COMPRESSED_PREFIX_LEN;
+        let packed = compressor.compress(payload, self.packed.get_mut(start..)?)?;
+        let header = FrameHeader {
+            kind: FrameKind::CompressedPages,
+            count: count as u32,
+            payload_len: (COMPRESSED_PREFIX_LEN + packed) as u64,
+        };
+        let prefix = CompressedPrefix {
+            codec: compressor.codec(),
+            raw_len: payload.len() as u32,
+        };
+        self.packed[..HEADER_LEN].copy_from_slice(&header.encode());
+        self.packed[HEADER_LEN..start].copy_from_slice(&prefix.encode());
+        Some(start + packed)
     }
 
     /// Tells the destination every page of this phase has been sent.
@@ -311,6 +370,54 @@ pub struct FrameReader<R> {
     stream: R,
     frames: u64,
     buffer: Vec<u8>,
+    /// A compressed frame's payload, decompressed.
+    raw: Vec<u8>,
+    decompressor: Decompressor,
+}
+
+/// The `count` index entries a payload opens with.
+fn entries_of(payload: &[u8], count: usize) -> Result<Vec<u64>, FrameError> {
+    let index = payload.get(..8 * count).ok_or(FrameError::Length {
+        got: payload.len() as u64,
+        want: 8 * count as u64,
+    })?;
+    Ok(index
+        .as_chunks::<8>()
+        .0
+        .iter()
+        .map(|b| u64::from_le_bytes(*b))
+        .collect())
+}
+
+/// The `Pages` frame of a payload of `count` entries, each checked against `frames`.
+fn pages_of(payload: &[u8], count: usize, frames: u64) -> Result<Frame<'_>, FrameError> {
+    let entries = entries_of(payload, count)?;
+    let want = pages_payload_len(&entries);
+    if want != payload.len() as u64 {
+        return Err(FrameError::Length {
+            got: payload.len() as u64,
+            want,
+        });
+    }
+    let mut data = payload[8 * count..]
+        .as_chunks::<{ PAGE_SIZE as usize }>()
+        .0
+        .iter();
+    let mut pages = Vec::with_capacity(count);
+    for entry in entries {
+        let page = check_page(entry, frames)?;
+        if entry & ZERO_PAGE != 0 {
+            pages.push((page, None));
+        } else {
+            // The length check above leaves a page of data for every non-zero entry.
+            let bytes = data.next().ok_or(FrameError::Length {
+                got: payload.len() as u64,
+                want,
+            })?;
+            pages.push((page, Some(&bytes[..])));
+        }
+    }
+    Ok(Frame::Pages(pages))
 }
 
 impl<R: Read> FrameReader<R> {
@@ -319,6 +426,8 @@ impl<R: Read> FrameReader<R> {
             stream,
             frames,
             buffer: Vec::new(),
+            raw: Vec::new(),
+            decompressor: Decompressor::default(),
         }
     }
 
@@ -354,18 +463,14 @@ impl<R: Read> FrameReader<R> {
         self.buffer.resize(header.payload_len as usize, 0);
         self.stream.read_exact(&mut self.buffer)?;
         let count = header.count as usize;
-        let entries: Vec<u64> = self.buffer[..8 * count]
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-            .collect();
         match header.kind {
             FrameKind::Done => Ok(Some(Frame::Done)),
             FrameKind::Urgent => Ok(Some(Frame::Urgent)),
             FrameKind::Discarded => Ok(Some(Frame::Discarded)),
             FrameKind::Demand | FrameKind::Discard => {
-                let pages = entries
-                    .iter()
-                    .map(|&e| check_page(e, self.frames))
+                let pages = entries_of(&self.buffer, count)?
+                    .into_iter()
+                    .map(|e| check_page(e, self.frames))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(Some(if header.kind == FrameKind::Demand {
                     Frame::Demand(pages)
@@ -373,28 +478,21 @@ impl<R: Read> FrameReader<R> {
                     Frame::Discard(pages)
                 }))
             }
-            FrameKind::Pages => {
-                let want = pages_payload_len(&entries);
-                if want != header.payload_len {
-                    return Err(FrameError::Length {
+            FrameKind::Pages => Ok(Some(pages_of(&self.buffer, count, self.frames)?)),
+            FrameKind::CompressedPages => {
+                // The header's least payload length leaves room for the prefix.
+                let (prefix, packed) = self
+                    .buffer
+                    .split_first_chunk::<COMPRESSED_PREFIX_LEN>()
+                    .ok_or(FrameError::Length {
                         got: header.payload_len,
-                        want,
-                    }
-                    .into());
-                }
-                let mut data = &self.buffer[8 * count..];
-                let mut pages = Vec::with_capacity(count);
-                for entry in entries {
-                    let page = check_page(entry, self.frames)?;
-                    if entry & ZERO_PAGE != 0 {
-                        pages.push((page, None));
-                    } else {
-                        let (bytes, rest) = data.split_at(PAGE_SIZE as usize);
-                        pages.push((page, Some(bytes)));
-                        data = rest;
-                    }
-                }
-                Ok(Some(Frame::Pages(pages)))
+                        want: COMPRESSED_PREFIX_LEN as u64,
+                    })?;
+                let prefix = CompressedPrefix::decode(prefix, header.count)?;
+                self.raw.resize(prefix.raw_len as usize, 0);
+                self.decompressor
+                    .decompress(prefix.codec, packed, &mut self.raw)?;
+                Ok(Some(pages_of(&self.raw, count, self.frames)?))
             }
         }
     }
@@ -510,6 +608,247 @@ mod tests {
             }
         }
         assert_eq!(seen, order);
+    }
+
+    /// Memory of `frames` pages: every third page zero, the others text-like (`text`) or
+    /// pseudo-random, each page different.
+    fn memory_of(frames: u64, text: bool) -> GuestMemory {
+        let memory = GuestMemory::new(frames * PAGE_SIZE).unwrap();
+        let words = [
+            "the ", "page ", "of ", "memory ", "holds ", "a ", "log\n", "line ",
+        ];
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        for page in (0..frames).filter(|p| p % 3 != 0) {
+            let mut bytes = Vec::with_capacity(PAGE_SIZE as usize);
+            bytes.extend_from_slice(&page.to_le_bytes());
+            while bytes.len() < PAGE_SIZE as usize {
+                if text {
+                    bytes.extend_from_slice(words[next() as usize % words.len()].as_bytes());
+                } else {
+                    bytes.extend_from_slice(&next().to_le_bytes()[..4]);
+                }
+            }
+            bytes.truncate(PAGE_SIZE as usize);
+            memory
+                .write(GuestAddress(page * PAGE_SIZE), &bytes)
+                .unwrap();
+        }
+        memory
+    }
+
+    /// The kinds of the frames in `stream`, read from their headers alone.
+    fn kinds(stream: &[u8]) -> Vec<FrameKind> {
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Some(header) = stream.get(at..at + HEADER_LEN) {
+            let header = FrameHeader::decode(header.try_into().unwrap()).unwrap();
+            kinds.push(header.kind);
+            at += HEADER_LEN + header.payload_len as usize;
+        }
+        kinds
+    }
+
+    /// Reads `stream` back and checks every page against `memory`, in `order`.
+    fn reads_back(stream: &[u8], memory: &GuestMemory, order: &[u64], hashes: &[u64]) {
+        let mut reader = FrameReader::new(stream, memory.frames());
+        let (mut seen, mut expected) = (Vec::new(), [0u8; PAGE_SIZE as usize]);
+        while let Some(frame) = reader.next_frame().unwrap() {
+            let Frame::Pages(pages) = frame else {
+                assert!(matches!(frame, Frame::Done));
+                continue;
+            };
+            for (page, data) in pages {
+                memory.copy_frame(page, &mut expected).unwrap();
+                assert_eq!(data.is_none(), page % 3 == 0, "page {page}");
+                assert_eq!(data.unwrap_or(&[0; PAGE_SIZE as usize]), &expected[..]);
+                assert_eq!(hashes[seen.len()], xxh3_64(&expected));
+                seen.push(page);
+            }
+        }
+        assert_eq!(seen, order);
+    }
+
+    const CODECS: [Compress; 3] = [
+        Compress::Lz4,
+        Compress::Zstd { level: 1 },
+        Compress::Zstd { level: -3 },
+    ];
+
+    #[test]
+    fn compressed_frames_read_back_as_the_pages_sent_with_zero_pages_as_markers() {
+        let frames = 2 * u64::from(MAX_PAGES_PER_FRAME) + 3;
+        let memory = memory_of(frames, true);
+        let order: Vec<u64> = (0..frames).rev().collect();
+        for compress in CODECS {
+            let mut sender = PageSender::new(Vec::new(), None);
+            sender.set_compression(compress).unwrap();
+            let mut hashes = Vec::new();
+            let counts = sender.send_pages(&memory, &order, &mut hashes).unwrap();
+            sender.send_done().unwrap();
+            assert_eq!(counts.pages, frames);
+            assert_eq!(counts.zero_pages, frames.div_ceil(3));
+            let stream = sender.stream().as_slice();
+            assert_eq!(counts.bytes + HEADER_LEN as u64, stream.len() as u64);
+            assert_eq!(
+                kinds(stream),
+                [
+                    FrameKind::CompressedPages,
+                    FrameKind::CompressedPages,
+                    FrameKind::CompressedPages,
+                    FrameKind::Done
+                ],
+                "{compress}"
+            );
+            // What the frames would have been: the same stream uncompressed.
+            let mut plain = PageSender::new(Vec::new(), None);
+            let plain_counts = plain.send_pages(&memory, &order, &mut Vec::new()).unwrap();
+            assert_eq!(counts.uncompressed_bytes, plain_counts.bytes);
+            assert_eq!(plain_counts.uncompressed_bytes, plain_counts.bytes);
+            assert!(
+                counts.bytes * 2 < counts.uncompressed_bytes,
+                "{compress}: {} of {}",
+                counts.bytes,
+                counts.uncompressed_bytes
+            );
+            reads_back(stream, &memory, &order, &hashes);
+        }
+    }
+
+    #[test]
+    fn incompressible_frames_go_uncompressed() {
+        let frames = u64::from(MAX_PAGES_PER_FRAME) + 5;
+        let memory = memory_of(frames, false);
+        let order: Vec<u64> = (0..frames).collect();
+        for compress in CODECS {
+            let mut sender = PageSender::new(Vec::new(), None);
+            sender.set_compression(compress).unwrap();
+            let mut hashes = Vec::new();
+            let counts = sender.send_pages(&memory, &order, &mut hashes).unwrap();
+            assert_eq!(counts.bytes, counts.uncompressed_bytes, "{compress}");
+            let stream = sender.stream().as_slice();
+            assert_eq!(kinds(stream), [FrameKind::Pages, FrameKind::Pages]);
+            reads_back(stream, &memory, &order, &hashes);
+        }
+        // A frame of zero pages alone is its index, which compresses.
+        let zeros = GuestMemory::new(64 * PAGE_SIZE).unwrap();
+        let mut sender = PageSender::new(Vec::new(), None);
+        sender.set_compression(Compress::Lz4).unwrap();
+        let order: Vec<u64> = (0..64).collect();
+        let counts = sender.send_pages(&zeros, &order, &mut Vec::new()).unwrap();
+        assert!(counts.bytes < counts.uncompressed_bytes);
+        let mut reader = FrameReader::new(sender.stream().as_slice(), 64);
+        let Some(Frame::Pages(pages)) = reader.next_frame().unwrap() else {
+            panic!("one frame of pages");
+        };
+        assert_eq!(pages, order.iter().map(|&p| (p, None)).collect::<Vec<_>>());
+    }
+
+    /// One compressed frame of the text memory's first `pages` pages.
+    fn compressed_frame(compress: Compress, pages: u64) -> Vec<u8> {
+        let memory = memory_of(pages, true);
+        let mut sender = PageSender::new(Vec::new(), None);
+        sender.set_compression(compress).unwrap();
+        let order: Vec<u64> = (0..pages).collect();
+        sender.send_pages(&memory, &order, &mut Vec::new()).unwrap();
+        let stream = sender.stream().clone();
+        assert_eq!(kinds(&stream), [FrameKind::CompressedPages]);
+        stream
+    }
+
+    fn read_one(stream: &[u8], frames: u64) -> Result<usize, TransportError> {
+        let mut reader = FrameReader::new(stream, frames);
+        match reader.next_frame()? {
+            Some(Frame::Pages(pages)) => Ok(pages.len()),
+            _ => panic!("a frame of pages"),
+        }
+    }
+
+    #[test]
+    fn a_corrupt_compressed_frame_is_an_error_not_a_panic() {
+        let prefix = HEADER_LEN..HEADER_LEN + COMPRESSED_PREFIX_LEN;
+        for compress in CODECS {
+            let good = compressed_frame(compress, 64);
+            assert_eq!(read_one(&good, 64).unwrap(), 64);
+            // Pages beyond a smaller partition are refused after decompression.
+            assert!(matches!(
+                read_one(&good, 63),
+                Err(TransportError::Frame(FrameError::PageOutOfRange { .. }))
+            ));
+            // Each byte of the compressed bytes flipped in turn, in a sample: refused, or
+            // (where the codec cannot tell) read as pages of the same shape; never a panic.
+            let body = prefix.end..good.len();
+            for at in body.clone().step_by(97) {
+                let mut bad = good.clone();
+                bad[at] ^= 0x5a;
+                let _ = read_one(&bad, 64);
+            }
+            // Zeros and garbage in place of the compressed bytes.
+            for fill in [0u8, 0xff] {
+                let mut bad = good.clone();
+                bad[body.clone()].fill(fill);
+                assert!(read_one(&bad, 64).is_err(), "{compress}: {fill:#x}");
+            }
+            // Cut short inside the compressed bytes: the header's length is not there.
+            let mut cut = good.clone();
+            let len = (good.len() - HEADER_LEN - 100) as u64;
+            cut[16..24].copy_from_slice(&len.to_le_bytes());
+            cut.truncate(good.len() - 100);
+            assert!(matches!(
+                read_one(&cut, 64),
+                Err(TransportError::Frame(
+                    FrameError::Decompress { .. } | FrameError::Decompressed { .. }
+                ))
+            ));
+            // An unknown codec, and a length announced that the entries cannot have.
+            let mut bad = good.clone();
+            bad[prefix.start..prefix.start + 4].copy_from_slice(&9u32.to_le_bytes());
+            assert!(matches!(
+                read_one(&bad, 64),
+                Err(TransportError::Frame(FrameError::Codec(9)))
+            ));
+            let raw_len = |bad: &mut Vec<u8>, len: u32| {
+                bad[prefix.start + 4..prefix.end].copy_from_slice(&len.to_le_bytes())
+            };
+            let max = 64 * (8 + PAGE_SIZE as u32);
+            for len in [max + PAGE_SIZE as u32, 8 * 64 - 8, 8 * 64 + 1, u32::MAX] {
+                let mut bad = good.clone();
+                raw_len(&mut bad, len);
+                assert!(
+                    matches!(
+                        read_one(&bad, 64),
+                        Err(TransportError::Frame(FrameError::RawLength { .. }))
+                    ),
+                    "{compress}: {len}"
+                );
+            }
+            // A bomb: the payload decompresses to more than announced (a page more of the
+            // same frame's data is a length its entries allow, but the bytes do not fit).
+            let announced =
+                u32::from_le_bytes(good[prefix.end - 4..prefix.end].try_into().unwrap());
+            let mut bomb = good.clone();
+            raw_len(&mut bomb, announced - PAGE_SIZE as u32);
+            assert!(matches!(
+                read_one(&bomb, 64),
+                Err(TransportError::Frame(
+                    FrameError::Decompress { .. } | FrameError::Decompressed { .. }
+                ))
+            ));
+            // Less than announced: the decompressed length is checked.
+            let mut short = good.clone();
+            raw_len(&mut short, announced + PAGE_SIZE as u32);
+            assert!(matches!(
+                read_one(&short, 64),
+                Err(TransportError::Frame(
+                    FrameError::Decompress { .. } | FrameError::Decompressed { .. }
+                ))
+            ));
+        }
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //!
 //! Every workload takes `rate` (operations per second over all vCPUs, paced with the tick
 //! counter; 0 = flat out), `check_every` (operations between full self-checks) and `seed`.
+//! `fill` refuses keys it does not take, as `hotspot` and `graded` do.
 //! [`popularity`] gives, on the host, the page heat that `hotspot`, `graded` and `kv-zipf`
 //! arguments intend.
 
+mod fill;
 mod graded;
 mod hotspot;
 mod idle;
@@ -29,11 +31,12 @@ use crate::{
 };
 
 /// Names of the built-in workloads.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "kv-zipf",
     "scan",
     "rw-mix",
     "uniform-write",
+    "fill",
     "hotspot",
     "graded",
     "idle",
@@ -78,6 +81,7 @@ pub fn run<'a, P: Platform>(
         "scan" => scan::run(args, mem, seed, &mut runner),
         "rw-mix" => rw_mix::run(args, mem, seed, &mut runner),
         "uniform-write" => uniform_write::run(args, mem, seed, &mut runner),
+        "fill" => fill::run(args, mem, seed, &mut runner),
         "hotspot" => hotspot::run(args, mem, seed, &mut runner),
         "graded" => graded::run(args, mem, seed, &mut runner),
         "idle" => idle::run(&mut runner),

@@ -2,7 +2,7 @@
 //! scatter/scramble, the page format's checks, and [`popularity`] against what a run did.
 
 extern crate std;
-use std::{vec, vec::Vec};
+use std::{string::String, vec, vec::Vec};
 
 use super::*;
 
@@ -278,4 +278,155 @@ fn vcpu_shares_are_whole_pages_between_image_and_stacks() {
     assert_eq!((a.end - a.start) % 4096, 0);
     // Nonsense in, an empty range out, no panic.
     assert!(vcpu_share(u64::MAX, 0, 0, u32::MAX).is_empty());
+}
+
+#[test]
+fn fill_refuses_bad_arguments_by_name() {
+    let mut mem = vec![0u64; SHARE];
+    for (args, key) in [
+        ("fill content=prose", "content"),
+        ("fill content=", "content"),
+        ("fill check_every=x", "check_every"),
+        ("fill seed=-1", "seed"),
+    ] {
+        assert_eq!(
+            run_on(args, &mut mem, 0).err(),
+            Some(WorkloadError::BadArg(key)),
+            "{args}"
+        );
+    }
+    assert_eq!(
+        run_on("fill contents=text", &mut mem, 0).err(),
+        Some(WorkloadError::UnknownArg("contents"))
+    );
+    let mut tiny = vec![0u64; PAGE_WORDS];
+    assert_eq!(
+        run_on("fill", &mut tiny, 0).err(),
+        Some(WorkloadError::TooSmall)
+    );
+    assert_eq!(
+        popularity("fill", 1 << 22).err(),
+        Some(PopularityError::NotModelled("fill"))
+    );
+}
+
+#[test]
+fn fill_runs_clean_with_either_content_and_checks_itself() {
+    for args in [
+        "fill check_every=2000",
+        "fill content=text check_every=2000",
+        "fill content=random check_every=2000 seed=7",
+    ] {
+        let mut mem = vec![0u64; SHARE];
+        let host = run_on(args, &mut mem, 10_000).expect(args);
+        assert_eq!(host.errors, 0, "{args}");
+        assert!(host.checks >= 4, "{args}: {} checks", host.checks);
+        // Every page was written: none is left zero.
+        let pages = SHARE / PAGE_WORDS - 1;
+        let data = &mem[PAGE_WORDS..];
+        assert!(
+            (0..pages).all(|p| data[p * PAGE_WORDS + 100] != 0),
+            "{args}"
+        );
+    }
+}
+
+/// Order-0 entropy of `bytes`, in bits per byte.
+fn entropy(bytes: &[u8]) -> f64 {
+    let mut counts = [0u64; 256];
+    for &b in bytes {
+        counts[b as usize] += 1;
+    }
+    let n = bytes.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+fn page_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+#[test]
+fn fill_text_reads_as_words_and_random_does_not() {
+    let mut versions = vec![0u64; PAGE_WORDS];
+    let mut data = vec![0u64; 4 * PAGE_WORDS];
+    let text = fill::Filler {
+        content: fill::Content::Text,
+        seed: 3,
+    };
+    let random = fill::Filler {
+        content: fill::Content::Random,
+        seed: 3,
+    };
+    text.write(&mut data, &mut versions, 0, 1);
+    text.write(&mut data, &mut versions, 1, 2);
+    random.write(&mut data, &mut versions, 2, 1);
+    let prose = page_bytes(&data[16..PAGE_WORDS]);
+    let line = String::from_utf8(prose.clone()).expect("text is UTF-8");
+    assert!(line.contains(" the ") && line.contains('\n'), "{line}");
+    assert!(line.contains("INFO  http: GET /api/v1/items "), "{line}");
+    assert!(
+        prose
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b" \n".contains(b))
+    );
+    // About 4 bits a byte of letters and spaces, against 8 for random bytes: text an
+    // entropy coder halves at least, and that repeats its words for lz4 to find.
+    let e = entropy(&prose);
+    assert!((3.0..5.0).contains(&e), "text: {e} bits a byte");
+    let noise = page_bytes(&data[2 * PAGE_WORDS + 2..3 * PAGE_WORDS]);
+    assert!(
+        entropy(&noise) > 7.9,
+        "random: {} bits a byte",
+        entropy(&noise)
+    );
+    // Another version of a page, or another seed, is other text.
+    assert_ne!(data[2..PAGE_WORDS], data[PAGE_WORDS + 2..2 * PAGE_WORDS]);
+    let other = fill::Filler { seed: 4, ..text };
+    let mut again = vec![0u64; PAGE_WORDS];
+    other.write(&mut again, &mut versions, 0, 1);
+    assert_ne!(data[2..PAGE_WORDS], again[2..]);
+}
+
+#[test]
+fn the_fill_format_catches_zeroed_stale_misplaced_and_torn_pages() {
+    for content in [fill::Content::Text, fill::Content::Random] {
+        let filler = fill::Filler { content, seed: 11 };
+        let mut versions = vec![0u64; PAGE_WORDS];
+        let mut data = vec![0u64; 4 * PAGE_WORDS];
+        for p in 0..4 {
+            filler.write(&mut data, &mut versions, p, 1);
+        }
+        filler.write(&mut data, &mut versions, 1, 2);
+        for p in 0..4 {
+            assert_eq!(filler.check(&data, &versions, p), Ok(()), "{content:?}");
+        }
+        let good = data.clone();
+        data[..PAGE_WORDS].fill(0);
+        assert_eq!(filler.check(&data, &versions, 0), Err(0));
+        // Stale: page 1 as it was before its second version.
+        data.copy_from_slice(&good);
+        let mut old = vec![0u64; 2 * PAGE_WORDS];
+        let mut old_versions = vec![0u64; PAGE_WORDS];
+        filler.write(&mut old, &mut old_versions, 1, 1);
+        data[PAGE_WORDS..2 * PAGE_WORDS].copy_from_slice(&old[PAGE_WORDS..]);
+        assert_eq!(filler.check(&data, &versions, 1), Err(1));
+        // ... and its old content under the new header.
+        data[PAGE_WORDS + 1] = 2;
+        assert_eq!(filler.check(&data, &versions, 1), Err(2));
+        // Misplaced: page 3 holding page 2's contents.
+        data.copy_from_slice(&good);
+        data.copy_within(2 * PAGE_WORDS..3 * PAGE_WORDS, 3 * PAGE_WORDS);
+        assert_eq!(filler.check(&data, &versions, 3), Err(0));
+        // Torn: one byte of the content, near the page's end.
+        data.copy_from_slice(&good);
+        data[2 * PAGE_WORDS + 500] ^= 1 << 40;
+        assert_eq!(filler.check(&data, &versions, 2), Err(500));
+    }
 }

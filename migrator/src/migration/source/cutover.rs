@@ -294,8 +294,9 @@ pub(super) fn cutover_hybrid(
     if let Err(e) = sender.set_send_buffer(link::POSTCOPY_SEND_BUFFER) {
         warn!("{}", heatprobe::probes::error_chain(&e));
     }
+    // The pacer counts bytes on the wire: the wire rate, whatever compression makes of it.
     let push_rate = run
-        .link_rate
+        .wire_rate
         .map(|rate| (rate * PUSH_RATE_SHARE) as u64)
         .into_iter()
         .chain(run.options.bandwidth_limit)

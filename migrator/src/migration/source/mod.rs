@@ -14,6 +14,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::{
+    compress::{Compress, CompressError},
     control::{CarriedHeat, Destination, DestinationError, PrepareRequest},
     convergence::{Converge, GiveUp, TimeoutStrategy},
     link::LinkError,
@@ -64,6 +65,10 @@ pub struct MigrationOptions {
     /// How long after the resume the destination counts the guest's faults (zero: not at
     /// all). The migration's report waits for it.
     pub fault_window: Duration,
+    /// How page frames are compressed on the data connection (not the urgent one, whose
+    /// demanded pages go one at a time, as fast as they can). Off when absent.
+    #[serde(default)]
+    pub compress: Compress,
     /// Data connections the pages are striped across, each with a sender and a receiver
     /// thread of its own (hybrid mode adds the urgent one).
     #[serde(default = "one_connection")]
@@ -87,6 +92,8 @@ pub enum OptionsError {
     NoDowntime,
     #[error("--connections must be 1 to {MAX_CONNECTIONS}, got {0}")]
     Connections(u32),
+    #[error("bad --compress")]
+    Compress(#[from] CompressError),
 }
 
 impl MigrationOptions {
@@ -111,6 +118,7 @@ impl MigrationOptions {
         if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
             return Err(OptionsError::Connections(self.connections));
         }
+        self.compress.validate()?;
         Ok(())
     }
 }
@@ -130,6 +138,7 @@ impl Default for MigrationOptions {
             timeout_strategy: TimeoutStrategy::Cancel,
             fault_window: Duration::from_secs(2),
             connections: 1,
+            compress: Compress::None,
         }
     }
 }
@@ -270,6 +279,7 @@ pub fn migrate(
         phase: SourcePhase::Preparing,
         prepare_rtt: Duration::ZERO,
         link_rate: None,
+        wire_rate: None,
         remove_per_page: Duration::ZERO,
         plan_heat: None,
     };
@@ -287,6 +297,8 @@ pub fn migrate(
     report.pages_sent = run.counts.pages;
     report.zero_pages = run.counts.zero_pages;
     report.bytes_sent = run.counts.bytes;
+    report.bytes_uncompressed = run.counts.uncompressed_bytes;
+    report.compression_ratio = compression_ratio(run.counts);
     report.total_time_ms = total_time.as_millis() as u64;
     report.mbps = run.counts.bytes as f64 * 8.0 / total_time.as_secs_f64().max(1e-6) / 1e6;
     match &result {
@@ -360,6 +372,14 @@ pub fn migrate(
     report
 }
 
+/// Uncompressed bytes over bytes on the wire: 1 when nothing was compressed (or sent).
+fn compression_ratio(counts: SendCounts) -> f64 {
+    if counts.bytes == 0 {
+        return 1.0;
+    }
+    counts.uncompressed_bytes as f64 / counts.bytes as f64
+}
+
 fn execute(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
@@ -406,6 +426,7 @@ fn execute(
         }
     };
     let mut sender = Stripes::new(streams, options.bandwidth_limit);
+    sender.set_compression(options.compress)?;
     partition.dirty_log_start()?;
     let mut order = plan(run, probes, carried)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;

@@ -40,8 +40,11 @@ pub(super) struct Run<'a> {
     /// How long the destination took to answer `prepare`: the round trip and the setting up
     /// of a session, the part of the downtime known before the cutover.
     pub(super) prepare_rtt: Duration,
-    /// The rate the rounds last measured the link at, in bytes per second.
+    /// The rate the rounds last measured the link at, in uncompressed bytes per second: pages
+    /// move at this rate, whatever compression makes of them on the wire.
     pub(super) link_rate: Option<f64>,
+    /// The same rounds' rate in bytes on the wire, for pacing.
+    pub(super) wire_rate: Option<f64>,
     /// What the destination says freeing one stale page costs it.
     pub(super) remove_per_page: Duration,
     /// The heat the plan was made from (heat strategy), handed on once the move completes.
@@ -55,8 +58,10 @@ const BATCH: usize = 1024;
 
 /// What sending one round did.
 pub(super) struct RoundSent {
-    /// The rate it streamed at (bytes per second), if it sent enough to measure.
+    /// The rate it streamed at (uncompressed bytes per second), if it sent enough to measure.
     pub(super) rate: Option<f64>,
+    /// The same in bytes on the wire.
+    pub(super) wire_rate: Option<f64>,
     /// The pages it did not send because the timeout came first, in order.
     pub(super) unsent: Vec<u64>,
 }
@@ -78,6 +83,18 @@ impl Run<'_> {
         known.extend_from_slice(&fresh);
         known.sort_unstable();
         fresh
+    }
+
+    /// `wire` bytes on the wire as uncompressed bytes, at the last measured rounds' ratio:
+    /// what is queued on the socket drains at the wire rate, and the rates the convergence
+    /// compares are uncompressed.
+    pub(super) fn as_uncompressed(&self, wire: u64) -> u64 {
+        match (self.link_rate, self.wire_rate) {
+            (Some(rate), Some(wire_rate)) if wire_rate > 0.0 => {
+                (wire as f64 * rate / wire_rate) as u64
+            }
+            _ => wire,
+        }
     }
 
     /// Drops from `frames` the pages whose content is what was last sent. KVM marks a page
@@ -109,17 +126,19 @@ impl Run<'_> {
         deadline: Option<Instant>,
     ) -> Result<RoundSent, MigrationError> {
         let round_start = Instant::now();
-        let bytes_before = self.counts.bytes;
+        let before = self.counts;
         let sent = self.send_until(sender, frames, deadline)?;
         let elapsed = round_start.elapsed().as_secs_f64();
-        let bytes = self.counts.bytes - bytes_before;
+        let bytes = self.counts.uncompressed_bytes - before.uncompressed_bytes;
+        let wire = self.counts.bytes - before.bytes;
+        // A round of a few pages measures the latency of its first write, not the link:
+        // one of 20 pages once measured a rate at which nothing fit the limit, and a
+        // partition with nothing left to send was throttled to 99% and cancelled. Round
+        // 0 (every page) always counts.
+        let measured = (bytes >= BATCH as u64 * PAGE_SIZE || first) && elapsed > 0.001;
         Ok(RoundSent {
-            // A round of a few pages measures the latency of its first write, not the link:
-            // one of 20 pages once measured a rate at which nothing fit the limit, and a
-            // partition with nothing left to send was throttled to 99% and cancelled. Round
-            // 0 (every page) always counts.
-            rate: ((bytes >= BATCH as u64 * PAGE_SIZE || first) && elapsed > 0.001)
-                .then(|| bytes as f64 / elapsed),
+            rate: measured.then(|| bytes as f64 / elapsed),
+            wire_rate: measured.then(|| wire as f64 / elapsed),
             unsent: frames[sent..].to_vec(),
         })
     }
@@ -240,12 +259,14 @@ pub(super) fn iterate(
     let first = run.send_round(sender, &round0, true, deadline)?;
     let mut rate = first.rate.unwrap_or(1.0);
     run.link_rate = first.rate;
+    run.wire_rate = first.wire_rate;
     // Held-back pages count as sent (and come back dirty in the next check): the ratio of
     // the two is then the same whether a strategy holds its hot pages back or sends them.
     let mut sent = (round0.len() - first.unsent.len() + deferred.len()) as u64;
     // Pages a timeout kept from being sent: never in a dirty log, so carried by hand.
     let mut unsent = first.unsent;
     run.report.round0_mbps = rate * 8.0 / 1e6;
+    run.report.round0_wire_mbps = first.wire_rate.unwrap_or(1.0) * 8.0 / 1e6;
     run.report.rounds = 1;
     let mut refreshed = false;
     let mut convergence = Convergence::new(Policy {
@@ -283,7 +304,7 @@ pub(super) fn iterate(
         // pause, but the pages dirtied meanwhile take its place in the last set: as many, at
         // most, while the guest dirties no faster than the link carries, as it does once
         // the rounds converge.
-        let queued = sender.unsent_bytes().unwrap_or(0);
+        let queued = run.as_uncompressed(sender.unsent_bytes().unwrap_or(0));
         let expected = convergence.expected_downtime(count, queued, rate);
         run.report.expected_downtime_ms = expected.as_millis() as u64;
         let per_round = run.report.dirty_pages_per_round.clone();
@@ -364,6 +385,7 @@ pub(super) fn iterate(
         if let Some(measured) = round_sent.rate {
             rate = measured;
             run.link_rate = Some(measured);
+            run.wire_rate = round_sent.wire_rate;
         }
         sent = (dirty.len() - round_sent.unsent.len() + deferred.len()) as u64;
         unsent = round_sent.unsent;

@@ -14,6 +14,7 @@ use std::io;
 use super::MigrationError;
 use crate::{
     migration::{
+        compress::Compress,
         link::{DataStream, LinkError, set_send_buffer},
         transport::{PageSender, SendCounts, TransportError},
     },
@@ -140,6 +141,13 @@ impl Stripes {
                 }
             })
             .collect()
+    }
+
+    /// Compresses every connection's frames with `compress`, each deciding for itself.
+    pub(super) fn set_compression(&mut self, compress: Compress) -> Result<(), TransportError> {
+        self.senders
+            .iter_mut()
+            .try_for_each(|sender| sender.set_compression(compress))
     }
 
     /// Paces from now on at `bytes_per_sec` in all (`None`: not at all).
