@@ -306,8 +306,10 @@ fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
         let destination = Daemon::try_start(config()).expect("destination daemon");
         for mode in ["precopy", "hybrid"] {
             let case = format!("3 connections, {mode}, tls {tls}");
-            // Written as fast as it can: pages go again in later rounds, on the connection
-            // of their first copy, and the newest copy must be the one that stays.
+            // Written as fast as it can: pages go again, and the newest copy must be the one
+            // that stays. (That every copy keeps to its page's connection, which is what
+            // makes it so, is the unit test in `source::stripes`: on loopback the receivers
+            // keep up, and copies sent on the wrong connections still arrived in order here.)
             let id = launch(&source, "uniform-write", "check_every=20000", "64M", 1);
             source.wait_progress(&id, 5, 1);
             // Compressed in hybrid mode: each connection compresses its own frames.

@@ -215,6 +215,80 @@ mod tests {
     }
 
     #[test]
+    fn every_copy_of_a_page_goes_on_its_stripe_and_the_hashes_come_back_in_order() {
+        use std::net::{TcpListener, TcpStream};
+
+        use xxhash_rust::xxh3::xxh3_64;
+
+        use crate::{
+            migration::transport::{Frame, FrameReader},
+            vmm::{GuestAddress, memory::PAGE_SIZE},
+        };
+
+        let frames = 600;
+        let memory = GuestMemory::new(frames * PAGE_SIZE).unwrap();
+        for page in (0..frames).step_by(2) {
+            memory
+                .write(GuestAddress(page * PAGE_SIZE), &(page + 1).to_le_bytes())
+                .unwrap();
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            ours.push(DataStream::Tcp(TcpStream::connect(addr).unwrap()));
+            theirs.push(listener.accept().unwrap().0);
+        }
+        let readers: Vec<_> = theirs
+            .into_iter()
+            .map(|stream| {
+                std::thread::spawn(move || {
+                    let mut reader = FrameReader::new(stream, frames);
+                    let mut pages = Vec::new();
+                    while let Some(frame) = reader.next_frame().unwrap() {
+                        match frame {
+                            Frame::Pages(got) => pages.extend(got.iter().map(|(page, _)| *page)),
+                            Frame::Done => break,
+                            _ => panic!("only pages and their end were sent"),
+                        }
+                    }
+                    pages
+                })
+            })
+            .collect();
+        let mut stripes = Stripes::new(ours, None);
+        // Two rounds in different orders: a page's second copy must follow its first.
+        let first: Vec<u64> = (0..frames).collect();
+        let second: Vec<u64> = (0..frames).rev().step_by(3).collect();
+        for order in [&first, &second] {
+            let mut hashes = Vec::new();
+            let counts = stripes.send_pages(&memory, order, &mut hashes).unwrap();
+            assert_eq!(counts.pages, order.len() as u64);
+            let mut page = [0u8; PAGE_SIZE as usize];
+            for (&frame, &hash) in order.iter().zip(&hashes) {
+                memory.copy_frame(frame, &mut page).unwrap();
+                assert_eq!(hash, xxh3_64(&page), "page {frame}'s hash in its place");
+            }
+            assert_eq!(hashes.len(), order.len());
+        }
+        stripes.send_done().unwrap();
+        for (lane, reader) in readers.into_iter().enumerate() {
+            let got = reader.join().unwrap();
+            assert!(
+                got.iter().all(|&page| stripe_of(page, 3) == lane),
+                "lane {lane}"
+            );
+            let want: Vec<u64> = first
+                .iter()
+                .chain(&second)
+                .copied()
+                .filter(|&page| stripe_of(page, 3) == lane)
+                .collect();
+            assert_eq!(got, want, "lane {lane} keeps the plan's order");
+        }
+    }
+
+    #[test]
     fn a_rate_is_shared_among_the_connections() {
         assert_eq!(share(Some(1000), 4), Some(250));
         assert_eq!(
