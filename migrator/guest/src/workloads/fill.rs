@@ -13,7 +13,7 @@
 //! shows. Generating a page costs about as much as writing it: the text is built from tokens
 //! of at most eight bytes, eight choices from each SplitMix64 draw.
 
-use super::{PAGE_WORDS, Runner, WorkloadError, load, split_versions, store};
+use super::{PAGE_WORDS, Runner, WorkloadError, load, rewrite_at_random, store};
 use crate::{
     Platform,
     args::Args,
@@ -259,32 +259,12 @@ pub fn run<'a, P: Platform>(
         content: Content::parse(args)?,
         seed,
     };
-    let total = mem.len() / PAGE_WORDS;
-    let (versions, data) = split_versions(mem, total).ok_or(WorkloadError::TooSmall)?;
-    let pages = data.len() / PAGE_WORDS;
-    if pages == 0 {
-        return Err(WorkloadError::TooSmall);
-    }
-    let check_every = args.u64("check_every", pages as u64)?.max(1);
-    for p in 0..pages {
-        filler.write(data, versions, p, 1);
-    }
-    let mut rng = SplitMix64::new(seed);
-    let mut since_check = 0;
-    while !runner.should_stop() {
-        let p = rng.below(pages as u64) as usize;
-        filler.write(data, versions, p, load(versions, p) + 1);
-        runner.op_done();
-        since_check += 1;
-        if since_check >= check_every {
-            since_check = 0;
-            for p in 0..pages {
-                if let Err(word) = filler.check(data, versions, p) {
-                    runner.error(p as u64, word as u64);
-                }
-            }
-            runner.check_done();
-        }
-    }
-    Ok(())
+    rewrite_at_random(
+        args,
+        mem,
+        seed,
+        runner,
+        |data, versions, page, version| filler.write(data, versions, page, version),
+        |data, versions, page| filler.check(data, versions, page),
+    )
 }

@@ -214,6 +214,48 @@ pub fn pattern(tag: u64, version: u64, word: usize) -> u64 {
     mix(tag.rotate_left(20) ^ version.rotate_left(44) ^ word as u64)
 }
 
+/// The loop `uniform-write` and `fill` share: every data page written at version 1 by
+/// `write`, then one page chosen uniformly at random rewritten per operation at its next
+/// version, and every `check_every` operations (default: as many as pages) each page checked
+/// by `check`, which names the first wrong word.
+fn rewrite_at_random<'a, P: Platform>(
+    args: &Args<'a>,
+    mem: &mut [u64],
+    seed: u64,
+    runner: &mut Runner<'_, P>,
+    write: impl Fn(&mut [u64], &mut [u64], usize, u64),
+    check: impl Fn(&[u64], &[u64], usize) -> Result<(), usize>,
+) -> Result<(), WorkloadError<'a>> {
+    let total = mem.len() / PAGE_WORDS;
+    let (versions, data) = split_versions(mem, total).ok_or(WorkloadError::TooSmall)?;
+    let pages = data.len() / PAGE_WORDS;
+    if pages == 0 {
+        return Err(WorkloadError::TooSmall);
+    }
+    let check_every = args.u64("check_every", pages as u64)?.max(1);
+    for p in 0..pages {
+        write(data, versions, p, 1);
+    }
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let mut since_check = 0;
+    while !runner.should_stop() {
+        let p = rng.below(pages as u64) as usize;
+        write(data, versions, p, load(versions, p) + 1);
+        runner.op_done();
+        since_check += 1;
+        if since_check >= check_every {
+            since_check = 0;
+            for p in 0..pages {
+                if let Err(word) = check(data, versions, p) {
+                    runner.error(p as u64, word as u64);
+                }
+            }
+            runner.check_done();
+        }
+    }
+    Ok(())
+}
+
 /// Splits `mem` into a version table of `entries` words (rounded up to whole pages) and the rest.
 pub fn split_versions(mem: &mut [u64], entries: usize) -> Option<(&mut [u64], &mut [u64])> {
     let table = entries.div_ceil(PAGE_WORDS) * PAGE_WORDS;

@@ -4,8 +4,8 @@
 //! Arguments: `check_every` (default: as many operations as pages), `rate`. Each write stamps
 //! the page with its index, a new version and a few pattern words; a full check walks every page.
 
-use super::{PAGE_WORDS, Runner, WorkloadError, load, pattern, split_versions, store};
-use crate::{Platform, args::Args, rng::SplitMix64};
+use super::{PAGE_WORDS, Runner, WorkloadError, load, pattern, rewrite_at_random, store};
+use crate::{Platform, args::Args};
 
 const TAG: u64 = 4 << 40;
 /// Pattern words stamped per write besides the header: enough to make the write real,
@@ -29,34 +29,7 @@ pub fn run<'a, P: Platform>(
     seed: u64,
     runner: &mut Runner<'_, P>,
 ) -> Result<(), WorkloadError<'a>> {
-    let total = mem.len() / PAGE_WORDS;
-    let (versions, data) = split_versions(mem, total).ok_or(WorkloadError::TooSmall)?;
-    let pages = data.len() / PAGE_WORDS;
-    if pages == 0 {
-        return Err(WorkloadError::TooSmall);
-    }
-    let check_every = args.u64("check_every", pages as u64)?.max(1);
-    for p in 0..pages {
-        stamp(data, versions, p, 1);
-    }
-    let mut rng = SplitMix64::new(seed);
-    let mut since_check = 0;
-    while !runner.should_stop() {
-        let p = rng.below(pages as u64) as usize;
-        stamp(data, versions, p, load(versions, p) + 1);
-        runner.op_done();
-        since_check += 1;
-        if since_check >= check_every {
-            since_check = 0;
-            for p in 0..pages {
-                if let Err(word) = check_stamp(data, versions, p) {
-                    runner.error(p as u64, word as u64);
-                }
-            }
-            runner.check_done();
-        }
-    }
-    Ok(())
+    rewrite_at_random(args, mem, seed, runner, stamp, check_stamp)
 }
 
 /// Checks a page's header and its stamped words (the rest of the page is not written).
