@@ -190,8 +190,13 @@ enum Command {
         #[arg(long, default_value = DEFAULT_ADDR)]
         from: SocketAddr,
         /// The destination daemon.
-        #[arg(long)]
-        to: SocketAddr,
+        #[arg(long, required_unless_present = "resume")]
+        to: Option<SocketAddr>,
+        /// Resume the post-copy of a `postcopy-paused` partition (whose recover window ran
+        /// out) instead of starting a migration: its missing pages go to the destination it
+        /// records, over new connections.
+        #[arg(long, conflicts_with = "to")]
+        resume: bool,
         /// The partition's id on the source.
         id: String,
         #[arg(long, value_enum, default_value = "heat")]
@@ -236,6 +241,10 @@ enum Command {
         /// where compressing is measured to be faster than sending as it is).
         #[arg(long, default_value = "none")]
         compress: Compress,
+        /// Hybrid: how long to try, with backoff, to recover a post-copy whose connection
+        /// broke before keeping the partition `postcopy-paused` (0s: fail at once).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        recover_window: Duration,
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -426,6 +435,8 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             fault_window,
             connections,
             compress,
+            recover_window,
+            resume,
             json,
         } => {
             let options = MigrationOptions {
@@ -442,10 +453,13 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 fault_window,
                 connections,
                 compress,
+                recover_window,
             };
             // Refused here with the flags' names, before anything is asked of a daemon.
-            options.validate()?;
-            migrate(from, MigrateRequest { id, to, options }, json, &security).await
+            if !resume {
+                options.validate()?;
+            }
+            migrate(from, id, to, options, json, &security).await
         }
     }
 }
@@ -579,19 +593,37 @@ async fn dash(
     Ok(())
 }
 
+/// Migrates partition `id` of `from` to `to`, or with no `to` resumes its paused post-copy.
 async fn migrate(
     from: SocketAddr,
-    request: MigrateRequest,
+    id: String,
+    to: Option<SocketAddr>,
+    options: MigrationOptions,
     json: bool,
     security: &Security,
 ) -> Result<()> {
     use std::io::IsTerminal;
     let connection = Connection::open(from, security).await?;
-    let id = request.id.clone();
-    let downtime_limit = request.options.downtime_limit;
-    let call = connection
-        .client
-        .migrate(context_with(Duration::from_secs(3600)), request);
+    let downtime_limit = options.downtime_limit;
+    let ctx = context_with(Duration::from_secs(3600));
+    let call = async {
+        match to {
+            Some(to) => {
+                let request = MigrateRequest {
+                    id: id.clone(),
+                    to,
+                    options,
+                };
+                connection.client.migrate(ctx, request).await
+            }
+            None => {
+                connection
+                    .client
+                    .migrate_resume(ctx, id.clone(), options)
+                    .await
+            }
+        }
+    };
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(
@@ -780,6 +812,13 @@ fn print_info(info: &PartitionInfo) {
         println!(
             "awaits:  the handover of session {} on {} (`migrator reconcile {}` settles it)",
             handover.session, handover.peer, info.id
+        );
+    }
+    if let Some(paused) = &info.postcopy_paused {
+        println!(
+            "holds:   the missing pages of session {} on {} (`migrator migrate --resume {}` \
+             pushes them)",
+            paused.session, paused.peer, info.id
         );
     }
     if let Some(reason) = &info.crash_reason {

@@ -19,7 +19,7 @@ use migrator::{
         MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
         control::{
             CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
-            HandoverReply, PrepareReply, PrepareRequest,
+            HandoverReply, PrepareReply, PrepareRequest, Recovery,
         },
         convergence::{Converge, CutoverReason, TimeoutStrategy},
         destination::{ProbeSlot, Session, WindowOrWhyNot},
@@ -48,6 +48,9 @@ enum Fault {
     HandoverAnswerLost,
     /// Hybrid: every page arrives, but the answer to `finish` is lost.
     FinishAnswerLost,
+    /// Hybrid: every connection the source opened so far breaks as the handover answers,
+    /// before the push starts.
+    PostcopyCut,
 }
 
 #[derive(Default)]
@@ -68,6 +71,8 @@ struct InProcess {
     fault_windows: BTreeMap<u64, WindowOrWhyNot>,
     next: u64,
     seen: Arc<Mutex<Seen>>,
+    /// Clones of the connections the source opened, for `PostcopyCut` to break.
+    opened: Mutex<Vec<DataStream>>,
 }
 
 fn unreachable(what: &'static str) -> DestinationError {
@@ -140,6 +145,11 @@ impl Destination for InProcess {
         if self.fault == Fault::HandoverAnswerLost {
             return Err(unreachable("handover"));
         }
+        if self.fault == Fault::PostcopyCut {
+            for stream in self.opened.lock().unwrap().drain(..) {
+                stream.shutdown(std::net::Shutdown::Both).unwrap();
+            }
+        }
         Ok(HandoverReply {
             id_on_destination: format!("arrived-{session}"),
             resume_ms,
@@ -147,10 +157,12 @@ impl Destination for InProcess {
     }
 
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {
-        let found = self.sessions.remove(&session).expect("a session");
+        let found = self.sessions.get(&session).cloned().expect("a session");
+        // As the daemon does: a session whose finish failed lives on, to be recovered.
         let reply = found
             .finish()
             .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        self.sessions.remove(&session);
         if self.fault == Fault::FinishAnswerLost {
             return Err(unreachable("finish"));
         }
@@ -198,7 +210,19 @@ impl Destination for InProcess {
                 source: std::io::Error::other("the test refused the connection"),
             });
         }
-        DataLink::Plain.connect(addr, PEER_TIMEOUT)
+        let stream = DataLink::Plain.connect(addr, PEER_TIMEOUT)?;
+        let clone = stream.try_clone().map_err(LinkError::Socket)?;
+        self.opened.lock().unwrap().push(clone);
+        Ok(stream)
+    }
+
+    fn recover(&mut self, session: u64) -> Result<Recovery, DestinationError> {
+        let refused = |why: String| DestinationError::Refused(ApiError::Migration(why));
+        self.sessions
+            .get(&session)
+            .ok_or_else(|| refused(format!("no session {session}")))?
+            .recover()
+            .map_err(|e| refused(e.to_string()))
     }
 }
 
@@ -261,6 +285,7 @@ fn run_counting(
         fault_windows: BTreeMap::new(),
         next: 0,
         seen: Arc::clone(&seen),
+        opened: Mutex::new(Vec::new()),
     };
     let progress = Mutex::new(MigrationProgress::default());
     let report = migrate(
@@ -610,8 +635,17 @@ fn a_failure_after_a_hybrid_cutover_keeps_the_paused_copy() {
     assert_eq!(report.status, MigrationStatus::Failed);
     let error = report.error.unwrap_or_default();
     assert!(error.contains("after cutover"), "{error}");
-    // The guest runs on the destination; the source keeps its copy, paused, untouched.
-    assert_eq!(source.state(), PartitionState::Paused);
+    // The session was over there, so there was nothing to recover: one try.
+    assert!(error.contains("in 1 tries"), "{error}");
+    // The guest runs on the destination; the source keeps its copy, paused, untouched, and
+    // refuses to run it beside that one.
+    assert_eq!(source.state(), PartitionState::PostcopyPaused);
+    let paused = source
+        .postcopy_paused()
+        .expect("what it holds the pages of");
+    assert_eq!(paused.session, 1);
+    assert!(source.resume().is_err());
+    assert_eq!(source.state(), PartitionState::PostcopyPaused);
     assert!(seen.aborted.is_empty());
     let [arrived] = seen.arrived.as_slice() else {
         panic!("{} partitions arrived", seen.arrived.len());
@@ -619,6 +653,38 @@ fn a_failure_after_a_hybrid_cutover_keeps_the_paused_copy() {
     assert_runs_on(arrived, "hybrid on the destination");
     arrived.stop();
     source.stop();
+}
+
+/// Every connection breaks as the guest starts on the destination, before the push: the
+/// source recovers the session over new ones, the destination says what it lacks, and the
+/// migration completes with nothing lost.
+#[test]
+fn a_broken_postcopy_recovers_over_new_connections_and_completes() {
+    let test = "a_broken_postcopy_recovers_over_new_connections_and_completes";
+    if let Some(why) = kvm_unavailable() {
+        return skip(test, &why);
+    }
+    // A slow link and a 1 ms limit: the guest resumes with its written pages missing.
+    let options = MigrationOptions {
+        strategy: Strategy::Address,
+        mode: Mode::Hybrid,
+        downtime_limit: Duration::from_millis(1),
+        bandwidth_limit: Some(20_000_000),
+        connections: 2,
+        ..MigrationOptions::default()
+    };
+    let (report, source, seen) = run_with("rw-mix", "hot_rw=1024", &options, Fault::PostcopyCut);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert_eq!(report.postcopy_recoveries, 1, "{report:?}");
+    assert!(report.source_digest.is_some());
+    assert_eq!(report.source_digest, report.dest_digest, "{report:?}");
+    assert_eq!(source.state(), PartitionState::Stopped);
+    assert!(seen.aborted.is_empty());
+    let [arrived] = seen.arrived.as_slice() else {
+        panic!("{} partitions arrived", seen.arrived.len());
+    };
+    assert_runs_on(arrived, "recovered on the destination");
+    arrived.stop();
 }
 
 /// Uniform writes without the periodic full check, which only reads (a round that falls on it

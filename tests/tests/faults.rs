@@ -51,10 +51,19 @@ enum Fault {
     /// SIGKILL to the source daemon, which hosts the partition (until partitions get
     /// processes of their own, the guest dies with it).
     KillSource,
+    /// After a hybrid cutover: the link down for longer than the source's recover window,
+    /// then back; the operator resumes the post-copy by hand.
+    LongCut,
 }
 
 /// How long a brief cut lasts.
 const BRIEF_CUT: Duration = Duration::from_secs(1);
+/// How long a cut after a hybrid cutover lasts: past the peer timeout, so both sides see the
+/// connections break and post-copy pauses, and within the recover window.
+const POSTCOPY_CUT: Duration = Duration::from_secs(8);
+/// The recover window of the cases that outlast it: a killed destination, a long cut (the
+/// link stays down until the source gives up).
+const SHORT_RECOVER_WINDOW: &str = "4s";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
@@ -98,7 +107,22 @@ impl Stage {
                 "hybrid",
             ],
         });
+        // A cut within the window recovers by itself (the default window is ten minutes);
+        // the cases that give up must do so while the test waits.
+        if self == Stage::PostCutover && matches!(fault, Fault::KillDestination | Fault::LongCut) {
+            args.extend_from_slice(&["--recover-window", SHORT_RECOVER_WINDOW]);
+        }
         args
+    }
+
+    /// How long the link goes down for when it comes back by itself while the migration goes
+    /// on (which must then complete).
+    fn survived_cut(self, fault: Fault) -> Option<Duration> {
+        match (fault, self) {
+            (Fault::BriefCut, _) => Some(BRIEF_CUT),
+            (Fault::CutLink, Stage::PostCutover) => Some(POSTCOPY_CUT),
+            _ => None,
+        }
     }
 
     /// Whether the source's progress shows this stage.
@@ -270,7 +294,7 @@ fn case(name: &str, fault: Fault, stage: Stage) {
     let migrate = migrate.take().unwrap();
     let injected = Instant::now();
     match fault {
-        Fault::CutLink | Fault::BriefCut => hosts.link_down().unwrap(),
+        Fault::CutLink | Fault::BriefCut | Fault::LongCut => hosts.link_down().unwrap(),
         Fault::KillDestination => destination.kill(),
         Fault::KillSource => source.kill(),
     }
@@ -281,31 +305,40 @@ fn case(name: &str, fault: Fault, stage: Stage) {
         }
         return;
     }
-    if fault == Fault::BriefCut {
+    if let Some(cut) = stage.survived_cut(fault) {
         let after = progress.get().unwrap();
         assert!(
             after.phase == before.phase && stage.shown_by(&after),
             "{name}: the cut missed {stage:?}: before {before:?}, after {after:?}"
         );
-        thread::sleep(BRIEF_CUT);
+        if cut > PEER_TIMEOUT {
+            // Past the peer timeout the connections break: post-copy pauses, and the source
+            // tries to recover while the link is down.
+            thread::sleep(PEER_TIMEOUT + Duration::from_secs(2));
+            let paused = progress.get().unwrap();
+            assert_eq!(paused.phase, Phase::PostcopyPaused, "{name}: {paused:?}");
+            thread::sleep(cut.saturating_sub(injected.elapsed()));
+        } else {
+            thread::sleep(cut);
+        }
         hosts.link_up().unwrap();
         let (code, report, stderr) = wait_for_exit(migrate);
         assert_eq!(code, 0, "{name}: {report} {stderr}");
-        assert_completed(&report, name);
-        assert_eq!(report["guest_location"], "destination", "{name}: {report}");
-        let moved = report["id_on_destination"].as_str().expect("an id");
-        // Running there with zero errors, its operations advancing past where they arrived.
-        let arrived = destination.json(&["status", moved])["ops"]
-            .as_u64()
-            .unwrap_or(0);
-        destination.wait_progress(moved, arrived + 10_000, 0);
-        // One copy: the source's is stopped.
-        assert_eq!(source.json(&["status", &id])["state"], "stopped", "{name}");
+        if cut > PEER_TIMEOUT {
+            assert!(
+                report["postcopy_recoveries"].as_u64() >= Some(1),
+                "{name}: {report}"
+            );
+        }
+        assert_moved(name, &report, &source, &destination, &id);
         eprintln!(
-            "{name}: cut for {BRIEF_CUT:?} in {:?} round {}; completed in {:?}",
+            "{name}: cut for {cut:?} in {:?} round {}; completed in {:?} ({} recoveries, \
+             paused {} ms)",
             before.phase,
             before.round,
-            injected.elapsed()
+            injected.elapsed(),
+            report["postcopy_recoveries"],
+            report["postcopy_paused_ms"]
         );
         if let Some(certs) = certs {
             let _ = std::fs::remove_dir_all(certs);
@@ -314,9 +347,12 @@ fn case(name: &str, fault: Fault, stage: Stage) {
     }
     // The fault landed in the stage only if the source was still in it afterwards (or had
     // already failed because of it).
+    // Post-copy pauses at once when the destination's daemon dies.
     let after = progress.get().unwrap();
     assert!(
-        after.phase == Phase::Failed || (after.phase == before.phase && stage.shown_by(&after)),
+        after.phase == Phase::Failed
+            || (stage == Stage::PostCutover && after.phase == Phase::PostcopyPaused)
+            || (after.phase == before.phase && stage.shown_by(&after)),
         "{name}: the fault missed {stage:?}: before {before:?}, after {after:?}"
     );
     let (code, report, stderr) = wait_for_exit(migrate);
@@ -484,8 +520,12 @@ fn pre_cutover(
     );
 }
 
-/// After a hybrid cutover the source keeps the partition paused and intact (docs/architecture.md,
-/// "Nothing is lost"); an operator resumes it once the destination's copy is gone.
+/// After a hybrid cutover, with the destination away past the recover window, the source
+/// keeps the partition paused and intact, holding the missing pages (`postcopy-paused`), and
+/// refuses to resume it: the guest runs on the destination. A cut link that came back: the
+/// operator resumes the post-copy by hand (`migrate --resume`), and it completes. A killed
+/// destination: the guest died there, and the operator resumes the copy here on their word
+/// (`reconcile --resume-here`).
 fn post_cutover(
     name: &str,
     fault: Fault,
@@ -497,31 +537,81 @@ fn post_cutover(
 ) {
     let error = report["error"].as_str().unwrap_or_default();
     assert!(error.contains("after cutover"), "{name}: {report}");
+    assert!(error.contains("recover window"), "{name}: {report}");
+    assert_eq!(
+        report["guest_location"], "destination-source-paused",
+        "{name}: {report}"
+    );
     let new_id = report["id_on_destination"]
         .as_str()
         .unwrap_or_else(|| panic!("{name}: the cutover happened: {report}"))
         .to_string();
     let status = source.json(&["status", id]);
-    assert_eq!(status["state"], "paused", "{name}: {status}");
+    assert_eq!(status["state"], "postcopy-paused", "{name}: {status}");
     assert_eq!(status["errors"], 0, "{name}: {status}");
+    assert!(
+        status["postcopy_paused"]["session"].is_u64(),
+        "{name}: {status}"
+    );
     thread::sleep(Duration::from_millis(500));
     let later = source.json(&["status", id]);
     assert_eq!(later["ops"], status["ops"], "{name}: paused means paused");
-    if fault == Fault::CutLink {
-        hosts.link_up().unwrap();
-        // The destination's guest waits on its missing pages: it is there, not crashed.
-        let list = destination.json(&["list"]);
-        let entries = list.as_array().unwrap();
-        assert_eq!(entries.len(), 1, "{name}: {list}");
-        assert_eq!(entries[0]["id"], new_id.as_str(), "{name}: {list}");
-        assert_eq!(entries[0]["errors"], 0, "{name}: {list}");
-        assert_ne!(entries[0]["state"], "crashed", "{name}: {list}");
+    // Resuming it would run the guest twice.
+    let (code, _, stderr) = source.cli(&["resume", id]);
+    assert_ne!(code, 0, "{name}: resumed beside the destination's copy");
+    assert!(stderr.contains("migrate --resume"), "{name}: {stderr}");
+    match fault {
+        Fault::LongCut => {
+            hosts.link_up().unwrap();
+            // The destination's guest waits on its missing pages: it is there, not crashed.
+            let list = destination.json(&["list"]);
+            let entries = list.as_array().unwrap();
+            assert_eq!(entries.len(), 1, "{name}: {list}");
+            assert_eq!(entries[0]["id"], new_id.as_str(), "{name}: {list}");
+            assert_eq!(entries[0]["errors"], 0, "{name}: {list}");
+            assert_ne!(entries[0]["state"], "crashed", "{name}: {list}");
+            let resumed = source
+                .command()
+                .args(["migrate", "--json", "--from", &source.addr, "--resume", id])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (code, report, stderr) = wait_for_exit(resumed);
+            assert_eq!(code, 0, "{name}: {report} {stderr}");
+            assert!(
+                report["postcopy_recoveries"].as_u64() >= Some(1),
+                "{name}: {report}"
+            );
+            assert_moved(name, &report, source, destination, id);
+            eprintln!(
+                "{name}: resumed by hand, {} pages sent",
+                report["pages_sent"]
+            );
+        }
+        _ => {
+            // The operator's way out once the destination's copy is gone.
+            source.json(&["reconcile", id, "--resume-here"]);
+            let (ops_now, checks_now) = ops(&later);
+            let resumed = source.wait_progress(id, ops_now + 100_000, checks_now + 1);
+            assert_eq!(resumed["state"], "running", "{name}: {resumed}");
+        }
     }
-    // The operator's way out once the destination's copy is gone: resume the source's.
-    source.json(&["resume", id]);
-    let (ops_now, checks_now) = ops(&later);
-    let resumed = source.wait_progress(id, ops_now + 100_000, checks_now + 1);
-    assert_eq!(resumed["state"], "running", "{name}: {resumed}");
+}
+
+/// The migration of `report` completed: the guest runs on the destination with zero errors,
+/// its operations advancing past where they arrived, and the source's copy is stopped.
+fn assert_moved(name: &str, report: &Value, source: &Daemon, destination: &Daemon, id: &str) {
+    assert_completed(report, name);
+    assert_eq!(report["guest_location"], "destination", "{name}: {report}");
+    let moved = report["id_on_destination"].as_str().expect("an id");
+    let arrived = destination.json(&["status", moved])["ops"]
+        .as_u64()
+        .unwrap_or(0);
+    let status = destination.wait_progress(moved, arrived + 10_000, 0);
+    assert_eq!(status["errors"], 0, "{name}: {status}");
+    // One copy: the source's is stopped.
+    assert_eq!(source.json(&["status", id])["state"], "stopped", "{name}");
 }
 
 fn long() -> bool {
@@ -556,6 +646,7 @@ matrix! {
     brief_cut_in_a_later_round: BriefCut, LaterRound, true;
     brief_cut_in_stop_and_copy: BriefCut, StopAndCopy, false;
     brief_cut_after_hybrid_cutover: BriefCut, PostCutover, false;
+    long_cut_after_hybrid_cutover: LongCut, PostCutover, false;
     kill_source_in_setup: KillSource, Setup, false;
     kill_source_in_round_0: KillSource, Round0, true;
     kill_source_in_a_later_round: KillSource, LaterRound, false;

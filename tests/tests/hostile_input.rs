@@ -383,3 +383,55 @@ fn a_handover_before_any_commit_is_refused_and_ends_the_session() {
         assert!(listed.is_empty(), "{listed:?}");
     });
 }
+
+/// A post-copy recovery asked of a session whose guest does not run here on missing pages
+/// (prepared, no commit yet) is refused, and the session stays: asked again it is refused the
+/// same way, and an abort ends it. One asked of a session that does not exist is refused.
+#[test]
+fn a_recovery_before_the_guest_runs_there_is_refused_and_changes_nothing() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_recovery_before_the_guest_runs_there_is_refused_and_changes_nothing",
+            &why,
+        );
+    }
+    let destination = Daemon::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let addr = destination.addr.parse().unwrap();
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+        let unknown = connection
+            .client
+            .migration_recover(context_with(Duration::from_secs(10)), 999)
+            .await
+            .unwrap()
+            .expect_err("no such session");
+        assert!(unknown.to_string().contains("999"), "{unknown}");
+        let reply = prepare(&connection).await;
+        let refused = connection
+            .client
+            .migration_recover(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap()
+            .expect_err("nothing runs here yet");
+        assert!(refused.to_string().contains("Recover"), "{refused}");
+        // Still there: a second recovery is refused the same way, and an abort ends it.
+        let again = connection
+            .client
+            .migration_recover(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap();
+        assert!(again.is_err(), "{again:?}");
+        connection
+            .client
+            .migration_abort(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap();
+        let gone = connection
+            .client
+            .migration_recover(context_with(Duration::from_secs(10)), reply.session)
+            .await
+            .unwrap();
+        assert!(gone.is_err(), "{gone:?}");
+    });
+}

@@ -24,12 +24,12 @@ use crate::{
         MigrationProgress, MigrationReport, Strategy,
         control::{
             CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
-            PrepareRequest,
+            PrepareRequest, Recovery,
         },
         report::PostCutoverFaults,
         source::MigrationOptions,
     },
-    vmm::{AwaitingHandover, GuestImage, PartitionState},
+    vmm::{AwaitingHandover, GuestImage, PartitionState, PostcopyPaused},
 };
 
 /// The API version this build speaks. Bumped whenever a request or reply changes shape:
@@ -42,8 +42,11 @@ use crate::{
 /// `migration_handover`, `reconcile` and `migration_heat`; 7 adds the options' `compress`
 /// and `connections`, the prepare's `connections`, and the report's `bytes_uncompressed`,
 /// `compression_ratio` and `round0_wire_mbps` (data protocol 4: `CompressedPages`, pages
-/// striped across connections). New calls go at the end of the service.
-pub const API_VERSION: u32 = 7;
+/// striped across connections); 8 adds post-copy recovery (`migration_recover`,
+/// `migrate_resume`, the options' `recover_window`, the report's `postcopy_recoveries` and
+/// `postcopy_paused_ms`, and the partition state `postcopy-paused`). New calls go at the end
+/// of the service.
+pub const API_VERSION: u32 = 8;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.
@@ -95,6 +98,9 @@ pub struct PartitionInfo {
     pub check_failures: u64,
     /// In state `awaiting-handover`: the destination and session whose handover it awaits.
     pub awaiting_handover: Option<AwaitingHandover>,
+    /// In state `postcopy-paused`: the destination and session whose missing pages it holds.
+    #[serde(default)]
+    pub postcopy_paused: Option<PostcopyPaused>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
@@ -200,6 +206,17 @@ pub trait MigratorApi {
     /// `session` became; its heat windows (`page_heat`, `plan`) start from it, and a
     /// migration of it plans from it without profiling, for [`CARRIED_HEAT_FRESH`].
     async fn migration_heat(session: u64, heat: CarriedHeat) -> Result<(), ApiError>;
+    /// Destination side (hybrid, after the handover): post-copy broke; drop the session's old
+    /// connections, listen for new ones, and say which pages are still missing (QEMU's
+    /// `migrate-recover`). The guest runs on meanwhile; refused in any other phase.
+    async fn migration_recover(session: u64) -> Result<Recovery, ApiError>;
+    /// Source side: resume the post-copy of partition `id`, paused here in state
+    /// `postcopy-paused` after its recover window ran out (QEMU's `migrate resume=true`):
+    /// the destination's missing pages are pushed over new connections.
+    async fn migrate_resume(
+        id: String,
+        options: MigrationOptions,
+    ) -> Result<MigrationReport, ApiError>;
 }
 
 /// How long heat carried by a migration stays in use at the destination.

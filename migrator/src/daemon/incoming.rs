@@ -10,7 +10,7 @@ use crate::migration::{
     Mode,
     control::{
         CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
-        PrepareRequest,
+        PrepareRequest, Recovery,
     },
     destination::{Session, SessionError, WindowOrWhyNot},
     link::DataLink,
@@ -184,12 +184,26 @@ impl Daemon {
         let session = self.registry.session(session_id)?;
         let finishing = Arc::clone(&session);
         let finished = blocking("finish", move || finishing.finish()).await?;
+        // Failed, the session lives on: the source recovers it (the guest runs here on the
+        // pages it has, and only the source has the rest).
+        let finished = finished.map_err(|e| ApiError::Migration(error_chain(&e)))?;
         self.registry.remove_session(session_id);
-        if finished.is_ok() {
-            // Every page is in place: the move is over, and no late abort may undo it.
-            self.registry.take_committed(session_id);
-        }
-        finished.map_err(|e| ApiError::Migration(error_chain(&e)))
+        // Every page is in place: the move is over, and no late abort may undo it.
+        self.registry.take_committed(session_id);
+        Ok(finished)
+    }
+
+    /// The source recovers session `session_id`'s post-copy over new connections.
+    pub(super) async fn recover_incoming(&self, session_id: u64) -> Result<Recovery, ApiError> {
+        let session = self.registry.session(session_id)?;
+        let recovery = blocking("recover", move || session.recover())
+            .await?
+            .map_err(|e| ApiError::Migration(error_chain(&e)))?;
+        info!(
+            "migration session {session_id}: post-copy recovers on port {}",
+            recovery.data_port
+        );
+        Ok(recovery)
     }
 
     /// Keeps session `session_id`'s fault window for its source to ask about, and forgets it

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -19,10 +20,10 @@ use super::{
 };
 use crate::{
     migration::{
-        MigrationProgress, MigrationReport, MigrationStatus, Strategy, link::DataLink,
-        report::Phase,
+        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy, link::DataLink,
+        report::Phase, source::MigrationOptions,
     },
-    vmm::PartitionState,
+    vmm::{Partition, PartitionState},
 };
 
 /// The progress of every outgoing migration, by partition; finished ones stay readable until
@@ -143,6 +144,7 @@ impl Daemon {
             link: DataLink::new(self.security.clone(), handle.clone()),
             handle,
             peer_timeout: self.peer_timeout,
+            security: self.security.clone(),
         };
         // Heat that came with this partition, fresh enough to plan from without profiling.
         let carried = match request.options.strategy {
@@ -169,18 +171,106 @@ impl Daemon {
             );
             self.reconcile_in_background(request.id.clone(), handover);
         }
-        if report.status == MigrationStatus::Completed {
-            self.carried_heat.forget(&request.id);
-            let mut info = info_of(&request.id, &partition);
-            info.state = PartitionState::Stopped;
-            info.console.push_str(&format!(
-                "[vmm] migrated to {} as {}\n",
-                request.to,
-                report.id_on_destination.as_deref().unwrap_or("?")
-            ));
-            drop(partition);
-            self.remember_stopped(request.id, info);
-        }
+        self.moved_if_completed(request.id, partition, &report, request.to);
         Ok(report)
     }
+
+    /// Resumes the post-copy partition `id` holds the missing pages of (state
+    /// `postcopy-paused`), over new connections to the destination it records.
+    pub(super) async fn resume_out(
+        &self,
+        id: String,
+        mut options: MigrationOptions,
+    ) -> Result<MigrationReport, ApiError> {
+        let partition = self.registry.live(&id)?;
+        let Some(paused) = partition.postcopy_paused() else {
+            return Err(ApiError::Partition(format!(
+                "partition `{id}` is {}; only a postcopy-paused partition resumes a migration",
+                state_name(partition.state())
+            )));
+        };
+        let to: SocketAddr = paused.peer.parse().map_err(|_| {
+            ApiError::Partition(format!(
+                "partition `{id}` holds the pages of a post-copy on `{}`, which is no address",
+                paused.peer
+            ))
+        })?;
+        options.mode = Mode::Hybrid;
+        options
+            .validate()
+            .map_err(|e| ApiError::Migration(error_chain(&e)))?;
+        let progress = self.outgoing.start(&id, self)?;
+        let handle = tokio::runtime::Handle::current();
+        let opened =
+            tokio::time::timeout(self.peer_timeout, Connection::open(to, &self.security)).await;
+        let connection = match opened {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                fail(&progress);
+                return Err(ApiError::Migration(format!(
+                    "destination {to}: {}; partition `{id}` stays postcopy-paused",
+                    error_chain(&e)
+                )));
+            }
+            Err(_) => {
+                fail(&progress);
+                return Err(ApiError::Migration(format!(
+                    "destination {to}: no answer within the peer timeout of {:?}; partition \
+                     `{id}` stays postcopy-paused",
+                    self.peer_timeout
+                )));
+            }
+        };
+        let mut destination = RemoteDestination {
+            client: connection.client,
+            addr: to,
+            link: DataLink::new(self.security.clone(), handle.clone()),
+            handle,
+            peer_timeout: self.peer_timeout,
+            security: self.security.clone(),
+        };
+        let engine = Arc::clone(&partition);
+        let report = blocking("resuming the migration", move || {
+            crate::migration::source::resume_postcopy(
+                &engine,
+                &mut destination,
+                paused,
+                &options,
+                &progress,
+            )
+        })
+        .await?;
+        self.moved_if_completed(id, partition, &report, to);
+        Ok(report)
+    }
+
+    /// Once a migration of partition `id` to `to` completed, the copy here is recorded as
+    /// stopped, moved.
+    fn moved_if_completed(
+        &self,
+        id: String,
+        partition: Arc<Partition>,
+        report: &MigrationReport,
+        to: SocketAddr,
+    ) {
+        if report.status != MigrationStatus::Completed {
+            return;
+        }
+        self.carried_heat.forget(&id);
+        let mut info = info_of(&id, &partition);
+        info.state = PartitionState::Stopped;
+        info.console.push_str(&format!(
+            "[vmm] migrated to {to} as {}\n",
+            report.id_on_destination.as_deref().unwrap_or("?")
+        ));
+        drop(partition);
+        self.remember_stopped(id, info);
+    }
+}
+
+fn state_name(state: PartitionState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{state:?}"))
 }

@@ -5,15 +5,18 @@ use std::{net::SocketAddr, time::Duration};
 
 use super::{
     api::{ApiError, MigratorApiClient},
-    client::context_with,
+    client::{Connection, context_with},
 };
-use crate::migration::{
-    control::{
-        CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
-        HandoverReply, PrepareReply, PrepareRequest,
+use crate::{
+    migration::{
+        control::{
+            CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
+            HandoverReply, PrepareReply, PrepareRequest, Recovery,
+        },
+        link::{DataLink, DataStream, LinkError},
+        report::PostCutoverFaults,
     },
-    link::{DataLink, DataStream, LinkError},
-    report::PostCutoverFaults,
+    tls::Security,
 };
 
 /// The destination daemon, driven from the source's migration thread.
@@ -24,6 +27,8 @@ pub struct RemoteDestination {
     pub link: DataLink,
     /// Bounds every wait on the destination: a dead peer or link fails the migration in time.
     pub peer_timeout: Duration,
+    /// How the control channel is opened again after a broken link.
+    pub security: Security,
 }
 
 impl RemoteDestination {
@@ -105,6 +110,30 @@ impl Destination for RemoteDestination {
         let _ = self
             .handle
             .block_on(self.client.migration_abort(ctx, session));
+    }
+
+    fn recover(&mut self, session: u64) -> Result<Recovery, DestinationError> {
+        let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
+        self.call("recover", self.client.migration_recover(ctx, session))
+    }
+
+    fn reconnect(&mut self) -> Result<(), DestinationError> {
+        let opened = self.handle.block_on(tokio::time::timeout(
+            self.peer_timeout,
+            Connection::open(self.addr, &self.security),
+        ));
+        let unreachable = |why: String| DestinationError::Unreachable {
+            what: "a new control connection",
+            source: format!("{}: {why}", self.addr).into(),
+        };
+        match opened {
+            Ok(Ok(connection)) => {
+                self.client = connection.client;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(unreachable(super::error_chain(&e))),
+            Err(_) => Err(unreachable("no answer within the peer timeout".into())),
+        }
     }
 
     fn connect_data(&self, port: u16) -> Result<DataStream, LinkError> {

@@ -37,6 +37,22 @@ impl Daemon {
         resume_here: bool,
     ) -> Result<Reconciled, ApiError> {
         let partition = self.registry.live(&id)?;
+        if let Some(paused) = partition.postcopy_paused() {
+            if !resume_here {
+                return Err(ApiError::Partition(format!(
+                    "partition `{id}` holds the missing pages of session {} on {}, whose guest \
+                     runs there: `migrator migrate --resume {id}` pushes them (`--resume-here` \
+                     resumes it here instead, on your word that the copy there is gone)",
+                    paused.session, paused.peer
+                )));
+            }
+            warn!(
+                "partition {id}: resumed here on the operator's word, giving up the post-copy \
+                 of session {} on {}",
+                paused.session, paused.peer
+            );
+            return resume_here_again(&id, &partition);
+        }
         let Some(handover) = partition.awaiting_handover() else {
             return Err(ApiError::Partition(format!(
                 "partition `{id}` awaits no handover"
@@ -143,6 +159,7 @@ impl Daemon {
 /// Nothing of partition `id` runs on the destination: it runs here again.
 fn resume_here_again(id: &str, partition: &Partition) -> Result<Reconciled, ApiError> {
     partition.set_awaiting_handover(None);
+    partition.set_postcopy_paused(None);
     if let Err(e) = partition.dirty_log_stop() {
         warn!("partition {id}: stopping the dirty log: {e}");
     }

@@ -23,7 +23,7 @@ pub const KEEP_STOPPED: usize = 128;
 pub enum Entry {
     Live(Arc<Partition>),
     /// What a stopped partition last looked like; its memory is freed.
-    Stopped(PartitionInfo),
+    Stopped(Box<PartitionInfo>),
 }
 
 #[derive(Default)]
@@ -135,7 +135,7 @@ impl Registry {
     pub fn info(&self, id: &str) -> Result<PartitionInfo, ApiError> {
         match self.lock().partitions.get(id) {
             Some(Entry::Live(partition)) => Ok(info_of(id, partition)),
-            Some(Entry::Stopped(info)) => Ok(info.clone()),
+            Some(Entry::Stopped(info)) => Ok((**info).clone()),
             None => Err(ApiError::UnknownPartition(id.to_string())),
         }
     }
@@ -146,7 +146,7 @@ impl Registry {
             .iter()
             .map(|(id, entry)| match entry {
                 Entry::Live(partition) => info_of(id, partition),
-                Entry::Stopped(info) => info.clone(),
+                Entry::Stopped(info) => (**info).clone(),
             })
             .collect()
     }
@@ -230,7 +230,7 @@ impl Registry {
         let mut inventory = self.lock();
         let replaced = inventory
             .partitions
-            .insert(id.clone(), Entry::Stopped(info));
+            .insert(id.clone(), Entry::Stopped(Box::new(info)));
         inventory.stopped_order.retain(|old| *old != id);
         inventory.stopped_order.push_back(id);
         let mut forgotten = Vec::new();
@@ -268,5 +268,6 @@ pub fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
         crash_reason: status.crash_reason,
         check_failures: status.check_failures,
         awaiting_handover: status.awaiting_handover,
+        postcopy_paused: status.postcopy_paused,
     }
 }

@@ -42,10 +42,11 @@ use crate::{
         MigrationProgress, MigrationReport, Strategy,
         control::{
             CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
-            PrepareRequest,
+            PrepareRequest, Recovery,
         },
         destination::{FaultWindows, ProbeSlot},
         report::PostCutoverFaults,
+        source::MigrationOptions,
         transport::DEFAULT_PEER_TIMEOUT,
     },
     tls::Security,
@@ -353,6 +354,19 @@ impl MigratorApi for Daemon {
         resume_here: bool,
     ) -> Result<Reconciled, ApiError> {
         self.reconcile_partition(id, resume_here).await
+    }
+
+    async fn migration_recover(self, _: Context, session: u64) -> Result<Recovery, ApiError> {
+        self.recover_incoming(session).await
+    }
+
+    async fn migrate_resume(
+        self,
+        _: Context,
+        id: String,
+        options: MigrationOptions,
+    ) -> Result<MigrationReport, ApiError> {
+        self.resume_out(id, options).await
     }
 }
 

@@ -251,6 +251,7 @@ mod tests {
             crash_reason: None,
             check_failures: 0,
             awaiting_handover: None,
+            postcopy_paused: None,
         });
         assert_eq!(
             app.on_key(key(KeyCode::Char('m'))),

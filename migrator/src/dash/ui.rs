@@ -399,6 +399,7 @@ fn phase_name(phase: Phase) -> &'static str {
         Phase::Precopy => "pre-copy",
         Phase::StopAndCopy => "stop-and-copy",
         Phase::Postcopy => "post-copy",
+        Phase::PostcopyPaused => "post-copy paused",
         Phase::Completed => "completed",
         Phase::Failed => "failed",
     }
@@ -446,6 +447,7 @@ mod tests {
             crash_reason: None,
             check_failures: 0,
             awaiting_handover: None,
+            postcopy_paused: None,
         }
     }
 

@@ -107,6 +107,15 @@ pub struct FinishReply {
     pub vcpu_blocktime_ms: Vec<f64>,
 }
 
+/// The destination's answer to a post-copy recovery: where the new connections go, and what
+/// it still lacks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Recovery {
+    pub data_port: u16,
+    /// The pages not in place there, a bit each: bit `page % 64` of word `page / 64`.
+    pub missing: Vec<u64>,
+}
+
 /// Why a call to the destination did not succeed. The difference matters: a refusal is an
 /// answer (the destination did not do it), while no answer leaves the outcome unknown.
 #[derive(Debug, Error)]
@@ -150,6 +159,14 @@ pub trait Destination {
     }
     /// Best effort: a destination that cannot be reached drops the session by itself.
     fn abort(&mut self, session: u64);
+    /// Post-copy broke: the destination drops the old connections, listens for new ones and
+    /// says which pages it still lacks.
+    fn recover(&mut self, session: u64) -> Result<Recovery, DestinationError>;
+    /// Opens the control channel again (after a broken link); a destination in the same
+    /// process has nothing to reopen.
+    fn reconnect(&mut self) -> Result<(), DestinationError> {
+        Ok(())
+    }
     /// Opens the data connection to the listener the destination prepared on `port`.
     fn connect_data(&self, port: u16) -> Result<DataStream, LinkError>;
 }

@@ -72,7 +72,8 @@ pub enum GuestLocation {
     /// Running on the source, as before: the move failed before the handover.
     Source,
     /// Hybrid, failed after the handover: running on the destination on the pages it has,
-    /// the source keeping the only complete copy, paused.
+    /// the source keeping the only complete copy, paused (`postcopy-paused`) until
+    /// `migrate --resume` pushes the rest.
     DestinationSourcePaused,
     /// Paused on the source, awaiting the handover: whether the destination runs it is
     /// unknown until a reconcile asks.
@@ -86,7 +87,7 @@ impl std::fmt::Display for GuestLocation {
             Self::Source => "the partition keeps running on the source",
             Self::DestinationSourcePaused => {
                 "the partition runs on the destination on the pages it has; the source keeps \
-                 the only complete copy, paused"
+                 the only complete copy, paused (`migrator migrate --resume` pushes the rest)"
             }
             Self::AwaitingHandover => {
                 "the partition is paused on the source, awaiting the handover; the source \
@@ -167,6 +168,12 @@ pub struct MigrationReport {
     pub postcopy_vcpu_blocktime_ms: Vec<f64>,
     /// What the guest as a whole lost to the move: the downtime plus the blocktime.
     pub guest_stall_ms: f64,
+    /// Hybrid: how often post-copy broke and was recovered over new connections, and how
+    /// long it was paused in all (from the failure to the new connections).
+    #[serde(default)]
+    pub postcopy_recoveries: u32,
+    #[serde(default)]
+    pub postcopy_paused_ms: u64,
     /// The guest's faults on the destination over `--fault-window` from its resume; null
     /// when the window is 0, the migration did not complete, or the destination could not
     /// count (then `post_cutover_faults_note` says why).
@@ -226,6 +233,8 @@ impl MigrationReport {
             postcopy_blocktime_ms: 0.0,
             postcopy_vcpu_blocktime_ms: Vec::new(),
             guest_stall_ms: 0.0,
+            postcopy_recoveries: 0,
+            postcopy_paused_ms: 0,
             post_cutover_faults: None,
             post_cutover_faults_note: None,
             dirty_pages_per_round: Vec::new(),
@@ -384,6 +393,8 @@ pub enum Phase {
     Precopy,
     StopAndCopy,
     Postcopy,
+    /// Post-copy broke: the source reconnects, with backoff, for `--recover-window`.
+    PostcopyPaused,
     Completed,
     Failed,
 }

@@ -16,4 +16,4 @@ pub mod vcpu;
 pub use memory::{GuestAddress, GuestMemory, MemoryDigest};
 pub use partition::{GuestImage, Partition, PartitionConfig, PartitionError};
 pub use snapshot::PartitionSnapshot;
-pub use status::{AwaitingHandover, PartitionState, PartitionStatus};
+pub use status::{AwaitingHandover, PartitionState, PartitionStatus, PostcopyPaused};

@@ -87,6 +87,12 @@ pub enum PartitionError {
          on the destination; `migrator reconcile` settles it"
     )]
     AwaitingHandover,
+    #[error(
+        "the partition runs on the destination on the pages it has, and this copy holds the \
+         rest; `migrator migrate --resume` pushes them (`migrator reconcile --resume-here` \
+         resumes it here, on your word that the destination's copy is gone)"
+    )]
+    PostcopyPaused,
     #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
     PauseTimeout,
     #[error("the snapshot has {got} vCPU states for {want} vCPUs")]
@@ -203,6 +209,7 @@ pub struct Partition {
     pub(super) migrating: Mutex<bool>,
     /// Set when a migration's outcome could not be learnt: the partition must not resume.
     pub(super) handover: Mutex<Option<super::status::AwaitingHandover>>,
+    pub(super) postcopy_paused: Mutex<Option<super::status::PostcopyPaused>>,
     /// The throttle's ticker, while one runs.
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
@@ -315,6 +322,7 @@ impl Partition {
             dirty: Mutex::new(None),
             migrating: Mutex::new(false),
             handover: Mutex::new(None),
+            postcopy_paused: Mutex::new(None),
             ticker: Mutex::new(None),
         };
         if request == Request::Pause {
@@ -399,7 +407,9 @@ impl Partition {
     pub fn pause(&self) -> Result<(), PartitionError> {
         match self.state() {
             PartitionState::Running | PartitionState::Migrating => {}
-            PartitionState::Paused | PartitionState::AwaitingHandover => return Ok(()),
+            PartitionState::Paused
+            | PartitionState::AwaitingHandover
+            | PartitionState::PostcopyPaused => return Ok(()),
             other => return Err(PartitionError::WrongState(other, "running")),
         }
         self.set_request(Request::Pause)?;
@@ -413,6 +423,7 @@ impl Partition {
             PartitionState::Paused | PartitionState::Migrating => {}
             PartitionState::Running => return Ok(()),
             PartitionState::AwaitingHandover => return Err(PartitionError::AwaitingHandover),
+            PartitionState::PostcopyPaused => return Err(PartitionError::PostcopyPaused),
             other => return Err(PartitionError::WrongState(other, "paused")),
         }
         self.set_request(Request::Run)?;

@@ -24,7 +24,21 @@ pub enum PartitionState {
     /// says which).
     #[serde(rename = "awaiting-handover")]
     AwaitingHandover,
+    /// Paused after a hybrid migration whose post-copy broke and was not recovered in its
+    /// window: the guest runs on the destination on the pages it has, and this copy holds the
+    /// rest (`PartitionStatus::postcopy_paused` says where). `migrate --resume` pushes them.
+    #[serde(rename = "postcopy-paused")]
+    PostcopyPaused,
     Crashed,
+}
+
+/// The post-copy a partition's copy is kept for: the destination daemon and its session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyPaused {
+    pub peer: String,
+    pub session: u64,
+    /// The partition's id there.
+    pub id_on_destination: Option<String>,
 }
 
 /// The migration a partition awaits the handover of: the destination daemon and its session.
@@ -54,6 +68,8 @@ pub struct PartitionStatus {
     pub console: String,
     /// The migration whose handover it awaits, in state `awaiting-handover`.
     pub awaiting_handover: Option<AwaitingHandover>,
+    /// The post-copy it holds the pages of, in state `postcopy-paused`.
+    pub postcopy_paused: Option<PostcopyPaused>,
 }
 
 impl Partition {
@@ -70,6 +86,22 @@ impl Partition {
 
     pub fn awaiting_handover(&self) -> Option<AwaitingHandover> {
         self.handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Marks the (paused) partition as holding the pages of a paused post-copy, or no
+    /// longer: while it does, it refuses to resume, since the guest runs on the destination.
+    pub fn set_postcopy_paused(&self, paused: Option<PostcopyPaused>) {
+        *self
+            .postcopy_paused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = paused;
+    }
+
+    pub fn postcopy_paused(&self) -> Option<PostcopyPaused> {
+        self.postcopy_paused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -97,6 +129,9 @@ impl Partition {
         }
         if self.awaiting_handover().is_some() {
             return PartitionState::AwaitingHandover;
+        }
+        if self.postcopy_paused().is_some() {
+            return PartitionState::PostcopyPaused;
         }
         match state.request {
             Request::Pause => PartitionState::Paused,
@@ -155,6 +190,7 @@ impl Partition {
             check_failures: control.check_failures,
             console: String::from_utf8_lossy(&control.console).into_owned(),
             awaiting_handover: self.awaiting_handover(),
+            postcopy_paused: self.postcopy_paused(),
         }
     }
 }

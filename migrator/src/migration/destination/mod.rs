@@ -34,7 +34,7 @@ use super::{
     link::{DataLink, DataStream, tune_data_socket},
     protocol::MAX_CONNECTIONS,
     report::{Latency, Mode},
-    transport::{Frame, FrameReader, TransportError, send_discarded, zero_page_hash},
+    transport::{Frame, FrameReader, TransportError, send_demand, send_discarded, zero_page_hash},
 };
 use crate::vmm::{
     GuestMemory, MemoryDigest, Partition, PartitionConfig, PartitionError, PartitionSnapshot,
@@ -113,8 +113,6 @@ pub enum DataError {
         #[source]
         source: TransportError,
     },
-    #[error("no data connection to demand page {0} on")]
-    NoDemandStream(u64),
     #[error("an `Urgent` frame out of place (not the first of a hybrid connection)")]
     UnexpectedUrgent,
     #[error("cannot start reading a data connection")]
@@ -196,6 +194,9 @@ struct Progress {
     /// `Done` frames read so far, over every data connection: a phase ends when each has
     /// sent its own.
     dones: u32,
+    /// The connections in use: 0 from the prepare, one more at each post-copy recovery.
+    /// What a connection of an older generation reads or fails at changes nothing.
+    generation: u32,
 }
 
 impl Progress {
@@ -221,14 +222,17 @@ pub struct Session {
     peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
     uffd: Mutex<Option<Arc<Uffd>>>,
-    /// A clone of the urgent connection (hybrid), for sending demands.
-    demand_stream: Mutex<Option<DataStream>>,
+    /// A clone of the urgent connection (hybrid), for sending demands, with its generation;
+    /// `None` while post-copy is paused (demands wait in `Progress::demanded`).
+    demand_stream: Mutex<Option<(u32, DataStream)>>,
     /// The partition the commit restored, parked until the handover runs it; an abort
     /// before that stops it.
     parked: Mutex<Option<Arc<Partition>>>,
     /// Clones of every data connection, to shut them down at a hang-up.
     streams: Mutex<Vec<DataStream>>,
     link: DataLink,
+    /// Where the data listener binds (a recovery opens a new one there).
+    bind: std::net::IpAddr,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The probes that count the guest's faults after its resume, over `fault_window`.
     probes: ProbeSlot,
@@ -284,6 +288,7 @@ impl Session {
             parked: Mutex::new(None),
             streams: Mutex::new(Vec::new()),
             link,
+            bind: bind.ip(),
             threads: Mutex::new(Vec::new()),
             probes,
             fault_window: Duration::from_millis(request.fault_window_ms),
@@ -292,7 +297,7 @@ impl Session {
         let receiver = Arc::clone(&session);
         let thread = std::thread::Builder::new()
             .name("migration-accept".into())
-            .spawn(move || receiver.receive(listener))
+            .spawn(move || receiver.receive(listener, 0))
             .map_err(SessionError::Listen)?;
         session.threads().push(thread);
         Ok((session, port, remove_ns_per_page))
@@ -324,16 +329,41 @@ impl Session {
         Ok(next)
     }
 
-    fn fail(&self, error: DataError) {
+    /// A failure of the session's connections or installs, which a connection of `generation`
+    /// saw: it ends the session before the cutover and pauses post-copy after it. A failure
+    /// seen by an older generation's connection, or while paused already, changes nothing.
+    fn fail_in(&self, generation: u32, error: DataError) {
         let mut progress = self.lock();
+        if progress.generation != generation || progress.phase() == SessionPhase::PostcopyPaused {
+            return;
+        }
         if progress.error.is_none() {
             progress.error = Some(Arc::new(error));
         }
         if let Ok(next) = progress.phase().next(SessionEvent::Failure, self.mode) {
             progress.phase = Some(next);
         }
+        let paused = progress.phase() == SessionPhase::PostcopyPaused;
         drop(progress);
+        if paused {
+            warn!("post-copy paused: the guest runs on the pages it has until the source recovers");
+            // Demands wait for the recovery's urgent connection.
+            *self.lock_demand_stream() = None;
+        }
         self.changed.notify_all();
+    }
+
+    fn fail(&self, error: DataError) {
+        let generation = self.lock().generation;
+        self.fail_in(generation, error);
+    }
+
+    fn lock_demand_stream(&self) -> MutexGuard<'_, Option<(u32, DataStream)>> {
+        self.demand_stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn current(&self, generation: u32) -> bool {
+        self.lock().generation == generation
     }
 
     /// The receiver thread: accepts the source's connections (its data connections, and in
@@ -341,7 +371,8 @@ impl Session {
     /// that installs frames until the end. With TLS on, a connection that fails the handshake is dropped and
     /// the wait goes on, so a stranger on the network cannot take the source's place or end
     /// the session.
-    fn receive(self: Arc<Self>, listener: TcpListener) {
+    /// `generation` is 0 for the prepare's listener and a recovery's number for its own.
+    fn receive(self: Arc<Self>, listener: TcpListener, generation: u32) {
         let wanted = match self.mode {
             Mode::Precopy => self.connections,
             Mode::Hybrid => self.connections + 1,
@@ -369,11 +400,13 @@ impl Session {
                 match secured {
                     Ok(stream) => {
                         accepted += 1;
-                        if accepted == 1 && self.advance(SessionEvent::Connected).is_err() {
+                        if !self.current(generation)
+                            || (accepted == 1 && self.advance(SessionEvent::Connected).is_err())
+                        {
                             return;
                         }
-                        if let Err(e) = self.read_connection(stream) {
-                            self.fail(DataError::Reader(e));
+                        if let Err(e) = self.read_connection(stream, generation) {
+                            self.fail_in(generation, DataError::Reader(e));
                             return;
                         }
                     }
@@ -384,7 +417,7 @@ impl Session {
                 if self.aborted.load(Ordering::Relaxed) || Instant::now() > deadline {
                     // Without its urgent connection a hybrid session refuses its commit.
                     if accepted == 0 {
-                        self.fail(DataError::NeverConnected);
+                        self.fail_in(generation, DataError::NeverConnected);
                     }
                     return;
                 }
@@ -395,14 +428,18 @@ impl Session {
         drop(listener);
     }
 
-    /// Starts the thread that reads connection `stream`.
-    fn read_connection(self: &Arc<Self>, stream: DataStream) -> std::io::Result<()> {
+    /// Starts the thread that reads connection `stream`, of `generation`.
+    fn read_connection(
+        self: &Arc<Self>,
+        stream: DataStream,
+        generation: u32,
+    ) -> std::io::Result<()> {
         let clone = stream.try_clone()?;
         self.lock_streams().push(clone);
         let reader = Arc::clone(self);
         let thread = std::thread::Builder::new()
             .name("migration-rx".into())
-            .spawn(move || reader.install_from(stream))?;
+            .spawn(move || reader.install_from(stream, generation))?;
         self.threads().push(thread);
         Ok(())
     }
@@ -411,17 +448,19 @@ impl Session {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Installs the frames of one connection until it ends. The urgent connection says so
-    /// first; the destination's demands go out on it.
-    fn install_from(&self, stream: DataStream) {
+    /// Installs the frames of one connection, of `generation`, until it ends or a recovery
+    /// replaces it. The urgent connection says so first; the destination's demands go out on
+    /// it.
+    fn install_from(&self, stream: DataStream, generation: u32) {
         let mut demands = stream.try_clone();
         let mut reader = FrameReader::new(stream, self.memory.frames());
         let mut first = true;
         let mut urgent = false;
-        // The `Done` frames this connection sent.
-        let mut dones = 0;
+        // The `Done` frames this connection sent; a recovery's connections start in the push,
+        // pre-copy's phase ended.
+        let mut dones = u32::from(generation > 0);
         loop {
-            if self.aborted.load(Ordering::Relaxed) {
+            if self.aborted.load(Ordering::Relaxed) || !self.current(generation) {
                 return;
             }
             let frame = match reader.next_frame() {
@@ -430,12 +469,12 @@ impl Session {
                     // A data connection may end once it has ended its phase, while the others
                     // still send theirs.
                     if !self.all_sent() && dones <= self.phases_done() {
-                        self.fail(DataError::ClosedEarly);
+                        self.fail_in(generation, DataError::ClosedEarly);
                     }
                     return;
                 }
                 Err(e) => {
-                    self.fail(DataError::Read(e));
+                    self.fail_in(generation, DataError::Read(e));
                     return;
                 }
             };
@@ -444,19 +483,24 @@ impl Session {
                 Frame::Done if urgent => Err(DataError::UrgentDone),
                 Frame::Done => {
                     dones += 1;
-                    self.pages_done(dones)
+                    self.pages_done(dones, generation)
                 }
                 Frame::Demand(_) => Err(DataError::UnexpectedDemand),
                 Frame::Urgent if first && self.mode == Mode::Hybrid => match &demands {
-                    Ok(demands) => demands.try_clone().map(|clone| {
-                        *self.demand_stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
-                        urgent = true;
-                        self.lock().urgent = true;
-                        self.changed.notify_all();
-                    }),
-                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                }
-                .map_err(DataError::Reader),
+                    Ok(demands) => {
+                        demands
+                            .try_clone()
+                            .map_err(DataError::Reader)
+                            .and_then(|clone| {
+                                urgent = true;
+                                self.demand_on(generation, clone)
+                            })
+                    }
+                    Err(e) => Err(DataError::Reader(std::io::Error::new(
+                        e.kind(),
+                        e.to_string(),
+                    ))),
+                },
                 Frame::Urgent => Err(DataError::UnexpectedUrgent),
                 Frame::Discard(pages) => {
                     self.drop_stale_copies(pages)
@@ -472,19 +516,46 @@ impl Session {
             };
             first = false;
             if let Err(e) = result {
-                self.fail(e);
+                self.fail_in(generation, e);
                 return;
             }
         }
+    }
+
+    /// The urgent connection of `generation` arrived: demands go out on it from now on, and
+    /// those that waited while post-copy was paused (or were lost with the connection before)
+    /// go again, at once.
+    fn demand_on(&self, generation: u32, mut stream: DataStream) -> Result<(), DataError> {
+        let mut demand_stream = self.lock_demand_stream();
+        let pending: Vec<u64> = {
+            let mut progress = self.lock();
+            if progress.generation != generation {
+                return Ok(());
+            }
+            progress.urgent = true;
+            let mut pending: Vec<u64> = progress.demanded.keys().copied().collect();
+            pending.sort_unstable();
+            pending
+        };
+        self.changed.notify_all();
+        if let Some(&page) = pending.first() {
+            send_demand(&mut stream, &pending)
+                .map_err(|source| DataError::Demand { page, source })?;
+        }
+        *demand_stream = Some((generation, stream));
+        Ok(())
     }
 
     /// A data connection's `Done` frame, its `dones`-th: the end of pre-copy, or in post-copy
     /// the end of the push, once every data connection has sent its own. One in a phase that
     /// expects none (a second before the commit, say) ends the session, as does a second on
     /// one connection before the others sent their first.
-    fn pages_done(&self, dones: u32) -> Result<(), DataError> {
+    fn pages_done(&self, dones: u32, generation: u32) -> Result<(), DataError> {
         {
             let mut progress = self.lock();
+            if progress.generation != generation {
+                return Ok(());
+            }
             if dones > progress.dones / self.connections + 1 {
                 return Err(DataError::DoneTwice);
             }
@@ -553,7 +624,9 @@ impl Session {
         use SessionPhase as P;
         match (self.mode, self.phase()) {
             // Already over: nothing more to say.
-            (_, P::Failed { .. } | P::Aborted) => true,
+            (_, P::Failed | P::Aborted) => true,
+            // Paused: the connections that end now are the broken ones.
+            (Mode::Hybrid, P::PostcopyPaused) => true,
             (
                 Mode::Precopy,
                 P::Received | P::Restoring { received: true } | P::Parked | P::Restored,
@@ -856,7 +929,7 @@ impl Session {
     pub fn failed_before_cutover(&self) -> Option<Arc<DataError>> {
         let progress = self.lock();
         match progress.phase() {
-            SessionPhase::Failed { cut_over: false } => progress.error.clone(),
+            SessionPhase::Failed => progress.error.clone(),
             _ => None,
         }
     }

@@ -14,9 +14,14 @@
 //!                                         Restored          Postcopy{pushed: false}
 //!                                                              │ pages done (push ended)
 //!                                                           Postcopy{pushed: true} ─finish─▶ Finished
+//!  Postcopy ─failure, or recover─▶ PostcopyPaused ─connected (a recover's new connections)─▶ Postcopy{pushed: false}
 //!  any phase before the guest runs ─abort─▶ Aborted;  ─failure─▶ Failed
-//!  Restored, Postcopy ─(guest stopped) discard─▶ Aborted
+//!  Restored, Postcopy, PostcopyPaused ─(guest stopped) discard─▶ Aborted
 //! ```
+//!
+//! A failure after the handover never ends the session: the guest runs here on the pages it
+//! has, and only the source holds the rest. The session waits in `PostcopyPaused` for the
+//! source to recover it over new connections (QEMU's `postcopy-paused`).
 
 use thiserror::Error;
 
@@ -41,10 +46,13 @@ pub enum SessionPhase {
     /// Hybrid: the restored partition runs here; missing pages arrive on demand and by push
     /// (`pushed`: the push has ended).
     Postcopy { pushed: bool },
+    /// Hybrid: a connection broke after the handover. The guest runs on the pages it has, and
+    /// a fault on a missing one waits until the source recovers the session.
+    PostcopyPaused,
     /// Hybrid: every page is in place.
     Finished,
-    /// The session failed; `cut_over` says whether a restored partition runs here.
-    Failed { cut_over: bool },
+    /// The session failed before the guest ran here.
+    Failed,
     /// The source gave up, and nothing of the session runs here.
     Aborted,
 }
@@ -67,6 +75,9 @@ pub enum SessionEvent {
     Abort,
     /// The partition this session restored was stopped, so the session may end.
     Discard,
+    /// Post-copy: the source recovers the session over new connections; the old ones are
+    /// dropped.
+    Recover,
 }
 
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -90,10 +101,7 @@ impl SessionPhase {
     pub fn guest_runs_here(self) -> bool {
         matches!(
             self,
-            Self::Restored
-                | Self::Postcopy { .. }
-                | Self::Finished
-                | Self::Failed { cut_over: true }
+            Self::Restored | Self::Postcopy { .. } | Self::PostcopyPaused | Self::Finished
         )
     }
 
@@ -103,6 +111,9 @@ impl SessionPhase {
         use SessionPhase as P;
         match (self, event) {
             (P::Connecting, E::Connected) => Ok(P::Receiving),
+            // A recover's first new connection: the push goes on.
+            (P::PostcopyPaused, E::Connected) => Ok(P::Postcopy { pushed: false }),
+            (P::Postcopy { .. } | P::PostcopyPaused, E::Recover) => Ok(P::PostcopyPaused),
             // The commit came before the receiver saw the connection: it waits all the same.
             (P::Restoring { received: false }, E::Connected) => Ok(self),
             (P::Receiving, E::PagesDone) => Ok(P::Received),
@@ -121,31 +132,34 @@ impl SessionPhase {
                 Mode::Hybrid => P::Postcopy { pushed: false },
             }),
             // A handover whose answer was lost comes again: it changes nothing.
-            (P::Restored | P::Postcopy { .. } | P::Finished, E::Handover) => Ok(self),
+            (P::Restored | P::Postcopy { .. } | P::PostcopyPaused | P::Finished, E::Handover) => {
+                Ok(self)
+            }
             (P::Postcopy { pushed: true }, E::Finish) => Ok(P::Finished),
             (
                 P::Connecting | P::Receiving | P::Received | P::Restoring { .. } | P::Parked,
                 E::Failure,
-            ) => Ok(P::Failed { cut_over: false }),
-            (P::Postcopy { .. }, E::Failure) => Ok(P::Failed { cut_over: true }),
-            // Once over, later failures (a connection closing) change nothing.
-            (P::Restored | P::Finished | P::Failed { .. } | P::Aborted, E::Failure) => Ok(self),
+            ) => Ok(P::Failed),
+            (P::Postcopy { .. }, E::Failure) => Ok(P::PostcopyPaused),
+            // Once over (or paused), later failures (a connection closing) change nothing.
+            (
+                P::Restored | P::PostcopyPaused | P::Finished | P::Failed | P::Aborted,
+                E::Failure,
+            ) => Ok(self),
             (
                 P::Connecting
                 | P::Receiving
                 | P::Received
                 | P::Restoring { .. }
                 | P::Parked
-                | P::Failed { cut_over: false }
+                | P::Failed
                 | P::Aborted,
                 E::Abort | E::Discard,
             ) => Ok(P::Aborted),
-            (P::Restored | P::Postcopy { .. } | P::Failed { cut_over: true }, E::Abort) => {
+            (P::Restored | P::Postcopy { .. } | P::PostcopyPaused, E::Abort) => {
                 Err(PhaseError::WouldLeaveRunningCopy)
             }
-            (P::Restored | P::Postcopy { .. } | P::Failed { cut_over: true }, E::Discard) => {
-                Ok(P::Aborted)
-            }
+            (P::Restored | P::Postcopy { .. } | P::PostcopyPaused, E::Discard) => Ok(P::Aborted),
             _ => Err(PhaseError::Unexpected { phase: self, event }),
         }
     }
@@ -255,11 +269,42 @@ mod tests {
             assert_eq!(restored.next(E::Discard, mode), Ok(P::Aborted));
         }
         let failed_after = walk(Mode::Hybrid, &[HANDED_OVER, &[E::Failure]].concat()).unwrap();
-        assert_eq!(failed_after, P::Failed { cut_over: true });
+        assert_eq!(failed_after, P::PostcopyPaused);
+        assert!(failed_after.guest_runs_here());
         assert_eq!(
             failed_after.next(E::Abort, Mode::Hybrid),
             Err(PhaseError::WouldLeaveRunningCopy)
         );
+    }
+
+    #[test]
+    fn a_broken_postcopy_pauses_and_recovers() {
+        let pushing = walk(Mode::Hybrid, HANDED_OVER).unwrap();
+        // Broken, or recovered before the destination noticed: paused either way.
+        let paused = pushing.next(E::Failure, Mode::Hybrid).unwrap();
+        assert_eq!(pushing.next(E::Recover, Mode::Hybrid), Ok(paused));
+        let pushed = pushing.next(E::PagesDone, Mode::Hybrid).unwrap();
+        assert_eq!(pushed.next(E::Recover, Mode::Hybrid), Ok(paused));
+        // Paused, nothing finishes, and another recover re-arms it.
+        assert!(paused.next(E::Finish, Mode::Hybrid).is_err());
+        assert!(paused.next(E::PagesDone, Mode::Hybrid).is_err());
+        assert_eq!(paused.next(E::Recover, Mode::Hybrid), Ok(paused));
+        assert_eq!(paused.next(E::Failure, Mode::Hybrid), Ok(paused));
+        // The new connections: the push goes on, and ends as before.
+        let resumed = paused.next(E::Connected, Mode::Hybrid).unwrap();
+        assert_eq!(resumed, P::Postcopy { pushed: false });
+        let done = walk_from(resumed, &[E::PagesDone, E::Finish]);
+        assert_eq!(done, Ok(P::Finished));
+        // A finished session, or one before the handover, recovers nothing.
+        assert!(P::Finished.next(E::Recover, Mode::Hybrid).is_err());
+        assert!(P::Parked.next(E::Recover, Mode::Hybrid).is_err());
+        assert!(P::Restored.next(E::Recover, Mode::Precopy).is_err());
+    }
+
+    fn walk_from(phase: SessionPhase, events: &[SessionEvent]) -> Result<SessionPhase, PhaseError> {
+        events
+            .iter()
+            .try_fold(phase, |phase, &event| phase.next(event, Mode::Hybrid))
     }
 
     #[test]
@@ -277,11 +322,7 @@ mod tests {
                 .is_err()
         );
         assert!(P::Aborted.next(E::Commit, Mode::Hybrid).is_err());
-        assert!(
-            P::Failed { cut_over: false }
-                .next(E::Commit, Mode::Hybrid)
-                .is_err()
-        );
+        assert!(P::Failed.next(E::Commit, Mode::Hybrid).is_err());
         assert!(P::Finished.next(E::PagesDone, Mode::Hybrid).is_err());
         // A failure once the session is over changes nothing.
         assert_eq!(P::Restored.next(E::Failure, Mode::Precopy), Ok(P::Restored));

@@ -4,18 +4,21 @@
 //! pushed by the source are installed the same way.
 
 use std::{
+    net::{SocketAddr, TcpListener},
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
+
+use heatprobe::probes::error_chain;
 
 use hdrhistogram::Histogram;
 use tracing::{debug, warn};
 use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{DataError, Session, SessionError};
+use super::{DataError, Session, SessionError, SessionEvent};
 use crate::{
-    migration::transport::send_demand,
+    migration::{control::Recovery, transport::send_demand},
     vmm::{Partition, PartitionSnapshot, memory::PAGE_SIZE},
 };
 
@@ -138,17 +141,27 @@ impl Session {
                     continue;
                 };
                 let page = (addr as u64 - self.memory.host_address()) / PAGE_SIZE;
-                if let Err(e) = self.serve_fault(uffd, page, thread_id.as_raw() as u32) {
-                    warn!("post-copy fault on page {page}: {e}");
-                    self.fail(e);
-                    return;
+                match self.serve_fault(uffd, page, thread_id.as_raw() as u32) {
+                    Ok(()) => {}
+                    // The link broke: post-copy pauses, and the demand goes again over the
+                    // connection a recovery opens. The guest waits on this page meanwhile.
+                    Err((generation, e @ DataError::Demand { .. })) => {
+                        warn!("post-copy fault on page {page}: {}", error_chain(&e));
+                        self.fail_in(generation, e);
+                    }
+                    Err((_, e)) => {
+                        warn!("post-copy fault on page {page}: {}", error_chain(&e));
+                        self.fail(e);
+                        return;
+                    }
                 }
             }
         }
     }
 
-    /// Thread `tid` faulted on `page`.
-    fn serve_fault(&self, uffd: &Uffd, page: u64, tid: u32) -> Result<(), DataError> {
+    /// Thread `tid` faulted on `page`. A failure to demand it comes with the generation of
+    /// the connection that failed.
+    fn serve_fault(&self, uffd: &Uffd, page: u64, tid: u32) -> Result<(), (u32, DataError)> {
         let now = Instant::now();
         let mut progress = self.lock();
         let installed = progress
@@ -158,7 +171,7 @@ impl Session {
             .unwrap_or(true);
         if installed {
             drop(progress);
-            return self.fill_zero_page(uffd, page);
+            return self.fill_zero_page(uffd, page).map_err(|e| (0, e));
         }
         if let Some(blocktime) = progress.blocktime.as_mut() {
             blocktime.faulted(tid, page, now);
@@ -171,9 +184,52 @@ impl Session {
         progress.requests += 1;
         drop(progress);
         debug!("demanding page {page}");
-        let mut stream = self.demand_stream.lock().unwrap_or_else(|p| p.into_inner());
-        let stream = stream.as_mut().ok_or(DataError::NoDemandStream(page))?;
-        send_demand(stream, &[page]).map_err(|source| DataError::Demand { page, source })
+        // None while post-copy is paused: the recovery's urgent connection sends it.
+        match self.lock_demand_stream().as_mut() {
+            Some((generation, stream)) => send_demand(stream, &[page])
+                .map_err(|source| (*generation, DataError::Demand { page, source })),
+            None => Ok(()),
+        }
+    }
+
+    /// The source recovers post-copy after a broken connection: the connections in use (if
+    /// any still are) are dropped, the session pauses, and a new data listener waits for the
+    /// source's new connections, which resume the push. Returns its port, and the pages not
+    /// in place here as a bitmap (bit `page % 64` of word `page / 64`), which the push sends
+    /// again: whatever was in flight on the old connections is among them. Refused, changing
+    /// nothing, unless the guest runs here on missing pages.
+    pub fn recover(self: &Arc<Self>) -> Result<Recovery, SessionError> {
+        let listener =
+            TcpListener::bind(SocketAddr::new(self.bind, 0)).map_err(SessionError::Listen)?;
+        let data_port = listener.local_addr().map_err(SessionError::Listen)?.port();
+        let (generation, missing) = {
+            let mut progress = self.lock();
+            let next = progress.phase().next(SessionEvent::Recover, self.mode)?;
+            progress.phase = Some(next);
+            progress.generation += 1;
+            progress.error = None;
+            progress.urgent = false;
+            // Pre-copy's phase ended on every connection; the push's has not.
+            progress.dones = self.connections;
+            let mut missing = vec![0u64; progress.installed.len().div_ceil(64)];
+            for (page, _) in progress.installed.iter().enumerate().filter(|(_, i)| !**i) {
+                missing[page / 64] |= 1 << (page % 64);
+            }
+            (progress.generation, missing)
+        };
+        *self.lock_demand_stream() = None;
+        for stream in self.lock_streams().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.changed.notify_all();
+        let receiver = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("migration-accept".into())
+            .spawn(move || receiver.receive(listener, generation))
+            .map_err(SessionError::Listen)?;
+        self.threads().push(thread);
+        tracing::info!("post-copy recovery {generation}: waiting on port {data_port}");
+        Ok(Recovery { data_port, missing })
     }
 
     /// A fault on a page that is in place: it arrived as a zero marker and was left a hole

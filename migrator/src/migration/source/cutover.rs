@@ -1,26 +1,24 @@
-//! The cutover: pause, the last pages, the state; in hybrid mode, the post-copy push with
-//! demands served ahead of it.
+//! The cutover: pause, the last pages, the state, the handover; in hybrid mode, then the
+//! post-copy push (`postcopy`).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+use std::time::{Duration, Instant};
+
+use super::{
+    MigrationError, SourcePhase,
+    discard::discard_live,
+    postcopy::{PostcopyLink, postcopy, tune_for_postcopy},
+    rounds::Run,
+    stripes::Stripes,
 };
-
-use tracing::warn;
-
-use super::{MigrationError, SourcePhase, discard::discard_live, rounds::Run, stripes::Stripes};
 use crate::{
     migration::{
         control::{CommitReply, CommitRequest, CommitTimings, Destination, DestinationError},
-        link::{self, DataStream},
+        link::DataStream,
         order::Order,
         report::Phase,
-        transport::{Frame, FrameReader, PageSender, SendCounts},
+        transport::PageSender,
     },
-    vmm::{GuestMemory, memory::PAGE_SIZE, state},
+    vmm::{memory::PAGE_SIZE, state},
 };
 
 /// The downtime's clock: started at the pause, read step by step into the report's
@@ -243,15 +241,9 @@ fn budget(
     ((room / send.as_secs_f64()) as usize).min(stale)
 }
 
-/// Share of the measured link rate the post-copy push is paced at: a little below the link,
-/// so that the bottleneck's queue stays short and a demanded page, on its own connection,
-/// finds no backlog in front of it there.
-const PUSH_RATE_SHARE: f64 = 0.9;
-
 /// Discard the stale copies there while the guest runs, pause, send the budgeted pages, the
-/// vCPU state and the stale copies left, hand over; then push what the destination lacks,
-/// hottest first, while a thread of its own serves the destination's demands on the urgent
-/// connection.
+/// vCPU state and the stale copies left, hand over; then push what the destination lacks
+/// (`postcopy`).
 pub(super) fn cutover_hybrid(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
@@ -261,7 +253,6 @@ pub(super) fn cutover_hybrid(
     order: &Order,
     last_dirty: Vec<u64>,
 ) -> Result<(), MigrationError> {
-    let partition = run.partition;
     let discarded = discard_live(run, &mut sender, last_dirty)?;
     let (mut clock, mut stale) = pause_for_cutover(run, &sender, discarded.stale.clone())?;
     // What the downtime budget still has room for goes now, the pages the guest will likely
@@ -288,132 +279,25 @@ pub(super) fn cutover_hybrid(
     commit(run, destination, session, clock, to_free)?;
     run.phase = SourcePhase::Postcopy { session };
 
-    // Post-copy: push what the destination lacks, hottest first. A small send buffer and a
-    // pace below the link keep the queues the urgent connection shares with the push short.
-    run.set_progress(|p| p.phase = Phase::Postcopy);
-    if let Err(e) = sender.set_send_buffer(link::POSTCOPY_SEND_BUFFER) {
-        warn!("{}", heatprobe::probes::error_chain(&e));
-    }
-    // The pacer counts bytes on the wire: the wire rate, whatever compression makes of it.
-    let push_rate = run
-        .wire_rate
-        .map(|rate| (rate * PUSH_RATE_SHARE) as u64)
-        .into_iter()
-        .chain(run.options.bandwidth_limit)
-        .min();
-    sender.set_rate(push_rate);
-    let frames = partition.memory().frames();
-    let needed: Arc<Vec<AtomicBool>> =
-        Arc::new((0..frames).map(|_| AtomicBool::new(false)).collect());
+    // Post-copy: what the destination lacks is the stale pages and those never sent.
+    let mut missing = run.sent_once.iter().map(|sent| !sent).collect::<Vec<_>>();
     for &f in &stale {
-        needed[f as usize].store(true, Ordering::Relaxed);
+        missing[f as usize] = true;
     }
-    for (f, sent) in run.sent_once.iter().enumerate() {
-        if !sent {
-            needed[f].store(true, Ordering::Relaxed);
-        }
-    }
-    let queue: Vec<u64> = order
-        .hottest_first
-        .iter()
-        .copied()
-        .filter(|&f| needed[f as usize].load(Ordering::Relaxed))
-        .collect();
-    let urgent_end = urgent
-        .stream()
-        .try_clone()
-        .map_err(|e| MigrationError::Connect(link::LinkError::Socket(e)))?;
-    let server = {
-        let memory = Arc::clone(partition.memory());
-        let needed = Arc::clone(&needed);
-        std::thread::Builder::new()
-            .name("migration-urgent".into())
-            .spawn(move || serve_demands(urgent, &memory, &needed))
-            .map_err(|e| MigrationError::Connect(link::LinkError::Socket(e)))?
-    };
-    // Each batch leaves as one burst into the link's queue, and a demanded page on the urgent
-    // connection can wait behind it: 16 pages are half a millisecond at 1 Gbit/s. Measured on
-    // paced kv-zipf (8 runs each), the runs' p99 demand latency was 0.8-3.6 ms (median 1.6)
-    // with batches of 64, 0.6-3.4 ms (median 0.95) with 16.
-    const PUSH_BATCH: usize = 16;
-    let result = (|| -> Result<(), MigrationError> {
-        let mut batch = Vec::with_capacity(PUSH_BATCH);
-        for chunk in queue.chunks(PUSH_BATCH) {
-            batch.clear();
-            // A page a demand already brought goes no more.
-            batch.extend(
-                chunk
-                    .iter()
-                    .filter(|&&f| needed[f as usize].swap(false, Ordering::Relaxed)),
-            );
-            if !batch.is_empty() {
-                run.send(&mut sender, &batch)?;
-            }
-        }
-        sender.send_done()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        return Err(MigrationError::AfterCutover(Box::new(e)));
-    }
-    let finish = destination.finish(session);
-    // Shut the urgent connection down so its server sees the end.
-    let _ = urgent_end.shutdown(std::net::Shutdown::Both);
-    if let Ok(counts) = server.join() {
-        run.counts += counts;
-    }
-    let finish =
-        finish.map_err(|e| MigrationError::AfterCutover(Box::new(MigrationError::Finish(e))))?;
+    tune_for_postcopy(run, &mut sender);
+    let link = PostcopyLink { sender, urgent };
+    postcopy(
+        run,
+        destination,
+        session,
+        Some(link),
+        &order.hottest_first,
+        missing,
+    )?;
     // The source stayed paused throughout: its memory is that of the pause. Hashing it last
     // keeps it off both the downtime and the post-copy push.
-    run.report.source_digest = Some(partition.digest().total_hex());
-    run.report.dest_digest = Some(finish.dest_digest);
-    run.report.postcopy_requests = finish.postcopy_requests;
-    run.report.postcopy_fault_latency_us = finish.fault_latency_us;
-    run.report.postcopy_blocktime_ms = finish.blocktime_ms;
-    run.report.postcopy_vcpu_blocktime_ms = finish.vcpu_blocktime_ms;
+    run.report.source_digest = Some(run.partition.digest().total_hex());
     Ok(())
-}
-
-/// Serves the destination's demands on the urgent connection until it ends: reads each
-/// demand and sends the pages it names at once, from this thread (QEMU's preempt-full does
-/// the same from its return-path thread). A page is sent even if the push already sent it:
-/// that copy may still be on its way. Returns what it sent.
-fn serve_demands(
-    mut urgent: PageSender<DataStream>,
-    memory: &GuestMemory,
-    needed: &[AtomicBool],
-) -> SendCounts {
-    let mut counts = SendCounts::default();
-    let stream = match urgent.stream().try_clone() {
-        Ok(stream) => stream,
-        Err(e) => {
-            warn!("the urgent connection: {e}");
-            return counts;
-        }
-    };
-    let mut reader = FrameReader::new(stream, memory.frames());
-    let mut hashes = Vec::new();
-    while let Ok(Some(frame)) = reader.next_frame() {
-        let Frame::Demand(pages) = frame else {
-            continue;
-        };
-        for &page in &pages {
-            if let Some(flag) = needed.get(page as usize) {
-                flag.store(false, Ordering::Relaxed);
-            }
-        }
-        hashes.clear();
-        match urgent.send_pages(memory, &pages, &mut hashes) {
-            Ok(sent) => counts += sent,
-            Err(e) => {
-                // The push, on the same link, fails too and says why.
-                warn!("serving demanded pages: {e}");
-                break;
-            }
-        }
-    }
-    counts
 }
 
 #[cfg(test)]

@@ -24,11 +24,12 @@ use super::{
     },
     transport::{PageSender, SendCounts, TransportError},
 };
-use crate::vmm::{AwaitingHandover, Partition, PartitionError};
+use crate::vmm::{AwaitingHandover, Partition, PartitionError, PostcopyPaused};
 
 mod cutover;
 mod discard;
 mod guest_ops;
+mod postcopy;
 mod rounds;
 pub mod stripes;
 
@@ -73,6 +74,19 @@ pub struct MigrationOptions {
     /// thread of its own (hybrid mode adds the urgent one).
     #[serde(default = "one_connection")]
     pub connections: u32,
+    /// Hybrid: how long the source tries to recover a broken post-copy over new connections
+    /// before it gives up and keeps its copy paused (`postcopy-paused`) for a manual
+    /// `migrate --resume`. Zero: no recovery, a broken post-copy fails at once.
+    #[serde(default = "default_recover_window")]
+    pub recover_window: Duration,
+}
+
+/// QEMU leaves a paused post-copy to its operator; ten minutes of tries cover a link or a
+/// peer daemon that comes back, and then the operator decides.
+pub const DEFAULT_RECOVER_WINDOW: Duration = Duration::from_secs(600);
+
+fn default_recover_window() -> Duration {
+    DEFAULT_RECOVER_WINDOW
 }
 
 fn one_connection() -> u32 {
@@ -139,6 +153,7 @@ impl Default for MigrationOptions {
             fault_window: Duration::from_secs(2),
             connections: 1,
             compress: Compress::None,
+            recover_window: DEFAULT_RECOVER_WINDOW,
         }
     }
 }
@@ -187,6 +202,20 @@ pub enum MigrationError {
     NoUrgentConnection,
     #[error("the destination sent a frame other than `Discarded` on the data connection")]
     UnexpectedFrame,
+    #[error("the destination did not recover post-copy")]
+    Recover(#[source] DestinationError),
+    #[error("the destination's missing pages are {words} words, not a bitmap of {frames} pages")]
+    BadRecovery { words: usize, frames: u64 },
+    #[error(
+        "post-copy broke ({broken}) and was not recovered in {tries} tries within the recover window of {window:?}"
+    )]
+    NotRecovered {
+        tries: u32,
+        window: Duration,
+        broken: String,
+        #[source]
+        last: Box<MigrationError>,
+    },
 }
 
 /// Heat a plan can be made from without profiling: what a migration carried here, and when
@@ -225,9 +254,9 @@ pub enum SourcePhase {
 pub enum Rollback {
     /// Resume the partition here; abort the destination's session, if it has one.
     Resume { abort: Option<u64> },
-    /// Keep the partition paused here, every page intact, for whoever recovers the migration:
-    /// the guest already runs on the destination.
-    KeepPaused,
+    /// Keep the partition paused here, every page intact, marked as holding the pages of
+    /// session `session`'s post-copy: the guest already runs on the destination.
+    KeepPaused { session: u64 },
     /// Keep the partition paused here, marked as awaiting the handover of `session`: whether
     /// the destination runs it is unknown.
     AwaitHandover { session: u64 },
@@ -246,7 +275,7 @@ impl SourcePhase {
                 abort: Some(session),
             }),
             Self::Undecided { session } => Some(Rollback::AwaitHandover { session }),
-            Self::Postcopy { .. } => Some(Rollback::KeepPaused),
+            Self::Postcopy { session } => Some(Rollback::KeepPaused { session }),
             Self::Completed => None,
         }
     }
@@ -266,28 +295,82 @@ pub fn migrate(
     // The guest's pace before the migration touches it, to compare with its pace during the
     // rounds; part of the setup time.
     let ops_before = guest_ops::rate_before(partition, guest_ops::BEFORE_WINDOW);
-    let frames = partition.memory().frames();
-    let mut run = Run {
-        partition,
-        options,
-        progress,
-        report: MigrationReport::new(options.strategy, options.mode),
-        sent_once: vec![false; frames as usize],
-        sent_hash: vec![0; frames as usize],
-        counts: SendCounts::default(),
-        started,
-        phase: SourcePhase::Preparing,
-        prepare_rtt: Duration::ZERO,
-        link_rate: None,
-        wire_rate: None,
-        remove_per_page: Duration::ZERO,
-        plan_heat: None,
-    };
-    run.report.pages_total = frames;
+    let mut run = Run::new(partition, options, progress, started);
     partition.set_migrating(true);
     let result = execute(&mut run, destination, probes, carried, ops_before);
+    conclude(run, destination, result)
+}
+
+/// Resumes the post-copy of `partition`, paused here (`postcopy-paused`) after its recover
+/// window ran out: recovers the session `paused` names over new connections and pushes the
+/// pages the destination lacks, in address order (the heat the plan had is long stale).
+/// Always returns a report; on failure the partition stays paused, holding the pages.
+pub fn resume_postcopy(
+    partition: &Arc<Partition>,
+    destination: &mut dyn Destination,
+    paused: PostcopyPaused,
+    options: &MigrationOptions,
+    progress: &Mutex<MigrationProgress>,
+) -> MigrationReport {
+    let session = paused.session;
+    let mut run = Run::new(partition, options, progress, Instant::now());
+    run.phase = SourcePhase::Postcopy { session };
+    run.report.id_on_destination = paused.id_on_destination;
+    partition.set_postcopy_paused(None);
+    partition.set_migrating(true);
+    let result = options
+        .validate()
+        .map_err(MigrationError::from)
+        .and_then(|()| postcopy::postcopy(&mut run, destination, session, None, &[], Vec::new()))
+        .map(|()| {
+            run.report.source_digest = Some(partition.digest().total_hex());
+            session
+        });
+    if result.is_ok() {
+        run.phase = SourcePhase::Completed;
+    }
+    conclude(run, destination, result)
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        partition: &'a Arc<Partition>,
+        options: &'a MigrationOptions,
+        progress: &'a Mutex<MigrationProgress>,
+        started: Instant,
+    ) -> Self {
+        let frames = partition.memory().frames();
+        let mut report = MigrationReport::new(options.strategy, options.mode);
+        report.pages_total = frames;
+        Run {
+            partition,
+            options,
+            progress,
+            report,
+            sent_once: vec![false; frames as usize],
+            sent_hash: vec![0; frames as usize],
+            counts: SendCounts::default(),
+            started,
+            phase: SourcePhase::Preparing,
+            prepare_rtt: Duration::ZERO,
+            link_rate: None,
+            wire_rate: None,
+            remove_per_page: Duration::ZERO,
+            plan_heat: None,
+        }
+    }
+}
+
+/// The report of `run`, which ended with `result`; rolls back what a failure calls for.
+fn conclude(
+    mut run: Run<'_>,
+    destination: &mut dyn Destination,
+    result: Result<u64, MigrationError>,
+) -> MigrationReport {
+    let partition = run.partition;
+    let options = run.options;
     // The move is over; what follows (the fault window) is measurement.
-    let total_time = started.elapsed();
+    let total_time = run.started.elapsed();
     // Full speed again, whatever happened: a paused partition is unaffected, a resumed one
     // must not stay slowed.
     if let Err(e) = partition.set_throttle(0) {
@@ -322,8 +405,13 @@ pub fn migrate(
                         warn!("resuming the partition after a failed migration: {e}");
                     }
                 }
-                // It reads as `paused`, not `migrating`.
-                Some(Rollback::KeepPaused) => {
+                // It reads as `postcopy-paused`, not `migrating`, and refuses to resume.
+                Some(Rollback::KeepPaused { session }) => {
+                    partition.set_postcopy_paused(Some(PostcopyPaused {
+                        peer: destination.peer(),
+                        session,
+                        id_on_destination: report.id_on_destination.clone(),
+                    }));
                     partition.set_migrating(false);
                     report.guest_location = GuestLocation::DestinationSourcePaused;
                 }
