@@ -187,10 +187,20 @@ impl Security {
 
     /// Connects to `addr`, and completes the handshake when TLS is on.
     pub async fn connect(&self, addr: SocketAddr) -> Result<Stream, TlsError> {
+        self.connect_tuned(addr, |_| {}).await
+    }
+
+    /// As `connect`, with `tune` applied to the TCP socket before the handshake.
+    pub async fn connect_tuned(
+        &self,
+        addr: SocketAddr,
+        tune: impl FnOnce(&TcpStream),
+    ) -> Result<Stream, TlsError> {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| TlsError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         self.client_handshake(tcp, addr).await
     }
 

@@ -59,13 +59,41 @@ type ClientTransport = Transport<
 impl Connection {
     /// Connects, authenticates when `security` is TLS, and checks the API version.
     pub async fn open(addr: SocketAddr, security: &Security) -> Result<Self, ClientError> {
-        let stream = security
-            .connect(addr)
-            .await
-            .map_err(|e| ClientError::Connect {
-                addr,
-                source: Box::new(e),
-            })?;
+        Self::open_tuned(addr, security, |_| {}).await
+    }
+
+    /// As `open`, for a daemon's connection to its migration peer: a peer or link that goes
+    /// silent fails the connection within `peer_timeout` (the data connections' socket
+    /// policy), not at the deadline of whatever call is waiting.
+    pub async fn open_peer(
+        addr: SocketAddr,
+        security: &Security,
+        peer_timeout: std::time::Duration,
+    ) -> Result<Self, ClientError> {
+        Self::open_tuned(addr, security, |tcp| {
+            if let Err(e) = crate::migration::link::tune_peer_socket(tcp, peer_timeout) {
+                tracing::warn!(
+                    "the connection to {addr}: {}",
+                    heatprobe::probes::error_chain(&e)
+                );
+            }
+        })
+        .await
+    }
+
+    async fn open_tuned(
+        addr: SocketAddr,
+        security: &Security,
+        tune: impl FnOnce(&tokio::net::TcpStream),
+    ) -> Result<Self, ClientError> {
+        let stream =
+            security
+                .connect_tuned(addr, tune)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    addr,
+                    source: Box::new(e),
+                })?;
         let transport: ClientTransport = transport(stream);
         let client = MigratorApiClient::new(client::Config::default(), transport).spawn();
         let info = client

@@ -106,7 +106,7 @@ impl Daemon {
         self.unwatch(&request.id);
         let opened = tokio::time::timeout(
             self.peer_timeout,
-            Connection::open(request.to, &self.security),
+            Connection::open_peer(request.to, &self.security, self.peer_timeout),
         )
         .await;
         let connection = match opened {
@@ -201,8 +201,11 @@ impl Daemon {
             .map_err(|e| ApiError::Migration(error_chain(&e)))?;
         let progress = self.outgoing.start(&id, self)?;
         let handle = tokio::runtime::Handle::current();
-        let opened =
-            tokio::time::timeout(self.peer_timeout, Connection::open(to, &self.security)).await;
+        let opened = tokio::time::timeout(
+            self.peer_timeout,
+            Connection::open_peer(to, &self.security, self.peer_timeout),
+        )
+        .await;
         let connection = match opened {
             Ok(Ok(connection)) => connection,
             Ok(Err(e)) => {

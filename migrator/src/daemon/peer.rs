@@ -120,7 +120,7 @@ impl Destination for RemoteDestination {
     fn reconnect(&mut self) -> Result<(), DestinationError> {
         let opened = self.handle.block_on(tokio::time::timeout(
             self.peer_timeout,
-            Connection::open(self.addr, &self.security),
+            Connection::open_peer(self.addr, &self.security, self.peer_timeout),
         ));
         let unreachable = |why: String| DestinationError::Unreachable {
             what: "a new control connection",

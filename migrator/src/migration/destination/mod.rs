@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
     control::{CommitRequest, CommitTimings, FinishReply, PrepareRequest},
-    link::{DataLink, DataStream, tune_data_socket},
+    link::{DataLink, DataStream, tune_peer_socket},
     protocol::MAX_CONNECTIONS,
     report::{Latency, Mode},
     transport::{Frame, FrameReader, TransportError, send_demand, send_discarded, zero_page_hash},
@@ -218,7 +218,7 @@ pub struct Session {
     aborted: AtomicBool,
     /// Set once post-copy has ended and guest memory is unregistered from userfaultfd.
     postcopy_done: AtomicBool,
-    /// How long the source may stay silent (see `link::tune_data_socket`).
+    /// How long the source may stay silent (see `link::tune_peer_socket`).
     peer_timeout: Duration,
     /// Set at a hybrid commit: from then on pages are installed through it.
     uffd: Mutex<Option<Arc<Uffd>>>,
@@ -384,7 +384,7 @@ impl Session {
         let mut accepted = 0;
         while accepted < wanted {
             match listener.accept() {
-                Ok((stream, peer)) => match tune_data_socket(&stream, self.peer_timeout) {
+                Ok((stream, peer)) => match tune_peer_socket(&stream, self.peer_timeout) {
                     Ok(()) => self.link.accept_into(stream, peer, ready_tx.clone()),
                     Err(e) => warn!("refused a data connection from {peer}: {}", error_chain(&e)),
                 },

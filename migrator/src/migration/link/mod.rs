@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 
 pub use self::{
-    socket::{POSTCOPY_SEND_BUFFER, SocketError, set_send_buffer, tune_data_socket},
+    socket::{POSTCOPY_SEND_BUFFER, SocketError, set_send_buffer, tune_peer_socket},
     tunnel::{TunnelError, TunnelFailure, TunnelWire, tunnel},
 };
 use crate::tls::{Security, TlsError};
@@ -166,7 +166,7 @@ impl DataLink {
     ) -> Result<DataStream, LinkError> {
         let tcp = TcpStream::connect_timeout(&addr, peer_timeout)
             .map_err(|source| LinkError::Connect { addr, source })?;
-        tune_data_socket(&tcp, peer_timeout)?;
+        tune_peer_socket(&tcp, peer_timeout)?;
         let _ = tcp.set_nodelay(true);
         self.secure(tcp, addr)
     }

@@ -1,9 +1,8 @@
-//! Socket policy of the data connection: how long it may stay silent, and how much it may
+//! Socket policy of the connections to a migration peer: how long they may stay silent, and how much it may
 //! queue. Set through socket2, on the TCP socket itself or on the engine's end of a tunnel.
 
 use std::{
     io,
-    net::TcpStream,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::Duration,
 };
@@ -29,11 +28,12 @@ pub enum SocketError {
     },
 }
 
-/// Bounds how long the data connection may stay silent: unacknowledged writes fail after
+/// Bounds how long a connection to a migration peer (its data connections, and the source's
+/// control connection to the destination) may stay silent: unacknowledged writes fail after
 /// `peer_timeout` (TCP_USER_TIMEOUT), and an idle connection probes its peer (keepalive) so a
 /// blocked read fails within about `peer_timeout` too when the peer or the link is gone.
 /// Call it on the TCP socket itself, under any tunnel.
-pub fn tune_data_socket(stream: &TcpStream, peer_timeout: Duration) -> Result<(), SocketError> {
+pub fn tune_peer_socket(stream: &impl AsFd, peer_timeout: Duration) -> Result<(), SocketError> {
     let socket = SockRef::from(stream);
     // The kernel takes whole seconds, at least one.
     let idle = Duration::from_secs((peer_timeout.as_secs() / 3).max(1));
@@ -78,6 +78,7 @@ pub fn set_send_buffer(stream: &impl AsFd, bytes: usize) -> Result<(), SocketErr
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
+    use std::net::TcpStream;
 
     use super::*;
 
@@ -103,7 +104,7 @@ mod tests {
     fn the_policy_reaches_the_socket() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        tune_data_socket(&stream, Duration::from_secs(10)).unwrap();
+        tune_peer_socket(&stream, Duration::from_secs(10)).unwrap();
         let socket = SockRef::from(&stream);
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(3));
