@@ -157,6 +157,46 @@ impl HostPair {
         Ok(())
     }
 
+    /// Holds back every packet `host` sends from its TCP port `port` (its answers on a
+    /// connection to that port, acknowledgements included), while all else flows: an answer
+    /// lost on its way. tc has no drop action on these hosts, so the packets go to an HTB
+    /// class whose queue holds no packet, which drops them.
+    pub fn hold_port(&self, host: &Host, port: u16) -> Result<()> {
+        let tc = |args: &[&str]| {
+            let mut full = vec!["-n", host.ns.as_str()];
+            full.extend_from_slice(args);
+            run("tc", &full)
+        };
+        let dev = host.dev.as_str();
+        tc(&[
+            "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10", "r2q",
+            "100000",
+        ])?;
+        tc(&[
+            "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit",
+        ])?;
+        tc(&[
+            "class", "add", "dev", dev, "parent", "1:", "classid", "1:20", "htb", "rate", "1mbit",
+        ])?;
+        // A queue of no packets: whatever is put in it is dropped.
+        tc(&[
+            "qdisc", "add", "dev", dev, "parent", "1:20", "handle", "20:", "pfifo", "limit", "0",
+        ])?;
+        let port = port.to_string();
+        tc(&[
+            "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+            "match", "ip", "sport", &port, "0xffff", "flowid", "1:20",
+        ])
+    }
+
+    /// Ends [`HostPair::hold_port`].
+    pub fn release_port(&self, host: &Host) -> Result<()> {
+        run(
+            "tc",
+            &["-n", &host.ns, "qdisc", "del", "dev", &host.dev, "root"],
+        )
+    }
+
     /// Restores the link (the kernel puts the subnet's routes back).
     pub fn link_up(&self) -> Result<()> {
         for host in [&self.a, &self.b] {

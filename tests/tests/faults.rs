@@ -220,6 +220,79 @@ fn ops(status: &Value) -> (u64, u64) {
     )
 }
 
+/// Two namespace hosts with a daemon each (mutual TLS where the build has it; the destination
+/// takes one partition, so a session it failed to drop would refuse a retry), and a partition
+/// on the source running `uniform-write`, watched by a progress client inside host A.
+struct Bed {
+    hosts: HostPair,
+    certs: Option<PathBuf>,
+    source: Daemon,
+    destination: Daemon,
+    id: String,
+    progress: Progress,
+}
+
+impl Bed {
+    fn start() -> Self {
+        let hosts = HostPair::create().expect("two network namespaces");
+        let certs = tls_available().then(|| {
+            make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()]).expect("certs")
+        });
+        let timeout = format!("{}s", PEER_TIMEOUT.as_secs());
+        let start = |host: &heatprobe_tests::netns::Host, extra: &[&str]| {
+            Daemon::start_config(
+                DaemonConfig::in_namespace(&host.ns, host.addr)
+                    .args(&["--peer-timeout", &timeout])
+                    .args(extra)
+                    .tls(certs.clone()),
+            )
+        };
+        let source = start(&hosts.a, &[]);
+        let destination = start(&hosts.b, &["--max-partitions", "1"]);
+        let id = source.json(&[
+            "launch",
+            "--workload",
+            "uniform-write",
+            "--args",
+            "check_every=200000",
+            "--mem",
+            MEM,
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        source.wait_progress(&id, 100_000, 1);
+        // This thread joins host A, so it reaches the source's API like a local client would;
+        // the tarpc client keeps the socket it opened there.
+        let a = hosts.a.ns.clone();
+        let source_addr = source.addr.clone();
+        let client_tls = certs.as_ref().map(|c| c.join("client"));
+        let poller_id = id.clone();
+        let progress = thread::spawn(move || {
+            enter_namespace(&a);
+            Progress::open(&source_addr, client_tls, &poller_id)
+        })
+        .join()
+        .unwrap();
+        Self {
+            hosts,
+            certs,
+            source,
+            destination,
+            id,
+            progress,
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if let Some(certs) = self.certs.take() {
+            let _ = std::fs::remove_dir_all(certs);
+        }
+    }
+}
+
 /// Runs one case of the matrix, or skips it with the reason.
 fn case(name: &str, fault: Fault, stage: Stage) {
     if let Some(why) = kvm_unavailable().or_else(netns_unavailable) {
@@ -232,50 +305,17 @@ fn case(name: &str, fault: Fault, stage: Stage) {
         return skip(name, &why);
     }
     let started = Instant::now();
-    let hosts = HostPair::create().expect("two network namespaces");
-    let certs = tls_available().then(|| {
-        make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()]).expect("certs")
-    });
-    let timeout = format!("{}s", PEER_TIMEOUT.as_secs());
-    let start = |host: &heatprobe_tests::netns::Host, extra: &[&str]| {
-        Daemon::start_config(
-            DaemonConfig::in_namespace(&host.ns, host.addr)
-                .args(&["--peer-timeout", &timeout])
-                .args(extra)
-                .tls(certs.clone()),
-        )
-    };
-    let mut source = start(&hosts.a, &[]);
-    // Room for one partition: a session the destination failed to drop would refuse the retry.
-    let mut destination = start(&hosts.b, &["--max-partitions", "1"]);
-    // This thread joins host A, so it reaches the source's API like a local client would.
-    let a = hosts.a.ns.clone();
-    let source_addr = source.addr.clone();
-    let client_tls = certs.as_ref().map(|c| c.join("client"));
-
-    let id = source.json(&[
-        "launch",
-        "--workload",
-        "uniform-write",
-        "--args",
-        "check_every=200000",
-        "--mem",
-        MEM,
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    source.wait_progress(&id, 100_000, 1);
-
-    let poller_id = id.clone();
-    let progress = thread::spawn(move || {
-        enter_namespace(&a);
-        Progress::open(&source_addr, client_tls, &poller_id)
-    })
-    .join()
-    .unwrap();
-    // The tarpc client keeps the socket it opened inside host A.
-    let migrate = spawn_migrate(&source, &destination, &id, &stage.migrate_args(fault));
+    let mut bed = Bed::start();
+    let Bed {
+        hosts,
+        source,
+        destination,
+        id,
+        progress,
+        ..
+    } = &mut bed;
+    let id = id.clone();
+    let migrate = spawn_migrate(source, destination, &id, &stage.migrate_args(fault));
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut migrate = Some(migrate);
     let before = loop {
@@ -299,10 +339,7 @@ fn case(name: &str, fault: Fault, stage: Stage) {
         Fault::KillSource => source.kill(),
     }
     if fault == Fault::KillSource {
-        source_killed(name, stage, migrate, &destination, injected);
-        if let Some(certs) = certs {
-            let _ = std::fs::remove_dir_all(certs);
-        }
+        source_killed(name, stage, migrate, destination, injected);
         return;
     }
     if let Some(cut) = stage.survived_cut(fault) {
@@ -330,7 +367,7 @@ fn case(name: &str, fault: Fault, stage: Stage) {
                 "{name}: {report}"
             );
         }
-        assert_moved(name, &report, &source, &destination, &id);
+        assert_moved(name, &report, source, destination, &id);
         eprintln!(
             "{name}: cut for {cut:?} in {:?} round {}; completed in {:?} ({} recoveries, \
              paused {} ms)",
@@ -340,9 +377,6 @@ fn case(name: &str, fault: Fault, stage: Stage) {
             report["postcopy_recoveries"],
             report["postcopy_paused_ms"]
         );
-        if let Some(certs) = certs {
-            let _ = std::fs::remove_dir_all(certs);
-        }
         return;
     }
     // The fault landed in the stage only if the source was still in it afterwards (or had
@@ -377,12 +411,9 @@ fn case(name: &str, fault: Fault, stage: Stage) {
     assert_eq!(progress.get().unwrap().phase, Phase::Failed, "{name}");
 
     if stage == Stage::PostCutover {
-        post_cutover(name, fault, &hosts, &source, &destination, &id, &report);
+        post_cutover(name, fault, hosts, source, destination, &id, &report);
     } else {
-        pre_cutover(name, fault, &hosts, &source, &destination, &id, &report);
-    }
-    if let Some(certs) = certs {
-        let _ = std::fs::remove_dir_all(certs);
+        pre_cutover(name, fault, hosts, source, destination, &id, &report);
     }
     eprintln!("{name}: passed in {:?}", started.elapsed());
 }
@@ -612,6 +643,173 @@ fn assert_moved(name: &str, report: &Value, source: &Daemon, destination: &Daemo
     assert_eq!(status["errors"], 0, "{name}: {status}");
     // One copy: the source's is stopped.
     assert_eq!(source.json(&["status", id])["state"], "stopped", "{name}");
+}
+
+/// How close to its end the last sending step must be for a lost-answer case to hold the
+/// answers back: the commit follows within a fraction of a second, well before keepalive
+/// (a third of the peer timeout, then probes a second apart) would find the held-back
+/// connection dead and the commit never left.
+const LAST_BYTES: u64 = 12 << 20;
+
+/// The commit reaches the destination, which restores the partition parked, but its answer
+/// never comes back: host B holds back everything its API port sends, acknowledgements
+/// included. The source cannot learn the outcome, so it neither resumes nor discards: the
+/// partition stays `awaiting-handover` and refuses `resume`. Once the answers flow again, a
+/// reconcile (by hand here, racing the source daemon's own) ends with exactly one running
+/// copy: pre-copy finishes the move (the destination holds every page), hybrid undoes it (the
+/// destination dropped its parked copy once the data connections closed).
+fn lost_commit_answer(name: &str, mode: &str) {
+    if let Some(why) = kvm_unavailable().or_else(netns_unavailable) {
+        return skip(name, &why);
+    }
+    let started = Instant::now();
+    let bed = Bed::start();
+    let Bed {
+        hosts,
+        source,
+        destination,
+        id,
+        progress,
+        ..
+    } = &bed;
+    // One round, then the cutover: pre-copy's last pages in stop-and-copy, hybrid's after its
+    // round 0, each ending just before the commit.
+    let (args, last_step): (&[&str], Phase) = match mode {
+        "precopy" => (&["--converge", "none"], Phase::StopAndCopy),
+        _ => (&["--mode", "hybrid"], Phase::Precopy),
+    };
+    let mut extra = vec![
+        "--strategy",
+        "address",
+        "--max-rounds",
+        "1",
+        "--bandwidth-limit",
+        BANDWIDTH,
+    ];
+    extra.extend_from_slice(args);
+    let migrate = spawn_migrate(source, destination, id, &extra);
+    let api_port: u16 = destination
+        .addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the destination's port");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut armed = false;
+    loop {
+        if let Some(p) = progress.get() {
+            assert!(!p.phase.is_final(), "{name}: ended before the fault: {p:?}");
+            if p.phase == last_step && p.remaining_bytes > LAST_BYTES {
+                armed = true;
+            }
+            if armed && p.phase == last_step && p.remaining_bytes <= LAST_BYTES {
+                eprintln!(
+                    "{name}: holding the answers back at {:?}: {p:?}",
+                    started.elapsed()
+                );
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: never reached the last pages"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    hosts.hold_port(&hosts.b, api_port).unwrap();
+    let held_at = Instant::now();
+    let (code, report, stderr) = wait_for_exit(migrate);
+    let held = held_at.elapsed();
+    assert_ne!(code, 0, "{name}: {report} {stderr}");
+    assert_eq!(
+        report["guest_location"], "awaiting-handover",
+        "{name}: {report}"
+    );
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("take over"),
+        "{name}: the commit went unanswered: {report}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{name}: one clear error: {stderr}"
+    );
+    let status = source.json(&["status", id]);
+    assert_eq!(status["state"], "awaiting-handover", "{name}: {status}");
+    let (code, _, _) = source.cli(&["resume", id]);
+    assert_ne!(code, 0, "{name}: resumed while the outcome is unknown");
+    // Nothing of it runs on the destination yet: parked, or dropped.
+    let listed = destination.json(&["list"]);
+    let running = |list: &Value| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["state"] != "stopped")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        running(&listed).iter().all(|p| p["state"] == "paused"),
+        "{name}: {listed}"
+    );
+    hosts.release_port(&hosts.b).unwrap();
+    let (code, out, err) = source.cli(&["reconcile", id, "--json"]);
+    assert!(
+        code == 0 || err.contains("awaits no handover") || err.contains("settled meanwhile"),
+        "{name}: {out} {err}"
+    );
+    let deadline = Instant::now() + 4 * PEER_TIMEOUT + Duration::from_secs(30);
+    let settled = loop {
+        let status = source.json(&["status", id]);
+        if status["state"] != "awaiting-handover" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{name}: never settled: {status}");
+        thread::sleep(Duration::from_millis(250));
+    };
+    let there = running(&destination.json(&["list"]));
+    if mode == "precopy" {
+        assert_eq!(settled["state"], "stopped", "{name}: {settled}");
+        let [moved] = there.as_slice() else {
+            panic!("{name}: one copy on the destination, not {there:?}");
+        };
+        let moved_id = moved["id"].as_str().unwrap();
+        let (ops_now, _) = ops(moved);
+        let after = destination.wait_progress(moved_id, ops_now + 100_000, 0);
+        assert_eq!(after["state"], "running", "{name}: {after}");
+    } else {
+        assert!(there.is_empty(), "{name}: nothing runs there: {there:?}");
+        let (ops_now, checks_now) = ops(&settled);
+        let resumed = source.wait_progress(id, ops_now + 100_000, checks_now + 1);
+        assert_eq!(resumed["state"], "running", "{name}: {resumed}");
+    }
+    eprintln!(
+        "{name}: the source stopped waiting {held:?} after the answers were held back; settled \
+         {:?} after that, {}",
+        held_at.elapsed() - held,
+        if mode == "precopy" {
+            "moved"
+        } else {
+            "resumed on the source"
+        }
+    );
+}
+
+#[test]
+fn lost_commit_answer_in_precopy() {
+    if !long() {
+        return skip(
+            "lost_commit_answer_in_precopy",
+            "long variant (HEATPROBE_LONG_TESTS=1)",
+        );
+    }
+    lost_commit_answer("lost_commit_answer_in_precopy", "precopy");
+}
+
+#[test]
+fn lost_commit_answer_in_hybrid() {
+    lost_commit_answer("lost_commit_answer_in_hybrid", "hybrid");
 }
 
 fn long() -> bool {
