@@ -485,8 +485,9 @@ where
 
 async fn reconcile(target: Target, resume_here: bool, security: &Security) -> Result<()> {
     let connection = Connection::open(target.host.host, security).await?;
-    // Asking the destination is bounded by the daemon's peer timeout, plus its answer.
-    let ctx = context_with(Duration::from_secs(120));
+    // Asking the destination is bounded by the daemon's peer timeout, plus its answer; a
+    // paused post-copy's pages go too, as long as `migrate` may take.
+    let ctx = context_with(Duration::from_secs(3600));
     let id = target.id.clone();
     let settled = connection.rpc(
         connection

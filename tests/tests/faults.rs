@@ -555,8 +555,8 @@ fn pre_cutover(
 /// keeps the partition paused and intact, holding the missing pages (`postcopy-paused`), and
 /// refuses to resume it: the guest runs on the destination. A cut link that came back: the
 /// operator resumes the post-copy by hand (`migrate --resume`), and it completes. A killed
-/// destination: the guest died there, and the operator resumes the copy here on their word
-/// (`reconcile --resume-here`).
+/// destination: the guest died there, a reconcile cannot push the pages anywhere and changes
+/// nothing, and the operator resumes the copy here on their word (`reconcile --resume-here`).
 fn post_cutover(
     name: &str,
     fault: Fault,
@@ -621,6 +621,13 @@ fn post_cutover(
             );
         }
         _ => {
+            // A reconcile would push the missing pages, but there is nobody to take them: it
+            // fails, and the partition stays as it was.
+            let (code, _, stderr) = source.cli(&["reconcile", id]);
+            assert_ne!(code, 0, "{name}: {stderr}");
+            assert!(stderr.contains("stays postcopy-paused"), "{name}: {stderr}");
+            let still = source.json(&["status", id]);
+            assert_eq!(still["state"], "postcopy-paused", "{name}: {still}");
             // The operator's way out once the destination's copy is gone.
             source.json(&["reconcile", id, "--resume-here"]);
             let (ops_now, checks_now) = ops(&later);

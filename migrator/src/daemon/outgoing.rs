@@ -11,17 +11,15 @@ use tracing::warn;
 
 use super::{
     api::{ApiError, MigrateRequest},
-    blocking,
-    client::Connection,
-    error_chain,
+    blocking, error_chain,
     peer::RemoteDestination,
     registry::info_of,
     server::Daemon,
 };
 use crate::{
     migration::{
-        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy, link::DataLink,
-        report::Phase, source::MigrationOptions,
+        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy, report::Phase,
+        source::MigrationOptions,
     },
     vmm::{Partition, PartitionState},
 };
@@ -104,29 +102,14 @@ impl Daemon {
         // on the partition (they check for a running migration under the lock unwatch takes),
         // so the vCPU threads this frees stay free for the migration's own profiler.
         self.unwatch(&request.id);
-        let opened = tokio::time::timeout(
-            self.peer_timeout,
-            Connection::open_peer(request.to, &self.security, self.peer_timeout),
-        )
-        .await;
-        let connection = match opened {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => {
-                fail(&progress);
-                return Err(ApiError::Migration(format!(
-                    "destination {}: {}",
-                    request.to,
-                    error_chain(&e)
-                )));
-            }
-            Err(_) => {
-                fail(&progress);
-                return Err(ApiError::Migration(format!(
-                    "destination {}: no answer within the peer timeout of {:?}",
-                    request.to, self.peer_timeout
-                )));
-            }
-        };
+        let mut destination =
+            match RemoteDestination::open(request.to, &self.security, self.peer_timeout).await {
+                Ok(destination) => destination,
+                Err(why) => {
+                    fail(&progress);
+                    return Err(ApiError::Migration(why));
+                }
+            };
         let probes = match request.options.strategy {
             Strategy::Heat => match self.probes().await {
                 Ok(probes) => Some(probes),
@@ -136,15 +119,6 @@ impl Daemon {
                 }
             },
             Strategy::Address => None,
-        };
-        let handle = tokio::runtime::Handle::current();
-        let mut destination = RemoteDestination {
-            client: connection.client,
-            addr: connection.addr,
-            link: DataLink::new(self.security.clone(), handle.clone()),
-            handle,
-            peer_timeout: self.peer_timeout,
-            security: self.security.clone(),
         };
         // Heat that came with this partition, fresh enough to plan from without profiling.
         let carried = match request.options.strategy {
@@ -200,38 +174,16 @@ impl Daemon {
             .validate()
             .map_err(|e| ApiError::Migration(error_chain(&e)))?;
         let progress = self.outgoing.start(&id, self)?;
-        let handle = tokio::runtime::Handle::current();
-        let opened = tokio::time::timeout(
-            self.peer_timeout,
-            Connection::open_peer(to, &self.security, self.peer_timeout),
-        )
-        .await;
-        let connection = match opened {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => {
-                fail(&progress);
-                return Err(ApiError::Migration(format!(
-                    "destination {to}: {}; partition `{id}` stays postcopy-paused",
-                    error_chain(&e)
-                )));
-            }
-            Err(_) => {
-                fail(&progress);
-                return Err(ApiError::Migration(format!(
-                    "destination {to}: no answer within the peer timeout of {:?}; partition \
-                     `{id}` stays postcopy-paused",
-                    self.peer_timeout
-                )));
-            }
-        };
-        let mut destination = RemoteDestination {
-            client: connection.client,
-            addr: to,
-            link: DataLink::new(self.security.clone(), handle.clone()),
-            handle,
-            peer_timeout: self.peer_timeout,
-            security: self.security.clone(),
-        };
+        let mut destination =
+            match RemoteDestination::open(to, &self.security, self.peer_timeout).await {
+                Ok(destination) => destination,
+                Err(why) => {
+                    fail(&progress);
+                    return Err(ApiError::Migration(format!(
+                        "{why}; partition `{id}` stays postcopy-paused"
+                    )));
+                }
+            };
         let engine = Arc::clone(&partition);
         let report = blocking("resuming the migration", move || {
             crate::migration::source::resume_postcopy(

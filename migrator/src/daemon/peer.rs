@@ -32,6 +32,38 @@ pub struct RemoteDestination {
 }
 
 impl RemoteDestination {
+    /// Opens the control connection to the destination daemon at `addr`, within the peer
+    /// timeout, or says why it could not (for the caller's error).
+    pub async fn open(
+        addr: SocketAddr,
+        security: &Security,
+        peer_timeout: Duration,
+    ) -> Result<Self, String> {
+        let opened = tokio::time::timeout(
+            peer_timeout,
+            Connection::open_peer(addr, security, peer_timeout),
+        )
+        .await;
+        let connection = match opened {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(format!("destination {addr}: {}", super::error_chain(&e))),
+            Err(_) => {
+                return Err(format!(
+                    "destination {addr}: no answer within the peer timeout of {peer_timeout:?}"
+                ));
+            }
+        };
+        let handle = tokio::runtime::Handle::current();
+        Ok(Self {
+            client: connection.client,
+            addr,
+            link: DataLink::new(security.clone(), handle.clone()),
+            handle,
+            peer_timeout,
+            security: security.clone(),
+        })
+    }
+
     /// Runs one call; tells a refusal (the destination answered no) from no answer at all.
     fn call<T>(
         &self,

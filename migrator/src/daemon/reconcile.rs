@@ -3,6 +3,10 @@
 //! may run the guest. Reconciling asks the destination, by hand (`migrator reconcile`) or
 //! by itself with backoff, and ends with exactly one copy running.
 //!
+//! A partition `postcopy-paused` (its post-copy broke and was not recovered in its window)
+//! is settled by hand only: `migrator reconcile` resumes the post-copy, as
+//! `migrate --resume` does, and `--resume-here` gives it up on the operator's word.
+//!
 //! - Pre-copy: the destination holds every page, so the move is finished: the handover is
 //!   asked again. Run there (now or before), the copy here stops; refused, nothing of it runs
 //!   there, and it resumes here.
@@ -21,7 +25,10 @@ use super::{
     registry::info_of,
     server::Daemon,
 };
-use crate::vmm::{AwaitingHandover, Partition, PartitionState};
+use crate::{
+    migration::{MigrationStatus, Mode, Strategy, source::MigrationOptions},
+    vmm::{AwaitingHandover, Partition, PartitionState},
+};
 
 /// The automatic reconcile's first wait, doubled after each unanswered try up to
 /// [`BACKOFF_MAX`].
@@ -39,12 +46,8 @@ impl Daemon {
         let partition = self.registry.live(&id)?;
         if let Some(paused) = partition.postcopy_paused() {
             if !resume_here {
-                return Err(ApiError::Partition(format!(
-                    "partition `{id}` holds the missing pages of session {} on {}, whose guest \
-                     runs there: `migrator migrate --resume {id}` pushes them (`--resume-here` \
-                     resumes it here instead, on your word that the copy there is gone)",
-                    paused.session, paused.peer
-                )));
+                drop(partition);
+                return self.reconcile_postcopy(id).await;
             }
             warn!(
                 "partition {id}: resumed here on the operator's word, giving up the post-copy \
@@ -129,6 +132,27 @@ impl Daemon {
                 })
             }
             None => resume_here_again(&id, &partition),
+        }
+    }
+
+    /// Finishes the move of partition `id`, `postcopy-paused`: the post-copy resumes and
+    /// pushes the pages the destination lacks, as `migrate --resume` does.
+    async fn reconcile_postcopy(&self, id: String) -> Result<Reconciled, ApiError> {
+        info!("partition {id}: resuming its paused post-copy");
+        let options = MigrationOptions {
+            strategy: Strategy::Address,
+            mode: Mode::Hybrid,
+            ..MigrationOptions::default()
+        };
+        let report = self.resume_out(id.clone(), options).await?;
+        match report.status {
+            MigrationStatus::Completed => Ok(Reconciled::MovedTo {
+                id_on_destination: report.id_on_destination,
+            }),
+            _ => Err(ApiError::Migration(format!(
+                "{}; partition `{id}` stays postcopy-paused",
+                report.error.unwrap_or_default()
+            ))),
         }
     }
 

@@ -100,6 +100,10 @@ pub struct CarriedHeat {
 pub struct FinishReply {
     pub dest_digest: String,
     pub postcopy_requests: u64,
+    /// Demands sent again after a post-copy recovery: faults that waited out the pause, or
+    /// whose demand was lost with the broken connection.
+    #[serde(default)]
+    pub rerequests: u64,
     pub fault_latency_us: Latency,
     /// The time every vCPU waited on a missing page at once, in milliseconds.
     pub blocktime_ms: f64,

@@ -174,6 +174,10 @@ pub struct MigrationReport {
     pub postcopy_recoveries: u32,
     #[serde(default)]
     pub postcopy_paused_ms: u64,
+    /// Demands the destination sent again over a recovery's new connection: faults that
+    /// waited out the pause, or whose demand was lost with the broken connection.
+    #[serde(default)]
+    pub postcopy_rerequests: u64,
     /// The guest's faults on the destination over `--fault-window` from its resume; null
     /// when the window is 0, the migration did not complete, or the destination could not
     /// count (then `post_cutover_faults_note` says why).
@@ -235,6 +239,7 @@ impl MigrationReport {
             guest_stall_ms: 0.0,
             postcopy_recoveries: 0,
             postcopy_paused_ms: 0,
+            postcopy_rerequests: 0,
             post_cutover_faults: None,
             post_cutover_faults_note: None,
             dirty_pages_per_round: Vec::new(),

@@ -89,8 +89,9 @@ pub enum PartitionError {
     AwaitingHandover,
     #[error(
         "the partition runs on the destination on the pages it has, and this copy holds the \
-         rest; `migrator migrate --resume` pushes them (`migrator reconcile --resume-here` \
-         resumes it here, on your word that the destination's copy is gone)"
+         rest; `migrator migrate --resume` (or `migrator reconcile`) pushes them \
+         (`migrator reconcile --resume-here` resumes it here, on your word that the \
+         destination's copy is gone)"
     )]
     PostcopyPaused,
     #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]

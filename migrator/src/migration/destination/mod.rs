@@ -194,6 +194,8 @@ struct Progress {
     /// `Done` frames read so far, over every data connection: a phase ends when each has
     /// sent its own.
     dones: u32,
+    /// Demands sent again over a recovery's urgent connection.
+    rerequests: u64,
     /// The connections in use: 0 from the prepare, one more at each post-copy recovery.
     /// What a connection of an older generation reads or fails at changes nothing.
     generation: u32,
@@ -535,6 +537,7 @@ impl Session {
             progress.urgent = true;
             let mut pending: Vec<u64> = progress.demanded.keys().copied().collect();
             pending.sort_unstable();
+            progress.rerequests += pending.len() as u64;
             pending
         };
         self.changed.notify_all();
@@ -904,6 +907,7 @@ impl Session {
             .unwrap_or_default();
         let digest = MemoryDigest::from_pages(progress.page_digests.clone());
         let requests = progress.requests;
+        let rerequests = progress.rerequests;
         let now = Instant::now();
         let (blocktime_ms, vcpu_blocktime_ms) = progress
             .blocktime
@@ -916,6 +920,7 @@ impl Session {
         Ok(FinishReply {
             dest_digest: digest.total_hex(),
             postcopy_requests: requests,
+            rerequests,
             fault_latency_us: latency,
             blocktime_ms,
             vcpu_blocktime_ms,

@@ -87,6 +87,7 @@ pub(super) fn postcopy(
             Ok(finish) => {
                 run.report.dest_digest = Some(finish.dest_digest);
                 run.report.postcopy_requests += finish.postcopy_requests;
+                run.report.postcopy_rerequests = finish.rerequests;
                 run.report.postcopy_fault_latency_us = finish.fault_latency_us;
                 run.report.postcopy_blocktime_ms = finish.blocktime_ms;
                 run.report.postcopy_vcpu_blocktime_ms = finish.vcpu_blocktime_ms;
