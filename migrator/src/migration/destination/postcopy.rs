@@ -95,6 +95,13 @@ impl Session {
             }
         }
         let mut progress = self.lock();
+        // A demanded page can arrive twice at once, on the urgent connection and in the push:
+        // both copies pass the check above, and only the first to get here counts. Counting
+        // both would bring `missing` to zero with a page still missing, and `finish` would
+        // end post-copy without it.
+        if progress.installed[page as usize] {
+            return Ok(());
+        }
         if let Some(blocktime) = progress.blocktime.as_mut() {
             blocktime.arrived(page, Instant::now());
         }
