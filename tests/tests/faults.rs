@@ -663,8 +663,9 @@ const LAST_BYTES: u64 = 12 << 20;
 /// included. The source cannot learn the outcome, so it neither resumes nor discards: the
 /// partition stays `awaiting-handover` and refuses `resume`. Once the answers flow again, a
 /// reconcile (by hand here, racing the source daemon's own) ends with exactly one running
-/// copy: pre-copy finishes the move (the destination holds every page), hybrid undoes it (the
-/// destination dropped its parked copy once the data connections closed).
+/// copy: pre-copy finishes the move (the destination holds every page); hybrid resumes on the
+/// source, since the destination dropped its parked copy once the data connections closed and
+/// refuses the handover.
 fn lost_commit_answer(name: &str, mode: &str) {
     if let Some(why) = kvm_unavailable().or_else(netns_unavailable) {
         return skip(name, &why);

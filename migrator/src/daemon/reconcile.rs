@@ -7,13 +7,14 @@
 //! is settled by hand only: `migrator reconcile` resumes the post-copy, as
 //! `migrate --resume` does, and `--resume-here` gives it up on the operator's word.
 //!
-//! - Pre-copy: the destination holds every page, so the move is finished: the handover is
-//!   asked again. Run there (now or before), the copy here stops; refused, nothing of it runs
-//!   there, and it resumes here.
-//! - Hybrid: the destination's copy needs this one's pages, and post-copy does not resume
-//!   over a new connection yet, so the move is undone instead: the destination stops whatever
-//!   it restored, then the partition resumes here. What the guest did on the destination in
-//!   between, if its handover had come through, is lost (docs/reliability.md).
+//! The handover is asked again. Refused, nothing of it runs there (the destination dropped
+//! the session and stopped what it restored), and it resumes here. Run there (now or
+//! before):
+//! - pre-copy: the destination holds every page, so the move is finished and the copy here
+//!   stops;
+//! - hybrid: the destination's copy needs this one's pages, so its post-copy resumes over new
+//!   connections, as `migrate --resume` does, and the copy here stops once every page is
+//!   there. Should that fail, the partition stays `postcopy-paused`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -27,7 +28,7 @@ use super::{
 };
 use crate::{
     migration::{MigrationStatus, Mode, Strategy, source::MigrationOptions},
-    vmm::{AwaitingHandover, Partition, PartitionState},
+    vmm::{AwaitingHandover, Partition, PartitionState, PostcopyPaused},
 };
 
 /// The automatic reconcile's first wait, doubled after each unanswered try up to
@@ -89,26 +90,17 @@ impl Daemon {
         .map_err(|_| unreachable("no answer within the peer timeout".into()))?
         .map_err(|e| unreachable(super::error_chain(&e)))?;
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
-        let outcome = if handover.postcopy {
-            connection
-                .client
-                .migration_abort(ctx, handover.session)
-                .await
-                .map(|()| None)
-                .map_err(|e| unreachable(e.to_string()))?
-        } else {
-            match connection
-                .client
-                .migration_handover(ctx, handover.session)
-                .await
-            {
-                Ok(Ok(reply)) => Some(reply.id_on_destination),
-                Ok(Err(refused)) => {
-                    info!("partition {id}: the destination refused the handover: {refused}");
-                    None
-                }
-                Err(e) => return Err(unreachable(e.to_string())),
+        let outcome = match connection
+            .client
+            .migration_handover(ctx, handover.session)
+            .await
+        {
+            Ok(Ok(reply)) => Some(reply.id_on_destination),
+            Ok(Err(refused)) => {
+                info!("partition {id}: the destination refused the handover: {refused}");
+                None
             }
+            Err(e) => return Err(unreachable(e.to_string())),
         };
         // The partition may have changed hands meanwhile (reconciled twice at once).
         if partition.awaiting_handover().as_ref() != Some(&handover) {
@@ -117,6 +109,21 @@ impl Daemon {
             )));
         }
         match outcome {
+            // The guest runs there on the pages it has: they follow it.
+            Some(id_on_destination) if handover.postcopy => {
+                info!(
+                    "partition {id}: it runs on {addr} as {id_on_destination}; pushing the pages \
+                     it lacks"
+                );
+                partition.set_postcopy_paused(Some(PostcopyPaused {
+                    peer: handover.peer.clone(),
+                    session: handover.session,
+                    id_on_destination: Some(id_on_destination),
+                }));
+                partition.set_awaiting_handover(None);
+                drop(partition);
+                self.reconcile_postcopy(id).await
+            }
             Some(id_on_destination) => {
                 partition.stop();
                 let mut info = info_of(&id, &partition);
