@@ -48,6 +48,9 @@ enum Fault {
     HandoverAnswerLost,
     /// Hybrid: every page arrives, but the answer to `finish` is lost.
     FinishAnswerLost,
+    /// Hybrid: the destination forgets the session as the push ends (its daemon restarted,
+    /// say), its guest still running there, and `finish` goes unanswered.
+    SessionLost,
     /// Hybrid: every connection the source opened so far breaks as the handover answers,
     /// before the push starts, and the answer waits a while: the guest runs there meanwhile,
     /// its demands waiting.
@@ -74,6 +77,9 @@ struct InProcess {
     seen: Arc<Mutex<Seen>>,
     /// Clones of the connections the source opened, for `PostcopyCut` to break.
     opened: Mutex<Vec<DataStream>>,
+    /// The answers of finished sessions, for a `finish` asked again (as the daemon keeps
+    /// them).
+    finished: BTreeMap<u64, FinishReply>,
 }
 
 fn unreachable(what: &'static str) -> DestinationError {
@@ -159,12 +165,23 @@ impl Destination for InProcess {
     }
 
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {
-        let found = self.sessions.get(&session).cloned().expect("a session");
+        let Some(found) = self.sessions.get(&session).cloned() else {
+            return self
+                .finished
+                .get(&session)
+                .cloned()
+                .ok_or_else(|| DestinationError::Refused(ApiError::UnknownSession(session)));
+        };
+        if self.fault == Fault::SessionLost {
+            self.sessions.remove(&session);
+            return Err(unreachable("finish"));
+        }
         // As the daemon does: a session whose finish failed lives on, to be recovered.
         let reply = found
             .finish()
             .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
         self.sessions.remove(&session);
+        self.finished.insert(session, reply.clone());
         if self.fault == Fault::FinishAnswerLost {
             return Err(unreachable("finish"));
         }
@@ -288,6 +305,7 @@ fn run_counting(
         next: 0,
         seen: Arc::clone(&seen),
         opened: Mutex::new(Vec::new()),
+        finished: BTreeMap::new(),
     };
     let progress = Mutex::new(MigrationProgress::default());
     let report = migrate(
@@ -625,6 +643,30 @@ fn an_unanswered_commit_or_handover_leaves_one_copy_paused_awaiting_the_handover
     }
 }
 
+/// Every page arrived and the destination finished, but its answer to `finish` was lost: the
+/// source's recovery finds nothing to recover, asks `finish` again, gets the same answer, and
+/// the migration completes.
+#[test]
+fn a_lost_finish_answer_is_asked_again_and_the_migration_completes() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_lost_finish_answer_is_asked_again_and_the_migration_completes",
+            &why,
+        );
+    }
+    let (report, source, seen) = run(Mode::Hybrid, Fault::FinishAnswerLost);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert!(report.source_digest.is_some());
+    assert_eq!(report.source_digest, report.dest_digest, "{report:?}");
+    assert_eq!(report.postcopy_recoveries, 0, "{report:?}");
+    assert_eq!(source.state(), PartitionState::Stopped);
+    for partition in &seen.arrived {
+        partition.stop();
+    }
+}
+
+/// The destination forgets the session in post-copy: there is nothing to recover, and the
+/// source keeps the only complete copy, paused.
 #[test]
 fn a_failure_after_a_hybrid_cutover_keeps_the_paused_copy() {
     if let Some(why) = kvm_unavailable() {
@@ -633,11 +675,11 @@ fn a_failure_after_a_hybrid_cutover_keeps_the_paused_copy() {
             &why,
         );
     }
-    let (report, source, seen) = run(Mode::Hybrid, Fault::FinishAnswerLost);
+    let (report, source, seen) = run(Mode::Hybrid, Fault::SessionLost);
     assert_eq!(report.status, MigrationStatus::Failed);
     let error = report.error.unwrap_or_default();
     assert!(error.contains("after cutover"), "{error}");
-    // The session was over there, so there was nothing to recover: one try.
+    // The session is gone there, so there is nothing to recover: one try.
     assert!(error.contains("in 1 tries"), "{error}");
     // The guest runs on the destination; the source keeps its copy, paused, untouched, and
     // refuses to run it beside that one.

@@ -458,3 +458,53 @@ fn a_bad_compression_is_refused_with_one_clear_error() {
         );
     }
 }
+
+/// A hybrid session that finished answers `finish` again with the same digest, for a source
+/// whose first answer was lost; a session that never was is refused.
+#[test]
+fn a_finished_hybrid_session_answers_finish_again() {
+    use migrator::{
+        daemon::client::{Connection, context_with},
+        tls::Security,
+    };
+    if let Some(why) = kvm_unavailable() {
+        return skip("a_finished_hybrid_session_answers_finish_again", &why);
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    let id = launch(&source, "rw-mix", "", "16M", 1);
+    source.wait_progress(&id, 1_000, 0);
+    let (code, report) = migrate(
+        &source,
+        &destination,
+        &id,
+        &["--strategy", "address", "--mode", "hybrid"],
+    );
+    assert_eq!(code, 0, "{report}");
+    let digest = report["dest_digest"]
+        .as_str()
+        .expect("a digest")
+        .to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answers: Vec<String> = runtime.block_on(async {
+        let addr: SocketAddr = destination.addr.parse().unwrap();
+        let connection = Connection::open(addr, &Security::Plain).await.unwrap();
+        let mut answers = Vec::new();
+        // Session ids come from the daemon's one counter, shared with partition ids: the
+        // migration's is among the first few.
+        for session in 0..16 {
+            let answer = connection
+                .client
+                .migration_finish(context_with(Duration::from_secs(10)), session)
+                .await
+                .unwrap();
+            if let Ok(finished) = answer {
+                answers.push(finished.dest_digest);
+            }
+        }
+        answers
+    });
+    assert_eq!(answers, vec![digest]);
+    let moved = report["id_on_destination"].as_str().unwrap();
+    destination.json(&["stop", moved]);
+}

@@ -21,6 +21,20 @@ use crate::migration::{
 /// How long after its window ends a session's fault figures wait for their source.
 const FAULT_FIGURES_KEPT: Duration = Duration::from_secs(60);
 
+/// How long a finished session's answer is kept for a source that asks again: longer than
+/// any recover window's tries take to get through.
+const FINISH_KEPT: Duration = Duration::from_secs(15 * 60);
+
+/// The answers of finished sessions, by session, for a `finish` asked again.
+#[derive(Clone, Default)]
+pub struct Finished(Arc<std::sync::Mutex<std::collections::HashMap<u64, FinishReply>>>);
+
+impl Finished {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, FinishReply>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl Daemon {
     pub(super) async fn prepare_incoming(
         &self,
@@ -180,8 +194,12 @@ impl Daemon {
         self.carried_heat.insert(&id, frames, heat)
     }
 
+    /// Asked again once it finished (its answer lost), it answers the same.
     pub(super) async fn finish_incoming(&self, session_id: u64) -> Result<FinishReply, ApiError> {
-        let session = self.registry.session(session_id)?;
+        let session = match self.registry.session(session_id) {
+            Ok(session) => session,
+            Err(e) => return self.finished.lock().get(&session_id).cloned().ok_or(e),
+        };
         let finishing = Arc::clone(&session);
         let finished = blocking("finish", move || finishing.finish()).await?;
         // Failed, the session lives on: the source recovers it (the guest runs here on the
@@ -190,6 +208,12 @@ impl Daemon {
         self.registry.remove_session(session_id);
         // Every page is in place: the move is over, and no late abort may undo it.
         self.registry.take_committed(session_id);
+        self.finished.lock().insert(session_id, finished.clone());
+        let kept = self.finished.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FINISH_KEPT).await;
+            kept.lock().remove(&session_id);
+        });
         Ok(finished)
     }
 

@@ -67,6 +67,8 @@ pub struct Daemon {
     pub(super) probes: ProbeSlot,
     /// Incoming migrations' fault windows, until their source asks for the figures.
     pub(super) fault_windows: FaultWindows,
+    /// The answers of finished sessions, for a source whose `finish` answer was lost.
+    pub(super) finished: super::incoming::Finished,
     /// The shared heat profiler of each partition someone watches (dashboards, `page_heat`,
     /// `plan`): one per partition, since the probes count a vCPU thread for one target only.
     pub(super) profilers: Profilers,
@@ -102,6 +104,7 @@ impl Daemon {
             api_version,
             probes: Arc::default(),
             fault_windows: FaultWindows::default(),
+            finished: Default::default(),
             profilers: Profilers::default(),
             carried_heat: CarriedHeats::default(),
             limits: Limits::default(),

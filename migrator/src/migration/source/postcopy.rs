@@ -75,22 +75,25 @@ pub(super) fn postcopy(
                 run.set_progress(|p| p.phase = Phase::PostcopyPaused);
                 let recovered = recover(run, destination, session, broken.take());
                 run.report.postcopy_paused_ms += paused.elapsed().as_millis() as u64;
-                let (connections, lacking) = recovered?;
-                run.report.postcopy_recoveries += 1;
-                missing = lacking;
-                connections
+                match recovered? {
+                    Recovered::Link(connections, lacking) => {
+                        run.report.postcopy_recoveries += 1;
+                        missing = lacking;
+                        connections
+                    }
+                    // Only the answer to `finish` was lost.
+                    Recovered::Finished(finish) => {
+                        finished(run, finish);
+                        return Ok(());
+                    }
+                }
             }
         };
         run.set_progress(|p| p.phase = Phase::Postcopy);
         let queue = push_order(hottest_first, &missing);
         match push(run, destination, session, connections, &queue) {
             Ok(finish) => {
-                run.report.dest_digest = Some(finish.dest_digest);
-                run.report.postcopy_requests += finish.postcopy_requests;
-                run.report.postcopy_rerequests = finish.rerequests;
-                run.report.postcopy_fault_latency_us = finish.fault_latency_us;
-                run.report.postcopy_blocktime_ms = finish.blocktime_ms;
-                run.report.postcopy_vcpu_blocktime_ms = finish.vcpu_blocktime_ms;
+                finished(run, finish);
                 return Ok(());
             }
             Err(e) if run.options.recover_window.is_zero() => {
@@ -106,6 +109,24 @@ pub(super) fn postcopy(
             }
         }
     }
+}
+
+/// The destination's word that every page is in place, into the report.
+fn finished(run: &mut Run<'_>, finish: FinishReply) {
+    run.report.dest_digest = Some(finish.dest_digest);
+    run.report.postcopy_requests = finish.postcopy_requests;
+    run.report.postcopy_rerequests = finish.rerequests;
+    run.report.postcopy_fault_latency_us = finish.fault_latency_us;
+    run.report.postcopy_blocktime_ms = finish.blocktime_ms;
+    run.report.postcopy_vcpu_blocktime_ms = finish.vcpu_blocktime_ms;
+}
+
+/// What a recovery found.
+enum Recovered {
+    /// New connections, and the pages the destination lacks.
+    Link(PostcopyLink, Vec<bool>),
+    /// Nothing to recover: the destination had finished, and only its answer was lost.
+    Finished(FinishReply),
 }
 
 /// The push's order: `hottest_first`'s pages that are missing, then any missing page it
@@ -187,13 +208,14 @@ fn push(
 /// to recover the session, and opens new connections to it, trying again with backoff until
 /// the options' `recover_window` has passed. Returns the connections and the pages the
 /// destination lacks. A destination that refuses (it no longer knows the session, say) ends
-/// the tries at once.
+/// the tries at once, unless it finished the session: then its answer to `finish`, asked
+/// again, is returned.
 fn recover(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
     session: u64,
     broken: Option<MigrationError>,
-) -> Result<(PostcopyLink, Vec<bool>), MigrationError> {
+) -> Result<Recovered, MigrationError> {
     let window = run.options.recover_window;
     let deadline = Instant::now() + window;
     let mut wait = BACKOFF_FIRST;
@@ -201,11 +223,18 @@ fn recover(
     loop {
         tries += 1;
         let error = match try_recover(run, destination, session) {
-            Ok(recovered) => {
+            Ok((link, missing)) => {
                 info!("post-copy recovered after {tries} tries");
-                return Ok(recovered);
+                return Ok(Recovered::Link(link, missing));
             }
-            Err(Attempt::Refused(e)) => e,
+            Err(Attempt::Refused(e)) => match destination.finish(session) {
+                // The session was over there: every page had arrived.
+                Ok(finish) => {
+                    info!("post-copy had finished; only the answer was lost");
+                    return Ok(Recovered::Finished(finish));
+                }
+                Err(_) => e,
+            },
             Err(Attempt::Unreachable(e)) if Instant::now() + wait < deadline => {
                 warn!(
                     "post-copy recovery: {}; trying again in {wait:?}",
