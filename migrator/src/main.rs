@@ -776,13 +776,6 @@ fn after_move_line(report: &migrator::migration::MigrationReport) -> String {
     )
 }
 
-fn state_name(info: &PartitionInfo) -> String {
-    serde_json::to_value(info.state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn print_table(list: &[PartitionInfo]) {
     println!(
         "{:<12} {:<14} {:<22} {:<9} {:>8} {:>5} {:>14} {:>7} {:>8}",
@@ -794,7 +787,7 @@ fn print_table(list: &[PartitionInfo]) {
             info.id,
             info.name.as_deref().unwrap_or("-"),
             info.image,
-            state_name(info),
+            info.state.name(),
             info.mem_bytes >> 20,
             info.vcpus,
             info.ops,
@@ -808,7 +801,7 @@ fn print_info(info: &PartitionInfo) {
     println!("id:      {}", info.id);
     println!("name:    {}", info.name.as_deref().unwrap_or("-"));
     println!("image:   {}", info.image);
-    println!("state:   {}", state_name(info));
+    println!("state:   {}", info.state.name());
     if let Some(handover) = &info.awaiting_handover {
         println!(
             "awaits:  the handover of session {} on {} (`migrator reconcile {}` settles it)",

@@ -28,6 +28,8 @@ pub enum ClientError {
         #[source]
         source: tarpc::client::RpcError,
     },
+    #[error("no answer from the daemon at {addr} within the peer timeout of {after:?}")]
+    PeerTimeout { addr: SocketAddr, after: Duration },
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -62,23 +64,29 @@ impl Connection {
         Self::open_tuned(addr, security, |_| {}).await
     }
 
-    /// As `open`, for a daemon's connection to its migration peer: a peer or link that goes
-    /// silent fails the connection within `peer_timeout` (the data connections' socket
-    /// policy), not at the deadline of whatever call is waiting.
+    /// As `open`, for a daemon's connection to its migration peer: opened within
+    /// `peer_timeout`, and then a peer or link that goes silent fails the connection within
+    /// it too (the data connections' socket policy), not at the deadline of whatever call is
+    /// waiting.
     pub async fn open_peer(
         addr: SocketAddr,
         security: &Security,
-        peer_timeout: std::time::Duration,
+        peer_timeout: Duration,
     ) -> Result<Self, ClientError> {
-        Self::open_tuned(addr, security, |tcp| {
+        let opening = Self::open_tuned(addr, security, |tcp| {
             if let Err(e) = crate::migration::link::tune_peer_socket(tcp, peer_timeout) {
                 tracing::warn!(
                     "the connection to {addr}: {}",
                     heatprobe::probes::error_chain(&e)
                 );
             }
-        })
-        .await
+        });
+        tokio::time::timeout(peer_timeout, opening)
+            .await
+            .map_err(|_| ClientError::PeerTimeout {
+                addr,
+                after: peer_timeout,
+            })?
     }
 
     async fn open_tuned(

@@ -160,7 +160,7 @@ impl Daemon {
         let Some(paused) = partition.postcopy_paused() else {
             return Err(ApiError::Partition(format!(
                 "partition `{id}` is {}; only a postcopy-paused partition resumes a migration",
-                state_name(partition.state())
+                partition.state().name()
             )));
         };
         let to: SocketAddr = paused.peer.parse().map_err(|_| {
@@ -221,11 +221,4 @@ impl Daemon {
         drop(partition);
         self.remember_stopped(id, info);
     }
-}
-
-fn state_name(state: PartitionState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{state:?}"))
 }

@@ -39,20 +39,9 @@ impl RemoteDestination {
         security: &Security,
         peer_timeout: Duration,
     ) -> Result<Self, String> {
-        let opened = tokio::time::timeout(
-            peer_timeout,
-            Connection::open_peer(addr, security, peer_timeout),
-        )
-        .await;
-        let connection = match opened {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => return Err(format!("destination {addr}: {}", super::error_chain(&e))),
-            Err(_) => {
-                return Err(format!(
-                    "destination {addr}: no answer within the peer timeout of {peer_timeout:?}"
-                ));
-            }
-        };
+        let connection = Connection::open_peer(addr, security, peer_timeout)
+            .await
+            .map_err(|e| format!("destination {addr}: {}", super::error_chain(&e)))?;
         let handle = tokio::runtime::Handle::current();
         Ok(Self {
             client: connection.client,
@@ -150,22 +139,17 @@ impl Destination for RemoteDestination {
     }
 
     fn reconnect(&mut self) -> Result<(), DestinationError> {
-        let opened = self.handle.block_on(tokio::time::timeout(
+        let opened = self.handle.block_on(Connection::open_peer(
+            self.addr,
+            &self.security,
             self.peer_timeout,
-            Connection::open_peer(self.addr, &self.security, self.peer_timeout),
         ));
-        let unreachable = |why: String| DestinationError::Unreachable {
+        let connection = opened.map_err(|e| DestinationError::Unreachable {
             what: "a new control connection",
-            source: format!("{}: {why}", self.addr).into(),
-        };
-        match opened {
-            Ok(Ok(connection)) => {
-                self.client = connection.client;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(unreachable(super::error_chain(&e))),
-            Err(_) => Err(unreachable("no answer within the peer timeout".into())),
-        }
+            source: super::error_chain(&e).into(),
+        })?;
+        self.client = connection.client;
+        Ok(())
     }
 
     fn connect_data(&self, port: u16) -> Result<DataStream, LinkError> {

@@ -82,13 +82,9 @@ impl Daemon {
                 handover.session
             ))
         };
-        let connection = tokio::time::timeout(
-            self.peer_timeout,
-            Connection::open_peer(addr, &self.security, self.peer_timeout),
-        )
-        .await
-        .map_err(|_| unreachable("no answer within the peer timeout".into()))?
-        .map_err(|e| unreachable(super::error_chain(&e)))?;
+        let connection = Connection::open_peer(addr, &self.security, self.peer_timeout)
+            .await
+            .map_err(|e| unreachable(super::error_chain(&e)))?;
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
         let outcome = match connection
             .client

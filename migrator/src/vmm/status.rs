@@ -32,6 +32,16 @@ pub enum PartitionState {
     Crashed,
 }
 
+impl PartitionState {
+    /// The state's name as `status --json` spells it (`running`, `postcopy-paused`, ...).
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{self:?}"))
+    }
+}
+
 /// The post-copy a partition's copy is kept for: the destination daemon and its session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostcopyPaused {
