@@ -25,16 +25,6 @@ const FAULT_FIGURES_KEPT: Duration = Duration::from_secs(60);
 /// any recover window's tries take to get through.
 const FINISH_KEPT: Duration = Duration::from_secs(15 * 60);
 
-/// The answers of finished sessions, by session, for a `finish` asked again.
-#[derive(Clone, Default)]
-pub struct Finished(Arc<std::sync::Mutex<std::collections::HashMap<u64, FinishReply>>>);
-
-impl Finished {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, FinishReply>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 impl Daemon {
     pub(super) async fn prepare_incoming(
         &self,
@@ -198,7 +188,7 @@ impl Daemon {
     pub(super) async fn finish_incoming(&self, session_id: u64) -> Result<FinishReply, ApiError> {
         let session = match self.registry.session(session_id) {
             Ok(session) => session,
-            Err(e) => return self.finished.lock().get(&session_id).cloned().ok_or(e),
+            Err(e) => return self.finished.get(session_id).ok_or(e),
         };
         let finishing = Arc::clone(&session);
         let finished = blocking("finish", move || finishing.finish()).await?;
@@ -208,12 +198,11 @@ impl Daemon {
         self.registry.remove_session(session_id);
         // Every page is in place: the move is over, and no late abort may undo it.
         self.registry.take_committed(session_id);
-        self.finished.lock().insert(session_id, finished.clone());
-        let kept = self.finished.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(FINISH_KEPT).await;
-            kept.lock().remove(&session_id);
-        });
+        self.finished.keep(
+            session_id,
+            finished.clone(),
+            std::time::Instant::now() + FINISH_KEPT,
+        );
         Ok(finished)
     }
 
@@ -237,12 +226,7 @@ impl Daemon {
             Ok(window) => window.ends_at(),
             Err(_) => std::time::Instant::now(),
         } + FAULT_FIGURES_KEPT;
-        self.fault_windows.insert(session_id, window);
-        let windows = self.fault_windows.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(forget_at.into()).await;
-            windows.take(session_id);
-        });
+        self.fault_windows.keep(session_id, window, forget_at);
     }
 
     /// The guest's faults over session `session_id`'s fault window, once it is over.

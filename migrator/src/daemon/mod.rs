@@ -21,6 +21,7 @@ pub mod heat_report;
 pub mod heat_sampling;
 pub mod heat_view;
 mod incoming;
+mod kept;
 pub mod listener;
 pub mod memory;
 mod outgoing;

@@ -33,6 +33,7 @@ use super::{
     heat_report::{PartitionHeat, PlanPreview},
     heat_sampling::HeatSampling,
     heat_view::HeatView,
+    kept::Kept,
     outgoing::Outgoing,
     profilers::Profilers,
     registry::{Registry, info_of},
@@ -44,7 +45,7 @@ use crate::{
             CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
             PrepareRequest, Recovery,
         },
-        destination::{FaultWindows, ProbeSlot},
+        destination::{ProbeSlot, WindowOrWhyNot},
         report::PostCutoverFaults,
         source::MigrationOptions,
         transport::DEFAULT_PEER_TIMEOUT,
@@ -66,9 +67,10 @@ pub struct Daemon {
     /// (which counts the guest's faults after its resume).
     pub(super) probes: ProbeSlot,
     /// Incoming migrations' fault windows, until their source asks for the figures.
-    pub(super) fault_windows: FaultWindows,
+    /// Fault windows of sessions, until their source asks for the figures.
+    pub(super) fault_windows: Kept<WindowOrWhyNot>,
     /// The answers of finished sessions, for a source whose `finish` answer was lost.
-    pub(super) finished: super::incoming::Finished,
+    pub(super) finished: Kept<FinishReply>,
     /// The shared heat profiler of each partition someone watches (dashboards, `page_heat`,
     /// `plan`): one per partition, since the probes count a vCPU thread for one target only.
     pub(super) profilers: Profilers,
@@ -103,8 +105,8 @@ impl Daemon {
             listen,
             api_version,
             probes: Arc::default(),
-            fault_windows: FaultWindows::default(),
-            finished: Default::default(),
+            fault_windows: Kept::default(),
+            finished: Kept::default(),
             profilers: Profilers::default(),
             carried_heat: CarriedHeats::default(),
             limits: Limits::default(),

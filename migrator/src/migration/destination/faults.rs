@@ -8,7 +8,6 @@
 //! network. That is what the guest feels after the move, and what a good order cuts.
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -26,26 +25,6 @@ pub type ProbeSlot = Arc<OnceLock<Result<Arc<Probes>, Arc<ProbeError>>>>;
 
 /// A session's fault window, or why it has none.
 pub type WindowOrWhyNot = Result<Arc<FaultWindow>, String>;
-
-/// The fault windows of committed sessions, by session id, until their source asks for the
-/// figures.
-#[derive(Clone, Default)]
-pub struct FaultWindows(Arc<Mutex<HashMap<u64, WindowOrWhyNot>>>);
-
-impl FaultWindows {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, WindowOrWhyNot>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn insert(&self, session: u64, window: WindowOrWhyNot) {
-        self.lock().insert(session, window);
-    }
-
-    /// Session `session`'s window, taken out: the figures are asked for once.
-    pub fn take(&self, session: u64) -> Option<WindowOrWhyNot> {
-        self.lock().remove(&session)
-    }
-}
 
 /// Counting over one window.
 pub struct FaultWindow {

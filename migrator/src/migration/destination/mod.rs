@@ -47,7 +47,7 @@ mod faults;
 pub mod phase;
 mod postcopy;
 
-pub use faults::{FaultWindow, FaultWindows, ProbeSlot, WindowOrWhyNot};
+pub use faults::{FaultWindow, ProbeSlot, WindowOrWhyNot};
 pub use phase::{PhaseError, SessionEvent, SessionPhase};
 
 use self::blocktime::Blocktime;
