@@ -250,7 +250,11 @@ fn recover(
             MigrationError::NotRecovered {
                 tries,
                 window,
-                broken: broken.map(|e| error_chain(&e)).unwrap_or_default(),
+                // No failure of this run: a resume of a post-copy paused before it.
+                broken: broken.map_or_else(
+                    || "paused before this resume".to_string(),
+                    |e| error_chain(&e),
+                ),
                 last: Box::new(error),
             },
         )));
