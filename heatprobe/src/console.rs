@@ -37,6 +37,8 @@ pub fn init_logging(verbose: u8) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(io::stderr)
+                // Colours on a terminal only: a daemon's log file stays plain text.
+                .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
                 .with_filter(filter),
         )
         .try_init();

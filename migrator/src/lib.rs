@@ -6,5 +6,6 @@ pub mod daemon;
 pub mod dash;
 pub mod fuzzing;
 pub mod migration;
+pub mod supervisor;
 pub mod tls;
 pub mod vmm;

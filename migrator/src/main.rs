@@ -13,13 +13,18 @@ use migrator::{
         client::{Connection, context_with},
         heat_report,
         heat_sampling::{HeatSampling, parse_fraction},
-        server::{Daemon, Limits, serve},
+        server::{Limits, serve},
     },
     migration::{
         Mode, Strategy,
         compress::Compress,
         convergence::{Converge, TimeoutStrategy},
         source::MigrationOptions,
+    },
+    supervisor::{
+        Supervisor,
+        partition_process::{self, PartitionProcess},
+        process::ProcessConfig,
     },
     tls::Security,
     vmm::GuestImage,
@@ -63,6 +68,13 @@ struct Target {
     id: String,
 }
 
+/// What a daemon's partitions do when it is asked to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnExit {
+    Keep,
+    Stop,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon, hosting partitions and serving the API.
@@ -89,6 +101,33 @@ enum Command {
         /// The fraction of guest frames re-armed each heat epoch, as 0.125 or 1/8: every frame
         /// is re-armed once per epoch / fraction.
         #[arg(long, default_value = "1/8", value_parser = parse_fraction)]
+        heat_sample_fraction: f64,
+        /// Where the partition processes' sockets, records and logs are kept (default:
+        /// /run/migrator/IP-PORT). A daemon started on a directory adopts the partitions its
+        /// predecessor left running there.
+        #[arg(long, value_name = "DIR")]
+        runtime_dir: Option<PathBuf>,
+        /// What SIGTERM or ^C does to the partitions: `keep` leaves them running for the next
+        /// daemon to adopt; `stop` stops them all first.
+        #[arg(long, value_enum, default_value_t = OnExit::Keep)]
+        on_exit: OnExit,
+    },
+    /// One partition's process, started by `migrator serve` (not for use by hand).
+    #[command(hide = true)]
+    Vmm {
+        #[arg(long)]
+        runtime_dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        session: Option<u64>,
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        peer_timeout: Duration,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        heat_epoch: Duration,
+        #[arg(long, value_parser = parse_fraction)]
         heat_sample_fraction: f64,
     },
     /// Create and start a partition.
@@ -279,7 +318,7 @@ fn parse_bandwidth(text: &str) -> Result<u64> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. }) {
+    if !matches!(cli.command, Command::Serve { .. } | Command::Vmm { .. }) {
         heatprobe::console::end_quietly_on_closed_pipe();
     }
     heatprobe::console::init_logging(cli.verbose);
@@ -320,15 +359,40 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             peer_timeout,
             heat_epoch,
             heat_sample_fraction,
+            runtime_dir,
+            on_exit,
         } => {
             let limits = Limits {
                 max_partitions,
                 max_memory: max_memory.unwrap_or(u64::MAX),
                 max_migrations,
             };
-            let sampling = HeatSampling::new(heat_epoch, heat_sample_fraction)?;
-            run_daemon(listen, limits, security, peer_timeout, sampling).await
+            let process = ProcessConfig {
+                listen,
+                peer_timeout,
+                sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?,
+                tls,
+            };
+            run_daemon(process, limits, security, runtime_dir, on_exit).await
         }
+        Command::Vmm {
+            runtime_dir,
+            id,
+            session,
+            listen,
+            peer_timeout,
+            heat_epoch,
+            heat_sample_fraction,
+        } => Ok(partition_process::run(PartitionProcess {
+            runtime_dir,
+            id,
+            session,
+            listen,
+            peer_timeout,
+            sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?,
+            security,
+        })
+        .await?),
         Command::Launch {
             host,
             workload,
@@ -837,21 +901,25 @@ fn print_info(info: &PartitionInfo) {
 }
 
 async fn run_daemon(
-    listen: SocketAddr,
+    mut process: ProcessConfig,
     limits: Limits,
     security: Security,
-    peer_timeout: Duration,
-    sampling: HeatSampling,
+    runtime_dir: Option<PathBuf>,
+    on_exit: OnExit,
 ) -> Result<()> {
     migrator::daemon::memory::keep_large_buffers_mapped();
-    let daemon = Daemon::new(listen)
-        .with_limits(limits)
-        .with_heat_sampling(sampling)
-        .with_peer_timeout(peer_timeout)
-        .with_security(security);
-    let (local, serving) = serve(daemon.clone(), listen).await?;
+    // Bind first: with port 0 the runtime directory and the partitions' data listeners
+    // follow the port actually bound.
+    let listener = migrator::daemon::listener::bind(process.listen, &security).await?;
+    process.listen = listener.local_addr()?;
+    let runtime_dir =
+        runtime_dir.unwrap_or_else(|| Supervisor::default_runtime_dir(process.listen));
+    let supervisor = Supervisor::start(&runtime_dir, process.clone(), limits)
+        .await
+        .with_context(|| format!("supervising partitions in {}", runtime_dir.display()))?;
+    let serving = serve(supervisor.clone(), security, listener);
     // Scripts wait for this line.
-    eprintln!("migrator: serving on {local}");
+    eprintln!("migrator: serving on {}", process.listen);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
@@ -859,9 +927,14 @@ async fn run_daemon(
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    eprintln!("migrator: shutting down; stopping every partition");
-    tokio::task::spawn_blocking(move || daemon.stop_all())
-        .await
-        .context("stopping partitions")?;
+    match on_exit {
+        OnExit::Keep => {
+            eprintln!("migrator: shutting down; the partitions run on for the next daemon");
+        }
+        OnExit::Stop => {
+            eprintln!("migrator: shutting down; stopping every partition");
+            supervisor.stop_all().await;
+        }
+    }
     Ok(())
 }

@@ -206,8 +206,9 @@ fn a_peer_with_an_incompatible_version_is_refused() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let (addr, serving) = runtime
-        .block_on(migrator::daemon::server::serve(
+        .block_on(migrator::daemon::server::listen_and_serve(
             migrator::daemon::server::Daemon::with_api_version(listen, 99),
+            migrator::tls::Security::Plain,
             listen,
         ))
         .unwrap();

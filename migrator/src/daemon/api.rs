@@ -58,6 +58,9 @@ pub struct DaemonInfo {
     pub api_version: u32,
     pub guest_abi_version: u32,
     pub partitions: usize,
+    /// Live partitions and incoming migration sessions: a partition process that holds none
+    /// is done, and its supervisor ends it.
+    pub holds: usize,
 }
 
 impl DaemonInfo {
@@ -66,6 +69,7 @@ impl DaemonInfo {
             api_version: API_VERSION,
             guest_abi_version: ABI_VERSION,
             partitions,
+            holds: partitions,
         }
     }
 }
@@ -101,6 +105,13 @@ pub struct PartitionInfo {
     /// In state `postcopy-paused`: the destination and session whose missing pages it holds.
     #[serde(default)]
     pub postcopy_paused: Option<PostcopyPaused>,
+    /// The partition's process (`migrator vmm`), while it has one.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// That process's own memory (RssAnon: heap, stacks, buffers; guest memory is a shared
+    /// memfd and not counted).
+    #[serde(default)]
+    pub process_rss_anon_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]

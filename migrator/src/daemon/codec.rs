@@ -203,9 +203,10 @@ mod tests {
                 api_version: 4,
                 guest_abi_version: 1,
                 partitions: 5,
+                holds: 3,
             }))),
         };
-        assert_eq!(encode(&welcome), [1, 0, 0, 0, 4, 1, 5]);
+        assert_eq!(encode(&welcome), [1, 0, 0, 0, 4, 1, 5, 3]);
     }
 
     /// The commit's answer carries the destination's timings since API 4; an answer of API 3,

@@ -1,13 +1,20 @@
-//! The API's accept loop: each connection, its TLS handshake included, on a task of its own.
+//! The API's accept loops: each connection, its TLS handshake included, on a task of its own;
+//! TCP for clients and peers, a Unix socket between a supervisor and its partition processes.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use tarpc::server::{self, Channel};
 use thiserror::Error;
 use tracing::warn;
 
-use super::{api::MigratorApi, codec::transport, error_chain, server::Daemon};
+use super::{api::MigratorApi, codec::transport, error_chain};
+use crate::tls::{Security, Stream};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -22,32 +29,60 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {}", path.display())]
+    BindLocal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Serves the API on `listen` until the task is dropped. Returns the bound address.
+/// Binds the API's address.
 ///
 /// Without TLS only a loopback address is accepted: anyone who can reach the port can start
 /// partitions and write their memory. With TLS a peer must present a certificate from the
 /// daemon's CA; one that does not is dropped in the handshake, before any request is read.
-pub async fn serve(
-    daemon: Daemon,
+pub async fn bind(
     listen: SocketAddr,
-) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
-    if !listen.ip().is_loopback() && !daemon.security.is_tls() {
+    security: &Security,
+) -> Result<tokio::net::TcpListener, ServeError> {
+    if !listen.ip().is_loopback() && !security.is_tls() {
         return Err(ServeError::NeedsTls { listen });
     }
-    let listener = tokio::net::TcpListener::bind(listen)
+    tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| ServeError::Bind { listen, source })?;
+        .map_err(|source| ServeError::Bind { listen, source })
+}
+
+/// Binds `listen` and serves `api` there: the bound address, and the serving future.
+pub async fn listen_and_serve<S: ServesApi>(
+    api: S,
+    security: Security,
+    listen: SocketAddr,
+) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
+    let listener = bind(listen, &security).await?;
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { listen, source })?;
+    Ok((local, serve(api, security, listener)))
+}
+
+/// Serves the API on `listener` (see [`bind`]) until the future is dropped.
+pub fn serve<S>(
+    api: S,
+    security: Security,
+    listener: tokio::net::TcpListener,
+) -> impl Future<Output = ()>
+where
+    S: ServesApi,
+{
     let accepted = futures::stream::unfold(listener, |listener| async move {
         let next = listener.accept().await;
         Some((next, listener))
     });
-    let serving = accepted.for_each(move |accepted| {
-        let daemon = daemon.clone();
+    accepted.for_each(move |accepted| {
+        let api = api.clone();
+        let security = security.clone();
         async move {
             let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -60,21 +95,71 @@ pub async fn serve(
             };
             // Each connection, its handshake included, on a task of its own.
             tokio::spawn(async move {
-                let stream = match daemon.security.accept(tcp, peer).await {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        warn!("refused {peer}: {}", error_chain(&e));
-                        return;
-                    }
-                };
+                match security.accept(tcp, peer).await {
+                    Ok(stream) => api.serve_connection(stream).await,
+                    Err(e) => warn!("refused {peer}: {}", error_chain(&e)),
+                }
+            });
+        }
+    })
+}
+
+/// Serves the API on the Unix socket `path` (a partition process, to its supervisor) until
+/// the task is dropped. The socket is created owner-only: a process that can open it is
+/// trusted as the daemon is.
+pub fn serve_local<S>(
+    api: S,
+    path: &Path,
+) -> Result<impl Future<Output = ()> + use<S>, ServeError>
+where
+    S: ServesApi,
+{
+    let bind = |source| ServeError::BindLocal {
+        path: path.to_path_buf(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
+    Ok(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(api.clone().serve_connection(Box::new(stream)));
+                }
+                Err(e) => {
+                    warn!("accepting a local connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// An API the accept loops serve. Each implementation's request futures are `Send`, which
+/// the generic service trait cannot promise, so the connection loop is written out for each.
+pub trait ServesApi: Clone + Send + Sync + 'static {
+    /// Answers one connection's requests, each on a task of its own: a request whose client
+    /// goes away (a supervisor killed mid-migration) runs to its end all the same.
+    fn serve_connection(self, stream: Stream) -> impl Future<Output = ()> + Send + 'static;
+}
+
+macro_rules! serves_api {
+    ($api:ty) => {
+        impl ServesApi for $api {
+            fn serve_connection(
+                self,
+                stream: Stream,
+            ) -> impl Future<Output = ()> + Send + 'static {
                 server::BaseChannel::with_defaults(transport(stream))
-                    .execute(daemon.serve())
+                    .execute(self.serve())
                     .for_each_concurrent(None, |response| async move {
                         tokio::spawn(response);
                     })
-                    .await;
-            });
+            }
         }
-    });
-    Ok((local, serving))
+    };
 }
+
+serves_api!(super::server::Daemon);
+serves_api!(crate::supervisor::Supervisor);

@@ -183,6 +183,11 @@ impl Registry {
             .is_some_and(|current| Arc::ptr_eq(current, session))
     }
 
+    /// Incoming sessions held.
+    pub fn sessions(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
     pub fn remove_session(&self, id: u64) -> Option<Arc<Session>> {
         self.lock().sessions.remove(&id)
     }
@@ -269,5 +274,7 @@ pub fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
         check_failures: status.check_failures,
         awaiting_handover: status.awaiting_handover,
         postcopy_paused: status.postcopy_paused,
+        pid: None,
+        process_rss_anon_bytes: None,
     }
 }

@@ -19,7 +19,7 @@ use tracing::info;
 
 pub use super::{
     admission::Limits,
-    listener::{ServeError, serve},
+    listener::{ServeError, listen_and_serve, serve},
     registry::KEEP_STOPPED,
 };
 use super::{
@@ -81,6 +81,17 @@ pub struct Daemon {
     pub(super) security: Security,
     /// How long a silent migration peer is waited on (data connections, calls to it).
     pub(super) peer_timeout: Duration,
+    /// In a partition process: the id its supervisor chose for the partition it hosts, and
+    /// for the incoming session it was started for.
+    identity: Option<Identity>,
+}
+
+/// The ids a partition process gives what it hosts, chosen by its supervisor so that they
+/// are unique across the supervisor's processes.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub partition: String,
+    pub session: Option<u64>,
 }
 
 /// Drops a reference to a partition on the blocking pool. If it is the last one, the VM is torn
@@ -112,7 +123,15 @@ impl Daemon {
             limits: Limits::default(),
             security: Security::Plain,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            identity: None,
         }
+    }
+
+    /// The same daemon as a partition process: what it launches or receives takes the ids
+    /// of `identity`.
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// The same daemon giving up on a silent migration peer after `timeout`.
@@ -189,20 +208,22 @@ impl Daemon {
     }
 
     pub(super) fn new_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let salt = xxhash_rust::xxh3::xxh3_64(
-            format!(
-                "{}-{n}-{:?}",
-                std::process::id(),
-                std::time::SystemTime::now()
-            )
-            .as_bytes(),
-        );
-        format!("p{n}-{:06x}", salt & 0xff_ffff)
+        if let Some(identity) = &self.identity {
+            return identity.partition.clone();
+        }
+        new_partition_id(self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     pub(super) fn new_session_id(&self) -> u64 {
+        if let Some(session) = self.identity.as_ref().and_then(|i| i.session) {
+            return session;
+        }
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Live partitions plus incoming sessions: what a partition process still holds.
+    pub fn holds(&self) -> usize {
+        self.registry.live_partitions().len() + self.registry.sessions()
     }
 
     /// Stops every partition (on shutdown).
@@ -211,6 +232,20 @@ impl Daemon {
             partition.stop();
         }
     }
+}
+
+/// The `n`th partition id of this process: `p{n}-` and a salt of the process and the time,
+/// so that ids differ across daemons and their restarts.
+pub fn new_partition_id(n: u64) -> String {
+    let salt = xxhash_rust::xxh3::xxh3_64(
+        format!(
+            "{}-{n}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        )
+        .as_bytes(),
+    );
+    format!("p{n}-{:06x}", salt & 0xff_ffff)
 }
 
 impl MigratorApi for Daemon {
@@ -224,6 +259,7 @@ impl MigratorApi for Daemon {
         }
         let mut info = DaemonInfo::new(self.registry.len());
         info.api_version = self.api_version;
+        info.holds = self.holds();
         Ok(info)
     }
 

@@ -252,6 +252,8 @@ mod tests {
             check_failures: 0,
             awaiting_handover: None,
             postcopy_paused: None,
+            pid: None,
+            process_rss_anon_bytes: None,
         });
         assert_eq!(
             app.on_key(key(KeyCode::Char('m'))),

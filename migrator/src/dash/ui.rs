@@ -448,6 +448,8 @@ mod tests {
             check_failures: 0,
             awaiting_handover: None,
             postcopy_paused: None,
+            pid: None,
+            process_rss_anon_bytes: None,
         }
     }
 

@@ -1,0 +1,363 @@
+//! The API, as the supervisor answers it: launches and incoming migrations start a process,
+//! every call about a partition or a session goes to its process, and `list` asks them all.
+//!
+//! A forwarded call keeps the client's context (its deadline above all): a migration may run
+//! for minutes, and the process answers within whatever the client allowed.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tarpc::{client::RpcError, context::Context};
+
+use super::{LIST_WAIT, Supervisor, annotate, deadline, process::VmmProcess, runtime_dir::Record};
+use crate::{
+    daemon::{
+        ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo,
+        admission::AdmissionError,
+        api::{API_VERSION, MAX_IMAGE, MigrateRequest, MigratorApi, Reconciled},
+        heat_report::{PartitionHeat, PlanPreview},
+        heat_view::HeatView,
+    },
+    migration::{
+        MigrationProgress, MigrationReport, Strategy,
+        control::{
+            CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
+            PrepareRequest, Recovery,
+        },
+        report::PostCutoverFaults,
+        source::MigrationOptions,
+    },
+    vmm::GuestImage,
+};
+
+impl Supervisor {
+    /// Runs `call` on `vmm`'s client, marked in flight; afterwards, ends the process if the
+    /// call left it holding nothing (a stop, a completed migration, an aborted session).
+    async fn on<T, F, Fut>(&self, vmm: Arc<VmmProcess>, call: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(MigratorApiClient) -> Fut,
+        Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
+        let busy = vmm.busy();
+        let result = call(vmm.client.clone()).await;
+        drop(busy);
+        self.sweep(&vmm).await;
+        result.map_err(|e| vmm.unreachable(e))?
+    }
+
+    /// As [`Supervisor::on`], for partition `id`.
+    async fn on_partition<T, F, Fut>(&self, id: &str, call: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(MigratorApiClient) -> Fut,
+        Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
+        let vmm = self.inner.inventory.live(id)?;
+        self.on(vmm, call).await
+    }
+
+    /// As [`Supervisor::on`], for incoming session `session`.
+    async fn on_session<T, F, Fut>(&self, session: u64, call: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(MigratorApiClient) -> Fut,
+        Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
+        let vmm = self.inner.inventory.session(session)?;
+        self.on(vmm, call).await
+    }
+
+    /// A partition's info from its process (with the process's pid and memory), or as it
+    /// ended.
+    async fn info(&self, ctx: Context, id: &str) -> Result<PartitionInfo, ApiError> {
+        let Some(vmm) = self.inner.inventory.process(id) else {
+            return self
+                .inner
+                .inventory
+                .ended_info(id)
+                .ok_or_else(|| ApiError::UnknownPartition(id.to_string()));
+        };
+        let target = id.to_string();
+        let mut info = self
+            .on(Arc::clone(&vmm), |c| async move { c.status(ctx, target).await })
+            .await?;
+        annotate(&vmm, &mut info);
+        vmm.remember(&info);
+        Ok(info)
+    }
+
+    /// Starts a process for a partition of this shape, reserved against the limits, and
+    /// runs `first` (its launch or prepare) on it. The process joins the inventory only if
+    /// that succeeds; otherwise it is ended.
+    async fn start_with<T, F, Fut>(&self, mut record: Record, first: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(MigratorApiClient) -> Fut,
+        Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
+        let reservation = self
+            .inner
+            .inventory
+            .reserve(&self.inner.limits, record.mem_bytes)?;
+        record.id = self.new_id();
+        let vmm = self.start_process(record).await?;
+        let result = {
+            let _busy = vmm.busy();
+            first(vmm.client.clone()).await
+        };
+        match result {
+            Ok(Ok(value)) => {
+                reservation.host(Arc::clone(&vmm));
+                Ok(value)
+            }
+            failed => {
+                vmm.begin_retiring();
+                vmm.terminate();
+                self.inner.dir.remove(vmm.id(), false);
+                failed.map_err(|e| vmm.unreachable(e))?
+            }
+        }
+    }
+
+    /// Counts an outgoing migration against the limit while `work` runs.
+    async fn migrating<T>(
+        &self,
+        work: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let migrations = &self.inner.migrations;
+        let max = self.inner.limits.max_migrations;
+        let admitted = migrations
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| (n < max).then_some(n + 1),
+            )
+            .is_ok();
+        if !admitted {
+            return Err(AdmissionError::Migrations { max }.into());
+        }
+        let result = work.await;
+        migrations.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        result
+    }
+}
+
+fn record(name: Option<String>, image: String, mem_bytes: u64, vcpus: u32) -> Record {
+    Record {
+        id: String::new(),
+        session: None,
+        pid: 0,
+        start_time: 0,
+        name,
+        image,
+        mem_bytes,
+        vcpus,
+    }
+}
+
+fn image_label(image: &GuestImage) -> String {
+    match image {
+        GuestImage::Builtin(name) => format!("workload {name}"),
+        GuestImage::Elf(_) => "image".into(),
+    }
+}
+
+impl MigratorApi for Supervisor {
+    async fn hello(self, _: Context, min: u32, max: u32) -> Result<DaemonInfo, ApiError> {
+        if !(min..=max).contains(&API_VERSION) {
+            return Err(ApiError::Version {
+                ours: API_VERSION,
+                min,
+                max,
+            });
+        }
+        let mut info = DaemonInfo::new(self.inner.inventory.len());
+        info.holds = self.inner.inventory.holds();
+        Ok(info)
+    }
+
+    async fn launch(self, ctx: Context, request: LaunchRequest) -> Result<String, ApiError> {
+        if let GuestImage::Elf(bytes) = &request.image
+            && bytes.len() > MAX_IMAGE
+        {
+            return Err(ApiError::ImageTooLarge(bytes.len()));
+        }
+        let record = record(
+            request.name.clone(),
+            image_label(&request.image),
+            request.mem_size,
+            request.vcpus,
+        );
+        self.start_with(record, |c| async move { c.launch(ctx, request).await }).await
+    }
+
+    async fn list(self, _: Context) -> Vec<PartitionInfo> {
+        let live = self.inner.inventory.processes().into_iter().map(|vmm| {
+            let supervisor = self.clone();
+            async move {
+                match supervisor.info(deadline(LIST_WAIT), &vmm.record.id.clone()).await {
+                    Ok(info) => info,
+                    Err(_) => vmm.last_seen(),
+                }
+            }
+        });
+        let mut all = futures::future::join_all(live).await;
+        all.extend(self.inner.inventory.ended_infos());
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.dedup_by(|a, b| a.id == b.id);
+        all
+    }
+
+    async fn status(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
+        self.info(ctx, &id).await
+    }
+
+    async fn pause(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.pause(ctx, id).await }).await
+    }
+
+    async fn resume(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.resume(ctx, id).await }).await
+    }
+
+    async fn stop(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.stop(ctx, id).await }).await
+    }
+
+    async fn migrate(
+        self,
+        ctx: Context,
+        request: MigrateRequest,
+    ) -> Result<MigrationReport, ApiError> {
+        let id = request.id.clone();
+        self.migrating(self.on_partition(&id, |c| async move { c.migrate(ctx, request).await }))
+            .await
+    }
+
+    async fn migration_progress(self, ctx: Context, id: String) -> Option<MigrationProgress> {
+        let vmm = self.inner.inventory.process(&id)?;
+        vmm.client.migration_progress(ctx, id).await.ok().flatten()
+    }
+
+    async fn migration_prepare(
+        self,
+        ctx: Context,
+        request: PrepareRequest,
+    ) -> Result<PrepareReply, ApiError> {
+        let config = &request.config;
+        let mut record = record(
+            config.name.clone(),
+            image_label(&config.image),
+            config.mem_size,
+            config.vcpus,
+        );
+        record.session = Some(self.new_session_id());
+        self.start_with(record, |c| async move { c.migration_prepare(ctx, request).await })
+            .await
+    }
+
+    async fn migration_commit(
+        self,
+        ctx: Context,
+        session: u64,
+        request: CommitRequest,
+    ) -> Result<CommitReply, ApiError> {
+        self.on_session(session, |c| async move { c.migration_commit(ctx, session, request).await })
+            .await
+    }
+
+    async fn migration_finish(self, ctx: Context, session: u64) -> Result<FinishReply, ApiError> {
+        self.on_session(session, |c| async move { c.migration_finish(ctx, session).await })
+            .await
+    }
+
+    async fn migration_abort(self, ctx: Context, session: u64) {
+        let _ = self
+            .on_session(session, |c| async move {
+                c.migration_abort(ctx, session).await.map(Ok)
+            })
+            .await;
+    }
+
+    async fn heat(self, ctx: Context, id: String, cells: u32) -> Result<HeatView, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.heat(ctx, id, cells).await }).await
+    }
+
+    async fn migration_faults(
+        self,
+        ctx: Context,
+        session: u64,
+    ) -> Result<PostCutoverFaults, ApiError> {
+        self.on_session(session, |c| async move { c.migration_faults(ctx, session).await })
+            .await
+    }
+
+    async fn page_heat(
+        self,
+        ctx: Context,
+        id: String,
+        duration: Duration,
+    ) -> Result<PartitionHeat, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.page_heat(ctx, id, duration).await })
+            .await
+    }
+
+    async fn plan(
+        self,
+        ctx: Context,
+        id: String,
+        strategy: Strategy,
+        duration: Duration,
+    ) -> Result<PlanPreview, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.plan(ctx, id, strategy, duration).await })
+            .await
+    }
+
+    async fn migration_handover(
+        self,
+        ctx: Context,
+        session: u64,
+    ) -> Result<HandoverReply, ApiError> {
+        self.on_session(session, |c| async move { c.migration_handover(ctx, session).await })
+            .await
+    }
+
+    async fn reconcile(
+        self,
+        ctx: Context,
+        id: String,
+        resume_here: bool,
+    ) -> Result<Reconciled, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.reconcile(ctx, id, resume_here).await })
+            .await
+    }
+
+    async fn migration_heat(
+        self,
+        ctx: Context,
+        session: u64,
+        heat: CarriedHeat,
+    ) -> Result<(), ApiError> {
+        self.on_session(session, |c| async move { c.migration_heat(ctx, session, heat).await })
+            .await
+    }
+
+    async fn migration_recover(self, ctx: Context, session: u64) -> Result<Recovery, ApiError> {
+        self.on_session(session, |c| async move { c.migration_recover(ctx, session).await })
+            .await
+    }
+
+    async fn migrate_resume(
+        self,
+        ctx: Context,
+        id: String,
+        options: MigrationOptions,
+    ) -> Result<MigrationReport, ApiError> {
+        let target = id.clone();
+        self.migrating(self.on_partition(&target, |c| async move { c.migrate_resume(ctx, id, options).await }))
+            .await
+    }
+}
