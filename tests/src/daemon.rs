@@ -49,6 +49,9 @@ pub struct DaemonConfig {
     /// A directory written by `migrator certs` (see [`make_certs`]): the daemon gets
     /// `DIR/<listen host>` as `MIGRATOR_TLS`, every CLI run against it `DIR/client`.
     pub tls: Option<PathBuf>,
+    /// `--runtime-dir` (`None`: a fresh one under the system's temporary directory, so that
+    /// no test adopts another's partitions).
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -58,6 +61,7 @@ impl Default for DaemonConfig {
             listen: "127.0.0.1:0".into(),
             extra: Vec::new(),
             tls: None,
+            runtime_dir: None,
         }
     }
 }
@@ -108,13 +112,26 @@ pub fn make_certs(hosts: &[&str]) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A running daemon, killed on drop.
+/// A fresh runtime directory for one test daemon.
+fn fresh_runtime_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "heatprobe-tests-run-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A running daemon and its partition processes, all killed on drop.
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
     ns: Option<String>,
     /// What every CLI run against it passes as `MIGRATOR_TLS`.
     tls: Option<PathBuf>,
+    /// How it was started, with the address it got: [`Daemon::restart`] starts the same.
+    config: DaemonConfig,
 }
 
 impl Daemon {
@@ -139,8 +156,15 @@ impl Daemon {
             .rsplit_once(':')
             .map_or(config.listen.as_str(), |(host, _)| host);
         let daemon_tls = config.tls.as_ref().map(|dir| dir.join(host));
+        let mut config = config;
+        let runtime_dir = config
+            .runtime_dir
+            .get_or_insert_with(fresh_runtime_dir)
+            .clone();
         let mut child = migrator_command(config.ns.as_deref(), daemon_tls.as_deref())
             .args(["serve", "--listen", &config.listen])
+            .arg("--runtime-dir")
+            .arg(&runtime_dir)
             .args(&config.extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -158,12 +182,55 @@ impl Daemon {
         let addr = addr.to_string();
         // Keep draining stderr so the daemon never blocks on a full pipe.
         thread::spawn(move || for _ in stderr.lines() {});
+        config.listen = addr.clone();
         Ok(Self {
             child,
             addr,
-            ns: config.ns,
-            tls: config.tls.map(|dir| dir.join("client")),
+            ns: config.ns.clone(),
+            tls: config.tls.as_ref().map(|dir| dir.join("client")),
+            config,
         })
+    }
+
+    /// Starts this daemon again, on the same address and runtime directory, after
+    /// [`Daemon::kill_daemon_only`]: the new daemon adopts the partitions left running.
+    pub fn restart(&mut self) -> Result<()> {
+        let started = Self::try_start(self.config.clone())?;
+        let mut old = std::mem::replace(self, started);
+        // The old daemon is dead; its partitions now belong to the new one.
+        old.config.runtime_dir = None;
+        Ok(())
+    }
+
+    /// The partition processes recorded in the runtime directory: (id, pid).
+    pub fn partition_processes(&self) -> Vec<(String, u32)> {
+        let Some(dir) = &self.config.runtime_dir else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(record) = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(Into::into))
+            else {
+                continue;
+            };
+            if let (Some(id), Some(pid)) = (record["id"].as_str(), record["pid"].as_u64()) {
+                found.push((id.to_string(), pid as u32));
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Kills the daemon alone with SIGKILL and reaps it; its partitions run on.
+    pub fn kill_daemon_only(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// A `migrator` command in this daemon's namespace, with its TLS settings.
@@ -176,10 +243,24 @@ impl Daemon {
         self.child.id()
     }
 
-    /// Kills the daemon with SIGKILL and reaps it.
+    /// Kills the daemon and every partition process it started with SIGKILL, as the loss of
+    /// its host would, and waits until they are gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_daemon_only();
+        let pids: Vec<u32> = self
+            .partition_processes()
+            .iter()
+            .map(|(_, pid)| *pid)
+            .collect();
+        for &pid in &pids {
+            // SAFETY: kill(2) with a plain signal; a pid no longer ours fails harmlessly or,
+            // at worst, names a process of a partition already gone.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|&pid| process_runs(pid)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Runs `migrator ARGS --host ADDR`; returns (exit code, stdout, stderr).
@@ -313,7 +394,18 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.config.runtime_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// Whether process `pid` runs (exists and is no zombie).
+pub fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
 }
 
 /// A migration report says `completed`, with a source digest equal to the destination's.

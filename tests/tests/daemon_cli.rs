@@ -203,9 +203,10 @@ fn a_long_lived_daemon_remembers_a_bounded_number_of_stopped_partitions() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let listen = "127.0.0.1:0".parse().unwrap();
-        let (addr, serving) = server::listen_and_serve(server::Daemon::new(listen), Security::Plain, listen)
-            .await
-            .unwrap();
+        let (addr, serving) =
+            server::listen_and_serve(server::Daemon::new(listen), Security::Plain, listen)
+                .await
+                .unwrap();
         tokio::spawn(serving);
         let connection = Connection::open(addr, &Security::Plain).await.unwrap();
         let ctx = || context_with(std::time::Duration::from_secs(30));

@@ -107,10 +107,7 @@ where
 /// Serves the API on the Unix socket `path` (a partition process, to its supervisor) until
 /// the task is dropped. The socket is created owner-only: a process that can open it is
 /// trusted as the daemon is.
-pub fn serve_local<S>(
-    api: S,
-    path: &Path,
-) -> Result<impl Future<Output = ()> + use<S>, ServeError>
+pub fn serve_local<S>(api: S, path: &Path) -> Result<impl Future<Output = ()> + use<S>, ServeError>
 where
     S: ServesApi,
 {
@@ -147,10 +144,7 @@ pub trait ServesApi: Clone + Send + Sync + 'static {
 macro_rules! serves_api {
     ($api:ty) => {
         impl ServesApi for $api {
-            fn serve_connection(
-                self,
-                stream: Stream,
-            ) -> impl Future<Output = ()> + Send + 'static {
+            fn serve_connection(self, stream: Stream) -> impl Future<Output = ()> + Send + 'static {
                 server::BaseChannel::with_defaults(transport(stream))
                     .execute(self.serve())
                     .for_each_concurrent(None, |response| async move {

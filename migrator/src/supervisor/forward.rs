@@ -40,8 +40,42 @@ impl Supervisor {
         let busy = vmm.busy();
         let result = call(vmm.client.clone()).await;
         drop(busy);
-        self.sweep(&vmm).await;
-        result.map_err(|e| vmm.unreachable(e))?
+        match result {
+            Ok(answer) => {
+                self.sweep(&vmm).await;
+                answer
+            }
+            Err(e) => Err(self.lost(&vmm, e).await),
+        }
+    }
+
+    /// Why a call to `vmm` got no answer: if its process died, the crash as recorded once
+    /// its watcher has seen the exit.
+    async fn lost(&self, vmm: &Arc<VmmProcess>, error: RpcError) -> ApiError {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while super::runtime_dir::start_time(vmm.pid()).is_some()
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while self
+            .inner
+            .inventory
+            .process(vmm.id())
+            .is_some_and(|p| Arc::ptr_eq(&p, vmm))
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match self.inner.inventory.ended_info(vmm.id()) {
+            Some(info) => ApiError::Partition(format!(
+                "partition `{}` is {}: {}",
+                vmm.id(),
+                info.state.name(),
+                info.crash_reason.unwrap_or_default()
+            )),
+            None => vmm.unreachable(error),
+        }
     }
 
     /// As [`Supervisor::on`], for partition `id`.
@@ -75,9 +109,17 @@ impl Supervisor {
                 .ok_or_else(|| ApiError::UnknownPartition(id.to_string()));
         };
         let target = id.to_string();
-        let mut info = self
-            .on(Arc::clone(&vmm), |c| async move { c.status(ctx, target).await })
-            .await?;
+        let answer = self
+            .on(
+                Arc::clone(&vmm),
+                |c| async move { c.status(ctx, target).await },
+            )
+            .await;
+        let mut info = match answer {
+            Ok(info) => info,
+            // Its process died: the partition as it ended.
+            Err(e) => return self.inner.inventory.ended_info(id).ok_or(e),
+        };
         annotate(&vmm, &mut info);
         vmm.remember(&info);
         Ok(info)
@@ -184,14 +226,18 @@ impl MigratorApi for Supervisor {
             request.mem_size,
             request.vcpus,
         );
-        self.start_with(record, |c| async move { c.launch(ctx, request).await }).await
+        self.start_with(record, |c| async move { c.launch(ctx, request).await })
+            .await
     }
 
     async fn list(self, _: Context) -> Vec<PartitionInfo> {
         let live = self.inner.inventory.processes().into_iter().map(|vmm| {
             let supervisor = self.clone();
             async move {
-                match supervisor.info(deadline(LIST_WAIT), &vmm.record.id.clone()).await {
+                match supervisor
+                    .info(deadline(LIST_WAIT), &vmm.record.id.clone())
+                    .await
+                {
                     Ok(info) => info,
                     Err(_) => vmm.last_seen(),
                 }
@@ -210,17 +256,20 @@ impl MigratorApi for Supervisor {
 
     async fn pause(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.pause(ctx, id).await }).await
+        self.on_partition(&target, |c| async move { c.pause(ctx, id).await })
+            .await
     }
 
     async fn resume(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.resume(ctx, id).await }).await
+        self.on_partition(&target, |c| async move { c.resume(ctx, id).await })
+            .await
     }
 
     async fn stop(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.stop(ctx, id).await }).await
+        self.on_partition(&target, |c| async move { c.stop(ctx, id).await })
+            .await
     }
 
     async fn migrate(
@@ -251,8 +300,10 @@ impl MigratorApi for Supervisor {
             config.vcpus,
         );
         record.session = Some(self.new_session_id());
-        self.start_with(record, |c| async move { c.migration_prepare(ctx, request).await })
-            .await
+        self.start_with(record, |c| async move {
+            c.migration_prepare(ctx, request).await
+        })
+        .await
     }
 
     async fn migration_commit(
@@ -261,13 +312,17 @@ impl MigratorApi for Supervisor {
         session: u64,
         request: CommitRequest,
     ) -> Result<CommitReply, ApiError> {
-        self.on_session(session, |c| async move { c.migration_commit(ctx, session, request).await })
-            .await
+        self.on_session(session, |c| async move {
+            c.migration_commit(ctx, session, request).await
+        })
+        .await
     }
 
     async fn migration_finish(self, ctx: Context, session: u64) -> Result<FinishReply, ApiError> {
-        self.on_session(session, |c| async move { c.migration_finish(ctx, session).await })
-            .await
+        self.on_session(session, |c| async move {
+            c.migration_finish(ctx, session).await
+        })
+        .await
     }
 
     async fn migration_abort(self, ctx: Context, session: u64) {
@@ -280,7 +335,8 @@ impl MigratorApi for Supervisor {
 
     async fn heat(self, ctx: Context, id: String, cells: u32) -> Result<HeatView, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.heat(ctx, id, cells).await }).await
+        self.on_partition(&target, |c| async move { c.heat(ctx, id, cells).await })
+            .await
     }
 
     async fn migration_faults(
@@ -288,8 +344,10 @@ impl MigratorApi for Supervisor {
         ctx: Context,
         session: u64,
     ) -> Result<PostCutoverFaults, ApiError> {
-        self.on_session(session, |c| async move { c.migration_faults(ctx, session).await })
-            .await
+        self.on_session(session, |c| async move {
+            c.migration_faults(ctx, session).await
+        })
+        .await
     }
 
     async fn page_heat(
@@ -299,8 +357,11 @@ impl MigratorApi for Supervisor {
         duration: Duration,
     ) -> Result<PartitionHeat, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.page_heat(ctx, id, duration).await })
-            .await
+        self.on_partition(
+            &target,
+            |c| async move { c.page_heat(ctx, id, duration).await },
+        )
+        .await
     }
 
     async fn plan(
@@ -311,8 +372,10 @@ impl MigratorApi for Supervisor {
         duration: Duration,
     ) -> Result<PlanPreview, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.plan(ctx, id, strategy, duration).await })
-            .await
+        self.on_partition(&target, |c| async move {
+            c.plan(ctx, id, strategy, duration).await
+        })
+        .await
     }
 
     async fn migration_handover(
@@ -320,8 +383,10 @@ impl MigratorApi for Supervisor {
         ctx: Context,
         session: u64,
     ) -> Result<HandoverReply, ApiError> {
-        self.on_session(session, |c| async move { c.migration_handover(ctx, session).await })
-            .await
+        self.on_session(session, |c| async move {
+            c.migration_handover(ctx, session).await
+        })
+        .await
     }
 
     async fn reconcile(
@@ -331,8 +396,10 @@ impl MigratorApi for Supervisor {
         resume_here: bool,
     ) -> Result<Reconciled, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.reconcile(ctx, id, resume_here).await })
-            .await
+        self.on_partition(&target, |c| async move {
+            c.reconcile(ctx, id, resume_here).await
+        })
+        .await
     }
 
     async fn migration_heat(
@@ -341,13 +408,17 @@ impl MigratorApi for Supervisor {
         session: u64,
         heat: CarriedHeat,
     ) -> Result<(), ApiError> {
-        self.on_session(session, |c| async move { c.migration_heat(ctx, session, heat).await })
-            .await
+        self.on_session(session, |c| async move {
+            c.migration_heat(ctx, session, heat).await
+        })
+        .await
     }
 
     async fn migration_recover(self, ctx: Context, session: u64) -> Result<Recovery, ApiError> {
-        self.on_session(session, |c| async move { c.migration_recover(ctx, session).await })
-            .await
+        self.on_session(session, |c| async move {
+            c.migration_recover(ctx, session).await
+        })
+        .await
     }
 
     async fn migrate_resume(
@@ -357,7 +428,9 @@ impl MigratorApi for Supervisor {
         options: MigrationOptions,
     ) -> Result<MigrationReport, ApiError> {
         let target = id.clone();
-        self.migrating(self.on_partition(&target, |c| async move { c.migrate_resume(ctx, id, options).await }))
-            .await
+        self.migrating(self.on_partition(&target, |c| async move {
+            c.migrate_resume(ctx, id, options).await
+        }))
+        .await
     }
 }

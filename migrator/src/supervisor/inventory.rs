@@ -92,30 +92,19 @@ impl Inventory {
         insert(&mut self.lock(), vmm);
     }
 
-    pub fn remove(&self, vmm: &Arc<VmmProcess>) {
+    /// Partition process `vmm` ended, its partition as `info` (if it had one): both at once,
+    /// so that no one sees the partition neither live nor ended.
+    pub fn replace(&self, vmm: &Arc<VmmProcess>, info: Option<PartitionInfo>) {
         let mut held = self.lock();
-        if held
-            .processes
-            .get(vmm.id())
-            .is_some_and(|p| Arc::ptr_eq(p, vmm))
-        {
-            held.processes.remove(vmm.id());
+        remove(&mut held, vmm);
+        if let Some(info) = info {
+            ended(&mut held, info);
         }
-        held.sessions.retain(|_, id| id != vmm.id());
     }
 
-    /// Remembers how a partition ended; forgets the oldest past [`KEEP_STOPPED`].
+    /// Remembers how a partition ended.
     pub fn ended(&self, info: PartitionInfo) {
-        let mut held = self.lock();
-        let id = info.id.clone();
-        held.ended.insert(id.clone(), info);
-        held.ended_order.retain(|old| *old != id);
-        held.ended_order.push_back(id);
-        while held.ended_order.len() > KEEP_STOPPED {
-            if let Some(old) = held.ended_order.pop_front() {
-                held.ended.remove(&old);
-            }
-        }
+        ended(&mut self.lock(), info);
     }
 
     pub fn process(&self, id: &str) -> Option<Arc<VmmProcess>> {
@@ -129,10 +118,7 @@ impl Inventory {
             return Ok(Arc::clone(vmm));
         }
         Err(match held.ended.get(id) {
-            Some(info) => ApiError::Partition(format!(
-                "partition `{id}` is {}",
-                info.state.name()
-            )),
+            Some(info) => ApiError::Partition(format!("partition `{id}` is {}", info.state.name())),
             None => ApiError::UnknownPartition(id.to_string()),
         })
     }
@@ -168,5 +154,29 @@ impl Inventory {
     /// Processes plus sessions: what the supervisor holds.
     pub fn holds(&self) -> usize {
         self.lock().processes.len()
+    }
+}
+
+fn remove(held: &mut Held, vmm: &Arc<VmmProcess>) {
+    if held
+        .processes
+        .get(vmm.id())
+        .is_some_and(|p| Arc::ptr_eq(p, vmm))
+    {
+        held.processes.remove(vmm.id());
+    }
+    held.sessions.retain(|_, id| id != vmm.id());
+}
+
+/// Remembers how a partition ended; forgets the oldest past [`KEEP_STOPPED`].
+fn ended(held: &mut Held, info: PartitionInfo) {
+    let id = info.id.clone();
+    held.ended.insert(id.clone(), info);
+    held.ended_order.retain(|old| *old != id);
+    held.ended_order.push_back(id);
+    while held.ended_order.len() > KEEP_STOPPED {
+        if let Some(old) = held.ended_order.pop_front() {
+            held.ended.remove(&old);
+        }
     }
 }

@@ -60,7 +60,11 @@ pub enum SupervisorError {
         source: std::io::Error,
     },
     #[error("the process of partition `{id}` {how} before it served; its log ends:\n{log}")]
-    Exited { id: String, how: String, log: String },
+    Exited {
+        id: String,
+        how: String,
+        log: String,
+    },
     #[error("cannot reach the process of partition `{id}`: {what}")]
     Connect { id: String, what: String },
 }
@@ -139,7 +143,11 @@ impl Supervisor {
                     "its process {} ended while no daemon watched it",
                     record.pid
                 ));
-                warn!("partition `{}`: {}", record.id, info.crash_reason.as_deref().unwrap_or(""));
+                warn!(
+                    "partition `{}`: {}",
+                    record.id,
+                    info.crash_reason.as_deref().unwrap_or("")
+                );
                 dir.remove(&record.id, true);
                 self.inner.inventory.ended(info);
                 continue;
@@ -153,7 +161,10 @@ impl Supervisor {
                     let watcher = self.clone();
                     tokio::spawn(async move {
                         process::wait_for_exit(vmm.pid()).await;
-                        watcher.ended(&vmm, "ended (it was adopted, so its exit status is unknown)".into());
+                        watcher.ended(
+                            &vmm,
+                            "ended (it was adopted, so its exit status is unknown)".into(),
+                        );
                     });
                 }
                 Err(e) => warn!("not adopting partition `{}`: {e}", record.id),
@@ -195,10 +206,13 @@ impl Supervisor {
         } else {
             format!("its process {} {how}; its log ends: {log}", vmm.pid())
         });
-        warn!("partition `{}`: {}", vmm.id(), info.crash_reason.as_deref().unwrap_or(""));
+        warn!(
+            "partition `{}`: {}",
+            vmm.id(),
+            info.crash_reason.as_deref().unwrap_or("")
+        );
         self.inner.dir.remove(vmm.id(), true);
-        self.inner.inventory.remove(vmm);
-        self.inner.inventory.ended(info);
+        self.inner.inventory.replace(vmm, Some(info));
     }
 
     /// Asks an idle process how it is doing; ends it if it holds nothing any more.
@@ -218,7 +232,11 @@ impl Supervisor {
     /// The partition's status from its process, remembered; `None` if it has none (an
     /// incoming session not committed) or does not answer.
     async fn refresh(&self, vmm: &VmmProcess) -> Option<PartitionInfo> {
-        match vmm.client.status(deadline(LIST_WAIT), vmm.id().to_string()).await {
+        match vmm
+            .client
+            .status(deadline(LIST_WAIT), vmm.id().to_string())
+            .await
+        {
             Ok(Ok(mut info)) => {
                 annotate(vmm, &mut info);
                 vmm.remember(&info);
@@ -234,13 +252,17 @@ impl Supervisor {
         if !vmm.begin_retiring() {
             return;
         }
-        self.inner.inventory.remove(vmm);
-        if let Some(mut info) = last {
+        let last = last.map(|mut info| {
             info.pid = None;
             info.process_rss_anon_bytes = None;
-            self.inner.inventory.ended(info);
-        }
-        info!("partition process {} of `{}` holds nothing; ending it", vmm.pid(), vmm.id());
+            info
+        });
+        self.inner.inventory.replace(vmm, last);
+        info!(
+            "partition process {} of `{}` holds nothing; ending it",
+            vmm.pid(),
+            vmm.id()
+        );
         vmm.terminate();
         self.inner.dir.remove(vmm.id(), false);
     }
@@ -254,19 +276,29 @@ impl Supervisor {
     fn new_session_id(&self) -> u64 {
         let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         xxhash_rust::xxh3::xxh3_64(
-            format!("{}-{n}-{:?}", std::process::id(), std::time::SystemTime::now()).as_bytes(),
+            format!(
+                "{}-{n}-{:?}",
+                std::process::id(),
+                std::time::SystemTime::now()
+            )
+            .as_bytes(),
         ) >> 1
     }
 
     /// Stops every partition (the shutdown option).
     pub async fn stop_all(&self) {
-        let stops = self.inner.inventory.processes().into_iter().map(|vmm| async move {
-            let _ = vmm
-                .client
-                .stop(deadline(Duration::from_secs(30)), vmm.id().to_string())
-                .await;
-            self.sweep(&vmm).await;
-        });
+        let stops = self
+            .inner
+            .inventory
+            .processes()
+            .into_iter()
+            .map(|vmm| async move {
+                let _ = vmm
+                    .client
+                    .stop(deadline(Duration::from_secs(30)), vmm.id().to_string())
+                    .await;
+                self.sweep(&vmm).await;
+            });
         futures::future::join_all(stops).await;
     }
 }

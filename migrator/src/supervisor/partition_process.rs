@@ -65,9 +65,8 @@ pub async fn run(process: PartitionProcess) -> Result<(), PartitionProcessError>
         .with_security(process.security);
     let serving = serve_local(daemon.clone(), &dir.socket(&process.id))?;
     info!("partition process for `{}` serving", process.id);
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(PartitionProcessError::Signal)?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(PartitionProcessError::Signal)?;
     tokio::select! {
         () = serving => {}
         _ = terminate.recv() => {}
@@ -95,10 +94,7 @@ pub fn confine() -> Result<(), PartitionProcessError> {
             source: e.into(),
         })
     };
-    confine(
-        "no new privileges",
-        rustix::thread::set_no_new_privs(true),
-    )?;
+    confine("no new privileges", rustix::thread::set_no_new_privs(true))?;
     confine(
         "not dumpable",
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable),

@@ -18,9 +18,7 @@ use super::{
     runtime_dir::{Record, RuntimeDir, start_time},
 };
 use crate::daemon::{
-    ApiError, MigratorApiClient, PartitionInfo,
-    api::API_VERSION,
-    codec::transport,
+    ApiError, MigratorApiClient, PartitionInfo, api::API_VERSION, codec::transport,
     heat_sampling::HeatSampling,
 };
 

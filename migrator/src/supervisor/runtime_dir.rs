@@ -97,10 +97,11 @@ impl RuntimeDir {
     /// Every record left in the directory. A file that does not parse is skipped with a
     /// warning: it cannot name a process to adopt.
     pub fn records(&self) -> Result<Vec<Record>, SupervisorError> {
-        let entries = std::fs::read_dir(&self.path).map_err(|source| SupervisorError::RuntimeDir {
-            path: self.path.clone(),
-            source,
-        })?;
+        let entries =
+            std::fs::read_dir(&self.path).map_err(|source| SupervisorError::RuntimeDir {
+                path: self.path.clone(),
+                source,
+            })?;
         let mut records = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
@@ -165,7 +166,10 @@ mod tests {
         };
         assert!(is_alive(&record));
         record.start_time += 1;
-        assert!(!is_alive(&record), "a reused pid is not the recorded process");
+        assert!(
+            !is_alive(&record),
+            "a reused pid is not the recorded process"
+        );
     }
 
     #[test]
