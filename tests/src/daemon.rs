@@ -204,27 +204,33 @@ impl Daemon {
 
     /// The partition processes recorded in the runtime directory: (id, pid).
     pub fn partition_processes(&self) -> Vec<(String, u32)> {
-        let Some(dir) = &self.config.runtime_dir else {
-            return Vec::new();
-        };
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let Ok(record) = std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(Into::into))
-            else {
-                continue;
-            };
-            if let (Some(id), Some(pid)) = (record["id"].as_str(), record["pid"].as_u64()) {
-                found.push((id.to_string(), pid as u32));
+        self.runtime_dir()
+            .map(partition_processes_in)
+            .unwrap_or_default()
+    }
+
+    /// Where its partition processes are recorded.
+    pub fn runtime_dir(&self) -> Option<&Path> {
+        self.config.runtime_dir.as_deref()
+    }
+
+    /// What kills this daemon's host from another thread: SIGKILL to the daemon and to every
+    /// partition process recorded when it runs. The caller reaps the daemon.
+    pub fn host_killer(&self) -> impl FnOnce() + Send + 'static {
+        let daemon = self.pid();
+        let dir = self.config.runtime_dir.clone();
+        move || {
+            // SAFETY: kill(2) with a plain signal on our child.
+            unsafe { libc::kill(daemon as libc::pid_t, libc::SIGKILL) };
+            for (_, pid) in dir
+                .as_deref()
+                .map(partition_processes_in)
+                .unwrap_or_default()
+            {
+                // SAFETY: as above, on the partition processes the daemon started.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         }
-        found.sort();
-        found
     }
 
     /// Kills the daemon alone with SIGKILL and reaps it; its partitions run on.
@@ -416,4 +422,26 @@ pub fn assert_completed(report: &Value, case: &str) {
         report["source_digest"], report["dest_digest"],
         "{case}: {report}"
     );
+}
+
+/// The partition processes recorded in runtime directory `dir`: (id, pid).
+pub fn partition_processes_in(dir: &Path) -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let Ok(record) = std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(Into::into))
+        else {
+            continue;
+        };
+        if let (Some(id), Some(pid)) = (record["id"].as_str(), record["pid"].as_u64()) {
+            found.push((id.to_string(), pid as u32));
+        }
+    }
+    found.sort();
+    found
 }

@@ -73,8 +73,12 @@ pub struct ProcessMemory {
 
 impl ProcessMemory {
     pub fn of(pid: u32) -> Self {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+        Self::try_of(pid).unwrap_or_else(|| panic!("no memory figures in /proc/{pid}/status"))
+    }
+
+    /// As [`ProcessMemory::of`], or `None` for a process that is gone.
+    pub fn try_of(pid: u32) -> Option<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
             status
                 .lines()
@@ -82,12 +86,19 @@ impl ProcessMemory {
                 .and_then(|v| v.trim().strip_suffix("kB"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(|kb| kb * 1024)
-                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
         };
+        Some(Self {
+            vm_rss: field("VmRSS:")?,
+            rss_anon: field("RssAnon:")?,
+            rss_shmem: field("RssShmem:")?,
+        })
+    }
+
+    pub fn plus(self, other: Self) -> Self {
         Self {
-            vm_rss: field("VmRSS:"),
-            rss_anon: field("RssAnon:"),
-            rss_shmem: field("RssShmem:"),
+            vm_rss: self.vm_rss + other.vm_rss,
+            rss_anon: self.rss_anon + other.rss_anon,
+            rss_shmem: self.rss_shmem + other.rss_shmem,
         }
     }
 

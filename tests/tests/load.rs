@@ -3,8 +3,8 @@
 //! mutual TLS), and a status script calling each daemon 100 times a second throughout. Every
 //! migration must complete with equal digests, every partition must keep checking itself with
 //! zero errors (the migrated ones on their new hosts), every status call must answer, quickly
-//! (p50/p99/max printed), and each daemon's own memory must stay within a stated budget
-//! (printed too). Without network namespaces (not root) both daemons run on loopback. The
+//! (p50/p99/max printed), and each host's own memory (its daemon's, each partition process's, and
+//! all of them together) must stay within a stated budget (printed too). Without network namespaces (not root) both daemons run on loopback. The
 //! daemons keep their default limits (64 partitions, 4 outgoing migrations; incoming ones count
 //! as partitions), which admit four migrations out and four in at once. Migrations use the heat
 //! strategy (address order without eBPF), half pre-copy and half hybrid.
@@ -27,7 +27,7 @@ use std::{
 use hdrhistogram::Histogram;
 use heatprobe_tests::{
     ProcessMemory, bpf_unavailable,
-    daemon::{Daemon, DaemonConfig, make_certs},
+    daemon::{Daemon, DaemonConfig, make_certs, partition_processes_in},
     kvm_unavailable,
     netns::{HostPair, netns_unavailable},
     skip,
@@ -53,14 +53,22 @@ const STATUS_DEADLINE: Duration = Duration::from_secs(5);
 /// was blocked (it was 300 ms while eBPF programs loaded on one).
 const STATUS_P99_LIMIT: Duration = Duration::from_millis(100);
 
-/// The daemon's own memory (RssAnon: heap, stacks, buffers; guest RAM is a shared memfd and
-/// counts as RssShmem) may not exceed `BASE + PER_PARTITION * partitions it may host +
-/// PER_MIGRATION * migrations it runs at once` (measured: 1.4 MiB idle with 32 partitions,
-/// about 25 MiB at the peak of eight migrations, most of it their 4 MiB frame buffers).
-const RSS_ANON_BASE: u64 = 16 * MIB;
-const RSS_ANON_PER_PARTITION: u64 = MIB / 4;
-const RSS_ANON_PER_MIGRATION: u64 = 5 * MIB;
-/// Long variant: how much the daemon's own memory may grow from the end of the first wave of
+/// Memory is own memory (RssAnon: heap, stacks, buffers; guest RAM is a shared memfd and
+/// counts as RssShmem), of the daemon and of each partition's process.
+///
+/// The daemon (a supervisor: it holds no guest) may not exceed `DAEMON_RSS_ANON` (measured:
+/// 1.1-2.0 MiB idle, 2.4-3.7 MiB at the peak of eight migrations).
+const DAEMON_RSS_ANON: u64 = 16 * MIB;
+/// One partition process may not exceed `PROCESS_PEAK_RSS_ANON`, its migration included
+/// (measured: 0.9-1.0 MiB idle, 19.0-20.1 MiB at the peak of a heat-ordered migration, which loads
+/// the eBPF probes in that process). The host's total (daemon and partition processes) may
+/// not exceed `DAEMON_RSS_ANON + PROCESS_RSS_ANON * partitions it may host +
+/// RSS_ANON_PER_MIGRATION * migrations it runs at once` (measured: 82-118 MiB at the peak,
+/// with 36 partitions and eight migrations).
+const PROCESS_RSS_ANON: u64 = 2 * MIB;
+const PROCESS_PEAK_RSS_ANON: u64 = 24 * MIB;
+const RSS_ANON_PER_MIGRATION: u64 = 20 * MIB;
+/// Long variant: how much the host's total may grow from the end of the first wave of
 /// migrations to the end of the last.
 const RSS_ANON_GROWTH_LIMIT: u64 = 8 * MIB;
 
@@ -190,37 +198,130 @@ struct Host {
     addr: SocketAddr,
 }
 
-/// How many KVM VMs (open `kvm-vm` descriptors) and threads process `pid` has.
-fn vms_and_threads(pid: u32) -> (usize, usize) {
-    let vms = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+impl Host {
+    /// The daemon's pid and its runtime directory, where its partition processes are
+    /// recorded.
+    fn processes(&self) -> (u32, PathBuf) {
+        let dir = self.daemon.runtime_dir().expect("a runtime directory");
+        (self.daemon.pid(), dir.to_path_buf())
+    }
+}
+
+/// A host's memory: its daemon's, and its partition processes' together.
+#[derive(Clone, Copy, Debug, Default)]
+struct HostMemory {
+    daemon: ProcessMemory,
+    partitions: ProcessMemory,
+    /// The largest own memory (RssAnon) of one partition process.
+    largest_process_anon: u64,
+    processes: usize,
+}
+
+impl HostMemory {
+    fn of((daemon, dir): &(u32, PathBuf)) -> Self {
+        let mut memory = Self {
+            daemon: ProcessMemory::of(*daemon),
+            ..Self::default()
+        };
+        for (_, pid) in partition_processes_in(dir) {
+            // A process that ended since the directory was read counts for nothing.
+            if let Some(process) = ProcessMemory::try_of(pid) {
+                memory.partitions = memory.partitions.plus(process);
+                memory.largest_process_anon = memory.largest_process_anon.max(process.rss_anon);
+                memory.processes += 1;
+            }
+        }
+        memory
+    }
+
+    /// Own memory of the daemon and every partition process.
+    fn total_anon(&self) -> u64 {
+        self.daemon.rss_anon + self.partitions.rss_anon
+    }
+
+    fn max(self, other: Self) -> Self {
+        Self {
+            daemon: self.daemon.max(other.daemon),
+            partitions: self.partitions.max(other.partitions),
+            largest_process_anon: self.largest_process_anon.max(other.largest_process_anon),
+            processes: self.processes.max(other.processes),
+        }
+    }
+}
+
+impl std::fmt::Display for HostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daemon RssAnon {:.1} MiB; {} partition processes: RssAnon {:.1} MiB together, \
+             {:.1} MiB the largest, RssShmem {} MiB",
+            self.daemon.rss_anon as f64 / MIB as f64,
+            self.processes,
+            self.partitions.rss_anon as f64 / MIB as f64,
+            self.largest_process_anon as f64 / MIB as f64,
+            self.partitions.rss_shmem / MIB
+        )
+    }
+}
+
+/// How many KVM VMs (open `kvm-vm` descriptors) a host's partition processes hold, and how
+/// many threads they and the daemon run.
+fn vms_and_threads((daemon, dir): &(u32, PathBuf)) -> (usize, usize) {
+    let mut vms = 0;
+    let mut threads = threads_of(*daemon);
+    for (_, pid) in partition_processes_in(dir) {
+        let (v, t) = process_vms_and_threads(pid);
+        vms += v;
+        threads += t;
+    }
+    (vms, threads)
+}
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// How many KVM VMs (open `kvm-vm` descriptors) and threads process `pid` has (none if it
+/// is gone).
+fn process_vms_and_threads(pid: u32) -> (usize, usize) {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let vms = fds
         .flatten()
         .filter(|fd| {
             std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:kvm-vm")
         })
         .count();
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
-        .count();
-    (vms, threads)
+    (vms, threads_of(pid))
 }
 
-/// Samples both daemons' memory every 50 ms until told to stop; returns the peaks.
+/// Samples both hosts' memory every 50 ms until told to stop; returns the peaks, and the
+/// peak of each host's total own memory.
 struct MemorySampler {
     stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<Vec<ProcessMemory>>,
+    thread: thread::JoinHandle<Vec<(HostMemory, u64)>>,
 }
 
 impl MemorySampler {
-    fn start(pids: Vec<u32>) -> Self {
+    fn start(hosts: Vec<(u32, PathBuf)>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = thread::spawn(move || {
-            let mut peaks: Vec<ProcessMemory> =
-                pids.iter().map(|&p| ProcessMemory::of(p)).collect();
+            let mut peaks: Vec<(HostMemory, u64)> = hosts
+                .iter()
+                .map(|h| {
+                    let memory = HostMemory::of(h);
+                    (memory, memory.total_anon())
+                })
+                .collect();
             while !stopping.load(Ordering::Relaxed) {
-                for (peak, &pid) in peaks.iter_mut().zip(&pids) {
-                    *peak = peak.max(ProcessMemory::of(pid));
+                for ((peak, total), host) in peaks.iter_mut().zip(&hosts) {
+                    let memory = HostMemory::of(host);
+                    *peak = peak.max(memory);
+                    *total = (*total).max(memory.total_anon());
                 }
                 thread::sleep(Duration::from_millis(50));
             }
@@ -229,7 +330,7 @@ impl MemorySampler {
         Self { stop, thread }
     }
 
-    fn finish(self) -> Vec<ProcessMemory> {
+    fn finish(self) -> Vec<(HostMemory, u64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("the memory sampler")
     }
@@ -422,7 +523,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             Host { name, daemon, addr }
         })
         .collect();
-    let pids: Vec<u32> = hosts.iter().map(|h| h.daemon.pid()).collect();
+    let pids: Vec<(u32, PathBuf)> = hosts.iter().map(Host::processes).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -455,7 +556,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             wait_progress(&connections[p.host], &p.id, 5, checks, "before the load").await;
         }
     });
-    let idle_memory: Vec<ProcessMemory> = pids.iter().map(|&pid| ProcessMemory::of(pid)).collect();
+    let idle_memory: Vec<HostMemory> = pids.iter().map(HostMemory::of).collect();
     eprintln!(
         "load: launched {} partitions on A and {} on B in {launch_time:.1?}",
         scenario.partitions_a, scenario.partitions_b
@@ -585,25 +686,24 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
         });
         let anon: Vec<u64> = pids
             .iter()
-            .map(|&pid| ProcessMemory::of(pid).rss_anon)
+            .map(|host| HostMemory::of(host).total_anon())
             .collect();
-        // A partition that left is freed off the daemon's runtime, just after its migration
-        // answers: give that a moment before counting VMs.
+        // A partition that left ends with its process, just after its migration answers:
+        // give that a moment before counting VMs.
         let hosted: Vec<usize> = (0..hosts.len())
             .map(|h| placed.iter().filter(|p| p.host == h).count())
             .collect();
         let counted = Instant::now();
         let (vms, threads): (Vec<usize>, Vec<usize>) = loop {
-            let (vms, threads): (Vec<usize>, Vec<usize>) =
-                pids.iter().map(|&pid| vms_and_threads(pid)).unzip();
+            let (vms, threads): (Vec<usize>, Vec<usize>) = pids.iter().map(vms_and_threads).unzip();
             if vms == hosted || counted.elapsed() > Duration::from_secs(10) {
                 break (vms, threads);
             }
             thread::sleep(Duration::from_millis(100));
         };
         eprintln!(
-            "load: after wave {wave}: own memory (RssAnon) A {:.1} MiB, B {:.1} MiB; KVM VMs A \
-             {}, B {}; threads A {}, B {}",
+            "load: after wave {wave}: own memory (RssAnon, daemon and partition processes) A \
+             {:.1} MiB, B {:.1} MiB; KVM VMs A {}, B {}; threads A {}, B {}",
             anon[0] as f64 / MIB as f64,
             anon[1] as f64 / MIB as f64,
             vms[0],
@@ -645,7 +745,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             );
         }
     });
-    let end_memory: Vec<ProcessMemory> = pids.iter().map(|&pid| ProcessMemory::of(pid)).collect();
+    let end_memory: Vec<HostMemory> = pids.iter().map(HostMemory::of).collect();
 
     // The figures.
     for (case, took, report) in &migrations {
@@ -682,8 +782,15 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             ms(latency.max())
         );
         eprintln!(
-            "load: host {}: memory idle {}; peak {}; end {}",
-            host.name, idle_memory[h], peaks[h], end_memory[h]
+            "load: host {}: memory idle: {}\nload: host {}: peak: {}, {:.1} MiB RssAnon in \
+             all\nload: host {}: end: {}",
+            host.name,
+            idle_memory[h],
+            host.name,
+            peaks[h].0,
+            peaks[h].1 as f64 / MIB as f64,
+            host.name,
+            end_memory[h]
         );
     }
 
@@ -718,22 +825,38 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
     }
     let most_partitions = placed.len() as u64;
     let concurrent = 2 * scenario.migrations_each_way as u64;
-    let budget = RSS_ANON_BASE
-        + RSS_ANON_PER_PARTITION * most_partitions
-        + RSS_ANON_PER_MIGRATION * concurrent;
+    // Every partition could end up on one host; each host runs migrations_each_way outgoing
+    // and as many incoming migrations at once.
+    let budget =
+        DAEMON_RSS_ANON + PROCESS_RSS_ANON * most_partitions + RSS_ANON_PER_MIGRATION * concurrent;
     for (h, host) in hosts.iter().enumerate() {
-        // Every partition could end up on one host; each host runs migrations_each_way
-        // outgoing and as many incoming migrations at once.
+        let (peak, total) = peaks[h];
         assert!(
-            peaks[h].rss_anon <= budget,
+            peak.daemon.rss_anon <= DAEMON_RSS_ANON,
             "host {}: the daemon's own memory (RssAnon) peaked at {:.1} MiB, over its budget of \
-             {} MiB = {} MiB + {} KiB per partition ({most_partitions}) + {} MiB per migration \
-             at once ({concurrent})",
+             {} MiB",
             host.name,
-            peaks[h].rss_anon as f64 / MIB as f64,
+            peak.daemon.rss_anon as f64 / MIB as f64,
+            DAEMON_RSS_ANON / MIB
+        );
+        assert!(
+            peak.largest_process_anon <= PROCESS_PEAK_RSS_ANON,
+            "host {}: a partition process's own memory peaked at {:.1} MiB, over its budget of \
+             {} MiB",
+            host.name,
+            peak.largest_process_anon as f64 / MIB as f64,
+            PROCESS_PEAK_RSS_ANON / MIB,
+        );
+        assert!(
+            total <= budget,
+            "host {}: own memory (RssAnon of the daemon and its partition processes) peaked at \
+             {:.1} MiB, over its budget of {} MiB = {} MiB + {} MiB per partition \
+             ({most_partitions}) + {} MiB per migration at once ({concurrent})",
+            host.name,
+            total as f64 / MIB as f64,
             budget / MIB,
-            RSS_ANON_BASE / MIB,
-            RSS_ANON_PER_PARTITION >> 10,
+            DAEMON_RSS_ANON / MIB,
+            PROCESS_RSS_ANON / MIB,
             RSS_ANON_PER_MIGRATION / MIB,
         );
         // Guest RAM is what the partitions hosted now touched, and no more: the memory of
@@ -744,18 +867,19 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             .map(|p| p.spec.mem)
             .sum();
         assert!(
-            end_memory[h].rss_shmem <= hosted,
+            end_memory[h].partitions.rss_shmem <= hosted,
             "host {}: {} MiB of shared memory mapped after the load, more than the {} MiB of \
              guest RAM of the partitions it hosts: the memory of migrated partitions was not \
              freed",
             host.name,
-            end_memory[h].rss_shmem / MIB,
+            end_memory[h].partitions.rss_shmem / MIB,
             hosted / MIB
         );
         if wave_anon.len() > 1 {
             let (first, last) = (wave_anon[0][h], wave_anon[wave_anon.len() - 1][h]);
             eprintln!(
-                "load: host {}: own memory after wave 0 {:.1} MiB, after wave {} {:.1} MiB",
+                "load: host {}: own memory (daemon and partition processes) after wave 0 {:.1} \
+                 MiB, after wave {} {:.1} MiB",
                 host.name,
                 first as f64 / MIB as f64,
                 wave_anon.len() - 1,
@@ -763,8 +887,9 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             );
             assert!(
                 last <= first + RSS_ANON_GROWTH_LIMIT,
-                "host {}: the daemon's own memory grew from {:.1} MiB after the first wave of \
-                 migrations to {:.1} MiB after wave {}: something keeps memory per migration",
+                "host {}: own memory (daemon and partition processes) grew from {:.1} MiB after \
+                 the first wave of migrations to {:.1} MiB after wave {}: something keeps memory \
+                 per migration",
                 host.name,
                 first as f64 / MIB as f64,
                 last as f64 / MIB as f64,

@@ -167,13 +167,13 @@ fn killing_the_destination_in_round_0_leaves_the_source_running() {
     let id = launch(&source, "kv-zipf", "check_every=200000", "256M", 1);
     source.wait_progress(&id, 1000, 1);
     let killer = {
-        let pid = destination.child.id();
+        // The destination's host dies: its daemon and the partition process receiving.
+        let kill = destination.host_killer();
         thread::spawn(move || {
             // kv-zipf fills three quarters of 256 MiB with values; at 40 MB/s round 0 takes
             // about five seconds, so this lands in it.
             thread::sleep(Duration::from_millis(1500));
-            // SAFETY: kill(2) on a child process we own; no memory is involved.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            kill();
         })
     };
     let (code, report) = migrate(
@@ -271,7 +271,6 @@ fn zero_pages_arrive_without_becoming_resident() {
     }
     let source = Daemon::start();
     let destination = Daemon::start();
-    let before = ProcessMemory::of(destination.pid()).rss_shmem;
     // An idle guest touches a few pages of its 256 MiB: nearly every page travels as a zero
     // marker. Writing those would make all 256 MiB resident on the destination.
     let id = launch(&source, "idle", "", "256M", 1);
@@ -281,9 +280,13 @@ fn zero_pages_arrive_without_becoming_resident() {
     assert_eq!(report["source_digest"], report["dest_digest"], "{report}");
     let zero_pages = report["zero_pages"].as_u64().unwrap_or(0);
     assert!(zero_pages > 60_000, "{report}");
-    let grown = ProcessMemory::of(destination.pid())
-        .rss_shmem
-        .saturating_sub(before);
+    // The partition's own process holds its guest memory, and nothing else does.
+    let moved = report["id_on_destination"]
+        .as_str()
+        .expect("an id on the destination");
+    let status = destination.json(&["status", moved]);
+    let pid = status["pid"].as_u64().expect("the partition's process") as u32;
+    let grown = ProcessMemory::of(pid).rss_shmem;
     assert!(
         grown < 32 << 20,
         "the destination made {} MiB of a mostly zero 256 MiB guest resident",
@@ -486,14 +489,27 @@ fn a_finished_hybrid_session_answers_finish_again() {
         .as_str()
         .expect("a digest")
         .to_string();
+    // The session the partition arrived by, as its process's record in the destination's
+    // runtime directory says.
+    let moved = report["id_on_destination"].as_str().unwrap();
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(
+            destination
+                .runtime_dir()
+                .unwrap()
+                .join(format!("{moved}.json")),
+        )
+        .expect("the arrived partition's record"),
+    )
+    .unwrap();
+    let arrived_by = record["session"].as_u64().expect("a session");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let answers: Vec<String> = runtime.block_on(async {
         let addr: SocketAddr = destination.addr.parse().unwrap();
         let connection = Connection::open(addr, &Security::Plain).await.unwrap();
         let mut answers = Vec::new();
-        // Session ids come from the daemon's one counter, shared with partition ids: the
-        // migration's is among the first few.
-        for session in 0..16 {
+        // The session's answer again, and no answer for sessions it never had.
+        for session in [arrived_by, arrived_by ^ 1, 0] {
             let answer = connection
                 .client
                 .migration_finish(context_with(Duration::from_secs(10)), session)
@@ -506,6 +522,5 @@ fn a_finished_hybrid_session_answers_finish_again() {
         answers
     });
     assert_eq!(answers, vec![digest]);
-    let moved = report["id_on_destination"].as_str().unwrap();
     destination.json(&["stop", moved]);
 }

@@ -23,7 +23,8 @@ struct Daemon {
 impl Daemon {
     fn start() -> Result<Self> {
         let mut child = Command::new(release_bin("migrator"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            // The demo's partitions end with it.
+            .args(["serve", "--listen", "127.0.0.1:0", "--on-exit", "stop"])
             .stderr(Stdio::piped())
             .spawn()
             .context("starting a migrator daemon")?;

@@ -30,8 +30,7 @@ use crate::{
 };
 
 impl Supervisor {
-    /// Runs `call` on `vmm`'s client, marked in flight; afterwards, ends the process if the
-    /// call left it holding nothing (a stop, a completed migration, an aborted session).
+    /// Runs `call` on `vmm`'s client, marked in flight.
     async fn on<T, F, Fut>(&self, vmm: Arc<VmmProcess>, call: F) -> Result<T, ApiError>
     where
         F: FnOnce(MigratorApiClient) -> Fut,
@@ -41,10 +40,7 @@ impl Supervisor {
         let result = call(vmm.client.clone()).await;
         drop(busy);
         match result {
-            Ok(answer) => {
-                self.sweep(&vmm).await;
-                answer
-            }
+            Ok(answer) => answer,
             Err(e) => Err(self.lost(&vmm, e).await),
         }
     }
@@ -88,14 +84,26 @@ impl Supervisor {
         self.on(vmm, call).await
     }
 
-    /// As [`Supervisor::on`], for incoming session `session`.
+    /// As [`Supervisor::on`], for incoming session `session`; any session call may leave the
+    /// process holding nothing, which then ends it.
     async fn on_session<T, F, Fut>(&self, session: u64, call: F) -> Result<T, ApiError>
     where
         F: FnOnce(MigratorApiClient) -> Fut,
         Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
     {
         let vmm = self.inner.inventory.session(session)?;
-        self.on(vmm, call).await
+        let answer = self.on(Arc::clone(&vmm), call).await;
+        self.sweep(&vmm).await;
+        answer
+    }
+
+    /// Passes on `answer` to a call that may have left partition `id`'s process holding
+    /// nothing (a stop, a migration, a reconcile), having ended the process if it did.
+    async fn settled<T>(&self, id: &str, answer: Result<T, ApiError>) -> Result<T, ApiError> {
+        if let Some(vmm) = self.inner.inventory.process(id) {
+            self.sweep(&vmm).await;
+        }
+        answer
     }
 
     /// A partition's info from its process (with the process's pid and memory), or as it
@@ -238,12 +246,20 @@ impl MigratorApi for Supervisor {
                     .info(deadline(LIST_WAIT), &vmm.record.id.clone())
                     .await
                 {
-                    Ok(info) => info,
-                    Err(_) => vmm.last_seen(),
+                    Ok(info) => Some(info),
+                    // A process holding an incoming migration not committed yet: no
+                    // partition so far.
+                    Err(ApiError::UnknownPartition(_)) => None,
+                    // Too busy to answer in time: as it last was.
+                    Err(_) => vmm.seen().then(|| vmm.last_seen()),
                 }
             }
         });
-        let mut all = futures::future::join_all(live).await;
+        let mut all: Vec<PartitionInfo> = futures::future::join_all(live)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         all.extend(self.inner.inventory.ended_infos());
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all.dedup_by(|a, b| a.id == b.id);
@@ -268,8 +284,10 @@ impl MigratorApi for Supervisor {
 
     async fn stop(self, ctx: Context, id: String) -> Result<PartitionInfo, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move { c.stop(ctx, id).await })
-            .await
+        let answer = self
+            .on_partition(&target, |c| async move { c.stop(ctx, id).await })
+            .await;
+        self.settled(&target, answer).await
     }
 
     async fn migrate(
@@ -278,8 +296,10 @@ impl MigratorApi for Supervisor {
         request: MigrateRequest,
     ) -> Result<MigrationReport, ApiError> {
         let id = request.id.clone();
-        self.migrating(self.on_partition(&id, |c| async move { c.migrate(ctx, request).await }))
-            .await
+        let answer = self
+            .migrating(self.on_partition(&id, |c| async move { c.migrate(ctx, request).await }))
+            .await;
+        self.settled(&id, answer).await
     }
 
     async fn migration_progress(self, ctx: Context, id: String) -> Option<MigrationProgress> {
@@ -396,10 +416,12 @@ impl MigratorApi for Supervisor {
         resume_here: bool,
     ) -> Result<Reconciled, ApiError> {
         let target = id.clone();
-        self.on_partition(&target, |c| async move {
-            c.reconcile(ctx, id, resume_here).await
-        })
-        .await
+        let answer = self
+            .on_partition(&target, |c| async move {
+                c.reconcile(ctx, id, resume_here).await
+            })
+            .await;
+        self.settled(&target, answer).await
     }
 
     async fn migration_heat(
@@ -428,9 +450,11 @@ impl MigratorApi for Supervisor {
         options: MigrationOptions,
     ) -> Result<MigrationReport, ApiError> {
         let target = id.clone();
-        self.migrating(self.on_partition(&target, |c| async move {
-            c.migrate_resume(ctx, id, options).await
-        }))
-        .await
+        let answer = self
+            .migrating(self.on_partition(&target, |c| async move {
+                c.migrate_resume(ctx, id, options).await
+            }))
+            .await;
+        self.settled(&target, answer).await
     }
 }

@@ -81,6 +81,17 @@ impl VmmProcess {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
     }
 
+    /// Whether the partition was ever seen (a process started for an incoming migration has
+    /// none until the commit).
+    pub fn seen(&self) -> bool {
+        self.record.session.is_none()
+            || self
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+
     /// The partition as last seen, or as its record describes it if never seen.
     pub fn last_seen(&self) -> PartitionInfo {
         self.last

@@ -117,8 +117,11 @@ pub enum DataError {
     UnexpectedUrgent,
     #[error("cannot start reading a data connection")]
     Reader(#[source] std::io::Error),
-    #[error("a `Discard` frame out of place (only a hybrid session before its commit takes one)")]
-    UnexpectedDiscard,
+    #[error(
+        "a `Discard` frame out of place (only a hybrid session before its commit takes one; \
+         this one is {phase:?})"
+    )]
+    UnexpectedDiscard { phase: SessionPhase },
     #[error("a `Discarded` frame from the source")]
     UnexpectedDiscarded,
     #[error("answering the source's discard")]
@@ -607,8 +610,9 @@ impl Session {
     /// from here on, and a later copy fills them again. Pages already missing cost nothing.
     fn drop_stale_copies(&self, pages: Vec<u64>) -> Result<(), DataError> {
         // Before the commit: userfaultfd, which the commit sets up, is not there yet.
-        if self.mode != Mode::Hybrid || self.phase() != SessionPhase::Receiving {
-            return Err(DataError::UnexpectedDiscard);
+        let phase = self.phase();
+        if self.mode != Mode::Hybrid || phase != SessionPhase::Receiving {
+            return Err(DataError::UnexpectedDiscard { phase });
         }
         let pages = self
             .punch_held_copies(pages)
