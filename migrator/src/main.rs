@@ -891,6 +891,15 @@ fn print_info(info: &PartitionInfo) {
         "guest:   {} ops, {} errors, {} checks",
         info.ops, info.errors, info.checks
     );
+    if let Some(pid) = info.pid {
+        match info.process_rss_anon_bytes {
+            Some(own) => println!(
+                "process: {pid}, {:.1} MiB of its own memory (guest memory apart)",
+                own as f64 / (1u64 << 20) as f64
+            ),
+            None => println!("process: {pid}"),
+        }
+    }
     if !info.console.is_empty() {
         println!("console (recent):");
         let lines: Vec<&str> = info.console.lines().collect();

@@ -74,10 +74,15 @@ fn partitions_outlive_a_killed_daemon_and_migrate_after_its_restart() {
             "partition process {pid} died with its daemon"
         );
     }
+    let restarting = Instant::now();
     source
         .restart()
         .expect("restart the daemon on the same address");
     let listed = source.json(&["list"]);
+    eprintln!(
+        "supervision: daemon killed, restarted and listing its 2 partitions in {:.0?}",
+        restarting.elapsed()
+    );
     let listed = listed.as_array().expect("a list");
     for (id, (ops_before, pid_before)) in ids.iter().zip(&before) {
         let entry = listed
@@ -95,6 +100,12 @@ fn partitions_outlive_a_killed_daemon_and_migrate_after_its_restart() {
         assert!(
             entry["process_rss_anon_bytes"].as_u64() > Some(0),
             "{entry}"
+        );
+        eprintln!(
+            "supervision: {id} ({}) adopted: {ops_before} ops before the kill, {} after the \
+             restart, 0 errors, process {pid_before}",
+            entry["image"],
+            ops(entry)
         );
     }
     for id in &ids {
@@ -134,12 +145,18 @@ fn a_killed_partition_process_is_reported_crashed_and_the_others_run_on() {
     let bystander = launch(&daemon, "kv-zipf", "64M");
     let victim_status = daemon.wait_progress(&victim, 1, 1);
     daemon.wait_progress(&bystander, 1, 1);
+    let killed = Instant::now();
     // SAFETY: kill(2) with a plain signal on the partition's process.
     unsafe { libc::kill(pid(&victim_status) as libc::pid_t, libc::SIGKILL) };
     let crashed = wait_status(&daemon, &victim, Duration::from_secs(10), |s| {
         s["state"] == "crashed"
     });
     assert_eq!(crashed["state"], "crashed", "{crashed}");
+    eprintln!(
+        "supervision: a killed partition process reported crashed within {:.0?}: {}",
+        killed.elapsed(),
+        crashed["crash_reason"]
+    );
     let reason = crashed["crash_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("SIGKILL"), "the cause is named: {crashed}");
     assert!(crashed["pid"].is_null(), "{crashed}");
@@ -230,6 +247,7 @@ fn a_migration_goes_on_when_its_source_daemon_is_killed() {
     wait_status(&source, &id, Duration::from_secs(10), |s| {
         s["state"] == "migrating"
     });
+    let killed = Instant::now();
     source.kill_daemon_only();
     // The client loses its daemon; the migration does not.
     let _ = migrating.wait();
@@ -238,6 +256,11 @@ fn a_migration_goes_on_when_its_source_daemon_is_killed() {
         s["state"] == "stopped"
     });
     assert_eq!(left["state"], "stopped", "the move completed: {left}");
+    eprintln!(
+        "supervision: source daemon killed mid-migration; the move completed, seen from the \
+         restarted daemon {:.1?} after the kill",
+        killed.elapsed()
+    );
     let arrived = destination.json(&["list"]);
     let running: Vec<&Value> = arrived
         .as_array()

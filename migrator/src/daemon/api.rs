@@ -44,9 +44,10 @@ use crate::{
 /// `compression_ratio` and `round0_wire_mbps` (data protocol 4: `CompressedPages`, pages
 /// striped across connections); 8 adds post-copy recovery (`migration_recover`,
 /// `migrate_resume`, the options' `recover_window`, the report's `postcopy_recoveries` and
-/// `postcopy_paused_ms`, and the partition state `postcopy-paused`). New calls go at the end
-/// of the service.
-pub const API_VERSION: u32 = 8;
+/// `postcopy_paused_ms`, and the partition state `postcopy-paused`); 9 adds what one process
+/// per partition needs (`hello`'s `holds`, the partition's `pid` and
+/// `process_rss_anon_bytes`). New calls go at the end of the service.
+pub const API_VERSION: u32 = 9;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.

@@ -141,10 +141,18 @@ impl Supervisor {
         F: FnOnce(MigratorApiClient) -> Fut,
         Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
     {
-        let reservation = self
-            .inner
-            .inventory
-            .reserve(&self.inner.limits, record.mem_bytes)?;
+        let limits = &self.inner.limits;
+        let reservation = match self.inner.inventory.reserve(limits, record.mem_bytes) {
+            Ok(reservation) => reservation,
+            // Over a limit: a process may still count that holds nothing any more (an
+            // incoming session that failed a moment ago). End those, then ask again.
+            Err(_) => {
+                for vmm in self.inner.inventory.processes() {
+                    self.sweep(&vmm).await;
+                }
+                self.inner.inventory.reserve(limits, record.mem_bytes)?
+            }
+        };
         record.id = self.new_id();
         let vmm = self.start_process(record).await?;
         let result = {
