@@ -750,8 +750,8 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
     // The figures.
     for (case, took, report) in &migrations {
         eprintln!(
-            "load: {case}: {took:.2?} (downtime {} ms, {} rounds)",
-            report.downtime_ms, report.rounds
+            "load: {case}: {took:.2?} (setup {} ms, downtime {} ms, {} rounds)",
+            report.setup_time_ms, report.downtime_ms, report.rounds
         );
     }
     let mut times: Vec<Duration> = migrations.iter().map(|(_, t, _)| *t).collect();

@@ -54,12 +54,27 @@ impl RemoteDestination {
     }
 
     /// Runs one call; tells a refusal (the destination answered no) from no answer at all.
-    fn call<T>(
-        &self,
-        what: &'static str,
-        future: impl Future<Output = Result<Result<T, ApiError>, tarpc::client::RpcError>>,
-    ) -> Result<T, DestinationError> {
-        match self.handle.block_on(future) {
+    ///
+    /// A control connection that was already closed (the destination's daemon restarted, and
+    /// its partition processes, which hold the sessions, run on) is opened again and the call
+    /// made once more on the new one. A call that was in flight when its connection broke
+    /// may then reach the destination twice; every call is safe to repeat there: a repeated
+    /// commit or prepare is refused or leaves an orphan session the destination drops, and
+    /// no copy runs without the handover.
+    fn call<T, F, Fut>(&mut self, what: &'static str, call: F) -> Result<T, DestinationError>
+    where
+        F: Fn(MigratorApiClient) -> Fut,
+        Fut: Future<Output = Result<Result<T, ApiError>, tarpc::client::RpcError>>,
+    {
+        let mut answer = self.handle.block_on(call(self.client.clone()));
+        if matches!(answer, Err(tarpc::client::RpcError::Shutdown)) && self.reconnect().is_ok() {
+            tracing::info!(
+                "the control connection to {} was closed: opened it again",
+                self.addr
+            );
+            answer = self.handle.block_on(call(self.client.clone()));
+        }
+        match answer {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(refusal)) => Err(DestinationError::Refused(refusal)),
             Err(e) => Err(DestinationError::Unreachable {
@@ -74,7 +89,10 @@ impl Destination for RemoteDestination {
     fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, DestinationError> {
         // Preparing allocates the guest memory: allow for that beyond the peer timeout.
         let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
-        self.call("prepare", self.client.migration_prepare(ctx, request))
+        self.call("prepare", |c| {
+            let request = request.clone();
+            async move { c.migration_prepare(ctx, request).await }
+        })
     }
 
     fn commit(
@@ -84,22 +102,27 @@ impl Destination for RemoteDestination {
     ) -> Result<CommitReply, DestinationError> {
         // The destination first waits for the pages still in flight, then restores.
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
-        self.call(
-            "commit",
-            self.client.migration_commit(ctx, session, request),
-        )
+        self.call("commit", |c| {
+            let request = request.clone();
+            async move { c.migration_commit(ctx, session, request).await }
+        })
     }
 
     fn handover(&mut self, session: u64) -> Result<HandoverReply, DestinationError> {
         // A handover that comes during the restore waits for it there.
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
-        self.call("handover", self.client.migration_handover(ctx, session))
+        self.call("handover", |c| async move {
+            c.migration_handover(ctx, session).await
+        })
     }
 
     fn carry_heat(&mut self, session: u64, heat: CarriedHeat) -> Result<(), DestinationError> {
         // A few megabytes at most (a page's heat is some tens of bytes).
         let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
-        self.call("carry heat", self.client.migration_heat(ctx, session, heat))
+        self.call("carry heat", |c| {
+            let heat = heat.clone();
+            async move { c.migration_heat(ctx, session, heat).await }
+        })
     }
 
     fn peer(&self) -> String {
@@ -109,13 +132,17 @@ impl Destination for RemoteDestination {
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {
         // Called once every page has been sent: the destination waits for the last to land.
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
-        self.call("finish", self.client.migration_finish(ctx, session))
+        self.call("finish", |c| async move {
+            c.migration_finish(ctx, session).await
+        })
     }
 
     fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError> {
         // The destination answers once its fault window is over (at most a minute).
         let ctx = context_with(self.peer_timeout + Duration::from_secs(60));
-        self.call("faults", self.client.migration_faults(ctx, session))
+        self.call("faults", |c| async move {
+            c.migration_faults(ctx, session).await
+        })
     }
 
     fn round_trip(&mut self) -> Option<Duration> {
@@ -135,7 +162,9 @@ impl Destination for RemoteDestination {
 
     fn recover(&mut self, session: u64) -> Result<Recovery, DestinationError> {
         let ctx = context_with(self.peer_timeout + Duration::from_secs(30));
-        self.call("recover", self.client.migration_recover(ctx, session))
+        self.call("recover", |c| async move {
+            c.migration_recover(ctx, session).await
+        })
     }
 
     fn reconnect(&mut self) -> Result<(), DestinationError> {
