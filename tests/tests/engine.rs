@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use heatprobe::{Access, HeatClass, PageHeat, Probes};
+use heatprobe::{Access, HeatClass, PageHeat};
 use heatprobe_tests::{bpf_unavailable, kvm_unavailable, skip};
 use migrator::{
     daemon::ApiError,
@@ -100,7 +100,7 @@ impl Destination for InProcess {
             bind,
             DataLink::Plain,
             PEER_TIMEOUT,
-            Arc::clone(&self.probes),
+            self.probes.clone(),
         )
         .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
         self.next += 1;
@@ -300,7 +300,7 @@ fn run_counting(
     let mut destination = InProcess {
         fault,
         sessions: BTreeMap::new(),
-        probes: Arc::clone(probes),
+        probes: probes.clone(),
         fault_windows: BTreeMap::new(),
         next: 0,
         seen: Arc::clone(&seen),
@@ -414,7 +414,7 @@ fn the_guests_faults_and_waits_after_the_move_are_counted() {
         return skip(test, &why);
     }
     let probes = ProbeSlot::default();
-    if let Err(e) = probes.get_or_init(|| Probes::load().map(Arc::new).map_err(Arc::new)) {
+    if let Err(e) = probes.get_or_load() {
         panic!("the probes load where BPF is available: {e}");
     }
     // Hybrid twice: with room in the downtime for the stale pages, and with a slow link and a

@@ -8,6 +8,7 @@ use std::{
 };
 
 use heatprobe_tests::{
+    bpf_unavailable,
     daemon::{Daemon, DaemonConfig, process_runs},
     kvm_unavailable, skip,
 };
@@ -18,6 +19,20 @@ fn launch(daemon: &Daemon, workload: &str, mem: &str) -> String {
         .as_str()
         .expect("an id")
         .to_string()
+}
+
+/// How many eBPF programs process `pid` holds open.
+fn bpf_programs(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-prog")
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn ops(status: &Value) -> u64 {
@@ -116,6 +131,20 @@ fn partitions_outlive_a_killed_daemon_and_migrate_after_its_restart() {
             "an adopted partition migrates",
         );
         destination.runs_clean(&moved, 1, 1, "an adopted partition, migrated");
+        if bpf_unavailable().is_none() {
+            // The destination's process loaded the eBPF probes to count the guest's faults
+            // after its resume; once that window is over and counted, it unloads them.
+            let arrived = pid(&destination.json(&["status", &moved]));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while bpf_programs(arrived) > 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(
+                bpf_programs(arrived),
+                0,
+                "process {arrived} still holds eBPF programs after its fault window"
+            );
+        }
         let left = source.json(&["status", id]);
         assert_eq!(left["state"], "stopped", "{left}");
     }
@@ -348,5 +377,10 @@ fn a_migration_goes_on_when_its_destination_daemon_restarts_under_it() {
     assert_eq!(running.len(), 1, "{arrived}");
     let moved = running[0]["id"].as_str().expect("an id").to_string();
     assert_eq!(report["id_on_destination"], moved.as_str(), "{report}");
-    destination.runs_clean(&moved, 1, 1, "a migration whose destination daemon restarted");
+    destination.runs_clean(
+        &moved,
+        1,
+        1,
+        "a migration whose destination daemon restarted",
+    );
 }

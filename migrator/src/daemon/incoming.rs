@@ -45,7 +45,7 @@ impl Daemon {
         let link = DataLink::new(self.security.clone(), tokio::runtime::Handle::current());
         let peer_timeout = self.peer_timeout;
         let count_faults = request.fault_window_ms > 0;
-        let probes = Arc::clone(&self.probes);
+        let probes = self.probes.clone();
         let (session, data_port, remove_ns_per_page) = blocking("prepare", move || {
             Session::prepare(&request, listen, link, peer_timeout, probes)
         })

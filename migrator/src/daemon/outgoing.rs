@@ -59,6 +59,11 @@ impl Outgoing {
         Ok(progress)
     }
 
+    /// Whether any migration runs.
+    pub fn any_running(&self) -> bool {
+        self.lock().values().any(|p| running(p))
+    }
+
     pub fn progress(&self, id: &str) -> Option<MigrationProgress> {
         self.lock()
             .get(id)

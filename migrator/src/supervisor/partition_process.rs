@@ -64,6 +64,19 @@ pub async fn run(process: PartitionProcess) -> Result<(), PartitionProcessError>
         .with_peer_timeout(process.peer_timeout)
         .with_security(process.security);
     let serving = serve_local(daemon.clone(), &dir.socket(&process.id))?;
+    let releasing = daemon.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RELEASE_PROBES_EVERY).await;
+            if releasing.release_idle_probes() {
+                info!("unloaded the eBPF probes: nothing uses them");
+                // What they took (the parsed object, relocations, maps' buffers) went back
+                // to the allocator's arenas; give it back to the kernel too.
+                // SAFETY: malloc_trim only returns free memory of glibc's own arenas.
+                unsafe { libc::malloc_trim(0) };
+            }
+        }
+    });
     info!("partition process for `{}` serving", process.id);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(PartitionProcessError::Signal)?;
@@ -121,6 +134,9 @@ pub fn confine() -> Result<(), PartitionProcessError> {
     )?;
     Ok(())
 }
+
+/// How often a partition process unloads eBPF probes nothing uses.
+const RELEASE_PROBES_EVERY: Duration = Duration::from_secs(5);
 
 /// Descriptors one partition process may hold: its VM and vCPUs, memfd, userfaultfd, eBPF
 /// maps and programs, and a few connections per migration stripe. Measured: under 100 for a

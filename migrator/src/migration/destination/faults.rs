@@ -9,7 +9,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -19,9 +19,48 @@ use heatprobe::{ProbeError, Probes, TargetId};
 
 use crate::migration::report::PostCutoverFaults;
 
-/// The daemon's eBPF probes: loaded once, on first use; a failure to load is kept and
-/// reported each time.
-pub type ProbeSlot = Arc<OnceLock<Result<Arc<Probes>, Arc<ProbeError>>>>;
+/// The daemon's eBPF probes, or why they did not load: loaded on first use, and kept (a
+/// failure too, reported each time) until [`ProbeSlot::release_unused`] finds nothing else
+/// holding them. Clones share the slot.
+#[derive(Clone, Default)]
+pub struct ProbeSlot(Arc<Mutex<Option<LoadedProbes>>>);
+
+/// Loaded probes, or the error that kept them from loading.
+pub type LoadedProbes = Result<Arc<Probes>, Arc<ProbeError>>;
+
+impl ProbeSlot {
+    /// The probes if loaded (or why not), without waiting: `None` while they load.
+    pub fn get(&self) -> Option<LoadedProbes> {
+        self.0.try_lock().ok().and_then(|slot| slot.clone())
+    }
+
+    /// The probes, loaded now if they are not (this waits on the kernel: hundreds of
+    /// milliseconds on a busy host).
+    pub fn get_or_load(&self) -> LoadedProbes {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert_with(|| Probes::load().map(Arc::new).map_err(Arc::new))
+            .clone()
+    }
+
+    /// Unloads the probes if nothing but the slot holds them (no profiler, no fault window),
+    /// detaching their programs, which otherwise run on every page fault of the host. A
+    /// failure to load is forgotten too, so the next use tries again. Returns whether
+    /// anything was released.
+    pub fn release_unused(&self) -> bool {
+        let Ok(mut slot) = self.0.try_lock() else {
+            return false;
+        };
+        let unused = match &*slot {
+            Some(Ok(probes)) => Arc::strong_count(probes) == 1,
+            Some(Err(_)) => true,
+            None => false,
+        };
+        if unused {
+            *slot = None;
+        }
+        unused
+    }
+}
 
 /// A session's fault window, or why it has none.
 pub type WindowOrWhyNot = Result<Arc<FaultWindow>, String>;

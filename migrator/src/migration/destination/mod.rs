@@ -858,10 +858,10 @@ impl Session {
             return;
         }
         let window = match self.probes.get() {
-            Some(Ok(probes)) => FaultWindow::start(Arc::clone(probes), tids, self.fault_window)
+            Some(Ok(probes)) => FaultWindow::start(probes, tids, self.fault_window)
                 .map(Arc::new)
                 .map_err(|e| format!("counting faults: {}", error_chain(&e))),
-            Some(Err(e)) => Err(format!("the eBPF probes: {}", error_chain(&**e))),
+            Some(Err(e)) => Err(format!("the eBPF probes: {}", error_chain(&*e))),
             None => Err("the eBPF probes were still loading at the resume".into()),
         };
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = Some(window);
