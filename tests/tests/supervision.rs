@@ -43,6 +43,26 @@ fn pid(status: &Value) -> u32 {
     status["pid"].as_u64().expect("a partition process's pid") as u32
 }
 
+/// `migrator migrate --json` of `id` from `source` to `destination`, in address order and
+/// paced at 400 Mbit/s: round 0 of a 256 MiB guest lasts about five seconds.
+fn paced_migrate(source: &Daemon, destination: &Daemon, id: &str) -> std::process::Command {
+    let mut command = source.command();
+    command.args([
+        "migrate",
+        "--json",
+        "--from",
+        &source.addr,
+        "--to",
+        &destination.addr,
+        id,
+        "--strategy",
+        "address",
+        "--bandwidth-limit",
+        "400mbit",
+    ]);
+    command
+}
+
 /// Polls `status ID` until `done` holds of it, for up to `within`.
 fn wait_status(
     daemon: &Daemon,
@@ -254,21 +274,7 @@ fn a_migration_goes_on_when_its_source_daemon_is_killed() {
     let id = launch(&source, "rw-mix", "256M");
     source.wait_progress(&id, 1, 1);
     // Paced so that it runs for seconds: 256 MiB at 400 Mbit/s.
-    let mut migrating = source
-        .command()
-        .args([
-            "migrate",
-            "--json",
-            "--from",
-            &source.addr,
-            "--to",
-            &destination.addr,
-            &id,
-            "--strategy",
-            "address",
-            "--bandwidth-limit",
-            "400mbit",
-        ])
+    let mut migrating = paced_migrate(&source, &destination, &id)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -321,20 +327,7 @@ fn a_migration_goes_on_when_its_destination_daemon_restarts_under_it() {
     // Round 0 of 256 MiB at 400 Mbit/s takes about five seconds: the destination's daemon is
     // killed and restarted inside it, while its partition process receives.
     let migrating = {
-        let mut command = source.command();
-        command.args([
-            "migrate",
-            "--json",
-            "--from",
-            &source.addr,
-            "--to",
-            &destination.addr,
-            &id,
-            "--strategy",
-            "address",
-            "--bandwidth-limit",
-            "400mbit",
-        ]);
+        let mut command = paced_migrate(&source, &destination, &id);
         thread::spawn(move || command.output().expect("run migrate"))
     };
     wait_status(&source, &id, Duration::from_secs(10), |s| {
