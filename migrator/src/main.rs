@@ -103,8 +103,8 @@ enum Command {
         #[arg(long, default_value = "1/8", value_parser = parse_fraction)]
         heat_sample_fraction: f64,
         /// Where the partition processes' sockets, records and logs are kept (default:
-        /// /run/migrator/IP-PORT). A daemon started on a directory adopts the partitions its
-        /// predecessor left running there.
+        /// /run/migrator/IP-PORT as root, else $XDG_RUNTIME_DIR/migrator/IP-PORT). A daemon
+        /// started on a directory adopts the partitions its predecessor left running there.
         #[arg(long, value_name = "DIR")]
         runtime_dir: Option<PathBuf>,
         /// What SIGTERM or ^C does to the partitions: `keep` leaves them running for the next
@@ -945,5 +945,7 @@ async fn run_daemon(
             supervisor.stop_all().await;
         }
     }
+    // Only if empty: no partition runs on for a successor to adopt.
+    let _ = std::fs::remove_dir(&runtime_dir);
     Ok(())
 }

@@ -125,9 +125,17 @@ impl Supervisor {
     }
 
     /// The default runtime directory of a supervisor listening on `listen`: one per address,
-    /// so that a restart on the same address finds its predecessor's partitions.
+    /// so that a restart on the same address finds its predecessor's partitions. Under
+    /// `/run/migrator` as root; otherwise under `$XDG_RUNTIME_DIR/migrator`, the user's own
+    /// runtime directory, if there is one.
     pub fn default_runtime_dir(listen: SocketAddr) -> PathBuf {
-        PathBuf::from("/run/migrator").join(format!("{}-{}", listen.ip(), listen.port()))
+        let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(user) if !rustix::process::geteuid().is_root() => {
+                PathBuf::from(user).join("migrator")
+            }
+            _ => PathBuf::from("/run/migrator"),
+        };
+        base.join(format!("{}-{}", listen.ip(), listen.port()))
     }
 
     /// Serves again every partition process a predecessor left running, with whatever it
