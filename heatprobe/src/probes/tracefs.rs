@@ -41,9 +41,13 @@ pub fn ensure_mounted() -> Result<bool, TracefsError> {
     if is_mounted() {
         return Ok(false);
     }
-    mount("nodev", TRACEFS, "tracefs", MountFlags::empty(), None)
-        .map_err(|errno| TracefsError::Mount(errno.into()))?;
-    Ok(true)
+    match mount("nodev", TRACEFS, "tracefs", MountFlags::empty(), None) {
+        Ok(()) => Ok(true),
+        // Another process (a partition process loading its probes at the same moment)
+        // mounted it first: it is there now, which is all that was asked.
+        Err(_) if is_mounted() => Ok(false),
+        Err(errno) => Err(TracefsError::Mount(errno.into())),
+    }
 }
 
 /// Path of an event's directory.
