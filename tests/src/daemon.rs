@@ -406,6 +406,15 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits up to `within` for process `pid` to end; returns whether it did.
+pub fn wait_gone(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while process_runs(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    !process_runs(pid)
+}
+
 /// Whether process `pid` runs (exists and is no zombie).
 pub fn process_runs(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

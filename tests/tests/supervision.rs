@@ -9,7 +9,7 @@ use std::{
 
 use heatprobe_tests::{
     bpf_unavailable,
-    daemon::{Daemon, DaemonConfig, process_runs},
+    daemon::{Daemon, DaemonConfig, process_runs, wait_gone},
     kvm_unavailable, skip,
 };
 use serde_json::Value;
@@ -170,12 +170,8 @@ fn partitions_outlive_a_killed_daemon_and_migrate_after_its_restart() {
     }
     // The source's processes ended with their partitions' move.
     for (_, pid) in &before {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while process_runs(*pid) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(50));
-        }
         assert!(
-            !process_runs(*pid),
+            wait_gone(*pid, Duration::from_secs(10)),
             "process {pid} outlived its migrated partition"
         );
     }
@@ -243,23 +239,18 @@ fn a_stopped_daemon_leaves_its_guests_running_unless_told_to_stop_them() {
     // `migrator stop` ends the partition and its process.
     let stopped = daemon.json(&["stop", &id]);
     assert_eq!(stopped["state"], "stopped", "{stopped}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while process_runs(guest) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!process_runs(guest), "a stopped partition's process ended");
+    assert!(
+        wait_gone(guest, Duration::from_secs(10)),
+        "a stopped partition's process ended"
+    );
     // With `--on-exit stop`, SIGTERM stops the partitions first.
     let daemon = Daemon::start_config(DaemonConfig::default().args(&["--on-exit", "stop"]));
     let id = launch(&daemon, "rw-mix", "32M");
     let guest = pid(&daemon.wait_progress(&id, 1, 1));
     // SAFETY: as above.
     unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while process_runs(guest) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
     assert!(
-        !process_runs(guest),
+        wait_gone(guest, Duration::from_secs(20)),
         "--on-exit stop left the guest running"
     );
 }

@@ -11,10 +11,7 @@ use super::{
     admission::{AdmissionError, Limits, Usage},
     api::{ApiError, PartitionInfo},
 };
-use crate::{
-    migration::destination::Session,
-    vmm::{GuestImage, Partition},
-};
+use crate::{migration::destination::Session, vmm::Partition};
 
 /// How many stopped partitions a daemon remembers (for `status` and `list`), and how many
 /// committed sessions it remembers for a late abort.
@@ -259,10 +256,7 @@ pub fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
     PartitionInfo {
         id: id.to_string(),
         name: config.name.clone(),
-        image: match &config.image {
-            GuestImage::Builtin(name) => format!("workload {name}"),
-            GuestImage::Elf(_) => "image".into(),
-        },
+        image: config.image.label(),
         state: status.state,
         ops: status.progress.ops,
         errors: status.progress.errors,

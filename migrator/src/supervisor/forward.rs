@@ -8,12 +8,13 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tarpc::{client::RpcError, context::Context};
 
-use super::{LIST_WAIT, Supervisor, annotate, deadline, process::VmmProcess, runtime_dir::Record};
+use super::{LIST_WAIT, Supervisor, annotate, process::VmmProcess, runtime_dir::Record};
 use crate::{
     daemon::{
         ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo,
         admission::AdmissionError,
         api::{API_VERSION, MAX_IMAGE, MigrateRequest, MigratorApi, Reconciled},
+        client::context_with,
         heat_report::{PartitionHeat, PlanPreview},
         heat_view::HeatView,
     },
@@ -209,13 +210,6 @@ fn record(name: Option<String>, image: String, mem_bytes: u64, vcpus: u32) -> Re
     }
 }
 
-fn image_label(image: &GuestImage) -> String {
-    match image {
-        GuestImage::Builtin(name) => format!("workload {name}"),
-        GuestImage::Elf(_) => "image".into(),
-    }
-}
-
 impl MigratorApi for Supervisor {
     async fn hello(self, _: Context, min: u32, max: u32) -> Result<DaemonInfo, ApiError> {
         if !(min..=max).contains(&API_VERSION) {
@@ -238,7 +232,7 @@ impl MigratorApi for Supervisor {
         }
         let record = record(
             request.name.clone(),
-            image_label(&request.image),
+            request.image.label(),
             request.mem_size,
             request.vcpus,
         );
@@ -251,7 +245,7 @@ impl MigratorApi for Supervisor {
             let supervisor = self.clone();
             async move {
                 match supervisor
-                    .info(deadline(LIST_WAIT), &vmm.record.id.clone())
+                    .info(context_with(LIST_WAIT), &vmm.record.id.clone())
                     .await
                 {
                     Ok(info) => Some(info),
@@ -323,7 +317,7 @@ impl MigratorApi for Supervisor {
         let config = &request.config;
         let mut record = record(
             config.name.clone(),
-            image_label(&config.image),
+            config.image.label(),
             config.mem_size,
             config.vcpus,
         );

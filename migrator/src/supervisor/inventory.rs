@@ -151,7 +151,7 @@ impl Inventory {
         held.processes.len() + held.ended.len()
     }
 
-    /// Processes plus sessions: what the supervisor holds.
+    /// Partition processes: what the supervisor holds (each holds its own sessions).
     pub fn holds(&self) -> usize {
         self.lock().processes.len()
     }

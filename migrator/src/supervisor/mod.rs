@@ -28,10 +28,9 @@ use std::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tarpc::context;
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -41,7 +40,7 @@ use self::{
     runtime_dir::{Record, RuntimeDir},
 };
 use crate::{
-    daemon::{ApiError, PartitionInfo, admission::Limits},
+    daemon::{ApiError, PartitionInfo, admission::Limits, client::context_with},
     vmm::PartitionState,
 };
 
@@ -228,7 +227,7 @@ impl Supervisor {
         if !vmm.idle() || vmm.is_retiring() {
             return;
         }
-        let Ok(Ok(daemon)) = vmm.client.hello(deadline(LIST_WAIT), 1, u32::MAX).await else {
+        let Ok(Ok(daemon)) = vmm.client.hello(context_with(LIST_WAIT), 1, u32::MAX).await else {
             return;
         };
         let info = self.refresh(vmm).await;
@@ -242,7 +241,7 @@ impl Supervisor {
     async fn refresh(&self, vmm: &VmmProcess) -> Option<PartitionInfo> {
         match vmm
             .client
-            .status(deadline(LIST_WAIT), vmm.id().to_string())
+            .status(context_with(LIST_WAIT), vmm.id().to_string())
             .await
         {
             Ok(Ok(mut info)) => {
@@ -303,7 +302,7 @@ impl Supervisor {
             .map(|vmm| async move {
                 let _ = vmm
                     .client
-                    .stop(deadline(Duration::from_secs(30)), vmm.id().to_string())
+                    .stop(context_with(Duration::from_secs(30)), vmm.id().to_string())
                     .await;
                 self.sweep(&vmm).await;
             });
@@ -315,10 +314,4 @@ impl Supervisor {
 fn annotate(vmm: &VmmProcess, info: &mut PartitionInfo) {
     info.pid = Some(vmm.pid());
     info.process_rss_anon_bytes = process::rss_anon(vmm.pid());
-}
-
-fn deadline(wait: Duration) -> context::Context {
-    let mut ctx = context::current();
-    ctx.deadline = Instant::now() + wait;
-    ctx
 }

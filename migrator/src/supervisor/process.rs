@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tarpc::{client, context};
+use tarpc::client;
 
 use super::{
     SupervisorError,
@@ -112,7 +112,7 @@ impl VmmProcess {
 
     /// Asks the process to end (SIGTERM: it stops what it still runs and exits).
     pub fn terminate(&self) {
-        if start_time(self.pid()) == Some(self.record.start_time) {
+        if super::runtime_dir::is_alive(&self.record) {
             // SAFETY: kill(2) with a plain signal number; no memory is passed. The pid was
             // checked against the record's start time just above, so it is our process.
             unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
@@ -256,10 +256,12 @@ pub async fn connect(dir: &RuntimeDir, id: &str) -> Result<MigratorApiClient, Su
         .map_err(|e| failed(e.to_string()))?;
     let client =
         MigratorApiClient::new(client::Config::default(), transport(Box::new(stream))).spawn();
-    let mut ctx = context::current();
-    ctx.deadline = Instant::now() + Duration::from_secs(5);
     client
-        .hello(ctx, API_VERSION, API_VERSION)
+        .hello(
+            crate::daemon::client::context_with(Duration::from_secs(5)),
+            API_VERSION,
+            API_VERSION,
+        )
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(|e| failed(e.to_string()))?;

@@ -109,6 +109,16 @@ pub enum GuestImage {
     Elf(#[serde(serialize_with = "byte_string")] Vec<u8>),
 }
 
+impl GuestImage {
+    /// What `status` and `list` show of it: `workload NAME`, or `image`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Builtin(name) => format!("workload {name}"),
+            Self::Elf(_) => "image".into(),
+        }
+    }
+}
+
 /// Serializes bytes as one byte string. Postcard and JSON write a byte string exactly as they
 /// write a sequence of bytes, so the encoding is unchanged, but a serializer gets the image in
 /// one call instead of one per byte: hashing a 64 MiB config for the saved state
