@@ -345,7 +345,13 @@ struct StatusLog {
     latency: Option<Histogram<u64>>,
     calls: u64,
     failures: Vec<String>,
+    /// The slowest calls (over `SLOW_CALL`): when they started after the load began, how
+    /// long they took, and which partition they asked for, to line up with the migrations.
+    slow: Vec<(Duration, Duration, String)>,
 }
+
+/// A status call slower than this is listed with its time and partition.
+const SLOW_CALL: Duration = Duration::from_millis(50);
 
 /// The status script: `STATUS_RATE` calls a second to `addr`, round-robin over `ids`, each
 /// call started on time whether or not the previous one has answered (so a slow daemon shows
@@ -355,6 +361,7 @@ async fn status_script(
     security: Security,
     ids: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    epoch: Instant,
 ) -> StatusLog {
     let connection = Connection::open(addr, &security)
         .await
@@ -388,6 +395,9 @@ async fn status_script(
                 Ok(Ok(_)) => {
                     let micros = (elapsed.as_micros() as u64).max(1);
                     log.latency.as_mut().unwrap().saturating_record(micros);
+                    if elapsed > SLOW_CALL {
+                        log.slow.push((started - epoch, elapsed, id));
+                    }
                 }
                 Ok(Err(e)) => log.failures.push(format!("status {id}: {e}")),
                 Err(e) => log
@@ -404,6 +414,7 @@ async fn status_script(
         latency: log.latency.take(),
         calls: log.calls,
         failures: std::mem::take(&mut log.failures),
+        slow: std::mem::take(&mut log.slow),
     }
 }
 
@@ -477,7 +488,7 @@ async fn migrate(
     security: Security,
     id: String,
     options: MigrationOptions,
-) -> (MigrationReport, Duration) {
+) -> (MigrationReport, Instant, Duration) {
     let connection = Connection::open(from, &security)
         .await
         .unwrap_or_else(|e| panic!("migrate {id}: {e}"));
@@ -495,7 +506,7 @@ async fn migrate(
         .await
         .unwrap_or_else(|e| panic!("migrate {id} {from} -> {to}: no answer: {e}"))
         .unwrap_or_else(|e| panic!("migrate {id} {from} -> {to}: refused: {e}"));
-    (report, started.elapsed())
+    (report, started, started.elapsed())
 }
 
 struct Scenario {
@@ -577,6 +588,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             ))
         })
         .collect();
+    let load_started = Instant::now();
     let scripts: Vec<_> = hosts
         .iter()
         .zip(&ids)
@@ -586,13 +598,13 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
                 security.clone(),
                 Arc::clone(ids),
                 Arc::clone(&stop),
+                load_started,
             ))
         })
         .collect();
     let sampler = MemorySampler::start(pids.clone());
-    let load_started = Instant::now();
 
-    let mut migrations: Vec<(String, Duration, MigrationReport)> = Vec::new();
+    let mut migrations: Vec<(String, Duration, Duration, MigrationReport)> = Vec::new();
     // Each daemon's own memory at the end of each wave.
     let mut wave_anon: Vec<Vec<u64>> = Vec::new();
     for wave in 0..scenario.waves {
@@ -626,7 +638,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
                 runtime.spawn(migrate(from, to, security.clone(), p.id.clone(), options))
             })
             .collect();
-        let reports: Vec<(MigrationReport, Duration)> = runtime.block_on(async {
+        let reports: Vec<(MigrationReport, Instant, Duration)> = runtime.block_on(async {
             let mut reports = Vec::new();
             for task in tasks {
                 reports.push(task.await.expect("a migration task"));
@@ -634,7 +646,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             reports
         });
         // Check every report, then move the partitions in our books and in the scripts'.
-        for (&i, (report, took)) in chosen.iter().zip(reports) {
+        for (&i, (report, started, took)) in chosen.iter().zip(reports) {
             let p = &placed[i];
             let case = format!(
                 "wave {wave}: {} ({} {} MiB) {} -> {}, {:?} {:?}",
@@ -665,7 +677,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
                 .clone()
                 .unwrap_or_else(|| panic!("{case}: no id on the destination: {report:?}"));
             ids[1 - p.host].lock().unwrap().push(new_id.clone());
-            migrations.push((case, took, report));
+            migrations.push((case, started - load_started, took, report));
             let p = &mut placed[i];
             p.id = new_id;
             p.host = 1 - p.host;
@@ -756,15 +768,18 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
     let end_memory: Vec<HostMemory> = pids.iter().map(HostMemory::of).collect();
 
     // The figures.
-    for (case, took, report) in &migrations {
+    for (case, at, took, report) in &migrations {
         eprintln!(
-            "load: {case}: {took:.2?} (setup {} ms, downtime {} ms, {} rounds)",
+            "load: {case}: at {at:.2?}, {took:.2?} (setup {} ms, downtime {} ms, {} rounds)",
             report.setup_time_ms, report.downtime_ms, report.rounds
         );
     }
-    let mut times: Vec<Duration> = migrations.iter().map(|(_, t, _)| *t).collect();
+    let mut times: Vec<Duration> = migrations.iter().map(|(_, _, t, _)| *t).collect();
     times.sort();
-    let mut downtimes: Vec<u64> = migrations.iter().map(|(_, _, r)| r.downtime_ms).collect();
+    let mut downtimes: Vec<u64> = migrations
+        .iter()
+        .map(|(_, _, _, r)| r.downtime_ms)
+        .collect();
     downtimes.sort();
     eprintln!(
         "load: {} migrations in {} waves, {load_time:.1?}: each took {:.2?} median, {:.2?} max; \
@@ -789,6 +804,14 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             ms(latency.value_at_quantile(0.99)),
             ms(latency.max())
         );
+        let mut slow = log.slow.clone();
+        slow.sort_by(|a, b| b.1.cmp(&a.1));
+        for (at, took, id) in slow.iter().take(5) {
+            eprintln!(
+                "load: host {}: slow status {id} at {at:.2?}: {took:.1?}",
+                host.name
+            );
+        }
         eprintln!(
             "load: host {}: memory idle: {}\nload: host {}: peak: {}, {:.1} MiB RssAnon in \
              all\nload: host {}: end: {}",

@@ -68,12 +68,23 @@ pub async fn run(process: PartitionProcess) -> Result<(), PartitionProcessError>
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(RELEASE_PROBES_EVERY).await;
-            if releasing.release_idle_probes() {
+            // On the blocking pool: detaching the programs waits on the kernel for up to
+            // hundreds of milliseconds, which on an async worker stalled this partition's
+            // status answers (one load-test run's p99 went over 100 ms).
+            let releasing = releasing.clone();
+            let released = tokio::task::spawn_blocking(move || {
+                let released = releasing.release_idle_probes();
+                if released {
+                    // What they took (the parsed object, relocations, maps' buffers) went
+                    // back to the allocator's arenas; give it back to the kernel too.
+                    // SAFETY: malloc_trim only returns free memory of glibc's own arenas.
+                    unsafe { libc::malloc_trim(0) };
+                }
+                released
+            })
+            .await;
+            if matches!(released, Ok(true)) {
                 info!("unloaded the eBPF probes: nothing uses them");
-                // What they took (the parsed object, relocations, maps' buffers) went back
-                // to the allocator's arenas; give it back to the kernel too.
-                // SAFETY: malloc_trim only returns free memory of glibc's own arenas.
-                unsafe { libc::malloc_trim(0) };
             }
         }
     });

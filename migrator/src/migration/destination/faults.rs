@@ -44,7 +44,8 @@ impl ProbeSlot {
     /// Unloads the probes if nothing but the slot holds them (no profiler, no fault window),
     /// detaching their programs, which otherwise run on every page fault of the host. A
     /// failure to load is forgotten too, so the next use tries again. Returns whether
-    /// anything was released.
+    /// anything was released. It blocks while the kernel detaches the programs: call it
+    /// off the async workers.
     pub fn release_unused(&self) -> bool {
         let Ok(mut slot) = self.0.try_lock() else {
             return false;
@@ -55,7 +56,11 @@ impl ProbeSlot {
             None => false,
         };
         if unused {
-            *slot = None;
+            // Detached once the lock is let go: the detach waits on the kernel (tens to
+            // hundreds of milliseconds), and `get` must not see the slot locked meanwhile.
+            let released = slot.take();
+            drop(slot);
+            drop(released);
         }
         unused
     }
