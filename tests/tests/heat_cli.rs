@@ -371,15 +371,30 @@ fn heat_travels_with_the_guest_and_plans_the_way_back() {
     let pages = check_heat_shape(&warm, &moved);
     // The source's profile found more pages than one epoch of sampling can check.
     assert!(pages.len() as u64 > FRAMES / 8, "{} pages", pages.len());
-    let (back, _) = destination.migrate_checked(&source, &moved, &["--strategy", "heat"], "back");
+    // Back in post-copy, whose source hands the heat on after the finish has ended the
+    // session.
+    let (back, _) = destination.migrate_checked(
+        &source,
+        &moved,
+        &["--strategy", "heat", "--mode", "hybrid"],
+        "back",
+    );
     assert_eq!(back["plan_heat"], "carried", "{back}");
-    // Address order neither uses nor hands on heat.
+    assert_eq!(back["heat_carried"], true, "{back}");
     let home = back["id_on_destination"]
         .as_str()
         .expect("an id")
         .to_string();
+    let (out_again, _) =
+        source.migrate_checked(&destination, &home, &["--strategy", "heat"], "out again");
+    assert_eq!(out_again["plan_heat"], "carried", "{out_again}");
+    // Address order neither uses nor hands on heat.
+    let there_again = out_again["id_on_destination"]
+        .as_str()
+        .expect("an id")
+        .to_string();
     let (again, _) =
-        source.migrate_checked(&destination, &home, &["--strategy", "address"], "address");
+        destination.migrate_checked(&source, &there_again, &["--strategy", "address"], "address");
     assert!(again["plan_heat"].is_null(), "{again}");
     assert_eq!(again["heat_carried"], false, "{again}");
 }

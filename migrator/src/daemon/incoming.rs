@@ -176,9 +176,15 @@ impl Daemon {
     /// The heat the source's plan was made from, for the partition session `session_id`
     /// became here.
     pub(super) fn heat_incoming(&self, session_id: u64, heat: CarriedHeat) -> Result<(), ApiError> {
+        // A post-copy source hands the heat on after its finish, which ends the session.
         let id = self
             .registry
             .committed_id(session_id)
+            .or_else(|| {
+                self.finished
+                    .get(session_id)
+                    .and_then(|finished| finished.partition)
+            })
             .ok_or(ApiError::UnknownSession(session_id))?;
         let frames = self.registry.live(&id)?.memory().frames();
         self.carried_heat.insert(&id, frames, heat)
@@ -188,7 +194,13 @@ impl Daemon {
     pub(super) async fn finish_incoming(&self, session_id: u64) -> Result<FinishReply, ApiError> {
         let session = match self.registry.session(session_id) {
             Ok(session) => session,
-            Err(e) => return self.finished.get(session_id).ok_or(e),
+            Err(e) => {
+                return self
+                    .finished
+                    .get(session_id)
+                    .map(|finished| finished.reply)
+                    .ok_or(e);
+            }
         };
         let finishing = Arc::clone(&session);
         let finished = blocking("finish", move || finishing.finish()).await?;
@@ -197,10 +209,13 @@ impl Daemon {
         let finished = finished.map_err(|e| ApiError::Migration(error_chain(&e)))?;
         self.registry.remove_session(session_id);
         // Every page is in place: the move is over, and no late abort may undo it.
-        self.registry.take_committed(session_id);
+        let partition = self.registry.take_committed(session_id);
         self.finished.keep(
             session_id,
-            finished.clone(),
+            Finished {
+                reply: finished.clone(),
+                partition,
+            },
             std::time::Instant::now() + FINISH_KEPT,
         );
         Ok(finished)
@@ -296,4 +311,12 @@ impl Daemon {
             }
         });
     }
+}
+
+/// A session that finished, kept for its source to ask about again: its answer, and the
+/// partition it became here (for the heat the source hands on after the finish).
+#[derive(Clone)]
+pub(super) struct Finished {
+    pub reply: FinishReply,
+    pub partition: Option<String>,
 }

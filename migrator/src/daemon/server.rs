@@ -69,8 +69,9 @@ pub struct Daemon {
     /// Incoming migrations' fault windows, until their source asks for the figures.
     /// Fault windows of sessions, until their source asks for the figures.
     pub(super) fault_windows: Kept<WindowOrWhyNot>,
-    /// The answers of finished sessions, for a source whose `finish` answer was lost.
-    pub(super) finished: Kept<FinishReply>,
+    /// Finished sessions, for a source whose `finish` answer was lost and for the heat it
+    /// hands on afterwards.
+    pub(super) finished: Kept<super::incoming::Finished>,
     /// The shared heat profiler of each partition someone watches (dashboards, `page_heat`,
     /// `plan`): one per partition, since the probes count a vCPU thread for one target only.
     pub(super) profilers: Profilers,
