@@ -805,7 +805,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             ms(latency.max())
         );
         let mut slow = log.slow.clone();
-        slow.sort_by(|a, b| b.1.cmp(&a.1));
+        slow.sort_by_key(|call| std::cmp::Reverse(call.1));
         for (at, took, id) in slow.iter().take(5) {
             eprintln!(
                 "load: host {}: slow status {id} at {at:.2?}: {took:.1?}",
