@@ -914,32 +914,159 @@ fn precopy_summary(results: &[Results], scenarios: usize) {
     );
 }
 
-/// A plain TCP copy of `bytes` over loopback in 1 MiB writes; returns bytes per second. With
-/// `into_fresh_memory`, the receiver writes what it reads into a fresh memfd through `pwrite`,
-/// as a migration's receiver must: what placing a gigabyte in new memory costs on this host.
-fn plain_tcp_copy(bytes: u64, into_fresh_memory: bool) -> Result<f64> {
+/// Where the receiver of [`plain_tcp_copy`] puts what it reads.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    /// Nowhere: the copy alone.
+    Discard,
+    /// Into a fresh memfd through `pwrite`, as a migration's receiver does.
+    Pwrite,
+    /// Read straight into a fresh memfd's mapping, each MiB first populated in one call
+    /// (`MADV_POPULATE_WRITE`: the kernel allocates and zeroes the pages, no fault each).
+    PopulateThenRead,
+    /// Read straight into a fresh memfd's mapping, faulting each page in as it is written.
+    ReadIntoMapping,
+}
+
+impl Placement {
+    const ALL: [Placement; 4] = [
+        Placement::Discard,
+        Placement::Pwrite,
+        Placement::PopulateThenRead,
+        Placement::ReadIntoMapping,
+    ];
+
+    fn row(self) -> &'static str {
+        match self {
+            Placement::Discard => "plain TCP copy of 1 GiB in 1 MiB writes",
+            Placement::Pwrite => "plain TCP copy into fresh memory (`pwrite` into a new memfd)",
+            Placement::PopulateThenRead => {
+                "plain TCP copy into fresh memory (read into the memfd's mapping, each MiB populated first with `MADV_POPULATE_WRITE`)"
+            }
+            Placement::ReadIntoMapping => {
+                "plain TCP copy into fresh memory (read into the memfd's mapping, a fault per page)"
+            }
+        }
+    }
+}
+
+/// A fresh memfd of `bytes`, mapped shared; unmapped and closed on drop.
+struct FreshMapping {
+    _fd: std::os::fd::OwnedFd,
+    base: *mut u8,
+    bytes: usize,
+}
+
+impl FreshMapping {
+    fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: the name is a NUL-terminated literal; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"bench-fresh".as_ptr(), libc::MFD_CLOEXEC) };
+        anyhow::ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just opened and is owned from here on.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: a plain call on our own descriptor.
+        let sized = unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), bytes as _) };
+        anyhow::ensure!(sized == 0, "ftruncate: {}", std::io::Error::last_os_error());
+        // SAFETY: a new shared mapping of the whole memfd; checked, and unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        anyhow::ensure!(
+            base != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(Self {
+            _fd: fd,
+            base: base.cast(),
+            bytes,
+        })
+    }
+
+    /// The mapping from `at` to `end`, to read into: nothing else touches it.
+    fn window(&mut self, at: usize, end: usize) -> &mut [u8] {
+        assert!(at <= end && end <= self.bytes);
+        // SAFETY: in bounds (checked above), mapped for the mapping's life, and borrowed
+        // mutably from the only owner, so no other reference to it exists.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(at), end - at) }
+    }
+
+    fn populate(&self, at: usize, len: usize) -> Result<()> {
+        // SAFETY: advice on part of our own mapping (in bounds: the caller's chunks are).
+        let done =
+            unsafe { libc::madvise(self.base.add(at).cast(), len, libc::MADV_POPULATE_WRITE) };
+        anyhow::ensure!(done == 0, "madvise: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+}
+
+impl Drop for FreshMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer borrowed.
+        unsafe { libc::munmap(self.base.cast(), self.bytes) };
+    }
+}
+
+// SAFETY: the mapping is owned memory like a Vec's; it moves to the receiving thread whole.
+unsafe impl Send for FreshMapping {}
+
+/// A plain TCP copy of `bytes` over loopback in 1 MiB writes, the receiver placing what it
+/// reads as `placement` says; returns bytes per second. The fresh placements show what
+/// putting a gigabyte in new memory costs on this host, each way a receiver could.
+fn plain_tcp_copy(bytes: u64, placement: Placement) -> Result<f64> {
+    const CHUNK: usize = 1 << 20;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let memory = into_fresh_memory
+    let memory = (placement == Placement::Pwrite)
         .then(|| migrator::vmm::GuestMemory::new(bytes))
         .transpose()?;
+    let mut mapping = matches!(
+        placement,
+        Placement::PopulateThenRead | Placement::ReadIntoMapping
+    )
+    .then(|| FreshMapping::new(bytes as usize))
+    .transpose()?;
     let sink = thread::spawn(move || -> Result<u64> {
         let (mut stream, _) = listener.accept()?;
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut total = 0;
+        let mut buffer = vec![0u8; CHUNK];
+        let mut total = 0usize;
         loop {
-            let n = stream.read(&mut buffer)?;
+            let n = match &mut mapping {
+                Some(mapping) if total < mapping.bytes => {
+                    if total.is_multiple_of(CHUNK) && placement == Placement::PopulateThenRead {
+                        mapping.populate(total, CHUNK.min(mapping.bytes - total))?;
+                    }
+                    let end = ((total / CHUNK + 1) * CHUNK).min(mapping.bytes);
+                    stream.read(mapping.window(total, end))?
+                }
+                _ => {
+                    let n = stream.read(&mut buffer)?;
+                    if let Some(memory) = &memory
+                        && n > 0
+                    {
+                        memory.write_through_fd(
+                            migrator::vmm::GuestAddress(total as u64),
+                            &buffer[..n],
+                        )?;
+                    }
+                    n
+                }
+            };
             if n == 0 {
-                return Ok(total);
+                return Ok(total as u64);
             }
-            if let Some(memory) = &memory {
-                memory.write_through_fd(migrator::vmm::GuestAddress(total), &buffer[..n])?;
-            }
-            total += n as u64;
+            total += n;
         }
     });
     let mut stream = TcpStream::connect(addr)?;
-    let chunk = vec![0x5au8; 1 << 20];
+    let chunk = vec![0x5au8; CHUNK];
     let start = Instant::now();
     let mut sent = 0;
     while sent < bytes {
@@ -1061,18 +1188,19 @@ fn tls_cost(runs: usize) -> Result<()> {
 }
 
 /// Loopback, no limit: the page stream's round-0 rate over 1, 2 and 4 data connections
-/// against a plain TCP copy and a plain copy into fresh memory, in the same run,
-/// interleaved, `runs` each.
+/// against a plain TCP copy and plain copies into fresh memory (each [`Placement`]), in
+/// the same run, interleaved, `runs` each.
 fn loopback(runs: usize) -> Result<()> {
     let a = Daemon::try_start(DaemonConfig::default())?;
     let b = Daemon::try_start(DaemonConfig::default())?;
     const WIDTHS: [u32; 3] = [1, 2, 4];
-    let (mut copy, mut copy_fresh) = (Vec::new(), Vec::new());
+    let mut copies: Vec<Vec<f64>> = vec![Vec::new(); Placement::ALL.len()];
     let mut streams: Vec<Vec<f64>> = vec![Vec::new(); WIDTHS.len()];
     let mut whole = vec![0; WIDTHS.len()];
     for _ in 0..runs {
-        copy.push(plain_tcp_copy(1 << 30, false)? * 8.0 / 1e6);
-        copy_fresh.push(plain_tcp_copy(1 << 30, true)? * 8.0 / 1e6);
+        for (placement, rates) in Placement::ALL.iter().zip(&mut copies) {
+            rates.push(plain_tcp_copy(1 << 30, *placement)? * 8.0 / 1e6);
+        }
         for (i, width) in WIDTHS.iter().enumerate() {
             let width = width.to_string();
             let report = one_migration(
@@ -1089,7 +1217,7 @@ fn loopback(runs: usize) -> Result<()> {
             streams[i].push(report["round0_mbps"].as_f64().unwrap_or(0.0));
         }
     }
-    let copy_median = median(copy.clone());
+    let copy_median = median(copies[0].clone());
     let shown = |values: &[f64]| {
         Spread::of(values.to_vec()).map_or("-".into(), |s| {
             format!("{:.0} ({:.0}-{:.0})", s.median, s.min, s.max)
@@ -1101,15 +1229,14 @@ fn loopback(runs: usize) -> Result<()> {
     );
     println!("| figure | completed, digests equal | Mbit/s | / plain copy |");
     println!("|---|---|---|---|");
-    println!(
-        "| plain TCP copy of 1 GiB in 1 MiB writes | - | {} | 1.00x |",
-        shown(&copy)
-    );
-    println!(
-        "| plain TCP copy into fresh memory (`pwrite` into a new memfd) | - | {} | {:.2}x |",
-        shown(&copy_fresh),
-        median(copy_fresh.clone()) / copy_median
-    );
+    for (placement, rates) in Placement::ALL.iter().zip(&copies) {
+        println!(
+            "| {} | - | {} | {:.2}x |",
+            placement.row(),
+            shown(rates),
+            median(rates.clone()) / copy_median
+        );
+    }
     for (i, width) in WIDTHS.iter().enumerate() {
         println!(
             "| migration round 0, `--connections {width}` | {}/{runs} | {} | {:.2}x |",
