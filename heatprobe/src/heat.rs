@@ -161,6 +161,11 @@ impl HeatMap {
         self.epochs
     }
 
+    /// Page `page`'s heat now (0 if never touched).
+    pub fn heat_of(&self, page: u64) -> f64 {
+        self.pages.get(&page).map_or(0.0, |state| state.heat)
+    }
+
     /// Number of pages touched so far.
     pub fn len(&self) -> usize {
         self.pages.len()

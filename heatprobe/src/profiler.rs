@@ -11,6 +11,14 @@
 //! re-arming only by the order of the faults. [`Credit::ArmedLastEpoch`] counts what DAMON's
 //! accessed-bit check does instead: whether each frame re-armed at the end of one epoch was
 //! touched during the next, an access within one epoch of re-arming.
+//!
+//! A single check cannot tell a frame in use all the time from one touched once by chance
+//! in that epoch. So, with that credit, the frames found touched are checked again at once,
+//! hottest first, up to `recheck_fraction` of the guest's frames an epoch: a frame in
+//! constant use is found touched epoch after epoch and its heat grows, while one touched by
+//! chance is rarely touched in the next epoch too and keeps the heat of one touch. This is
+//! the idea behind DAMON's adaptive regions (more samples where the accesses are), at the
+//! grain of frames.
 
 use std::{
     collections::BTreeMap,
@@ -60,6 +68,8 @@ pub enum ProfilerError {
     NoSuchProcess(u32),
     #[error("the sample fraction must be in (0, 1], got {0}")]
     SampleFraction(f64),
+    #[error("the recheck fraction must be in [0, 1], got {0}")]
+    RecheckFraction(f64),
     #[error("the epoch interval must be at least 1 ms")]
     Interval,
     #[error(transparent)]
@@ -111,6 +121,11 @@ pub struct ProfilerConfig {
     pub heat: HeatConfig,
     /// Fraction of guest frames re-armed per epoch when there is a sampler, in (0, 1].
     pub sample_fraction: f64,
+    /// With [`Credit::ArmedLastEpoch`]: at most this fraction of the guest's frames, among
+    /// those found touched in an epoch, re-armed again for the next, hottest first, in
+    /// [0, 1]; 0 checks each frame only when the slice comes round.
+    #[serde(default)]
+    pub recheck_fraction: f64,
 }
 
 impl Default for ProfilerConfig {
@@ -119,6 +134,7 @@ impl Default for ProfilerConfig {
             interval: Duration::from_millis(200),
             heat: HeatConfig::default(),
             sample_fraction: 0.25,
+            recheck_fraction: 0.0,
         }
     }
 }
@@ -152,6 +168,9 @@ impl Profiler {
         }
         if !(config.sample_fraction > 0.0 && config.sample_fraction <= 1.0) {
             return Err(ProfilerError::SampleFraction(config.sample_fraction));
+        }
+        if !(0.0..=1.0).contains(&config.recheck_fraction) {
+            return Err(ProfilerError::RecheckFraction(config.recheck_fraction));
         }
         let heat = HeatMap::new(config.heat)?;
         let pid = target.pid();
@@ -240,22 +259,27 @@ impl Profiler {
         }
         let counts = self.probes.counts(self.id)?;
         let mut epoch = counts_since(&counts, &self.last_counts);
-        let armed = std::mem::take(&mut self.armed);
+        let mut armed = std::mem::take(&mut self.armed);
+        let mut touched = Vec::new();
         if self.credit == Credit::ArmedLastEpoch {
+            armed.sort_by_key(|range| range.start);
             epoch = touched_within(epoch, &armed);
             for (page, c) in &epoch {
                 let total = self.credited.entry(*page).or_default();
                 total.reads += c.reads;
                 total.writes += c.writes;
             }
+            touched = epoch.iter().map(|(page, _)| *page).collect();
         }
         self.heat.record_epoch(epoch);
         self.last_counts = counts;
-        self.rearm_next_sample()?;
+        self.rearm_next_sample(touched)?;
         Ok(())
     }
 
-    fn rearm_next_sample(&mut self) -> Result<(), ProfilerError> {
+    /// Re-arms the next slice of frames, and of `touched` (the frames found touched in the
+    /// epoch just ended) the hottest that fit the recheck budget and are not in the slice.
+    fn rearm_next_sample(&mut self, mut touched: Vec<u64>) -> Result<(), ProfilerError> {
         let Some(sampler) = self.sampler.as_mut() else {
             return Ok(());
         };
@@ -267,7 +291,10 @@ impl Profiler {
         let start = self.sample_cursor % frames;
         let first = start..(start + wanted).min(frames);
         let wrapped = 0..wanted - (first.end - first.start);
-        for range in [first, wrapped] {
+        let budget = (frames as f64 * self.config.recheck_fraction).floor() as usize;
+        touched.retain(|page| *page < frames && !first.contains(page) && !wrapped.contains(page));
+        let rechecks = hottest_ranges(touched, budget, &self.heat);
+        for range in [first, wrapped].into_iter().chain(rechecks) {
             if !range.is_empty() {
                 sampler.rearm_writes(range.clone())?;
                 sampler.rearm_accesses(range.clone())?;
@@ -311,10 +338,28 @@ impl Drop for Profiler {
 }
 
 /// The pages of one epoch's counts that were touched and lie in one of `armed`.
+/// Of `pages`, the `budget` hottest by `heat`, as sorted ranges of neighbouring pages.
+fn hottest_ranges(mut pages: Vec<u64>, budget: usize, heat: &HeatMap) -> Vec<Range<u64>> {
+    if pages.len() > budget {
+        pages.select_nth_unstable_by(budget, |a, b| heat.heat_of(*b).total_cmp(&heat.heat_of(*a)));
+        pages.truncate(budget);
+    }
+    pages.sort_unstable();
+    pages
+        .chunk_by(|a, b| a + 1 == *b)
+        .filter_map(|run| Some(*run.first()?..*run.last()? + 1))
+        .collect()
+}
+
+/// The touched pages of `epoch` inside `armed`: disjoint ranges, sorted by start.
 fn touched_within(epoch: Vec<(u64, PageCounts)>, armed: &[Range<u64>]) -> Vec<(u64, PageCounts)> {
+    let armed_at = |page: u64| {
+        let after = armed.partition_point(|range| range.start <= page);
+        after > 0 && armed[after - 1].contains(&page)
+    };
     epoch
         .into_iter()
-        .filter(|(page, c)| (c.reads, c.writes) != (0, 0) && armed.iter().any(|r| r.contains(page)))
+        .filter(|(page, c)| (c.reads, c.writes) != (0, 0) && armed_at(*page))
         .collect()
 }
 
@@ -354,12 +399,39 @@ mod tests {
             (20, counts(1, 1)),
             (41, counts(0, 1)),
         ];
-        // A wrapped slice: its end of memory and its start.
-        let armed = [8..12, 0..5];
+        // A wrapped slice (its start of memory and its end), sorted by start.
+        let armed = [0..5, 8..12];
         assert_eq!(
             touched_within(epoch.clone(), &armed),
             vec![(3, counts(1, 0)), (9, counts(0, 1)), (10, counts(2, 1))]
         );
         assert!(touched_within(epoch, &[]).is_empty());
+    }
+
+    #[test]
+    fn rechecks_take_the_hottest_touched_pages_within_the_budget() {
+        let mut heat = HeatMap::new(HeatConfig::default()).unwrap();
+        heat.record_epoch([
+            (7, counts(5, 0)),
+            (8, counts(4, 0)),
+            (2, counts(1, 0)),
+            (30, counts(3, 0)),
+            (9, counts(0, 2)),
+        ]);
+        let touched = vec![2, 7, 8, 9, 30];
+        assert_eq!(
+            hottest_ranges(touched.clone(), 3, &heat),
+            vec![7..9, 30..31]
+        );
+        assert_eq!(
+            hottest_ranges(touched.clone(), 4, &heat),
+            vec![7..10, 30..31]
+        );
+        assert_eq!(
+            hottest_ranges(touched.clone(), 10, &heat),
+            vec![2..3, 7..10, 30..31]
+        );
+        assert!(hottest_ranges(touched, 0, &heat).is_empty());
+        assert!(hottest_ranges(Vec::new(), 4, &heat).is_empty());
     }
 }

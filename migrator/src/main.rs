@@ -12,7 +12,7 @@ use migrator::{
         api::MigrateRequest,
         client::{Connection, context_with},
         heat_report,
-        heat_sampling::{HeatSampling, parse_fraction},
+        heat_sampling::{HeatSampling, parse_fraction, parse_recheck_fraction},
         server::{Limits, serve},
     },
     migration::{
@@ -102,6 +102,12 @@ enum Command {
         /// is re-armed once per epoch / fraction.
         #[arg(long, default_value = "1/8", value_parser = parse_fraction)]
         heat_sample_fraction: f64,
+        /// At most this fraction of the guest frames, among those found touched in a heat
+        /// epoch, re-armed again for the next, hottest first (0 to 1, as 1/32): a frame in
+        /// constant use is then told from one touched once by chance, at the cost of a fault
+        /// and a re-arm each. Off by default: see docs/BENCHMARKS.md for what it costs.
+        #[arg(long, default_value = "0", value_parser = parse_recheck_fraction)]
+        heat_recheck_fraction: f64,
         /// Where the partition processes' sockets, records and logs are kept (default:
         /// /run/migrator/IP-PORT as root, else $XDG_RUNTIME_DIR/migrator/IP-PORT). A daemon
         /// started on a directory adopts the partitions its predecessor left running there.
@@ -129,6 +135,8 @@ enum Command {
         heat_epoch: Duration,
         #[arg(long, value_parser = parse_fraction)]
         heat_sample_fraction: f64,
+        #[arg(long, value_parser = parse_recheck_fraction)]
+        heat_recheck_fraction: f64,
     },
     /// Create and start a partition.
     Launch {
@@ -359,6 +367,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             peer_timeout,
             heat_epoch,
             heat_sample_fraction,
+            heat_recheck_fraction,
             runtime_dir,
             on_exit,
         } => {
@@ -370,7 +379,8 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             let process = ProcessConfig {
                 listen,
                 peer_timeout,
-                sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?,
+                sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?
+                    .with_recheck(heat_recheck_fraction)?,
                 tls,
             };
             run_daemon(process, limits, security, runtime_dir, on_exit).await
@@ -383,13 +393,15 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             peer_timeout,
             heat_epoch,
             heat_sample_fraction,
+            heat_recheck_fraction,
         } => Ok(partition_process::run(PartitionProcess {
             runtime_dir,
             id,
             session,
             listen,
             peer_timeout,
-            sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?,
+            sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?
+                .with_recheck(heat_recheck_fraction)?,
             security,
         })
         .await?),

@@ -412,6 +412,8 @@ fn the_daemon_samples_as_its_options_say() {
         (["--heat-sample-fraction", "most"], "(0, 1]"),
         (["--heat-epoch", "5ms"], "between 10 ms and 1 s"),
         (["--heat-epoch", "2s"], "between 10 ms and 1 s"),
+        (["--heat-recheck-fraction", "3/2"], "[0, 1]"),
+        (["--heat-recheck-fraction", "2"], "[0, 1]"),
     ] {
         let output = heatprobe_tests::daemon::migrator_command(None, None)
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -426,7 +428,14 @@ fn the_daemon_samples_as_its_options_say() {
         let errors = stderr.lines().filter(|l| l.contains("error")).count();
         assert_eq!(errors, 1, "one error: {stderr}");
     }
-    let daemon = Daemon::start_with(&["--heat-epoch", "100ms", "--heat-sample-fraction", "1/4"]);
+    let daemon = Daemon::start_with(&[
+        "--heat-epoch",
+        "100ms",
+        "--heat-sample-fraction",
+        "1/4",
+        "--heat-recheck-fraction",
+        "1/16",
+    ]);
     let id = launch_hotspot(&daemon);
     // 100 ms is a window now, and 1 s is ten epochs of it.
     let short = daemon.json(&["heat", &id, "--duration", "100ms"]);

@@ -23,6 +23,13 @@ use thiserror::Error;
 pub const EPOCH: Duration = Duration::from_millis(200);
 /// Default fraction of frames re-armed per epoch (see [`EPOCH`] for why).
 pub const SAMPLE_FRACTION: f64 = 0.125;
+/// Default most frames, as a fraction of the guest's, that an epoch re-checks among those
+/// found touched in the epoch before (`heatprobe::profiler::ProfilerConfig::recheck_fraction`):
+/// none. Measured (docs/BENCHMARKS.md, "rechecks"), 1/32 found a scattered hot region at 100%
+/// in 2 s instead of 48%, but each re-armed run of frames is one `madvise` and one MMU
+/// notifier round in KVM, some 30 µs here, and the re-checks of a flat-out guest's scattered
+/// hot frames took its slowdown from 7% to 41%.
+pub const RECHECK_FRACTION: f64 = 0.0;
 /// The shortest epoch accepted: each epoch reads the probes' counts map (about a millisecond
 /// for a few tens of thousands of pages), so a shorter one would be mostly overhead.
 pub const MIN_EPOCH: Duration = Duration::from_millis(10);
@@ -40,6 +47,8 @@ pub enum SamplingError {
     Epoch(Duration),
     #[error("the heat sample fraction must be in (0, 1], as 0.125 or 1/8, got `{0}`")]
     Fraction(String),
+    #[error("the heat recheck fraction must be in [0, 1], as 0.03125 or 1/32, got `{0}`")]
+    RecheckFraction(String),
 }
 
 /// The shared profilers' sampling, checked.
@@ -47,6 +56,7 @@ pub enum SamplingError {
 pub struct HeatSampling {
     epoch: Duration,
     fraction: f64,
+    recheck_fraction: f64,
 }
 
 impl Default for HeatSampling {
@@ -54,6 +64,7 @@ impl Default for HeatSampling {
         Self {
             epoch: EPOCH,
             fraction: SAMPLE_FRACTION,
+            recheck_fraction: RECHECK_FRACTION,
         }
     }
 }
@@ -67,7 +78,27 @@ impl HeatSampling {
         if !(fraction > 0.0 && fraction <= 1.0) {
             return Err(SamplingError::Fraction(fraction.to_string()));
         }
-        Ok(Self { epoch, fraction })
+        Ok(Self {
+            epoch,
+            fraction,
+            recheck_fraction: RECHECK_FRACTION,
+        })
+    }
+
+    /// The same sampling with at most `recheck_fraction` of the frames re-checked each
+    /// epoch; refuses one outside [0, 1].
+    pub fn with_recheck(self, recheck_fraction: f64) -> Result<Self, SamplingError> {
+        if !(0.0..=1.0).contains(&recheck_fraction) {
+            return Err(SamplingError::RecheckFraction(recheck_fraction.to_string()));
+        }
+        Ok(Self {
+            recheck_fraction,
+            ..self
+        })
+    }
+
+    pub fn recheck_fraction(&self) -> f64 {
+        self.recheck_fraction
     }
 
     pub fn epoch(&self) -> Duration {
@@ -86,6 +117,14 @@ pub fn parse_fraction(text: &str) -> Result<f64, SamplingError> {
         // NaN fails this too.
         Some(value) if value > 0.0 && value <= 1.0 => Ok(value),
         _ => Err(SamplingError::Fraction(text.to_string())),
+    }
+}
+
+/// A recheck fraction: as [`parse_fraction`], 0 included.
+pub fn parse_recheck_fraction(text: &str) -> Result<f64, SamplingError> {
+    match migrator_guest::args::ratio(text) {
+        Some(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(SamplingError::RecheckFraction(text.to_string())),
     }
 }
 
@@ -131,5 +170,21 @@ mod tests {
         }
         assert_eq!(HeatSampling::default().epoch(), EPOCH);
         assert_eq!(HeatSampling::default().fraction(), SAMPLE_FRACTION);
+        assert_eq!(HeatSampling::default().recheck_fraction(), RECHECK_FRACTION);
+    }
+
+    #[test]
+    fn recheck_fractions_are_zero_to_one() {
+        assert_eq!(parse_recheck_fraction("0"), Ok(0.0));
+        assert_eq!(parse_recheck_fraction("1/32"), Ok(1.0 / 32.0));
+        for bad in ["-1/4", "3/2", "x", "", "nan", "1/0"] {
+            let error = parse_recheck_fraction(bad).expect_err(bad);
+            assert!(error.to_string().contains("[0, 1]"), "{bad}: {error}");
+        }
+        let sampling = HeatSampling::default();
+        assert_eq!(sampling.with_recheck(0.0).unwrap().recheck_fraction(), 0.0);
+        for bad in [-0.1, 1.1, f64::NAN] {
+            assert!(sampling.with_recheck(bad).is_err(), "{bad} accepted");
+        }
     }
 }

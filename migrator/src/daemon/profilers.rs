@@ -360,6 +360,7 @@ impl Profilers {
             ProfilerConfig {
                 interval: self.sampling.epoch(),
                 sample_fraction: self.sampling.fraction(),
+                recheck_fraction: self.sampling.recheck_fraction(),
                 ..ProfilerConfig::default()
             },
             Sampling::ReadsAndWrites,

@@ -185,6 +185,8 @@ pub async fn start(
         .arg(humantime::format_duration(config.sampling.epoch()).to_string())
         .arg("--heat-sample-fraction")
         .arg(config.sampling.fraction().to_string())
+        .arg("--heat-recheck-fraction")
+        .arg(config.sampling.recheck_fraction().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -1,6 +1,7 @@
-//! `cargo xtask bench heat [RUNS] [--only SUBSTRING]... [--samplings MS:F,MS:F,...]
+//! `cargo xtask bench heat [RUNS] [--only SUBSTRING]... [--samplings MS:F[:R],...]
 //! [--pairs N] [--no-recall] [--no-slowdown]`: how well the daemon's heat finds a guest's hot
-//! set, and what profiling costs the guest, for each sampling (epoch in ms : fraction).
+//! set, and what profiling costs the guest, for each sampling (epoch in ms : fraction, and
+//! optionally the recheck fraction, `--heat-recheck-fraction`).
 //!
 //! Every sampling configuration (an epoch and a fraction of frames re-armed per epoch) is a
 //! daemon of its own, `migrator serve --heat-epoch E --heat-sample-fraction F`, started for the
@@ -133,20 +134,30 @@ struct Sampling {
     epoch_ms: u64,
     /// As written (`1/8`), for the daemon and the tables.
     fraction: String,
+    /// `--heat-recheck-fraction`, as written; the daemon's default if not given.
+    recheck: Option<String>,
 }
 
 impl Sampling {
     fn label(&self) -> String {
-        format!("{} ms, {}", self.epoch_ms, self.fraction)
+        match &self.recheck {
+            Some(recheck) => format!("{} ms, {}, recheck {recheck}", self.epoch_ms, self.fraction),
+            None => format!("{} ms, {}", self.epoch_ms, self.fraction),
+        }
     }
 
     fn daemon(&self) -> Result<Daemon> {
-        Daemon::try_start(DaemonConfig::default().args(&[
+        let epoch = format!("{}ms", self.epoch_ms);
+        let mut args = vec![
             "--heat-epoch",
-            &format!("{}ms", self.epoch_ms),
+            &epoch,
             "--heat-sample-fraction",
             &self.fraction,
-        ]))
+        ];
+        if let Some(recheck) = &self.recheck {
+            args.extend(["--heat-recheck-fraction", recheck]);
+        }
+        Daemon::try_start(DaemonConfig::default().args(&args))
     }
 }
 
@@ -380,18 +391,22 @@ struct Options {
 }
 
 const USAGE: &str = "usage: cargo xtask bench heat [RUNS] [--only SUBSTRING]... \
-                     [--samplings MS:F,MS:F,...] [--pairs N] [--no-recall] [--no-slowdown]";
+                     [--samplings MS:F[:R],...] [--pairs N] [--no-recall] [--no-slowdown]";
 
-/// `200:1/8` as a sampling.
+/// `200:1/8` or `200:1/8:1/32` as a sampling.
 fn sampling(text: &str) -> Result<Sampling> {
-    let (epoch, fraction) = text
-        .split_once(':')
-        .with_context(|| format!("a sampling is EPOCH_MS:FRACTION, got {text}\n{USAGE}"))?;
+    let mut parts = text.split(':');
+    let (Some(epoch), Some(fraction), recheck, None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        bail!("a sampling is EPOCH_MS:FRACTION[:RECHECK], got {text}\n{USAGE}");
+    };
     Ok(Sampling {
         epoch_ms: epoch
             .parse()
             .with_context(|| format!("not milliseconds: {epoch}\n{USAGE}"))?,
         fraction: fraction.to_string(),
+        recheck: recheck.map(str::to_string),
     })
 }
 
@@ -403,6 +418,7 @@ fn options(args: &[String]) -> Result<Options> {
         .map(|&(epoch_ms, fraction)| Sampling {
             epoch_ms,
             fraction: fraction.to_string(),
+            recheck: None,
         })
         .collect();
     let (mut recall, mut slowdown) = (true, true);
