@@ -85,6 +85,10 @@ impl ChunkKey {
 pub struct ChunkCounts {
     pub reads: [u32; PAGES_PER_CHUNK],
     pub writes: [u32; PAGES_PER_CHUNK],
+    /// When each page last faulted (`bpf_ktime_get_ns`: CLOCK_MONOTONIC), 0 if never. A
+    /// page faults once after each re-arming, so after a re-arm this is when it was first
+    /// touched again: how soon tells how often it is used. Offset 512, 8-aligned.
+    pub last_fault_ns: [u64; PAGES_PER_CHUNK],
 }
 
 impl Default for ChunkCounts {
@@ -92,6 +96,7 @@ impl Default for ChunkCounts {
         Self {
             reads: [0; PAGES_PER_CHUNK],
             writes: [0; PAGES_PER_CHUNK],
+            last_fault_ns: [0; PAGES_PER_CHUNK],
         }
     }
 }

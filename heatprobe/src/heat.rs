@@ -178,19 +178,34 @@ impl HeatMap {
     /// Ends an epoch: decays every page, then adds the faults counted in this epoch.
     /// A page listed twice has both counts added.
     pub fn record_epoch(&mut self, deltas: impl IntoIterator<Item = (u64, PageCounts)>) {
+        self.record_weighted_epoch(
+            deltas
+                .into_iter()
+                .map(|(page, delta)| (page, delta, (delta.reads + delta.writes) as f64)),
+        );
+    }
+
+    /// As [`HeatMap::record_epoch`], each page's heat growing by its `weight` rather than by
+    /// its count of faults (a check's worth as the profiler judged it).
+    pub fn record_weighted_epoch(
+        &mut self,
+        deltas: impl IntoIterator<Item = (u64, PageCounts, f64)>,
+    ) {
         let epoch = self.epochs;
         self.epochs += 1;
         for state in self.pages.values_mut() {
             state.heat *= self.config.decay;
         }
-        for (page, delta) in deltas {
+        for (page, delta, weight) in deltas {
             if delta.reads == 0 && delta.writes == 0 {
                 continue;
             }
             let state = self.pages.entry(page).or_default();
             state.totals.reads = state.totals.reads.saturating_add(delta.reads);
             state.totals.writes = state.totals.writes.saturating_add(delta.writes);
-            state.heat += (delta.reads + delta.writes) as f64;
+            if weight.is_finite() && weight > 0.0 {
+                state.heat += weight;
+            }
             if delta.writes > 0 {
                 state.last_write_epoch = Some(epoch);
             }

@@ -19,6 +19,15 @@
 //! chance is rarely touched in the next epoch too and keeps the heat of one touch. This is
 //! the idea behind DAMON's adaptive regions (more samples where the accesses are), at the
 //! grain of frames.
+//!
+//! A check is worth more than one bit, too: the probes time each fault, and a frame faults
+//! once after its re-arming, so the time from the re-arming to that fault is how long the
+//! guest left the frame alone. For a frame used at a steady rate that wait is exponential
+//! with the rate as its parameter, so its logarithm estimates the log of the rate with the
+//! same spread whatever the rate. With that credit each check weighs `1 + ln(epoch / wait)`
+//! ([`touch_weight`]), 1 for a touch at the epoch's end and up to about 8 for one at once,
+//! instead of 1 for any touch: a frame used thousands of times a second is told from one
+//! used a few times in one check.
 
 use std::{
     collections::BTreeMap,
@@ -154,6 +163,11 @@ pub struct Profiler {
     armed: Vec<Range<u64>>,
     /// With [`Credit::ArmedLastEpoch`], the counted faults over the whole run.
     credited: BTreeMap<u64, PageCounts>,
+    /// With [`Credit::ArmedLastEpoch`], the checks' weights ([`touch_weight`]) summed over the
+    /// whole run.
+    credited_weight: BTreeMap<u64, f64>,
+    /// When the frames of `armed` were re-armed ([`crate::probes::monotonic_ns`]).
+    armed_at_ns: u64,
 }
 
 impl Profiler {
@@ -200,6 +214,8 @@ impl Profiler {
             credit: Credit::Every,
             armed: Vec::new(),
             credited: BTreeMap::new(),
+            credited_weight: BTreeMap::new(),
+            armed_at_ns: 0,
         })
     }
 
@@ -239,6 +255,12 @@ impl Profiler {
         }
     }
 
+    /// With [`Credit::ArmedLastEpoch`], each credited page's checks' weights summed over the
+    /// whole run ([`touch_weight`]); empty otherwise.
+    pub fn weights(&self) -> &BTreeMap<u64, f64> {
+        &self.credited_weight
+    }
+
     /// Whether the target process still exists.
     pub fn target_alive(&self) -> bool {
         process_exists(self.target.pid())
@@ -257,21 +279,36 @@ impl Profiler {
                 self.probes.add_vcpu(self.id, tid)?;
             }
         }
-        let counts = self.probes.counts(self.id)?;
-        let mut epoch = counts_since(&counts, &self.last_counts);
+        let (counts, last_faults) = match self.credit {
+            Credit::Every => (self.probes.counts(self.id)?, BTreeMap::new()),
+            Credit::ArmedLastEpoch => self.probes.counts_and_last_faults(self.id)?,
+        };
+        let epoch = counts_since(&counts, &self.last_counts);
         let mut armed = std::mem::take(&mut self.armed);
         let mut touched = Vec::new();
         if self.credit == Credit::ArmedLastEpoch {
             armed.sort_by_key(|range| range.start);
-            epoch = touched_within(epoch, &armed);
-            for (page, c) in &epoch {
+            let epoch_ns = self.config.interval.as_nanos() as u64;
+            let weighted: Vec<(u64, PageCounts, f64)> = touched_within(epoch, &armed)
+                .into_iter()
+                .map(|(page, c)| {
+                    let wait = last_faults
+                        .get(&page)
+                        .and_then(|at| at.checked_sub(self.armed_at_ns));
+                    (page, c, touch_weight(wait, epoch_ns))
+                })
+                .collect();
+            for (page, c, weight) in &weighted {
                 let total = self.credited.entry(*page).or_default();
                 total.reads += c.reads;
                 total.writes += c.writes;
+                *self.credited_weight.entry(*page).or_default() += weight;
             }
-            touched = epoch.iter().map(|(page, _)| *page).collect();
+            touched = weighted.iter().map(|(page, _, _)| *page).collect();
+            self.heat.record_weighted_epoch(weighted);
+        } else {
+            self.heat.record_epoch(epoch);
         }
-        self.heat.record_epoch(epoch);
         self.last_counts = counts;
         self.rearm_next_sample(touched)?;
         Ok(())
@@ -294,6 +331,9 @@ impl Profiler {
         let budget = (frames as f64 * self.config.recheck_fraction).floor() as usize;
         touched.retain(|page| *page < frames && !first.contains(page) && !wrapped.contains(page));
         let rechecks = hottest_ranges(touched, budget, &self.heat);
+        // Before the re-arming: a frame the guest touches while the call still runs has
+        // waited at most this long.
+        self.armed_at_ns = crate::probes::monotonic_ns();
         for range in [first, wrapped].into_iter().chain(rechecks) {
             if !range.is_empty() {
                 sampler.rearm_writes(range.clone())?;
@@ -338,6 +378,19 @@ impl Drop for Profiler {
 }
 
 /// The pages of one epoch's counts that were touched and lie in one of `armed`.
+/// What one check of a frame is worth, given how long after its re-arming the guest first
+/// touched it (`wait_ns`, if the probes timed it) in an epoch of `epoch_ns`: `1 + ln(epoch /
+/// wait)`, the wait taken between a 1024th of the epoch and the whole epoch, so from 1 (a
+/// touch at the epoch's end, or an untimed one) to about 7.9.
+pub fn touch_weight(wait_ns: Option<u64>, epoch_ns: u64) -> f64 {
+    let Some(wait) = wait_ns else {
+        return 1.0;
+    };
+    let epoch = epoch_ns.max(1);
+    let wait = wait.clamp((epoch / 1024).max(1), epoch);
+    1.0 + (epoch as f64 / wait as f64).ln()
+}
+
 /// Of `pages`, the `budget` hottest by `heat`, as sorted ranges of neighbouring pages.
 fn hottest_ranges(mut pages: Vec<u64>, budget: usize, heat: &HeatMap) -> Vec<Range<u64>> {
     if pages.len() > budget {
@@ -406,6 +459,21 @@ mod tests {
             vec![(3, counts(1, 0)), (9, counts(0, 1)), (10, counts(2, 1))]
         );
         assert!(touched_within(epoch, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_sooner_touch_weighs_more_within_bounds() {
+        let epoch = 200_000_000;
+        assert_eq!(touch_weight(None, epoch), 1.0);
+        assert_eq!(touch_weight(Some(epoch), epoch), 1.0);
+        assert_eq!(touch_weight(Some(10 * epoch), epoch), 1.0);
+        let at_once = 1.0 + 1024f64.ln();
+        assert!((touch_weight(Some(0), epoch) - at_once).abs() < 1e-5);
+        assert!((touch_weight(Some(1), epoch) - at_once).abs() < 1e-5);
+        let tenth = touch_weight(Some(epoch / 10), epoch);
+        assert!((tenth - (1.0 + 10f64.ln())).abs() < 1e-9, "{tenth}");
+        assert!(touch_weight(Some(epoch / 100), epoch) > tenth);
+        assert_eq!(touch_weight(Some(5), 0), 1.0);
     }
 
     #[test]

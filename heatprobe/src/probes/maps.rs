@@ -14,7 +14,9 @@ use aya::{
 };
 use heatprobe_ebpf::{ChunkCounts, ChunkKey, PAGES_PER_CHUNK, Stat, map_names};
 
-use super::{PROCESS_EVENT, PageCounts, ProbeError, ProbeStats, Probes, TargetId, VM_EVENT};
+use super::{
+    LastFaults, PROCESS_EVENT, PageCounts, ProbeError, ProbeStats, Probes, TargetId, VM_EVENT,
+};
 
 /// The loaded object and what userspace knows of its targets (behind the [`Probes`] lock).
 pub(super) struct Loaded {
@@ -89,12 +91,23 @@ impl Probes {
 
     /// Cumulative fault counts of every page `target` has touched since it was tracked.
     pub fn counts(&self, target: TargetId) -> Result<BTreeMap<u64, PageCounts>, ProbeError> {
+        Ok(self.counts_and_last_faults(target)?.0)
+    }
+
+    /// As [`Probes::counts`], with when each counted page last faulted (CLOCK_MONOTONIC
+    /// nanoseconds, as [`monotonic_ns`](super::monotonic_ns) reads it; 0 if the kernel has no
+    /// time for it).
+    pub fn counts_and_last_faults(
+        &self,
+        target: TargetId,
+    ) -> Result<(BTreeMap<u64, PageCounts>, LastFaults), ProbeError> {
         let mut loaded = self.lock();
         if let Some(logger) = loaded.logger.as_mut() {
             logger.flush();
         }
         let counts = loaded.counts_map()?;
         let mut pages = BTreeMap::new();
+        let mut last_faults = BTreeMap::new();
         for entry in counts.iter() {
             let (key, chunk) = entry.map_err(|source| ProbeError::Map {
                 map: map_names::PAGE_COUNTS,
@@ -113,10 +126,11 @@ impl Probes {
                             writes: writes.into(),
                         },
                     );
+                    last_faults.insert(key.page(slot), chunk.last_fault_ns[slot]);
                 }
             }
         }
-        Ok(pages)
+        Ok((pages, last_faults))
     }
 
     /// Number of entries (64-page chunks) in the counts map, over all targets.

@@ -21,6 +21,18 @@ use thiserror::Error;
 use self::maps::Loaded;
 pub use self::{load::has_privileges, tracefs::TracefsError};
 
+/// When each page last faulted ([`monotonic_ns`] nanoseconds), by page.
+pub type LastFaults = BTreeMap<u64, u64>;
+
+/// Now on the clock the probes time faults by (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), in
+/// nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
 #[derive(Debug, Error)]
 pub enum ProbeError {
     #[error(

@@ -103,6 +103,8 @@ struct Window {
     /// The cumulative counts at the window's previous epoch; `None` until its first epoch,
     /// which is its start.
     last: Option<BTreeMap<u64, PageCounts>>,
+    /// The cumulative weights of the checks at the window's previous epoch.
+    last_weights: BTreeMap<u64, f64>,
     started: Option<Instant>,
     /// Faults the probes had dropped (over all targets) at the window's start.
     dropped_at_start: u64,
@@ -118,6 +120,7 @@ impl Window {
             epoch,
             opened: now,
             last: None,
+            last_weights: BTreeMap::new(),
             started: None,
             dropped_at_start: 0,
             dropped: 0,
@@ -126,20 +129,40 @@ impl Window {
         }
     }
 
-    /// Takes the counts of one epoch that ended at `now`: the first is the baseline, each
-    /// later one adds its change since the one before to the window's heat.
-    fn observe(&mut self, totals: &BTreeMap<u64, PageCounts>, dropped: u64, now: Instant) {
+    /// Takes the counts and the checks' weights (`heatprobe::profiler::touch_weight`) of one
+    /// epoch that ended at `now`: the first is the baseline, each later one adds its change
+    /// since the one before to the window's heat, a page's heat growing by its checks'
+    /// weights (by its count where the profiler weighs nothing).
+    fn observe(
+        &mut self,
+        totals: &BTreeMap<u64, PageCounts>,
+        weights: &BTreeMap<u64, f64>,
+        dropped: u64,
+        now: Instant,
+    ) {
         if self.done {
             return;
         }
         let Some(last) = &self.last else {
             self.last = Some(totals.clone());
+            self.last_weights = weights.clone();
             self.started = Some(now);
             self.dropped_at_start = dropped;
             return;
         };
-        self.heat.record_epoch(counts_since(totals, last));
+        let deltas: Vec<(u64, PageCounts, f64)> = counts_since(totals, last)
+            .into_iter()
+            .map(|(page, delta)| {
+                let weight = match weights.get(&page) {
+                    Some(now) => now - self.last_weights.get(&page).copied().unwrap_or(0.0),
+                    None => (delta.reads + delta.writes) as f64,
+                };
+                (page, delta, weight)
+            })
+            .collect();
+        self.heat.record_weighted_epoch(deltas);
         self.last = Some(totals.clone());
+        self.last_weights = weights.clone();
         self.dropped = dropped.saturating_sub(self.dropped_at_start);
         // Half an epoch of slack, so timer jitter does not add an epoch to every window.
         let started = self.started.unwrap_or(now);
@@ -204,9 +227,9 @@ impl Shared {
         state.profiler.end_epoch().map_err(ProfilingError::Epoch)?;
         if state.windows.values().any(|w| !w.done) {
             let dropped = state.profiler.dropped().map_err(ProfilingError::Dropped)?;
-            let totals = state.profiler.totals();
+            let (totals, weights) = (state.profiler.totals(), state.profiler.weights());
             for window in state.windows.values_mut() {
-                window.observe(totals, dropped, now);
+                window.observe(totals, weights, dropped, now);
             }
         }
         Ok(())
@@ -581,9 +604,9 @@ mod tests {
         let mut short = window(EPOCH * 2, at(1));
         for (n, cumulative) in epochs.iter().enumerate() {
             let now = at(n as u32);
-            long.observe(cumulative, 0, now);
+            long.observe(cumulative, &BTreeMap::new(), 0, now);
             if n >= 2 {
-                short.observe(cumulative, 0, now);
+                short.observe(cumulative, &BTreeMap::new(), 0, now);
             }
         }
         assert!(long.over(at(6)) && long.done);
@@ -600,6 +623,46 @@ mod tests {
         assert_eq!((long.heat.epochs(), short.heat.epochs()), (6, 2));
     }
 
+    /// Where the profiler weighs its checks, a window's heat is the weights' change over it,
+    /// not the counts'.
+    #[test]
+    fn a_window_heats_by_the_checks_weights() {
+        let t0 = Instant::now();
+        let mut w = window(EPOCH * 2, t0);
+        let weights = |pairs: &[(u64, f64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+        w.observe(&counts(&[(1, 1, 0)]), &weights(&[(1, 7.0)]), 0, t0);
+        w.observe(
+            &counts(&[(1, 2, 0), (2, 1, 0)]),
+            &weights(&[(1, 14.5), (2, 1.0)]),
+            0,
+            t0 + EPOCH,
+        );
+        w.observe(
+            &counts(&[(1, 3, 0), (2, 2, 0)]),
+            &weights(&[(1, 22.0), (2, 2.5)]),
+            0,
+            t0 + EPOCH * 2,
+        );
+        assert!(w.done);
+        let heat: Vec<(u64, u64, f64)> = w
+            .heat
+            .pages()
+            .iter()
+            .map(|p| (p.page, p.reads, p.heat))
+            .collect();
+        // The weights' changes, 7.5 and 7.5 for page 1, 1.0 and 1.5 for page 2, under this
+        // test window's decay of 0.8 an epoch (a real window's heat does not decay).
+        let expected = [(1, 2, 7.5 * 0.8 + 7.5), (2, 2, 1.0 * 0.8 + 1.5)];
+        assert_eq!(heat.len(), expected.len(), "{heat:?}");
+        for ((page, reads, h), (want_page, want_reads, want)) in heat.iter().zip(expected) {
+            assert_eq!((*page, *reads), (want_page, want_reads));
+            assert!(
+                (h - want).abs() < 1e-9,
+                "page {page}: heat {h}, wanted {want}"
+            );
+        }
+    }
+
     #[test]
     fn a_window_without_epochs_ends_after_its_time_with_nothing() {
         let t0 = Instant::now();
@@ -613,14 +676,14 @@ mod tests {
     fn dropped_faults_are_counted_from_the_window_start() {
         let t0 = Instant::now();
         let mut w = window(EPOCH, t0);
-        w.observe(&counts(&[]), 7, t0);
-        w.observe(&counts(&[(4, 1, 0)]), 9, t0 + EPOCH);
+        w.observe(&counts(&[]), &BTreeMap::new(), 7, t0);
+        w.observe(&counts(&[(4, 1, 0)]), &BTreeMap::new(), 9, t0 + EPOCH);
         assert_eq!(w.dropped, 2);
         assert!(w.done);
         // Counts that went backwards (a map entry deleted) count as nothing, not as a wrap.
         let mut w = window(EPOCH * 3, t0);
-        w.observe(&counts(&[(4, 5, 5)]), 0, t0);
-        w.observe(&counts(&[(4, 2, 6)]), 0, t0 + EPOCH);
+        w.observe(&counts(&[(4, 5, 5)]), &BTreeMap::new(), 0, t0);
+        w.observe(&counts(&[(4, 2, 6)]), &BTreeMap::new(), 0, t0 + EPOCH);
         assert_eq!(totals(&w.heat.pages()), vec![(4, 0, 1)]);
     }
 

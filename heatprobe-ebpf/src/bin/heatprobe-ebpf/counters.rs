@@ -9,6 +9,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
     cty::c_long,
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
@@ -113,6 +114,16 @@ pub fn count<C: EbpfContext>(ctx: &C, target: u32, page: u64, write: bool, prese
     // the intrinsic lowers to it.
     // SAFETY: `cell` is aligned and valid (see above); other CPUs only touch it atomically.
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cell, 1) };
+    let slot = slot & (PAGES_PER_CHUNK - 1);
+    // SAFETY: `last_fault_ns` is an array of PAGES_PER_CHUNK u64s in the same live map value,
+    // 8-aligned (repr(C), after the two u32 arrays); `slot` is masked below PAGES_PER_CHUNK.
+    // A racing fault of the same page on another CPU writes a time just as good.
+    unsafe {
+        let time = addr_of_mut!((*counts).last_fault_ns)
+            .cast::<u64>()
+            .add(slot);
+        core::ptr::write_volatile(time, bpf_ktime_get_ns());
+    }
     if present {
         bump(Stat::Protection);
     }
