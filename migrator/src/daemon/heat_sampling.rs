@@ -15,11 +15,11 @@ use thiserror::Error;
 ///
 /// Chosen with [`SAMPLE_FRACTION`] from `cargo xtask bench heat` (docs/BENCHMARKS.md): no
 /// sampling measured meets recall ≥ 95% in 2 s at ≤ 1% slowdown. 200 ms and 1/8 check every
-/// frame once per 1.6 s, so a default 2 s window sees the whole guest once; it found a
-/// contiguous hot region at 99% in 2 s for a 7% slowdown of a flat-out guest. 50 ms and 1/32
-/// (the same cycle, checks 4 times shorter) found a scattered one better (81% against 48%)
-/// but cost more (10%); 50 ms and 1/8 found both at 100% in 1 s but cost 28%; 1/128 cost 2%
-/// and found almost nothing in 2 s.
+/// frame once per 1.6 s, so a default 2 s window sees the whole guest once; with each check
+/// weighed by how soon the frame was touched, it found a hot region at 98-100% in 2 s,
+/// contiguous or scattered, for a 7-10% slowdown of a flat-out guest. 50 ms and 1/8 found both
+/// at 99-100% in 0.5 s but cost 35%; 1/32 and 1/128 cost 3% and nothing measurable, and
+/// check too few frames in 2 s to find a scattered region.
 pub const EPOCH: Duration = Duration::from_millis(200);
 /// Default fraction of frames re-armed per epoch (see [`EPOCH`] for why).
 pub const SAMPLE_FRACTION: f64 = 0.125;

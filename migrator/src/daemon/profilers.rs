@@ -9,8 +9,9 @@
 //! Each client's window is computed from the profiler's cumulative counts: a window takes the
 //! counts at the first epoch after it opens as its baseline and, epoch after epoch, feeds the
 //! change since its previous epoch into a heat map of its own. Its counts are therefore the
-//! counts at its end minus those at its start, and its heat decays over its own epochs, so
-//! overlapping windows neither see nor reset each other's counts. The dashboard's view is the
+//! counts at its end minus those at its start, and its heat the same difference of the
+//! checks' weights (`heatprobe::profiler::touch_weight`), so overlapping windows neither see
+//! nor reset each other's counts. The dashboard's view is the
 //! profiler's own heat map, since the profiler started.
 //!
 //! Epochs advance when a client asks (a window waiting for its end, a dashboard polling), at
@@ -250,7 +251,7 @@ impl Shared {
         if state.windows.len() >= MAX_WINDOWS {
             return Err(ProfilingError::TooManyWindows(self.id.clone()));
         }
-        // A window's heat is its counts, undecayed, as DAMON's access count within one
+        // A window's heat is its checks' weights, undecayed, as DAMON's access count within one
         // aggregation interval: each frame is checked only once per 1 / fraction epochs, so a
         // decay per epoch would rank frames by where the sampler's cursor stood when they
         // were checked rather than by how often they were found touched.
