@@ -166,8 +166,10 @@ pub struct Profiler {
     /// With [`Credit::ArmedLastEpoch`], the checks' weights ([`touch_weight`]) summed over the
     /// whole run.
     credited_weight: BTreeMap<u64, f64>,
-    /// When the frames of `armed` were re-armed ([`crate::probes::monotonic_ns`]).
+    /// When the frames of `armed` were re-armed: [`crate::probes::monotonic_ns`], and in the
+    /// probes' units ([`crate::probes::fault_time`]).
     armed_at_ns: u64,
+    armed_at: u16,
 }
 
 impl Profiler {
@@ -216,6 +218,7 @@ impl Profiler {
             credited: BTreeMap::new(),
             credited_weight: BTreeMap::new(),
             armed_at_ns: 0,
+            armed_at: 0,
         })
     }
 
@@ -289,12 +292,14 @@ impl Profiler {
         if self.credit == Credit::ArmedLastEpoch {
             armed.sort_by_key(|range| range.start);
             let epoch_ns = self.config.interval.as_nanos() as u64;
+            // These pages faulted since the re-arming, so within this long of it.
+            let elapsed_ns = crate::probes::monotonic_ns().saturating_sub(self.armed_at_ns);
             let weighted: Vec<(u64, PageCounts, f64)> = touched_within(epoch, &armed)
                 .into_iter()
                 .map(|(page, c)| {
-                    let wait = last_faults
-                        .get(&page)
-                        .and_then(|at| at.checked_sub(self.armed_at_ns));
+                    let wait = last_faults.get(&page).and_then(|&at| {
+                        crate::probes::fault_wait_ns(self.armed_at, at, elapsed_ns)
+                    });
                     (page, c, touch_weight(wait, epoch_ns))
                 })
                 .collect();
@@ -334,6 +339,7 @@ impl Profiler {
         // Before the re-arming: a frame the guest touches while the call still runs has
         // waited at most this long.
         self.armed_at_ns = crate::probes::monotonic_ns();
+        self.armed_at = crate::probes::fault_time(self.armed_at_ns);
         for range in [first, wrapped].into_iter().chain(rechecks) {
             if !range.is_empty() {
                 sampler.rearm_writes(range.clone())?;

@@ -163,6 +163,37 @@ fn exact_counts_for_a_child_process() {
     toucher.finish();
 }
 
+/// The probes time each fault: every page the child touched has a fault time between the
+/// moments before and after its touching, in the probes' units.
+#[test]
+fn the_probes_time_each_fault() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("the_probes_time_each_fault", &why);
+    }
+    let probes = Arc::new(Probes::load().expect("load probes"));
+    let mut toucher = Toucher::spawn();
+    let target = probes.track_process(toucher.pid()).expect("track child");
+    let before = heatprobe::probes::monotonic_ns();
+    toucher.touch();
+    let elapsed = heatprobe::probes::monotonic_ns() - before;
+    let since = heatprobe::probes::fault_time(before);
+    let (counts, times) = probes.counts_and_last_faults(target).expect("counts");
+    let touched = in_region(counts, toucher.region());
+    assert_eq!(touched.len(), toucher.expected().len(), "{touched:?}");
+    // A fault time is truncated to its unit, so it may read up to one unit before `before`.
+    let unit = heatprobe::probes::FAULT_TIME_UNIT_NS;
+    for page in touched.keys() {
+        let at = *times.get(page).expect("a time for every counted page");
+        let wait = heatprobe::probes::fault_wait_ns(since.wrapping_sub(1), at, elapsed + unit)
+            .expect("well within a wrap");
+        assert!(
+            wait <= elapsed + 2 * unit,
+            "page {page}: faulted {wait} ns after the touching began, which took {elapsed} ns"
+        );
+    }
+    toucher.finish();
+}
+
 #[test]
 fn an_untracked_process_leaves_no_entries() {
     if let Some(why) = bpf_unavailable() {

@@ -94,9 +94,8 @@ impl Probes {
         Ok(self.counts_and_last_faults(target)?.0)
     }
 
-    /// As [`Probes::counts`], with when each counted page last faulted (CLOCK_MONOTONIC
-    /// nanoseconds, as [`monotonic_ns`](super::monotonic_ns) reads it; 0 if the kernel has no
-    /// time for it).
+    /// As [`Probes::counts`], with when each counted page last faulted (in the probes' units:
+    /// see [`fault_wait_ns`](super::fault_wait_ns)).
     pub fn counts_and_last_faults(
         &self,
         target: TargetId,
@@ -126,7 +125,7 @@ impl Probes {
                             writes: writes.into(),
                         },
                     );
-                    last_faults.insert(key.page(slot), chunk.last_fault_ns[slot]);
+                    last_faults.insert(key.page(slot), chunk.last_fault[slot]);
                 }
             }
         }

@@ -21,8 +21,27 @@ use thiserror::Error;
 use self::maps::Loaded;
 pub use self::{load::has_privileges, tracefs::TracefsError};
 
-/// When each page last faulted ([`monotonic_ns`] nanoseconds), by page.
-pub type LastFaults = BTreeMap<u64, u64>;
+/// When each page last faulted, by page, in the probes' wrapping units
+/// (`heatprobe_ebpf::FAULT_TIME_SHIFT`; see [`fault_time`] and [`fault_wait_ns`]).
+pub type LastFaults = BTreeMap<u64, u16>;
+
+/// Nanoseconds in one unit of the probes' fault times (16.384 µs).
+pub const FAULT_TIME_UNIT_NS: u64 = 1 << heatprobe_ebpf::FAULT_TIME_SHIFT;
+
+/// [`monotonic_ns`] nanoseconds `ns` in the units the probes time faults by.
+pub fn fault_time(ns: u64) -> u16 {
+    (ns >> heatprobe_ebpf::FAULT_TIME_SHIFT) as u16
+}
+
+/// How long after `since` (a [`fault_time`]) a page faulted at `fault`, in nanoseconds, to
+/// the units' 16 µs, given that it faulted within `elapsed_ns` of `since`. `None` if that is
+/// longer than the units take to wrap, so the wait cannot be told.
+pub fn fault_wait_ns(since: u16, fault: u16, elapsed_ns: u64) -> Option<u64> {
+    if elapsed_ns >= heatprobe_ebpf::FAULT_TIME_WRAP_NS {
+        return None;
+    }
+    Some(u64::from(fault.wrapping_sub(since)) << heatprobe_ebpf::FAULT_TIME_SHIFT)
+}
 
 /// Now on the clock the probes time faults by (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), in
 /// nanoseconds.
@@ -172,4 +191,25 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_waits_are_told_across_a_wrap_but_not_past_one() {
+        let unit = 1u64 << heatprobe_ebpf::FAULT_TIME_SHIFT;
+        let armed = 65_530 * unit;
+        let since = fault_time(armed);
+        // Ten units later, across the wrap of the 16-bit time.
+        let fault = fault_time(armed + 10 * unit);
+        assert!(fault < since);
+        assert_eq!(fault_wait_ns(since, fault, 20 * unit), Some(10 * unit));
+        assert_eq!(fault_wait_ns(since, since, 0), Some(0));
+        // A page that may have faulted a whole wrap later cannot be timed.
+        let wrap = heatprobe_ebpf::FAULT_TIME_WRAP_NS;
+        assert_eq!(fault_wait_ns(since, fault, wrap), None);
+        assert_eq!(wrap, 65_536 * unit);
+    }
 }

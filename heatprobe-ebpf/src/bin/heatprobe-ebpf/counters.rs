@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use heatprobe_ebpf::{
-    ChunkCounts, ChunkKey, MAX_CHUNKS, MAX_TARGETS, PAGES_PER_CHUNK, STAT_SLOTS, Stat,
-    TracepointOffsets,
+    ChunkCounts, ChunkKey, FAULT_TIME_SHIFT, MAX_CHUNKS, MAX_TARGETS, PAGES_PER_CHUNK, STAT_SLOTS,
+    Stat, TracepointOffsets,
 };
 
 #[map]
@@ -115,14 +115,12 @@ pub fn count<C: EbpfContext>(ctx: &C, target: u32, page: u64, write: bool, prese
     // SAFETY: `cell` is aligned and valid (see above); other CPUs only touch it atomically.
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cell, 1) };
     let slot = slot & (PAGES_PER_CHUNK - 1);
-    // SAFETY: `last_fault_ns` is an array of PAGES_PER_CHUNK u64s in the same live map value,
-    // 8-aligned (repr(C), after the two u32 arrays); `slot` is masked below PAGES_PER_CHUNK.
+    // SAFETY: `last_fault` is an array of PAGES_PER_CHUNK u16s in the same live map value,
+    // 2-aligned (repr(C), after the two u32 arrays); `slot` is masked below PAGES_PER_CHUNK.
     // A racing fault of the same page on another CPU writes a time just as good.
     unsafe {
-        let time = addr_of_mut!((*counts).last_fault_ns)
-            .cast::<u64>()
-            .add(slot);
-        core::ptr::write_volatile(time, bpf_ktime_get_ns());
+        let time = addr_of_mut!((*counts).last_fault).cast::<u16>().add(slot);
+        core::ptr::write_volatile(time, (bpf_ktime_get_ns() >> FAULT_TIME_SHIFT) as u16);
     }
     if present {
         bump(Stat::Protection);
