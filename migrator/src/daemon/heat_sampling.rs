@@ -18,8 +18,8 @@ use thiserror::Error;
 /// frame once per 1.6 s, so a default 2 s window sees the whole guest once; with each check
 /// weighed by how soon the frame was touched, it found a hot region at 98-100% in 2 s,
 /// contiguous or scattered, for a 7-10% slowdown of a flat-out guest. 50 ms and 1/8 found both
-/// at 99-100% in 0.5 s but cost 35%; 1/32 and 1/128 cost 3% and nothing measurable, and
-/// check too few frames in 2 s to find a scattered region.
+/// at 99-100% in 0.5 s but cost 27-35%; 1/32 and 1/128 cost 3% and nothing measurable,
+/// and check too few frames in 2 s to find a scattered region.
 pub const EPOCH: Duration = Duration::from_millis(200);
 /// Default fraction of frames re-armed per epoch (see [`EPOCH`] for why).
 pub const SAMPLE_FRACTION: f64 = 0.125;
