@@ -166,10 +166,8 @@ pub struct Profiler {
     /// With [`Credit::ArmedLastEpoch`], the checks' weights ([`touch_weight`]) summed over the
     /// whole run.
     credited_weight: BTreeMap<u64, f64>,
-    /// When the frames of `armed` were re-armed: [`crate::probes::monotonic_ns`], and in the
-    /// probes' units ([`crate::probes::fault_time`]).
+    /// When the frames of `armed` were re-armed ([`crate::probes::monotonic_ns`]).
     armed_at_ns: u64,
-    armed_at: u16,
 }
 
 impl Profiler {
@@ -218,7 +216,6 @@ impl Profiler {
             credited: BTreeMap::new(),
             credited_weight: BTreeMap::new(),
             armed_at_ns: 0,
-            armed_at: 0,
         })
     }
 
@@ -294,12 +291,13 @@ impl Profiler {
             let epoch_ns = self.config.interval.as_nanos() as u64;
             // These pages faulted since the re-arming, so within this long of it.
             let elapsed_ns = crate::probes::monotonic_ns().saturating_sub(self.armed_at_ns);
+            let armed_at = crate::probes::fault_time(self.armed_at_ns);
             let weighted: Vec<(u64, PageCounts, f64)> = touched_within(epoch, &armed)
                 .into_iter()
                 .map(|(page, c)| {
-                    let wait = last_faults.get(&page).and_then(|&at| {
-                        crate::probes::fault_wait_ns(self.armed_at, at, elapsed_ns)
-                    });
+                    let wait = last_faults
+                        .get(&page)
+                        .and_then(|&at| crate::probes::fault_wait_ns(armed_at, at, elapsed_ns));
                     (page, c, touch_weight(wait, epoch_ns))
                 })
                 .collect();
@@ -339,7 +337,6 @@ impl Profiler {
         // Before the re-arming: a frame the guest touches while the call still runs has
         // waited at most this long.
         self.armed_at_ns = crate::probes::monotonic_ns();
-        self.armed_at = crate::probes::fault_time(self.armed_at_ns);
         for range in [first, wrapped].into_iter().chain(rechecks) {
             if !range.is_empty() {
                 sampler.rearm_writes(range.clone())?;
@@ -383,7 +380,6 @@ impl Drop for Profiler {
     }
 }
 
-/// The pages of one epoch's counts that were touched and lie in one of `armed`.
 /// What one check of a frame is worth, given how long after its re-arming the guest first
 /// touched it (`wait_ns`, if the probes timed it) in an epoch of `epoch_ns`: `1 + ln(epoch /
 /// wait)`, the wait taken between a 1024th of the epoch and the whole epoch, so from 1 (a
@@ -410,7 +406,8 @@ fn hottest_ranges(mut pages: Vec<u64>, budget: usize, heat: &HeatMap) -> Vec<Ran
         .collect()
 }
 
-/// The touched pages of `epoch` inside `armed`: disjoint ranges, sorted by start.
+/// The pages of one epoch's counts that were touched and lie in one of `armed` (disjoint
+/// ranges, sorted by start).
 fn touched_within(epoch: Vec<(u64, PageCounts)>, armed: &[Range<u64>]) -> Vec<(u64, PageCounts)> {
     let armed_at = |page: u64| {
         let after = armed.partition_point(|range| range.start <= page);

@@ -91,7 +91,7 @@ impl Probes {
 
     /// Cumulative fault counts of every page `target` has touched since it was tracked.
     pub fn counts(&self, target: TargetId) -> Result<BTreeMap<u64, PageCounts>, ProbeError> {
-        Ok(self.counts_and_last_faults(target)?.0)
+        self.read_counts(target, None)
     }
 
     /// As [`Probes::counts`], with when each counted page last faulted (in the probes' units:
@@ -100,13 +100,23 @@ impl Probes {
         &self,
         target: TargetId,
     ) -> Result<(BTreeMap<u64, PageCounts>, LastFaults), ProbeError> {
+        let mut last_faults = LastFaults::new();
+        let counts = self.read_counts(target, Some(&mut last_faults))?;
+        Ok((counts, last_faults))
+    }
+
+    /// The counts of `target`, and into `last_faults` (if asked) their pages' fault times.
+    fn read_counts(
+        &self,
+        target: TargetId,
+        mut last_faults: Option<&mut LastFaults>,
+    ) -> Result<BTreeMap<u64, PageCounts>, ProbeError> {
         let mut loaded = self.lock();
         if let Some(logger) = loaded.logger.as_mut() {
             logger.flush();
         }
         let counts = loaded.counts_map()?;
         let mut pages = BTreeMap::new();
-        let mut last_faults = BTreeMap::new();
         for entry in counts.iter() {
             let (key, chunk) = entry.map_err(|source| ProbeError::Map {
                 map: map_names::PAGE_COUNTS,
@@ -125,11 +135,13 @@ impl Probes {
                             writes: writes.into(),
                         },
                     );
-                    last_faults.insert(key.page(slot), chunk.last_fault[slot]);
+                    if let Some(last_faults) = last_faults.as_deref_mut() {
+                        last_faults.insert(key.page(slot), chunk.last_fault[slot]);
+                    }
                 }
             }
         }
-        Ok((pages, last_faults))
+        Ok(pages)
     }
 
     /// Number of entries (64-page chunks) in the counts map, over all targets.

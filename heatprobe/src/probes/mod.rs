@@ -40,7 +40,7 @@ pub fn fault_wait_ns(since: u16, fault: u16, elapsed_ns: u64) -> Option<u64> {
     if elapsed_ns >= heatprobe_ebpf::FAULT_TIME_WRAP_NS {
         return None;
     }
-    Some(u64::from(fault.wrapping_sub(since)) << heatprobe_ebpf::FAULT_TIME_SHIFT)
+    Some(u64::from(fault.wrapping_sub(since)) * FAULT_TIME_UNIT_NS)
 }
 
 /// Now on the clock the probes time faults by (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), in
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn fault_waits_are_told_across_a_wrap_but_not_past_one() {
-        let unit = 1u64 << heatprobe_ebpf::FAULT_TIME_SHIFT;
+        let unit = FAULT_TIME_UNIT_NS;
         let armed = 65_530 * unit;
         let since = fault_time(armed);
         // Ten units later, across the wrap of the 16-bit time.
