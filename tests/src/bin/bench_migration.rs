@@ -36,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
     bench::{Spread, commit, median, pass, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig, make_certs},
@@ -950,73 +950,6 @@ impl Placement {
     }
 }
 
-/// A fresh memfd of `bytes`, mapped shared; unmapped and closed on drop.
-struct FreshMapping {
-    _fd: std::os::fd::OwnedFd,
-    base: *mut u8,
-    bytes: usize,
-}
-
-impl FreshMapping {
-    fn new(bytes: usize) -> Result<Self> {
-        // SAFETY: the name is a NUL-terminated literal; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"bench-fresh".as_ptr(), libc::MFD_CLOEXEC) };
-        anyhow::ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` was just opened and is owned from here on.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: a plain call on our own descriptor.
-        let sized = unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), bytes as _) };
-        anyhow::ensure!(sized == 0, "ftruncate: {}", std::io::Error::last_os_error());
-        // SAFETY: a new shared mapping of the whole memfd; checked, and unmapped on drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                0,
-            )
-        };
-        anyhow::ensure!(
-            base != libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(Self {
-            _fd: fd,
-            base: base.cast(),
-            bytes,
-        })
-    }
-
-    /// The mapping from `at` to `end`, to read into: nothing else touches it.
-    fn window(&mut self, at: usize, end: usize) -> &mut [u8] {
-        assert!(at <= end && end <= self.bytes);
-        // SAFETY: in bounds (checked above), mapped for the mapping's life, and borrowed
-        // mutably from the only owner, so no other reference to it exists.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(at), end - at) }
-    }
-
-    fn populate(&self, at: usize, len: usize) -> Result<()> {
-        // SAFETY: advice on part of our own mapping (in bounds: the caller's chunks are).
-        let done =
-            unsafe { libc::madvise(self.base.add(at).cast(), len, libc::MADV_POPULATE_WRITE) };
-        anyhow::ensure!(done == 0, "madvise: {}", std::io::Error::last_os_error());
-        Ok(())
-    }
-}
-
-impl Drop for FreshMapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, no longer borrowed.
-        unsafe { libc::munmap(self.base.cast(), self.bytes) };
-    }
-}
-
-// SAFETY: the mapping is owned memory like a Vec's; it moves to the receiving thread whole.
-unsafe impl Send for FreshMapping {}
-
 /// A plain TCP copy of `bytes` over loopback in 1 MiB writes, the receiver placing what it
 /// reads as `placement` says; returns bytes per second. The fresh placements show what
 /// putting a gigabyte in new memory costs on this host, each way a receiver could.
@@ -1024,31 +957,47 @@ fn plain_tcp_copy(bytes: u64, placement: Placement) -> Result<f64> {
     const CHUNK: usize = 1 << 20;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let memory = (placement == Placement::Pwrite)
+    // A fresh memfd, mapped shared: what a destination's partition memory is.
+    let memory = (placement != Placement::Discard)
         .then(|| migrator::vmm::GuestMemory::new(bytes))
         .transpose()?;
-    let mut mapping = matches!(
+    let into_mapping = matches!(
         placement,
         Placement::PopulateThenRead | Placement::ReadIntoMapping
-    )
-    .then(|| FreshMapping::new(bytes as usize))
-    .transpose()?;
+    );
     let sink = thread::spawn(move || -> Result<u64> {
         let (mut stream, _) = listener.accept()?;
         let mut buffer = vec![0u8; CHUNK];
         let mut total = 0usize;
         loop {
-            let n = match &mut mapping {
-                Some(mapping) if total < mapping.bytes => {
+            let n = match &memory {
+                Some(memory) if into_mapping && (total as u64) < memory.size() => {
+                    let size = memory.size() as usize;
+                    let base = memory.host_address() as usize as *mut u8;
+                    let end = ((total / CHUNK + 1) * CHUNK).min(size);
                     if total.is_multiple_of(CHUNK) && placement == Placement::PopulateThenRead {
-                        mapping.populate(total, CHUNK.min(mapping.bytes - total))?;
+                        // SAFETY: advice on part of the memory's own mapping, in bounds
+                        // (`total..end` lies within `size`).
+                        let done = unsafe {
+                            libc::madvise(
+                                base.add(total).cast(),
+                                end - total,
+                                libc::MADV_POPULATE_WRITE,
+                            )
+                        };
+                        ensure!(done == 0, "madvise: {}", std::io::Error::last_os_error());
                     }
-                    let end = ((total / CHUNK + 1) * CHUNK).min(mapping.bytes);
-                    stream.read(mapping.window(total, end))?
+                    // SAFETY: `total..end` lies within the mapping, which lives as long as
+                    // `memory`; no guest runs on it and nothing else reads or writes it while
+                    // this slice exists.
+                    let window =
+                        unsafe { std::slice::from_raw_parts_mut(base.add(total), end - total) };
+                    stream.read(window)?
                 }
                 _ => {
                     let n = stream.read(&mut buffer)?;
                     if let Some(memory) = &memory
+                        && placement == Placement::Pwrite
                         && n > 0
                     {
                         memory.write_through_fd(
