@@ -19,6 +19,9 @@ pub enum Suite {
     /// Recall of the daemon's heat against guests' known hot sets, and the guest's slowdown
     /// while profiled, per sampling configuration.
     Heat,
+    /// What each step of the page stream costs a page alone: the zero check, the hash, the
+    /// copy out of guest memory, the write into fresh memory.
+    Pages,
 }
 
 pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
@@ -27,6 +30,7 @@ pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
         Suite::Partitions => "bench_partitions",
         Suite::Migration => "bench_migration",
         Suite::Heat => "bench_heat",
+        Suite::Pages => "bench_pages",
     };
     run(Command::new(release_bin(name)).args(args), name)
 }
