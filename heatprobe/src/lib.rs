@@ -15,6 +15,7 @@
 pub mod console;
 pub mod heat;
 pub mod plan;
+pub mod pooling;
 pub mod probes;
 pub mod profiler;
 pub mod report;

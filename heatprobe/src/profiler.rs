@@ -168,6 +168,9 @@ pub struct Profiler {
     credited_weight: BTreeMap<u64, f64>,
     /// When the frames of `armed` were re-armed ([`crate::probes::monotonic_ns`]).
     armed_at_ns: u64,
+    /// With [`Credit::ArmedLastEpoch`], how many checks each frame has had over the whole run
+    /// (re-armed, then its epoch ended), touched or not; indexed by frame.
+    checks: Vec<u32>,
 }
 
 impl Profiler {
@@ -216,6 +219,7 @@ impl Profiler {
             credited: BTreeMap::new(),
             credited_weight: BTreeMap::new(),
             armed_at_ns: 0,
+            checks: Vec::new(),
         })
     }
 
@@ -259,6 +263,12 @@ impl Profiler {
     /// whole run ([`touch_weight`]); empty otherwise.
     pub fn weights(&self) -> &BTreeMap<u64, f64> {
         &self.credited_weight
+    }
+
+    /// With [`Credit::ArmedLastEpoch`], the checks each frame has had over the whole run,
+    /// indexed by frame (frames past the end have had none); empty otherwise.
+    pub fn checks(&self) -> &[u32] {
+        &self.checks
     }
 
     /// Whether the target process still exists.
@@ -306,6 +316,16 @@ impl Profiler {
                 total.reads += c.reads;
                 total.writes += c.writes;
                 *self.credited_weight.entry(*page).or_default() += weight;
+            }
+            for range in &armed {
+                if let Ok(end) = usize::try_from(range.end) {
+                    if self.checks.len() < end {
+                        self.checks.resize(end, 0);
+                    }
+                    for check in &mut self.checks[range.start as usize..end] {
+                        *check = check.saturating_add(1);
+                    }
+                }
             }
             touched = weighted.iter().map(|(page, _, _)| *page).collect();
             self.heat.record_weighted_epoch(weighted);

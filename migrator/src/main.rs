@@ -108,6 +108,12 @@ enum Command {
         /// and a re-arm each. Off by default: see docs/BENCHMARKS.md for what it costs.
         #[arg(long, default_value = "0", value_parser = parse_recheck_fraction)]
         heat_recheck_fraction: f64,
+        /// Pool each `migrator heat` and `plan` window's heat over neighbouring frames where a
+        /// permutation test finds neighbours alike (as DAMON's regions pool a region's frames):
+        /// a contiguous hot set is then found in seconds, but a scattered one next to regions
+        /// that differ as wholes is lost. Off by default: see docs/BENCHMARKS.md.
+        #[arg(long)]
+        heat_pool: bool,
         /// Where the partition processes' sockets, records and logs are kept (default:
         /// /run/migrator/IP-PORT as root, else $XDG_RUNTIME_DIR/migrator/IP-PORT). A daemon
         /// started on a directory adopts the partitions its predecessor left running there.
@@ -137,6 +143,8 @@ enum Command {
         heat_sample_fraction: f64,
         #[arg(long, value_parser = parse_recheck_fraction)]
         heat_recheck_fraction: f64,
+        #[arg(long)]
+        heat_pool: bool,
     },
     /// Create and start a partition.
     Launch {
@@ -368,6 +376,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             heat_epoch,
             heat_sample_fraction,
             heat_recheck_fraction,
+            heat_pool,
             runtime_dir,
             on_exit,
         } => {
@@ -380,7 +389,8 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 listen,
                 peer_timeout,
                 sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?
-                    .with_recheck(heat_recheck_fraction)?,
+                    .with_recheck(heat_recheck_fraction)?
+                    .with_pool(heat_pool),
                 tls,
             };
             run_daemon(process, limits, security, runtime_dir, on_exit).await
@@ -394,6 +404,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             heat_epoch,
             heat_sample_fraction,
             heat_recheck_fraction,
+            heat_pool,
         } => Ok(partition_process::run(PartitionProcess {
             runtime_dir,
             id,
@@ -401,7 +412,8 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             listen,
             peer_timeout,
             sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?
-                .with_recheck(heat_recheck_fraction)?,
+                .with_recheck(heat_recheck_fraction)?
+                .with_pool(heat_pool),
             security,
         })
         .await?),

@@ -451,3 +451,42 @@ fn the_daemon_samples_as_its_options_say() {
     assert_ne!(code, 0);
     assert!(stderr.contains("between 100 ms and 60 s"), "{stderr}");
 }
+
+/// `serve --heat-pool`: a hot region at the start of memory is seen by the test, and its
+/// window's heat is pooled over neighbouring frames, so frames the guest never touched within
+/// it are listed with their neighbourhood's heat and no counts of their own. Without it
+/// (every other test here), a listed page was always touched.
+#[test]
+fn a_pooling_daemon_lists_frames_their_neighbours_heat() {
+    if let Some(why) = unavailable() {
+        return skip("a_pooling_daemon_lists_frames_their_neighbours_heat", &why);
+    }
+    let daemon = Daemon::start_with(&["--heat-pool"]);
+    let id = launch_hotspot(&daemon);
+    let heat = daemon.json(&["heat", &id, "--duration", "2s"]);
+    let pages = heat["pages"].as_array().expect("pages");
+    let pooled = pages
+        .iter()
+        .filter(|p| p["reads"] == 0 && p["writes"] == 0 && p["heat"].as_f64() > Some(0.0))
+        .count();
+    assert!(
+        pooled > 0,
+        "no frame was given its neighbours' heat: {heat}"
+    );
+    // The hottest frames are those of the hot region, the first 64th of the data.
+    let mut by_heat: Vec<(f64, u64)> = pages
+        .iter()
+        .map(|p| {
+            (
+                p["heat"].as_f64().unwrap_or(0.0),
+                p["page"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    by_heat.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let hottest = by_heat.first().map(|&(_, page)| page).expect("a page");
+    assert!(
+        hottest < FRAMES / 8,
+        "the hottest frame is {hottest}: {heat}"
+    );
+}

@@ -26,13 +26,16 @@ use std::{
 };
 
 use heatprobe::{
-    Credit, HeatConfig, HeatMap, PAGE_SIZE, PageCounts, Probes, Profiler, ProfilerError,
+    Access, Credit, HeatClass, HeatConfig, HeatMap, PAGE_SIZE, PageCounts, PageHeat, Probes,
+    Profiler, ProfilerError,
     heat::HeatError,
+    pooling,
     probes::counts_since,
     profiler::ProfilerConfig,
     report::{RecordReport, TargetSummary},
 };
 use thiserror::Error;
+use tracing::debug;
 
 use super::{
     api::ApiError,
@@ -106,6 +109,12 @@ struct Window {
     last: Option<BTreeMap<u64, PageCounts>>,
     /// The cumulative weights of the checks at the window's previous epoch.
     last_weights: BTreeMap<u64, f64>,
+    /// The profiler's checks of each frame at the window's start, so that its heat can be
+    /// taken per check at its end.
+    checks_at_start: Vec<u32>,
+    /// Whether the window started from heat the partition carried: that heat comes from no
+    /// check of this profiler's, so the window's is not per check.
+    seeded: bool,
     started: Option<Instant>,
     /// Faults the probes had dropped (over all targets) at the window's start.
     dropped_at_start: u64,
@@ -122,6 +131,8 @@ impl Window {
             opened: now,
             last: None,
             last_weights: BTreeMap::new(),
+            checks_at_start: Vec::new(),
+            seeded: false,
             started: None,
             dropped_at_start: 0,
             dropped: 0,
@@ -138,6 +149,7 @@ impl Window {
         &mut self,
         totals: &BTreeMap<u64, PageCounts>,
         weights: &BTreeMap<u64, f64>,
+        checks: &[u32],
         dropped: u64,
         now: Instant,
     ) {
@@ -147,6 +159,7 @@ impl Window {
         let Some(last) = &self.last else {
             self.last = Some(totals.clone());
             self.last_weights = weights.clone();
+            self.checks_at_start = checks.to_vec();
             self.started = Some(now);
             self.dropped_at_start = dropped;
             return;
@@ -172,6 +185,61 @@ impl Window {
         }
     }
 
+    /// The window's pages as a report lists them: where its heat is the profiler's checks'
+    /// weights, per check, and with `pool` pooled over neighbouring frames if the profile
+    /// shows them alike (`heatprobe::pooling`); as they are otherwise.
+    fn pages(&self, checks_now: &[u32], frames: u64, pool: bool) -> Vec<PageHeat> {
+        let pages = self.heat.pages();
+        if self.seeded || checks_now.is_empty() {
+            return pages;
+        }
+        let window_checks: Vec<u32> = (0..frames as usize)
+            .map(|f| {
+                let now = checks_now.get(f).copied().unwrap_or(0);
+                now.saturating_sub(self.checks_at_start.get(f).copied().unwrap_or(0))
+            })
+            .collect();
+        let heat: Vec<(u64, f64)> = pages.iter().map(|p| (p.page, p.heat)).collect();
+        let estimated = if pool {
+            pooling::pool(&heat, &window_checks, 0..frames).map(|(estimates, decision)| {
+                debug!(
+                    "heat window: pooled {} (radius {} frames, z {:.1})",
+                    decision.pooled, decision.radius, decision.z
+                );
+                estimates
+            })
+        } else {
+            pooling::per_check(&heat, &window_checks, 0..frames)
+        };
+        let Some(estimates) = estimated else {
+            return pages;
+        };
+        // The counts stay each frame's own; only the heat, and the classes drawn from it,
+        // change. A frame pooling gives heat to was checked but not touched: no counts.
+        let by_page: BTreeMap<u64, &PageHeat> = pages.iter().map(|p| (p.page, p)).collect();
+        let seeds: Vec<PageHeat> = estimates
+            .into_iter()
+            .map(|(page, heat)| match by_page.get(&page) {
+                Some(p) => PageHeat { heat, ..**p },
+                None => PageHeat {
+                    page,
+                    reads: 0,
+                    writes: 0,
+                    heat,
+                    class: HeatClass::Cold,
+                    access: Access::ReadOnly,
+                },
+            })
+            .collect();
+        match HeatMap::new(*self.heat.config()) {
+            Ok(mut estimated) => {
+                estimated.seed(&seeds, 1.0);
+                estimated.pages()
+            }
+            Err(_) => pages,
+        }
+    }
+
     /// Whether the window is over: its epochs cover its duration, or the partition did not
     /// run for long enough to give it them (paused, say), in which case it ends with what it
     /// has.
@@ -187,6 +255,8 @@ struct State {
     last_epoch: Instant,
     windows: BTreeMap<u64, Window>,
     next_window: u64,
+    /// Whether windows pool heat over neighbouring frames ([`HeatSampling::pool`]).
+    pool: bool,
 }
 
 /// One partition's shared profiler. `None` inside once it is stopped ([`Profilers::unwatch`]):
@@ -229,8 +299,9 @@ impl Shared {
         if state.windows.values().any(|w| !w.done) {
             let dropped = state.profiler.dropped().map_err(ProfilingError::Dropped)?;
             let (totals, weights) = (state.profiler.totals(), state.profiler.weights());
+            let checks = state.profiler.checks();
             for window in state.windows.values_mut() {
-                window.observe(totals, weights, dropped, now);
+                window.observe(totals, weights, checks, dropped, now);
             }
         }
         Ok(())
@@ -267,10 +338,9 @@ impl Shared {
         }
         let number = state.next_window;
         state.next_window += 1;
-        state.windows.insert(
-            number,
-            Window::new(duration, state.epoch, heat, Instant::now()),
-        );
+        let mut window = Window::new(duration, state.epoch, heat, Instant::now());
+        window.seeded = carried.is_some();
+        state.windows.insert(number, window);
         Ok(number)
     }
 
@@ -294,13 +364,18 @@ impl Shared {
             .windows
             .remove(&number)
             .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        let pages = window.pages(
+            state.profiler.checks(),
+            self.partition.memory().frames(),
+            state.pool,
+        );
         Ok(Step::Done(RecordReport {
             target: TargetSummary::from(state.profiler.target()),
             page_size: PAGE_SIZE,
             interval_ms: state.epoch.as_millis() as u64,
             epochs: window.heat.epochs(),
             dropped: window.dropped,
-            pages: window.heat.pages(),
+            pages,
         }))
     }
 
@@ -403,6 +478,7 @@ impl Profilers {
                 last_epoch: Instant::now(),
                 windows: BTreeMap::new(),
                 next_window: 0,
+                pool: self.sampling.pool(),
             })),
         });
         by_id.insert(id.to_string(), Arc::clone(&shared));
@@ -585,6 +661,31 @@ mod tests {
         pages.iter().map(|p| (p.page, p.reads, p.writes)).collect()
     }
 
+    /// A window's heat is per check, counting only the checks made within it: a frame checked
+    /// twice as often at the same rate is as hot, and one never checked is not listed.
+    #[test]
+    fn a_window_reports_heat_per_check() {
+        let t0 = Instant::now();
+        let mut w = window(EPOCH, t0);
+        let weights = |pairs: &[(u64, f64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+        // Frame 0 had a check before the window: it does not count.
+        w.observe(&counts(&[]), &BTreeMap::new(), &[1, 0, 0], 0, t0);
+        w.observe(
+            &counts(&[(0, 1, 0), (1, 2, 0), (2, 1, 0)]),
+            &weights(&[(0, 3.0), (1, 6.0), (2, 5.0)]),
+            &[2, 2],
+            0,
+            t0 + EPOCH,
+        );
+        assert!(w.done);
+        let heat = |pages: &[PageHeat]| pages.iter().map(|p| (p.page, p.heat)).collect::<Vec<_>>();
+        // Frames 0 and 1: one and two checks in the window, 3.0 each; frame 2 was never
+        // checked here (a first touch), so it is not listed. Scaled by the mean checks, 1.5.
+        assert_eq!(heat(&w.pages(&[2, 2], 3, false)), vec![(0, 4.5), (1, 4.5)]);
+        // Without the checks (a profiler that weighs nothing) the heat is as counted.
+        assert_eq!(heat(&w.pages(&[], 3, false)), heat(&w.heat.pages()));
+    }
+
     /// Two windows over the same cumulative counts, the second opened later and closed
     /// earlier: each counts what happened between its own start and end, no more.
     #[test]
@@ -605,9 +706,9 @@ mod tests {
         let mut short = window(EPOCH * 2, at(1));
         for (n, cumulative) in epochs.iter().enumerate() {
             let now = at(n as u32);
-            long.observe(cumulative, &BTreeMap::new(), 0, now);
+            long.observe(cumulative, &BTreeMap::new(), &[], 0, now);
             if n >= 2 {
-                short.observe(cumulative, &BTreeMap::new(), 0, now);
+                short.observe(cumulative, &BTreeMap::new(), &[], 0, now);
             }
         }
         assert!(long.over(at(6)) && long.done);
@@ -631,16 +732,18 @@ mod tests {
         let t0 = Instant::now();
         let mut w = window(EPOCH * 2, t0);
         let weights = |pairs: &[(u64, f64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
-        w.observe(&counts(&[(1, 1, 0)]), &weights(&[(1, 7.0)]), 0, t0);
+        w.observe(&counts(&[(1, 1, 0)]), &weights(&[(1, 7.0)]), &[], 0, t0);
         w.observe(
             &counts(&[(1, 2, 0), (2, 1, 0)]),
             &weights(&[(1, 14.5), (2, 1.0)]),
+            &[],
             0,
             t0 + EPOCH,
         );
         w.observe(
             &counts(&[(1, 3, 0), (2, 2, 0)]),
             &weights(&[(1, 22.0), (2, 2.5)]),
+            &[],
             0,
             t0 + EPOCH * 2,
         );
@@ -677,14 +780,14 @@ mod tests {
     fn dropped_faults_are_counted_from_the_window_start() {
         let t0 = Instant::now();
         let mut w = window(EPOCH, t0);
-        w.observe(&counts(&[]), &BTreeMap::new(), 7, t0);
-        w.observe(&counts(&[(4, 1, 0)]), &BTreeMap::new(), 9, t0 + EPOCH);
+        w.observe(&counts(&[]), &BTreeMap::new(), &[], 7, t0);
+        w.observe(&counts(&[(4, 1, 0)]), &BTreeMap::new(), &[], 9, t0 + EPOCH);
         assert_eq!(w.dropped, 2);
         assert!(w.done);
         // Counts that went backwards (a map entry deleted) count as nothing, not as a wrap.
         let mut w = window(EPOCH * 3, t0);
-        w.observe(&counts(&[(4, 5, 5)]), &BTreeMap::new(), 0, t0);
-        w.observe(&counts(&[(4, 2, 6)]), &BTreeMap::new(), 0, t0 + EPOCH);
+        w.observe(&counts(&[(4, 5, 5)]), &BTreeMap::new(), &[], 0, t0);
+        w.observe(&counts(&[(4, 2, 6)]), &BTreeMap::new(), &[], 0, t0 + EPOCH);
         assert_eq!(totals(&w.heat.pages()), vec![(4, 0, 1)]);
     }
 

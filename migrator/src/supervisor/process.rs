@@ -187,6 +187,7 @@ pub async fn start(
         .arg(config.sampling.fraction().to_string())
         .arg("--heat-recheck-fraction")
         .arg(config.sampling.recheck_fraction().to_string())
+        .args(config.sampling.pool().then_some("--heat-pool"))
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -1,7 +1,7 @@
-//! `cargo xtask bench heat [RUNS] [--only SUBSTRING]... [--samplings MS:F[:R],...]
+//! `cargo xtask bench heat [RUNS] [--only SUBSTRING]... [--samplings MS:F[:R[:pool]],...]
 //! [--pairs N] [--no-recall] [--no-slowdown]`: how well the daemon's heat finds a guest's hot
 //! set, and what profiling costs the guest, for each sampling (epoch in ms : fraction, and
-//! optionally the recheck fraction, `--heat-recheck-fraction`).
+//! optionally the recheck fraction, `--heat-recheck-fraction`, and `pool`, `--heat-pool`).
 //!
 //! Every sampling configuration (an epoch and a fraction of frames re-armed per epoch) is a
 //! daemon of its own, `migrator serve --heat-epoch E --heat-sample-fraction F`, started for the
@@ -136,13 +136,20 @@ struct Sampling {
     fraction: String,
     /// `--heat-recheck-fraction`, as written; the daemon's default if not given.
     recheck: Option<String>,
+    /// `--heat-pool`: windows pool heat over neighbouring frames where they are alike.
+    pool: bool,
 }
 
 impl Sampling {
     fn label(&self) -> String {
-        match &self.recheck {
+        let label = match &self.recheck {
             Some(recheck) => format!("{} ms, {}, recheck {recheck}", self.epoch_ms, self.fraction),
             None => format!("{} ms, {}", self.epoch_ms, self.fraction),
+        };
+        if self.pool {
+            format!("{label}, pooled")
+        } else {
+            label
         }
     }
 
@@ -156,6 +163,9 @@ impl Sampling {
         ];
         if let Some(recheck) = &self.recheck {
             args.extend(["--heat-recheck-fraction", recheck]);
+        }
+        if self.pool {
+            args.push("--heat-pool");
         }
         Daemon::try_start(DaemonConfig::default().args(&args))
     }
@@ -391,22 +401,31 @@ struct Options {
 }
 
 const USAGE: &str = "usage: cargo xtask bench heat [RUNS] [--only SUBSTRING]... \
-                     [--samplings MS:F[:R],...] [--pairs N] [--no-recall] [--no-slowdown]";
+                     [--samplings MS:F[:R[:pool]],...] [--pairs N] [--no-recall] [--no-slowdown]";
 
-/// `200:1/8` or `200:1/8:1/32` as a sampling.
+/// `200:1/8`, `200:1/8:1/32` or `200:1/8:0:pool` as a sampling.
 fn sampling(text: &str) -> Result<Sampling> {
     let mut parts = text.split(':');
-    let (Some(epoch), Some(fraction), recheck, None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        bail!("a sampling is EPOCH_MS:FRACTION[:RECHECK], got {text}\n{USAGE}");
+    let (Some(epoch), Some(fraction), recheck, pool, None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        bail!("a sampling is EPOCH_MS:FRACTION[:RECHECK[:pool]], got {text}\n{USAGE}");
     };
+    ensure!(
+        matches!(pool, None | Some("pool")),
+        "a sampling's fourth part can only be `pool`, got {text}\n{USAGE}"
+    );
     Ok(Sampling {
         epoch_ms: epoch
             .parse()
             .with_context(|| format!("not milliseconds: {epoch}\n{USAGE}"))?,
         fraction: fraction.to_string(),
         recheck: recheck.map(str::to_string),
+        pool: pool.is_some(),
     })
 }
 
@@ -419,6 +438,7 @@ fn options(args: &[String]) -> Result<Options> {
             epoch_ms,
             fraction: fraction.to_string(),
             recheck: None,
+            pool: false,
         })
         .collect();
     let (mut recall, mut slowdown) = (true, true);
