@@ -111,7 +111,8 @@ enum Command {
         /// Pool each `migrator heat` and `plan` window's heat over neighbouring frames where a
         /// permutation test finds neighbours alike (as DAMON's regions pool a region's frames):
         /// a contiguous hot set is then found in seconds, but a scattered one next to regions
-        /// that differ as wholes is lost. Off by default: see docs/BENCHMARKS.md.
+        /// that differ as wholes is lost. Windows that continue from heat a migration carried
+        /// are left as they are. Off by default: see docs/BENCHMARKS.md.
         #[arg(long)]
         heat_pool: bool,
         /// Where the partition processes' sockets, records and logs are kept (default:

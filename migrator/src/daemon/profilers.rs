@@ -112,6 +112,8 @@ struct Window {
     /// The profiler's checks of each frame at the window's start, so that its heat can be
     /// taken per check at its end.
     checks_at_start: Vec<u32>,
+    /// The same at the window's last epoch, once it is done.
+    checks_at_end: Option<Vec<u32>>,
     /// Whether the window started from heat the partition carried: that heat comes from no
     /// check of this profiler's, so the window's is not per check.
     seeded: bool,
@@ -132,6 +134,7 @@ impl Window {
             last: None,
             last_weights: BTreeMap::new(),
             checks_at_start: Vec::new(),
+            checks_at_end: None,
             seeded: false,
             started: None,
             dropped_at_start: 0,
@@ -182,26 +185,35 @@ impl Window {
         let started = self.started.unwrap_or(now);
         if now + self.epoch / 2 >= started + self.duration {
             self.done = true;
+            // Later epochs (other windows, a dashboard) check frames with no heat for this
+            // one: its heat per check counts only the checks up to here.
+            self.checks_at_end = Some(checks.to_vec());
         }
     }
 
     /// The window's pages as a report lists them: where its heat is the profiler's checks'
     /// weights, per check, and with `pool` pooled over neighbouring frames if the profile
     /// shows them alike (`heatprobe::pooling`); as they are otherwise.
+    /// `checks_now` are the profiler's checks, for a window that did not end on an epoch of
+    /// its own (which keeps its own).
     fn pages(&self, checks_now: &[u32], frames: u64, pool: bool) -> Vec<PageHeat> {
         let pages = self.heat.pages();
-        if self.seeded || checks_now.is_empty() {
+        let checks_at_end = self.checks_at_end.as_deref().unwrap_or(checks_now);
+        if self.seeded || checks_at_end.is_empty() {
             return pages;
         }
-        let window_checks: Vec<u32> = (0..frames as usize)
+        let Ok(frames) = usize::try_from(frames) else {
+            return pages;
+        };
+        let window_checks: Vec<u32> = (0..frames)
             .map(|f| {
-                let now = checks_now.get(f).copied().unwrap_or(0);
+                let now = checks_at_end.get(f).copied().unwrap_or(0);
                 now.saturating_sub(self.checks_at_start.get(f).copied().unwrap_or(0))
             })
             .collect();
         let heat: Vec<(u64, f64)> = pages.iter().map(|p| (p.page, p.heat)).collect();
         let estimated = if pool {
-            pooling::pool(&heat, &window_checks, 0..frames).map(|(estimates, decision)| {
+            pooling::pool(&heat, &window_checks, 0..frames as u64).map(|(estimates, decision)| {
                 debug!(
                     "heat window: pooled {} (radius {} frames, z {:.1})",
                     decision.pooled, decision.radius, decision.z
@@ -209,7 +221,7 @@ impl Window {
                 estimates
             })
         } else {
-            pooling::per_check(&heat, &window_checks, 0..frames)
+            pooling::per_check(&heat, &window_checks, 0..frames as u64)
         };
         let Some(estimates) = estimated else {
             return pages;
@@ -364,15 +376,26 @@ impl Shared {
             .windows
             .remove(&number)
             .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
-        let pages = window.pages(
-            state.profiler.checks(),
-            self.partition.memory().frames(),
+        // A window that ended on its last epoch kept the checks it covers; one that ended for
+        // lack of epochs (a paused partition) saw none run since, so the profiler's are its.
+        let checks_now = match window.checks_at_end {
+            Some(_) => Vec::new(),
+            None => state.profiler.checks().to_vec(),
+        };
+        let (target, interval_ms, pool) = (
+            TargetSummary::from(state.profiler.target()),
+            state.epoch.as_millis() as u64,
             state.pool,
         );
+        // The heat per check (and pooled) is worked out without the lock: on a large guest it
+        // is whole passes over every frame, which epochs, dashboards and other windows of
+        // this partition need not wait for.
+        drop(guard);
+        let pages = window.pages(&checks_now, self.partition.memory().frames(), pool);
         Ok(Step::Done(RecordReport {
-            target: TargetSummary::from(state.profiler.target()),
+            target,
             page_size: PAGE_SIZE,
-            interval_ms: state.epoch.as_millis() as u64,
+            interval_ms,
             epochs: window.heat.epochs(),
             dropped: window.dropped,
             pages,
@@ -681,9 +704,32 @@ mod tests {
         let heat = |pages: &[PageHeat]| pages.iter().map(|p| (p.page, p.heat)).collect::<Vec<_>>();
         // Frames 0 and 1: one and two checks in the window, 3.0 each; frame 2 was never
         // checked here (a first touch), so it is not listed. Scaled by the mean checks, 1.5.
-        assert_eq!(heat(&w.pages(&[2, 2], 3, false)), vec![(0, 4.5), (1, 4.5)]);
-        // Without the checks (a profiler that weighs nothing) the heat is as counted.
-        assert_eq!(heat(&w.pages(&[], 3, false)), heat(&w.heat.pages()));
+        // Checks the profiler makes after the window's end (for others) do not count.
+        let pages = w.pages(&[9, 9, 9], 3, false);
+        assert_eq!(heat(&pages), vec![(0, 4.5), (1, 4.5)]);
+        // The counts, access and the classes' inputs stay each page's own.
+        let own: Vec<(u64, u64, u64, Access)> = w
+            .heat
+            .pages()
+            .iter()
+            .filter(|p| p.page < 2)
+            .map(|p| (p.page, p.reads, p.writes, p.access))
+            .collect();
+        let kept: Vec<(u64, u64, u64, Access)> = pages
+            .iter()
+            .map(|p| (p.page, p.reads, p.writes, p.access))
+            .collect();
+        assert_eq!(kept, own);
+        // Carried heat, or a profiler that weighs nothing, is left as counted.
+        w.seeded = true;
+        assert_eq!(heat(&w.pages(&[9, 9, 9], 3, false)), heat(&w.heat.pages()));
+        let mut unweighed = window(EPOCH, t0);
+        unweighed.observe(&counts(&[]), &BTreeMap::new(), &[], 0, t0);
+        unweighed.observe(&counts(&[(4, 1, 0)]), &BTreeMap::new(), &[], 0, t0 + EPOCH);
+        assert_eq!(
+            heat(&unweighed.pages(&[], 5, false)),
+            heat(&unweighed.heat.pages())
+        );
     }
 
     /// Two windows over the same cumulative counts, the second opened later and closed
