@@ -33,9 +33,9 @@ pub const RECHECK_FRACTION: f64 = 0.0;
 /// Whether a window's heat is pooled over neighbouring frames where the profile shows them
 /// alike (`heatprobe::pooling`, `migrator serve --heat-pool`): not by default. Measured
 /// (docs/BENCHMARKS.md, "heat per check, and pooling"), it takes a contiguous hot set with a
-/// smooth popularity from 14-28% to 93-100% in 2 s, but its test cannot tell such a popularity
+/// smooth popularity from 15-28% to 79-98% in 2 s, but its test cannot tell such a popularity
 /// from whole regions that differ (a guest's tables, its unused memory) next to a scattered
-/// hot set, and pooled, that set is found at the rate of random order (44% instead of 51%).
+/// hot set, and pooled, that set is found at the rate of random order (43% instead of 51%).
 pub const POOL: bool = false;
 /// The shortest epoch accepted: each epoch reads the probes' counts map (about a millisecond
 /// for a few tens of thousands of pages), so a shorter one would be mostly overhead.
