@@ -150,10 +150,10 @@ fn decide(per_check: &[f64], checks: &[u32], checked: &[usize]) -> Decision {
         return not_pooled(RADII[0]);
     }
     let values: Vec<f64> = checked.iter().map(|&i| per_check[i]).collect();
-    let Some(radius) = best_radius(per_check, checks, checked) else {
+    let Some((radius, means)) = best_radius(per_check, checks, checked) else {
         return not_pooled(RADII[0]);
     };
-    let measured = neighbour_correlation(per_check, checks, checked, radius);
+    let measured = neighbour_correlation(per_check, &means, checked);
     // The same statistic with the heats shuffled among the checked frames: what independent
     // frames with these values give.
     let mut rng = SplitMix(0x9e37_79b9_7f4a_7c15 ^ checked.len() as u64);
@@ -168,12 +168,8 @@ fn decide(per_check: &[f64], checks: &[u32], checked: &[usize]) -> Decision {
         for (&i, &v) in checked.iter().zip(&shuffled) {
             shuffled_heat[i] = v;
         }
-        nulls.push(neighbour_correlation(
-            &shuffled_heat,
-            checks,
-            checked,
-            radius,
-        ));
+        let means = neighbourhood_means(&shuffled_heat, checks, radius, false);
+        nulls.push(neighbour_correlation(&shuffled_heat, &means, checked));
     }
     let mean = nulls.iter().sum::<f64>() / nulls.len() as f64;
     let spread = (nulls.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / (nulls.len() - 1) as f64)
@@ -191,8 +187,8 @@ fn decide(per_check: &[f64], checks: &[u32], checked: &[usize]) -> Decision {
 }
 
 /// The radius of [`RADII`] whose left-out neighbourhood mean predicts the checked frames'
-/// own heat with the least squared error.
-fn best_radius(per_check: &[f64], checks: &[u32], checked: &[usize]) -> Option<u64> {
+/// own heat with the least squared error, with those means.
+fn best_radius(per_check: &[f64], checks: &[u32], checked: &[usize]) -> Option<(u64, Vec<f64>)> {
     RADII
         .iter()
         .map(|&radius| {
@@ -201,16 +197,15 @@ fn best_radius(per_check: &[f64], checks: &[u32], checked: &[usize]) -> Option<u
                 .iter()
                 .map(|&i| (per_check[i] - means[i]).powi(2))
                 .sum();
-            (radius, error)
+            (radius, means, error)
         })
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(radius, _)| radius)
+        .min_by(|a, b| a.2.total_cmp(&b.2))
+        .map(|(radius, means, _)| (radius, means))
 }
 
-/// Pearson's correlation, over the checked frames, between a frame's heat and its
+/// Pearson's correlation, over the checked frames, between a frame's heat and `means`, its
 /// neighbours' mean (itself left out).
-fn neighbour_correlation(per_check: &[f64], checks: &[u32], checked: &[usize], radius: u64) -> f64 {
-    let means = neighbourhood_means(per_check, checks, radius, false);
+fn neighbour_correlation(per_check: &[f64], means: &[f64], checked: &[usize]) -> f64 {
     let n = checked.len() as f64;
     let (mut sx, mut sy) = (0.0, 0.0);
     for &i in checked {
