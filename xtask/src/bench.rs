@@ -22,6 +22,9 @@ pub enum Suite {
     /// What each step of the page stream costs a page alone: the zero check, the hash, the
     /// copy out of guest memory, the write into fresh memory.
     Pages,
+    /// A model of the demands after a hybrid cutover on workloads of known popularity: what
+    /// the best order (the true popularity) leaves against address order.
+    OrderBound,
 }
 
 pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
@@ -31,6 +34,7 @@ pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
         Suite::Migration => "bench_migration",
         Suite::Heat => "bench_heat",
         Suite::Pages => "bench_pages",
+        Suite::OrderBound => "model_postcopy",
     };
     run(Command::new(release_bin(name)).args(args), name)
 }
