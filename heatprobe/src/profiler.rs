@@ -279,6 +279,17 @@ impl Profiler {
     /// Ends an epoch: reads the counts, feeds their change since the last epoch into the heat
     /// map, and re-arms the next slice of frames.
     pub fn end_epoch(&mut self) -> Result<(), ProfilerError> {
+        self.finish_epoch(true)
+    }
+
+    /// Ends the profile's last epoch as [`Self::end_epoch`] does, but re-arms nothing: no epoch
+    /// would read what a re-arming found, and every frame re-armed is a fault the target takes
+    /// after the profile (a dropped host mapping faulted back in, which KVM also marks dirty).
+    pub fn end_last_epoch(&mut self) -> Result<(), ProfilerError> {
+        self.finish_epoch(false)
+    }
+
+    fn finish_epoch(&mut self, rearm: bool) -> Result<(), ProfilerError> {
         if let Target::Vm {
             pid,
             vcpu_threads: None,
@@ -333,7 +344,9 @@ impl Profiler {
             self.heat.record_epoch(epoch);
         }
         self.last_counts = counts;
-        self.rearm_next_sample(touched)?;
+        if rearm {
+            self.rearm_next_sample(touched)?;
+        }
         Ok(())
     }
 
@@ -369,17 +382,23 @@ impl Profiler {
     }
 
     /// Runs epochs for `duration` (rounded up to whole epochs), or until the target exits.
-    /// Returns whether the target exited early.
+    /// The last epoch re-arms nothing ([`Self::end_last_epoch`]). Returns whether the target
+    /// exited early.
     pub fn run_for(&mut self, duration: Duration) -> Result<bool, ProfilerError> {
         let deadline = Instant::now() + duration;
         let mut next = Instant::now() + self.config.interval;
         loop {
             thread::sleep(next.saturating_duration_since(Instant::now()));
-            self.end_epoch()?;
+            let last = Instant::now() >= deadline || next >= deadline;
+            if last {
+                self.end_last_epoch()?;
+            } else {
+                self.end_epoch()?;
+            }
             if !self.target_alive() {
                 return Ok(true);
             }
-            if Instant::now() >= deadline {
+            if last {
                 return Ok(false);
             }
             next += self.config.interval;

@@ -3,13 +3,17 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
+    ops::Range,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use heatprobe::{
-    PageCounts, Probes, Profiler, Target,
+    ActiveSampler, Credit, PageCounts, Probes, Profiler, SamplerError, Target,
     profiler::ProfilerConfig,
     report::{PlanReport, RecordReport},
 };
@@ -357,4 +361,62 @@ fn profiling_stops_when_the_target_exits() {
     toucher.finish();
     let exited = profiler.run_for(Duration::from_secs(60)).expect("run");
     assert!(exited, "run_for returns early once the target is gone");
+}
+
+/// A sampler over a make-believe memory that only counts the frames it is asked to re-arm.
+struct CountingSampler {
+    frames: u64,
+    rearmed: Arc<AtomicU64>,
+}
+
+impl ActiveSampler for CountingSampler {
+    fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    fn rearm_writes(&mut self, _frames: Range<u64>) -> Result<(), SamplerError> {
+        Ok(())
+    }
+
+    fn rearm_accesses(&mut self, frames: Range<u64>) -> Result<(), SamplerError> {
+        self.rearmed
+            .fetch_add(frames.end - frames.start, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_timed_profile_leaves_nothing_armed_that_no_epoch_reads() {
+    if let Some(why) = bpf_unavailable() {
+        return skip(
+            "a_timed_profile_leaves_nothing_armed_that_no_epoch_reads",
+            &why,
+        );
+    }
+    let probes = Arc::new(Probes::load().expect("load probes"));
+    let toucher = Toucher::spawn();
+    let mut profiler = Profiler::start(
+        probes,
+        Target::Process { pid: toucher.pid() },
+        ProfilerConfig {
+            interval: Duration::from_millis(20),
+            ..ProfilerConfig::default()
+        },
+    )
+    .expect("track child");
+    let rearmed = Arc::new(AtomicU64::new(0));
+    profiler.set_sampler(Box::new(CountingSampler {
+        frames: 64,
+        rearmed: Arc::clone(&rearmed),
+    }));
+    profiler.set_credit(Credit::ArmedLastEpoch);
+    let exited = profiler.run_for(Duration::from_millis(200)).expect("run");
+    assert!(!exited);
+    let rearmed = rearmed.load(Ordering::Relaxed);
+    // Every frame re-armed had its check read by a later epoch: the last epoch armed none,
+    // which would be faults after the profile that nobody counts.
+    let checked: u64 = profiler.checks().iter().map(|&c| u64::from(c)).sum();
+    assert!(rearmed > 0, "the profile ran more than one epoch");
+    assert_eq!(checked, rearmed);
+    toucher.finish();
 }

@@ -218,7 +218,9 @@ pub(super) fn plan(
             // The profiler stops here. In hybrid mode its read re-arming drops host mappings,
             // and KVM maps a page writable (and so marks it dirty) when the guest faults it back
             // in: left running, it would dirty a quarter of memory per epoch (measured: 70x the
-            // pages re-sent on rw-mix). The dirty log carries the write heat from now on.
+            // pages re-sent on rw-mix). The dirty log carries the write heat from now on. What
+            // the profile's earlier epochs left unmapped still comes back dirty; its last epoch
+            // re-armed nothing (`Profiler::run_for`).
             let pages = profiler.heat().pages();
             let order = Order::from_heat(&pages, frames).map_err(MigrationError::Plan)?;
             run.report.plan_heat = Some(PlanHeatOrigin::Profiled);
