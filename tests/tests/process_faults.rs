@@ -341,14 +341,10 @@ fn cli_rejects_a_missing_process_with_one_clear_error() {
     assert!(output.stdout.is_empty());
 }
 
-#[test]
-fn profiling_stops_when_the_target_exits() {
-    if let Some(why) = bpf_unavailable() {
-        return skip("profiling_stops_when_the_target_exits", &why);
-    }
+/// A profiler on `toucher` with 20 ms epochs.
+fn profile_every_20ms(toucher: &Toucher) -> Profiler {
     let probes = Arc::new(Probes::load().expect("load probes"));
-    let mut toucher = Toucher::spawn();
-    let mut profiler = Profiler::start(
+    Profiler::start(
         probes,
         Target::Process { pid: toucher.pid() },
         ProfilerConfig {
@@ -356,7 +352,16 @@ fn profiling_stops_when_the_target_exits() {
             ..ProfilerConfig::default()
         },
     )
-    .expect("track child");
+    .expect("track child")
+}
+
+#[test]
+fn profiling_stops_when_the_target_exits() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("profiling_stops_when_the_target_exits", &why);
+    }
+    let mut toucher = Toucher::spawn();
+    let mut profiler = profile_every_20ms(&toucher);
     toucher.touch();
     toucher.finish();
     let exited = profiler.run_for(Duration::from_secs(60)).expect("run");
@@ -393,17 +398,8 @@ fn a_timed_profile_leaves_nothing_armed_that_no_epoch_reads() {
             &why,
         );
     }
-    let probes = Arc::new(Probes::load().expect("load probes"));
     let toucher = Toucher::spawn();
-    let mut profiler = Profiler::start(
-        probes,
-        Target::Process { pid: toucher.pid() },
-        ProfilerConfig {
-            interval: Duration::from_millis(20),
-            ..ProfilerConfig::default()
-        },
-    )
-    .expect("track child");
+    let mut profiler = profile_every_20ms(&toucher);
     let rearmed = Arc::new(AtomicU64::new(0));
     profiler.set_sampler(Box::new(CountingSampler {
         frames: 64,
