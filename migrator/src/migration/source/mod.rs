@@ -515,13 +515,15 @@ fn execute(
     };
     let mut sender = Stripes::new(streams, options.bandwidth_limit);
     sender.set_compression(options.compress)?;
+    // From here the guest pays for the migration: the dirty log, heat's profile (whose
+    // re-arming faults cost it more than the rounds do in hybrid mode), then the rounds.
+    let under_migration = guest_ops::OpsMark::now(partition);
     partition.dirty_log_start()?;
     let mut order = plan(run, probes, carried)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;
-    let round0 = guest_ops::OpsMark::now(partition);
     let dirty = iterate(run, &mut sender, &mut order)?;
-    // The pause comes next: from round 0 to here is the guest's time under migration.
-    let during = guest_ops::rate(round0, guest_ops::OpsMark::now(partition));
+    // The pause comes next.
+    let during = guest_ops::rate(under_migration, guest_ops::OpsMark::now(partition));
     run.report.guest_ops_ratio = guest_ops::ratio(ops_before, during);
     run.phase = SourcePhase::CuttingOver { session };
     match options.mode {
