@@ -148,8 +148,9 @@ pub struct MigrationReport {
     /// it did (completed migrations only).
     pub downtime_note: Option<String>,
     /// The guest's operations per second from the start of the dirty log (before heat's
-    /// profile) to the pause, over its rate just before the migration; `None` if it did no operations then (paused, or an image
-    /// that keeps no count) or its counter went backwards.
+    /// profile) to the pause, over its rate just before the migration; `None` if it did no
+    /// operations then (paused, or an image that keeps no count) or its counter went
+    /// backwards.
     pub guest_ops_ratio: Option<f64>,
     pub postcopy_requests: u64,
     pub postcopy_fault_latency_us: Latency,
