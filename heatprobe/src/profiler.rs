@@ -389,7 +389,7 @@ impl Profiler {
         let mut next = Instant::now() + self.config.interval;
         loop {
             thread::sleep(next.saturating_duration_since(Instant::now()));
-            let last = Instant::now() >= deadline || next >= deadline;
+            let last = Instant::now() >= deadline;
             if last {
                 self.end_last_epoch()?;
             } else {
