@@ -12,7 +12,7 @@ use migrator::{
         api::MigrateRequest,
         client::{Connection, context_with},
         heat_report,
-        heat_sampling::{HeatSampling, parse_fraction, parse_recheck_fraction},
+        heat_sampling::{HeatSampling, SamplingError, parse_fraction, parse_recheck_fraction},
         server::{Limits, serve},
     },
     migration::{
@@ -358,6 +358,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// The heat sampling the `--heat-*` options give: `serve` takes them, and passes them on to
+/// each partition's `vmm`.
+fn heat_sampling(
+    epoch: Duration,
+    fraction: f64,
+    recheck_fraction: f64,
+    pool: bool,
+) -> Result<HeatSampling, SamplingError> {
+    Ok(HeatSampling::new(epoch, fraction)?
+        .with_recheck(recheck_fraction)?
+        .with_pool(pool))
+}
+
 async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
     if let Command::Certs { out, hosts } = &command {
         for dir in certs::generate(out, hosts)? {
@@ -389,9 +402,12 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             let process = ProcessConfig {
                 listen,
                 peer_timeout,
-                sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?
-                    .with_recheck(heat_recheck_fraction)?
-                    .with_pool(heat_pool),
+                sampling: heat_sampling(
+                    heat_epoch,
+                    heat_sample_fraction,
+                    heat_recheck_fraction,
+                    heat_pool,
+                )?,
                 tls,
             };
             run_daemon(process, limits, security, runtime_dir, on_exit).await
@@ -412,9 +428,12 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             session,
             listen,
             peer_timeout,
-            sampling: HeatSampling::new(heat_epoch, heat_sample_fraction)?
-                .with_recheck(heat_recheck_fraction)?
-                .with_pool(heat_pool),
+            sampling: heat_sampling(
+                heat_epoch,
+                heat_sample_fraction,
+                heat_recheck_fraction,
+                heat_pool,
+            )?,
             security,
         })
         .await?),
