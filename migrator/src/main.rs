@@ -31,6 +31,8 @@ use migrator::{
 };
 use tarpc::context;
 
+mod cli;
+
 const DEFAULT_ADDR: &str = "127.0.0.1:7700";
 
 #[derive(Parser)]
@@ -304,7 +306,53 @@ enum Command {
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
+        /// Return at once with the migration's id (`migrator wait ID` prints its report;
+        /// `migrator migrations` lists it; `migrator cancel ID` cancels it).
+        #[arg(long, conflicts_with = "resume")]
+        detach: bool,
     },
+    /// List the migrations each daemon runs or recently ran (both sides).
+    Migrations {
+        /// A daemon's address; give it again for more daemons.
+        #[arg(long = "host", default_value = DEFAULT_ADDR)]
+        hosts: Vec<SocketAddr>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a migration before its handover: the guest runs on at the source, and the
+    /// destination frees everything. Refused after the handover, saying why.
+    Cancel(MigrationTarget),
+    /// Wait for a migration to end and print its report (as `migrate` does).
+    Wait(MigrationTarget),
+    /// Change a running migration's downtime limit or bandwidth.
+    Limits {
+        #[command(flatten)]
+        target: MigrationTarget,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        downtime_limit: Option<Duration>,
+        /// Bytes per second, as `migrate --bandwidth-limit`; `unlimited` lifts it.
+        #[arg(long, value_parser = parse_bandwidth_or_unlimited)]
+        bandwidth_limit: Option<u64>,
+    },
+    /// Switch a hybrid migration to post-copy at its next check.
+    Postcopy(MigrationTarget),
+}
+
+#[derive(Args)]
+struct MigrationTarget {
+    #[command(flatten)]
+    host: Host,
+    /// The migration's id (`PARTITION.mN`, from `migrate --detach` or `migrations`), or a
+    /// partition's id for its latest migration.
+    migration: String,
+}
+
+/// As [`parse_bandwidth`], or 0 for `unlimited`.
+fn parse_bandwidth_or_unlimited(text: &str) -> Result<u64> {
+    match text.trim() {
+        "unlimited" => Ok(0),
+        _ => parse_bandwidth(text),
+    }
 }
 
 /// Bytes per second from `1gbit`, `100mbit`, `64kbit` (bits) or `50M`, `1G` (bytes).
@@ -546,6 +594,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             recover_window,
             resume,
             json,
+            detach,
         } => {
             let options = MigrationOptions {
                 strategy,
@@ -567,9 +616,82 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             if !resume {
                 options.validate()?;
             }
+            if detach {
+                return detached(from, id, to, options, json, &security).await;
+            }
             migrate(from, id, to, options, json, &security).await
         }
+        Command::Migrations { hosts, json } => cli::jobs::list(&hosts, json, &security).await,
+        Command::Cancel(target) => {
+            cli::jobs::cancel(
+                target.host.host,
+                target.migration,
+                target.host.json,
+                &security,
+            )
+            .await
+        }
+        Command::Wait(target) => {
+            let report = cli::jobs::wait(target.host.host, target.migration, &security).await?;
+            print_report(&report, target.host.json)?;
+            cli::jobs::outcome(&report)
+        }
+        Command::Limits {
+            target,
+            downtime_limit,
+            bandwidth_limit,
+        } => {
+            let limits = migrator::migration::job::LiveLimits {
+                downtime_limit,
+                bandwidth_limit,
+            };
+            cli::jobs::limits(
+                target.host.host,
+                target.migration,
+                limits,
+                target.host.json,
+                &security,
+            )
+            .await
+        }
+        Command::Postcopy(target) => {
+            cli::jobs::postcopy(
+                target.host.host,
+                target.migration,
+                target.host.json,
+                &security,
+            )
+            .await
+        }
     }
+}
+
+/// `migrate --detach`: starts the migration and prints its id.
+async fn detached(
+    from: SocketAddr,
+    id: String,
+    to: Option<SocketAddr>,
+    options: MigrationOptions,
+    json: bool,
+    security: &Security,
+) -> Result<()> {
+    let Some(to) = to else {
+        bail!("--detach needs --to");
+    };
+    let connection = Connection::open(from, security).await?;
+    let request = MigrateRequest { id, to, options };
+    let migration = connection.rpc(
+        connection
+            .client
+            .migrate_detached(context_with(Duration::from_secs(60)), request)
+            .await,
+    )??;
+    if json {
+        println!("{}", serde_json::json!({ "migration": migration }));
+    } else {
+        println!("{migration}");
+    }
+    Ok(())
 }
 
 type RpcResult = Result<Result<PartitionInfo, migrator::daemon::ApiError>, tarpc::client::RpcError>;
@@ -713,7 +835,6 @@ async fn migrate(
 ) -> Result<()> {
     use std::io::IsTerminal;
     let connection = Connection::open(from, security).await?;
-    let downtime_limit = options.downtime_limit;
     let ctx = context_with(Duration::from_secs(3600));
     let call = async {
         match to {
@@ -769,54 +890,76 @@ async fn migrate(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
+    // Ctrl-C cancels the migration, as `virsh migrate` does, and waits for its report: the
+    // guest runs on here if it was before the handover. Past it, the migration goes on and
+    // this waits for it to end.
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return std::future::pending::<()>().await;
+        }
+        let cancel = connection
+            .client
+            .migration_cancel(context_with(Duration::from_secs(30)), id.clone())
+            .await;
+        match cancel {
+            Ok(Ok(_)) => eprintln!("migrator: cancelling the migration"),
+            Ok(Err(refused)) => eprintln!("migrator: not cancelled: {refused}; waiting for it"),
+            Err(e) => eprintln!("migrator: could not ask for a cancel: {e}"),
+        }
+        std::future::pending::<()>().await
+    };
     let result = tokio::select! {
         result = call => result,
         () = watch => unreachable!("the watcher never ends"),
+        () = interrupt => unreachable!("the interrupt never ends"),
     };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let report = connection.rpc(result)??;
+    print_report(&report, json)?;
+    cli::jobs::outcome(&report)
+}
+
+/// Prints a migration's report: one JSON object, or a summary.
+fn print_report(report: &migrator::migration::MigrationReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!(
-            "{}: {} in {} ms ({} rounds, {} pages sent, {} re-sent, {} zero), downtime {} ms, {:.0} Mbit/s",
-            report.status,
-            report.id_on_destination.as_deref().unwrap_or("-"),
-            report.total_time_ms,
-            report.rounds,
-            report.pages_sent,
-            report.pages_resent,
-            report.zero_pages,
-            report.downtime_ms,
-            report.mbps
-        );
-        // A failed migration's limit was not kept or broken: it has no downtime to judge.
-        if report.status == migrator::migration::MigrationStatus::Completed {
-            println!("{}", downtime_line(&report, downtime_limit));
-        }
-        if let Some(note) = &report.downtime_note {
-            println!("  {note}");
-        }
-        if report.bytes_uncompressed != report.bytes_sent {
-            println!("{}", compression_line(&report));
-        }
-        if let Some(ratio) = report.guest_ops_ratio {
-            println!(
-                "guest ran at {:.0}% of its operations per second before the migration",
-                ratio * 100.0
-            );
-        }
-        if report.status == migrator::migration::MigrationStatus::Completed {
-            println!("{}", after_move_line(&report));
-        }
-        if let Some(error) = &report.error {
-            println!("error: {error}");
-        }
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
     }
-    if report.status != migrator::migration::MigrationStatus::Completed {
-        bail!("the migration failed; {}", report.guest_location);
+    println!(
+        "{}: {} in {} ms ({} rounds, {} pages sent, {} re-sent, {} zero), downtime {} ms, {:.0} Mbit/s",
+        report.status,
+        report.id_on_destination.as_deref().unwrap_or("-"),
+        report.total_time_ms,
+        report.rounds,
+        report.pages_sent,
+        report.pages_resent,
+        report.zero_pages,
+        report.downtime_ms,
+        report.mbps
+    );
+    // A failed migration's limit was not kept or broken: it has no downtime to judge.
+    if report.status == migrator::migration::MigrationStatus::Completed {
+        println!("{}", downtime_line(report));
+    }
+    if let Some(note) = &report.downtime_note {
+        println!("  {note}");
+    }
+    if report.bytes_uncompressed != report.bytes_sent {
+        println!("{}", compression_line(report));
+    }
+    if let Some(ratio) = report.guest_ops_ratio {
+        println!(
+            "guest ran at {:.0}% of its operations per second before the migration",
+            ratio * 100.0
+        );
+    }
+    if report.status == migrator::migration::MigrationStatus::Completed {
+        println!("{}", after_move_line(report));
+    }
+    if let Some(error) = &report.error {
+        println!("error: {error}");
     }
     Ok(())
 }
@@ -834,7 +977,7 @@ fn compression_line(report: &migrator::migration::MigrationReport) -> String {
 }
 
 /// The summary's downtime line: the total against the limit, then where it went.
-fn downtime_line(report: &migrator::migration::MigrationReport, limit: Duration) -> String {
+fn downtime_line(report: &migrator::migration::MigrationReport) -> String {
     let verdict = if report.downtime_limit_met {
         "within"
     } else {
@@ -843,7 +986,7 @@ fn downtime_line(report: &migrator::migration::MigrationReport, limit: Duration)
     format!(
         "downtime {} ms, {verdict} the {} ms limit: {}",
         report.downtime_ms,
-        limit.as_millis(),
+        report.downtime_limit_ms,
         report.downtime_breakdown.summary()
     )
 }

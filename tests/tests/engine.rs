@@ -16,13 +16,14 @@ use heatprobe_tests::{bpf_unavailable, kvm_unavailable, skip};
 use migrator::{
     daemon::ApiError,
     migration::{
-        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
+        MigrationReport, MigrationStatus, Mode, Strategy,
         control::{
             CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
             HandoverReply, PrepareReply, PrepareRequest, Recovery,
         },
         convergence::{Converge, CutoverReason, TimeoutStrategy},
         destination::{ProbeSlot, Session, WindowOrWhyNot},
+        job::Job,
         link::{DataLink, DataStream, LinkError},
         report::{PlanHeatOrigin, PostCutoverFaults},
         source::{MigrationOptions, PlanHeat, migrate},
@@ -141,9 +142,13 @@ impl Destination for InProcess {
 
     fn handover(&mut self, session: u64) -> Result<HandoverReply, DestinationError> {
         let found = self.sessions.get(&session).cloned().expect("a session");
+        // As the daemon does: a handover refused drops the session, and nothing of it runs.
         let resume_ms = found
             .handover()
-            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?
+            .map_err(|e| {
+                let _ = found.abort();
+                DestinationError::Refused(ApiError::NothingRunsHere(e.to_string()))
+            })?
             .expect("handed over once");
         // The fault window starts at the resume, which the handover is.
         if let Some(window) = found.fault_window() {
@@ -307,15 +312,8 @@ fn run_counting(
         opened: Mutex::new(Vec::new()),
         finished: BTreeMap::new(),
     };
-    let progress = Mutex::new(MigrationProgress::default());
-    let report = migrate(
-        &partition,
-        &mut destination,
-        None,
-        carried,
-        options,
-        &progress,
-    );
+    let job = Job::new("engine-test.m1".into());
+    let report = migrate(&partition, &mut destination, None, carried, options, &job);
     drop(destination);
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     (report, partition, seen)

@@ -19,6 +19,7 @@ use crate::{
     daemon::{
         heat_report::{PartitionHeat, PlanPreview},
         heat_view::HeatView,
+        outgoing::MigrationInfo,
     },
     migration::{
         MigrationProgress, MigrationReport, Strategy,
@@ -26,6 +27,7 @@ use crate::{
             CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
             PrepareRequest, Recovery,
         },
+        job::LiveLimits,
         report::PostCutoverFaults,
         source::MigrationOptions,
     },
@@ -46,8 +48,11 @@ use crate::{
 /// `migrate_resume`, the options' `recover_window`, the report's `postcopy_recoveries` and
 /// `postcopy_paused_ms`, and the partition state `postcopy-paused`); 9 adds what one process
 /// per partition needs (`hello`'s `holds`, the partition's `pid` and
-/// `process_rss_anon_bytes`). New calls go at the end of the service.
-pub const API_VERSION: u32 = 9;
+/// `process_rss_anon_bytes`); 10 adds migrations as jobs (`migrations`, `migrate_detached`,
+/// `migration_wait`, `migration_cancel`, `migration_set_limits`, `migration_postcopy`, the
+/// report's `migration` and status `cancelled`) and the refusals `NothingRunsHere`,
+/// `HeldByMigration`, `UnknownMigration` and `Steer`. New calls go at the end of the service.
+pub const API_VERSION: u32 = 10;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.
@@ -139,6 +144,29 @@ pub enum ApiError {
     /// The daemon failed in a way no request should cause (a task panicked).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The destination's definite answer that nothing of a session runs there, nor ever
+    /// will: it dropped the session and stopped whatever the session restored. The only
+    /// refusal after which a source may resume its copy.
+    #[error("nothing of the session runs here: {0}")]
+    NothingRunsHere(String),
+    /// A migration holds the partition, and the call would change it.
+    #[error(
+        "partition `{partition}` is held by migration `{migration}` ({side}, phase {phase}); \
+         `migrator cancel {migration}` cancels it before its handover, or wait for it"
+    )]
+    HeldByMigration {
+        partition: String,
+        migration: String,
+        /// `source` or `destination`.
+        side: String,
+        phase: String,
+    },
+    /// No migration with this id on this daemon.
+    #[error("no migration `{0}` here")]
+    UnknownMigration(String),
+    /// An operator's request to steer a migration that cannot take it.
+    #[error("migration `{migration}`: {why}")]
+    Steer { migration: String, why: String },
 }
 
 impl From<super::admission::AdmissionError> for ApiError {
@@ -229,6 +257,25 @@ pub trait MigratorApi {
         id: String,
         options: MigrationOptions,
     ) -> Result<MigrationReport, ApiError>;
+    /// Every migration this daemon runs or recently ran: outgoing ones (`source`), and the
+    /// incoming sessions it holds (`destination`). libvirt's `domjobinfo`, QEMU's
+    /// `query-migrate`.
+    async fn migrations() -> Vec<MigrationInfo>;
+    /// Source side: starts migrating as `migrate` does and returns the migration's id at once.
+    async fn migrate_detached(request: MigrateRequest) -> Result<String, ApiError>;
+    /// Source side: waits for migration `migration` to end and returns its report.
+    async fn migration_wait(migration: String) -> Result<MigrationReport, ApiError>;
+    /// Source side: cancels migration `migration` (or the running migration of the partition
+    /// of that id) if it is before its handover: the guest runs on here and the destination
+    /// frees everything. Refused after it, saying why.
+    async fn migration_cancel(migration: String) -> Result<MigrationInfo, ApiError>;
+    /// Source side: changes a running migration's downtime limit or bandwidth.
+    async fn migration_set_limits(
+        migration: String,
+        limits: LiveLimits,
+    ) -> Result<MigrationInfo, ApiError>;
+    /// Source side: a hybrid migration cuts over to post-copy at its next check.
+    async fn migration_postcopy(migration: String) -> Result<MigrationInfo, ApiError>;
 }
 
 /// How long heat carried by a migration stays in use at the destination.

@@ -5,14 +5,14 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
-use super::{api::ApiError, blocking, error_chain, server::Daemon};
+use super::{api::ApiError, blocking, error_chain, outgoing::MigrationInfo, server::Daemon};
 use crate::migration::{
     Mode,
     control::{
         CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
         PrepareRequest, Recovery,
     },
-    destination::{Session, SessionError, WindowOrWhyNot},
+    destination::{Session, SessionError, SessionPhase, WindowOrWhyNot},
     link::DataLink,
     protocol::PROTOCOL_VERSION,
     report::PostCutoverFaults,
@@ -26,6 +26,30 @@ const FAULT_FIGURES_KEPT: Duration = Duration::from_secs(60);
 const FINISH_KEPT: Duration = Duration::from_secs(15 * 60);
 
 impl Daemon {
+    /// The incoming sessions, as `migrations` lists them (`destination` side).
+    pub(super) fn incoming_migrations(&self) -> Vec<MigrationInfo> {
+        self.registry
+            .session_list()
+            .into_iter()
+            .map(|(id, session, partition)| {
+                let phase = session.phase();
+                MigrationInfo {
+                    id: format!("session {id}"),
+                    partition: partition.unwrap_or_default(),
+                    peer: None,
+                    side: "destination".into(),
+                    mode: session.mode,
+                    strategy: None,
+                    phase: format!("{phase:?}"),
+                    cancellable: false,
+                    progress: None,
+                    started_unix_ms: None,
+                    status: None,
+                }
+            })
+            .collect()
+    }
+
     pub(super) async fn prepare_incoming(
         &self,
         request: PrepareRequest,
@@ -117,7 +141,12 @@ impl Daemon {
                         id_on_destination: id,
                         resume_ms: 0.0,
                     }),
-                    _ => Err(e),
+                    // Committed here, and what it restored was stopped since.
+                    Some(id) => Err(ApiError::NothingRunsHere(format!(
+                        "session {session_id} was dropped and partition `{id}`, which it \
+                         restored, stopped"
+                    ))),
+                    None => Err(e),
                 };
             }
         };
@@ -145,7 +174,7 @@ impl Daemon {
                 let _ = session.abort();
                 self.registry.remove_session(session_id);
                 self.stop_committed(session_id).await;
-                Err(ApiError::Migration(error_chain(&e)))
+                Err(ApiError::NothingRunsHere(error_chain(&e)))
             }
         }
     }
@@ -284,11 +313,16 @@ impl Daemon {
     }
 
     /// Drops incoming session `id` once it fails before its cutover: its source was killed or
-    /// cut off and will send no `abort`. Ends when the session leaves the inventory.
+    /// cut off and will send no `abort`. Drops it too once it has waited parked for its
+    /// handover longer than [`parked_limit`]: that copy never ran, so dropping it is safe,
+    /// and a source that asks for the handover after all is told that nothing of it runs
+    /// here, and resumes. Ends when the session leaves the inventory.
     fn reap_on_failure(&self, id: u64, session: &Arc<Session>) {
         let daemon = self.clone();
         let session = Arc::downgrade(session);
+        let parked_limit = parked_limit(self.peer_timeout);
         tokio::spawn(async move {
+            let mut parked_since: Option<std::time::Instant> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let Some(session) = session.upgrade() else {
@@ -296,6 +330,21 @@ impl Daemon {
                 };
                 if !daemon.registry.holds_session(id, &session) {
                     return;
+                }
+                if session.phase() == SessionPhase::Parked {
+                    let since = *parked_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > parked_limit {
+                        warn!(
+                            "migration session {id} waited parked for its handover over \
+                             {parked_limit:?}: dropping it and the copy it restored, which never ran"
+                        );
+                        let _ = session.abort();
+                        daemon.registry.remove_session(id);
+                        daemon.stop_committed(id).await;
+                        return;
+                    }
+                } else {
+                    parked_since = None;
                 }
                 if let Some(error) = session.failed_before_cutover() {
                     warn!(
@@ -311,6 +360,14 @@ impl Daemon {
             }
         });
     }
+}
+
+/// How long a committed copy waits parked for its handover before the destination drops it:
+/// ten peer timeouts, and at least a minute. A source whose commit went unanswered asks again
+/// with backoff (at most every 30 s); one that never does has lost the guest's handover for
+/// good, and resumes its own copy when it learns nothing runs here.
+fn parked_limit(peer_timeout: Duration) -> Duration {
+    (peer_timeout * 10).max(Duration::from_secs(60))
 }
 
 /// A session that finished, kept for its source to ask about again: its answer, and the

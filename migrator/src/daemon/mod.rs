@@ -24,7 +24,7 @@ mod incoming;
 mod kept;
 pub mod listener;
 pub mod memory;
-mod outgoing;
+pub mod outgoing;
 pub mod peer;
 pub mod profilers;
 mod reconcile;

@@ -1,12 +1,21 @@
-//! The source side of migrations: starting one (within the daemon's limit), running the
-//! engine on the blocking pool against the destination daemon, and what the partition becomes.
+//! The source side of migrations, as jobs: starting one (within the daemon's limit), running
+//! the engine on the blocking pool against the destination daemon in a task of its own, and
+//! what the partition becomes. A migration never depends on the connection of whoever
+//! started it: the task runs to its end, reconcile and bookkeeping included, whether or not
+//! anyone waits for its report (`migrate --detach`, a caller that went away).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
 };
 
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tracing::warn;
 
 use super::{
@@ -18,56 +27,204 @@ use super::{
 };
 use crate::{
     migration::{
-        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy, report::Phase,
+        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
+        job::{Job, LiveLimits},
+        report::Phase,
         source::MigrationOptions,
     },
     vmm::{Partition, PartitionState},
 };
 
-/// The progress of every outgoing migration, by partition; finished ones stay readable until
-/// their partition is forgotten.
-#[derive(Clone, Default)]
-pub struct Outgoing {
-    migrations: Arc<Mutex<BTreeMap<String, Arc<Mutex<MigrationProgress>>>>>,
+/// How many finished migrations a daemon remembers for `migration_wait` and `migrations`.
+const KEEP_FINISHED: usize = 64;
+
+/// A migration as `migrator migrations` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// `PARTITION.mN`: the partition it moves, and its number on this daemon.
+    pub id: String,
+    pub partition: String,
+    /// The other daemon (the source's view; a destination does not know its source's API
+    /// address).
+    pub peer: Option<String>,
+    /// `source` or `destination`.
+    pub side: String,
+    pub mode: Mode,
+    /// The source's strategy (a destination is not told).
+    pub strategy: Option<Strategy>,
+    /// The phase, by name: the source engine's (`precopy`, `handing-over`, ...) or the
+    /// destination session's (`Receiving`, `Parked`, ...).
+    pub phase: String,
+    /// Whether an operator's cancel can still undo it (only the source cancels).
+    pub cancellable: bool,
+    /// The source's progress.
+    pub progress: Option<MigrationProgress>,
+    pub started_unix_ms: Option<u64>,
+    /// How it ended, once it has.
+    pub status: Option<MigrationStatus>,
 }
 
-fn running(progress: &Mutex<MigrationProgress>) -> bool {
-    !progress
-        .lock()
-        .map(|p| p.phase)
-        .unwrap_or(Phase::Failed)
-        .is_final()
+/// What a migration's task ends with: its report, or why it never started.
+type Outcome = Result<MigrationReport, ApiError>;
+
+/// One outgoing migration on this daemon.
+pub struct Outbound {
+    pub job: Arc<Job>,
+    pub partition: String,
+    pub peer: String,
+    pub options: MigrationOptions,
+    started_unix_ms: u64,
+    outcome: watch::Sender<Option<Outcome>>,
+}
+
+impl Outbound {
+    /// Whether its task still runs (the engine, or the bookkeeping after it).
+    pub fn running(&self) -> bool {
+        self.outcome.borrow().is_none()
+    }
+
+    pub fn info(&self) -> MigrationInfo {
+        let phase = self.job.phase();
+        let status = match &*self.outcome.borrow() {
+            Some(Ok(report)) => Some(report.status),
+            Some(Err(_)) => Some(MigrationStatus::Failed),
+            None => None,
+        };
+        MigrationInfo {
+            id: self.job.id().to_string(),
+            partition: self.partition.clone(),
+            peer: Some(self.peer.clone()),
+            side: "source".into(),
+            mode: self.options.mode,
+            strategy: Some(self.options.strategy),
+            phase: phase.name(),
+            cancellable: phase.cancellable() && status.is_none(),
+            progress: Some(self.job.progress()),
+            started_unix_ms: Some(self.started_unix_ms),
+            status,
+        }
+    }
+
+    /// Waits until the migration's task has ended, and says how.
+    pub async fn outcome(&self) -> Outcome {
+        let mut watching = self.outcome.subscribe();
+        match watching.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or_else(|| unreachable_outcome(self)),
+            // The sender lives as long as `self`.
+            Err(_) => unreachable_outcome(self),
+        }
+    }
+
+    fn end(&self, outcome: Outcome) {
+        self.outcome.send_replace(Some(outcome));
+    }
+}
+
+fn unreachable_outcome(outbound: &Outbound) -> Outcome {
+    Err(ApiError::Internal(format!(
+        "migration `{}` ended without a report",
+        outbound.job.id()
+    )))
+}
+
+/// Every outgoing migration: the latest of each partition, and the finished ones, until
+/// their partition is forgotten or [`KEEP_FINISHED`] newer ones ended.
+#[derive(Clone, Default)]
+pub struct Outgoing {
+    inner: Arc<Mutex<Jobs>>,
+    numbers: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    by_partition: BTreeMap<String, Arc<Outbound>>,
+    finished: VecDeque<Arc<Outbound>>,
 }
 
 impl Outgoing {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Mutex<MigrationProgress>>>> {
-        self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers a migration of partition `id`, unless it already migrates or `max` run.
-    fn start(&self, id: &str, daemon: &Daemon) -> Result<Arc<Mutex<MigrationProgress>>, ApiError> {
-        let mut migrations = self.lock();
-        if migrations.get(id).is_some_and(|p| running(p)) {
-            return Err(ApiError::Partition(format!(
-                "partition `{id}` is already migrating"
-            )));
+    fn start(
+        &self,
+        id: &str,
+        peer: String,
+        options: &MigrationOptions,
+        daemon: &Daemon,
+    ) -> Result<Arc<Outbound>, ApiError> {
+        let mut jobs = self.lock();
+        if let Some(running) = jobs.by_partition.get(id).filter(|o| o.running()) {
+            return Err(held_by(running));
         }
-        let count = migrations.values().filter(|p| running(p)).count();
+        let count = jobs.by_partition.values().filter(|o| o.running()).count();
         daemon.limits.admit_migration(count)?;
-        let progress = Arc::new(Mutex::new(MigrationProgress::default()));
-        migrations.insert(id.to_string(), Arc::clone(&progress));
-        Ok(progress)
+        let number = self.numbers.fetch_add(1, Ordering::Relaxed) + 1;
+        let outbound = Arc::new(Outbound {
+            job: Arc::new(Job::new(format!("{id}.m{number}"))),
+            partition: id.to_string(),
+            peer,
+            options: options.clone(),
+            started_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            outcome: watch::channel(None).0,
+        });
+        if let Some(previous) = jobs
+            .by_partition
+            .insert(id.to_string(), Arc::clone(&outbound))
+        {
+            jobs.finished.push_back(previous);
+            while jobs.finished.len() > KEEP_FINISHED {
+                jobs.finished.pop_front();
+            }
+        }
+        Ok(outbound)
     }
 
     /// Whether any migration runs.
     pub fn any_running(&self) -> bool {
-        self.lock().values().any(|p| running(p))
+        self.lock().by_partition.values().any(|o| o.running())
+    }
+
+    /// The running migration of partition `id`, if one holds it.
+    pub fn holding(&self, id: &str) -> Option<Arc<Outbound>> {
+        self.lock()
+            .by_partition
+            .get(id)
+            .filter(|o| o.running())
+            .cloned()
     }
 
     pub fn progress(&self, id: &str) -> Option<MigrationProgress> {
-        self.lock()
-            .get(id)
-            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        self.lock().by_partition.get(id).map(|o| o.job.progress())
+    }
+
+    /// Every migration remembered, oldest first.
+    pub fn list(&self) -> Vec<MigrationInfo> {
+        let jobs = self.lock();
+        let mut all: Vec<MigrationInfo> = jobs
+            .finished
+            .iter()
+            .chain(jobs.by_partition.values())
+            .map(|o| o.info())
+            .collect();
+        all.sort_by_key(|m| m.started_unix_ms);
+        all
+    }
+
+    /// Migration `migration`, by its id, or the latest of the partition of that id.
+    pub fn find(&self, migration: &str) -> Result<Arc<Outbound>, ApiError> {
+        let jobs = self.lock();
+        jobs.by_partition
+            .values()
+            .chain(jobs.finished.iter())
+            .find(|o| o.job.id() == migration)
+            .or_else(|| jobs.by_partition.get(migration))
+            .cloned()
+            .ok_or_else(|| ApiError::UnknownMigration(migration.to_string()))
     }
 
     /// Forgets the finished migrations of `ids` (partitions the daemon no longer remembers).
@@ -75,46 +232,89 @@ impl Outgoing {
         if ids.is_empty() {
             return;
         }
-        let mut migrations = self.lock();
+        let mut jobs = self.lock();
         for id in ids {
-            if migrations.get(id).is_some_and(|p| !running(p)) {
-                migrations.remove(id);
+            if jobs.by_partition.get(id).is_some_and(|o| !o.running()) {
+                jobs.by_partition.remove(id);
             }
         }
+        jobs.finished.retain(|o| !ids.contains(&o.partition));
     }
 }
 
-fn fail(progress: &Mutex<MigrationProgress>) {
-    progress.lock().unwrap_or_else(|p| p.into_inner()).phase = Phase::Failed;
+/// The refusal of a call that would change a partition a source-side migration holds.
+pub fn held_by(outbound: &Outbound) -> ApiError {
+    ApiError::HeldByMigration {
+        partition: outbound.partition.clone(),
+        migration: outbound.job.id().to_string(),
+        side: "source".into(),
+        phase: outbound.job.phase().name(),
+    }
+}
+
+fn steer_refused(outbound: &Outbound, why: impl std::fmt::Display) -> ApiError {
+    ApiError::Steer {
+        migration: outbound.job.id().to_string(),
+        why: why.to_string(),
+    }
 }
 
 impl Daemon {
-    /// Migrates partition `request.id` to the daemon at `request.to`.
-    pub(super) async fn migrate_out(
+    /// Starts migrating partition `request.id` to the daemon at `request.to`, in a task of
+    /// its own; returns the migration at once.
+    pub(super) async fn start_out(
         &self,
         request: MigrateRequest,
-    ) -> Result<MigrationReport, ApiError> {
+    ) -> Result<Arc<Outbound>, ApiError> {
         let partition = self.registry.live(&request.id)?;
+        self.refuse_if_held(&request.id)?;
         let state = partition.state();
         if state != PartitionState::Running && state != PartitionState::Paused {
             return Err(ApiError::Partition(format!(
-                "partition `{}` is {state:?}; only running or paused partitions migrate",
-                request.id
+                "partition `{}` is {}; only running or paused partitions migrate",
+                request.id,
+                state.name()
             )));
         }
-        let progress = self.outgoing.start(&request.id, self)?;
+        let outbound =
+            self.outgoing
+                .start(&request.id, request.to.to_string(), &request.options, self)?;
         // Only once the migration is registered: from then on no shared heat profiler starts
         // on the partition (they check for a running migration under the lock unwatch takes),
         // so the vCPU threads this frees stay free for the migration's own profiler.
         self.unwatch(&request.id);
+        let daemon = self.clone();
+        let task = Arc::clone(&outbound);
+        tokio::spawn(async move {
+            let outcome = daemon.run_out(request, partition, &task).await;
+            task.end(outcome);
+        });
+        Ok(outbound)
+    }
+
+    /// The migration's whole course, from opening the destination to the bookkeeping after.
+    async fn run_out(
+        &self,
+        request: MigrateRequest,
+        partition: Arc<Partition>,
+        outbound: &Outbound,
+    ) -> Outcome {
+        let job = Arc::clone(&outbound.job);
         let mut destination =
             match RemoteDestination::open(request.to, &self.security, self.peer_timeout).await {
                 Ok(destination) => destination,
                 Err(why) => {
-                    fail(&progress);
+                    fail(&job);
                     return Err(ApiError::Migration(why));
                 }
             };
+        if job.cancel_requested() {
+            fail(&job);
+            return Err(ApiError::Migration(format!(
+                "migration `{}` was cancelled before it began",
+                job.id()
+            )));
+        }
         let probes = match request.options.strategy {
             Strategy::Heat => match self.probes().await {
                 Ok(probes) => Some(probes),
@@ -139,7 +339,7 @@ impl Daemon {
                 probes,
                 carried,
                 &options,
-                &progress,
+                &job,
             )
         })
         .await?;
@@ -152,6 +352,59 @@ impl Daemon {
         }
         self.moved_if_completed(request.id, partition, &report, request.to);
         Ok(report)
+    }
+
+    /// Refuses a call that would change partition `id` while a migration holds it: an
+    /// outgoing one, or the incoming one whose copy it is, until its handover is over.
+    pub(super) fn refuse_if_held(&self, id: &str) -> Result<(), ApiError> {
+        if let Some(outbound) = self.outgoing.holding(id) {
+            return Err(held_by(&outbound));
+        }
+        if let Some((session, phase)) = self.registry.held_by_session(id) {
+            return Err(ApiError::HeldByMigration {
+                partition: id.to_string(),
+                migration: format!("session {session}"),
+                side: "destination".into(),
+                phase: format!("{phase:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Cancels migration `migration` (or the running one of the partition of that id), if
+    /// it is still before its handover.
+    pub(super) fn cancel_out(&self, migration: &str) -> Result<MigrationInfo, ApiError> {
+        let outbound = self.outgoing.find(migration)?;
+        outbound
+            .job
+            .request_cancel()
+            .map_err(|e| steer_refused(&outbound, e))?;
+        warn!("migration {} cancelled by the operator", outbound.job.id());
+        Ok(outbound.info())
+    }
+
+    /// Changes a running migration's downtime limit or bandwidth.
+    pub(super) fn limit_out(
+        &self,
+        migration: &str,
+        limits: LiveLimits,
+    ) -> Result<MigrationInfo, ApiError> {
+        let outbound = self.outgoing.find(migration)?;
+        outbound
+            .job
+            .request_limits(limits)
+            .map_err(|e| steer_refused(&outbound, e))?;
+        Ok(outbound.info())
+    }
+
+    /// Switches a hybrid migration to post-copy at its next check.
+    pub(super) fn postcopy_out(&self, migration: &str) -> Result<MigrationInfo, ApiError> {
+        let outbound = self.outgoing.find(migration)?;
+        outbound
+            .job
+            .request_postcopy(outbound.options.mode)
+            .map_err(|e| steer_refused(&outbound, e))?;
+        Ok(outbound.info())
     }
 
     /// Resumes the post-copy partition `id` holds the missing pages of (state
@@ -178,30 +431,45 @@ impl Daemon {
         options
             .validate()
             .map_err(|e| ApiError::Migration(error_chain(&e)))?;
-        let progress = self.outgoing.start(&id, self)?;
-        let mut destination =
-            match RemoteDestination::open(to, &self.security, self.peer_timeout).await {
-                Ok(destination) => destination,
-                Err(why) => {
-                    fail(&progress);
-                    return Err(ApiError::Migration(format!(
-                        "{why}; partition `{id}` stays postcopy-paused"
-                    )));
+        let outbound = self
+            .outgoing
+            .start(&id, paused.peer.clone(), &options, self)?;
+        let daemon = self.clone();
+        let task = Arc::clone(&outbound);
+        tokio::spawn(async move {
+            let outcome =
+                async {
+                    let job = Arc::clone(&task.job);
+                    let mut destination =
+                        match RemoteDestination::open(to, &daemon.security, daemon.peer_timeout)
+                            .await
+                        {
+                            Ok(destination) => destination,
+                            Err(why) => {
+                                fail(&job);
+                                return Err(ApiError::Migration(format!(
+                                    "{why}; partition `{id}` stays postcopy-paused"
+                                )));
+                            }
+                        };
+                    let engine = Arc::clone(&partition);
+                    let report = blocking("resuming the migration", move || {
+                        crate::migration::source::resume_postcopy(
+                            &engine,
+                            &mut destination,
+                            paused,
+                            &options,
+                            &job,
+                        )
+                    })
+                    .await?;
+                    daemon.moved_if_completed(id, partition, &report, to);
+                    Ok(report)
                 }
-            };
-        let engine = Arc::clone(&partition);
-        let report = blocking("resuming the migration", move || {
-            crate::migration::source::resume_postcopy(
-                &engine,
-                &mut destination,
-                paused,
-                &options,
-                &progress,
-            )
-        })
-        .await?;
-        self.moved_if_completed(id, partition, &report, to);
-        Ok(report)
+                .await;
+            task.end(outcome);
+        });
+        outbound.outcome().await
     }
 
     /// Once a migration of partition `id` to `to` completed, the copy here is recorded as
@@ -226,4 +494,10 @@ impl Daemon {
         drop(partition);
         self.remember_stopped(id, info);
     }
+}
+
+/// A migration that never reached the engine: users see it failed.
+fn fail(job: &Job) {
+    job.progress_mut().phase = Phase::Failed;
+    let _ = job.step(crate::migration::source::SourceEvent::Fail, Mode::Precopy);
 }

@@ -92,10 +92,13 @@ impl Daemon {
             .await
         {
             Ok(Ok(reply)) => Some(reply.id_on_destination),
-            Ok(Err(refused)) => {
+            Ok(Err(refused @ ApiError::NothingRunsHere(_))) => {
                 info!("partition {id}: the destination refused the handover: {refused}");
                 None
             }
+            // Any other refusal (an unknown session, an internal error) does not say that
+            // nothing of it runs there: the partition keeps waiting.
+            Ok(Err(refused)) => return Err(unreachable(format!("it answered: {refused}"))),
             Err(e) => return Err(unreachable(e.to_string())),
         };
         // The partition may have changed hands meanwhile (reconciled twice at once).

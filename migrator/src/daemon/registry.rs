@@ -11,7 +11,10 @@ use super::{
     admission::{AdmissionError, Limits, Usage},
     api::{ApiError, PartitionInfo},
 };
-use crate::{migration::destination::Session, vmm::Partition};
+use crate::{
+    migration::destination::{Session, SessionPhase},
+    vmm::Partition,
+};
 
 /// How many stopped partitions a daemon remembers (for `status` and `list`), and how many
 /// committed sessions it remembers for a late abort.
@@ -178,6 +181,44 @@ impl Registry {
             .sessions
             .get(&id)
             .is_some_and(|current| Arc::ptr_eq(current, session))
+    }
+
+    /// The incoming session that holds partition `id`, with its phase: the copy a commit
+    /// restored is the session's, not an ordinary partition, until the session ends (at its
+    /// handover in pre-copy, when every page is in place in hybrid).
+    pub fn held_by_session(&self, id: &str) -> Option<(u64, SessionPhase)> {
+        let holding = {
+            let inventory = self.lock();
+            inventory
+                .committed
+                .iter()
+                .filter(|(_, committed)| committed == id)
+                .find_map(|(session, _)| {
+                    inventory
+                        .sessions
+                        .get(session)
+                        .map(|held| (*session, Arc::clone(held)))
+                })
+        };
+        // The session's phase is read outside the inventory's lock.
+        holding.map(|(session, held)| (session, held.phase()))
+    }
+
+    /// Every incoming session held, with the partition its commit restored, if it has one.
+    pub fn session_list(&self) -> Vec<(u64, Arc<Session>, Option<String>)> {
+        let inventory = self.lock();
+        inventory
+            .sessions
+            .iter()
+            .map(|(&id, session)| {
+                let partition = inventory
+                    .committed
+                    .iter()
+                    .find(|(committed, _)| *committed == id)
+                    .map(|(_, partition)| partition.clone());
+                (id, Arc::clone(session), partition)
+            })
+            .collect()
     }
 
     /// Incoming sessions held.

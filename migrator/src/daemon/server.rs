@@ -34,7 +34,7 @@ use super::{
     heat_sampling::HeatSampling,
     heat_view::HeatView,
     kept::Kept,
-    outgoing::Outgoing,
+    outgoing::{MigrationInfo, Outgoing},
     profilers::Profilers,
     registry::{Registry, info_of},
 };
@@ -46,6 +46,7 @@ use crate::{
             PrepareRequest, Recovery,
         },
         destination::{ProbeSlot, WindowOrWhyNot},
+        job::LiveLimits,
         report::PostCutoverFaults,
         source::MigrationOptions,
         transport::DEFAULT_PEER_TIMEOUT,
@@ -206,6 +207,7 @@ impl Daemon {
         operation: fn(&Partition) -> Result<(), crate::vmm::PartitionError>,
     ) -> Result<PartitionInfo, ApiError> {
         let partition = self.registry.live(&id)?;
+        self.refuse_if_held(&id)?;
         blocking("the partition operation", move || {
             operation(&partition).map_err(|e| ApiError::Partition(error_chain(&e)))?;
             Ok(info_of(&id, &partition))
@@ -318,7 +320,8 @@ impl MigratorApi for Daemon {
         _: Context,
         request: MigrateRequest,
     ) -> Result<MigrationReport, ApiError> {
-        self.migrate_out(request).await
+        let outbound = self.start_out(request).await?;
+        outbound.outcome().await
     }
 
     async fn migration_progress(self, _: Context, id: String) -> Option<MigrationProgress> {
@@ -400,6 +403,7 @@ impl MigratorApi for Daemon {
         id: String,
         resume_here: bool,
     ) -> Result<Reconciled, ApiError> {
+        self.refuse_if_held(&id)?;
         self.reconcile_partition(id, resume_here).await
     }
 
@@ -415,12 +419,62 @@ impl MigratorApi for Daemon {
     ) -> Result<MigrationReport, ApiError> {
         self.resume_out(id, options).await
     }
+
+    async fn migrations(self, _: Context) -> Vec<MigrationInfo> {
+        let mut all = self.outgoing.list();
+        all.extend(self.incoming_migrations());
+        all
+    }
+
+    async fn migrate_detached(
+        self,
+        _: Context,
+        request: MigrateRequest,
+    ) -> Result<String, ApiError> {
+        let outbound = self.start_out(request).await?;
+        Ok(outbound.job.id().to_string())
+    }
+
+    async fn migration_wait(
+        self,
+        _: Context,
+        migration: String,
+    ) -> Result<MigrationReport, ApiError> {
+        let outbound = self.outgoing.find(&migration)?;
+        outbound.outcome().await
+    }
+
+    async fn migration_cancel(
+        self,
+        _: Context,
+        migration: String,
+    ) -> Result<MigrationInfo, ApiError> {
+        self.cancel_out(&migration)
+    }
+
+    async fn migration_set_limits(
+        self,
+        _: Context,
+        migration: String,
+        limits: LiveLimits,
+    ) -> Result<MigrationInfo, ApiError> {
+        self.limit_out(&migration, limits)
+    }
+
+    async fn migration_postcopy(
+        self,
+        _: Context,
+        migration: String,
+    ) -> Result<MigrationInfo, ApiError> {
+        self.postcopy_out(&migration)
+    }
 }
 
 impl Daemon {
     /// Stops a partition for good, remembers how it ended, and frees its memory.
     pub(super) async fn stop_partition(&self, id: String) -> Result<PartitionInfo, ApiError> {
         let partition = self.registry.live(&id)?;
+        self.refuse_if_held(&id)?;
         self.unwatch(&id);
         self.carried_heat.forget(&id);
         let stopped = blocking("stop", move || {

@@ -134,6 +134,15 @@ pub enum DestinationError {
     },
 }
 
+impl DestinationError {
+    /// Whether the destination said, for certain, that nothing of the session runs there:
+    /// only then may the source resume its copy after a handover it asked for. Any other
+    /// answer (an unknown session, an internal error, no answer) leaves the outcome open.
+    pub fn nothing_runs_there(&self) -> bool {
+        matches!(self, Self::Refused(ApiError::NothingRunsHere(_)))
+    }
+}
+
 /// The destination as the source sees it. The daemon implements it over tarpc
 /// (`daemon::peer`); tests implement it in-process.
 pub trait Destination {

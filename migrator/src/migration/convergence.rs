@@ -50,6 +50,8 @@ pub enum CutoverReason {
     MaxRounds,
     /// The timeout was reached with `--timeout-strategy force`.
     Timeout,
+    /// Hybrid: the operator switched to post-copy (`migrator postcopy`).
+    Requested,
 }
 
 /// Why a migration gave up before cutting over.
@@ -169,6 +171,11 @@ impl Convergence {
     /// The throttle in force, in percent.
     pub fn throttle(&self) -> u8 {
         self.throttle
+    }
+
+    /// The downtime limit from now on (an operator changed it while the migration runs).
+    pub fn set_downtime_limit(&mut self, limit: Duration) {
+        self.policy.downtime_limit = limit;
     }
 
     /// After a check: iterate (perhaps slower), cut over, or give up.

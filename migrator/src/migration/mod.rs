@@ -15,6 +15,7 @@ pub mod compress;
 pub mod control;
 pub mod convergence;
 pub mod destination;
+pub mod job;
 pub mod link;
 pub mod order;
 pub mod protocol;

@@ -46,12 +46,14 @@ pub struct PostCutoverFaults {
     pub remote: u64,
 }
 
-/// How a migration ended; serialized as `completed` or `failed`.
+/// How a migration ended; serialized as `completed`, `failed` or `cancelled` (an operator's
+/// cancel before the handover: the partition runs on here, as after a failure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationStatus {
     Completed,
     Failed,
+    Cancelled,
 }
 
 impl std::fmt::Display for MigrationStatus {
@@ -59,6 +61,7 @@ impl std::fmt::Display for MigrationStatus {
         f.write_str(match self {
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         })
     }
 }
@@ -110,6 +113,13 @@ pub enum PlanHeatOrigin {
 /// The one JSON object `migrator migrate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
+    /// The migration's id on its source daemon (`migrator migrations`, `cancel`, `wait`).
+    #[serde(default)]
+    pub migration: Option<String>,
+    /// The downtime limit in force at the end (the options', or what an operator set while
+    /// it ran).
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
     pub status: MigrationStatus,
     pub error: Option<String>,
     /// Where the guest is now.
@@ -205,6 +215,8 @@ pub struct MigrationReport {
 impl MigrationReport {
     pub fn new(strategy: Strategy, mode: Mode) -> Self {
         Self {
+            migration: None,
+            downtime_limit_ms: 0,
             status: MigrationStatus::Failed,
             error: None,
             guest_location: GuestLocation::Source,

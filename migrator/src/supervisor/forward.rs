@@ -8,15 +8,17 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tarpc::{client::RpcError, context::Context};
 
-use super::{LIST_WAIT, Supervisor, annotate, process::VmmProcess, runtime_dir::Record};
+use super::{
+    LIST_WAIT, Supervisor, annotate, jobs::Steering, process::VmmProcess, runtime_dir::Record,
+};
 use crate::{
     daemon::{
         ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo,
-        admission::AdmissionError,
         api::{API_VERSION, MAX_IMAGE, MigrateRequest, MigratorApi, Reconciled},
         client::context_with,
         heat_report::{PartitionHeat, PlanPreview},
         heat_view::HeatView,
+        outgoing::MigrationInfo,
     },
     migration::{
         MigrationProgress, MigrationReport, Strategy,
@@ -24,6 +26,7 @@ use crate::{
             CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
             PrepareRequest, Recovery,
         },
+        job::LiveLimits,
         report::PostCutoverFaults,
         source::MigrationOptions,
     },
@@ -76,7 +79,7 @@ impl Supervisor {
     }
 
     /// As [`Supervisor::on`], for partition `id`.
-    async fn on_partition<T, F, Fut>(&self, id: &str, call: F) -> Result<T, ApiError>
+    pub(super) async fn on_partition<T, F, Fut>(&self, id: &str, call: F) -> Result<T, ApiError>
     where
         F: FnOnce(MigratorApiClient) -> Fut,
         Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
@@ -100,7 +103,11 @@ impl Supervisor {
 
     /// Passes on `answer` to a call that may have left partition `id`'s process holding
     /// nothing (a stop, a migration, a reconcile), having ended the process if it did.
-    async fn settled<T>(&self, id: &str, answer: Result<T, ApiError>) -> Result<T, ApiError> {
+    pub(super) async fn settled<T>(
+        &self,
+        id: &str,
+        answer: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         if let Some(vmm) = self.inner.inventory.process(id) {
             self.sweep(&vmm).await;
         }
@@ -172,28 +179,6 @@ impl Supervisor {
                 failed.map_err(|e| vmm.unreachable(e))?
             }
         }
-    }
-
-    /// Counts an outgoing migration against the limit while `work` runs.
-    async fn migrating<T>(
-        &self,
-        work: impl Future<Output = Result<T, ApiError>>,
-    ) -> Result<T, ApiError> {
-        let migrations = &self.inner.migrations;
-        let max = self.inner.limits.max_migrations;
-        let admitted = migrations
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |n| (n < max).then_some(n + 1),
-            )
-            .is_ok();
-        if !admitted {
-            return Err(AdmissionError::Migrations { max }.into());
-        }
-        let result = work.await;
-        migrations.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        result
     }
 }
 
@@ -297,11 +282,7 @@ impl MigratorApi for Supervisor {
         ctx: Context,
         request: MigrateRequest,
     ) -> Result<MigrationReport, ApiError> {
-        let id = request.id.clone();
-        let answer = self
-            .migrating(self.on_partition(&id, |c| async move { c.migrate(ctx, request).await }))
-            .await;
-        self.settled(&id, answer).await
+        self.migrate_attached(ctx, request).await
     }
 
     async fn migration_progress(self, ctx: Context, id: String) -> Option<MigrationProgress> {
@@ -452,11 +433,58 @@ impl MigratorApi for Supervisor {
         options: MigrationOptions,
     ) -> Result<MigrationReport, ApiError> {
         let target = id.clone();
+        let _slot = self.inner.jobs.admit(self.inner.limits.max_migrations)?;
         let answer = self
-            .migrating(self.on_partition(&target, |c| async move {
+            .on_partition(&target, |c| async move {
                 c.migrate_resume(ctx, id, options).await
-            }))
+            })
             .await;
         self.settled(&target, answer).await
+    }
+
+    async fn migrations(self, _: Context) -> Vec<MigrationInfo> {
+        self.all_migrations().await
+    }
+
+    async fn migrate_detached(
+        self,
+        ctx: Context,
+        request: MigrateRequest,
+    ) -> Result<String, ApiError> {
+        self.migrate_detached_out(ctx, request).await
+    }
+
+    async fn migration_wait(
+        self,
+        ctx: Context,
+        migration: String,
+    ) -> Result<MigrationReport, ApiError> {
+        self.wait_out(ctx, migration).await
+    }
+
+    async fn migration_cancel(
+        self,
+        ctx: Context,
+        migration: String,
+    ) -> Result<MigrationInfo, ApiError> {
+        self.steer_out(ctx, migration, Steering::Cancel).await
+    }
+
+    async fn migration_set_limits(
+        self,
+        ctx: Context,
+        migration: String,
+        limits: LiveLimits,
+    ) -> Result<MigrationInfo, ApiError> {
+        self.steer_out(ctx, migration, Steering::Limits(limits))
+            .await
+    }
+
+    async fn migration_postcopy(
+        self,
+        ctx: Context,
+        migration: String,
+    ) -> Result<MigrationInfo, ApiError> {
+        self.steer_out(ctx, migration, Steering::Postcopy).await
     }
 }

@@ -12,11 +12,12 @@
 //! - `runtime_dir`: the records a successor adopts from;
 //! - `process`: one partition process, started or adopted, and its death;
 //! - `inventory`: the processes, the partitions that ended, and admission;
-//! - `forward`: the API, forwarded;
+//! - `forward`: the API, forwarded; `jobs`: outgoing migrations, counted and waited for;
 //! - `partition_process`: the other end, `migrator vmm`, and its confinement.
 
 mod forward;
 mod inventory;
+mod jobs;
 pub mod partition_process;
 pub mod process;
 pub mod runtime_dir;
@@ -26,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -86,8 +87,8 @@ struct Inner {
     process: ProcessConfig,
     limits: Limits,
     inventory: Inventory,
-    /// Outgoing migrations forwarded and not yet answered.
-    migrations: AtomicUsize,
+    /// Outgoing migrations: counted while they run, their last reports kept.
+    jobs: Arc<jobs::Jobs>,
     next_id: AtomicU64,
 }
 
@@ -106,7 +107,7 @@ impl Supervisor {
                 process,
                 limits,
                 inventory: Inventory::default(),
-                migrations: AtomicUsize::new(0),
+                jobs: Arc::default(),
                 next_id: AtomicU64::new(0),
             }),
         };

@@ -103,6 +103,22 @@ pub fn progress_address(index: u32) -> GuestAddress {
     )
 }
 
+/// The frames the VMM itself reads while the guest runs (the progress counters' page), in
+/// order and without duplicates. A hybrid migration sends them within the downtime, so that
+/// the destination never waits for one of them after the handover.
+pub fn vmm_read_frames(vcpus: u32) -> Vec<u64> {
+    let mut frames: Vec<u64> = (0..vcpus)
+        .flat_map(|i| {
+            let first = progress_address(i);
+            let last = GuestAddress(first.0 + size_of::<Progress>() as u64 - 1);
+            [first.frame(), last.frame()]
+        })
+        .collect();
+    frames.sort_unstable();
+    frames.dedup();
+    frames
+}
+
 /// Top of vCPU `index`'s stack.
 pub fn stack_top(mem_size: u64, index: u32) -> u64 {
     mem_size - u64::from(index) * STACK_SIZE

@@ -80,6 +80,8 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("asking whether a page is in guest memory failed")]
+    Mincore(#[source] std::io::Error),
 }
 
 /// One guest page, as copied out of guest memory.
@@ -279,6 +281,38 @@ impl GuestMemory {
         Ok(unsafe { std::ptr::read_volatile(self.base.add(offset).cast::<u64>()) })
     }
 
+    /// Whether frame `frame` has its page in the memfd (`mincore` of the shared mapping asks
+    /// the page cache). A frame userfaultfd holds whose page has not arrived has none, and any
+    /// thread that touched it would wait until it arrives, however long.
+    pub fn frame_present(&self, frame: u64) -> Result<bool, MemoryError> {
+        let offset = self.frame_offset(frame)?;
+        let mut resident = 0u8;
+        // SAFETY: `offset..offset + PAGE_SIZE` lies inside the live mapping (checked above)
+        // and is page-aligned; mincore only reads the page tables and the page cache, never
+        // the page, and writes one byte per page, here the one byte of `resident`.
+        let rc = unsafe {
+            libc::mincore(
+                self.base.add(offset).cast(),
+                PAGE_SIZE as usize,
+                &raw mut resident,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Mincore(std::io::Error::last_os_error()));
+        }
+        Ok(resident & 1 == 1)
+    }
+
+    /// As [`GuestMemory::read_u64_volatile`], but `None` at once where the page is not there
+    /// (see [`GuestMemory::frame_present`]) instead of waiting for it: for the VMM's own
+    /// reads, which must never stall a thread that serves the migration.
+    pub fn read_u64_if_present(&self, at: GuestAddress) -> Result<Option<u64>, MemoryError> {
+        if !self.frame_present(at.frame())? {
+            return Ok(None);
+        }
+        self.read_u64_volatile(at).map(Some)
+    }
+
     /// Copies frame `frame` into `out`. Unless the guest is paused, it may be writing the
     /// frame meanwhile: the copy may then mix old and new bytes, which is why callers look at
     /// (hash, test for zeros, send) the copy and never at guest memory itself.
@@ -424,7 +458,77 @@ impl MemoryDigest {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// What the VMM reads of guest memory must never wait on a page userfaultfd holds: a
+    /// status call or the handover would hang until the page came, and it may never come.
+    #[test]
+    fn a_page_userfaultfd_holds_is_absent_and_never_waited_on() {
+        let memory = Arc::new(GuestMemory::new(4 * PAGE_SIZE).unwrap());
+        memory.write_u64(GuestAddress(8), 7).unwrap();
+        memory.write_u64(GuestAddress(3 * PAGE_SIZE), 9).unwrap();
+        let uffd = match userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+        {
+            Ok(uffd) => uffd,
+            Err(e) => {
+                // Counted as a skip by `cargo xtask test`, as the integration tests' are.
+                let why = format!("userfaultfd is not available here: {e}");
+                eprintln!("SKIPPED a_page_userfaultfd_holds_is_absent_and_never_waited_on: {why}");
+                if let Some(log) = std::env::var_os("HEATPROBE_SKIP_LOG") {
+                    use std::io::Write;
+                    let mut file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(log)
+                        .unwrap();
+                    writeln!(
+                        file,
+                        "a_page_userfaultfd_holds_is_absent_and_never_waited_on: {why}"
+                    )
+                    .unwrap();
+                }
+                return;
+            }
+        };
+        uffd.register(
+            memory.host_address() as *mut libc::c_void,
+            memory.size() as usize,
+        )
+        .unwrap();
+        // A page that was written is there; frame 2 never was, and frame 3 is punched out as
+        // a hybrid commit punches the stale copies.
+        memory.remove_frames(3..4).unwrap();
+        let reading = Arc::clone(&memory);
+        let (done, read) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let answers = [
+                reading.read_u64_if_present(GuestAddress(8)).unwrap(),
+                reading
+                    .read_u64_if_present(GuestAddress(2 * PAGE_SIZE))
+                    .unwrap(),
+                reading
+                    .read_u64_if_present(GuestAddress(3 * PAGE_SIZE))
+                    .unwrap(),
+            ];
+            let _ = done.send(answers);
+        });
+        // A read that waited on the missing page would never answer.
+        let answers = read
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a read of a missing page waited");
+        assert_eq!(answers, [Some(7), None, None]);
+        assert!(memory.frame_present(0).unwrap());
+        assert!(!memory.frame_present(2).unwrap());
+        assert!(memory.frame_present(4).is_err(), "out of range");
+        // Drop the registration before the memory goes.
+        drop(uffd);
+    }
 
     #[test]
     fn bad_sizes_are_refused() {

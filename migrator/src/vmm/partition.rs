@@ -96,6 +96,8 @@ pub enum PartitionError {
     PostcopyPaused,
     #[error("the vCPUs did not stop within {PAUSE_TIMEOUT:?}")]
     PauseTimeout,
+    #[error("the partition is migrating; only its migration resumes it")]
+    Migrating,
     #[error("the snapshot has {got} vCPU states for {want} vCPUs")]
     SnapshotShape { got: usize, want: u32 },
 }
@@ -223,6 +225,8 @@ pub struct Partition {
     pub(super) postcopy_paused: Mutex<Option<super::status::PostcopyPaused>>,
     /// The throttle's ticker, while one runs.
     ticker: Mutex<Option<JoinHandle<()>>>,
+    /// The guest's progress as last read, for when its page is not there to read.
+    pub(super) last_progress: Mutex<Vec<migrator_guest::Progress>>,
 }
 
 fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
@@ -335,6 +339,7 @@ impl Partition {
             handover: Mutex::new(None),
             postcopy_paused: Mutex::new(None),
             ticker: Mutex::new(None),
+            last_progress: Mutex::new(Vec::new()),
         };
         if request == Request::Pause {
             partition.wait_quiet()?;
@@ -431,8 +436,11 @@ impl Partition {
     /// the destination.
     pub fn resume(&self) -> Result<(), PartitionError> {
         match self.state() {
-            PartitionState::Paused | PartitionState::Migrating => {}
+            PartitionState::Paused => {}
             PartitionState::Running => return Ok(()),
+            // The migration engine resumes its partition only after marking it no longer
+            // migrating: anyone else would run it beside the destination's copy.
+            PartitionState::Migrating => return Err(PartitionError::Migrating),
             PartitionState::AwaitingHandover => return Err(PartitionError::AwaitingHandover),
             PartitionState::PostcopyPaused => return Err(PartitionError::PostcopyPaused),
             other => return Err(PartitionError::WrongState(other, "paused")),

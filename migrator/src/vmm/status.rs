@@ -154,24 +154,34 @@ impl Partition {
         total(&self.progress())
     }
 
-    /// Reads each vCPU's progress from the boot-info page, without stopping anything.
+    /// Reads each vCPU's progress from the boot-info page, without stopping anything. Where
+    /// that page is not there (post-copy, before it arrives) the last reading stands in:
+    /// reading it would wait for the page, and the thread that serves the handover, or a
+    /// status call, must never wait on one.
     pub fn progress(&self) -> Vec<Progress> {
-        (0..self.config.vcpus)
-            .map(|i| {
-                let at = layout::progress_address(i);
-                let word = |n: u64| {
-                    self.memory
-                        .read_u64_volatile(at.offset(8 * n).unwrap_or(at))
-                        .unwrap_or_default()
-                };
-                Progress {
-                    ops: word(0),
-                    errors: word(1),
-                    checks: word(2),
-                    heartbeat: word(3),
-                }
-            })
-            .collect()
+        let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
+        last.resize(self.config.vcpus as usize, Progress::default());
+        for (i, kept) in last.iter_mut().enumerate() {
+            let at = layout::progress_address(i as u32);
+            let word = |n: u64| {
+                self.memory
+                    .read_u64_if_present(at.offset(8 * n).unwrap_or(at))
+                    .ok()
+                    .flatten()
+            };
+            let read = (|| {
+                Some(Progress {
+                    ops: word(0)?,
+                    errors: word(1)?,
+                    checks: word(2)?,
+                    heartbeat: word(3)?,
+                })
+            })();
+            if let Some(read) = read {
+                *kept = read;
+            }
+        }
+        last.clone()
     }
 
     pub fn status(&self) -> PartitionStatus {

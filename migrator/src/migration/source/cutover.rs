@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    MigrationError, SourcePhase,
+    MigrationError, SourceEvent,
     discard::discard_live,
     postcopy::{PostcopyLink, postcopy, tune_for_postcopy},
     rounds::Run,
@@ -15,10 +15,10 @@ use crate::{
         control::{CommitReply, CommitRequest, CommitTimings, Destination, DestinationError},
         link::DataStream,
         order::Order,
-        report::Phase,
+        report::Mode,
         transport::PageSender,
     },
-    vmm::{memory::PAGE_SIZE, state},
+    vmm::{layout, memory::PAGE_SIZE, state},
 };
 
 /// The downtime's clock: started at the pause, read step by step into the report's
@@ -78,8 +78,8 @@ fn pause_for_cutover(
     mut last_dirty: Vec<u64>,
 ) -> Result<(Stopwatch, Vec<u64>), MigrationError> {
     let partition = run.partition;
-    drain(sender, run.options.downtime_limit);
-    run.set_progress(|p| p.phase = Phase::StopAndCopy);
+    drain(sender, run.downtime_limit);
+    run.advance(SourceEvent::Pause)?;
     let mut clock = Stopwatch::start();
     partition.pause()?;
     let bitmap = partition
@@ -109,11 +109,7 @@ pub(super) fn cutover_precopy(
     run.send(sender, &dirty)?;
     sender.send_done()?;
     run.report.downtime_breakdown.last_pages_ms = clock.lap();
-    let reply = commit(run, destination, session, clock, Vec::new())?;
-    // Still paused here, so this is the memory at the moment of the pause; hashing it after
-    // the cutover keeps it out of the downtime.
-    run.report.source_digest = Some(partition.digest().total_hex());
-    run.report.dest_digest = reply.dest_digest;
+    commit(run, destination, session, clock, Vec::new())?;
     // No page is missing after a pre-copy: no vCPU waits on one.
     run.report.postcopy_vcpu_blocktime_ms = vec![0.0; partition.config().vcpus as usize];
     Ok(())
@@ -121,7 +117,9 @@ pub(super) fn cutover_precopy(
 
 /// Sends the paused partition's state (and, in hybrid mode, the pages whose copy is stale);
 /// returns once the destination runs it, with the downtime since the pause, its breakdown and
-/// the new id recorded.
+/// the new id recorded. In pre-copy, the digests decide before the handover: the memory here
+/// is hashed while the commit is on its way, and a destination whose memory differs never
+/// runs the guest.
 fn commit(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
@@ -131,33 +129,59 @@ fn commit(
 ) -> Result<CommitReply, MigrationError> {
     let snapshot = state::encode(&run.partition.snapshot()?);
     run.report.downtime_breakdown.state_encode_ms = clock.lap();
-    // Unanswered, the destination may have restored the partition or not: this copy neither
-    // resumes nor goes until a reconcile asks.
-    let undecided = |run: &mut Run<'_>, e: &DestinationError| {
-        if matches!(e, DestinationError::Unreachable { .. }) {
-            run.phase = SourcePhase::Undecided { session };
+    let request = CommitRequest {
+        snapshot,
+        stale_pages,
+    };
+    // Still paused here, so this is the memory at the moment of the pause. Hashed on another
+    // thread while the destination restores, it costs the downtime only what the hashing
+    // takes beyond the commit's round trip.
+    let partition = run.partition;
+    let (reply, source_digest) = std::thread::scope(|scope| {
+        let hashing = (run.options.mode == Mode::Precopy)
+            .then(|| scope.spawn(|| partition.digest().total_hex()));
+        let reply = destination.commit(session, request);
+        (reply, hashing.map(|h| h.join()))
+    });
+    let reply = match reply {
+        Ok(reply) => reply,
+        // Unanswered, the destination may have restored the partition or not: this copy
+        // neither resumes nor goes until a reconcile asks. Refused, nothing was restored
+        // that could run: a parked copy runs only on the handover.
+        Err(e) => {
+            if matches!(e, DestinationError::Unreachable { .. }) {
+                run.advance(SourceEvent::Unanswered)?;
+            }
+            return Err(MigrationError::Commit(e));
         }
     };
-    let reply = destination
-        .commit(
-            session,
-            CommitRequest {
-                snapshot,
-                stale_pages,
-            },
-        )
-        .map_err(|e| {
-            undecided(run, &e);
-            MigrationError::Commit(e)
-        })?;
     let round_trip = clock.lap();
+    if let Some(digest) = source_digest {
+        let digest = digest.map_err(|_| MigrationError::DigestPanicked)?;
+        run.report.source_digest = Some(digest.clone());
+        run.report.dest_digest = reply.dest_digest.clone();
+        if reply.dest_digest.as_deref() != Some(digest.as_str()) {
+            return Err(MigrationError::DigestMismatch {
+                source_digest: digest,
+                dest: reply.dest_digest.unwrap_or_else(|| "none".into()),
+            });
+        }
+    }
+    // The last moment a cancel can undo the migration: the copy there is parked.
+    run.steer(None)?;
     // Restored there, parked. This copy is stopped for good (still paused, it is never
-    // resumed unless the destination refuses): only now may that one run.
-    run.phase = SourcePhase::HandingOver { session };
-    let handover = destination.handover(session).map_err(|e| {
-        undecided(run, &e);
-        MigrationError::Handover(e)
-    })?;
+    // resumed unless the destination says it runs nothing of it): only now may that one run.
+    run.advance(SourceEvent::Committed)?;
+    let handover = match destination.handover(session) {
+        Ok(handover) => handover,
+        Err(e) => {
+            if !e.nothing_runs_there() {
+                run.advance(SourceEvent::Unanswered)?;
+            }
+            return Err(MigrationError::Handover(e));
+        }
+    };
+    run.advance(SourceEvent::HandedOver)?;
     let handover_ms = clock.lap();
     run.report.downtime_ms = clock.downtime().as_millis() as u64;
     let (spent, transfer) = split_round_trip(round_trip, reply.timings);
@@ -210,7 +234,7 @@ fn budgeted_pages(run: &Run<'_>, spent: Duration, stale: usize, to_free: usize) 
         return 0;
     };
     budget(
-        run.options.downtime_limit,
+        run.downtime_limit,
         // The commit's round trip and the handover's.
         spent + 2 * run.prepare_rtt,
         (stale, to_free),
@@ -263,7 +287,10 @@ pub(super) fn cutover_hybrid(
         .count();
     let room = budgeted_pages(run, clock.paused.elapsed(), stale.len(), held);
     order.sort_touch_first(&mut stale);
-    let rest = stale.split_off(room.min(stale.len()));
+    // The pages the VMM reads go whatever the budget: after the handover nothing that serves
+    // the destination's control path may touch a page that has not arrived.
+    let vmm_first = vmm_pages_first(&mut stale, run.partition.config().vcpus);
+    let rest = stale.split_off(room.max(vmm_first).min(stale.len()));
     run.send(&mut sender, &stale)?;
     run.report.budgeted_pages = stale.len() as u64;
     let stale = rest;
@@ -277,7 +304,6 @@ pub(super) fn cutover_hybrid(
         .filter(|&f| discarded.held_there(run, f))
         .collect();
     commit(run, destination, session, clock, to_free)?;
-    run.phase = SourcePhase::Postcopy { session };
 
     // Post-copy: what the destination lacks is the stale pages and those never sent.
     let mut missing = run.sent_once.iter().map(|sent| !sent).collect::<Vec<_>>();
@@ -294,15 +320,54 @@ pub(super) fn cutover_hybrid(
         &order.hottest_first,
         missing,
     )?;
-    // The source stayed paused throughout: its memory is that of the pause. Hashing it last
-    // keeps it off both the downtime and the post-copy push.
-    run.report.source_digest = Some(run.partition.digest().total_hex());
-    Ok(())
+    digests_decide(run)
+}
+
+/// Hybrid, every page at the destination: the move completes if the destination's memory is
+/// this copy's. The source stayed paused throughout, so its memory is that of the pause;
+/// hashing it last keeps it off both the downtime and the post-copy push. The guest already
+/// runs there, so a mismatch fails the migration loudly and keeps this copy paused, the one
+/// known good, for the operator.
+pub(super) fn digests_decide(run: &mut Run<'_>) -> Result<(), MigrationError> {
+    let digest = run.partition.digest().total_hex();
+    run.report.source_digest = Some(digest.clone());
+    let dest = run.report.dest_digest.clone();
+    if dest.as_deref() != Some(digest.as_str()) {
+        return Err(MigrationError::DigestMismatch {
+            source_digest: digest,
+            dest: dest.unwrap_or_else(|| "none".into()),
+        });
+    }
+    run.advance(SourceEvent::Finished)
+}
+
+/// Moves the stale pages the VMM reads to the front of `stale`, the rest keeping their order;
+/// returns how many there are.
+fn vmm_pages_first(stale: &mut Vec<u64>, vcpus: u32) -> usize {
+    let vmm = layout::vmm_read_frames(vcpus);
+    let (mut first, rest): (Vec<u64>, Vec<u64>) =
+        stale.iter().partition(|f| vmm.binary_search(f).is_ok());
+    let count = first.len();
+    first.extend(rest);
+    *stale = first;
+    count
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pages_the_vmm_reads_go_first_whatever_the_order() {
+        let boot = layout::vmm_read_frames(2);
+        assert!(!boot.is_empty());
+        let mut stale = vec![900, 3, boot[0], 7];
+        assert_eq!(vmm_pages_first(&mut stale, 2), 1);
+        assert_eq!(stale, vec![boot[0], 900, 3, 7]);
+        let mut none = vec![900, 3];
+        assert_eq!(vmm_pages_first(&mut none, 2), 0);
+        assert_eq!(none, vec![900, 3]);
+    }
 
     fn timings(pages_wait_ms: f64, restore_ms: f64, resume_ms: f64) -> CommitTimings {
         CommitTimings {

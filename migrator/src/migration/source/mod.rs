@@ -4,7 +4,7 @@
 //! resumes the partition here, with every page intact, and aborts the destination's session.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,11 +17,10 @@ use super::{
     compress::{Compress, CompressError},
     control::{CarriedHeat, Destination, DestinationError, PrepareRequest},
     convergence::{Converge, GiveUp, TimeoutStrategy},
+    job::Job,
     link::LinkError,
     protocol::{MAX_CONNECTIONS, PROTOCOL_VERSION},
-    report::{
-        GuestLocation, MigrationProgress, MigrationReport, MigrationStatus, Mode, Phase, Strategy,
-    },
+    report::{GuestLocation, MigrationReport, MigrationStatus, Mode, Strategy},
     transport::{PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{AwaitingHandover, Partition, PartitionError, PostcopyPaused};
@@ -29,9 +28,12 @@ use crate::vmm::{AwaitingHandover, Partition, PartitionError, PostcopyPaused};
 mod cutover;
 mod discard;
 mod guest_ops;
+pub mod phase;
 mod postcopy;
 mod rounds;
 pub mod stripes;
+
+pub use self::phase::{Rollback, SourceEvent, SourcePhase, SourcePhaseError};
 
 use self::{
     cutover::{cutover_hybrid, cutover_precopy},
@@ -216,6 +218,16 @@ pub enum MigrationError {
         #[source]
         last: Box<MigrationError>,
     },
+    #[error("the migration was cancelled")]
+    Cancelled,
+    #[error("hashing the source's memory panicked")]
+    DigestPanicked,
+    #[error(
+        "the destination's memory is not the source's (digest {dest} there, {source_digest} here)"
+    )]
+    DigestMismatch { source_digest: String, dest: String },
+    #[error("the migration's phases went out of order")]
+    Phase(#[from] SourcePhaseError),
 }
 
 /// Heat a plan can be made from without profiling: what a migration carried here, and when
@@ -226,61 +238,6 @@ pub struct PlanHeat {
     pub measured: Instant,
 }
 
-/// Where the source is in a migration. What a failure rolls back follows from it alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourcePhase {
-    /// Asking the destination to prepare: nothing exists there yet.
-    Preparing,
-    /// The destination holds session `session`; pages may be flowing (profiling, rounds).
-    Iterating { session: u64 },
-    /// Paused here, the last pages and the state on their way; the destination has not
-    /// answered the commit.
-    CuttingOver { session: u64 },
-    /// The destination restored the partition parked; the source, its copy stopped for good,
-    /// asks it to run.
-    HandingOver { session: u64 },
-    /// A commit or handover went unanswered: the destination may run the guest or not. The
-    /// source neither resumes nor discards its copy until a reconcile learns which.
-    Undecided { session: u64 },
-    /// Hybrid: the destination runs the guest from the pages it has; ours is the only
-    /// complete copy.
-    Postcopy { session: u64 },
-    /// The destination runs the partition with every page.
-    Completed,
-}
-
-/// What undoing a failed migration takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rollback {
-    /// Resume the partition here; abort the destination's session, if it has one.
-    Resume { abort: Option<u64> },
-    /// Keep the partition paused here, every page intact, marked as holding the pages of
-    /// session `session`'s post-copy: the guest already runs on the destination.
-    KeepPaused { session: u64 },
-    /// Keep the partition paused here, marked as awaiting the handover of `session`: whether
-    /// the destination runs it is unknown.
-    AwaitHandover { session: u64 },
-}
-
-impl SourcePhase {
-    /// The rollback for a failure in this phase. Before the handover (and on its refusal,
-    /// which says the destination runs nothing of it) the partition resumes here; when a
-    /// commit or handover goes unanswered it stays paused, awaiting the handover.
-    pub fn rollback(self) -> Option<Rollback> {
-        match self {
-            Self::Preparing => Some(Rollback::Resume { abort: None }),
-            Self::Iterating { session }
-            | Self::CuttingOver { session }
-            | Self::HandingOver { session } => Some(Rollback::Resume {
-                abort: Some(session),
-            }),
-            Self::Undecided { session } => Some(Rollback::AwaitHandover { session }),
-            Self::Postcopy { session } => Some(Rollback::KeepPaused { session }),
-            Self::Completed => None,
-        }
-    }
-}
-
 /// Migrates `partition` to `destination`. Always returns a report; on failure before cutover
 /// the partition runs on here as before.
 pub fn migrate(
@@ -289,13 +246,13 @@ pub fn migrate(
     probes: Option<Arc<Probes>>,
     carried: Option<PlanHeat>,
     options: &MigrationOptions,
-    progress: &Mutex<MigrationProgress>,
+    job: &Job,
 ) -> MigrationReport {
     let started = Instant::now();
     // The guest's pace before the migration touches it, to compare with its pace during the
     // rounds; part of the setup time.
     let ops_before = guest_ops::rate_before(partition, guest_ops::BEFORE_WINDOW);
-    let mut run = Run::new(partition, options, progress, started);
+    let mut run = Run::new(partition, options, job, started);
     partition.set_migrating(true);
     let result = execute(&mut run, destination, probes, carried, ops_before);
     conclude(run, destination, result)
@@ -310,11 +267,13 @@ pub fn resume_postcopy(
     destination: &mut dyn Destination,
     paused: PostcopyPaused,
     options: &MigrationOptions,
-    progress: &Mutex<MigrationProgress>,
+    job: &Job,
 ) -> MigrationReport {
     let session = paused.session;
-    let mut run = Run::new(partition, options, progress, Instant::now());
-    run.phase = SourcePhase::Postcopy { session };
+    let mut run = Run::new(partition, options, job, Instant::now());
+    // Paused after the handover: the recovery comes first.
+    run.phase = SourcePhase::PostcopyPaused { session };
+    job.start_paused_postcopy(session);
     run.report.id_on_destination = paused.id_on_destination;
     partition.set_postcopy_paused(None);
     partition.set_migrating(true);
@@ -322,13 +281,8 @@ pub fn resume_postcopy(
         .validate()
         .map_err(MigrationError::from)
         .and_then(|()| postcopy::postcopy(&mut run, destination, session, None, &[], Vec::new()))
-        .map(|()| {
-            run.report.source_digest = Some(partition.digest().total_hex());
-            session
-        });
-    if result.is_ok() {
-        run.phase = SourcePhase::Completed;
-    }
+        .and_then(|()| cutover::digests_decide(&mut run))
+        .map(|()| session);
     conclude(run, destination, result)
 }
 
@@ -336,7 +290,7 @@ impl<'a> Run<'a> {
     fn new(
         partition: &'a Arc<Partition>,
         options: &'a MigrationOptions,
-        progress: &'a Mutex<MigrationProgress>,
+        job: &'a Job,
         started: Instant,
     ) -> Self {
         let frames = partition.memory().frames();
@@ -345,8 +299,10 @@ impl<'a> Run<'a> {
         Run {
             partition,
             options,
-            progress,
+            job,
             report,
+            downtime_limit: options.downtime_limit,
+            bandwidth_limit: options.bandwidth_limit,
             sent_once: vec![false; frames as usize],
             sent_hash: vec![0; frames as usize],
             counts: SendCounts::default(),
@@ -369,6 +325,17 @@ fn conclude(
 ) -> MigrationReport {
     let partition = run.partition;
     let options = run.options;
+    // The phase failed in decides the rollback; from here the migration is over.
+    let rollback = match &result {
+        Ok(_) => None,
+        Err(_) => {
+            let rollback = run.phase.rollback();
+            if let Err(e) = run.advance(SourceEvent::Fail) {
+                warn!("{}", error_chain(&e));
+            }
+            rollback
+        }
+    };
     // The move is over; what follows (the fault window) is measurement.
     let total_time = run.started.elapsed();
     // Full speed again, whatever happened: a paused partition is unaffected, a resumed one
@@ -377,6 +344,7 @@ fn conclude(
         warn!("unthrottling the partition: {}", error_chain(&e));
     }
     let mut report = run.report;
+    report.migration = Some(run.job.id().to_string());
     report.pages_sent = run.counts.pages;
     report.zero_pages = run.counts.zero_pages;
     report.bytes_sent = run.counts.bytes;
@@ -394,7 +362,10 @@ fn conclude(
         Err(e) => {
             warn!("migration failed: {}", error_chain(e));
             report.error = Some(error_chain(e));
-            match run.phase.rollback() {
+            if matches!(e, MigrationError::Cancelled) {
+                report.status = MigrationStatus::Cancelled;
+            }
+            match rollback {
                 Some(Rollback::Resume { abort }) => {
                     if let Some(session) = abort {
                         destination.abort(session);
@@ -428,12 +399,10 @@ fn conclude(
             }
         }
     }
-    report.judge_downtime(options.downtime_limit);
-    let phase = match result {
-        Ok(_) => Phase::Completed,
-        Err(_) => Phase::Failed,
-    };
-    run.progress.lock().unwrap_or_else(|p| p.into_inner()).phase = phase;
+    report.downtime_limit_ms = run.downtime_limit.as_millis() as u64;
+    report.judge_downtime(run.downtime_limit);
+    // Whatever the engine did, users see the phase it ended in.
+    run.job.progress_mut().phase = run.phase.shown();
     if report.status == MigrationStatus::Completed {
         report.guest_stall_ms = report.downtime_ms as f64 + report.postcopy_blocktime_ms;
     }
@@ -490,6 +459,7 @@ fn execute(
         })
         .map_err(MigrationError::Prepare)?;
     let session = reply.session;
+    run.advance(SourceEvent::Prepared { session })?;
     // The prepare's round trip includes setting the session up, which can be slow once (a busy
     // host, the destination's first migration): a plain call's bounds it, or a fixed cost
     // above the limit would keep even an empty set from fitting.
@@ -499,7 +469,6 @@ fn execute(
     }
     // The destination's word, bounded: at most a millisecond a page.
     run.remove_per_page = Duration::from_nanos(reply.remove_ns_per_page.min(1_000_000));
-    run.phase = SourcePhase::Iterating { session };
     let streams = (0..options.connections)
         .map(|_| destination.connect_data(reply.data_port))
         .collect::<Result<Vec<_>, _>>()?;
@@ -525,7 +494,6 @@ fn execute(
     // The pause comes next.
     let during = guest_ops::rate(under_migration, guest_ops::OpsMark::now(partition));
     run.report.guest_ops_ratio = guest_ops::ratio(ops_before, during);
-    run.phase = SourcePhase::CuttingOver { session };
     match options.mode {
         Mode::Precopy => cutover_precopy(run, destination, session, &mut sender, &order, dirty),
         Mode::Hybrid => cutover_hybrid(
@@ -538,6 +506,5 @@ fn execute(
             dirty,
         ),
     }?;
-    run.phase = SourcePhase::Completed;
     Ok(session)
 }

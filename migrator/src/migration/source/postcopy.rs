@@ -19,12 +19,11 @@ use std::{
 use heatprobe::probes::error_chain;
 use tracing::{info, warn};
 
-use super::{MigrationError, rounds::Run, stripes::Stripes};
+use super::{MigrationError, SourceEvent, rounds::Run, stripes::Stripes};
 use crate::{
     migration::{
         control::{Destination, DestinationError, FinishReply},
         link::{self, DataStream, LinkError},
-        report::Phase,
         transport::{Frame, FrameReader, PageSender, SendCounts},
     },
     vmm::GuestMemory,
@@ -57,7 +56,9 @@ pub(super) struct PostcopyLink {
 /// Pushes every page `missing` says the destination lacks, hottest first by `hottest_first`
 /// (pages it leaves out go after, in address order), serving demands ahead of the push;
 /// recovers over new connections whenever a connection breaks, for up to the options'
-/// `recover_window` each time. `link` is `None` to start with a recovery (a manual resume).
+/// `recover_window` each time. `link` is `None` to start with a recovery (a manual resume),
+/// in phase `PostcopyPaused`; otherwise the phase is `Postcopy`. Returns once every page is
+/// there, the phase unchanged: the digests decide the rest.
 pub(super) fn postcopy(
     run: &mut Run<'_>,
     destination: &mut dyn Destination,
@@ -72,11 +73,11 @@ pub(super) fn postcopy(
             Some(connections) => connections,
             None => {
                 let paused = Instant::now();
-                run.set_progress(|p| p.phase = Phase::PostcopyPaused);
                 let recovered = recover(run, destination, session, broken.take());
                 run.report.postcopy_paused_ms += paused.elapsed().as_millis() as u64;
                 match recovered? {
                     Recovered::Link(connections, lacking) => {
+                        run.advance(SourceEvent::Recovered)?;
                         run.report.postcopy_recoveries += 1;
                         missing = lacking;
                         connections
@@ -89,7 +90,6 @@ pub(super) fn postcopy(
                 }
             }
         };
-        run.set_progress(|p| p.phase = Phase::Postcopy);
         let queue = push_order(hottest_first, &missing);
         match push(run, destination, session, connections, &queue) {
             Ok(finish) => {
@@ -105,6 +105,7 @@ pub(super) fn postcopy(
                     error_chain(&e),
                     run.options.recover_window
                 );
+                run.advance(SourceEvent::Broke)?;
                 broken = Some(e);
             }
         }
@@ -302,7 +303,7 @@ fn try_recover(
     urgent
         .send_urgent()
         .map_err(|e| Attempt::Unreachable(e.into()))?;
-    let mut sender = Stripes::new(streams, run.options.bandwidth_limit);
+    let mut sender = Stripes::new(streams, run.bandwidth_limit);
     sender
         .set_compression(run.options.compress)
         .map_err(|e| Attempt::Refused(e.into()))?;
@@ -321,7 +322,7 @@ pub(super) fn tune_for_postcopy(run: &Run<'_>, sender: &mut Stripes) {
         .wire_rate
         .map(|rate| (rate * PUSH_RATE_SHARE) as u64)
         .into_iter()
-        .chain(run.options.bandwidth_limit)
+        .chain(run.bandwidth_limit)
         .min();
     sender.set_rate(push_rate);
 }

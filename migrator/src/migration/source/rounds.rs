@@ -2,7 +2,7 @@
 //! with the counters and the progress kept current.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -10,12 +10,15 @@ use heatprobe::{Probes, Profiler, profiler::ProfilerConfig};
 use tracing::info;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{MigrationError, MigrationOptions, PlanHeat, SourcePhase, stripes::Stripes};
+use super::{
+    MigrationError, MigrationOptions, PlanHeat, SourceEvent, SourcePhase, stripes::Stripes,
+};
 use crate::{
     migration::{
         convergence::{Check, Convergence, CutoverReason, Decision, Policy},
+        job::{Job, StepError},
         order::Order,
-        report::{MigrationProgress, MigrationReport, Mode, Phase, PlanHeatOrigin, Strategy},
+        report::{MigrationProgress, MigrationReport, Mode, PlanHeatOrigin, Strategy},
         transport::SendCounts,
     },
     vmm::{
@@ -29,8 +32,13 @@ use crate::{
 pub(super) struct Run<'a> {
     pub(super) partition: &'a Arc<Partition>,
     pub(super) options: &'a MigrationOptions,
-    pub(super) progress: &'a Mutex<MigrationProgress>,
+    /// The job this migration is: its progress, and an operator's steering.
+    pub(super) job: &'a Job,
     pub(super) report: MigrationReport,
+    /// The downtime limit in force: the options', or what an operator set since.
+    pub(super) downtime_limit: Duration,
+    /// The bandwidth limit in force, likewise.
+    pub(super) bandwidth_limit: Option<u64>,
     pub(super) sent_once: Vec<bool>,
     /// The xxh3 of each page as last sent.
     pub(super) sent_hash: Vec<u64>,
@@ -68,8 +76,45 @@ pub(super) struct RoundSent {
 
 impl Run<'_> {
     pub(super) fn set_progress(&self, update: impl FnOnce(&mut MigrationProgress)) {
-        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        update(&mut progress);
+        update(&mut self.job.progress_mut());
+    }
+
+    /// Moves the migration on by `event`, through its phase machine; what users see follows.
+    pub(super) fn advance(&mut self, event: SourceEvent) -> Result<(), MigrationError> {
+        let next = self
+            .job
+            .step(event, self.options.mode)
+            .map_err(|e| match e {
+                StepError::Cancelled => MigrationError::Cancelled,
+                StepError::Phase(e) => MigrationError::Phase(e),
+            })?;
+        self.phase = next;
+        self.set_progress(|p| p.phase = next.shown());
+        Ok(())
+    }
+
+    /// Takes up what an operator asked since the last look: a cancel (refused by the phase
+    /// once past the point of no return, and then left for nobody: the report says what
+    /// happened), and new limits.
+    pub(super) fn steer(&mut self, sender: Option<&mut Stripes>) -> Result<(), MigrationError> {
+        if self.job.cancel_requested() {
+            return Err(MigrationError::Cancelled);
+        }
+        if let Some(limits) = self.job.take_limits() {
+            if let Some(downtime) = limits.downtime_limit {
+                info!("downtime limit now {downtime:?}");
+                self.downtime_limit = downtime;
+            }
+            if let Some(bandwidth) = limits.bandwidth_limit {
+                let limit = (bandwidth > 0).then_some(bandwidth);
+                info!("bandwidth limit now {limit:?} bytes/s");
+                self.bandwidth_limit = limit;
+                if let Some(sender) = sender {
+                    sender.set_rate(limit);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds to `known` (sorted, without duplicates) the pages of dirty `bitmap` not in it
@@ -168,6 +213,7 @@ impl Run<'_> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(i * per_call);
             }
+            self.steer(Some(sender))?;
             hashes.clear();
             let counts = sender.send_pages(&memory, batch, &mut hashes)?;
             self.counts += counts;
@@ -209,7 +255,7 @@ pub(super) fn plan(
             Ok(order)
         }
         Strategy::Heat => {
-            run.set_progress(|p| p.phase = Phase::Profiling);
+            run.advance(SourceEvent::Profile)?;
             let probes = probes.ok_or(MigrationError::NoProbes)?;
             let mut profiler = start_profiler(run.partition, probes, run.options)?;
             profiler
@@ -244,10 +290,9 @@ pub(super) fn iterate(
     let partition = run.partition;
     let options = run.options;
     // Writes from now on are caught by the dirty log.
-    run.set_progress(|p| {
-        p.phase = Phase::Precopy;
-        p.round = 0;
-    });
+    run.steer(Some(sender))?;
+    run.advance(SourceEvent::Round0)?;
+    run.set_progress(|p| p.round = 0);
     partition.dirty_log_fetch()?;
     let defer = options.defer_hot_writes
         && options.strategy == Strategy::Heat
@@ -272,7 +317,7 @@ pub(super) fn iterate(
     run.report.rounds = 1;
     let mut refreshed = false;
     let mut convergence = Convergence::new(Policy {
-        downtime_limit: options.downtime_limit,
+        downtime_limit: run.downtime_limit,
         max_rounds: options.max_rounds,
         converge: options.converge(),
         timeout: options.timeout,
@@ -301,6 +346,8 @@ pub(super) fn iterate(
         dirty.sort_unstable();
         dirty.dedup();
         let count = dirty.len() as u64;
+        run.steer(Some(sender))?;
+        convergence.set_downtime_limit(run.downtime_limit);
         // What the last round wrote may still sit in socket buffers and the link's queue
         // (megabytes: tens of milliseconds at 1 Gbit/s). The cutover lets it drain before the
         // pause, but the pages dirtied meanwhile take its place in the last set: as many, at
@@ -325,7 +372,12 @@ pub(super) fn iterate(
         };
         // Whether the round about to go is heat's refresh, which holds nothing back.
         let mut refreshing = false;
-        match convergence.decide(check) {
+        let decision = if options.mode == Mode::Hybrid && run.job.postcopy_requested() {
+            Decision::CutOver(CutoverReason::Requested)
+        } else {
+            convergence.decide(check)
+        };
+        match decision {
             // Heat knows which of the pages left are hot writes. Everything left moves now, in
             // one more round while the guest runs, the hot ones last, so that only what is
             // dirtied again during it waits for the pause: the method's "refresh, then move".
@@ -358,7 +410,7 @@ pub(super) fn iterate(
                     reason,
                     pages: count,
                     expected_ms: expected.as_millis() as u64,
-                    limit_ms: options.downtime_limit.as_millis() as u64,
+                    limit_ms: run.downtime_limit.as_millis() as u64,
                     throttle_pct: convergence.throttle(),
                 });
             }

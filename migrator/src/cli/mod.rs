@@ -1,0 +1,3 @@
+//! The command-line client's parts, apart from its dispatch in `main.rs`.
+
+pub mod jobs;
