@@ -43,10 +43,13 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SIGTERM lets the daemon stop its partitions; then make sure it is gone.
+        // SIGTERM lets the daemon stop its partitions and end their processes (cancelling a
+        // migration first, ending any that cannot be); then make sure it is gone. Its own
+        // steps are bounded (10 s each for a stop, then a process's exit), so this waits
+        // longer than they take.
         // SAFETY: kill(2) on our own child; no memory is involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;

@@ -75,6 +75,8 @@ pub enum SupervisorError {
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// How long `list` waits for one process before showing what it last said.
 const LIST_WAIT: Duration = Duration::from_secs(2);
+/// How long shutting down waits for each step of a process's end (a stop, its exit).
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// The supervisor; clones share it.
 #[derive(Clone)]
@@ -293,7 +295,10 @@ impl Supervisor {
         ) >> 1
     }
 
-    /// Stops every partition (the shutdown option).
+    /// Stops every partition and ends every partition process (the shutdown option): a
+    /// migration is cancelled first if it can be, and whatever still runs in a process after
+    /// its stop (a migration past its handover, an incoming session, a stop refused or
+    /// unanswered) ends with the process, as the operator asked.
     pub async fn stop_all(&self) {
         let stops = self
             .inner
@@ -301,11 +306,26 @@ impl Supervisor {
             .processes()
             .into_iter()
             .map(|vmm| async move {
+                let id = vmm.id().to_string();
                 let _ = vmm
                     .client
-                    .stop(context_with(Duration::from_secs(30)), vmm.id().to_string())
+                    .migration_cancel(context_with(STOP_WAIT), id.clone())
                     .await;
+                let _ = vmm.client.stop(context_with(STOP_WAIT), id.clone()).await;
                 self.sweep(&vmm).await;
+                if runtime_dir::is_alive(&vmm.record) {
+                    vmm.begin_retiring();
+                    vmm.terminate();
+                    let ended = tokio::time::timeout(STOP_WAIT, process::wait_for_exit(vmm.pid()));
+                    if ended.await.is_err() {
+                        warn!(
+                            "partition process {} of `{id}` ignored SIGTERM: killing it",
+                            vmm.pid()
+                        );
+                        vmm.kill();
+                    }
+                    self.inner.dir.remove(&id, false);
+                }
             });
         futures::future::join_all(stops).await;
     }

@@ -119,6 +119,14 @@ impl VmmProcess {
         }
     }
 
+    /// Ends the process at once (SIGKILL), for one that did not end when asked.
+    pub fn kill(&self) {
+        if super::runtime_dir::is_alive(&self.record) {
+            // SAFETY: as in `terminate`.
+            unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+
     /// Maps a failed call to the process to an API error naming it.
     pub fn unreachable(&self, error: tarpc::client::RpcError) -> ApiError {
         ApiError::Internal(format!(
