@@ -1038,7 +1038,7 @@ fn print_table(list: &[PartitionInfo]) {
             info.id,
             info.name.as_deref().unwrap_or("-"),
             info.image,
-            info.state.name(),
+            state_shown(info),
             info.mem_bytes >> 20,
             info.vcpus,
             info.ops,
@@ -1048,11 +1048,26 @@ fn print_table(list: &[PartitionInfo]) {
     }
 }
 
+/// The state a table shows: `unanswered` for a partition whose process did not answer (its
+/// other columns are what it last said).
+fn state_shown(info: &PartitionInfo) -> String {
+    match info.unanswered_ms {
+        Some(_) => "unanswered".into(),
+        None => info.state.name(),
+    }
+}
+
 fn print_info(info: &PartitionInfo) {
     println!("id:      {}", info.id);
     println!("name:    {}", info.name.as_deref().unwrap_or("-"));
     println!("image:   {}", info.image);
     println!("state:   {}", info.state.name());
+    if let Some(ms) = info.unanswered_ms {
+        println!(
+            "process: has not answered for {:.1} s; what follows is what it last said",
+            ms as f64 / 1e3
+        );
+    }
     if let Some(handover) = &info.awaiting_handover {
         println!(
             "awaits:  the handover of session {} on {} (`migrator reconcile {}` settles it)",

@@ -50,7 +50,8 @@ use crate::{
 /// per partition needs (`hello`'s `holds`, the partition's `pid` and
 /// `process_rss_anon_bytes`); 10 adds migrations as jobs (`migrations`, `migrate_detached`,
 /// `migration_wait`, `migration_cancel`, `migration_set_limits`, `migration_postcopy`, the
-/// report's `migration` and status `cancelled`) and the refusals `NothingRunsHere`,
+/// report's `migration`, `downtime_limit_ms` and status `cancelled`, the partition's
+/// `unanswered_ms`) and the refusals `NothingRunsHere`,
 /// `HeldByMigration`, `UnknownMigration` and `Steer`. New calls go at the end of the service.
 pub const API_VERSION: u32 = 10;
 /// Largest frame either side accepts (a guest image travels in one).
@@ -118,6 +119,10 @@ pub struct PartitionInfo {
     /// memfd and not counted).
     #[serde(default)]
     pub process_rss_anon_bytes: Option<u64>,
+    /// Set when the partition's process did not answer: how long since it last did, in
+    /// milliseconds; the rest is what it said then.
+    #[serde(default)]
+    pub unanswered_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]

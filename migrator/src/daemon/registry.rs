@@ -311,5 +311,6 @@ pub fn info_of(id: &str, partition: &Partition) -> PartitionInfo {
         postcopy_paused: status.postcopy_paused,
         pid: None,
         process_rss_anon_bytes: None,
+        unanswered_ms: None,
     }
 }

@@ -254,6 +254,7 @@ mod tests {
             postcopy_paused: None,
             pid: None,
             process_rss_anon_bytes: None,
+            unanswered_ms: None,
         });
         assert_eq!(
             app.on_key(key(KeyCode::Char('m'))),

@@ -450,6 +450,7 @@ mod tests {
             postcopy_paused: None,
             pid: None,
             process_rss_anon_bytes: None,
+            unanswered_ms: None,
         }
     }
 

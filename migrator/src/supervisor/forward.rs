@@ -44,7 +44,10 @@ impl Supervisor {
         let result = call(vmm.client.clone()).await;
         drop(busy);
         match result {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                vmm.answered();
+                answer
+            }
             Err(e) => Err(self.lost(&vmm, e).await),
         }
     }
@@ -77,7 +80,12 @@ impl Supervisor {
             None => vmm.unreachable(error),
         }
     }
+}
 
+/// How long `status` waits for a partition's process before showing it unanswered.
+const STATUS_WAIT: Duration = Duration::from_secs(5);
+
+impl Supervisor {
     /// As [`Supervisor::on`], for partition `id`.
     pub(super) async fn on_partition<T, F, Fut>(&self, id: &str, call: F) -> Result<T, ApiError>
     where
@@ -125,6 +133,10 @@ impl Supervisor {
                 .ok_or_else(|| ApiError::UnknownPartition(id.to_string()));
         };
         let target = id.to_string();
+        // A status waits no longer than `list` does on one process: a wedged process is
+        // shown as such, not waited on.
+        let mut ctx = ctx;
+        ctx.deadline = ctx.deadline.min(std::time::Instant::now() + STATUS_WAIT);
         let answer = self
             .on(
                 Arc::clone(&vmm),
@@ -133,8 +145,18 @@ impl Supervisor {
             .await;
         let mut info = match answer {
             Ok(info) => info,
-            // Its process died: the partition as it ended.
-            Err(e) => return self.inner.inventory.ended_info(id).ok_or(e),
+            Err(e) => {
+                // Its process died: the partition as it ended.
+                if let Some(ended) = self.inner.inventory.ended_info(id) {
+                    return Ok(ended);
+                }
+                return match e {
+                    ApiError::Internal(_) if super::runtime_dir::is_alive(&vmm.record) => {
+                        Ok(vmm.unanswered())
+                    }
+                    e => Err(e),
+                };
+            }
         };
         annotate(&vmm, &mut info);
         vmm.remember(&info);
@@ -237,8 +259,8 @@ impl MigratorApi for Supervisor {
                     // A process holding an incoming migration not committed yet: no
                     // partition so far.
                     Err(ApiError::UnknownPartition(_)) => None,
-                    // Too busy to answer in time: as it last was.
-                    Err(_) => vmm.seen().then(|| vmm.last_seen()),
+                    // Wedged or too busy to answer in time: as it last was, marked so.
+                    Err(_) => Some(vmm.unanswered()),
                 }
             }
         });

@@ -141,46 +141,74 @@ impl Supervisor {
     }
 
     /// Serves again every partition process a predecessor left running, with whatever it
-    /// counted; records the ones that ended meanwhile as crashed.
+    /// counted; records the ones that ended meanwhile as crashed. The records are adopted
+    /// all at once, each within a bound: a process that does not answer its handshake is
+    /// adopted all the same (it runs a guest), and `list` shows it unanswered.
     async fn adopt(&self) -> Result<(), SupervisorError> {
         let dir = &self.inner.dir;
+        let mut alive = Vec::new();
         for record in dir.records()? {
-            if !runtime_dir::is_alive(&record) {
-                let mut info = process::described(&record);
-                info.pid = None;
-                info.state = PartitionState::Crashed;
-                info.crash_reason = Some(format!(
-                    "its process {} ended while no daemon watched it",
-                    record.pid
-                ));
-                warn!(
-                    "partition `{}`: {}",
-                    record.id,
-                    info.crash_reason.as_deref().unwrap_or("")
-                );
-                dir.remove(&record.id, true);
-                self.inner.inventory.ended(info);
+            if runtime_dir::is_alive(&record) {
+                alive.push(record);
                 continue;
             }
-            match process::connect(dir, &record.id).await {
-                Ok(client) => {
-                    let vmm = Arc::new(process::adopted(record, client));
-                    info!("adopted partition `{}` (process {})", vmm.id(), vmm.pid());
-                    self.inner.inventory.insert(Arc::clone(&vmm));
-                    self.refresh(&vmm).await;
-                    let watcher = self.clone();
-                    tokio::spawn(async move {
-                        process::wait_for_exit(vmm.pid()).await;
-                        watcher.ended(
-                            &vmm,
-                            "ended (it was adopted, so its exit status is unknown)".into(),
-                        );
-                    });
-                }
-                Err(e) => warn!("not adopting partition `{}`: {e}", record.id),
-            }
+            let mut info = process::described(&record);
+            info.pid = None;
+            info.state = PartitionState::Crashed;
+            info.crash_reason = Some(format!(
+                "its process {} ended while no daemon watched it",
+                record.pid
+            ));
+            warn!(
+                "partition `{}`: {}",
+                record.id,
+                info.crash_reason.as_deref().unwrap_or("")
+            );
+            dir.remove(&record.id, true);
+            self.inner.inventory.ended(info);
         }
+        let adoptions = alive.into_iter().map(|record| self.adopt_one(record));
+        futures::future::join_all(adoptions).await;
         Ok(())
+    }
+
+    /// Adopts the running process of `record`.
+    async fn adopt_one(&self, record: Record) {
+        let dir = &self.inner.dir;
+        let (client, answered) = match process::connect(dir, &record.id).await {
+            Ok(client) => (client, true),
+            Err(why) => match process::open(dir, &record.id).await {
+                Ok(client) => {
+                    warn!(
+                        "partition `{}`: its process {} does not answer ({why}); adopted all \
+                         the same, and listed as not answering",
+                        record.id, record.pid
+                    );
+                    (client, false)
+                }
+                Err(e) => {
+                    warn!(
+                        "not adopting partition `{}` (process {}): {e}",
+                        record.id, record.pid
+                    );
+                    return;
+                }
+            },
+        };
+        let vmm = Arc::new(process::adopted(record, client));
+        info!("adopted partition `{}` (process {})", vmm.id(), vmm.pid());
+        self.inner.inventory.insert(Arc::clone(&vmm));
+        if answered {
+            self.refresh(&vmm).await;
+        }
+        let watcher = self.clone();
+        tokio::spawn(async move {
+            process::wait_for_exit(vmm.pid()).await;
+            watcher.ended(
+                &vmm,
+                "ended (it was adopted, so its exit status is unknown)".into(),
+            );
+        });
     }
 
     /// Starts a partition process for `record`, watches it, and returns it (not yet in the

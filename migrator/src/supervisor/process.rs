@@ -47,6 +47,8 @@ pub struct VmmProcess {
     in_flight: AtomicUsize,
     /// Set when the supervisor ends the process on purpose: its exit is then no crash.
     retiring: AtomicBool,
+    /// When the process last answered a call.
+    answered: Mutex<Instant>,
 }
 
 /// One forwarded call in flight (see [`VmmProcess::busy`]).
@@ -79,6 +81,32 @@ impl VmmProcess {
 
     pub fn remember(&self, info: &PartitionInfo) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
+        self.answered();
+    }
+
+    /// The process answered a call just now.
+    pub fn answered(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// How long since the process last answered a call.
+    pub fn unanswered_for(&self) -> Duration {
+        self.answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// The partition as last seen, marked as its process not answering: what `list` and
+    /// `status` show of a process that is wedged or too busy, rather than leaving it out or
+    /// waiting on it. One that never showed a partition is an incoming migration's.
+    pub fn unanswered(&self) -> PartitionInfo {
+        let mut info = self.last_seen();
+        if !self.seen() {
+            info.state = crate::vmm::PartitionState::Migrating;
+        }
+        info.unanswered_ms = Some(self.unanswered_for().as_millis() as u64);
+        info
     }
 
     /// Whether the partition was ever seen (a process started for an incoming migration has
@@ -156,6 +184,7 @@ pub fn described(record: &Record) -> PartitionInfo {
         postcopy_paused: None,
         pid: Some(record.pid),
         process_rss_anon_bytes: None,
+        unanswered_ms: None,
     }
 }
 
@@ -253,6 +282,7 @@ pub fn adopted(record: Record, client: MigratorApiClient) -> VmmProcess {
         last: Mutex::new(None),
         in_flight: AtomicUsize::new(0),
         retiring: AtomicBool::new(false),
+        answered: Mutex::new(Instant::now()),
     }
 }
 
@@ -262,11 +292,7 @@ pub async fn connect(dir: &RuntimeDir, id: &str) -> Result<MigratorApiClient, Su
         id: id.to_string(),
         what,
     };
-    let stream = tokio::net::UnixStream::connect(dir.socket(id))
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let client =
-        MigratorApiClient::new(client::Config::default(), transport(Box::new(stream))).spawn();
+    let client = open(dir, id).await?;
     client
         .hello(
             crate::daemon::client::context_with(Duration::from_secs(5)),
@@ -277,6 +303,23 @@ pub async fn connect(dir: &RuntimeDir, id: &str) -> Result<MigratorApiClient, Su
         .map_err(|e| failed(e.to_string()))?
         .map_err(|e| failed(e.to_string()))?;
     Ok(client)
+}
+
+/// A client of partition process `id`'s socket, not yet asked anything; the connection is
+/// bounded in time, since a wedged process may never accept it.
+pub async fn open(dir: &RuntimeDir, id: &str) -> Result<MigratorApiClient, SupervisorError> {
+    let failed = |what: String| SupervisorError::Connect {
+        id: id.to_string(),
+        what,
+    };
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::UnixStream::connect(dir.socket(id)),
+    )
+    .await
+    .map_err(|_| failed("it did not accept a connection within 5 s".into()))?
+    .map_err(|e| failed(e.to_string()))?;
+    Ok(MigratorApiClient::new(client::Config::default(), transport(Box::new(stream))).spawn())
 }
 
 /// Waits until process `pid`, not our child (adopted from a predecessor), has ended.
