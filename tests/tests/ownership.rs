@@ -247,3 +247,64 @@ fn neither_copy_of_a_post_copy_can_be_resumed_or_stopped_and_the_switch_is_on_de
     let there = report["id_on_destination"].as_str().unwrap();
     destination.runs_clean(there, 1000, 1, "after the switch");
 }
+
+#[test]
+fn a_partition_whose_process_does_not_answer_is_shown_so_and_stalls_no_other() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_partition_whose_process_does_not_answer_is_shown_so_and_stalls_no_other",
+            &why,
+        );
+    }
+    let daemon = Daemon::start();
+    let wedged = launch_busy(&daemon, "32M");
+    let healthy = launch_busy(&daemon, "32M");
+    daemon.wait_progress(&wedged, 5, 1);
+    let pid = daemon
+        .partition_processes()
+        .into_iter()
+        .find(|(id, _)| *id == wedged)
+        .map(|(_, pid)| pid)
+        .expect("its process");
+    // SIGSTOP: the process neither answers nor dies, as one wedged on a page would.
+    // SAFETY: kill(2) with a plain signal number; no memory is passed.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let asked = Instant::now();
+    let list = daemon.json(&["list"]);
+    let listed_in = asked.elapsed();
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == wedged.as_str())
+        .cloned();
+    let asked = Instant::now();
+    let status = daemon.json(&["status", &wedged]);
+    let status_in = asked.elapsed();
+    // The other partition is served meanwhile.
+    daemon.runs_clean(&healthy, 1000, 1, "beside the wedged one");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    let row = row.expect("the wedged partition is listed");
+    assert!(row["unanswered_ms"].is_u64(), "{row}");
+    assert!(
+        listed_in < Duration::from_secs(5),
+        "list took {listed_in:?}"
+    );
+    assert!(status["unanswered_ms"].is_u64(), "{status}");
+    assert!(
+        status_in < Duration::from_secs(8),
+        "status took {status_in:?}"
+    );
+    // Answering again, it is shown as it is.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = daemon.json(&["status", &wedged]);
+        if status["unanswered_ms"].is_null() {
+            assert_eq!(status["errors"], 0, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still unanswered: {status}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
