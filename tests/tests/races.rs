@@ -298,14 +298,20 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
     }
     // Let every migration end, and check what each reported.
     let mut completed = 0;
+    let mut outcomes: BTreeMap<String, u32> = BTreeMap::new();
     let mut violations = Vec::new();
     for run in &started {
         let daemon = hosts[run.host].lock().unwrap();
         let (_, stdout, _) = daemon.cli(&["wait", &run.migration, "--json"]);
         let Ok(report) = serde_json::from_str::<Value>(&stdout) else {
-            // Its daemon was killed since: the report went with it.
+            // Its daemon was killed since, and its process has ended: the report went with
+            // them.
+            *outcomes.entry("report lost".into()).or_default() += 1;
             continue;
         };
+        *outcomes
+            .entry(report["status"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
         if report["status"] == "completed" {
             completed += 1;
             if report["source_digest"] != report["dest_digest"] || report["dest_digest"].is_null() {
@@ -352,7 +358,7 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
     violations.extend(findings.violations);
     eprintln!(
         "races: seed {seed}: {operations} operations (accepted, refused): {counts:?}; {} \
-         migrations started, {completed} completed; {} guests stopped on purpose; {} samples; \
+         migrations started, ended {outcomes:?}; {} guests stopped on purpose; {} samples; \
          {} violations",
         started.len(),
         stopped.len(),
