@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use heatprobe::{Access, HeatClass, PageHeat};
@@ -47,6 +47,9 @@ enum Fault {
     CommitAnswerLost,
     /// It runs the partition at the handover, but the answer is lost.
     HandoverAnswerLost,
+    /// A status call reads the parked partition between the commit and the handover, when
+    /// nothing would bring a page it lacked.
+    StatusBeforeHandover,
     /// Hybrid: every page arrives, but the answer to `finish` is lost.
     FinishAnswerLost,
     /// Hybrid: the destination forgets the session as the push ends (its daemon restarted,
@@ -65,6 +68,8 @@ struct Seen {
     carried: Vec<(u64, CarriedHeat)>,
     /// Partitions restored here, and whether each is still running.
     arrived: Vec<Arc<Partition>>,
+    /// `StatusBeforeHandover`: how long the status call took, if it answered within 5 s.
+    status_before_handover: Option<Duration>,
 }
 
 struct InProcess {
@@ -142,6 +147,18 @@ impl Destination for InProcess {
 
     fn handover(&mut self, session: u64) -> Result<HandoverReply, DestinationError> {
         let found = self.sessions.get(&session).cloned().expect("a session");
+        if self.fault == Fault::StatusBeforeHandover {
+            let parked = self.seen.lock().unwrap().arrived.last().cloned();
+            let parked = parked.expect("the commit restored it");
+            let (answered, answer) = std::sync::mpsc::channel();
+            let asked = Instant::now();
+            thread::spawn(move || {
+                parked.status();
+                let _ = answered.send(asked.elapsed());
+            });
+            self.seen.lock().unwrap().status_before_handover =
+                answer.recv_timeout(Duration::from_secs(5)).ok();
+        }
         // As the daemon does: a handover refused drops the session, and nothing of it runs.
         let resume_ms = found
             .handover()
@@ -855,4 +872,32 @@ fn contradictory_options_are_refused_before_anything_is_asked() {
     assert_runs_on(&source, "refused options");
     assert!(seen.aborted.is_empty() && seen.arrived.is_empty());
     source.stop();
+}
+
+/// A status call between the commit and the handover reads only pages that are there: the
+/// pages the VMM reads travel within the downtime whatever its budget, and a page that is
+/// not there is never waited on. (It once waited for good: nothing brings a page before the
+/// handover, and the handover waited behind it.)
+#[test]
+fn a_status_call_before_the_handover_never_waits_on_a_missing_page() {
+    let test = "a_status_call_before_the_handover_never_waits_on_a_missing_page";
+    if let Some(why) = kvm_unavailable() {
+        return skip(test, &why);
+    }
+    // Every page stale at the pause, and no budget to send any of them in the downtime.
+    let options = MigrationOptions {
+        strategy: Strategy::Address,
+        mode: Mode::Hybrid,
+        max_rounds: 1,
+        downtime_limit: Duration::from_millis(1),
+        ..MigrationOptions::default()
+    };
+    let (report, _, seen) = run_with("uniform-write", "", &options, Fault::StatusBeforeHandover);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert_eq!(report.source_digest, report.dest_digest);
+    let took = seen.status_before_handover;
+    assert!(took.is_some(), "the status call waited over 5 s");
+    for arrived in &seen.arrived {
+        arrived.stop();
+    }
 }
