@@ -475,6 +475,15 @@ impl Daemon {
     pub(super) async fn stop_partition(&self, id: String) -> Result<PartitionInfo, ApiError> {
         let partition = self.registry.live(&id)?;
         self.refuse_if_held(&id)?;
+        // Its copy may be the only one with every page: the operator settles it first.
+        if partition.awaiting_handover().is_some() || partition.postcopy_paused().is_some() {
+            return Err(ApiError::Partition(format!(
+                "partition `{id}` is {}: its copy may be the guest's only complete one; \
+                 `migrator reconcile {id}` settles it (`--resume-here` on your word that \
+                 the destination's copy is gone), and then it stops",
+                partition.state().name()
+            )));
+        }
         self.unwatch(&id);
         self.carried_heat.forget(&id);
         let stopped = blocking("stop", move || {

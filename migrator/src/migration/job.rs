@@ -42,6 +42,8 @@ pub enum SteerError {
     Over { phase: SourcePhase },
     #[error("only a hybrid migration switches to post-copy")]
     NotHybrid,
+    #[error("the migration is past its rounds ({phase:?}): there is nothing left to switch")]
+    PastRounds { phase: SourcePhase },
 }
 
 impl LiveLimits {
@@ -169,6 +171,15 @@ impl Job {
         if phase.is_final() {
             return Err(SteerError::Over { phase });
         }
+        if !matches!(
+            phase,
+            SourcePhase::Preparing
+                | SourcePhase::Setup { .. }
+                | SourcePhase::Profiling { .. }
+                | SourcePhase::Precopy { .. }
+        ) {
+            return Err(SteerError::PastRounds { phase });
+        }
         control.postcopy_now = true;
         Ok(())
     }
@@ -178,13 +189,17 @@ impl Job {
     }
 
     /// New limits for the engine to take up at its next step (merged with any not yet
-    /// taken).
+    /// taken). Refused from the handover on: the downtime is spent by then, and the post-copy
+    /// push keeps the pace it started at.
     pub fn request_limits(&self, limits: LiveLimits) -> Result<(), SteerError> {
         limits.validate()?;
         let mut control = self.control();
         let phase = control.phase;
         if phase.is_final() {
             return Err(SteerError::Over { phase });
+        }
+        if !phase.cancellable() {
+            return Err(SteerError::PastHandover { phase });
         }
         let merged = control.limits.get_or_insert_with(LiveLimits::default);
         if limits.downtime_limit.is_some() {
@@ -290,6 +305,14 @@ mod tests {
             Err(SteerError::PastHandover { .. })
         ));
         assert!(!job.cancel_requested());
+        assert!(matches!(
+            job.request_limits(LiveLimits::default()),
+            Err(SteerError::PastHandover { .. })
+        ));
+        assert!(matches!(
+            job.request_postcopy(Mode::Hybrid),
+            Err(SteerError::PastRounds { .. })
+        ));
         job.step(SourceEvent::HandedOver, Mode::Hybrid).unwrap();
         job.step(SourceEvent::Finished, Mode::Hybrid).unwrap();
         assert!(matches!(job.request_cancel(), Err(SteerError::Over { .. })));
