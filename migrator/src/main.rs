@@ -955,6 +955,11 @@ fn print_report(report: &migrator::migration::MigrationReport, json: bool) -> Re
             ratio * 100.0
         );
     }
+    match (&report.guest_work_lost, &report.guest_work_lost_note) {
+        (Some(lost), _) => println!("{}", work_lost_line(lost)),
+        (None, Some(why)) => println!("guest work lost {why}"),
+        (None, None) => {}
+    }
     if report.status == migrator::migration::MigrationStatus::Completed {
         println!("{}", after_move_line(report));
     }
@@ -962,6 +967,25 @@ fn print_report(report: &migrator::migration::MigrationReport, json: bool) -> Re
         println!("error: {error}");
     }
     Ok(())
+}
+
+/// The summary's line on the guest's whole bill, by part.
+fn work_lost_line(lost: &migrator::migration::report::GuestWorkLost) -> String {
+    let after = match lost.after_ms {
+        Some(ms) => format!("{ms:.0}"),
+        None => "not counted".into(),
+    };
+    format!(
+        "guest work lost {:.0} ms at its pace before ({:.0} ops/s) over {:.0} ms: profile {:.0}, \
+         rounds {:.0}, throttle {:.0}, downtime {:.0}, after the resume {after}",
+        lost.total_ms,
+        lost.rate_before,
+        lost.counted_ms,
+        lost.profile_ms,
+        lost.rounds_ms,
+        lost.throttle_ms,
+        lost.downtime_ms
+    )
 }
 
 /// The summary's compression line: the bytes before and after, and the rates.

@@ -197,11 +197,15 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
             r.pages_resent,
             r.postcopy_requests
         )));
-        // The guest's pace first: it is what the user's workload felt.
+        // The guest's pace first, and its whole bill: it is what the user's workload felt.
         let pace = r
             .guest_ops_ratio
             .map(|ratio| format!("guest ops {:.0}% of before · ", ratio * 100.0))
             .unwrap_or_default();
+        let bill = match &r.guest_work_lost {
+            Some(lost) => format!("guest work lost {:.0} ms · ", lost.total_ms),
+            None => String::new(),
+        };
         // Then what it felt after the move: its stall (downtime and blocktime), its faults
         // there, and how long a demanded page took.
         let faults = r
@@ -214,7 +218,7 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
             String::new()
         };
         lines.push(Line::from(format!(
-            "{pace}stall {:.0} ms (blocked {:.0} ms)",
+            "{bill}{pace}stall {:.0} ms (blocked {:.0} ms)",
             r.guest_stall_ms, r.postcopy_blocktime_ms
         )));
         if !faults.is_empty() || !demand.is_empty() {
@@ -561,10 +565,17 @@ mod tests {
             window_ms: 2000,
             local: 310,
             remote: 4,
+            ops: Some(1000),
+            ops_us: Some(2_000_000),
+        });
+        report.guest_work_lost = Some(crate::migration::report::GuestWorkLost {
+            total_ms: 431.6,
+            ..Default::default()
         });
         app.migration_done(report.clone());
         let text = render_text(&app, 160, 30);
         assert!(text.contains("downtime 12 ms, limit met"), "{text}");
+        assert!(text.contains("guest work lost 432 ms"), "{text}");
         assert!(text.contains("guest ops 85% of before"), "{text}");
         assert!(text.contains("stall 19 ms (blocked 7 ms)"), "{text}");
         assert!(text.contains("310 faults local, 4 remote"), "{text}");

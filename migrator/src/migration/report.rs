@@ -44,6 +44,40 @@ pub struct PostCutoverFaults {
     pub local: u64,
     /// Faults on a missing page, which had to ask the source for it (hybrid only).
     pub remote: u64,
+    /// The guest's operations over the window, summed over its vCPUs, and the time between
+    /// the two readings in microseconds (the end is read on a timer, not when the source
+    /// asks); `None` where its counters could not be read.
+    #[serde(default)]
+    pub ops: Option<u64>,
+    #[serde(default)]
+    pub ops_us: Option<u64>,
+}
+
+/// What the migration cost the guest, as time: the operations it did not do, at its own pace
+/// just before the migration, from the first thing the migration did to it (the dirty log,
+/// then the heat profile) to the end of the fault window after the resume. Each part is its
+/// time less the operations done in it over that pace; a part where the guest ran faster
+/// than before counts below zero.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestWorkLost {
+    /// The sum of the parts measured.
+    pub total_ms: f64,
+    /// The heat profile before round 0 (its re-arming faults).
+    pub profile_ms: f64,
+    /// The rounds at full speed (the dirty log's write faults, the copies).
+    pub rounds_ms: f64,
+    /// The rounds under a throttle.
+    pub throttle_ms: f64,
+    /// The pause: the guest runs nowhere.
+    pub downtime_ms: f64,
+    /// After the resume, over the fault window: the faults of a fresh VM and, in hybrid mode,
+    /// the waits for missing pages. `None` when not measured (`post_cutover_faults_note`, or
+    /// `--fault-window 0s`, or a migration that did not complete).
+    pub after_ms: Option<f64>,
+    /// The guest's pace before the migration, operations per second over its vCPUs.
+    pub rate_before: f64,
+    /// How long the parts measured last together, in milliseconds.
+    pub counted_ms: f64,
 }
 
 /// How a migration ended; serialized as `completed`, `failed` or `cancelled` (an operator's
@@ -162,6 +196,12 @@ pub struct MigrationReport {
     /// operations then (paused, or an image that keeps no count) or its counter went
     /// backwards.
     pub guest_ops_ratio: Option<f64>,
+    /// What the migration cost the guest, by part; `None` where it cannot be measured,
+    /// `guest_work_lost_note` saying why.
+    #[serde(default)]
+    pub guest_work_lost: Option<GuestWorkLost>,
+    #[serde(default)]
+    pub guest_work_lost_note: Option<String>,
     pub postcopy_requests: u64,
     pub postcopy_fault_latency_us: Latency,
     /// Hybrid: stale pages sent inside the downtime, as many as its budget had room for,
@@ -242,6 +282,8 @@ impl MigrationReport {
             downtime_limit_met: false,
             downtime_note: None,
             guest_ops_ratio: None,
+            guest_work_lost: None,
+            guest_work_lost_note: None,
             postcopy_requests: 0,
             postcopy_fault_latency_us: Latency::default(),
             budgeted_pages: 0,

@@ -98,20 +98,46 @@ pub struct FaultWindow {
     resumed: Instant,
     window: Duration,
     remote: AtomicU64,
+    /// The guest's operations over the window and the time between the readings, once the
+    /// timer has read them at its end.
+    ops: Arc<Mutex<Option<(u64, Duration)>>>,
     /// The figures, once read at the window's end.
     result: Mutex<Option<PostCutoverFaults>>,
 }
 
+/// Reads the guest's operation count (summed over vCPUs), if it still can.
+pub type OpsReader = Box<dyn Fn() -> Option<u64> + Send>;
+
 impl FaultWindow {
-    /// Starts counting the faults of vCPU threads `tids` for `window` from now (the resume).
-    pub fn start(probes: Arc<Probes>, tids: &[u32], window: Duration) -> Result<Self, ProbeError> {
+    /// Starts counting the faults of vCPU threads `tids` for `window` from now (the resume),
+    /// and the guest's operations through `ops`, read now and on a timer at the window's end.
+    pub fn start(
+        probes: Arc<Probes>,
+        tids: &[u32],
+        window: Duration,
+        ops: OpsReader,
+    ) -> Result<Self, ProbeError> {
         let id = probes.track_vcpus(tids)?;
+        let counted = Arc::new(Mutex::new(None));
+        let first = ops().map(|n| (n, Instant::now()));
+        let recording = Arc::clone(&counted);
+        // Best effort: without the timer the figures say the operations were not counted.
+        let _ = std::thread::Builder::new()
+            .name("fault-window".into())
+            .spawn(move || {
+                std::thread::sleep(window);
+                if let (Some((from, at)), Some(to)) = (first, ops()) {
+                    *recording.lock().unwrap_or_else(|p| p.into_inner()) =
+                        to.checked_sub(from).map(|done| (done, at.elapsed()));
+                }
+            });
         Ok(Self {
             probes,
             id,
             resumed: Instant::now(),
             window,
             remote: AtomicU64::new(0),
+            ops: counted,
             result: Mutex::new(None),
         })
     }
@@ -131,6 +157,14 @@ impl FaultWindow {
     /// the same figures).
     pub fn report(&self) -> Result<PostCutoverFaults, ProbeError> {
         std::thread::sleep(self.ends_at().saturating_duration_since(Instant::now()));
+        // The timer reads the operations just after the window's end.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while self.ops.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ops = *self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let mut result = self.result.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(done) = *result {
             return Ok(done);
@@ -147,6 +181,8 @@ impl FaultWindow {
             // KVM maps a remote page once it arrives, so the probes count it too.
             local: total.saturating_sub(remote),
             remote,
+            ops: ops.map(|(done, _)| done),
+            ops_us: ops.map(|(_, took)| took.as_micros() as u64),
         };
         *result = Some(done);
         // Nothing more to count: the vCPU threads are free for a profiler.

@@ -857,8 +857,15 @@ impl Session {
         if self.fault_window.is_zero() {
             return;
         }
+        // The guest's operations, read through a weak handle: the window must not keep a
+        // stopped partition alive, and a page that is not there is never waited on.
+        let parked = self.lock_parked().as_ref().map(Arc::downgrade);
+        let ops: faults::OpsReader = Box::new(move || {
+            let partition = parked.as_ref()?.upgrade()?;
+            Some(partition.total_progress().ops)
+        });
         let window = match self.probes.get() {
-            Some(Ok(probes)) => FaultWindow::start(probes, tids, self.fault_window)
+            Some(Ok(probes)) => FaultWindow::start(probes, tids, self.fault_window, ops)
                 .map(Arc::new)
                 .map_err(|e| format!("counting faults: {}", error_chain(&e))),
             Some(Err(e)) => Err(format!("the eBPF probes: {}", error_chain(&*e))),

@@ -52,9 +52,122 @@ pub(super) fn ratio(before: Option<f64>, during: Option<f64>) -> Option<f64> {
     during.map(|d| d / before)
 }
 
+/// A part of the migration whose cost to the guest is counted apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Part {
+    Profile,
+    Rounds,
+    Throttle,
+}
+
+/// The guest's work lost while it runs here, part by part: each interval's time less the
+/// operations done in it at the guest's pace before the migration.
+#[derive(Debug)]
+pub(super) struct Ledger {
+    /// Operations per second before the migration; `None` where there was no pace to count
+    /// against (the ledger then counts nothing).
+    rate: Option<f64>,
+    open: Option<(Part, OpsMark)>,
+    /// Milliseconds lost, by part: profile, rounds, throttle.
+    lost: [f64; 3],
+    counted: Duration,
+}
+
+impl Ledger {
+    pub(super) fn new(rate: Option<f64>) -> Self {
+        Self {
+            rate: rate.filter(|r| r.is_finite() && *r > 0.0),
+            open: None,
+            lost: [0.0; 3],
+            counted: Duration::ZERO,
+        }
+    }
+
+    /// From now on, the guest's time counts to `part` (closing the part it counted to).
+    pub(super) fn enter(&mut self, partition: &Partition, part: Part) {
+        let now = OpsMark::now(partition);
+        self.close_at(now);
+        self.open = Some((part, now));
+    }
+
+    /// Stops counting (the pause).
+    pub(super) fn close(&mut self, partition: &Partition) {
+        let now = OpsMark::now(partition);
+        self.close_at(now);
+        self.open = None;
+    }
+
+    /// The part it counts to now.
+    pub(super) fn part(&self) -> Option<Part> {
+        self.open.map(|(part, _)| part)
+    }
+
+    fn close_at(&mut self, now: OpsMark) {
+        let (Some((part, from)), Some(rate)) = (self.open, self.rate) else {
+            return;
+        };
+        let Some(took) = now.at.checked_duration_since(from.at) else {
+            return;
+        };
+        // A count that went backwards says nothing of the interval.
+        let Some(done) = now.ops.checked_sub(from.ops) else {
+            return;
+        };
+        self.counted += took;
+        self.lost[part as usize] += lost_ms(took, done, rate);
+    }
+
+    /// The pace counted against, and the milliseconds lost by part (profile, rounds,
+    /// throttle) with the time they cover.
+    pub(super) fn totals(&self) -> Option<(f64, [f64; 3], Duration)> {
+        self.rate.map(|rate| (rate, self.lost, self.counted))
+    }
+}
+
+/// The time, in milliseconds, that `done` operations in `took` fall short of the guest's pace
+/// of `rate` per second: below zero if it did more.
+pub(super) fn lost_ms(took: Duration, done: u64, rate: f64) -> f64 {
+    took.as_secs_f64() * 1e3 - done as f64 / rate * 1e3
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_lost_is_the_time_less_what_was_done_at_the_old_pace() {
+        // 1000 ops/s: 500 ms in which 200 ops were done lost 300 ms of the guest's work.
+        let lost = lost_ms(Duration::from_millis(500), 200, 1000.0);
+        assert!((lost - 300.0).abs() < 1e-9, "{lost}");
+        // Kept its pace: nothing lost; faster: below zero.
+        assert!(lost_ms(Duration::from_millis(500), 500, 1000.0).abs() < 1e-9);
+        assert!(lost_ms(Duration::from_millis(500), 600, 1000.0) < 0.0);
+    }
+
+    #[test]
+    fn a_ledger_charges_each_interval_to_its_part() {
+        let start = Instant::now();
+        let mut ledger = Ledger::new(Some(1000.0));
+        ledger.open = Some((Part::Profile, mark(start, 0)));
+        ledger.close_at(mark(start + Duration::from_millis(100), 50));
+        ledger.open = Some((Part::Throttle, mark(start + Duration::from_millis(100), 50)));
+        ledger.close_at(mark(start + Duration::from_millis(300), 100));
+        let (rate, lost, counted) = ledger.totals().unwrap();
+        assert_eq!(rate, 1000.0);
+        assert!(
+            (lost[Part::Profile as usize] - 50.0).abs() < 1e-6,
+            "{lost:?}"
+        );
+        assert_eq!(lost[Part::Rounds as usize], 0.0);
+        assert!(
+            (lost[Part::Throttle as usize] - 150.0).abs() < 1e-6,
+            "{lost:?}"
+        );
+        assert_eq!(counted, Duration::from_millis(300));
+        // No pace before, nothing to count against.
+        assert!(Ledger::new(Some(0.0)).totals().is_none());
+        assert!(Ledger::new(None).totals().is_none());
+    }
 
     fn mark(at: Instant, ops: u64) -> OpsMark {
         OpsMark { at, ops }

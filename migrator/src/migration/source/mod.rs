@@ -20,7 +20,7 @@ use super::{
     job::Job,
     link::LinkError,
     protocol::{MAX_CONNECTIONS, PROTOCOL_VERSION},
-    report::{GuestLocation, MigrationReport, MigrationStatus, Mode, Strategy},
+    report::{GuestLocation, GuestWorkLost, MigrationReport, MigrationStatus, Mode, Strategy},
     transport::{PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{AwaitingHandover, Partition, PartitionError, PostcopyPaused};
@@ -253,6 +253,7 @@ pub fn migrate(
     // rounds; part of the setup time.
     let ops_before = guest_ops::rate_before(partition, guest_ops::BEFORE_WINDOW);
     let mut run = Run::new(partition, options, job, started);
+    run.ledger = guest_ops::Ledger::new(ops_before);
     partition.set_migrating(true);
     let result = execute(&mut run, destination, probes, carried, ops_before);
     conclude(run, destination, result)
@@ -313,6 +314,7 @@ impl<'a> Run<'a> {
             wire_rate: None,
             remove_per_page: Duration::ZERO,
             plan_heat: None,
+            ledger: guest_ops::Ledger::new(None),
         }
     }
 }
@@ -426,7 +428,51 @@ fn conclude(
             Err(e) => report.post_cutover_faults_note = Some(error_chain(&e)),
         }
     }
+    // A failure left the ledger open where it failed.
+    run.ledger.close(partition);
+    match work_lost(&run.ledger, &report) {
+        Ok(lost) => report.guest_work_lost = Some(lost),
+        Err(why) => report.guest_work_lost_note = Some(why),
+    }
     report
+}
+
+/// The guest's whole bill: the ledger's parts here, the downtime, and the fault window after
+/// the resume as the destination counted it.
+fn work_lost(
+    ledger: &guest_ops::Ledger,
+    report: &MigrationReport,
+) -> Result<GuestWorkLost, String> {
+    let Some((rate, [profile_ms, rounds_ms, throttle_ms], counted)) = ledger.totals() else {
+        return Err(
+            "not measured: the guest did no operations just before the migration (paused, \
+             idle, or an image that keeps no count)"
+                .into(),
+        );
+    };
+    let downtime_ms = report.downtime_ms as f64;
+    let after = report
+        .post_cutover_faults
+        .and_then(|f| Some((f.ops?, f.ops_us?)))
+        .map(|(done, took_us)| {
+            let took = Duration::from_micros(took_us);
+            (
+                guest_ops::lost_ms(took, done, rate),
+                took.as_secs_f64() * 1e3,
+            )
+        });
+    let counted_ms = counted.as_secs_f64() * 1e3 + downtime_ms + after.map_or(0.0, |a| a.1);
+    let after_ms = after.map(|a| a.0);
+    Ok(GuestWorkLost {
+        total_ms: profile_ms + rounds_ms + throttle_ms + downtime_ms + after_ms.unwrap_or(0.0),
+        profile_ms,
+        rounds_ms,
+        throttle_ms,
+        downtime_ms,
+        after_ms,
+        rate_before: rate,
+        counted_ms,
+    })
 }
 
 /// Uncompressed bytes over bytes on the wire: 1 when nothing was compressed (or sent).
@@ -487,6 +533,7 @@ fn execute(
     // From here the guest pays for the migration: the dirty log, heat's profile (whose
     // re-arming faults cost it more than the rounds do in hybrid mode), then the rounds.
     let under_migration = guest_ops::OpsMark::now(partition);
+    run.ledger.enter(partition, guest_ops::Part::Rounds);
     partition.dirty_log_start()?;
     let mut order = plan(run, probes, carried)?;
     run.report.setup_time_ms = run.started.elapsed().as_millis() as u64;

@@ -11,7 +11,9 @@ use tracing::info;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    MigrationError, MigrationOptions, PlanHeat, SourceEvent, SourcePhase, stripes::Stripes,
+    MigrationError, MigrationOptions, PlanHeat, SourceEvent, SourcePhase,
+    guest_ops::{Ledger, Part},
+    stripes::Stripes,
 };
 use crate::{
     migration::{
@@ -57,6 +59,8 @@ pub(super) struct Run<'a> {
     pub(super) remove_per_page: Duration,
     /// The heat the plan was made from (heat strategy), handed on once the move completes.
     pub(super) plan_heat: Option<PlanHeat>,
+    /// The guest's work lost here, part by part.
+    pub(super) ledger: Ledger,
 }
 
 /// Pages sent per call to the sender, between which the counters, the progress and the
@@ -90,6 +94,13 @@ impl Run<'_> {
             })?;
         self.phase = next;
         self.set_progress(|p| p.phase = next.shown());
+        // What the guest loses counts to the part the migration is in.
+        match next {
+            SourcePhase::Profiling { .. } => self.ledger.enter(self.partition, Part::Profile),
+            SourcePhase::Precopy { .. } => self.ledger.enter(self.partition, Part::Rounds),
+            SourcePhase::StopAndCopy { .. } => self.ledger.close(self.partition),
+            _ => {}
+        }
         Ok(())
     }
 
@@ -420,6 +431,9 @@ pub(super) fn iterate(
                     run.report.rounds
                 );
                 partition.set_throttle(pct)?;
+                if run.ledger.part() != Some(Part::Throttle) {
+                    run.ledger.enter(partition, Part::Throttle);
+                }
                 run.report.throttle_pct_max = run.report.throttle_pct_max.max(pct);
                 run.set_progress(|p| p.throttle_pct = pct);
             }
