@@ -310,6 +310,11 @@ enum Command {
         /// `migrator migrations` lists it; `migrator cancel ID` cancels it).
         #[arg(long, conflicts_with = "resume")]
         detach: bool,
+        /// Order by the heat in FILE instead of profiling: what `migrator heat --json`
+        /// prints (`pages`: `page`, the guest frame, with its `heat`; pages not listed are
+        /// cold). Implies `--strategy heat`.
+        #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+        heat_file: Option<PathBuf>,
     },
     /// List the migrations each daemon runs or recently ran (both sides).
     Migrations {
@@ -595,6 +600,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             resume,
             json,
             detach,
+            heat_file,
         } => {
             let options = MigrationOptions {
                 strategy,
@@ -616,10 +622,21 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             if !resume {
                 options.validate()?;
             }
+            let heat = match heat_file {
+                Some(path) if strategy == Strategy::Heat => Some(read_heat_file(&path)?),
+                Some(_) => bail!("--heat-file orders by heat: it needs --strategy heat"),
+                None => None,
+            };
+            let request = to.map(|to| MigrateRequest {
+                id: id.clone(),
+                to,
+                options: options.clone(),
+                heat,
+            });
             if detach {
-                return detached(from, id, to, options, json, &security).await;
+                return detached(from, request, json, &security).await;
             }
-            migrate(from, id, to, options, json, &security).await
+            migrate(from, id, request, options, json, &security).await
         }
         Command::Migrations { hosts, json } => cli::jobs::list(&hosts, json, &security).await,
         Command::Cancel(target) => {
@@ -666,20 +683,25 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
     }
 }
 
+/// The pages of heat file `path`, checked as far as they can be without the partition (the
+/// daemon checks their frames against it before anything starts).
+fn read_heat_file(path: &std::path::Path) -> Result<Vec<heatprobe::PageHeat>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    migrator::migration::heat_file::parse(&bytes)
+        .with_context(|| format!("refusing {}", path.display()))
+}
+
 /// `migrate --detach`: starts the migration and prints its id.
 async fn detached(
     from: SocketAddr,
-    id: String,
-    to: Option<SocketAddr>,
-    options: MigrationOptions,
+    request: Option<MigrateRequest>,
     json: bool,
     security: &Security,
 ) -> Result<()> {
-    let Some(to) = to else {
+    let Some(request) = request else {
         bail!("--detach needs --to");
     };
     let connection = Connection::open(from, security).await?;
-    let request = MigrateRequest { id, to, options };
     let migration = connection.rpc(
         connection
             .client
@@ -824,11 +846,12 @@ async fn dash(
     Ok(())
 }
 
-/// Migrates partition `id` of `from` to `to`, or with no `to` resumes its paused post-copy.
+/// Migrates partition `id` of `from` as `request` says, or with no request resumes its
+/// paused post-copy.
 async fn migrate(
     from: SocketAddr,
     id: String,
-    to: Option<SocketAddr>,
+    request: Option<MigrateRequest>,
     options: MigrationOptions,
     json: bool,
     security: &Security,
@@ -837,15 +860,8 @@ async fn migrate(
     let connection = Connection::open(from, security).await?;
     let ctx = context_with(Duration::from_secs(3600));
     let call = async {
-        match to {
-            Some(to) => {
-                let request = MigrateRequest {
-                    id: id.clone(),
-                    to,
-                    options,
-                };
-                connection.client.migrate(ctx, request).await
-            }
+        match request {
+            Some(request) => connection.client.migrate(ctx, request).await,
             None => {
                 connection
                     .client

@@ -536,6 +536,7 @@ fn carried_heat_plans_without_profiling_and_travels_on() {
     let carried = PlanHeat {
         pages: pages.clone().into(),
         measured: std::time::Instant::now(),
+        origin: PlanHeatOrigin::Carried,
     };
     for mode in [Mode::Precopy, Mode::Hybrid] {
         let options = MigrationOptions {

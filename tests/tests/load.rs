@@ -501,6 +501,7 @@ async fn migrate(
                 id: id.clone(),
                 to,
                 options,
+                heat: None,
             },
         )
         .await

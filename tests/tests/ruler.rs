@@ -134,3 +134,113 @@ fn a_paused_guest_says_why_it_has_no_bill() {
     let note = report["guest_work_lost_note"].as_str().unwrap_or_default();
     assert!(note.contains("no operations"), "{report}");
 }
+
+/// Writes `text` to a fresh file and returns its path.
+fn heat_file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "heatprobe-tests-{}-{name}.json",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).expect("write the heat file");
+    path
+}
+
+#[test]
+fn a_heat_file_orders_a_migration_in_both_modes_and_bad_ones_change_nothing() {
+    let test = "a_heat_file_orders_a_migration_in_both_modes_and_bad_ones_change_nothing";
+    if let Some(why) = kvm_unavailable() {
+        return skip(test, &why);
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    // 64 MiB: frames 0..16384. Heat on a band of frames, the hottest in the middle.
+    let pages: Vec<String> = (4000..6000)
+        .map(|f: u64| {
+            let heat = 1000.0 - (f as f64 - 5000.0).abs();
+            format!(
+                r#"{{"page": {f}, "reads": 3, "writes": {}, "heat": {heat}}}"#,
+                f % 2
+            )
+        })
+        .collect();
+    let good = heat_file("good", &format!(r#"{{"pages": [{}]}}"#, pages.join(",")));
+    let good = good.to_str().unwrap();
+    let bad = [
+        ("not-json", "heat, but not as JSON", "JSON"),
+        (
+            "out-of-range",
+            r#"{"pages": [{"page": 16384, "heat": 1}]}"#,
+            "16384 frames",
+        ),
+        (
+            "negative",
+            r#"{"pages": [{"page": 3, "heat": -2}]}"#,
+            "heat -2",
+        ),
+        (
+            "twice",
+            r#"{"pages": [{"page": 3, "heat": 1}, {"page": 3, "heat": 2}]}"#,
+            "twice",
+        ),
+    ];
+    for mode in ["precopy", "hybrid"] {
+        let id = launch(&source, "rw-mix", "check_every=20000");
+        source.wait_progress(&id, 1000, 0);
+        for (name, text, says) in bad {
+            let path = heat_file(name, text);
+            let (code, report) = source.migrate(
+                &destination,
+                &id,
+                &["--mode", mode, "--heat-file", path.to_str().unwrap()],
+            );
+            let _ = std::fs::remove_file(&path);
+            assert_ne!(code, 0, "{name}: {report}");
+            assert!(report.to_string().contains(says), "{name}: {report}");
+            // Nothing started: no migration on either side, the guest runs on here.
+            for daemon in [&source, &destination] {
+                let migrations = daemon.json(&["migrations"]);
+                let running = migrations
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["partition"] == id.as_str())
+                    .count();
+                assert_eq!(running, 0, "{name}: {migrations}");
+            }
+            assert_eq!(source.json(&["status", &id])["state"], "running");
+        }
+        let (report, moved) = source.migrate_checked(
+            &destination,
+            &id,
+            &["--mode", mode, "--heat-file", good],
+            &format!("{mode} from a heat file"),
+        );
+        assert_eq!(report["plan_heat"], "file", "{report}");
+        assert_eq!(report["strategy"], "heat", "{report}");
+        destination.runs_clean(&moved, 1000, 0, mode);
+        destination.json(&["stop", &moved]);
+    }
+    // Only the heat strategy takes a heat file.
+    let id = launch(&source, "rw-mix", "");
+    let output = source
+        .command()
+        .args([
+            "migrate",
+            "--from",
+            &source.addr,
+            "--to",
+            &destination.addr,
+            &id,
+        ])
+        .args(["--strategy", "address", "--heat-file", good])
+        .output()
+        .unwrap();
+    let (code, stdout, stderr) = (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_ne!(code, 0, "{stdout}");
+    assert!(stderr.contains("--strategy heat"), "{stderr}");
+    let _ = std::fs::remove_file(good);
+}

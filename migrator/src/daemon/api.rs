@@ -50,8 +50,8 @@ use crate::{
 /// per partition needs (`hello`'s `holds`, the partition's `pid` and
 /// `process_rss_anon_bytes`); 10 adds migrations as jobs (`migrations`, `migrate_detached`,
 /// `migration_wait`, `migration_cancel`, `migration_set_limits`, `migration_postcopy`, the
-/// report's `migration`, `downtime_limit_ms` and status `cancelled`, the partition's
-/// `unanswered_ms`) and the refusals `NothingRunsHere`,
+/// report's `migration`, `downtime_limit_ms`, status `cancelled` and `guest_work_lost`, the
+/// fault window's `ops`, the partition's `unanswered_ms`, and `MigrateRequest::heat`) and the refusals `NothingRunsHere`,
 /// `HeldByMigration`, `UnknownMigration` and `Steer`. New calls go at the end of the service.
 pub const API_VERSION: u32 = 10;
 /// Largest frame either side accepts (a guest image travels in one).
@@ -187,6 +187,10 @@ pub struct MigrateRequest {
     /// The destination daemon's API address.
     pub to: std::net::SocketAddr,
     pub options: MigrationOptions,
+    /// Heat to order the migration by instead of profiling (`migrate --heat-file`), as
+    /// `migration::heat_file` checks it; the strategy must be `heat`.
+    #[serde(default)]
+    pub heat: Option<Vec<heatprobe::PageHeat>>,
 }
 
 #[tarpc::service]

@@ -45,6 +45,7 @@ impl CarriedHeats {
             PlanHeat {
                 pages: heat.pages.into(),
                 measured,
+                origin: crate::migration::report::PlanHeatOrigin::Carried,
             },
         );
         Ok(())

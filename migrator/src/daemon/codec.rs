@@ -272,6 +272,7 @@ mod tests {
                         id: id(),
                         to: "127.0.0.1:1".parse().expect("address"),
                         options: Default::default(),
+                        heat: None,
                     },
                 },
             ),

@@ -29,8 +29,8 @@ use crate::{
     migration::{
         MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
         job::{Job, LiveLimits},
-        report::Phase,
-        source::MigrationOptions,
+        report::{Phase, PlanHeatOrigin},
+        source::{MigrationOptions, PlanHeat},
     },
     vmm::{Partition, PartitionState},
 };
@@ -268,6 +268,15 @@ impl Daemon {
     ) -> Result<Arc<Outbound>, ApiError> {
         let partition = self.registry.live(&request.id)?;
         self.refuse_if_held(&request.id)?;
+        if let Some(pages) = &request.heat {
+            if request.options.strategy != Strategy::Heat {
+                return Err(ApiError::Migration(
+                    "heat from a file orders a migration only with --strategy heat".into(),
+                ));
+            }
+            crate::migration::heat_file::check(pages, partition.memory().frames())
+                .map_err(|e| ApiError::Migration(e.to_string()))?;
+        }
         let state = partition.state();
         if state != PartitionState::Running && state != PartitionState::Paused {
             return Err(ApiError::Partition(format!(
@@ -325,10 +334,16 @@ impl Daemon {
             },
             Strategy::Address => None,
         };
-        // Heat that came with this partition, fresh enough to plan from without profiling.
-        let carried = match request.options.strategy {
-            Strategy::Heat => self.carried_heat.fresh(&request.id),
-            Strategy::Address => None,
+        // Heat from a file (checked when the migration started), or heat that came with this
+        // partition, fresh enough to plan from without profiling.
+        let carried = match (request.options.strategy, request.heat) {
+            (Strategy::Heat, Some(pages)) => Some(PlanHeat {
+                pages: pages.into(),
+                measured: std::time::Instant::now(),
+                origin: PlanHeatOrigin::File,
+            }),
+            (Strategy::Heat, None) => self.carried_heat.fresh(&request.id),
+            (Strategy::Address, _) => None,
         };
         let engine = Arc::clone(&partition);
         let options = request.options.clone();

@@ -148,6 +148,7 @@ async fn migrate(
             profile_window: Duration::from_millis(500),
             ..MigrationOptions::default()
         },
+        heat: None,
     };
     let answer = connection.rpc(
         connection

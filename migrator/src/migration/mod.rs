@@ -9,12 +9,15 @@
 //!   `convergence`: when the rounds stop;
 //! - `destination`: sessions that receive pages, restore the partition, and in hybrid mode
 //!   serve missing pages through userfaultfd;
+//! - `heat_file`: heat read from a file (`migrate --heat-file`), checked;
+//! - `job`: a running migration as a job: its id, progress and an operator's steering;
 //! - `report`: what a migration reports (names follow QEMU's query-migrate where they can).
 
 pub mod compress;
 pub mod control;
 pub mod convergence;
 pub mod destination;
+pub mod heat_file;
 pub mod job;
 pub mod link;
 pub mod order;

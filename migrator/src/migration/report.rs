@@ -142,6 +142,8 @@ pub enum PlanHeatOrigin {
     Profiled,
     /// Carried here by the partition's previous migration, recently enough to need no profile.
     Carried,
+    /// Read from a file (`migrate --heat-file`).
+    File,
 }
 
 /// The one JSON object `migrator migrate --json` prints.

@@ -20,7 +20,10 @@ use super::{
     job::Job,
     link::LinkError,
     protocol::{MAX_CONNECTIONS, PROTOCOL_VERSION},
-    report::{GuestLocation, GuestWorkLost, MigrationReport, MigrationStatus, Mode, Strategy},
+    report::{
+        GuestLocation, GuestWorkLost, MigrationReport, MigrationStatus, Mode, PlanHeatOrigin,
+        Strategy,
+    },
     transport::{PageSender, SendCounts, TransportError},
 };
 use crate::vmm::{AwaitingHandover, Partition, PartitionError, PostcopyPaused};
@@ -230,12 +233,14 @@ pub enum MigrationError {
     Phase(#[from] SourcePhaseError),
 }
 
-/// Heat a plan can be made from without profiling: what a migration carried here, and when
-/// it was measured.
+/// Heat a plan can be made from without profiling: what a migration carried here, or a heat
+/// file, and when it was measured.
 #[derive(Clone, Debug)]
 pub struct PlanHeat {
     pub pages: Arc<[heatprobe::PageHeat]>,
     pub measured: Instant,
+    /// Where it came from, for the report.
+    pub origin: PlanHeatOrigin,
 }
 
 /// Migrates `partition` to `destination`. Always returns a report; on failure before cutover

@@ -258,10 +258,10 @@ pub(super) fn plan(
     let frames = run.partition.memory().frames();
     match run.options.strategy {
         Strategy::Address => Ok(Order::address(frames)),
-        // Heat a previous migration carried here, fresh: no profile needed.
+        // Heat a previous migration carried here, fresh, or a heat file: no profile needed.
         Strategy::Heat if let Some(carried) = carried => {
             let order = Order::from_heat(&carried.pages, frames).map_err(MigrationError::Plan)?;
-            run.report.plan_heat = Some(PlanHeatOrigin::Carried);
+            run.report.plan_heat = Some(carried.origin);
             run.plan_heat = Some(carried);
             Ok(order)
         }
@@ -284,6 +284,7 @@ pub(super) fn plan(
             run.plan_heat = Some(PlanHeat {
                 pages: pages.into(),
                 measured: Instant::now(),
+                origin: PlanHeatOrigin::Profiled,
             });
             Ok(order)
         }
