@@ -1,16 +1,18 @@
 //! A randomized fault-and-race test, seeded and reproducible: random API calls (migrate in
 //! either mode, resume, pause, stop, cancel, reconcile, switch to post-copy, change limits)
-//! race each other and the migrations they start, on guests that move between two daemons on
-//! loopback, and a daemon is killed with SIGKILL now and then and restarted (its partitions
-//! run on and are adopted). A checker samples both hosts throughout and holds the invariants
-//! against the whole history:
+//! race each other and the migrations they start, on guests that move between two namespace
+//! hosts (mutual TLS, 3 s peer timeout); now and then a daemon is killed with SIGKILL and
+//! restarted (its partitions run on and are adopted), a partition process is killed with
+//! SIGKILL, or the link is cut for up to 4 s. A checker samples both hosts throughout and
+//! holds the invariants against the whole history:
 //!
 //! - never two running copies of one guest: no two copies whose operations both advanced
 //!   over two sampling intervals in a row (a cutover's downtime fits in one);
 //! - zero guest self-check errors on any copy, ever;
 //! - every migration that reports `completed` has equal digests;
 //! - at the end, exactly one copy of each guest that was not stopped on purpose runs, once
-//!   `reconcile` has settled any left awaiting a handover.
+//!   `reconcile` has settled any left awaiting a handover; a guest one of whose processes was
+//!   killed may have lost its only copy (a host's loss), but never runs twice.
 //!
 //! `HEATPROBE_RACE_SEED` replays a run; `cargo xtask test` runs 30 operations, `--long` 150.
 
@@ -24,7 +26,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use heatprobe_tests::{daemon::Daemon, kvm_unavailable, skip};
+use heatprobe_tests::{
+    daemon::{Daemon, DaemonConfig, make_certs},
+    kvm_unavailable,
+    netns::{HostPair, netns_unavailable},
+    skip,
+};
 use serde_json::Value;
 
 /// xorshift64*: small, seeded, and the same on every machine.
@@ -165,7 +172,7 @@ struct Started {
 
 #[test]
 fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
-    if let Some(why) = kvm_unavailable() {
+    if let Some(why) = kvm_unavailable().or_else(netns_unavailable) {
         return skip(
             "random_calls_and_daemon_kills_never_run_a_guest_twice",
             &why,
@@ -179,9 +186,20 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
     let operations = if long { 150 } else { 30 };
     eprintln!("races: seed {seed}, {operations} operations (HEATPROBE_RACE_SEED replays it)");
     let mut rng = Rng(seed | 1);
-    let hosts: Vec<Arc<Mutex<Daemon>>> = (0..2)
-        .map(|_| Arc::new(Mutex::new(Daemon::start())))
+    let link = HostPair::create().expect("two network namespaces");
+    let certs = make_certs(&[&link.a.addr.to_string(), &link.b.addr.to_string()]).expect("certs");
+    let hosts: Vec<Arc<Mutex<Daemon>>> = [&link.a, &link.b]
+        .into_iter()
+        .map(|host| {
+            Arc::new(Mutex::new(Daemon::start_config(
+                DaemonConfig::in_namespace(&host.ns, host.addr)
+                    .args(&["--peer-timeout", "3s"])
+                    .tls(Some(certs.clone())),
+            )))
+        })
         .collect();
+    // Guests one of whose processes was killed: they may be gone.
+    let mut killed: Vec<String> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     for (n, workload) in ["uniform-write", "kv-zipf"].iter().enumerate() {
         let name = format!("g{n}");
@@ -206,6 +224,15 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
             .get(rng.below(copies.len().max(1) as u64) as usize)
             .cloned()
         else {
+            // Its only copy died with its process: another guest takes its place.
+            if killed.contains(&name) {
+                names.retain(|n| *n != name);
+                let fresh = format!("g{next_guest}");
+                next_guest += 1;
+                let host = hosts[rng.below(2) as usize].lock().unwrap();
+                launch(&host, &fresh, "rw-mix");
+                names.push(fresh);
+            }
             continue;
         };
         let host = hosts[copy.host].lock().unwrap();
@@ -222,6 +249,8 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
             "reconcile",
             "limits",
             "kill-daemon",
+            "kill-process",
+            "cut-link",
         ]);
         let accepted = match op {
             "migrate" => {
@@ -278,6 +307,27 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
                     .0
                     == 0
             }
+            "kill-process" => {
+                let pid = host
+                    .partition_processes()
+                    .into_iter()
+                    .find(|(id, _)| *id == copy.id)
+                    .map(|(_, pid)| pid);
+                if let Some(pid) = pid {
+                    // SAFETY: kill(2) with a plain signal number; no memory is passed.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    killed.push(name.clone());
+                }
+                pid.is_some()
+            }
+            "cut-link" => {
+                drop(host);
+                link.link_down().expect("cut the link");
+                thread::sleep(Duration::from_millis(300 + rng.below(3700)));
+                link.link_up().expect("restore the link");
+                counts.entry(op).or_default().0 += 1;
+                continue;
+            }
             "kill-daemon" => {
                 drop(host);
                 let mut daemon = hosts[copy.host].lock().unwrap();
@@ -330,12 +380,20 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
             if running == 1 && copies.len() == 1 {
                 continue;
             }
+            // Its only copy died with its process: lost, as with a host.
+            if copies.is_empty() && killed.contains(name) {
+                continue;
+            }
             settled = false;
             for copy in &copies {
                 let daemon = hosts[copy.host].lock().unwrap();
                 match copy.state.as_str() {
                     "awaiting-handover" | "postcopy-paused" => {
-                        daemon.cli(&["reconcile", &copy.id]);
+                        let (code, _, _) = daemon.cli(&["reconcile", &copy.id]);
+                        // The other copy was killed: the operator's word that it is gone.
+                        if code != 0 && copies.len() == 1 && killed.contains(name) {
+                            daemon.cli(&["reconcile", &copy.id, "--resume-here"]);
+                        }
                     }
                     "paused" if copies.len() == 1 => {
                         daemon.cli(&["resume", &copy.id]);
@@ -358,13 +416,15 @@ fn random_calls_and_daemon_kills_never_run_a_guest_twice() {
     violations.extend(findings.violations);
     eprintln!(
         "races: seed {seed}: {operations} operations (accepted, refused): {counts:?}; {} \
-         migrations started, ended {outcomes:?}; {} guests stopped on purpose; {} samples; \
-         {} violations",
+         migrations started, ended {outcomes:?}; {} guests stopped on purpose, {} with a \
+         process killed; {} samples; {} violations",
         started.len(),
         stopped.len(),
+        killed.len(),
         findings.samples,
         violations.len()
     );
+    let _ = std::fs::remove_dir_all(&certs);
     assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
     // The run did what it set out to: migrations ran and completed.
     assert!(completed > 0, "seed {seed}: no migration completed");
