@@ -108,7 +108,7 @@ impl Daemon {
             Err(e) => {
                 // The commit did not restore anything: the session is over.
                 let _ = session.abort();
-                self.registry.remove_session(session_id);
+                self.registry.drop_session(session_id);
                 return Err(ApiError::Migration(error_chain(&e)));
             }
         };
@@ -146,6 +146,9 @@ impl Daemon {
                         "session {session_id} was dropped and partition `{id}`, which it \
                          restored, stopped"
                     ))),
+                    None if self.registry.was_dropped(session_id) => Err(
+                        ApiError::NothingRunsHere(format!("session {session_id} was dropped")),
+                    ),
                     None => Err(e),
                 };
             }
@@ -172,7 +175,7 @@ impl Daemon {
             }
             Err(e) => {
                 let _ = session.abort();
-                self.registry.remove_session(session_id);
+                self.registry.drop_session(session_id);
                 self.stop_committed(session_id).await;
                 Err(ApiError::NothingRunsHere(error_chain(&e)))
             }
@@ -307,7 +310,7 @@ impl Daemon {
             if !ended && let Err(e) = session.discard() {
                 warn!("migration session {session_id}: {e}");
             }
-            self.registry.remove_session(session_id);
+            self.registry.drop_session(session_id);
             info!("migration session {session_id} aborted");
         }
     }
@@ -339,7 +342,7 @@ impl Daemon {
                              {parked_limit:?}: dropping it and the copy it restored, which never ran"
                         );
                         let _ = session.abort();
-                        daemon.registry.remove_session(id);
+                        daemon.registry.drop_session(id);
                         daemon.stop_committed(id).await;
                         return;
                     }
@@ -352,7 +355,7 @@ impl Daemon {
                         error_chain(&*error)
                     );
                     let _ = session.abort();
-                    daemon.registry.remove_session(id);
+                    daemon.registry.drop_session(id);
                     // Parked there, a copy its commit restored never ran.
                     daemon.stop_committed(id).await;
                     return;

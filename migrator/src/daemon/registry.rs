@@ -37,6 +37,9 @@ struct Inventory {
     /// Recent sessions that committed, with the partition each became, in case their source
     /// aborts after all (it stopped waiting for the commit's answer).
     committed: VecDeque<(u64, String)>,
+    /// Recent sessions dropped with nothing of them running here, for a source that asks for
+    /// their handover later: it is told so for certain.
+    dropped: VecDeque<u64>,
 }
 
 impl Inventory {
@@ -224,6 +227,22 @@ impl Registry {
     /// Incoming sessions held.
     pub fn sessions(&self) -> usize {
         self.lock().sessions.len()
+    }
+
+    /// Removes session `id`, which failed or was given up: nothing of it runs here, which a
+    /// later handover is told.
+    pub fn drop_session(&self, id: u64) -> Option<Arc<Session>> {
+        let mut inventory = self.lock();
+        inventory.dropped.push_back(id);
+        while inventory.dropped.len() > KEEP_STOPPED {
+            inventory.dropped.pop_front();
+        }
+        inventory.sessions.remove(&id)
+    }
+
+    /// Whether session `id` was dropped with nothing of it running here.
+    pub fn was_dropped(&self, id: u64) -> bool {
+        self.lock().dropped.contains(&id)
     }
 
     pub fn remove_session(&self, id: u64) -> Option<Arc<Session>> {

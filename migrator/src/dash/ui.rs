@@ -198,14 +198,15 @@ fn render_migration(frame: &mut Frame, area: Rect, app: &App) {
             r.postcopy_requests
         )));
         // The guest's pace first, and its whole bill: it is what the user's workload felt.
+        let bill = r
+            .guest_work_lost
+            .as_ref()
+            .map(|lost| format!("work lost {:.0} ms · ", lost.total_ms))
+            .unwrap_or_default();
         let pace = r
             .guest_ops_ratio
-            .map(|ratio| format!("guest ops {:.0}% of before · ", ratio * 100.0))
+            .map(|ratio| format!("ops {:.0}% of before · ", ratio * 100.0))
             .unwrap_or_default();
-        let bill = match &r.guest_work_lost {
-            Some(lost) => format!("guest work lost {:.0} ms · ", lost.total_ms),
-            None => String::new(),
-        };
         // Then what it felt after the move: its stall (downtime and blocktime), its faults
         // there, and how long a demanded page took.
         let faults = r
@@ -575,8 +576,8 @@ mod tests {
         app.migration_done(report.clone());
         let text = render_text(&app, 160, 30);
         assert!(text.contains("downtime 12 ms, limit met"), "{text}");
-        assert!(text.contains("guest work lost 432 ms"), "{text}");
-        assert!(text.contains("guest ops 85% of before"), "{text}");
+        assert!(text.contains("work lost 432 ms"), "{text}");
+        assert!(text.contains("ops 85% of before"), "{text}");
         assert!(text.contains("stall 19 ms (blocked 7 ms)"), "{text}");
         assert!(text.contains("310 faults local, 4 remote"), "{text}");
         report.downtime_limit_met = false;

@@ -408,10 +408,28 @@ impl MigratorApi for Supervisor {
         ctx: Context,
         session: u64,
     ) -> Result<HandoverReply, ApiError> {
-        self.on_session(session, |c| async move {
-            c.migration_handover(ctx, session).await
-        })
-        .await
+        // The guest of a session runs only in the process started for it, and every process
+        // running here is held (adopted at the start, if none was orphaned): a session none
+        // holds runs nothing here, for certain.
+        let orphans = self
+            .inner
+            .orphans
+            .load(std::sync::atomic::Ordering::Acquire);
+        let answer = self
+            .on_session(session, |c| async move {
+                c.migration_handover(ctx, session).await
+            })
+            .await;
+        match answer {
+            Err(ApiError::UnknownSession(_))
+                if !orphans && self.inner.inventory.session(session).is_err() =>
+            {
+                Err(ApiError::NothingRunsHere(format!(
+                    "no partition process here holds session {session}"
+                )))
+            }
+            answer => answer,
+        }
     }
 
     async fn reconcile(

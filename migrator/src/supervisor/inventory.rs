@@ -22,9 +22,6 @@ struct Held {
     ended: BTreeMap<String, PartitionInfo>,
     /// Ended partitions, oldest first: only the last [`KEEP_STOPPED`] are remembered.
     ended_order: VecDeque<String>,
-    /// Sessions whose process ended, newest last: nothing of them runs here any more, which
-    /// a source asking for their handover is told for certain.
-    ended_sessions: VecDeque<u64>,
     reserved: Usage,
 }
 
@@ -129,20 +126,11 @@ impl Inventory {
     /// The process incoming session `session` runs in.
     pub fn session(&self, session: u64) -> Result<Arc<VmmProcess>, ApiError> {
         let held = self.lock();
-        if let Some(vmm) = held
-            .sessions
+        held.sessions
             .get(&session)
             .and_then(|id| held.processes.get(id))
-        {
-            return Ok(Arc::clone(vmm));
-        }
-        if held.ended_sessions.contains(&session) {
-            // The guest could run only inside that process.
-            return Err(ApiError::NothingRunsHere(format!(
-                "the process of session {session} ended"
-            )));
-        }
-        Err(ApiError::UnknownSession(session))
+            .cloned()
+            .ok_or(ApiError::UnknownSession(session))
     }
 
     pub fn ended_info(&self, id: &str) -> Option<PartitionInfo> {
@@ -177,19 +165,7 @@ fn remove(held: &mut Held, vmm: &Arc<VmmProcess>) {
     {
         held.processes.remove(vmm.id());
     }
-    let ended: Vec<u64> = held
-        .sessions
-        .iter()
-        .filter(|(_, id)| *id == vmm.id())
-        .map(|(&session, _)| session)
-        .collect();
-    for session in ended {
-        held.sessions.remove(&session);
-        held.ended_sessions.push_back(session);
-    }
-    while held.ended_sessions.len() > KEEP_STOPPED {
-        held.ended_sessions.pop_front();
-    }
+    held.sessions.retain(|_, id| id != vmm.id());
 }
 
 /// Remembers how a partition ended; forgets the oldest past [`KEEP_STOPPED`].

@@ -91,6 +91,9 @@ struct Inner {
     inventory: Inventory,
     /// Outgoing migrations: counted while they run, their last reports kept.
     jobs: Arc<jobs::Jobs>,
+    /// Set when a partition process found running at the start could not be adopted: a
+    /// session unknown here may then still run in it.
+    orphans: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -110,6 +113,7 @@ impl Supervisor {
                 limits,
                 inventory: Inventory::default(),
                 jobs: Arc::default(),
+                orphans: std::sync::atomic::AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
             }),
         };
@@ -191,6 +195,7 @@ impl Supervisor {
                         "not adopting partition `{}` (process {}): {e}",
                         record.id, record.pid
                     );
+                    self.inner.orphans.store(true, Ordering::Release);
                     return;
                 }
             },
