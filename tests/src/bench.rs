@@ -112,3 +112,58 @@ pub fn commit() -> Option<String> {
         }
     })
 }
+
+/// Two network namespaces joined by a veth pair shaped with `tc tbf` to `rate`, with a daemon
+/// on each (port 7700, as in the docs' commands; mutual TLS, as daemons off loopback must).
+pub fn shaped_hosts(
+    rate: &str,
+) -> anyhow::Result<(
+    crate::netns::HostPair,
+    crate::daemon::Daemon,
+    crate::daemon::Daemon,
+)> {
+    use crate::daemon::{Daemon, DaemonConfig, make_certs};
+    let hosts = crate::netns::HostPair::create()?;
+    hosts.shape(rate)?;
+    let certs = make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()])?;
+    let start = |host: &crate::netns::Host| {
+        Daemon::try_start(DaemonConfig {
+            listen: host.at(7700),
+            ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.clone()))
+        })
+    };
+    let a = start(&hosts.a)?;
+    let b = start(&hosts.b)?;
+    Ok((hosts, a, b))
+}
+
+/// The intended page popularity of built-in `workload` with `args` in a 1-vCPU partition of
+/// `mem` bytes (`migrator_guest::workloads::popularity`), and the guest frame its share of
+/// memory starts at: page `p` of the model is frame `first + p`.
+pub fn known_popularity(
+    workload: &str,
+    args: &str,
+    mem: u64,
+) -> anyhow::Result<(u64, migrator_guest::workloads::Popularity)> {
+    use anyhow::Context;
+    use migrator::vmm::{GuestImage, PartitionConfig, loader::Image, partition::BUILTIN_IMAGE};
+    let image = BUILTIN_IMAGE.context("the guest image is not built (cargo xtask build)")?;
+    // The guest's memory starts at its image's page-aligned end (its linker script says so).
+    let image_end = Image::parse(image, mem, migrator_guest::abi::STACK_SIZE)
+        .map_err(|e| anyhow::anyhow!("the built-in image: {e}"))?
+        .end()
+        .0
+        .next_multiple_of(4096);
+    let share = migrator_guest::workloads::vcpu_share(image_end, mem, 1, 0);
+    let boot_args = PartitionConfig {
+        name: None,
+        mem_size: mem,
+        vcpus: 1,
+        image: GuestImage::Builtin(workload.into()),
+        args: args.into(),
+    }
+    .boot_args();
+    let model = migrator_guest::workloads::popularity(&boot_args, share.end - share.start)
+        .map_err(|e| anyhow::anyhow!("{workload} {args}: {e:?}"))?;
+    Ok((share.start / 4096, model))
+}

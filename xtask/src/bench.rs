@@ -25,6 +25,9 @@ pub enum Suite {
     /// A model of the demands after a hybrid cutover on workloads of known popularity: what
     /// the best order (the true popularity) leaves against address order.
     OrderBound,
+    /// Heat against address order and against the oracle (the workload's true popularity as
+    /// a heat file) on the shaped link: heat's share of the best saving any order could make.
+    Oracle,
 }
 
 pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
@@ -35,6 +38,7 @@ pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
         Suite::Heat => "bench_heat",
         Suite::Pages => "bench_pages",
         Suite::OrderBound => "model_postcopy",
+        Suite::Oracle => "bench_oracle",
     };
     run(Command::new(release_bin(name)).args(args), name)
 }

@@ -37,19 +37,13 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
-    bench::{Spread, commit, median, plural, reproduce, show},
+    bench::{Spread, commit, known_popularity, median, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig},
-};
-use migrator::vmm::{GuestImage, PartitionConfig, loader::Image, partition::BUILTIN_IMAGE};
-use migrator_guest::{
-    abi::STACK_SIZE,
-    workloads::{popularity, vcpu_share},
 };
 use serde_json::Value;
 
 const MEM: u64 = 256 << 20;
 const MEM_ARG: &str = "256M";
-const PAGE: u64 = 4096;
 /// The windows of each recall measurement, in ms.
 const DURATIONS_MS: [u64; 4] = [500, 1000, 2000, 5000];
 /// The share of intended accesses the true hot set takes.
@@ -180,24 +174,8 @@ struct Truth {
 
 impl Truth {
     fn of(scenario: &Scenario) -> Result<Self> {
-        let image = BUILTIN_IMAGE.context("the guest image is not built (cargo xtask build)")?;
-        // The guest's memory starts at its image's page-aligned end (its linker script says so).
-        let image_end = Image::parse(image, MEM, STACK_SIZE)
-            .map_err(|e| anyhow::anyhow!("the built-in image: {e}"))?
-            .end()
-            .0
-            .next_multiple_of(PAGE);
-        let share = vcpu_share(image_end, MEM, 1, 0);
-        let boot_args = PartitionConfig {
-            name: None,
-            mem_size: MEM,
-            vcpus: 1,
-            image: GuestImage::Builtin(scenario.workload.into()),
-            args: scenario.args.into(),
-        }
-        .boot_args();
-        let model = popularity(&boot_args, share.end - share.start)
-            .map_err(|e| anyhow::anyhow!("{}: {e:?}", scenario.name))?;
+        let (first, model) = known_popularity(scenario.workload, scenario.args, MEM)
+            .with_context(|| scenario.name.to_string())?;
         let data = model.data_pages();
         let mut pages: Vec<(usize, f64)> = data.clone().map(|p| (p, model.weight(p))).collect();
         pages.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -212,7 +190,6 @@ impl Truth {
             lightest = weight;
             hot.insert(page);
         }
-        let first = share.start / PAGE;
         Ok(Self {
             data: first + data.start as u64..first + data.end as u64,
             hot: hot.into_iter().map(|p| first + p as u64).collect(),

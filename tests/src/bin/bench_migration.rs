@@ -59,21 +59,9 @@ const HYBRID_WORKLOADS: [&str; 3] = ["kv-zipf", "hotspot", "graded"];
 const DEFAULT_RUNS: usize = 3;
 const STRATEGIES: [&str; 2] = ["heat", "address"];
 
-/// The two shaped hosts, with a daemon on each (port 7700, as in the docs' commands).
+/// The two shaped hosts, with a daemon on each.
 fn shaped_hosts() -> Result<(HostPair, Daemon, Daemon)> {
-    let hosts = HostPair::create()?;
-    hosts.shape(RATE)?;
-    // Daemons off loopback speak mutual TLS.
-    let certs = make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()])?;
-    let start = |host: &heatprobe_tests::netns::Host| {
-        Daemon::try_start(DaemonConfig {
-            listen: host.at(7700),
-            ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.clone()))
-        })
-    };
-    let a = start(&hosts.a)?;
-    let b = start(&hosts.b)?;
-    Ok((hosts, a, b))
+    heatprobe_tests::bench::shaped_hosts(RATE)
 }
 
 /// Runs `migrator ARGS --json` against `daemon` and parses what it prints.

@@ -1,0 +1,320 @@
+//! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--only SUBSTRING]...`: heat
+//! against address order and against the best any order could do, on the matrix's shaped
+//! link.
+//!
+//! The oracle is each workload's intended page popularity (`workloads::popularity`, the ground
+//! truth the heat bench scores recall against), written as a heat file and given to
+//! `migrate --heat-file`: what a perfect profile, at no cost to the guest, would order by.
+//! Two network namespaces joined by a veth pair shaped with `tc tbf` to 1 Gbit/s, daemons
+//! with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition 1 s after its first
+//! operation, with `--strategy S --mode M` (`--downtime-limit` 300 ms in pre-copy, 100 ms in
+//! hybrid). Runs are interleaved, `for run { for scenario { heat, address, oracle } }`, the
+//! order rotated every run.
+//!
+//! Per scenario it prints `median (min–max)` of pages re-sent, demands, blocktime, downtime
+//! and guest work lost for each order; heat/address and oracle/address of the medians; and
+//! heat's share of the oracle's saving, `(address − heat) / (address − oracle)`, where the
+//! oracle saves anything.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use heatprobe_tests::{
+    bench::{Spread, commit, known_popularity, plural, reproduce, shaped_hosts, show},
+    daemon::Daemon,
+};
+use serde_json::{Value, json};
+
+const RATE: &str = "1gbit";
+const MEM: u64 = 512 << 20;
+const DEFAULT_RUNS: usize = 3;
+const ORDERS: [&str; 3] = ["heat", "address", "oracle"];
+
+/// A workload whose popularity the guest crate knows, in the matrix's arguments.
+struct Scenario {
+    name: &'static str,
+    workload: &'static str,
+    args: &'static str,
+}
+
+const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        name: "kv-zipf paced, in place",
+        workload: "kv-zipf",
+        args: "theta=0.99 write=0.2 rate=500000",
+    },
+    Scenario {
+        name: "kv-zipf paced, scattered",
+        workload: "kv-zipf",
+        args: "theta=0.99 write=0.2 rate=500000 scramble=1",
+    },
+    Scenario {
+        name: "hotspot, in place",
+        workload: "hotspot",
+        args: "rate=200000",
+    },
+    Scenario {
+        name: "hotspot, scattered",
+        workload: "hotspot",
+        args: "rate=200000 scatter=1",
+    },
+    Scenario {
+        name: "graded, in place",
+        workload: "graded",
+        args: "rate=200000",
+    },
+    Scenario {
+        name: "graded, scattered",
+        workload: "graded",
+        args: "rate=200000 scatter=1",
+    },
+];
+
+/// The figures compared, with their report pointers and decimals.
+const FIGURES: [(&str, &str, usize); 5] = [
+    ("pages re-sent", "/pages_resent", 0),
+    ("demands", "/postcopy_requests", 0),
+    ("blocktime ms", "/postcopy_blocktime_ms", 1),
+    ("downtime ms", "/downtime_ms", 0),
+    ("guest work lost ms", "/guest_work_lost/total_ms", 0),
+];
+
+/// Writes the oracle's heat file for `scenario`: every page of the workload's share with
+/// its intended weight as heat, written to where the workload writes.
+fn oracle_file(scenario: &Scenario) -> Result<std::path::PathBuf> {
+    let (first, model) = known_popularity(scenario.workload, scenario.args, MEM)?;
+    let pages: Vec<Value> = (0..model.pages())
+        .map(|p| (p, model.weight(p)))
+        .filter(|(_, weight)| *weight > 0.0)
+        .map(|(p, weight)| {
+            json!({
+                "page": first + p as u64,
+                "heat": weight * 1e6,
+                // Every workload here writes where it reads, in proportion.
+                "reads": 1,
+                "writes": 1,
+            })
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!(
+        "bench-oracle-{}-{}.json",
+        std::process::id(),
+        scenario.name.replace([' ', ','], "-")
+    ));
+    std::fs::write(&path, serde_json::to_vec(&json!({ "pages": pages }))?)?;
+    Ok(path)
+}
+
+/// Runs `migrator ARGS --json` against `daemon` and parses what it prints.
+fn cli(daemon: &Daemon, args: &[&str]) -> Result<Value> {
+    let output = daemon.command().args(args).arg("--json").output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(&stdout).with_context(|| {
+        format!(
+            "migrator {} printed {stdout:?} ({})",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })
+}
+
+/// Launches, warms up and migrates one fresh partition in `order`; the report, with the
+/// guest's errors on the destination.
+fn one(
+    a: &Daemon,
+    b: &Daemon,
+    scenario: &Scenario,
+    order: &str,
+    mode: &str,
+    oracle: &str,
+) -> Result<Value> {
+    let launched = cli(
+        a,
+        &[
+            "launch",
+            "--host",
+            &a.addr,
+            "--workload",
+            scenario.workload,
+            "--args",
+            scenario.args,
+            "--mem",
+            "512M",
+        ],
+    )?;
+    let id = launched["id"].as_str().context("launch id")?.to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cli(a, &["status", "--host", &a.addr, &id])?["ops"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        if Instant::now() > deadline {
+            bail!("{} never started", scenario.workload);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(1));
+    let limit = if mode == "hybrid" { "100ms" } else { "300ms" };
+    let mut args = vec![
+        "migrate",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        &id,
+        "--mode",
+        mode,
+        "--downtime-limit",
+        limit,
+    ];
+    match order {
+        "oracle" => args.extend(["--strategy", "heat", "--heat-file", oracle]),
+        strategy => args.extend(["--strategy", strategy]),
+    }
+    let report = cli(a, &args);
+    let moved = report
+        .as_ref()
+        .ok()
+        .and_then(|r| r["id_on_destination"].as_str().map(str::to_string));
+    match &moved {
+        Some(there) => {
+            let status = cli(b, &["status", "--host", &b.addr, there]);
+            let _ = cli(b, &["stop", "--host", &b.addr, there]);
+            let mut report = report?;
+            report["guest_errors_after"] = status?["errors"].clone();
+            Ok(report)
+        }
+        None => {
+            let _ = cli(a, &["stop", "--host", &a.addr, &id]);
+            report
+        }
+    }
+}
+
+fn values(reports: &[Value], pointer: &str) -> Vec<f64> {
+    reports
+        .iter()
+        .filter(|r| r["status"] == "completed")
+        .filter_map(|r| r.pointer(pointer).and_then(Value::as_f64))
+        .collect()
+}
+
+/// `a / b` of two medians, or `–`.
+fn ratio(a: Option<Spread>, b: Option<Spread>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
+        _ => "–".into(),
+    }
+}
+
+/// Heat's share of the oracle's saving over address, or `–` where the oracle saves nothing.
+fn share(heat: Option<Spread>, address: Option<Spread>, oracle: Option<Spread>) -> String {
+    match (heat, address, oracle) {
+        (Some(h), Some(a), Some(o)) if a.median - o.median > 0.0 => {
+            format!(
+                "{:.0}%",
+                (a.median - h.median) / (a.median - o.median) * 100.0
+            )
+        }
+        _ => "–".into(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut runs = DEFAULT_RUNS;
+    let mut mode = "precopy".to_string();
+    let mut only: Vec<String> = Vec::new();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--mode" => mode = words.next().context("--mode needs a value")?.clone(),
+            "--only" => only.push(words.next().context("--only needs a value")?.to_lowercase()),
+            n => {
+                runs = n
+                    .parse()
+                    .with_context(|| format!("`{n}` is not a number of runs"))?
+            }
+        }
+    }
+    if mode != "precopy" && mode != "hybrid" {
+        bail!("--mode is precopy or hybrid");
+    }
+    let scenarios: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| only.is_empty() || only.iter().any(|o| s.name.to_lowercase().contains(o)))
+        .collect();
+    let files = scenarios
+        .iter()
+        .map(|s| oracle_file(s).map(|p| p.to_string_lossy().into_owned()))
+        .collect::<Result<Vec<_>>>()?;
+    let (_hosts, a, b) = shaped_hosts(RATE)?;
+    let mut reports: Vec<[Vec<Value>; 3]> = scenarios.iter().map(|_| Default::default()).collect();
+    for run in 0..runs {
+        for (n, scenario) in scenarios.iter().enumerate() {
+            for k in 0..ORDERS.len() {
+                let slot = (k + run) % ORDERS.len();
+                let order = ORDERS[slot];
+                let started = Instant::now();
+                let report = one(&a, &b, scenario, order, &mode, &files[n])
+                    .unwrap_or_else(|e| json!({ "status": "error", "error": format!("{e:#}") }));
+                eprintln!(
+                    "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms{}",
+                    scenario.name,
+                    report["status"].as_str().unwrap_or("?"),
+                    started.elapsed().as_secs_f64(),
+                    report["pages_resent"],
+                    report["postcopy_requests"],
+                    report["postcopy_blocktime_ms"],
+                    report["downtime_ms"],
+                    report
+                        .pointer("/guest_work_lost/total_ms")
+                        .unwrap_or(&Value::Null),
+                    report["error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default(),
+                );
+                reports[n][slot].push(report);
+            }
+        }
+    }
+    for file in &files {
+        let _ = std::fs::remove_file(file);
+    }
+    println!(
+        "`{}` at {}, {}, {mode}.\n",
+        reproduce("cargo xtask bench oracle", &args),
+        commit().unwrap_or_else(|| "an unknown commit".into()),
+        plural(runs, "run")
+    );
+    println!(
+        "| scenario | figure | heat | address | oracle | heat / address | oracle / address | heat's share of the oracle's saving |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (n, scenario) in scenarios.iter().enumerate() {
+        let [heat, address, oracle] = &reports[n];
+        let done = |r: &[Value]| r.iter().filter(|r| r["status"] == "completed").count();
+        for (name, pointer, decimals) in FIGURES {
+            let [h, a, o] = [heat, address, oracle].map(|r| Spread::of(values(r, pointer)));
+            println!(
+                "| {} ({}/{}/{} completed) | {name} | {} | {} | {} | {} | {} | {} |",
+                scenario.name,
+                done(heat),
+                done(address),
+                done(oracle),
+                show(h, decimals),
+                show(a, decimals),
+                show(o, decimals),
+                ratio(h, a),
+                ratio(o, a),
+                share(h, a, o)
+            );
+        }
+    }
+    Ok(())
+}
