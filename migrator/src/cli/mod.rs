@@ -1,3 +1,9 @@
-//! The command-line client's parts, apart from its dispatch in `main.rs`.
+//! The command-line client's parts, apart from its dispatch in `main.rs`: `args`, what each
+//! command takes; `calls`, what it asks of a daemon; `render`, what it prints; `jobs`, the
+//! commands about running migrations; `serve`, the daemon's start-up.
 
+pub mod args;
+pub mod calls;
 pub mod jobs;
+pub mod render;
+pub mod serve;

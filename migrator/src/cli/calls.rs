@@ -1,0 +1,277 @@
+//! What each client command asks of a daemon, and prints.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use migrator::{
+    daemon::{
+        PartitionInfo,
+        api::MigrateRequest,
+        client::{Connection, context_with},
+        heat_report,
+    },
+    migration::{Strategy, source::MigrationOptions},
+    tls::Security,
+};
+use tarpc::context;
+
+use super::{args::Target, render};
+
+/// The pages of heat file `path`, checked as far as they can be without the partition (the
+/// daemon checks their frames against it before anything starts).
+pub(crate) fn read_heat_file(path: &std::path::Path) -> Result<Vec<heatprobe::PageHeat>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    migrator::migration::heat_file::parse(&bytes)
+        .with_context(|| format!("refusing {}", path.display()))
+}
+
+/// `migrate --detach`: starts the migration and prints its id.
+pub(crate) async fn detached(
+    from: SocketAddr,
+    request: Option<MigrateRequest>,
+    json: bool,
+    security: &Security,
+) -> Result<()> {
+    let Some(request) = request else {
+        bail!("--detach needs --to");
+    };
+    let connection = Connection::open(from, security).await?;
+    let migration = connection.rpc(
+        connection
+            .client
+            .migrate_detached(context_with(Duration::from_secs(60)), request)
+            .await,
+    )??;
+    if json {
+        println!("{}", serde_json::json!({ "migration": migration }));
+    } else {
+        println!("{migration}");
+    }
+    Ok(())
+}
+
+pub(crate) type RpcResult =
+    Result<Result<PartitionInfo, migrator::daemon::ApiError>, tarpc::client::RpcError>;
+
+/// Runs one per-partition call and prints the partition it returns.
+pub(crate) async fn one<F, Fut>(target: Target, security: &Security, call: F) -> Result<()>
+where
+    F: FnOnce(migrator::daemon::MigratorApiClient, context::Context, String) -> Fut,
+    Fut: Future<Output = RpcResult>,
+{
+    let connection = Connection::open(target.host.host, security).await?;
+    let ctx = context_with(Duration::from_secs(30));
+    let info = connection.rpc(call(connection.client.clone(), ctx, target.id).await)??;
+    if target.host.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        print!("{}", render::info_text(&info));
+    }
+    Ok(())
+}
+
+pub(crate) async fn reconcile(
+    target: Target,
+    resume_here: bool,
+    security: &Security,
+) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    // Asking the destination is bounded by the daemon's peer timeout, plus its answer; a
+    // paused post-copy's pages go too, as long as `migrate` may take.
+    let ctx = context_with(Duration::from_secs(3600));
+    let id = target.id.clone();
+    let settled = connection.rpc(
+        connection
+            .client
+            .reconcile(ctx, target.id, resume_here)
+            .await,
+    )??;
+    if target.host.json {
+        println!("{}", serde_json::to_string(&settled)?);
+    } else {
+        match settled {
+            migrator::daemon::api::Reconciled::MovedTo { id_on_destination } => println!(
+                "partition {id} runs on the destination as {}; the copy here is stopped",
+                id_on_destination.as_deref().unwrap_or("?")
+            ),
+            migrator::daemon::api::Reconciled::ResumedHere => {
+                println!("partition {id} runs here again; nothing of it runs on the destination")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long past a window a call may take (connecting, the epoch that ends it, the answer).
+pub(crate) const WINDOW_SLACK: Duration = Duration::from_secs(30);
+
+pub(crate) async fn heat(target: Target, duration: Duration, security: &Security) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    let ctx = context_with(duration.saturating_add(WINDOW_SLACK));
+    let heat = connection.rpc(connection.client.page_heat(ctx, target.id, duration).await)??;
+    if target.host.json {
+        /// `heatprobe record --json`'s object, with the partition and its size added.
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            partition: &'a str,
+            frames: u64,
+            duration_ms: u64,
+            #[serde(flatten)]
+            record: &'a heatprobe::report::RecordReport,
+        }
+        let json = Json {
+            partition: &heat.id,
+            frames: heat.frames,
+            duration_ms: heat.duration_ms,
+            record: &heat.record,
+        };
+        println!("{}", serde_json::to_string(&json)?);
+    } else {
+        print!("{}", heat_report::render_heat(&heat));
+    }
+    Ok(())
+}
+
+pub(crate) async fn plan(
+    target: Target,
+    strategy: Strategy,
+    duration: Duration,
+    security: &Security,
+) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    let ctx = context_with(duration.saturating_add(WINDOW_SLACK));
+    let preview = connection.rpc(
+        connection
+            .client
+            .plan(ctx, target.id, strategy, duration)
+            .await,
+    )??;
+    if target.host.json {
+        println!("{}", serde_json::to_string(&preview)?);
+    } else {
+        print!("{}", heat_report::render_plan(&preview));
+    }
+    Ok(())
+}
+
+pub(crate) async fn dash(
+    host: SocketAddr,
+    id: Option<String>,
+    peer: Option<SocketAddr>,
+    once: bool,
+    json: bool,
+    security: Security,
+) -> Result<()> {
+    use migrator::dash::{App, terminal};
+    if once {
+        let snapshot = terminal::once(host, id, &security).await?;
+        if json {
+            println!("{}", serde_json::to_string(&snapshot)?);
+        } else {
+            let mut app = App::new(peer.map(|p| p.to_string()));
+            app.apply(snapshot);
+            let (width, height) = ratatui::crossterm::terminal::size().unwrap_or((100, 30));
+            print!(
+                "{}",
+                terminal::render_text(&app, width.max(80), height.max(24))
+            );
+        }
+        return Ok(());
+    }
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || terminal::run(handle, host, id, peer, security))
+        .await
+        .context("the dashboard panicked")??;
+    Ok(())
+}
+
+/// Migrates partition `id` of `from` as `request` says, or with no request resumes its
+/// paused post-copy.
+pub(crate) async fn migrate(
+    from: SocketAddr,
+    id: String,
+    request: Option<MigrateRequest>,
+    options: MigrationOptions,
+    json: bool,
+    security: &Security,
+) -> Result<()> {
+    use std::io::IsTerminal;
+    let connection = Connection::open(from, security).await?;
+    let ctx = context_with(Duration::from_secs(3600));
+    let call = async {
+        match request {
+            Some(request) => connection.client.migrate(ctx, request).await,
+            None => {
+                connection
+                    .client
+                    .migrate_resume(ctx, id.clone(), options)
+                    .await
+            }
+        }
+    };
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    });
+    let watch = async {
+        let Some(bar) = &bar else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            if let Ok(Some(p)) = connection
+                .client
+                .migration_progress(context::current(), id.clone())
+                .await
+            {
+                let throttle = if p.throttle_pct > 0 {
+                    format!("  throttle {}%", p.throttle_pct)
+                } else {
+                    String::new()
+                };
+                bar.set_message(format!(
+                    "{:?} round {}  remaining {} MiB  {:.0} MiB/s  expected downtime {} ms{throttle}",
+                    p.phase,
+                    p.round,
+                    p.remaining_bytes >> 20,
+                    p.rate_bytes_per_sec / (1 << 20) as f64,
+                    p.expected_downtime_ms
+                ));
+            }
+            bar.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // Ctrl-C cancels the migration, as `virsh migrate` does, and waits for its report: the
+    // guest runs on here if it was before the handover. Past it, the migration goes on and
+    // this waits for it to end.
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return std::future::pending::<()>().await;
+        }
+        let cancel = connection
+            .client
+            .migration_cancel(context_with(Duration::from_secs(30)), id.clone())
+            .await;
+        match cancel {
+            Ok(Ok(_)) => eprintln!("migrator: cancelling the migration"),
+            Ok(Err(refused)) => eprintln!("migrator: not cancelled: {refused}; waiting for it"),
+            Err(e) => eprintln!("migrator: could not ask for a cancel: {e}"),
+        }
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        result = call => result,
+        () = watch => unreachable!("the watcher never ends"),
+        () = interrupt => unreachable!("the interrupt never ends"),
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = connection.rpc(result)??;
+    render::print_report(&report, json)?;
+    super::jobs::outcome(&report)
+}
