@@ -14,12 +14,11 @@ use std::{
 use heatprobe::{Access, HeatClass, PageHeat};
 use heatprobe_tests::{bpf_unavailable, kvm_unavailable, skip};
 use migrator::{
-    daemon::ApiError,
     migration::{
         MigrationReport, MigrationStatus, Mode, Strategy,
         control::{
             CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
-            HandoverReply, PrepareReply, PrepareRequest, Recovery,
+            HandoverReply, PrepareReply, PrepareRequest, Recovery, Refusal,
         },
         convergence::{Converge, CutoverReason, TimeoutStrategy},
         destination::{ProbeSlot, Session, WindowOrWhyNot},
@@ -98,7 +97,7 @@ fn unreachable(what: &'static str) -> DestinationError {
 impl Destination for InProcess {
     fn prepare(&mut self, request: PrepareRequest) -> Result<PrepareReply, DestinationError> {
         if self.fault == Fault::PrepareRefused {
-            return Err(DestinationError::Refused(ApiError::Limit("full".into())));
+            return Err(DestinationError::Refused(Refusal::Other("full".into())));
         }
         let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let (session, data_port, remove_ns_per_page) = Session::prepare(
@@ -108,7 +107,7 @@ impl Destination for InProcess {
             PEER_TIMEOUT,
             self.probes.clone(),
         )
-        .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+        .map_err(|e| DestinationError::Refused(Refusal::Other(e.to_string())))?;
         self.next += 1;
         self.sessions.insert(self.next, session);
         Ok(PrepareReply {
@@ -127,13 +126,13 @@ impl Destination for InProcess {
         if self.fault == Fault::CommitRefused {
             found.abort().expect("nothing restored yet");
             self.sessions.remove(&session);
-            return Err(DestinationError::Refused(ApiError::Migration(
+            return Err(DestinationError::Refused(Refusal::Other(
                 "refused by the test".into(),
             )));
         }
         let committed = found
             .commit(request)
-            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+            .map_err(|e| DestinationError::Refused(Refusal::Other(e.to_string())))?;
         self.seen.lock().unwrap().arrived.push(committed.partition);
         if self.fault == Fault::CommitAnswerLost {
             return Err(unreachable("commit"));
@@ -164,7 +163,7 @@ impl Destination for InProcess {
             .handover()
             .map_err(|e| {
                 let _ = found.abort();
-                DestinationError::Refused(ApiError::NothingRunsHere(e.to_string()))
+                DestinationError::Refused(Refusal::NothingRunsHere(e.to_string()))
             })?
             .expect("handed over once");
         // The fault window starts at the resume, which the handover is.
@@ -188,11 +187,9 @@ impl Destination for InProcess {
 
     fn finish(&mut self, session: u64) -> Result<FinishReply, DestinationError> {
         let Some(found) = self.sessions.get(&session).cloned() else {
-            return self
-                .finished
-                .get(&session)
-                .cloned()
-                .ok_or_else(|| DestinationError::Refused(ApiError::UnknownSession(session)));
+            return self.finished.get(&session).cloned().ok_or_else(|| {
+                DestinationError::Refused(Refusal::Other(format!("no migration session {session}")))
+            });
         };
         if self.fault == Fault::SessionLost {
             self.sessions.remove(&session);
@@ -201,7 +198,7 @@ impl Destination for InProcess {
         // As the daemon does: a session whose finish failed lives on, to be recovered.
         let reply = found
             .finish()
-            .map_err(|e| DestinationError::Refused(ApiError::Migration(e.to_string())))?;
+            .map_err(|e| DestinationError::Refused(Refusal::Other(e.to_string())))?;
         self.sessions.remove(&session);
         self.finished.insert(session, reply.clone());
         if self.fault == Fault::FinishAnswerLost {
@@ -216,7 +213,7 @@ impl Destination for InProcess {
     }
 
     fn faults(&mut self, session: u64) -> Result<PostCutoverFaults, DestinationError> {
-        let refused = |why: String| DestinationError::Refused(ApiError::Migration(why));
+        let refused = |why: String| DestinationError::Refused(Refusal::Other(why));
         let window = self
             .fault_windows
             .remove(&session)
@@ -258,7 +255,7 @@ impl Destination for InProcess {
     }
 
     fn recover(&mut self, session: u64) -> Result<Recovery, DestinationError> {
-        let refused = |why: String| DestinationError::Refused(ApiError::Migration(why));
+        let refused = |why: String| DestinationError::Refused(Refusal::Other(why));
         self.sessions
             .get(&session)
             .ok_or_else(|| refused(format!("no session {session}")))?

@@ -11,7 +11,7 @@ use crate::{
     migration::{
         control::{
             CarriedHeat, CommitReply, CommitRequest, Destination, DestinationError, FinishReply,
-            HandoverReply, PrepareReply, PrepareRequest, Recovery,
+            HandoverReply, PrepareReply, PrepareRequest, Recovery, Refusal,
         },
         link::{DataLink, DataStream, LinkError},
         report::PostCutoverFaults,
@@ -76,7 +76,10 @@ impl RemoteDestination {
         }
         match answer {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(refusal)) => Err(DestinationError::Refused(refusal)),
+            Ok(Err(refusal)) => Err(DestinationError::Refused(match refusal {
+                ApiError::NothingRunsHere(why) => Refusal::NothingRunsHere(why),
+                other => Refusal::Other(other.to_string()),
+            })),
             Err(e) => Err(DestinationError::Unreachable {
                 what,
                 source: format!("{}: {e}", self.addr).into(),

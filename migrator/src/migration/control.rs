@@ -10,7 +10,7 @@ use super::{
     link::{DataStream, LinkError},
     report::{Latency, Mode, PostCutoverFaults},
 };
-use crate::{daemon::api::ApiError, vmm::PartitionConfig};
+use crate::vmm::PartitionConfig;
 
 /// Asks the destination to get ready for a partition of this shape.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -125,7 +125,7 @@ pub struct Recovery {
 #[derive(Debug, Error)]
 pub enum DestinationError {
     #[error("the destination refused")]
-    Refused(#[source] ApiError),
+    Refused(#[source] Refusal),
     #[error("the destination did not answer {what}")]
     Unreachable {
         what: &'static str,
@@ -134,12 +134,26 @@ pub enum DestinationError {
     },
 }
 
+/// What a destination refused with. The engine owns this type (the daemon's API maps its
+/// errors to it): all the engine needs of a refusal is whether it says, for certain, that
+/// nothing of the session runs there.
+#[derive(Debug, Error)]
+pub enum Refusal {
+    /// Nothing of the session runs there, nor will: it was dropped with whatever it restored.
+    #[error("nothing of the session runs there: {0}")]
+    NothingRunsHere(String),
+    /// Any other refusal: the destination did not do what was asked, and says nothing of
+    /// what runs there.
+    #[error("{0}")]
+    Other(String),
+}
+
 impl DestinationError {
     /// Whether the destination said, for certain, that nothing of the session runs there:
     /// only then may the source resume its copy after a handover it asked for. Any other
     /// answer (an unknown session, an internal error, no answer) leaves the outcome open.
     pub fn nothing_runs_there(&self) -> bool {
-        matches!(self, Self::Refused(ApiError::NothingRunsHere(_)))
+        matches!(self, Self::Refused(Refusal::NothingRunsHere(_)))
     }
 }
 
