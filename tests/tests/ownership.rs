@@ -308,3 +308,60 @@ fn a_partition_whose_process_does_not_answer_is_shown_so_and_stalls_no_other() {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_migration_runs_to_its_end_when_its_caller_goes_away() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "a_migration_runs_to_its_end_when_its_caller_goes_away",
+            &why,
+        );
+    }
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    let id = launch_busy(&source, "64M");
+    source.wait_progress(&id, 5, 1);
+    let mut caller = source
+        .command()
+        .args([
+            "migrate",
+            "--json",
+            "--from",
+            &source.addr,
+            "--to",
+            &destination.addr,
+        ])
+        .arg(&id)
+        .args(["--strategy", "address", "--bandwidth-limit", "16M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run migrator migrate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let migration = loop {
+        let found = source
+            .json(&["migrations"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["partition"] == id.as_str() && m["phase"] == "precopy")
+            .cloned();
+        if let Some(found) = found {
+            break found["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "never in pre-copy");
+        thread::sleep(Duration::from_millis(50));
+    };
+    // SIGKILL: no cancel is sent, the connection just goes.
+    caller.kill().expect("kill the caller");
+    caller.wait().expect("reap it");
+    let (code, report) = wait(&source, &migration);
+    assert_eq!(code, 0, "{report}");
+    assert_completed(&report, "its caller killed");
+    // Its bookkeeping ran: the copy here is recorded as moved, and a new migration is
+    // admitted (the slot was given back).
+    assert_eq!(source.json(&["status", &id])["state"], "stopped");
+    let there = report["id_on_destination"].as_str().unwrap();
+    destination.runs_clean(there, 1000, 1, "moved without its caller");
+    destination.migrate_checked(&source, there, &["--strategy", "address"], "and back");
+}
