@@ -52,6 +52,10 @@ pub enum CutoverReason {
     Timeout,
     /// Hybrid: the operator switched to post-copy (`migrator postcopy`).
     Requested,
+    /// Hybrid: a round came back almost whole (the guest dirties pages faster than the link
+    /// carries them), so no round can shrink the set: post-copy at once instead of sending
+    /// memory again round after round.
+    Saturated,
 }
 
 /// Why a migration gave up before cutting over.
@@ -120,6 +124,9 @@ const HIGH_RATIO: f64 = 0.5;
 /// Above this share almost everything sent came back dirty: the round saturated, and its
 /// count no longer says how fast the guest writes.
 const SATURATED_RATIO: f64 = 0.9;
+/// Hybrid: a round that came back with this share of what it sent dirty again has not
+/// shrunk the set at all; post-copy takes over at once.
+const ALMOST_WHOLE_RATIO: f64 = 0.95;
 /// The first throttle and the least step (QEMU's cpu-throttle-initial and -increment).
 const INITIAL_PCT: u8 = 20;
 const INCREMENT_PCT: u8 = 10;
@@ -205,6 +212,11 @@ impl Convergence {
             return gives_up(GiveUp::MaxRounds, CutoverReason::MaxRounds);
         }
         match policy.converge {
+            Converge::Postcopy
+                if check.pages as f64 >= ALMOST_WHOLE_RATIO * check.sent.max(1) as f64 =>
+            {
+                Decision::CutOver(CutoverReason::Saturated)
+            }
             Converge::None | Converge::Postcopy => {
                 if self.not_shrinking >= NOT_SHRINKING_CHECKS {
                     Decision::CutOver(CutoverReason::NotShrinking)
@@ -305,6 +317,25 @@ mod tests {
             assert_eq!(decisions.len(), 4, "{converge:?}");
             assert_eq!(c.throttle(), 0, "a shrinking set needs no throttle");
         }
+    }
+
+    #[test]
+    fn post_copy_takes_over_at_the_first_round_that_comes_back_almost_whole() {
+        // A guest that writes everywhere: every round returns what it sent.
+        let mut c = Convergence::new(policy(Converge::Postcopy));
+        let decisions = run(&mut c, 131_072, &[130_000, 130_000, 130_000]);
+        assert_eq!(decisions, vec![Decision::CutOver(CutoverReason::Saturated)]);
+        // One that comes back smaller goes on as before: shrinking, it may still converge.
+        let mut c = Convergence::new(policy(Converge::Postcopy));
+        let decisions = run(&mut c, 131_072, &[60_000, 40_000, 100]);
+        assert_eq!(
+            decisions.last(),
+            Some(&Decision::CutOver(CutoverReason::Converged))
+        );
+        // Pre-copy without throttling keeps its two flat checks: it has no post-copy to go to.
+        let mut c = Convergence::new(policy(Converge::None));
+        let decisions = run(&mut c, 131_072, &[130_000, 130_000, 130_000]);
+        assert_eq!(decisions[0], Decision::Iterate);
     }
 
     #[test]

@@ -8,6 +8,10 @@ use crate::vmm::{Partition, PartitionState};
 /// How long the guest's pace is measured before anything of the migration starts: long
 /// enough for a guest reporting its count every few milliseconds, short beside a migration.
 pub(super) const BEFORE_WINDOW: Duration = Duration::from_millis(200);
+/// A guest that counts coarsely (an operation per pass over its memory, say) is watched for
+/// longer, up to this, until it has counted [`ENOUGH_OPS`].
+const BEFORE_WINDOW_MAX: Duration = Duration::from_secs(1);
+const ENOUGH_OPS: u64 = 20;
 
 /// The guest's operation count at one moment.
 #[derive(Clone, Copy, Debug)]
@@ -34,15 +38,21 @@ pub(super) fn rate(from: OpsMark, to: OpsMark) -> Option<f64> {
     (seconds > 0.0).then(|| ops as f64 / seconds)
 }
 
-/// The guest's rate over `window`, now; `None` at once if it is not running, since a paused
-/// guest has no pace to compare with.
+/// The guest's rate over `window`, now, or longer (up to a second) for a guest that has
+/// counted fewer than [`ENOUGH_OPS`] by then; `None` at once if it is not running, since a
+/// paused guest has no pace to compare with.
 pub(super) fn rate_before(partition: &Partition, window: Duration) -> Option<f64> {
     if partition.state() != PartitionState::Running {
         return None;
     }
     let from = OpsMark::now(partition);
     std::thread::sleep(window);
-    rate(from, OpsMark::now(partition))
+    let mut to = OpsMark::now(partition);
+    while to.ops.saturating_sub(from.ops) < ENOUGH_OPS && to.at - from.at < BEFORE_WINDOW_MAX {
+        std::thread::sleep(window.min(BEFORE_WINDOW_MAX));
+        to = OpsMark::now(partition);
+    }
+    rate(from, to)
 }
 
 /// The rate during the migration over the rate before; `None` when the guest did nothing
