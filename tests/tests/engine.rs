@@ -49,6 +49,8 @@ enum Fault {
     /// A status call reads the parked partition between the commit and the handover, when
     /// nothing would bring a page it lacked.
     StatusBeforeHandover,
+    /// Its memory is not the source's: the commit answers with another digest.
+    WrongDigest,
     /// Hybrid: every page arrives, but the answer to `finish` is lost.
     FinishAnswerLost,
     /// Hybrid: the destination forgets the session as the push ends (its daemon restarted,
@@ -137,9 +139,13 @@ impl Destination for InProcess {
         if self.fault == Fault::CommitAnswerLost {
             return Err(unreachable("commit"));
         }
+        let mut dest_digest = committed.digest.map(|d| d.total_hex());
+        if self.fault == Fault::WrongDigest {
+            dest_digest = Some("0123456789abcdef".into());
+        }
         Ok(CommitReply {
             id_on_destination: format!("arrived-{session}"),
-            dest_digest: committed.digest.map(|d| d.total_hex()),
+            dest_digest,
             timings: committed.timings,
         })
     }
@@ -898,4 +904,25 @@ fn a_status_call_before_the_handover_never_waits_on_a_missing_page() {
     for arrived in &seen.arrived {
         arrived.stop();
     }
+}
+
+/// Digests decide: a pre-copy destination whose memory is not the source's never runs the
+/// guest; the source resumes and the destination's copy is dropped.
+#[test]
+fn a_precopy_whose_digests_differ_resumes_here_and_never_completes() {
+    let test = "a_precopy_whose_digests_differ_resumes_here_and_never_completes";
+    if let Some(why) = kvm_unavailable() {
+        return skip(test, &why);
+    }
+    let (report, source, seen) = run(Mode::Precopy, Fault::WrongDigest);
+    assert_eq!(report.status, MigrationStatus::Failed, "{report:?}");
+    let error = report.error.clone().unwrap_or_default();
+    assert!(error.contains("digest"), "{error}");
+    assert_runs_on(&source, test);
+    assert_eq!(
+        seen.aborted,
+        vec![1],
+        "the destination's session is aborted"
+    );
+    source.stop();
 }

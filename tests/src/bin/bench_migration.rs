@@ -399,7 +399,7 @@ fn cutover_reasons(reports: &[Value]) -> String {
 }
 
 /// The main table's figures: header, JSON pointer, decimals.
-const FIGURES: [(&str, &str, usize); 9] = [
+const FIGURES: [(&str, &str, usize); 10] = [
     ("total ms", "/total_time_ms", 0),
     ("downtime ms", "/downtime_ms", 0),
     ("expected downtime ms", "/expected_downtime_ms", 0),
@@ -408,6 +408,7 @@ const FIGURES: [(&str, &str, usize); 9] = [
     ("pages re-sent", "/pages_resent", 0),
     ("throttle % max", "/throttle_pct_max", 1),
     ("guest ops ratio", "/guest_ops_ratio", 2),
+    ("guest work lost ms", "/guest_work_lost/total_ms", 0),
     ("round 0 Mbit/s", "/round0_mbps", 0),
 ];
 

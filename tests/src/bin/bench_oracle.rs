@@ -14,7 +14,7 @@
 //! Per scenario it prints `median (min–max)` of pages re-sent, demands, blocktime, downtime
 //! and guest work lost for each order; heat/address and oracle/address of the medians; and
 //! heat's share of the oracle's saving, `(address − heat) / (address − oracle)`, where the
-//! oracle saves anything.
+//! oracle saves at least a tenth of address's figure.
 
 use std::{
     thread,
@@ -211,10 +211,15 @@ fn ratio(a: Option<Spread>, b: Option<Spread>) -> String {
     }
 }
 
-/// Heat's share of the oracle's saving over address, or `–` where the oracle saves nothing.
+/// The least saving over address, as a share of address's figure, for which heat's share
+/// of it is shown: below it the share divides noise by noise.
+const LEAST_SAVING: f64 = 0.1;
+
+/// Heat's share of the oracle's saving over address, or `–` where the oracle saves less than
+/// [`LEAST_SAVING`] of address's figure.
 fn share(heat: Option<Spread>, address: Option<Spread>, oracle: Option<Spread>) -> String {
     match (heat, address, oracle) {
-        (Some(h), Some(a), Some(o)) if a.median - o.median > 0.0 => {
+        (Some(h), Some(a), Some(o)) if a.median - o.median >= LEAST_SAVING * a.median => {
             format!(
                 "{:.0}%",
                 (a.median - h.median) / (a.median - o.median) * 100.0
