@@ -23,13 +23,20 @@ use migrator::{
 use tarpc::context;
 
 use self::cli::{
-    args::{Cli, Command, heat_sampling},
+    args::{Cli, Command, MigrationTarget, heat_sampling},
     calls::{dash, detached, heat, migrate, one, plan, read_heat_file, reconcile},
+    jobs::Steer,
     render,
     serve::run_daemon,
 };
 
 mod cli;
+
+/// `cancel`, `limits` and `postcopy`: steers the migration `target` names.
+async fn steer(target: MigrationTarget, how: Steer, security: &Security) -> Result<()> {
+    let host = target.host;
+    cli::jobs::steer(host.host, target.migration, how, host.json, security).await
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -271,20 +278,12 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             migrate(from, id, request, options, json, &security).await
         }
         Command::Migrations { hosts, json } => cli::jobs::list(&hosts, json, &security).await,
-        Command::Cancel(target) => {
-            cli::jobs::cancel(
-                target.host.host,
-                target.migration,
-                target.host.json,
-                &security,
-            )
-            .await
-        }
         Command::Wait(target) => {
             let report = cli::jobs::wait(target.host.host, target.migration, &security).await?;
             render::print_report(&report, target.host.json)?;
             cli::jobs::outcome(&report)
         }
+        Command::Cancel(target) => steer(target, Steer::Cancel, &security).await,
         Command::Limits {
             target,
             downtime_limit,
@@ -294,23 +293,8 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 downtime_limit,
                 bandwidth_limit,
             };
-            cli::jobs::limits(
-                target.host.host,
-                target.migration,
-                limits,
-                target.host.json,
-                &security,
-            )
-            .await
+            steer(target, Steer::Limits(limits), &security).await
         }
-        Command::Postcopy(target) => {
-            cli::jobs::postcopy(
-                target.host.host,
-                target.migration,
-                target.host.json,
-                &security,
-            )
-            .await
-        }
+        Command::Postcopy(target) => steer(target, Steer::Postcopy, &security).await,
     }
 }

@@ -22,8 +22,9 @@ use crate::{
     toolchain,
 };
 
-/// Debian packages the build and the tests need.
-const APT_PACKAGES: &[&str] = &["libclang-dev", "tmux"];
+/// Debian packages the build and the tests need: libclang for bindgen, tmux for the
+/// dashboard's tests, iproute2 (`ip`, `tc`) for the namespace hosts.
+const APT_PACKAGES: &[&str] = &["libclang-dev", "tmux", "iproute2"];
 
 pub fn setup() -> Result<()> {
     ensure_apt_packages()?;

@@ -88,6 +88,14 @@ pub fn test(long: bool) -> Result<()> {
     if fuzz_failed > 0 {
         bail!("{fuzz_failed} fuzz targets crashed");
     }
+    // A long run is meant to run everything: a test that skipped for a missing capability
+    // (its reason printed above) fails it.
+    if long && totals.skipped > 0 {
+        bail!(
+            "{} tests skipped in a --long run, which runs everything (reasons above)",
+            totals.skipped
+        );
+    }
     Ok(())
 }
 

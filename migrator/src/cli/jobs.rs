@@ -94,53 +94,40 @@ fn print_info(info: &MigrationInfo, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `migrator cancel MIGRATION`.
-pub async fn cancel(
-    host: SocketAddr,
-    migration: String,
-    json: bool,
-    security: &Security,
-) -> Result<()> {
-    let connection = Connection::open(host, security).await?;
-    let ctx = context_with(Duration::from_secs(30));
-    let info = connection.rpc(connection.client.migration_cancel(ctx, migration).await)??;
-    print_info(&info, json)
+/// What an operator asks of a running migration.
+pub enum Steer {
+    /// `migrator cancel MIGRATION`.
+    Cancel,
+    /// `migrator limits MIGRATION`.
+    Limits(LiveLimits),
+    /// `migrator postcopy MIGRATION`.
+    Postcopy,
 }
 
-/// `migrator limits MIGRATION`.
-pub async fn limits(
+/// Asks the daemon at `host` to steer `migration` as `how` says, and prints the migration as
+/// it is then.
+pub async fn steer(
     host: SocketAddr,
     migration: String,
-    limits: LiveLimits,
+    how: Steer,
     json: bool,
     security: &Security,
 ) -> Result<()> {
-    if limits == LiveLimits::default() {
-        bail!("give --downtime-limit, --bandwidth-limit or both");
+    if let Steer::Limits(limits) = &how {
+        if *limits == LiveLimits::default() {
+            bail!("give --downtime-limit, --bandwidth-limit or both");
+        }
+        limits.validate()?;
     }
-    limits.validate()?;
     let connection = Connection::open(host, security).await?;
     let ctx = context_with(Duration::from_secs(30));
-    let info = connection.rpc(
-        connection
-            .client
-            .migration_set_limits(ctx, migration, limits)
-            .await,
-    )??;
-    print_info(&info, json)
-}
-
-/// `migrator postcopy MIGRATION`.
-pub async fn postcopy(
-    host: SocketAddr,
-    migration: String,
-    json: bool,
-    security: &Security,
-) -> Result<()> {
-    let connection = Connection::open(host, security).await?;
-    let ctx = context_with(Duration::from_secs(30));
-    let info = connection.rpc(connection.client.migration_postcopy(ctx, migration).await)??;
-    print_info(&info, json)
+    let client = &connection.client;
+    let answer = match how {
+        Steer::Cancel => client.migration_cancel(ctx, migration).await,
+        Steer::Limits(limits) => client.migration_set_limits(ctx, migration, limits).await,
+        Steer::Postcopy => client.migration_postcopy(ctx, migration).await,
+    };
+    print_info(&connection.rpc(answer)??, json)
 }
 
 /// `migrator wait MIGRATION`: the report, once the migration has ended.
