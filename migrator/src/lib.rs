@@ -1,5 +1,5 @@
-//! The migrator: KVM micro-VMs ("partitions") that run real guest workloads, the daemon that
-//! hosts them, and (in later issues) their heat-ordered live migration.
+//! The migrator: KVM micro-VMs ("partitions") that run real guest workloads, their
+//! heat-ordered live migration, and the daemon and supervisor that host them.
 
 pub mod certs;
 pub mod daemon;
