@@ -86,13 +86,17 @@ pub(crate) fn work_lost_line(lost: &migrator::migration::report::GuestWorkLost) 
 
 /// The summary's compression line: the bytes before and after, and the rates.
 pub(crate) fn compression_line(report: &MigrationReport) -> String {
+    let rates = match (report.round0_mbps, report.round0_wire_mbps) {
+        (Some(pages), Some(wire)) => {
+            format!("round 0 moved {pages:.0} Mbit/s of pages over {wire:.0} Mbit/s of wire")
+        }
+        _ => "round 0 was too quick to measure".into(),
+    };
     format!(
-        "compressed {} MiB of pages to {} MiB on the wire ({:.2}x); round 0 moved {:.0} Mbit/s of pages over {:.0} Mbit/s of wire",
+        "compressed {} MiB of pages to {} MiB on the wire ({:.2}x); {rates}",
         report.bytes_uncompressed >> 20,
         report.bytes_sent >> 20,
         report.compression_ratio,
-        report.round0_mbps,
-        report.round0_wire_mbps
     )
 }
 

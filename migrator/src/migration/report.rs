@@ -239,11 +239,12 @@ pub struct MigrationReport {
     /// Dirty pages found at the start of each round after round 0.
     pub dirty_pages_per_round: Vec<u64>,
     /// The rate round 0 moved memory at, in Mbit/s of uncompressed pages (the effective rate:
-    /// with compression, more than the link carries).
-    pub round0_mbps: f64,
+    /// with compression, more than the link carries); null where round 0 was too quick to
+    /// measure (under a millisecond).
+    pub round0_mbps: Option<f64>,
     /// The rate round 0 streamed at on the wire, in Mbit/s (`round0_mbps` without
-    /// compression).
-    pub round0_wire_mbps: f64,
+    /// compression); null likewise.
+    pub round0_wire_mbps: Option<f64>,
     /// Why execution moved: `converged`, `not-shrinking`, `max-rounds` or `timeout`; null
     /// when the migration did not get that far.
     pub cutover_reason: Option<CutoverReason>,
@@ -300,8 +301,8 @@ impl MigrationReport {
             post_cutover_faults: None,
             post_cutover_faults_note: None,
             dirty_pages_per_round: Vec::new(),
-            round0_mbps: 0.0,
-            round0_wire_mbps: 0.0,
+            round0_mbps: None,
+            round0_wire_mbps: None,
             cutover_reason: None,
             throttle_pct_max: 0,
             source_digest: None,

@@ -76,6 +76,8 @@ pub(super) struct RoundSent {
     pub(super) wire_rate: Option<f64>,
     /// The pages it did not send because the timeout came first, in order.
     pub(super) unsent: Vec<u64>,
+    /// Uncompressed bytes it sent.
+    pub(super) bytes: u64,
 }
 
 impl Run<'_> {
@@ -196,6 +198,7 @@ impl Run<'_> {
             rate: measured.then(|| bytes as f64 / elapsed),
             wire_rate: measured.then(|| wire as f64 / elapsed),
             unsent: frames[sent..].to_vec(),
+            bytes,
         })
     }
 
@@ -316,7 +319,7 @@ pub(super) fn iterate(
     };
     let deadline = options.timeout.map(|t| run.started + t);
     let first = run.send_round(sender, &round0, true, deadline)?;
-    let mut rate = first.rate.unwrap_or(1.0);
+    let mut rate = decision_rate(first.rate, first.bytes);
     run.link_rate = first.rate;
     run.wire_rate = first.wire_rate;
     // Held-back pages count as sent (and come back dirty in the next check): the ratio of
@@ -324,8 +327,9 @@ pub(super) fn iterate(
     let mut sent = (round0.len() - first.unsent.len() + deferred.len()) as u64;
     // Pages a timeout kept from being sent: never in a dirty log, so carried by hand.
     let mut unsent = first.unsent;
-    run.report.round0_mbps = rate * 8.0 / 1e6;
-    run.report.round0_wire_mbps = first.wire_rate.unwrap_or(1.0) * 8.0 / 1e6;
+    // Not measured (round 0 took under a millisecond): the report says so.
+    run.report.round0_mbps = first.rate.map(|r| r * 8.0 / 1e6);
+    run.report.round0_wire_mbps = first.wire_rate.map(|r| r * 8.0 / 1e6);
     run.report.rounds = 1;
     let mut refreshed = false;
     let mut convergence = Convergence::new(Policy {
@@ -462,6 +466,14 @@ pub(super) fn iterate(
     }
 }
 
+/// The link rate the convergence decision works with after round 0: the measured one, or,
+/// where round 0 was too quick to measure (under a millisecond), at least its bytes (and a
+/// page) a millisecond. (It was 1 B/s once: a partition of a few pages was then expected
+/// to take hours to move, and was throttled and cancelled.)
+fn decision_rate(measured: Option<f64>, round0_bytes: u64) -> f64 {
+    measured.unwrap_or(round0_bytes.max(PAGE_SIZE) as f64 / 0.001)
+}
+
 /// Whether a refresh round before the pause pays: what is left is at least one batch (a
 /// smaller set takes a few milliseconds to send; refreshing scan's 67 pages only re-sent
 /// them), and at least a tenth of it is not held back as a hot write (a set of hot writes
@@ -493,4 +505,18 @@ fn start_profiler(
     )
     .map_err(MigrationError::Profile)?;
     Ok(profiler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unmeasured_round_0_is_taken_as_fast_as_it_must_have_been() {
+        assert_eq!(decision_rate(Some(5e6), 4096), 5e6);
+        // 64 KiB in under a millisecond: at least 64 MiB/s.
+        assert_eq!(decision_rate(None, 65_536), 65_536_000.0);
+        // Nothing sent: at least a page a millisecond, never 1 B/s.
+        assert_eq!(decision_rate(None, 0), PAGE_SIZE as f64 * 1000.0);
+    }
 }
