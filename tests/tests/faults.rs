@@ -532,6 +532,7 @@ fn pre_cutover(
         if code == 0 {
             break report;
         }
+        // Refused at the destination's prepare, by its one slot.
         assert!(
             stderr.contains("maximum of 1 partitions") && Instant::now() < deadline,
             "{name}: the retry failed: {report} {stderr}"

@@ -153,7 +153,11 @@ pub fn outcome(report: &MigrationReport) -> Result<()> {
         MigrationStatus::Cancelled => {
             bail!("the migration was cancelled; {}", report.guest_location)
         }
-        MigrationStatus::Failed => bail!("the migration failed; {}", report.guest_location),
+        MigrationStatus::Failed => match &report.error {
+            // The one error line says why, with `--json` too.
+            Some(why) => bail!("the migration failed: {why}; {}", report.guest_location),
+            None => bail!("the migration failed; {}", report.guest_location),
+        },
     }
 }
 
@@ -162,6 +166,20 @@ mod tests {
     use migrator::migration::{MigrationProgress, Mode, Strategy};
 
     use super::*;
+
+    #[test]
+    fn a_failed_migration_ends_the_command_with_its_cause_and_where_the_guest_is() {
+        let mut report = MigrationReport::new(Strategy::Address, Mode::Precopy);
+        report.error = Some("the destination did not prepare: full".into());
+        let error = outcome(&report).unwrap_err().to_string();
+        assert!(
+            error.contains("failed: the destination did not prepare: full"),
+            "{error}"
+        );
+        assert!(error.contains("keeps running on the source"), "{error}");
+        report.status = MigrationStatus::Completed;
+        assert!(outcome(&report).is_ok());
+    }
 
     #[test]
     fn the_table_has_a_row_per_migration_with_what_is_known() {
