@@ -219,7 +219,9 @@ const LEAST_SAVING: f64 = 0.1;
 /// [`LEAST_SAVING`] of address's figure.
 fn share(heat: Option<Spread>, address: Option<Spread>, oracle: Option<Spread>) -> String {
     match (heat, address, oracle) {
-        (Some(h), Some(a), Some(o)) if a.median - o.median >= LEAST_SAVING * a.median => {
+        (Some(h), Some(a), Some(o))
+            if a.median - o.median > 0.0 && a.median - o.median >= LEAST_SAVING * a.median =>
+        {
             format!(
                 "{:.0}%",
                 (a.median - h.median) / (a.median - o.median) * 100.0
