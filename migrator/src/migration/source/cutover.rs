@@ -157,15 +157,8 @@ fn commit(
     };
     let round_trip = clock.lap();
     if let Some(digest) = source_digest {
-        let digest = digest.map_err(|_| MigrationError::DigestPanicked)?;
-        run.report.source_digest = Some(digest.clone());
         run.report.dest_digest = reply.dest_digest.clone();
-        if reply.dest_digest.as_deref() != Some(digest.as_str()) {
-            return Err(MigrationError::DigestMismatch {
-                source_digest: digest,
-                dest: reply.dest_digest.unwrap_or_else(|| "none".into()),
-            });
-        }
+        record_digests(run, digest.map_err(|_| MigrationError::DigestPanicked)?)?;
     }
     // The last moment a cancel can undo the migration: the copy there is parked.
     run.steer(None)?;
@@ -329,16 +322,21 @@ pub(super) fn cutover_hybrid(
 /// runs there, so a mismatch fails the migration loudly and keeps this copy paused, the one
 /// known good, for the operator.
 pub(super) fn digests_decide(run: &mut Run<'_>) -> Result<(), MigrationError> {
-    let digest = run.partition.digest().total_hex();
-    run.report.source_digest = Some(digest.clone());
-    let dest = run.report.dest_digest.clone();
-    if dest.as_deref() != Some(digest.as_str()) {
-        return Err(MigrationError::DigestMismatch {
-            source_digest: digest,
-            dest: dest.unwrap_or_else(|| "none".into()),
-        });
-    }
+    record_digests(run, run.partition.digest().total_hex())?;
     run.advance(SourceEvent::Finished)
+}
+
+/// Records the source's digest beside the destination's (in the report already), and fails
+/// unless they are equal: no migration completes with memory that differs.
+fn record_digests(run: &mut Run<'_>, source_digest: String) -> Result<(), MigrationError> {
+    run.report.source_digest = Some(source_digest.clone());
+    match &run.report.dest_digest {
+        Some(dest) if *dest == source_digest => Ok(()),
+        dest => Err(MigrationError::DigestMismatch {
+            source_digest,
+            dest: dest.clone().unwrap_or_else(|| "none".into()),
+        }),
+    }
 }
 
 /// Moves the stale pages the VMM reads to the front of `stale`, the rest keeping their order;

@@ -278,7 +278,6 @@ pub fn resume_postcopy(
     let session = paused.session;
     let mut run = Run::new(partition, options, job, Instant::now());
     // Paused after the handover: the recovery comes first.
-    run.phase = SourcePhase::PostcopyPaused { session };
     job.start_paused_postcopy(session);
     run.report.id_on_destination = paused.id_on_destination;
     partition.set_postcopy_paused(None);
@@ -313,7 +312,6 @@ impl<'a> Run<'a> {
             sent_hash: vec![0; frames as usize],
             counts: SendCounts::default(),
             started,
-            phase: SourcePhase::Preparing,
             prepare_rtt: Duration::ZERO,
             link_rate: None,
             wire_rate: None,
@@ -336,7 +334,7 @@ fn conclude(
     let rollback = match &result {
         Ok(_) => None,
         Err(_) => {
-            let rollback = run.phase.rollback();
+            let rollback = run.job.phase().rollback();
             if let Err(e) = run.advance(SourceEvent::Fail) {
                 warn!("{}", error_chain(&e));
             }
@@ -409,7 +407,7 @@ fn conclude(
     report.downtime_limit_ms = run.downtime_limit.as_millis() as u64;
     report.judge_downtime(run.downtime_limit);
     // Whatever the engine did, users see the phase it ended in.
-    run.job.progress_mut().phase = run.phase.shown();
+    run.job.progress_mut().phase = run.job.phase().shown();
     if report.status == MigrationStatus::Completed {
         report.guest_stall_ms = report.downtime_ms as f64 + report.postcopy_blocktime_ms;
     }

@@ -46,7 +46,6 @@ pub(super) struct Run<'a> {
     pub(super) sent_hash: Vec<u64>,
     pub(super) counts: SendCounts,
     pub(super) started: Instant,
-    pub(super) phase: SourcePhase,
     /// How long the destination took to answer `prepare`: the round trip and the setting up
     /// of a session, the part of the downtime known before the cutover.
     pub(super) prepare_rtt: Duration,
@@ -94,7 +93,6 @@ impl Run<'_> {
                 StepError::Cancelled => MigrationError::Cancelled,
                 StepError::Phase(e) => MigrationError::Phase(e),
             })?;
-        self.phase = next;
         self.set_progress(|p| p.phase = next.shown());
         // What the guest loses counts to the part the migration is in.
         match next {
