@@ -167,3 +167,79 @@ pub fn known_popularity(
         .map_err(|e| anyhow::anyhow!("{workload} {args}: {e:?}"))?;
     Ok((share.start / 4096, model))
 }
+
+/// Runs `migrator ARGS --json` against `daemon` and parses what it prints.
+pub fn cli_json(
+    daemon: &crate::daemon::Daemon,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let output = daemon.command().args(args).arg("--json").output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(&stdout).with_context(|| {
+        format!(
+            "migrator {} printed {stdout:?} ({})",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })
+}
+
+/// Launches a fresh partition running built-in `workload` with `args` in `mem` on `a`,
+/// migrates it to `b` 1 s after its first operation with `migrator migrate` and `options`,
+/// and stops what is left of it on either side; returns the report, with
+/// `guest_errors_after` (the guest's error count on `b` after a completed migration) added.
+pub fn launch_and_migrate(
+    a: &crate::daemon::Daemon,
+    b: &crate::daemon::Daemon,
+    (workload, args, mem): (&str, &str, &str),
+    options: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::{Context, bail};
+    use std::time::{Duration, Instant};
+    let launch = [
+        "launch",
+        "--host",
+        &a.addr,
+        "--workload",
+        workload,
+        "--args",
+        args,
+        "--mem",
+        mem,
+    ];
+    let id = cli_json(a, &launch)?["id"]
+        .as_str()
+        .context("launch id")?
+        .to_string();
+    let migrated = (|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cli_json(a, &["status", "--host", &a.addr, &id])?["ops"]
+            .as_u64()
+            .unwrap_or(0)
+            == 0
+        {
+            if Instant::now() > deadline {
+                bail!("{workload} never started");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let mut migrate = vec!["migrate", "--from", &a.addr, "--to", &b.addr, &id];
+        migrate.extend_from_slice(options);
+        cli_json(a, &migrate)
+    })();
+    let moved = migrated
+        .as_ref()
+        .ok()
+        .and_then(|r| r["id_on_destination"].as_str().map(str::to_string));
+    let Some(there) = moved else {
+        let _ = cli_json(a, &["stop", "--host", &a.addr, &id]);
+        return migrated;
+    };
+    let status = cli_json(b, &["status", "--host", &b.addr, &there]);
+    let _ = cli_json(b, &["stop", "--host", &b.addr, &there]);
+    let mut report = migrated?;
+    report["guest_errors_after"] = status?["errors"].clone();
+    Ok(report)
+}

@@ -33,12 +33,12 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
-    bench::{Spread, commit, median, pass, plural, reproduce, show},
+    bench::{Spread, commit, launch_and_migrate, median, pass, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig, make_certs},
     netns::HostPair,
 };
@@ -62,19 +62,6 @@ const STRATEGIES: [&str; 2] = ["heat", "address"];
 /// The two shaped hosts, with a daemon on each.
 fn shaped_hosts() -> Result<(HostPair, Daemon, Daemon)> {
     heatprobe_tests::bench::shaped_hosts(RATE)
-}
-
-/// Runs `migrator ARGS --json` against `daemon` and parses what it prints.
-fn cli(daemon: &Daemon, args: &[&str]) -> Result<Value> {
-    let output = daemon.command().args(args).arg("--json").output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(&stdout).with_context(|| {
-        format!(
-            "migrator {} printed {stdout:?} ({})",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )
-    })
 }
 
 struct Scenario {
@@ -207,79 +194,27 @@ fn one_migration(
     mode: &str,
     extra: &[&str],
 ) -> Result<Value> {
-    let id = cli(
-        a,
-        &[
-            "launch",
-            "--host",
-            &a.addr,
-            "--workload",
-            scenario.workload,
-            "--args",
-            scenario.args,
-            "--mem",
-            scenario.mem,
-        ],
-    )?["id"]
-        .as_str()
-        .context("launch id")?
-        .to_string();
-    let result = warm_up_and_migrate(a, b, scenario, &id, strategy, mode, extra);
-    if !matches!(&result, Ok(report) if report["id_on_destination"].is_string()) {
-        let _ = cli(a, &["stop", "--host", &a.addr, &id]);
-    }
-    let mut report = result?;
-    if let Some(new_id) = report["id_on_destination"].as_str().map(str::to_string) {
-        let status = cli(b, &["status", "--host", &b.addr, &new_id]);
-        let _ = cli(b, &["stop", "--host", &b.addr, &new_id]);
-        let status = status?;
-        report["guest_errors_after"] = status["errors"].clone();
-    }
-    Ok(report)
-}
-
-fn warm_up_and_migrate(
-    a: &Daemon,
-    b: &Daemon,
-    scenario: &Scenario,
-    id: &str,
-    strategy: &str,
-    mode: &str,
-    extra: &[&str],
-) -> Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cli(a, &["status", "--host", &a.addr, id])?["ops"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        if Instant::now() > deadline {
-            bail!("{} never started", scenario.workload);
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    thread::sleep(Duration::from_secs(1));
-    let mut args = vec![
-        "migrate",
-        "--from",
-        &a.addr,
-        "--to",
-        &b.addr,
-        id,
+    let limit = if mode == "hybrid" {
+        HYBRID_DOWNTIME_LIMIT
+    } else {
+        DOWNTIME_LIMIT
+    };
+    let mut options = vec![
         "--strategy",
         strategy,
         "--mode",
         mode,
         "--downtime-limit",
-        if mode == "hybrid" {
-            HYBRID_DOWNTIME_LIMIT
-        } else {
-            DOWNTIME_LIMIT
-        },
+        limit,
     ];
-    args.extend(MIGRATE_ARGS.get().into_iter().flatten().map(String::as_str));
-    args.extend_from_slice(extra);
-    cli(a, &args)
+    options.extend(MIGRATE_ARGS.get().into_iter().flatten().map(String::as_str));
+    options.extend_from_slice(extra);
+    launch_and_migrate(
+        a,
+        b,
+        (scenario.workload, scenario.args, scenario.mem),
+        &options,
+    )
 }
 
 /// Options the matrix passes to every `migrator migrate` besides its own (`--migrate-arg`), to

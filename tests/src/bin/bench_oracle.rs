@@ -16,14 +16,13 @@
 //! heat's share of the oracle's saving, `(address − heat) / (address − oracle)`, where the
 //! oracle saves at least a tenth of address's figure.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use heatprobe_tests::{
-    bench::{Spread, commit, known_popularity, plural, reproduce, shaped_hosts, show},
+    bench::{
+        Spread, commit, known_popularity, launch_and_migrate, plural, reproduce, shaped_hosts, show,
+    },
     daemon::Daemon,
 };
 use serde_json::{Value, json};
@@ -108,21 +107,8 @@ fn oracle_file(scenario: &Scenario) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
-/// Runs `migrator ARGS --json` against `daemon` and parses what it prints.
-fn cli(daemon: &Daemon, args: &[&str]) -> Result<Value> {
-    let output = daemon.command().args(args).arg("--json").output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(&stdout).with_context(|| {
-        format!(
-            "migrator {} printed {stdout:?} ({})",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )
-    })
-}
-
-/// Launches, warms up and migrates one fresh partition in `order`; the report, with the
-/// guest's errors on the destination.
+/// Migrates one fresh partition of `scenario` in `order`; the report, with the guest's
+/// errors on the destination.
 fn one(
     a: &Daemon,
     b: &Daemon,
@@ -131,68 +117,13 @@ fn one(
     mode: &str,
     oracle: &str,
 ) -> Result<Value> {
-    let launched = cli(
-        a,
-        &[
-            "launch",
-            "--host",
-            &a.addr,
-            "--workload",
-            scenario.workload,
-            "--args",
-            scenario.args,
-            "--mem",
-            "512M",
-        ],
-    )?;
-    let id = launched["id"].as_str().context("launch id")?.to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cli(a, &["status", "--host", &a.addr, &id])?["ops"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        if Instant::now() > deadline {
-            bail!("{} never started", scenario.workload);
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    thread::sleep(Duration::from_secs(1));
     let limit = if mode == "hybrid" { "100ms" } else { "300ms" };
-    let mut args = vec![
-        "migrate",
-        "--from",
-        &a.addr,
-        "--to",
-        &b.addr,
-        &id,
-        "--mode",
-        mode,
-        "--downtime-limit",
-        limit,
-    ];
+    let mut options = vec!["--mode", mode, "--downtime-limit", limit];
     match order {
-        "oracle" => args.extend(["--strategy", "heat", "--heat-file", oracle]),
-        strategy => args.extend(["--strategy", strategy]),
+        "oracle" => options.extend(["--strategy", "heat", "--heat-file", oracle]),
+        strategy => options.extend(["--strategy", strategy]),
     }
-    let report = cli(a, &args);
-    let moved = report
-        .as_ref()
-        .ok()
-        .and_then(|r| r["id_on_destination"].as_str().map(str::to_string));
-    match &moved {
-        Some(there) => {
-            let status = cli(b, &["status", "--host", &b.addr, there]);
-            let _ = cli(b, &["stop", "--host", &b.addr, there]);
-            let mut report = report?;
-            report["guest_errors_after"] = status?["errors"].clone();
-            Ok(report)
-        }
-        None => {
-            let _ = cli(a, &["stop", "--host", &a.addr, &id]);
-            report
-        }
-    }
+    launch_and_migrate(a, b, (scenario.workload, scenario.args, "512M"), &options)
 }
 
 fn values(reports: &[Value], pointer: &str) -> Vec<f64> {
