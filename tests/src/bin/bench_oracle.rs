@@ -39,7 +39,7 @@ struct Scenario {
     args: &'static str,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "kv-zipf paced, in place",
         workload: "kv-zipf",
@@ -49,6 +49,16 @@ const SCENARIOS: [Scenario; 6] = [
         name: "kv-zipf paced, scattered",
         workload: "kv-zipf",
         args: "theta=0.99 write=0.2 rate=500000 scramble=1",
+    },
+    Scenario {
+        name: "kv-zipf flat out, in place",
+        workload: "kv-zipf",
+        args: "theta=0.99 write=0.2",
+    },
+    Scenario {
+        name: "kv-zipf flat out, scattered",
+        workload: "kv-zipf",
+        args: "theta=0.99 write=0.2 scramble=1",
     },
     Scenario {
         name: "hotspot, in place",
