@@ -5,18 +5,14 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use migrator::{
+    api::LaunchRequest,
+    api::MigrateRequest,
+    api::client::Connection,
+    api::client::context_with,
     certs,
-    daemon::{
-        LaunchRequest,
-        api::MigrateRequest,
-        client::{Connection, context_with},
-        server::Limits,
-    },
+    host::admission::Limits,
     migration::{Strategy, source::MigrationOptions},
-    supervisor::{
-        partition_process::{self, PartitionProcess},
-        process::ProcessConfig,
-    },
+    supervisor::process::ProcessConfig,
     tls::Security,
     vmm::GuestImage,
 };
@@ -26,6 +22,7 @@ use self::cli::{
     args::{Cli, Command, MigrationTarget, heat_sampling},
     calls::{dash, detached, heat, migrate, one, plan, read_heat_file, reconcile},
     jobs::Steer,
+    partition_process::{self, PartitionProcess},
     render,
     serve::run_daemon,
 };

@@ -6,11 +6,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use heatprobe_tests::{kvm_unavailable, skip};
 use migrator::{
-    daemon::{
-        ApiError, LaunchRequest,
-        api::MigratorApi,
-        server::{Daemon, Limits},
-    },
+    api::{ApiError, LaunchRequest, MigratorApi},
+    daemon::server::Daemon,
+    host::admission::Limits,
     migration::{Mode, control::PrepareRequest, protocol::PROTOCOL_VERSION},
     vmm::{GuestImage, PartitionConfig},
 };

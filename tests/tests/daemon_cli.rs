@@ -186,11 +186,13 @@ fn limits_refuse_clearly_past_them() {
 #[test]
 fn a_long_lived_daemon_remembers_a_bounded_number_of_stopped_partitions() {
     use migrator::{
-        daemon::{
+        api::{
             LaunchRequest,
             client::{Connection, context_with},
-            server::{self, KEEP_STOPPED},
+            listener::listen_and_serve,
         },
+        daemon::server,
+        host::KEEP_STOPPED,
         tls::Security,
         vmm::GuestImage,
     };
@@ -204,7 +206,7 @@ fn a_long_lived_daemon_remembers_a_bounded_number_of_stopped_partitions() {
     runtime.block_on(async {
         let listen = "127.0.0.1:0".parse().unwrap();
         let (addr, serving) =
-            server::listen_and_serve(server::Daemon::new(listen), Security::Plain, listen)
+            listen_and_serve(server::Daemon::new(listen), Security::Plain, listen)
                 .await
                 .unwrap();
         tokio::spawn(serving);

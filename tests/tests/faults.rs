@@ -29,7 +29,7 @@ use heatprobe_tests::{
     skip,
 };
 use migrator::{
-    daemon::client::{Connection, context_with},
+    api::client::{Connection, context_with},
     migration::{MigrationProgress, report::Phase},
     tls::Security,
 };

@@ -7,7 +7,7 @@ use std::{io::Write, net::TcpStream, time::Duration};
 
 use heatprobe_tests::{daemon::Daemon, kvm_unavailable, skip};
 use migrator::{
-    daemon::client::{Connection, context_with},
+    api::client::{Connection, context_with},
     migration::{
         Mode,
         control::{CommitRequest, PrepareReply, PrepareRequest},

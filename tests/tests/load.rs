@@ -33,9 +33,8 @@ use heatprobe_tests::{
     skip,
 };
 use migrator::{
-    daemon::{
-        LaunchRequest, PartitionInfo,
-        api::MigrateRequest,
+    api::{
+        LaunchRequest, MigrateRequest, PartitionInfo,
         client::{ClientError, Connection, context_with},
     },
     migration::{MigrationReport, Mode, Strategy, source::MigrationOptions},

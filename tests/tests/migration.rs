@@ -206,7 +206,7 @@ fn a_peer_with_an_incompatible_version_is_refused() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let (addr, serving) = runtime
-        .block_on(migrator::daemon::server::listen_and_serve(
+        .block_on(migrator::api::listener::listen_and_serve(
             migrator::daemon::server::Daemon::with_api_version(listen, 99),
             migrator::tls::Security::Plain,
             listen,
@@ -468,7 +468,7 @@ fn a_bad_compression_is_refused_with_one_clear_error() {
 #[test]
 fn a_finished_hybrid_session_answers_finish_again() {
     use migrator::{
-        daemon::client::{Connection, context_with},
+        api::client::{Connection, context_with},
         tls::Security,
     };
     if let Some(why) = kvm_unavailable() {

@@ -6,10 +6,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use heatprobe::units::parse_size;
 use migrator::{
-    daemon::{
-        heat_sampling::{HeatSampling, SamplingError, parse_fraction, parse_recheck_fraction},
-        server::Limits,
-    },
+    host::admission::Limits,
+    host::heat_sampling::HeatSampling,
+    host::heat_sampling::SamplingError,
+    host::heat_sampling::parse_fraction,
+    host::heat_sampling::parse_recheck_fraction,
     migration::{
         Mode, Strategy,
         compress::Compress,

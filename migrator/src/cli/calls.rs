@@ -4,12 +4,11 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use migrator::{
-    daemon::{
-        PartitionInfo,
-        api::MigrateRequest,
-        client::{Connection, context_with},
-        heat_report,
-    },
+    api::MigrateRequest,
+    api::PartitionInfo,
+    api::client::Connection,
+    api::client::context_with,
+    api::heat_report,
     migration::{Strategy, source::MigrationOptions},
     tls::Security,
 };
@@ -51,12 +50,12 @@ pub(crate) async fn detached(
 }
 
 pub(crate) type RpcResult =
-    Result<Result<PartitionInfo, migrator::daemon::ApiError>, tarpc::client::RpcError>;
+    Result<Result<PartitionInfo, migrator::api::ApiError>, tarpc::client::RpcError>;
 
 /// Runs one per-partition call and prints the partition it returns.
 pub(crate) async fn one<F, Fut>(target: Target, security: &Security, call: F) -> Result<()>
 where
-    F: FnOnce(migrator::daemon::MigratorApiClient, context::Context, String) -> Fut,
+    F: FnOnce(migrator::api::MigratorApiClient, context::Context, String) -> Fut,
     Fut: Future<Output = RpcResult>,
 {
     let connection = Connection::open(target.host.host, security).await?;
@@ -90,11 +89,11 @@ pub(crate) async fn reconcile(
         println!("{}", serde_json::to_string(&settled)?);
     } else {
         match settled {
-            migrator::daemon::api::Reconciled::MovedTo { id_on_destination } => println!(
+            migrator::api::Reconciled::MovedTo { id_on_destination } => println!(
                 "partition {id} runs on the destination as {}; the copy here is stopped",
                 id_on_destination.as_deref().unwrap_or("?")
             ),
-            migrator::daemon::api::Reconciled::ResumedHere => {
+            migrator::api::Reconciled::ResumedHere => {
                 println!("partition {id} runs here again; nothing of it runs on the destination")
             }
         }

@@ -6,10 +6,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Result, bail};
 use migrator::{
-    daemon::{
-        client::{Connection, context_with},
-        outgoing::MigrationInfo,
-    },
+    api::MigrationInfo,
+    api::client::Connection,
+    api::client::context_with,
     migration::{MigrationReport, MigrationStatus, job::LiveLimits},
     tls::Security,
 };

@@ -5,5 +5,6 @@
 pub mod args;
 pub mod calls;
 pub mod jobs;
+pub mod partition_process;
 pub mod render;
 pub mod serve;

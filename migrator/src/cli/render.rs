@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use migrator::{daemon::PartitionInfo, migration::MigrationReport};
+use migrator::{api::PartitionInfo, migration::MigrationReport};
 
 /// Prints a migration's report: one JSON object, or its summary.
 pub(crate) fn print_report(report: &MigrationReport, json: bool) -> anyhow::Result<()> {

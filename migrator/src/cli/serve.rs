@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use migrator::{
-    daemon::server::{Limits, serve},
+    api::listener::serve,
+    host::admission::Limits,
     supervisor::{Supervisor, process::ProcessConfig},
     tls::Security,
 };
@@ -18,10 +19,10 @@ pub(crate) async fn run_daemon(
     runtime_dir: Option<PathBuf>,
     on_exit: OnExit,
 ) -> Result<()> {
-    migrator::daemon::memory::keep_large_buffers_mapped();
+    migrator::host::memory::keep_large_buffers_mapped();
     // Bind first: with port 0 the runtime directory and the partitions' data listeners
     // follow the port actually bound.
-    let listener = migrator::daemon::listener::bind(process.listen, &security).await?;
+    let listener = migrator::api::listener::bind(process.listen, &security).await?;
     process.listen = listener.local_addr()?;
     let runtime_dir =
         runtime_dir.unwrap_or_else(|| Supervisor::default_runtime_dir(process.listen));

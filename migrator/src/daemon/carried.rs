@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::api::{ApiError, CARRIED_HEAT_FRESH};
+use crate::api::{ApiError, CARRIED_HEAT_FRESH};
 use crate::migration::{control::CarriedHeat, source::PlanHeat};
 
 /// The carried heat of each partition that has some, by partition id.

@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
-use super::{api::ApiError, blocking, error_chain, outgoing::MigrationInfo, server::Daemon};
+use super::{blocking, error_chain, server::Daemon};
+use crate::api::{ApiError, MigrationInfo};
 use crate::migration::{
     Mode,
     control::{

@@ -1,29 +1,17 @@
-//! The migrator daemon: hosts many partitions and serves the tarpc API.
+//! The migrator daemon: hosts many partitions and serves the tarpc API (`crate::api`).
 //!
-//! - `api`: the service and its types (versioned); `codec`: its wire format; `client`:
-//!   connecting to a daemon;
 //! - `server`: the daemon's state and a thin `MigratorApi` over the rest;
-//! - `registry`: partitions, incoming sessions and reservations, under one lock;
-//!   `admission`: the limits every launch and incoming migration is checked against;
+//! - `registry`: partitions, incoming sessions and reservations, under one lock, checked
+//!   against the host's admission limits (`crate::host::admission`);
 //! - `incoming`: the destination side of migrations; `outgoing`: the source side;
 //!   `peer`: the destination daemon as the source's engine sees it;
 //! - `profilers`: one shared heat profiler per partition, serving every client's window;
-//!   `heat_sampling`: how they sample (epoch, fraction re-armed); `heat_view`: heat condensed for dashboards; `heat_report`: what `page_heat` and `plan`
-//!   answer, and their text;
-//! - `listener`: the accept loop; `memory`: the daemon's own allocator settings.
+//! - `carried`: heat a migrated guest brings with it; `kept`, `reconcile`: what outlives a
+//!   migration on each side.
 
-pub mod admission;
-pub mod api;
 mod carried;
-pub mod client;
-pub mod codec;
-pub mod heat_report;
-pub mod heat_sampling;
-pub mod heat_view;
 mod incoming;
 mod kept;
-pub mod listener;
-pub mod memory;
 pub mod outgoing;
 pub mod peer;
 pub mod profilers;
@@ -31,7 +19,7 @@ mod reconcile;
 mod registry;
 pub mod server;
 
-pub use api::{ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo};
+use crate::api::ApiError;
 
 /// Runs `work` on tokio's blocking pool, where code that waits on the kernel (KVM, page
 /// copies, loading eBPF programs) belongs; a panic in it becomes an [`ApiError`] naming `what`.

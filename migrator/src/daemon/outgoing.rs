@@ -14,17 +14,11 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::{
-    api::{ApiError, MigrateRequest},
-    blocking, error_chain,
-    peer::RemoteDestination,
-    registry::info_of,
-    server::Daemon,
-};
+use super::{blocking, error_chain, peer::RemoteDestination, registry::info_of, server::Daemon};
+use crate::api::{ApiError, MigrateRequest, MigrationInfo};
 use crate::{
     migration::{
         MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
@@ -37,32 +31,6 @@ use crate::{
 
 /// How many finished migrations a daemon remembers for `migration_wait` and `migrations`.
 const KEEP_FINISHED: usize = 64;
-
-/// A migration as `migrator migrations` lists it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MigrationInfo {
-    /// `PARTITION.mN`: the partition it moves, and its number on this daemon.
-    pub id: String,
-    pub partition: String,
-    /// The other daemon (the source's view; a destination does not know its source's API
-    /// address).
-    pub peer: Option<String>,
-    /// `source` or `destination`.
-    pub side: String,
-    pub mode: Mode,
-    /// The source's strategy (a destination is not told).
-    pub strategy: Option<Strategy>,
-    /// The phase, by name: the source engine's (`precopy`, `handing-over`, ...) or the
-    /// destination session's (`Receiving`, `Parked`, ...).
-    pub phase: String,
-    /// Whether an operator's cancel can still undo it (only the source cancels).
-    pub cancellable: bool,
-    /// The source's progress.
-    pub progress: Option<MigrationProgress>,
-    pub started_unix_ms: Option<u64>,
-    /// How it ended, once it has.
-    pub status: Option<MigrationStatus>,
-}
 
 /// What a migration's task ends with: its report, or why it never started.
 type Outcome = Result<MigrationReport, ApiError>;

@@ -3,8 +3,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use super::{
-    api::{ApiError, MigratorApiClient},
+use crate::api::{
+    ApiError, MigratorApiClient,
     client::{Connection, context_with},
 };
 use crate::{

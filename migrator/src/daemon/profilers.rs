@@ -37,13 +37,14 @@ use heatprobe::{
 use thiserror::Error;
 use tracing::debug;
 
-use super::{
-    api::ApiError,
-    blocking, error_chain,
-    heat_report::{PartitionHeat, PlanPreview},
-    heat_sampling::HeatSampling,
-    heat_view::HeatView,
-    server::Daemon,
+use super::{blocking, error_chain, server::Daemon};
+use crate::{
+    api::{
+        ApiError,
+        heat_report::{PartitionHeat, PlanPreview},
+        heat_view::HeatView,
+    },
+    host::heat_sampling::HeatSampling,
 };
 use crate::{
     migration::{Strategy, source::PlanHeat},
@@ -662,7 +663,7 @@ mod tests {
     use heatprobe::PageHeat;
 
     use super::*;
-    use crate::daemon::heat_sampling::EPOCH;
+    use crate::host::heat_sampling::EPOCH;
 
     fn counts(pairs: &[(u64, u64, u64)]) -> BTreeMap<u64, PageCounts> {
         pairs

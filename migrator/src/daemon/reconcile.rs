@@ -20,11 +20,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use tracing::{info, warn};
 
-use super::{
-    api::{ApiError, Reconciled},
+use super::{registry::info_of, server::Daemon};
+use crate::api::{
+    ApiError, Reconciled,
     client::{Connection, context_with},
-    registry::info_of,
-    server::Daemon,
 };
 use crate::{
     migration::{MigrationStatus, Mode, Strategy, source::MigrationOptions},

@@ -2,23 +2,20 @@
 //! migration sessions, and the room reserved for launches and migrations still starting,
 //! all under one lock, so admission sees one consistent picture.
 
+use crate::host::KEEP_STOPPED;
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use super::{
-    admission::{AdmissionError, Limits, Usage},
+use crate::{
     api::{ApiError, PartitionInfo},
+    host::admission::{AdmissionError, Limits, Usage},
 };
 use crate::{
     migration::destination::{Session, SessionPhase},
     vmm::Partition,
 };
-
-/// How many stopped partitions a daemon remembers (for `status` and `list`), and how many
-/// committed sessions it remembers for a late abort.
-pub const KEEP_STOPPED: usize = 128;
 
 pub enum Entry {
     Live(Arc<Partition>),

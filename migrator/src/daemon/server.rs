@@ -17,28 +17,24 @@ use heatprobe::Probes;
 use tarpc::context::Context;
 use tracing::info;
 
-pub use super::{
-    admission::Limits,
-    listener::{ServeError, listen_and_serve, serve},
-    registry::KEEP_STOPPED,
-};
 use super::{
-    api::{
-        API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_IMAGE, MigrateRequest, MigratorApi,
-        PartitionInfo, Reconciled,
-    },
     blocking,
     carried::CarriedHeats,
     error_chain,
-    heat_report::{PartitionHeat, PlanPreview},
-    heat_sampling::HeatSampling,
-    heat_view::HeatView,
     kept::Kept,
-    outgoing::{MigrationInfo, Outgoing},
+    outgoing::Outgoing,
     profilers::Profilers,
     registry::{Registry, info_of},
 };
 use crate::{
+    api::{
+        API_VERSION, ApiError, DaemonInfo, LaunchRequest, MAX_IMAGE, MigrateRequest, MigrationInfo,
+        MigratorApi, PartitionInfo, Reconciled,
+        heat_report::{PartitionHeat, PlanPreview},
+        heat_view::HeatView,
+        listener::serves_api,
+    },
+    host::{admission::Limits, heat_sampling::HeatSampling, new_partition_id},
     migration::{
         MigrationProgress, MigrationReport, Strategy,
         control::{
@@ -242,19 +238,7 @@ impl Daemon {
     }
 }
 
-/// The `n`th partition id of this process: `p{n}-` and a salt of the process and the time,
-/// so that ids differ across daemons and their restarts.
-pub fn new_partition_id(n: u64) -> String {
-    let salt = xxhash_rust::xxh3::xxh3_64(
-        format!(
-            "{}-{n}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        )
-        .as_bytes(),
-    );
-    format!("p{n}-{:06x}", salt & 0xff_ffff)
-}
+serves_api!(Daemon);
 
 impl MigratorApi for Daemon {
     async fn hello(self, _: Context, min: u32, max: u32) -> Result<DaemonInfo, ApiError> {

@@ -6,7 +6,8 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    daemon::{PartitionInfo, heat_view::HeatView},
+    api::PartitionInfo,
+    api::heat_view::HeatView,
     migration::{MigrationProgress, MigrationReport, Mode, Strategy},
 };
 

@@ -11,7 +11,7 @@ use tarpc::context;
 use tokio::sync::mpsc as async_mpsc;
 
 use super::app::Snapshot;
-use crate::daemon::client::{Connection, context_with};
+use crate::api::client::{Connection, context_with};
 use crate::tls::Security;
 
 /// Heat cells asked of the daemon; the heatmap re-bins them to the panel's size.

@@ -19,11 +19,11 @@ use super::{
     ui,
 };
 use crate::{
-    daemon::{
-        ApiError,
-        api::MigrateRequest,
-        client::{ClientError, Connection, context_with},
-    },
+    api::ApiError,
+    api::MigrateRequest,
+    api::client::ClientError,
+    api::client::Connection,
+    api::client::context_with,
     migration::{MigrationReport, source::MigrationOptions},
 };
 

@@ -13,7 +13,7 @@ use ratatui::{
 
 use super::app::{App, ViewMode, mode_name, strategy_name};
 use crate::{
-    daemon::heat_view::HeatView,
+    api::heat_view::HeatView,
     migration::report::{Mode, Phase},
 };
 
@@ -94,7 +94,7 @@ fn render_header(frame: &mut Frame, area: Rect, app: &App) {
 }
 
 /// The colour and character of a display cell summarising `cells`.
-fn cell_look(view: &HeatView, cells: &[crate::daemon::heat_view::HeatCell]) -> (char, Color) {
+fn cell_look(view: &HeatView, cells: &[crate::api::heat_view::HeatCell]) -> (char, Color) {
     let touched = cells.iter().any(|c| c.touched > 0);
     if !touched {
         return (UNTOUCHED, Color::DarkGray);
@@ -425,10 +425,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        daemon::{
-            PartitionInfo,
-            heat_view::{HeatCell, HotRange},
-        },
+        api::PartitionInfo,
+        api::heat_view::HeatCell,
+        api::heat_view::HotRange,
         dash::{Snapshot, terminal::render_text},
         migration::{
             MigrationProgress, MigrationReport, MigrationStatus, Strategy,

@@ -1,4 +1,4 @@
-//! The migration protocol: control over tarpc (see `daemon::api`), pages over a dedicated data
+//! The migration protocol: control over tarpc (see `crate::api`), pages over a dedicated data
 //! connection in frames defined here.
 //!
 //! ```text

@@ -12,14 +12,21 @@ use super::{
     LIST_WAIT, Supervisor, annotate, jobs::Steering, process::VmmProcess, runtime_dir::Record,
 };
 use crate::{
-    daemon::{
-        ApiError, DaemonInfo, LaunchRequest, MigratorApiClient, PartitionInfo,
-        api::{API_VERSION, MAX_IMAGE, MigrateRequest, MigratorApi, Reconciled},
-        client::context_with,
-        heat_report::{PartitionHeat, PlanPreview},
-        heat_view::HeatView,
-        outgoing::MigrationInfo,
-    },
+    api::API_VERSION,
+    api::ApiError,
+    api::DaemonInfo,
+    api::LaunchRequest,
+    api::MAX_IMAGE,
+    api::MigrateRequest,
+    api::MigrationInfo,
+    api::MigratorApi,
+    api::MigratorApiClient,
+    api::PartitionInfo,
+    api::Reconciled,
+    api::client::context_with,
+    api::heat_report::PartitionHeat,
+    api::heat_report::PlanPreview,
+    api::heat_view::HeatView,
     migration::{
         MigrationProgress, MigrationReport, Strategy,
         control::{
@@ -216,6 +223,8 @@ fn record(name: Option<String>, image: String, mem_bytes: u64, vcpus: u32) -> Re
         vcpus,
     }
 }
+
+crate::api::listener::serves_api!(Supervisor);
 
 impl MigratorApi for Supervisor {
     async fn hello(self, _: Context, min: u32, max: u32) -> Result<DaemonInfo, ApiError> {

@@ -8,10 +8,9 @@ use std::{
 };
 
 use super::process::VmmProcess;
-use crate::daemon::{
-    ApiError, PartitionInfo,
-    admission::{AdmissionError, Limits, Usage},
-    server::KEEP_STOPPED,
+use crate::{
+    api::ApiError, api::PartitionInfo, host::KEEP_STOPPED, host::admission::AdmissionError,
+    host::admission::Limits, host::admission::Usage,
 };
 
 #[derive(Default)]

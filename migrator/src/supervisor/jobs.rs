@@ -17,10 +17,11 @@ use tarpc::context::Context;
 
 use super::{LIST_WAIT, Supervisor};
 use crate::{
-    daemon::{
-        ApiError, admission::AdmissionError, api::MigrateRequest, client::context_with,
-        outgoing::MigrationInfo,
-    },
+    api::ApiError,
+    api::MigrateRequest,
+    api::MigrationInfo,
+    api::client::context_with,
+    host::admission::AdmissionError,
     migration::{MigrationReport, job::LiveLimits},
 };
 

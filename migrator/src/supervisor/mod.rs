@@ -1,7 +1,7 @@
 //! The supervisor: `migrator serve` as a manager of partition processes.
 //!
-//! Each partition runs in a process of its own (`migrator vmm`, see [`partition_process`]),
-//! which owns its KVM VM, vCPU threads, guest memory, dirty log, userfaultfd, heat profiler
+//! Each partition runs in a process of its own (`migrator vmm`, the binary's
+//! `cli::partition_process`), which owns its KVM VM, vCPU threads, guest memory, dirty log, userfaultfd, heat profiler
 //! and migration engine, and serves the daemon's API for that one partition on a Unix socket
 //! in the runtime directory. The supervisor admits launches and incoming migrations against
 //! its limits, starts a process for each, forwards every call about a partition or session
@@ -13,12 +13,10 @@
 //! - `process`: one partition process, started or adopted, and its death;
 //! - `inventory`: the processes, the partitions that ended, and admission;
 //! - `forward`: the API, forwarded; `jobs`: outgoing migrations, counted and waited for;
-//! - `partition_process`: the other end, `migrator vmm`, and its confinement.
 
 mod forward;
 mod inventory;
 mod jobs;
-pub mod partition_process;
 pub mod process;
 pub mod runtime_dir;
 
@@ -41,7 +39,7 @@ use self::{
     runtime_dir::{Record, RuntimeDir},
 };
 use crate::{
-    daemon::{ApiError, PartitionInfo, admission::Limits, client::context_with},
+    api::ApiError, api::PartitionInfo, api::client::context_with, host::admission::Limits,
     vmm::PartitionState,
 };
 
@@ -311,7 +309,7 @@ impl Supervisor {
     }
 
     fn new_id(&self) -> String {
-        crate::daemon::server::new_partition_id(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+        crate::host::new_partition_id(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     /// A session id no other supervisor on this host (nor a predecessor) is likely to have

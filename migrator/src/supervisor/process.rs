@@ -17,9 +17,9 @@ use super::{
     SupervisorError,
     runtime_dir::{Record, RuntimeDir, start_time},
 };
-use crate::daemon::{
-    ApiError, MigratorApiClient, PartitionInfo, api::API_VERSION, codec::transport,
-    heat_sampling::HeatSampling,
+use crate::{
+    api::API_VERSION, api::ApiError, api::MigratorApiClient, api::PartitionInfo,
+    api::codec::transport, host::heat_sampling::HeatSampling,
 };
 
 /// How long a started process may take to listen on its socket.
@@ -295,7 +295,7 @@ pub async fn connect(dir: &RuntimeDir, id: &str) -> Result<MigratorApiClient, Su
     let client = open(dir, id).await?;
     client
         .hello(
-            crate::daemon::client::context_with(Duration::from_secs(5)),
+            crate::api::client::context_with(Duration::from_secs(5)),
             API_VERSION,
             API_VERSION,
         )

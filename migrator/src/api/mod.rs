@@ -9,6 +9,12 @@
 //!    │◀──── PartitionInfo | ApiError│
 //! ```
 
+pub mod client;
+pub mod codec;
+pub mod heat_report;
+pub mod heat_view;
+pub mod listener;
+
 use std::time::Duration;
 
 use migrator_guest::abi::ABI_VERSION;
@@ -16,13 +22,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    daemon::{
+    api::{
         heat_report::{PartitionHeat, PlanPreview},
         heat_view::HeatView,
-        outgoing::MigrationInfo,
     },
     migration::{
-        MigrationProgress, MigrationReport, Strategy,
+        MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
         control::{
             CarriedHeat, CommitReply, CommitRequest, FinishReply, HandoverReply, PrepareReply,
             PrepareRequest, Recovery,
@@ -36,7 +41,7 @@ use crate::{
 
 /// The API version this build speaks. Bumped whenever a request or reply changes shape:
 /// 2 carries the vCPU state of `migration_commit` as a saved state (`vmm::state`); 3 speaks
-/// postcard (`daemon::codec`) instead of bincode; 4 adds the destination's timings to the
+/// postcard (`api::codec`) instead of bincode; 4 adds the destination's timings to the
 /// commit's reply and the downtime's breakdown to the migration report; 5 adds the fault
 /// window (`migration_faults`, the prepare's window, blocktime in the finish's reply and the
 /// report's post-cutover figures), `page_heat` and `plan`; 6 adds the report's discarded
@@ -174,8 +179,8 @@ pub enum ApiError {
     Steer { migration: String, why: String },
 }
 
-impl From<super::admission::AdmissionError> for ApiError {
-    fn from(error: super::admission::AdmissionError) -> Self {
+impl From<crate::host::admission::AdmissionError> for ApiError {
+    fn from(error: crate::host::admission::AdmissionError) -> Self {
         Self::Limit(error.to_string())
     }
 }
@@ -297,4 +302,30 @@ pub enum Reconciled {
     MovedTo { id_on_destination: Option<String> },
     /// The destination runs nothing of it: the partition runs here again.
     ResumedHere,
+}
+
+/// A migration as `migrator migrations` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// `PARTITION.mN`: the partition it moves, and its number on this daemon.
+    pub id: String,
+    pub partition: String,
+    /// The other daemon (the source's view; a destination does not know its source's API
+    /// address).
+    pub peer: Option<String>,
+    /// `source` or `destination`.
+    pub side: String,
+    pub mode: Mode,
+    /// The source's strategy (a destination is not told).
+    pub strategy: Option<Strategy>,
+    /// The phase, by name: the source engine's (`precopy`, `handing-over`, ...) or the
+    /// destination session's (`Receiving`, `Parked`, ...).
+    pub phase: String,
+    /// Whether an operator's cancel can still undo it (only the source cancels).
+    pub cancellable: bool,
+    /// The source's progress.
+    pub progress: Option<MigrationProgress>,
+    pub started_unix_ms: Option<u64>,
+    /// How it ended, once it has.
+    pub status: Option<MigrationStatus>,
 }

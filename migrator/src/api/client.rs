@@ -7,7 +7,7 @@ use tarpc::{ClientMessage, Response, client, context, serde_transport::Transport
 use thiserror::Error;
 
 use super::{
-    api::{API_VERSION, ApiError, DaemonInfo, MigratorApiClient},
+    API_VERSION, ApiError, DaemonInfo, MigratorApiClient,
     codec::{Postcard, transport},
 };
 use crate::tls::{Security, Stream, TlsError};
@@ -50,12 +50,9 @@ pub fn context_with(timeout: Duration) -> context::Context {
 
 type ClientTransport = Transport<
     Stream,
-    Response<super::api::MigratorApiResponse>,
-    ClientMessage<super::api::MigratorApiRequest>,
-    Postcard<
-        Response<super::api::MigratorApiResponse>,
-        ClientMessage<super::api::MigratorApiRequest>,
-    >,
+    Response<super::MigratorApiResponse>,
+    ClientMessage<super::MigratorApiRequest>,
+    Postcard<Response<super::MigratorApiResponse>, ClientMessage<super::MigratorApiRequest>>,
 >;
 
 impl Connection {

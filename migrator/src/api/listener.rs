@@ -8,13 +8,12 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
-use tarpc::server::{self, Channel};
 use thiserror::Error;
 use tracing::warn;
 
-use super::{api::MigratorApi, codec::transport, error_chain};
 use crate::tls::{Security, Stream};
+use futures::StreamExt;
+use heatprobe::probes::error_chain;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -141,11 +140,19 @@ pub trait ServesApi: Clone + Send + Sync + 'static {
     fn serve_connection(self, stream: Stream) -> impl Future<Output = ()> + Send + 'static;
 }
 
+/// Implements [`ServesApi`] for a type that implements [`MigratorApi`](super::MigratorApi):
+/// each server of the API (the daemon, the supervisor) invokes it for itself.
 macro_rules! serves_api {
     ($api:ty) => {
-        impl ServesApi for $api {
-            fn serve_connection(self, stream: Stream) -> impl Future<Output = ()> + Send + 'static {
-                server::BaseChannel::with_defaults(transport(stream))
+        impl $crate::api::listener::ServesApi for $api {
+            fn serve_connection(
+                self,
+                stream: $crate::tls::Stream,
+            ) -> impl ::std::future::Future<Output = ()> + Send + 'static {
+                use ::futures::StreamExt as _;
+                use ::tarpc::server::Channel as _;
+                use $crate::api::MigratorApi as _;
+                ::tarpc::server::BaseChannel::with_defaults($crate::api::codec::transport(stream))
                     .execute(self.serve())
                     .for_each_concurrent(None, |response| async move {
                         tokio::spawn(response);
@@ -154,6 +161,4 @@ macro_rules! serves_api {
         }
     };
 }
-
-serves_api!(super::server::Daemon);
-serves_api!(crate::supervisor::Supervisor);
+pub(crate) use serves_api;

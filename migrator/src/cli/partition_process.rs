@@ -12,14 +12,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use thiserror::Error;
 use tracing::info;
 
-use super::runtime_dir::RuntimeDir;
-use crate::{
-    daemon::{
-        heat_sampling::HeatSampling,
-        listener::{ServeError, serve_local},
-        server::{Daemon, Identity},
-    },
-    tls::Security,
+use migrator::{
+    api::listener::ServeError, api::listener::serve_local, daemon::server::Daemon,
+    daemon::server::Identity, host::heat_sampling::HeatSampling,
+    supervisor::runtime_dir::RuntimeDir, tls::Security,
 };
 
 /// What a partition process is started with.
@@ -43,7 +39,7 @@ pub enum PartitionProcessError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    RuntimeDir(#[from] super::SupervisorError),
+    RuntimeDir(#[from] migrator::supervisor::SupervisorError),
     #[error("serving the partition's API")]
     Serve(#[from] ServeError),
     #[error("installing the SIGTERM handler")]
@@ -53,7 +49,7 @@ pub enum PartitionProcessError {
 /// Runs the partition process until SIGTERM.
 pub async fn run(process: PartitionProcess) -> Result<(), PartitionProcessError> {
     confine()?;
-    crate::daemon::memory::keep_large_buffers_mapped();
+    migrator::host::memory::keep_large_buffers_mapped();
     let dir = RuntimeDir::open(&process.runtime_dir)?;
     let daemon = Daemon::new(process.listen)
         .with_identity(Identity {

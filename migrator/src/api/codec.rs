@@ -15,7 +15,7 @@ use tarpc::{
 };
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use super::api::MAX_FRAME;
+use super::MAX_FRAME;
 use crate::tls::Stream;
 
 /// tokio-serde's codec for postcard (tokio-serde itself ships bincode, JSON, CBOR and
@@ -84,9 +84,7 @@ mod tests {
     use tarpc::{ClientMessage, Request, Response, context, trace};
 
     use super::*;
-    use crate::daemon::api::{
-        API_VERSION, ApiError, DaemonInfo, MigratorApiRequest, MigratorApiResponse,
-    };
+    use crate::api::{API_VERSION, ApiError, DaemonInfo, MigratorApiRequest, MigratorApiResponse};
 
     fn encode<T: serde::Serialize>(item: &T) -> Vec<u8> {
         let mut codec = Postcard::<(), T>::default();
@@ -244,7 +242,7 @@ mod tests {
     /// renumber the ones after it and fail here.
     #[test]
     fn calls_keep_their_numbers() {
-        use crate::daemon::api::{LaunchRequest, MigrateRequest};
+        use crate::api::{LaunchRequest, MigrateRequest};
         let id = || "p0".to_string();
         let calls = [
             (0, MigratorApiRequest::Hello { min: 1, max: 1 }),
