@@ -105,6 +105,16 @@ impl SessionPhase {
         )
     }
 
+    /// Whether a call that ends in `event` may wait in this phase for the event to fit, or
+    /// why it is refused at once: `finish` waits through the push for the last page; any
+    /// other event must fit now.
+    pub fn may_await(self, event: SessionEvent, mode: Mode) -> Result<(), PhaseError> {
+        match (self, event) {
+            (Self::Postcopy { .. }, SessionEvent::Finish) => Ok(()),
+            _ => self.next(event, mode).map(|_| ()),
+        }
+    }
+
     /// The phase `event` leads to, or why it is refused.
     pub fn next(self, event: SessionEvent, mode: Mode) -> Result<Self, PhaseError> {
         use SessionEvent as E;
@@ -182,6 +192,38 @@ mod tests {
         events
             .iter()
             .try_fold(P::Connecting, |phase, &event| phase.next(event, mode))
+    }
+
+    #[test]
+    fn finish_waits_through_the_push_and_nowhere_else() {
+        let hybrid = Mode::Hybrid;
+        assert_eq!(
+            P::Postcopy { pushed: false }.may_await(E::Finish, hybrid),
+            Ok(())
+        );
+        assert_eq!(
+            P::Postcopy { pushed: true }.may_await(E::Finish, hybrid),
+            Ok(())
+        );
+        for phase in [
+            P::Receiving,
+            P::Parked,
+            P::PostcopyPaused,
+            P::Finished,
+            P::Aborted,
+        ] {
+            assert_eq!(
+                phase.may_await(E::Finish, hybrid),
+                Err(PhaseError::Unexpected {
+                    phase,
+                    event: E::Finish
+                }),
+                "{phase:?}"
+            );
+        }
+        // Any other event must fit now.
+        assert_eq!(P::Received.may_await(E::Commit, hybrid), Ok(()));
+        assert!(P::Parked.may_await(E::Commit, hybrid).is_err());
     }
 
     #[test]
