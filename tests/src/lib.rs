@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod guest_images;
+pub mod host_memory;
 pub mod netns;
 pub mod svg;
 pub mod testvm;
