@@ -19,7 +19,7 @@ use migrator::{
 use tarpc::context;
 
 use self::cli::{
-    args::{Cli, Command, MigrationTarget, heat_sampling},
+    args::{Cli, Command, MigrationTarget},
     calls::{dash, detached, heat, migrate, one, plan, read_heat_file, reconcile},
     jobs::Steer,
     partition_process::{self, PartitionProcess},
@@ -76,10 +76,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             max_memory,
             max_migrations,
             peer_timeout,
-            heat_epoch,
-            heat_sample_fraction,
-            heat_recheck_fraction,
-            heat_pool,
+            heat,
             runtime_dir,
             on_exit,
         } => {
@@ -91,12 +88,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             let process = ProcessConfig {
                 listen,
                 peer_timeout,
-                sampling: heat_sampling(
-                    heat_epoch,
-                    heat_sample_fraction,
-                    heat_recheck_fraction,
-                    heat_pool,
-                )?,
+                sampling: heat.sampling()?,
                 tls,
             };
             run_daemon(process, limits, security, runtime_dir, on_exit).await
@@ -107,22 +99,14 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             session,
             listen,
             peer_timeout,
-            heat_epoch,
-            heat_sample_fraction,
-            heat_recheck_fraction,
-            heat_pool,
+            heat,
         } => Ok(partition_process::run(PartitionProcess {
             runtime_dir,
             id,
             session,
             listen,
             peer_timeout,
-            sampling: heat_sampling(
-                heat_epoch,
-                heat_sample_fraction,
-                heat_recheck_fraction,
-                heat_pool,
-            )?,
+            sampling: heat.sampling()?,
             security,
         })
         .await?),
@@ -219,41 +203,14 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             from,
             to,
             id,
-            strategy,
-            mode,
-            downtime_limit,
-            max_rounds,
-            bandwidth_limit,
-            profile_window,
-            no_defer,
-            converge,
-            timeout,
-            timeout_strategy,
-            fault_window,
-            connections,
-            compress,
-            recover_window,
+            options,
             resume,
             json,
             detach,
             heat_file,
         } => {
-            let options = MigrationOptions {
-                strategy,
-                mode,
-                downtime_limit,
-                max_rounds,
-                bandwidth_limit,
-                profile_window,
-                defer_hot_writes: !no_defer,
-                converge,
-                timeout,
-                timeout_strategy,
-                fault_window,
-                connections,
-                compress,
-                recover_window,
-            };
+            let strategy = options.strategy;
+            let options = MigrationOptions::from(options);
             // Refused here with the flags' names, before anything is asked of a daemon.
             if !resume {
                 options.validate()?;

@@ -15,6 +15,7 @@ use migrator::{
         Mode, Strategy,
         compress::Compress,
         convergence::{Converge, TimeoutStrategy},
+        source::MigrationOptions,
     },
 };
 
@@ -81,27 +82,8 @@ pub(crate) enum Command {
         /// connection fails, calls to the peer time out, and the migration rolls back.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         peer_timeout: Duration,
-        /// The heat profilers' epoch (10ms to 1s): how often the counts are read and a slice of
-        /// frames re-armed, while someone watches; also the least `heat`/`plan` window.
-        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-        heat_epoch: Duration,
-        /// The fraction of guest frames re-armed each heat epoch, as 0.125 or 1/8: every frame
-        /// is re-armed once per epoch / fraction.
-        #[arg(long, default_value = "1/8", value_parser = parse_fraction)]
-        heat_sample_fraction: f64,
-        /// At most this fraction of the guest frames, among those found touched in a heat
-        /// epoch, re-armed again for the next, hottest first (0 to 1, as 1/32): a frame in
-        /// constant use is then told from one touched once by chance, at the cost of a fault
-        /// and a re-arm each. Off by default: see docs/BENCHMARKS.md for what it costs.
-        #[arg(long, default_value = "0", value_parser = parse_recheck_fraction)]
-        heat_recheck_fraction: f64,
-        /// Pool each `migrator heat` and `plan` window's heat over neighbouring frames where a
-        /// permutation test finds neighbours alike (as DAMON's regions pool a region's frames):
-        /// a contiguous hot set is then found in seconds, but a scattered one next to regions
-        /// that differ as wholes is lost. Windows that continue from heat a migration carried
-        /// are left as they are. Off by default: see docs/BENCHMARKS.md.
-        #[arg(long)]
-        heat_pool: bool,
+        #[command(flatten)]
+        heat: HeatSamplingArgs,
         /// Where the partition processes' sockets, records and logs are kept (default:
         /// /run/migrator/IP-PORT as root, else $XDG_RUNTIME_DIR/migrator/IP-PORT). A daemon
         /// started on a directory adopts the partitions its predecessor left running there.
@@ -125,14 +107,8 @@ pub(crate) enum Command {
         listen: SocketAddr,
         #[arg(long, value_parser = humantime::parse_duration)]
         peer_timeout: Duration,
-        #[arg(long, value_parser = humantime::parse_duration)]
-        heat_epoch: Duration,
-        #[arg(long, value_parser = parse_fraction)]
-        heat_sample_fraction: f64,
-        #[arg(long, value_parser = parse_recheck_fraction)]
-        heat_recheck_fraction: f64,
-        #[arg(long)]
-        heat_pool: bool,
+        #[command(flatten)]
+        heat: HeatSamplingArgs,
     },
     /// Create and start a partition.
     Launch {
@@ -242,52 +218,8 @@ pub(crate) enum Command {
         resume: bool,
         /// The partition's id on the source.
         id: String,
-        #[arg(long, value_enum, default_value = "heat")]
-        strategy: Strategy,
-        #[arg(long, value_enum, default_value = "precopy")]
-        mode: Mode,
-        /// Stop iterating once the predicted downtime fits this.
-        #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
-        downtime_limit: Duration,
-        #[arg(long, default_value_t = 30)]
-        max_rounds: u32,
-        /// Pace the sender, e.g. 1gbit, 100mbit, 50M (bytes per second).
-        #[arg(long, value_parser = parse_bandwidth)]
-        bandwidth_limit: Option<u64>,
-        /// How long to profile page heat before round 0 (heat strategy).
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        profile_window: Duration,
-        /// Send hot written pages in every round instead of holding them back until the last.
-        #[arg(long)]
-        no_defer: bool,
-        /// What to do when rounds stop shrinking [default: throttle for precopy, postcopy for
-        /// hybrid].
-        #[arg(long, value_enum)]
-        converge: Option<Converge>,
-        /// Bound the time before cutover, e.g. 60s; what happens then is --timeout-strategy.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
-        /// On timeout (or, when throttling, at the round limit): cancel and keep the partition
-        /// running here, or force the cutover whatever the downtime.
-        #[arg(long, value_enum, default_value = "cancel")]
-        timeout_strategy: TimeoutStrategy,
-        /// How long after the resume to count the guest's faults on the destination (0s: do
-        /// not count); the command returns once it is over.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        fault_window: Duration,
-        /// Data connections to stripe the pages across (1 to 16), each with a sender and a
-        /// receiver thread of its own.
-        #[arg(long, default_value_t = 1)]
-        connections: u32,
-        /// Compress the pages, frame by frame, where that saves an eighth of a frame:
-        /// none, lz4, zstd or zstd:LEVEL (-7 to 22; zstd alone is level 1), or auto (lz4
-        /// where compressing is measured to be faster than sending as it is).
-        #[arg(long, default_value = "none")]
-        compress: Compress,
-        /// Hybrid: how long to try, with backoff, to recover a post-copy whose connection
-        /// broke before keeping the partition `postcopy-paused` (0s: fail at once).
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-        recover_window: Duration,
+        #[command(flatten)]
+        options: MigrateArgs,
         /// Print one JSON object when done instead of a progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -371,15 +303,111 @@ pub(crate) fn parse_bandwidth(text: &str) -> Result<u64> {
     }
 }
 
-/// The heat sampling the `--heat-*` options give: `serve` takes them, and passes them on to
-/// each partition's `vmm`.
-pub(crate) fn heat_sampling(
-    epoch: Duration,
-    fraction: f64,
-    recheck_fraction: f64,
-    pool: bool,
-) -> Result<HeatSampling, SamplingError> {
-    Ok(HeatSampling::new(epoch, fraction)?
-        .with_recheck(recheck_fraction)?
-        .with_pool(pool))
+/// How the heat profilers sample (`serve`'s options, passed on to each partition's `vmm`).
+#[derive(Args, Clone, Debug)]
+pub(crate) struct HeatSamplingArgs {
+    /// The heat profilers' epoch (10ms to 1s): how often the counts are read and a slice of
+    /// frames re-armed, while someone watches; also the least `heat`/`plan` window.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub heat_epoch: Duration,
+    /// The fraction of guest frames re-armed each heat epoch, as 0.125 or 1/8: every frame
+    /// is re-armed once per epoch / fraction.
+    #[arg(long, default_value = "1/8", value_parser = parse_fraction)]
+    pub heat_sample_fraction: f64,
+    /// At most this fraction of the guest frames, among those found touched in a heat
+    /// epoch, re-armed again for the next, hottest first (0 to 1, as 1/32): a frame in
+    /// constant use is then told from one touched once by chance, at the cost of a fault
+    /// and a re-arm each. Off by default: see docs/BENCHMARKS.md for what it costs.
+    #[arg(long, default_value = "0", value_parser = parse_recheck_fraction)]
+    pub heat_recheck_fraction: f64,
+    /// Pool each `migrator heat` and `plan` window's heat over neighbouring frames where a
+    /// permutation test finds neighbours alike (as DAMON's regions pool a region's frames):
+    /// a contiguous hot set is then found in seconds, but a scattered one next to regions
+    /// that differ as wholes is lost. Windows that continue from heat a migration carried
+    /// are left as they are. Off by default: see docs/BENCHMARKS.md.
+    #[arg(long)]
+    pub heat_pool: bool,
+}
+
+impl HeatSamplingArgs {
+    /// The sampling these options give, checked.
+    pub(crate) fn sampling(&self) -> Result<HeatSampling, SamplingError> {
+        Ok(
+            HeatSampling::new(self.heat_epoch, self.heat_sample_fraction)?
+                .with_recheck(self.heat_recheck_fraction)?
+                .with_pool(self.heat_pool),
+        )
+    }
+}
+
+/// What a migration is asked to do: `migrate`'s options, as the engine takes them.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct MigrateArgs {
+    #[arg(long, value_enum, default_value = "heat")]
+    pub strategy: Strategy,
+    #[arg(long, value_enum, default_value = "precopy")]
+    pub mode: Mode,
+    /// Stop iterating once the predicted downtime fits this.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub downtime_limit: Duration,
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Pace the sender, e.g. 1gbit, 100mbit, 50M (bytes per second).
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub bandwidth_limit: Option<u64>,
+    /// How long to profile page heat before round 0 (heat strategy).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub profile_window: Duration,
+    /// Send hot written pages in every round instead of holding them back until the last.
+    #[arg(long)]
+    pub no_defer: bool,
+    /// What to do when rounds stop shrinking [default: throttle for precopy, postcopy for
+    /// hybrid].
+    #[arg(long, value_enum)]
+    pub converge: Option<Converge>,
+    /// Bound the time before cutover, e.g. 60s; what happens then is --timeout-strategy.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// On timeout (or, when throttling, at the round limit): cancel and keep the partition
+    /// running here, or force the cutover whatever the downtime.
+    #[arg(long, value_enum, default_value = "cancel")]
+    pub timeout_strategy: TimeoutStrategy,
+    /// How long after the resume to count the guest's faults on the destination (0s: do
+    /// not count); the command returns once it is over.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub fault_window: Duration,
+    /// Data connections to stripe the pages across (1 to 16), each with a sender and a
+    /// receiver thread of its own.
+    #[arg(long, default_value_t = 1)]
+    pub connections: u32,
+    /// Compress the pages, frame by frame, where that saves an eighth of a frame:
+    /// none, lz4, zstd or zstd:LEVEL (-7 to 22; zstd alone is level 1), or auto (lz4
+    /// where compressing is measured to be faster than sending as it is).
+    #[arg(long, default_value = "none")]
+    pub compress: Compress,
+    /// Hybrid: how long to try, with backoff, to recover a post-copy whose connection
+    /// broke before keeping the partition `postcopy-paused` (0s: fail at once).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub recover_window: Duration,
+}
+
+impl From<MigrateArgs> for MigrationOptions {
+    fn from(args: MigrateArgs) -> Self {
+        Self {
+            strategy: args.strategy,
+            mode: args.mode,
+            downtime_limit: args.downtime_limit,
+            max_rounds: args.max_rounds,
+            bandwidth_limit: args.bandwidth_limit,
+            profile_window: args.profile_window,
+            defer_hot_writes: !args.no_defer,
+            converge: args.converge,
+            timeout: args.timeout,
+            timeout_strategy: args.timeout_strategy,
+            fault_window: args.fault_window,
+            connections: args.connections,
+            compress: args.compress,
+            recover_window: args.recover_window,
+        }
+    }
 }
