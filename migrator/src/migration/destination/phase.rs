@@ -194,6 +194,144 @@ mod tests {
             .try_fold(P::Connecting, |phase, &event| phase.next(event, mode))
     }
 
+    const EVERY_PHASE: [SessionPhase; 13] = [
+        P::Connecting,
+        P::Receiving,
+        P::Received,
+        P::Restoring { received: false },
+        P::Restoring { received: true },
+        P::Parked,
+        P::Restored,
+        P::Postcopy { pushed: false },
+        P::Postcopy { pushed: true },
+        P::PostcopyPaused,
+        P::Finished,
+        P::Failed,
+        P::Aborted,
+    ];
+    const EVERY_EVENT: [SessionEvent; 10] = [
+        E::Connected,
+        E::PagesDone,
+        E::Commit,
+        E::Restored,
+        E::Handover,
+        E::Finish,
+        E::Failure,
+        E::Abort,
+        E::Discard,
+        E::Recover,
+    ];
+
+    /// Every transition the machine makes, in either mode unless one is named: written out
+    /// as a table, independently of `next`, so that an edge added or lost fails here.
+    fn expected(phase: SessionPhase, event: SessionEvent, mode: Mode) -> Option<SessionPhase> {
+        let handed_over = match mode {
+            Mode::Precopy => P::Restored,
+            Mode::Hybrid => P::Postcopy { pushed: false },
+        };
+        let edges: &[(SessionPhase, SessionEvent, SessionPhase)] = &[
+            (P::Connecting, E::Connected, P::Receiving),
+            (
+                P::PostcopyPaused,
+                E::Connected,
+                P::Postcopy { pushed: false },
+            ),
+            (
+                P::Restoring { received: false },
+                E::Connected,
+                P::Restoring { received: false },
+            ),
+            (P::Postcopy { pushed: false }, E::Recover, P::PostcopyPaused),
+            (P::Postcopy { pushed: true }, E::Recover, P::PostcopyPaused),
+            (P::PostcopyPaused, E::Recover, P::PostcopyPaused),
+            (P::Receiving, E::PagesDone, P::Received),
+            (
+                P::Restoring { received: false },
+                E::PagesDone,
+                P::Restoring { received: true },
+            ),
+            (
+                P::Postcopy { pushed: false },
+                E::PagesDone,
+                P::Postcopy { pushed: true },
+            ),
+            (P::Connecting, E::Commit, P::Restoring { received: false }),
+            (P::Receiving, E::Commit, P::Restoring { received: false }),
+            (P::Received, E::Commit, P::Restoring { received: true }),
+            (P::Restoring { received: true }, E::Restored, P::Parked),
+            (P::Parked, E::Handover, handed_over),
+            (P::Restored, E::Handover, P::Restored),
+            (
+                P::Postcopy { pushed: false },
+                E::Handover,
+                P::Postcopy { pushed: false },
+            ),
+            (
+                P::Postcopy { pushed: true },
+                E::Handover,
+                P::Postcopy { pushed: true },
+            ),
+            (P::PostcopyPaused, E::Handover, P::PostcopyPaused),
+            (P::Finished, E::Handover, P::Finished),
+            (P::Postcopy { pushed: true }, E::Finish, P::Finished),
+            (P::Connecting, E::Failure, P::Failed),
+            (P::Receiving, E::Failure, P::Failed),
+            (P::Received, E::Failure, P::Failed),
+            (P::Restoring { received: false }, E::Failure, P::Failed),
+            (P::Restoring { received: true }, E::Failure, P::Failed),
+            (P::Parked, E::Failure, P::Failed),
+            (P::Postcopy { pushed: false }, E::Failure, P::PostcopyPaused),
+            (P::Postcopy { pushed: true }, E::Failure, P::PostcopyPaused),
+            (P::Restored, E::Failure, P::Restored),
+            (P::PostcopyPaused, E::Failure, P::PostcopyPaused),
+            (P::Finished, E::Failure, P::Finished),
+            (P::Failed, E::Failure, P::Failed),
+            (P::Aborted, E::Failure, P::Aborted),
+            (P::Restored, E::Discard, P::Aborted),
+            (P::Postcopy { pushed: false }, E::Discard, P::Aborted),
+            (P::Postcopy { pushed: true }, E::Discard, P::Aborted),
+            (P::PostcopyPaused, E::Discard, P::Aborted),
+        ];
+        // Abort and discard end every session whose guest never ran here.
+        let before_the_guest = [
+            P::Connecting,
+            P::Receiving,
+            P::Received,
+            P::Restoring { received: false },
+            P::Restoring { received: true },
+            P::Parked,
+            P::Failed,
+            P::Aborted,
+        ];
+        if matches!(event, E::Abort | E::Discard) && before_the_guest.contains(&phase) {
+            return Some(P::Aborted);
+        }
+        edges
+            .iter()
+            .find(|(from, on, _)| *from == phase && *on == event)
+            .map(|(_, _, to)| *to)
+    }
+
+    #[test]
+    fn every_transition_is_the_one_in_the_table_and_nothing_else_is_taken() {
+        let mut taken = 0;
+        for mode in [Mode::Precopy, Mode::Hybrid] {
+            for phase in EVERY_PHASE {
+                for event in EVERY_EVENT {
+                    let got = phase.next(event, mode);
+                    assert_eq!(
+                        got.ok(),
+                        expected(phase, event, mode),
+                        "{phase:?} on {event:?} in {mode:?}: {got:?}"
+                    );
+                    taken += usize::from(got.is_ok());
+                }
+            }
+        }
+        // 37 edges and 8 phases that abort and discard end, in each mode.
+        assert_eq!(taken, 2 * (37 + 16));
+    }
+
     #[test]
     fn finish_waits_through_the_push_and_nowhere_else() {
         let hybrid = Mode::Hybrid;
