@@ -12,6 +12,7 @@
 //! [`heat`] and [`plan`] are pure and need no privileges; [`probes`] and [`profiler`] need
 //! root (or CAP_BPF with CAP_PERFMON) to load the eBPF programs.
 
+pub mod budget;
 pub mod console;
 pub mod heat;
 pub mod plan;

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
+    budget::{Budget, Spend, Spent},
     heat::{HeatConfig, HeatError, HeatMap},
     probes::{PageCounts, ProbeError, Probes, TargetId, counts_since},
 };
@@ -135,6 +136,10 @@ pub struct ProfilerConfig {
     /// [0, 1]; 0 checks each frame only when the slice comes round.
     #[serde(default)]
     pub recheck_fraction: f64,
+    /// The most re-arming may cost the target ([`crate::budget`]); `None`: no cap beyond
+    /// `sample_fraction`.
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 impl Default for ProfilerConfig {
@@ -144,6 +149,7 @@ impl Default for ProfilerConfig {
             heat: HeatConfig::default(),
             sample_fraction: 0.25,
             recheck_fraction: 0.0,
+            budget: None,
         }
     }
 }
@@ -171,6 +177,8 @@ pub struct Profiler {
     /// With [`Credit::ArmedLastEpoch`], how many checks each frame has had over the whole run
     /// (re-armed, then its epoch ended), touched or not; indexed by frame.
     checks: Vec<u32>,
+    /// The budget being spent, if the config has one.
+    spend: Option<Spend>,
 }
 
 impl Profiler {
@@ -220,6 +228,7 @@ impl Profiler {
             credited_weight: BTreeMap::new(),
             armed_at_ns: 0,
             checks: Vec::new(),
+            spend: config.budget.map(|b| Spend::new(b, config.interval)),
         })
     }
 
@@ -306,6 +315,12 @@ impl Profiler {
         };
         let epoch = counts_since(&counts, &self.last_counts);
         let mut armed = std::mem::take(&mut self.armed);
+        if let Some(spend) = self.spend.as_mut() {
+            // Every fault counted is one the target paid for; re-arming caused nearly all.
+            let faults = epoch.iter().map(|(_, c)| c.reads + c.writes).sum();
+            let frames = armed.iter().map(|r| r.end - r.start).sum();
+            spend.record(self.config.interval, frames, faults);
+        }
         let mut touched = Vec::new();
         if self.credit == Credit::ArmedLastEpoch {
             armed.sort_by_key(|range| range.start);
@@ -360,11 +375,22 @@ impl Profiler {
         if frames == 0 {
             return Ok(());
         }
-        let wanted = ((frames as f64 * self.config.sample_fraction).ceil() as u64).clamp(1, frames);
+        let mut wanted =
+            ((frames as f64 * self.config.sample_fraction).ceil() as u64).clamp(1, frames);
+        let mut budget = (frames as f64 * self.config.recheck_fraction).floor() as usize;
+        if let Some(spend) = &self.spend {
+            // Rechecks are frames just found touched, as likely to fault as any: the budget
+            // pays for them first, out of what the slice would have had.
+            let affordable = spend.frames_to_arm(wanted + budget as u64);
+            budget = budget.min(affordable as usize);
+            wanted = (affordable - budget as u64).min(wanted);
+            if wanted == 0 && budget == 0 {
+                return Ok(());
+            }
+        }
         let start = self.sample_cursor % frames;
         let first = start..(start + wanted).min(frames);
         let wrapped = 0..wanted - (first.end - first.start);
-        let budget = (frames as f64 * self.config.recheck_fraction).floor() as usize;
         touched.retain(|page| *page < frames && !first.contains(page) && !wrapped.contains(page));
         let rechecks = hottest_ranges(touched, budget, &self.heat);
         // Before the re-arming: a frame the guest touches while the call still runs has
@@ -381,15 +407,17 @@ impl Profiler {
         Ok(())
     }
 
-    /// Runs epochs for `duration` (rounded up to whole epochs), or until the target exits.
-    /// The last epoch re-arms nothing ([`Self::end_last_epoch`]). Returns whether the target
-    /// exited early.
+    /// Runs epochs for `duration` (rounded up to whole epochs), until the target exits, or,
+    /// with a budget, until the faults counted cost the budget's share of `duration`: a burst
+    /// spends no more than its share of the time it was given, however soon. The last epoch
+    /// re-arms nothing ([`Self::end_last_epoch`]). Returns whether the target exited early.
     pub fn run_for(&mut self, duration: Duration) -> Result<bool, ProfilerError> {
         let deadline = Instant::now() + duration;
         let mut next = Instant::now() + self.config.interval;
         loop {
             thread::sleep(next.saturating_duration_since(Instant::now()));
-            let last = Instant::now() >= deadline;
+            let spent = self.spend.as_ref().is_some_and(|s| s.exhausted(duration));
+            let last = spent || Instant::now() >= deadline;
             if last {
                 self.end_last_epoch()?;
             } else {
@@ -403,6 +431,11 @@ impl Profiler {
             }
             next += self.config.interval;
         }
+    }
+
+    /// What re-arming has cost the target so far, if the profile has a budget.
+    pub fn spent(&self) -> Option<Spent> {
+        self.spend.as_ref().map(Spend::spent)
     }
 
     /// Faults lost to a full map so far (over all targets of these probes).

@@ -9,6 +9,7 @@ use migrator::{
     host::admission::Limits,
     host::heat_sampling::HeatSampling,
     host::heat_sampling::SamplingError,
+    host::heat_sampling::parse_budget,
     host::heat_sampling::parse_fraction,
     host::heat_sampling::parse_recheck_fraction,
     migration::{
@@ -389,6 +390,13 @@ pub(crate) struct MigrateArgs {
     /// broke before keeping the partition `postcopy-paused` (0s: fail at once).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub recover_window: Duration,
+    /// Heat strategy: the most the profile may cost the guest, as a share of its time over
+    /// the profile: 1%, 0.01 or 1/100; `off` for no cap. Faults are counted as the profile
+    /// runs and priced at what one costs a guest here; the profile re-arms what the rest of
+    /// the budget pays for, and its heat is used only if it ranks enough pages, skewed
+    /// enough (the report's `order_fallback` says why not).
+    #[arg(long, default_value = "1%", value_parser = budget_arg)]
+    pub heat_budget: BudgetArg,
 }
 
 impl From<MigrateArgs> for MigrationOptions {
@@ -408,6 +416,16 @@ impl From<MigrateArgs> for MigrationOptions {
             connections: args.connections,
             compress: args.compress,
             recover_window: args.recover_window,
+            heat_budget: args.heat_budget.0,
         }
     }
+}
+
+/// A `--heat-budget`: a share of the guest's time, or `off` (`None`). A type of its own, since
+/// clap reads an `Option` field as a flag that may be absent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BudgetArg(pub Option<f64>);
+
+fn budget_arg(text: &str) -> Result<BudgetArg, SamplingError> {
+    parse_budget(text).map(BudgetArg)
 }

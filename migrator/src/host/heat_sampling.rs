@@ -56,6 +56,11 @@ pub enum SamplingError {
     Fraction(String),
     #[error("the heat recheck fraction must be in [0, 1], as 0.03125 or 1/32, got `{0}`")]
     RecheckFraction(String),
+    #[error(
+        "the heat budget must be a share of the guest's time in (0, 1], as 1% or 0.01, or \
+         `off`, got `{0}`"
+    )]
+    Budget(String),
 }
 
 /// The shared profilers' sampling, checked.
@@ -149,6 +154,22 @@ pub fn parse_recheck_fraction(text: &str) -> Result<f64, SamplingError> {
     }
 }
 
+/// A heat budget: a share of the guest's time written as a percentage (`1%`), a decimal
+/// (`0.01`) or a ratio (`1/100`), in (0, 1]; `off` (no cap) is `None`.
+pub fn parse_budget(text: &str) -> Result<Option<f64>, SamplingError> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let share = match text.strip_suffix('%') {
+        Some(percent) => percent.trim().parse::<f64>().ok().map(|p| p / 100.0),
+        None => migrator_guest::args::ratio(text),
+    };
+    match share {
+        Some(share) if share > 0.0 && share <= 1.0 => Ok(Some(share)),
+        _ => Err(SamplingError::Budget(text.to_string())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +237,21 @@ mod tests {
         assert_eq!(sampling.with_recheck(0.0).unwrap().recheck_fraction(), 0.0);
         for bad in [-0.1, 1.1, f64::NAN] {
             assert!(sampling.with_recheck(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_budget_is_a_share_in_percent_decimal_or_ratio_or_off() {
+        assert_eq!(parse_budget("1%"), Ok(Some(0.01)));
+        assert_eq!(parse_budget("0.5"), Ok(Some(0.5)));
+        assert_eq!(parse_budget("1/100"), Ok(Some(0.01)));
+        assert_eq!(parse_budget("off"), Ok(None));
+        for bad in ["0", "0%", "101%", "-1%", "1.5", "NaN", "", "%", "lots"] {
+            assert_eq!(
+                parse_budget(bad),
+                Err(SamplingError::Budget(bad.to_string())),
+                "{bad}"
+            );
         }
     }
 }

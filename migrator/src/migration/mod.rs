@@ -21,6 +21,7 @@ pub mod heat_file;
 pub mod job;
 pub mod link;
 pub mod order;
+pub mod plan_choice;
 pub mod protocol;
 pub mod report;
 pub mod source;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+pub use super::plan_choice::PlanHeatOrigin;
+
 use serde::{Deserialize, Serialize};
 
 use super::convergence::CutoverReason;
@@ -134,18 +136,6 @@ impl std::fmt::Display for GuestLocation {
     }
 }
 
-/// Where a heat plan's heat came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PlanHeatOrigin {
-    /// Profiled for `--profile-window` before round 0.
-    Profiled,
-    /// Carried here by the partition's previous migration, recently enough to need no profile.
-    Carried,
-    /// Read from a file (`migrate --heat-file`).
-    File,
-}
-
 /// The one JSON object `migrator migrate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -162,6 +152,14 @@ pub struct MigrationReport {
     pub guest_location: GuestLocation,
     /// Heat strategy: where the plan's heat came from (null for address).
     pub plan_heat: Option<PlanHeatOrigin>,
+    /// Heat strategy: why the pages went in address order after all (heat that ranks too
+    /// few pages, or a flat popularity: `plan_choice`); null when heat's order was used.
+    #[serde(default)]
+    pub order_fallback: Option<String>,
+    /// Heat strategy: what the profile cost the guest against its budget (`--heat-budget`);
+    /// null without a profile or a budget.
+    #[serde(default)]
+    pub profile_spent: Option<heatprobe::budget::Spent>,
     /// Whether the destination took the plan's heat, to start warm.
     pub heat_carried: bool,
     pub strategy: Strategy,
@@ -264,6 +262,8 @@ impl MigrationReport {
             error: None,
             guest_location: GuestLocation::Source,
             plan_heat: None,
+            order_fallback: None,
+            profile_spent: None,
             heat_carried: false,
             strategy,
             mode,

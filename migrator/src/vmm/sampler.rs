@@ -1,12 +1,26 @@
 //! The heat profiler's active sampler over a partition's memory.
 
-use std::{ops::Range, sync::Arc};
+use std::{ops::Range, sync::Arc, time::Duration};
 
 use heatprobe::{
-    ActiveSampler, Probes, Profiler, ProfilerError, SamplerError, Target, profiler::ProfilerConfig,
+    ActiveSampler, Probes, Profiler, ProfilerError, SamplerError, Target,
+    budget::{Budget, BudgetError},
+    profiler::ProfilerConfig,
 };
 
 use super::partition::Partition;
+
+/// What one fault the sampler causes costs a guest here: the time its vCPU loses to the
+/// exit, KVM's fault handling (through PVM's shadow paging on these hosts) and the re-entry.
+/// Measured with the ruler (`docs/BENCHMARKS.md`, "What a fault costs the guest"): the guest
+/// work a 2 s profile without a cap lost, divided by the faults it counted, was 18-25 µs on
+/// kv-zipf, paced and flat out, in either mode.
+pub const GUEST_FAULT_COST: Duration = Duration::from_micros(20);
+
+/// The budget of `share` of `partition`'s time, with the cost of one fault here.
+pub fn budget_for(partition: &Partition, share: f64) -> Result<Budget, BudgetError> {
+    Budget::new(share, GUEST_FAULT_COST, partition.vcpu_tids().len() as u32)
+}
 
 /// What the sampler re-arms each epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

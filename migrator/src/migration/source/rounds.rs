@@ -20,6 +20,7 @@ use crate::{
         convergence::{Check, Convergence, CutoverReason, Decision, Policy},
         job::{Job, StepError},
         order::Order,
+        plan_choice,
         report::{MigrationProgress, MigrationReport, Mode, PlanHeatOrigin, Strategy},
         transport::SendCounts,
     },
@@ -27,7 +28,7 @@ use crate::{
         Partition,
         dirty::dirty_frames,
         memory::PAGE_SIZE,
-        sampler::{Sampling, profile_partition},
+        sampler::{Sampling, budget_for, profile_partition},
     },
 };
 
@@ -280,8 +281,14 @@ pub(super) fn plan(
             // the profile's earlier epochs left unmapped still comes back dirty; its last epoch
             // re-armed nothing (`Profiler::run_for`).
             let pages = profiler.heat().pages();
-            let order = Order::from_heat(&pages, frames).map_err(MigrationError::Plan)?;
+            run.report.profile_spent = profiler.spent();
             run.report.plan_heat = Some(PlanHeatOrigin::Profiled);
+            if let Some(why) = plan_choice::unusable(&pages, frames) {
+                tracing::info!("address order after all: {why}");
+                run.report.order_fallback = Some(why);
+                return Ok(Order::address(frames));
+            }
+            let order = Order::from_heat(&pages, frames).map_err(MigrationError::Plan)?;
             run.plan_heat = Some(PlanHeat {
                 pages: pages.into(),
                 measured: Instant::now(),
@@ -486,13 +493,24 @@ fn start_profiler(
     probes: Arc<Probes>,
     options: &MigrationOptions,
 ) -> Result<Profiler, MigrationError> {
-    let interval =
-        (options.profile_window / 5).clamp(Duration::from_millis(20), Duration::from_millis(200));
+    // A budgeted profile stops once it has spent its share of the window (`run_for`), so its
+    // epochs are short enough for the stop to come near the mark: a flat-out guest under
+    // the dirty log spends a 2 s window's 1% within some tens of milliseconds.
+    let interval = match options.heat_budget {
+        Some(_) => Duration::from_millis(20),
+        None => (options.profile_window / 5)
+            .clamp(Duration::from_millis(20), Duration::from_millis(200)),
+    };
     let profiler = profile_partition(
         probes,
         partition,
         ProfilerConfig {
             interval,
+            budget: options
+                .heat_budget
+                .map(|share| budget_for(partition, share))
+                .transpose()
+                .map_err(MigrationError::Budget)?,
             ..ProfilerConfig::default()
         },
         match options.mode {
