@@ -328,16 +328,21 @@ pub(crate) struct HeatSamplingArgs {
     /// are left as they are. Off by default: see docs/BENCHMARKS.md.
     #[arg(long)]
     pub heat_pool: bool,
+    /// The most the heat profilers' re-arming may cost a guest, as a share of its time: 1%,
+    /// 0.01 or 1/100; `off` for no cap beyond the sample fraction. Faults are counted as
+    /// they come and priced at what one costs a guest here; each epoch re-arms what the
+    /// budget still pays for.
+    #[arg(long, default_value = "1%", value_parser = budget_arg)]
+    pub heat_budget: BudgetArg,
 }
 
 impl HeatSamplingArgs {
     /// The sampling these options give, checked.
     pub(crate) fn sampling(&self) -> Result<HeatSampling, SamplingError> {
-        Ok(
-            HeatSampling::new(self.heat_epoch, self.heat_sample_fraction)?
-                .with_recheck(self.heat_recheck_fraction)?
-                .with_pool(self.heat_pool),
-        )
+        HeatSampling::new(self.heat_epoch, self.heat_sample_fraction)?
+            .with_recheck(self.heat_recheck_fraction)?
+            .with_pool(self.heat_pool)
+            .with_budget(self.heat_budget.0)
     }
 }
 

@@ -37,6 +37,9 @@ pub const RECHECK_FRACTION: f64 = 0.0;
 /// from whole regions that differ (a guest's tables, its unused memory) next to a scattered
 /// hot set, and pooled, that set is found at the rate of random order (43% instead of 51%).
 pub const POOL: bool = false;
+/// Default most the shared profilers' re-arming may cost a guest, as a share of its time:
+/// 1%, the cost DAMON's monitoring keeps to (`heatprobe::budget`).
+pub const BUDGET: Option<f64> = Some(0.01);
 /// The shortest epoch accepted: each epoch reads the probes' counts map (about a millisecond
 /// for a few tens of thousands of pages), so a shorter one would be mostly overhead.
 pub const MIN_EPOCH: Duration = Duration::from_millis(10);
@@ -70,6 +73,7 @@ pub struct HeatSampling {
     fraction: f64,
     recheck_fraction: f64,
     pool: bool,
+    budget: Option<f64>,
 }
 
 impl Default for HeatSampling {
@@ -79,6 +83,7 @@ impl Default for HeatSampling {
             fraction: SAMPLE_FRACTION,
             recheck_fraction: RECHECK_FRACTION,
             pool: POOL,
+            budget: BUDGET,
         }
     }
 }
@@ -97,7 +102,24 @@ impl HeatSampling {
             fraction,
             recheck_fraction: RECHECK_FRACTION,
             pool: POOL,
+            budget: BUDGET,
         })
+    }
+
+    /// The same sampling, its re-arming capped at `budget` of the guest's time (`None`: by
+    /// the fraction alone); refuses a share outside (0, 1].
+    pub fn with_budget(self, budget: Option<f64>) -> Result<Self, SamplingError> {
+        if let Some(share) = budget
+            && !(share > 0.0 && share <= 1.0)
+        {
+            return Err(SamplingError::Budget(share.to_string()));
+        }
+        Ok(Self { budget, ..self })
+    }
+
+    /// The most re-arming may cost a guest, as a share of its time.
+    pub fn budget(&self) -> Option<f64> {
+        self.budget
     }
 
     /// The same sampling, its windows' heat pooled over neighbouring frames (`pool`) where

@@ -225,6 +225,13 @@ pub async fn start(
         .arg("--heat-recheck-fraction")
         .arg(config.sampling.recheck_fraction().to_string())
         .args(config.sampling.pool().then_some("--heat-pool"))
+        .arg("--heat-budget")
+        .arg(
+            config
+                .sampling
+                .budget()
+                .map_or("off".to_string(), |share| share.to_string()),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log_err)

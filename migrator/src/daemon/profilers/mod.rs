@@ -35,7 +35,7 @@ use thiserror::Error;
 use crate::host::heat_sampling::HeatSampling;
 use crate::vmm::{
     Partition, PartitionState,
-    sampler::{Sampling, profile_partition},
+    sampler::{Sampling, budget_for, profile_partition},
 };
 
 mod handlers;
@@ -72,6 +72,8 @@ pub enum ProfilingError {
     TooManyWindows(String),
     #[error("cannot start profiling the partition")]
     Start(#[source] ProfilerError),
+    #[error("the heat budget does not fit the partition")]
+    Budget(#[source] heatprobe::budget::BudgetError),
     #[error("advancing the partition's heat failed")]
     Epoch(#[source] ProfilerError),
     #[error("reading the probes' counters failed")]
@@ -135,6 +137,12 @@ impl Profilers {
                 interval: self.sampling.epoch(),
                 sample_fraction: self.sampling.fraction(),
                 recheck_fraction: self.sampling.recheck_fraction(),
+                budget: self
+                    .sampling
+                    .budget()
+                    .map(|share| budget_for(&partition, share))
+                    .transpose()
+                    .map_err(ProfilingError::Budget)?,
                 ..ProfilerConfig::default()
             },
             Sampling::ReadsAndWrites,
