@@ -75,7 +75,8 @@ pub struct Spent {
     pub budget_share: f64,
     /// Faults counted over the profile.
     pub faults: u64,
-    /// Those faults times the cost of one, in ms of the target's time.
+    /// Those faults times the cost of one, in ms of the target's time (no epoch charged more
+    /// than its own length on every vCPU).
     pub estimated_ms: f64,
     /// That time as a share of the target's time over the profile (its vCPUs' together).
     pub share: f64,
@@ -95,6 +96,8 @@ pub struct Spend {
     frames_armed: u64,
     /// The target's time over the recorded epochs (every vCPU), in ns.
     target_ns: f64,
+    /// What the faults cost, in ns: each epoch's at most the epoch on every vCPU.
+    spent_ns: f64,
 }
 
 /// The least touch rate the next epoch is planned with: a target that touched nothing lately
@@ -111,6 +114,7 @@ impl Spend {
             faults: 0,
             frames_armed: 0,
             target_ns: 0.0,
+            spent_ns: 0.0,
         }
     }
 
@@ -118,7 +122,12 @@ impl Spend {
     /// `faults`.
     pub fn record(&mut self, epoch: Duration, armed: u64, faults: u64) {
         let allowance = self.budget.allowance_ns(epoch);
-        let cost = faults as f64 * self.budget.fault_cost.as_nanos() as f64;
+        // A vCPU cannot lose more than the epoch: a fault cheaper than the price (a write to
+        // a page the dirty log protects costs less than a dropped mapping's) is not charged
+        // past it.
+        let time_ns = epoch.as_nanos() as f64 * f64::from(self.budget.vcpus);
+        let cost = (faults as f64 * self.budget.fault_cost.as_nanos() as f64).min(time_ns);
+        self.spent_ns += cost;
         self.bucket_ns = (self.bucket_ns + allowance - cost).min(2.0 * allowance);
         if armed > 0 {
             let seen = faults as f64 / armed as f64;
@@ -126,7 +135,7 @@ impl Spend {
         }
         self.faults += faults;
         self.frames_armed += armed;
-        self.target_ns += epoch.as_nanos() as f64 * f64::from(self.budget.vcpus);
+        self.target_ns += time_ns;
     }
 
     /// How many frames the next epoch may re-arm, at most `most`: none while the bucket is in
@@ -142,12 +151,11 @@ impl Spend {
 
     /// Whether the faults so far cost all that a profile of `window` may spend.
     pub fn exhausted(&self, window: Duration) -> bool {
-        self.faults as f64 * self.budget.fault_cost.as_nanos() as f64
-            >= self.budget.allowance_ns(window)
+        self.spent_ns >= self.budget.allowance_ns(window)
     }
 
     pub fn spent(&self) -> Spent {
-        let estimated_ns = self.faults as f64 * self.budget.fault_cost.as_nanos() as f64;
+        let estimated_ns = self.spent_ns;
         Spent {
             budget_share: self.budget.share,
             faults: self.faults,
@@ -265,6 +273,16 @@ mod tests {
         assert!(!spend.exhausted(window));
         spend.record(EPOCH, 0, 1);
         assert!(spend.exhausted(window));
+    }
+
+    #[test]
+    fn an_epoch_costs_at_most_its_own_time() {
+        let budget = Budget::new(0.01, Duration::from_micros(20), 2).unwrap();
+        let mut spend = Spend::new(budget, EPOCH);
+        // 100,000 faults at 20 µs would be 2 s; the epoch on two vCPUs is 400 ms.
+        spend.record(EPOCH, 0, 100_000);
+        assert_eq!(spend.spent().estimated_ms, 400.0);
+        assert_eq!(spend.spent().share, 1.0);
     }
 
     #[test]

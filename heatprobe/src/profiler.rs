@@ -179,6 +179,8 @@ pub struct Profiler {
     checks: Vec<u32>,
     /// The budget being spent, if the config has one.
     spend: Option<Spend>,
+    /// When the epoch under way began (the budget is of the time epochs really take).
+    epoch_began: Instant,
 }
 
 impl Profiler {
@@ -229,6 +231,7 @@ impl Profiler {
             armed_at_ns: 0,
             checks: Vec::new(),
             spend: config.budget.map(|b| Spend::new(b, config.interval)),
+            epoch_began: Instant::now(),
         })
     }
 
@@ -299,6 +302,16 @@ impl Profiler {
     }
 
     fn finish_epoch(&mut self, rearm: bool) -> Result<(), ProfilerError> {
+        let touched = self.record_epoch()?;
+        if rearm {
+            self.rearm_next_sample(touched)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the epoch's counts into the heat and the budget; returns the frames found
+    /// touched (with [`Credit::ArmedLastEpoch`]), for the re-arming to recheck.
+    fn record_epoch(&mut self) -> Result<Vec<u64>, ProfilerError> {
         if let Target::Vm {
             pid,
             vcpu_threads: None,
@@ -315,11 +328,12 @@ impl Profiler {
         };
         let epoch = counts_since(&counts, &self.last_counts);
         let mut armed = std::mem::take(&mut self.armed);
+        let began = std::mem::replace(&mut self.epoch_began, Instant::now());
         if let Some(spend) = self.spend.as_mut() {
             // Every fault counted is one the target paid for; re-arming caused nearly all.
             let faults = epoch.iter().map(|(_, c)| c.reads + c.writes).sum();
             let frames = armed.iter().map(|r| r.end - r.start).sum();
-            spend.record(self.config.interval, frames, faults);
+            spend.record(began.elapsed(), frames, faults);
         }
         let mut touched = Vec::new();
         if self.credit == Credit::ArmedLastEpoch {
@@ -359,10 +373,7 @@ impl Profiler {
             self.heat.record_epoch(epoch);
         }
         self.last_counts = counts;
-        if rearm {
-            self.rearm_next_sample(touched)?;
-        }
-        Ok(())
+        Ok(touched)
     }
 
     /// Re-arms the next slice of frames, and of `touched` (the frames found touched in the
@@ -416,19 +427,17 @@ impl Profiler {
         let mut next = Instant::now() + self.config.interval;
         loop {
             thread::sleep(next.saturating_duration_since(Instant::now()));
-            let spent = self.spend.as_ref().is_some_and(|s| s.exhausted(duration));
-            let last = spent || Instant::now() >= deadline;
-            if last {
-                self.end_last_epoch()?;
-            } else {
-                self.end_epoch()?;
-            }
+            // The epoch is read before anything is re-armed, so one that spends the rest of
+            // the budget is the last, and a burst overshoots by at most that epoch.
+            let touched = self.record_epoch()?;
             if !self.target_alive() {
                 return Ok(true);
             }
-            if last {
+            let spent = self.spend.as_ref().is_some_and(|s| s.exhausted(duration));
+            if spent || Instant::now() >= deadline {
                 return Ok(false);
             }
+            self.rearm_next_sample(touched)?;
             next += self.config.interval;
         }
     }
