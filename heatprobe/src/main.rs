@@ -192,13 +192,15 @@ fn emit(args: &ProfileArgs, text: String) -> Result<()> {
 
 fn record(args: RecordArgs) -> Result<()> {
     let profiler = profile(&args.profile)?;
+    let pages = profiler.heat().pages();
     let report = RecordReport {
         target: TargetSummary::from(profiler.target()),
         page_size: PAGE_SIZE,
         interval_ms: args.profile.interval.as_millis() as u64,
         epochs: profiler.heat().epochs(),
         dropped: profiler.dropped()?,
-        pages: profiler.heat().pages(),
+        blind_spot: blind_spot(profiler.target(), pages.len() as u64),
+        pages,
     };
     let text = if args.profile.json {
         serde_json::to_string(&report)? + "\n"
@@ -206,6 +208,23 @@ fn record(args: RecordArgs) -> Result<()> {
         render_record(&report, args.top)
     };
     emit(&args.profile, text)
+}
+
+/// For a process target: why its profile saw so little of its memory, if it did
+/// (`report::thin_process_note`), from its resident pages now and what this kernel has.
+fn blind_spot(target: &Target, touched: u64) -> Option<String> {
+    let Target::Process { pid } = target else {
+        return None;
+    };
+    // statm's second field: resident pages.
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let resident = statm.split_whitespace().nth(1)?.parse().ok()?;
+    heatprobe::report::thin_process_note(
+        touched,
+        resident,
+        std::path::Path::new("/sys/kernel/mm/page_idle/bitmap").exists(),
+        std::path::Path::new("/sys/kernel/mm/damon/admin").exists(),
+    )
 }
 
 fn plan(args: PlanArgs) -> Result<()> {

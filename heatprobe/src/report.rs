@@ -52,9 +52,39 @@ pub struct RecordReport {
     pub dropped: u64,
     /// Every touched page, in page order.
     pub pages: Vec<PageHeat>,
+    /// A process whose profile saw only a sliver of its memory: why, and what would see
+    /// more ([`thin_process_note`]); null otherwise.
+    #[serde(default)]
+    pub blind_spot: Option<String>,
 }
 
-/// The result of `heatprobe plan`.
+/// The share of a process's resident pages below which its profile is called thin.
+pub const THIN_SHARE: f64 = 0.01;
+
+/// Why a process profile that saw `touched` of its `resident` pages saw so little, and what
+/// would see more, or `None` if it saw enough. `page_idle` and `damon` say whether this
+/// kernel has them.
+pub fn thin_process_note(
+    touched: u64,
+    resident: u64,
+    page_idle: bool,
+    damon: bool,
+) -> Option<String> {
+    if resident == 0 || touched as f64 >= THIN_SHARE * resident as f64 {
+        return None;
+    }
+    let has = |yes: bool| if yes { "present here" } else { "absent here" };
+    Some(format!(
+        "only {touched} of the process's {resident} resident pages faulted: a process whose \
+         memory is already mapped faults only on a first touch, a copy-on-write or a \
+         protection change, so its hot pages stay silent. Faults are the only signal this \
+         kernel offers for another process's memory; page_idle ({}) or DAMON's \
+         virtual-address monitoring ({}; `damo record` on the pid, where the machine's \
+         monitor allows it) would see every access.",
+        has(page_idle),
+        has(damon)
+    ))
+}
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanReport {
     pub target: TargetSummary,
@@ -91,6 +121,9 @@ pub fn render_record(report: &RecordReport, top: usize) -> String {
             "note: process heat is fault-based: it counts first touches, copy-on-write and \
              protection faults, not every access"
         );
+    }
+    if let Some(blind) = &report.blind_spot {
+        let _ = writeln!(out, "thin: {blind}");
     }
     let count = |class: HeatClass, access: Access| {
         report
@@ -202,5 +235,25 @@ pub fn access_name(access: Access) -> &'static str {
     match access {
         Access::ReadOnly => "ro",
         Access::ReadWrite => "rw",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_that_saw_a_sliver_of_a_process_says_why_and_what_would_see_more() {
+        // As measured on redis-server: one page of some 40,000 resident.
+        let note = thin_process_note(1, 40_000, false, true).unwrap();
+        assert!(
+            note.contains("only 1 of the process's 40000 resident pages"),
+            "{note}"
+        );
+        assert!(note.contains("page_idle (absent here)"), "{note}");
+        assert!(note.contains("monitoring (present here"), "{note}");
+        // A profile that saw 1% or more is not thin; nothing resident, nothing to say.
+        assert_eq!(thin_process_note(400, 40_000, false, true), None);
+        assert_eq!(thin_process_note(0, 0, false, false), None);
     }
 }

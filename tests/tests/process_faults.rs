@@ -416,3 +416,34 @@ fn a_timed_profile_leaves_nothing_armed_that_no_epoch_reads() {
     assert_eq!(checked, rearmed);
     toucher.finish();
 }
+
+/// A process whose memory is all mapped and that touches nothing new faults on nothing: its
+/// record says how little it saw, why, and what would see more, instead of an empty list.
+#[test]
+fn a_profile_that_sees_a_sliver_of_a_process_says_so() {
+    if let Some(why) = bpf_unavailable() {
+        return skip("a_profile_that_sees_a_sliver_of_a_process_says_so", &why);
+    }
+    let mut quiet = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep");
+    let output = Command::new(workspace_bin("heatprobe"))
+        .args(["record", "--pid", &quiet.id().to_string()])
+        .args(["--duration", "300ms", "--interval", "100ms", "--json"])
+        .output()
+        .expect("run heatprobe (built by cargo xtask build)");
+    let _ = quiet.kill();
+    let _ = quiet.wait();
+    assert!(output.status.success(), "heatprobe failed: {output:?}");
+    let report: RecordReport = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let blind = report.blind_spot.expect("a thin profile says so");
+    assert!(
+        blind.contains(&format!("only {} of", report.pages.len())),
+        "{blind}"
+    );
+    assert!(
+        blind.contains("page_idle") && blind.contains("DAMON"),
+        "{blind}"
+    );
+}

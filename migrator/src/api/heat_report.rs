@@ -365,6 +365,7 @@ mod tests {
             epochs: 10,
             dropped: 0,
             pages,
+            blind_spot: None,
         }
     }
 

@@ -159,6 +159,8 @@ impl Shared {
             epochs: window.heat.epochs(),
             dropped: window.dropped,
             pages,
+            // A partition's frames are re-armed, so its whole memory is seen.
+            blind_spot: None,
         }))
     }
 
