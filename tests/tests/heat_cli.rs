@@ -277,14 +277,16 @@ fn two_overlapping_windows_count_independently() {
         );
     }
     assert!(faults(&long_pages) > faults(&short_pages));
-    // And neither counted double: per epoch, each is at the pace of a window alone.
+    // And neither counted double: per epoch, each is at the pace of a window alone. A window
+    // that counted the other's faults too, or its own twice, would be at twice that pace, so
+    // the bound is well under 2x; the sampler's budget keeps the pace steady between windows.
     for (name, pages, heat) in [
         ("long", &long_pages, &long),
         ("short", &short_pages, &short),
     ] {
         let rate = faults(pages) as f64 / epochs(heat).max(1) as f64;
         assert!(
-            rate < alone_rate * 3.0 && rate > alone_rate / 3.0,
+            rate < alone_rate * 1.6 && rate > alone_rate / 1.6,
             "{name}: {rate:.0} faults an epoch, {alone_rate:.0} alone"
         );
     }
