@@ -154,6 +154,17 @@ fn a_guest_the_project_never_saw_migrates_under_each_strategy_and_mode() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Whether `migrator migrations --json` shows a migration sending round 0.
+fn in_round_0(migrations: &Value) -> bool {
+    migrations.as_array().is_some_and(|all| {
+        all.iter().any(|m| {
+            m["phase"] == "precopy"
+                && m["progress"]["round"] == 0
+                && m["progress"]["bytes_sent"].as_u64() > Some(0)
+        })
+    })
+}
+
 #[test]
 fn killing_the_destination_in_round_0_leaves_the_source_running() {
     if let Some(why) = kvm_unavailable() {
@@ -166,23 +177,29 @@ fn killing_the_destination_in_round_0_leaves_the_source_running() {
     let mut destination = Daemon::start();
     let id = launch(&source, "kv-zipf", "check_every=200000", "256M", 1);
     source.wait_progress(&id, 1000, 1);
-    let killer = {
-        // The destination's host dies: its daemon and the partition process receiving.
-        let kill = destination.host_killer();
-        thread::spawn(move || {
-            // kv-zipf fills three quarters of 256 MiB with values; at 40 MB/s round 0 takes
-            // about five seconds, so this lands in it.
-            thread::sleep(Duration::from_millis(1500));
+    // The destination's host dies (its daemon and the partition process receiving) once the
+    // source says round 0 is under way: kv-zipf fills three quarters of 256 MiB with values,
+    // so at 40 MB/s round 0 lasts about five seconds.
+    let kill = destination.host_killer();
+    let (code, report) = thread::scope(|s| {
+        s.spawn(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !in_round_0(&source.json(&["migrations"])) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round 0 never started"
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
             kill();
-        })
-    };
-    let (code, report) = migrate(
-        &source,
-        &destination,
-        &id,
-        &["--strategy", "address", "--bandwidth-limit", "40M"],
-    );
-    killer.join().unwrap();
+        });
+        migrate(
+            &source,
+            &destination,
+            &id,
+            &["--strategy", "address", "--bandwidth-limit", "40M"],
+        )
+    });
     let _ = destination.child.wait();
     assert_ne!(code, 0, "{report}");
     assert_eq!(report["status"], "failed", "{report}");
@@ -427,15 +444,20 @@ fn a_compressible_guest_migrates_compressed_with_each_codec() {
         if compress == "none" {
             assert_eq!(sent, uncompressed, "{case}");
         }
-        // Round 0's effective rate is its wire rate times what compression saved there.
+        // Round 0's effective rate is its wire rate times what compression saved there. In
+        // pre-copy round 0 is nearly all that was sent, so the two ratios agree within a
+        // tenth; in hybrid the demanded pages go uncompressed on the urgent connection, so
+        // the whole migration's ratio is the lower.
         let (effective, wire) = (
             report["round0_mbps"].as_f64().unwrap(),
             report["round0_wire_mbps"].as_f64().unwrap(),
         );
-        assert!(
-            effective >= wire * least * 0.9,
-            "{case}: {effective} over {wire}"
-        );
+        let round0_ratio = effective / wire;
+        let agrees = match mode {
+            "precopy" => (round0_ratio - ratio).abs() <= 0.1 * ratio,
+            _ => round0_ratio >= 0.9 * ratio && round0_ratio <= most * 1.1,
+        };
+        assert!(agrees, "{case}: {effective} over {wire}, ratio {ratio}");
         eprintln!(
             "{case}: {uncompressed} bytes as {sent} ({ratio:.2}x), round 0 {effective:.0} Mbit/s \
              over {wire:.0}"
