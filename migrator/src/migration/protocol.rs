@@ -484,10 +484,57 @@ mod tests {
         }
     }
 
+    /// The header decode accepts, by the rules written out apart from `decode`: a known kind,
+    /// reserved bits clear, at most the most entries, none on a marker, and a payload within
+    /// what the kind's entries can fill.
+    fn acceptable(kind: u16, reserved: u32, count: u32, payload_len: u64) -> bool {
+        let index = 8 * u64::from(count);
+        let pages = index + PAGE_SIZE * u64::from(count);
+        let prefix = COMPRESSED_PREFIX_LEN as u64;
+        let (min, max) = match kind {
+            1 => (index, pages),
+            2 | 5 => (index, index),
+            3 | 4 | 6 if count == 0 => (0, 0),
+            7 => (prefix, prefix + pages),
+            _ => return false,
+        };
+        reserved == 0 && count <= MAX_PAGES_PER_FRAME && (min..=max).contains(&payload_len)
+    }
+
     proptest! {
         #[test]
         fn decoding_any_bytes_never_panics(bytes in prop::array::uniform24(any::<u8>())) {
             let _ = FrameHeader::decode(&bytes);
+        }
+
+        /// Past the magic and the version, which random bytes almost never pass: kinds,
+        /// counts and lengths near the edges, each accepted exactly when the rules say, and
+        /// what is accepted encodes back to the same bytes.
+        #[test]
+        fn headers_past_the_magic_are_accepted_by_the_rules_and_round_trip(
+            kind in 0u16..9,
+            reserved in prop_oneof![Just(0u32), any::<u32>()],
+            count in prop_oneof![0u32..4, MAX_PAGES_PER_FRAME - 1..MAX_PAGES_PER_FRAME + 2, any::<u32>()],
+            pages in 0u64..4,
+            slack in prop_oneof![Just(0u64), Just(1), Just(COMPRESSED_PREFIX_LEN as u64), any::<u64>()],
+        ) {
+            let payload_len = (8 * u64::from(count) + pages * PAGE_SIZE).wrapping_add(slack);
+            let mut bytes = [0u8; HEADER_LEN];
+            bytes[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+            bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            bytes[6..8].copy_from_slice(&kind.to_le_bytes());
+            bytes[8..12].copy_from_slice(&count.to_le_bytes());
+            bytes[12..16].copy_from_slice(&reserved.to_le_bytes());
+            bytes[16..24].copy_from_slice(&payload_len.to_le_bytes());
+            let decoded = FrameHeader::decode(&bytes);
+            prop_assert_eq!(
+                decoded.is_ok(),
+                acceptable(kind, reserved, count, payload_len),
+                "{:?}", decoded
+            );
+            if let Ok(header) = decoded {
+                prop_assert_eq!(header.encode(), bytes);
+            }
         }
     }
 }
