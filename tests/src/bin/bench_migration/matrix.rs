@@ -245,10 +245,17 @@ impl Results<'_> {
 
     /// Whether heat's median at `pointer` is at most `bound` times address's.
     fn heat_within(&self, pointer: &str, bound: f64) -> bool {
+        self.heat_within_if_any(pointer, bound).unwrap_or(true)
+    }
+
+    /// As [`Self::heat_within`], but `None` where address's median is 0: with nothing to
+    /// save, a ratio says nothing, and a summary must not count it as met.
+    fn heat_within_if_any(&self, pointer: &str, bound: f64) -> Option<bool> {
         let median = |reports: &[Value]| stat(reports, pointer).map(|s| s.median);
         match (median(&self.heat), median(&self.address)) {
-            (Some(h), Some(a)) => h <= bound * a,
-            _ => false,
+            (Some(h), Some(a)) if a > 0.0 => Some(h <= bound * a),
+            (Some(_), Some(_)) => None,
+            _ => Some(false),
         }
     }
 
@@ -536,31 +543,48 @@ pub(crate) fn hybrid_summary(results: &[Results]) {
         "| scenario | blocktime ratio | blocktime, paired | requests ratio | requests, paired | measured | downtime ≤ {HYBRID_DOWNTIME_BOUND_MS:.0} ms | digests, no errors | p99 ≤ {DEMAND_P99_BOUND_US:.0} µs | heat ≤ bound |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut all = [true; 5];
+    let mut all: [Option<bool>; 5] = [None; 5];
+    let pass = |ok: Option<bool>| ok.map_or("– (no demands)", pass);
     for result in results {
         let bound = if result.scenario.layout == "scattered" {
             0.3
         } else {
             1.0
         };
+        // A condition about demands is not met by a scenario with none: it is `None`, shown
+        // as such, and leaves the verdict over all scenarios alone.
+        let demanded: Vec<&Value> = result
+            .all()
+            .filter(|r| completed(r) && r["postcopy_requests"].as_u64() > Some(0))
+            .collect();
+        let heat_within = [
+            result.heat_within_if_any("/postcopy_blocktime_ms", bound),
+            result.heat_within_if_any("/postcopy_requests", bound),
+        ];
         let conditions = [
-            result.all().filter(|r| completed(r)).all(|r| {
+            Some(result.all().filter(|r| completed(r)).all(|r| {
                 r["post_cutover_faults"].is_object() && r["postcopy_blocktime_ms"].is_number()
-            }),
-            result.all_completed_within(HYBRID_DOWNTIME_BOUND_MS),
-            result.all().all(|r| {
+            })),
+            Some(result.all_completed_within(HYBRID_DOWNTIME_BOUND_MS)),
+            Some(result.all().all(|r| {
                 completed(r) && digests_equal(r) && r["guest_errors_after"].as_u64() == Some(0)
+            })),
+            (!demanded.is_empty()).then(|| {
+                demanded.iter().all(|r| {
+                    r.pointer("/postcopy_fault_latency_us/p99")
+                        .and_then(Value::as_f64)
+                        .is_some_and(|p| p <= DEMAND_P99_BOUND_US)
+                })
             }),
-            result.all().filter(|r| completed(r)).all(|r| {
-                r.pointer("/postcopy_fault_latency_us/p99")
-                    .and_then(Value::as_f64)
-                    .is_some_and(|p| p <= DEMAND_P99_BOUND_US)
-            }),
-            result.heat_within("/postcopy_blocktime_ms", bound)
-                && result.heat_within("/postcopy_requests", bound),
+            match heat_within {
+                [None, None] => None,
+                [a, b] => Some(a.unwrap_or(true) && b.unwrap_or(true)),
+            },
         ];
         for (total, ok) in all.iter_mut().zip(conditions) {
-            *total &= ok;
+            if let Some(ok) = ok {
+                *total = Some(total.unwrap_or(true) && ok);
+            }
         }
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({bound:.1}x) |",
