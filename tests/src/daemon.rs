@@ -382,6 +382,22 @@ impl Daemon {
     }
 
     /// Waits until the partition has made `ops` operations and `checks` checks, with no error.
+    /// Launches a built-in `workload` with `args` in `mem` of memory, one vCPU; its id.
+    pub fn launch(&self, workload: &str, args: &str, mem: &str) -> String {
+        self.json(&[
+            "launch",
+            "--workload",
+            workload,
+            "--args",
+            args,
+            "--mem",
+            mem,
+        ])["id"]
+            .as_str()
+            .expect("an id")
+            .to_string()
+    }
+
     pub fn wait_progress(&self, id: &str, ops: u64, checks: u64) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -10,21 +10,6 @@ fn unavailable() -> Option<String> {
     kvm_unavailable().or_else(bpf_unavailable)
 }
 
-fn launch(daemon: &Daemon, workload: &str, args: &str, mem: &str) -> String {
-    daemon.json(&[
-        "launch",
-        "--workload",
-        workload,
-        "--args",
-        args,
-        "--mem",
-        mem,
-    ])["id"]
-        .as_str()
-        .expect("an id")
-        .to_string()
-}
-
 fn spent_ms(report: &Value) -> f64 {
     report["profile_spent"]["estimated_ms"]
         .as_f64()
@@ -46,7 +31,7 @@ fn a_budgeted_profile_spends_its_share_and_an_uncapped_one_spends_more() {
     let source = Daemon::start();
     let destination = Daemon::start();
     // Flat out: every page it writes under the dirty log is a fault it pays for.
-    let id = launch(&source, "kv-zipf", "theta=0.99 write=0.2", "128M");
+    let id = source.launch("kv-zipf", "theta=0.99 write=0.2", "128M");
     source.wait_progress(&id, 100_000, 0);
     let (report, _) = source.migrate_checked(
         &destination,
@@ -69,7 +54,7 @@ fn a_budgeted_profile_spends_its_share_and_an_uncapped_one_spends_more() {
     );
     // A guest like it, with no cap: the profile runs its window and spends far more. (Not
     // the same guest back: it would plan with the heat it carried, and profile nothing.)
-    let twin = launch(&source, "kv-zipf", "theta=0.99 write=0.2", "128M");
+    let twin = source.launch("kv-zipf", "theta=0.99 write=0.2", "128M");
     source.wait_progress(&twin, 100_000, 0);
     let (report, _) = source.migrate_checked(
         &destination,
@@ -109,7 +94,7 @@ fn heat_that_ranks_nothing_gives_way_to_address_order_and_says_why() {
     let destination = Daemon::start();
     // Touches no memory: a profile finds nothing to rank. (Flat heat over most of memory
     // falls back too: `plan_choice`'s unit tests.)
-    let id = launch(&source, "idle", "", "32M");
+    let id = source.launch("idle", "", "32M");
     let (report, _) = source.migrate_checked(
         &destination,
         &id,
@@ -120,7 +105,7 @@ fn heat_that_ranks_nothing_gives_way_to_address_order_and_says_why() {
     assert!(why.contains("too few to order by"), "{report}");
     assert_eq!(report["plan_heat"], "profiled", "{report}");
     // A skewed guest's heat is used.
-    let skewed = launch(&source, "hotspot", "rate=200000", "32M");
+    let skewed = source.launch("hotspot", "rate=200000", "32M");
     source.wait_progress(&skewed, 100_000, 0);
     let (report, _) = source.migrate_checked(
         &destination,

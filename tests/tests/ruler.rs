@@ -4,21 +4,6 @@
 use heatprobe_tests::{daemon::Daemon, kvm_unavailable, skip};
 use serde_json::Value;
 
-fn launch(daemon: &Daemon, workload: &str, args: &str) -> String {
-    daemon.json(&[
-        "launch",
-        "--workload",
-        workload,
-        "--args",
-        args,
-        "--mem",
-        "64M",
-    ])["id"]
-        .as_str()
-        .expect("an id")
-        .to_string()
-}
-
 fn part(lost: &Value, name: &str) -> f64 {
     lost[name]
         .as_f64()
@@ -37,7 +22,7 @@ fn a_paced_guest_that_keeps_its_pace_loses_little_but_the_pause() {
     let destination = Daemon::start();
     // 20k operations a second: far below what a vCPU does, so the dirty log's faults and the
     // copies cost it no operations.
-    let id = launch(&source, "rw-mix", "rate=20000 check_every=20000");
+    let id = source.launch("rw-mix", "rate=20000 check_every=20000", "64M");
     source.wait_progress(&id, 20_000, 0);
     let (report, _) = source.migrate_checked(
         &destination,
@@ -92,7 +77,7 @@ fn throttling_shows_in_the_guests_bill() {
     let destination = Daemon::start();
     // Writes everywhere, flat out: at 16 MB/s it cannot fit 20 ms, so it is throttled round
     // after round, then given up at the round limit.
-    let id = launch(&source, "uniform-write", "check_every=20000");
+    let id = source.launch("uniform-write", "check_every=20000", "64M");
     source.wait_progress(&id, 20_000, 1);
     let (code, report) = source.migrate(
         &destination,
@@ -125,7 +110,7 @@ fn a_paused_guest_says_why_it_has_no_bill() {
     }
     let source = Daemon::start();
     let destination = Daemon::start();
-    let id = launch(&source, "rw-mix", "check_every=20000");
+    let id = source.launch("rw-mix", "check_every=20000", "64M");
     source.wait_progress(&id, 1000, 0);
     source.json(&["pause", &id]);
     let (report, _) =
@@ -184,7 +169,7 @@ fn a_heat_file_orders_a_migration_in_both_modes_and_bad_ones_change_nothing() {
         ),
     ];
     for mode in ["precopy", "hybrid"] {
-        let id = launch(&source, "rw-mix", "check_every=20000");
+        let id = source.launch("rw-mix", "check_every=20000", "64M");
         source.wait_progress(&id, 1000, 0);
         for (name, text, says) in bad {
             let path = heat_file(name, text);
@@ -221,7 +206,7 @@ fn a_heat_file_orders_a_migration_in_both_modes_and_bad_ones_change_nothing() {
         destination.json(&["stop", &moved]);
     }
     // Only the heat strategy takes a heat file.
-    let id = launch(&source, "rw-mix", "");
+    let id = source.launch("rw-mix", "", "64M");
     let output = source
         .command()
         .args([
