@@ -423,6 +423,17 @@ impl Profiler {
     /// spends no more than its share of the time it was given, however soon. The last epoch
     /// re-arms nothing ([`Self::end_last_epoch`]). Returns whether the target exited early.
     pub fn run_for(&mut self, duration: Duration) -> Result<bool, ProfilerError> {
+        self.run_for_while(duration, || true)
+    }
+
+    /// As [`Self::run_for`], and ends early too once `keep_going` says no (asked after each
+    /// epoch): a caller that can see the target's own progress stops a profile that costs it
+    /// more than the faults show.
+    pub fn run_for_while(
+        &mut self,
+        duration: Duration,
+        mut keep_going: impl FnMut() -> bool,
+    ) -> Result<bool, ProfilerError> {
         let deadline = Instant::now() + duration;
         let mut next = Instant::now() + self.config.interval;
         loop {
@@ -434,7 +445,7 @@ impl Profiler {
                 return Ok(true);
             }
             let spent = self.spend.as_ref().is_some_and(|s| s.exhausted(duration));
-            if spent || Instant::now() >= deadline {
+            if spent || Instant::now() >= deadline || !keep_going() {
                 return Ok(false);
             }
             self.rearm_next_sample(touched)?;

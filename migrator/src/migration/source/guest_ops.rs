@@ -107,6 +107,11 @@ impl Ledger {
         self.open = None;
     }
 
+    /// The guest's pace before the migration, if it has one.
+    pub(super) fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+
     /// The part it counts to now.
     pub(super) fn part(&self) -> Option<Part> {
         self.open.map(|(part, _)| part)
@@ -132,6 +137,13 @@ impl Ledger {
     pub(super) fn totals(&self) -> Option<(f64, [f64; 3], Duration)> {
         self.rate.map(|rate| (rate, self.lost, self.counted))
     }
+}
+
+/// The guest's work lost since `from`, in milliseconds at its pace of `rate` per second.
+pub(super) fn lost_since(partition: &Partition, from: OpsMark, rate: f64) -> Option<f64> {
+    let now = OpsMark::now(partition);
+    let done = now.ops.checked_sub(from.ops)?;
+    Some(lost_ms(now.at.checked_duration_since(from.at)?, done, rate))
 }
 
 /// The time, in milliseconds, that `done` operations in `took` fall short of the guest's pace
