@@ -86,7 +86,16 @@ impl Stage {
             args.extend_from_slice(&["--converge", "none"]);
         }
         args.extend_from_slice(match self {
-            Stage::Setup => &["--strategy", "heat", "--profile-window", "4s"],
+            // Uncapped: a budgeted profile ends as soon as it has spent its share, long
+            // before a fault could be aimed at it.
+            Stage::Setup => &[
+                "--strategy",
+                "heat",
+                "--profile-window",
+                "4s",
+                "--heat-budget",
+                "off",
+            ],
             Stage::Round0 | Stage::LaterRound => &["--strategy", "address", "--max-rounds", "4"],
             // Cut over after one round whatever the downtime (a throttling pre-copy would
             // cancel at the round limit instead).
