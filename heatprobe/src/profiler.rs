@@ -291,22 +291,8 @@ impl Profiler {
     /// Ends an epoch: reads the counts, feeds their change since the last epoch into the heat
     /// map, and re-arms the next slice of frames.
     pub fn end_epoch(&mut self) -> Result<(), ProfilerError> {
-        self.finish_epoch(true)
-    }
-
-    /// Ends the profile's last epoch as [`Self::end_epoch`] does, but re-arms nothing: no epoch
-    /// would read what a re-arming found, and every frame re-armed is a fault the target takes
-    /// after the profile (a dropped host mapping faulted back in, which KVM also marks dirty).
-    pub fn end_last_epoch(&mut self) -> Result<(), ProfilerError> {
-        self.finish_epoch(false)
-    }
-
-    fn finish_epoch(&mut self, rearm: bool) -> Result<(), ProfilerError> {
         let touched = self.record_epoch()?;
-        if rearm {
-            self.rearm_next_sample(touched)?;
-        }
-        Ok(())
+        self.rearm_next_sample(touched)
     }
 
     /// Reads the epoch's counts into the heat and the budget; returns the frames found
@@ -421,7 +407,9 @@ impl Profiler {
     /// Runs epochs for `duration` (rounded up to whole epochs), until the target exits, or,
     /// with a budget, until the faults counted cost the budget's share of `duration`: a burst
     /// spends no more than its share of the time it was given, however soon. The last epoch
-    /// re-arms nothing ([`Self::end_last_epoch`]). Returns whether the target exited early.
+    /// re-arms nothing: no epoch would read what a re-arming found, and every frame re-armed
+    /// is a fault the target takes after the profile (a dropped host mapping faulted back in,
+    /// which KVM also marks dirty). Returns whether the target exited early.
     pub fn run_for(&mut self, duration: Duration) -> Result<bool, ProfilerError> {
         self.run_for_while(duration, || true)
     }
