@@ -315,15 +315,25 @@ impl Profiler {
         let epoch = counts_since(&counts, &self.last_counts);
         let mut armed = std::mem::take(&mut self.armed);
         let began = std::mem::replace(&mut self.epoch_began, Instant::now());
+        armed.sort_by_key(|range| range.start);
         if let Some(spend) = self.spend.as_mut() {
-            // Every fault counted is one the target paid for; re-arming caused nearly all.
-            let faults = epoch.iter().map(|(_, c)| c.reads + c.writes).sum();
+            // The faults the re-arming caused are what the budget pays for. Crediting every
+            // fault, each one counted is taken as the re-arming's (during a migration, nearly
+            // all are); crediting the frames armed, only those on them are: a guest that
+            // first touches its memory, or the faults of a fresh mapping, would pay them with
+            // or without a profile.
+            let faults = match self.credit {
+                Credit::Every => epoch.iter().map(|(_, c)| c.reads + c.writes).sum(),
+                Credit::ArmedLastEpoch => touched_within(epoch.clone(), &armed)
+                    .iter()
+                    .map(|(_, c)| c.reads + c.writes)
+                    .sum(),
+            };
             let frames = armed.iter().map(|r| r.end - r.start).sum();
             spend.record(began.elapsed(), frames, faults);
         }
         let mut touched = Vec::new();
         if self.credit == Credit::ArmedLastEpoch {
-            armed.sort_by_key(|range| range.start);
             let epoch_ns = self.config.interval.as_nanos() as u64;
             // These pages faulted since the re-arming, so within this long of it.
             let elapsed_ns = crate::probes::monotonic_ns().saturating_sub(self.armed_at_ns);

@@ -193,6 +193,7 @@ pub fn launch_and_migrate(
     a: &crate::daemon::Daemon,
     b: &crate::daemon::Daemon,
     (workload, args, mem): (&str, &str, &str),
+    settle: std::time::Duration,
     options: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
     use anyhow::{Context, bail};
@@ -224,7 +225,7 @@ pub fn launch_and_migrate(
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(settle);
         let mut migrate = vec!["migrate", "--from", &a.addr, "--to", &b.addr, &id];
         migrate.extend_from_slice(options);
         cli_json(a, &migrate)

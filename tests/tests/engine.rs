@@ -172,6 +172,7 @@ fn carried_heat_plans_without_profiling_and_travels_on() {
         pages: pages.clone().into(),
         measured: std::time::Instant::now(),
         origin: PlanHeatOrigin::Carried,
+        spent: None,
     };
     for mode in [Mode::Precopy, Mode::Hybrid] {
         let options = MigrationOptions {

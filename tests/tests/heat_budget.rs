@@ -1,7 +1,7 @@
 //! Heat within a budget: a migration's profile spends at most its share of the guest's time
-//! (`--heat-budget`, 1% by default) and says what it spent; heat that cannot rank anything
-//! gives way to address order, and the report says why. Two daemons on loopback, real KVM
-//! and eBPF.
+//! (`--heat-budget`, 1% by default) and says what it spent; warm heat plans a migration with
+//! no profile and charges it what its span cost; heat that cannot rank anything gives way to
+//! address order, and the report says why. Two daemons on loopback, real KVM and eBPF.
 
 use heatprobe_tests::{bpf_unavailable, daemon::Daemon, kvm_unavailable, skip};
 use serde_json::Value;
@@ -16,6 +16,11 @@ fn spent_ms(report: &Value) -> f64 {
         .unwrap_or_else(|| panic!("profile_spent in {report}"))
 }
 
+/// A source that profiles only when asked: a migration's burst profile is what is tested.
+fn on_demand() -> Daemon {
+    Daemon::start_with(&["--heat-profile", "on-demand"])
+}
+
 /// The default profile window, 2 s, and the epoch of a budgeted profile, 20 ms.
 const WINDOW_MS: f64 = 2000.0;
 const EPOCH_MS: f64 = 20.0;
@@ -28,7 +33,7 @@ fn a_budgeted_profile_spends_its_share_and_an_uncapped_one_spends_more() {
             &why,
         );
     }
-    let source = Daemon::start();
+    let source = on_demand();
     let destination = Daemon::start();
     // Flat out: every page it writes under the dirty log is a fault it pays for.
     let id = source.launch("kv-zipf", "theta=0.99 write=0.2", "128M");
@@ -90,7 +95,7 @@ fn heat_that_ranks_nothing_gives_way_to_address_order_and_says_why() {
             &why,
         );
     }
-    let source = Daemon::start();
+    let source = on_demand();
     let destination = Daemon::start();
     // Touches no memory: a profile finds nothing to rank. (Flat heat over most of memory
     // falls back too: `plan_choice`'s unit tests.)
@@ -114,4 +119,40 @@ fn heat_that_ranks_nothing_gives_way_to_address_order_and_says_why() {
         "skewed",
     );
     assert!(report["order_fallback"].is_null(), "{report}");
+}
+
+#[test]
+fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost() {
+    if let Some(why) = unavailable() {
+        return skip(
+            "warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost",
+            &why,
+        );
+    }
+    // Warm by default.
+    let source = Daemon::start();
+    let destination = Daemon::start();
+    let id = source.launch("hotspot", "rate=200000 scatter=1", "64M");
+    source.wait_progress(&id, 100_000, 0);
+    // A few seconds of background sampling: at the default budget it sweeps 64 MiB of a
+    // paced guest several times.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let (report, _) = source.migrate_checked(
+        &destination,
+        &id,
+        &["--strategy", "heat", "--mode", "precopy"],
+        "warm",
+    );
+    assert_eq!(report["plan_heat"], "warm", "{report}");
+    assert!(report["order_fallback"].is_null(), "{report}");
+    let spent = &report["profile_spent"];
+    assert_eq!(spent["budget_share"], 0.01, "{report}");
+    assert!(spent["frames_armed"].as_u64() > Some(0), "{report}");
+    // Within its budget over the span, give or take the bucket's two epochs of credit.
+    let share = spent["share"].as_f64().expect("a share");
+    assert!(share > 0.0 && share <= 0.015, "{report}");
+    let lost = &report["guest_work_lost"];
+    assert_eq!(lost["warm_heat_ms"], spent["estimated_ms"], "{report}");
+    // No burst: the migration did not profile.
+    assert_eq!(lost["profile_ms"], 0.0, "{report}");
 }

@@ -360,8 +360,10 @@ fn heat_travels_with_the_guest_and_plans_the_way_back() {
     if let Some(why) = unavailable() {
         return skip("heat_travels_with_the_guest_and_plans_the_way_back", &why);
     }
-    let source = Daemon::start();
-    let destination = Daemon::start();
+    // Profiled on demand, so the first migration's heat is its own burst's and the
+    // destination's windows see what the source carried rather than warm heat.
+    let source = Daemon::start_with(&["--heat-profile", "on-demand"]);
+    let destination = Daemon::start_with(&["--heat-profile", "on-demand"]);
     let id = launch_hotspot(&source);
     let (there, _) = source.migrate_checked(&destination, &id, &["--strategy", "heat"], "out");
     assert_eq!(there["plan_heat"], "profiled", "{there}");

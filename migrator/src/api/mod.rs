@@ -58,8 +58,10 @@ use crate::{
 /// report's `migration`, `downtime_limit_ms`, status `cancelled` and `guest_work_lost`, the
 /// fault window's `ops`, the partition's `unanswered_ms`, and `MigrateRequest::heat`) and the refusals `NothingRunsHere`,
 /// `HeldByMigration`, `UnknownMigration` and `Steer`; 11 adds the options' `heat_budget`, the
-/// report's `order_fallback` and `profile_spent`, and the heat record's `blind_spot`. New calls go at the end of the service.
-pub const API_VERSION: u32 = 11;
+/// report's `order_fallback` and `profile_spent`, and the heat record's `blind_spot`; 12 adds
+/// warm heat (`plan_heat` `warm`, `guest_work_lost.warm_heat_ms`). New calls go at the end of
+/// the service.
+pub const API_VERSION: u32 = 12;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
 /// Largest guest image `launch` accepts.

@@ -334,6 +334,19 @@ pub(crate) struct HeatSamplingArgs {
     /// budget still pays for.
     #[arg(long, default_value = "1%", value_parser = budget_arg)]
     pub heat_budget: BudgetArg,
+    /// `warm`: keep each running partition's heat in the background, within --heat-budget,
+    /// so a migration plans from it without profiling first. `on-demand`: profile only
+    /// while someone watches (`heat`, `plan`, the dashboard); a migration with the heat
+    /// strategy then profiles for its --profile-window first.
+    #[arg(long, value_enum, default_value_t = HeatProfile::Warm)]
+    pub heat_profile: HeatProfile,
+}
+
+/// When the shared profilers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum HeatProfile {
+    Warm,
+    OnDemand,
 }
 
 impl HeatSamplingArgs {
@@ -342,6 +355,7 @@ impl HeatSamplingArgs {
         HeatSampling::new(self.heat_epoch, self.heat_sample_fraction)?
             .with_recheck(self.heat_recheck_fraction)?
             .with_pool(self.heat_pool)
+            .with_warm(self.heat_profile == HeatProfile::Warm)
             .with_budget(self.heat_budget.0)
     }
 }

@@ -84,6 +84,18 @@ pub async fn run(process: PartitionProcess) -> Result<(), PartitionProcessError>
             }
         }
     });
+    if process.sampling.warm() {
+        let warming = daemon.clone();
+        let epoch = process.sampling.epoch();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(epoch);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                warming.keep_heat_warm().await;
+            }
+        });
+    }
     info!("partition process for `{}` serving", process.id);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(PartitionProcessError::Signal)?;

@@ -46,6 +46,8 @@ impl CarriedHeats {
                 pages: heat.pages.into(),
                 measured,
                 origin: crate::migration::report::PlanHeatOrigin::Carried,
+                // The source charged its own migration for it.
+                spent: None,
             },
         );
         Ok(())

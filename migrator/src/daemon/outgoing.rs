@@ -19,6 +19,7 @@ use tracing::warn;
 
 use super::{blocking, error_chain, peer::RemoteDestination, registry::info_of, server::Daemon};
 use crate::api::{ApiError, MigrateRequest, MigrationInfo};
+use crate::daemon::profilers::WarmHeat;
 use crate::{
     migration::{
         MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
@@ -256,6 +257,15 @@ impl Daemon {
         let outbound =
             self.outgoing
                 .start(&request.id, request.to.to_string(), &request.options, self)?;
+        // The warm heat, read before its profiler stops: what the migration plans from when
+        // no heat file or carried heat says otherwise.
+        let warm = match (&request.options.strategy, &request.heat) {
+            (Strategy::Heat, None) => {
+                let (profilers, id) = (self.profilers.clone(), request.id.clone());
+                blocking("reading the warm heat", move || profilers.warm_heat(&id)).await?
+            }
+            _ => None,
+        };
         // Only once the migration is registered: from then on no shared heat profiler starts
         // on the partition (they check for a running migration under the lock unwatch takes),
         // so the vCPU threads this frees stay free for the migration's own profiler.
@@ -263,7 +273,7 @@ impl Daemon {
         let daemon = self.clone();
         let task = Arc::clone(&outbound);
         tokio::spawn(async move {
-            let outcome = daemon.run_out(request, partition, &task).await;
+            let outcome = daemon.run_out(request, partition, warm, &task).await;
             task.end(outcome);
         });
         Ok(outbound)
@@ -274,6 +284,7 @@ impl Daemon {
         &self,
         request: MigrateRequest,
         partition: Arc<Partition>,
+        warm: Option<WarmHeat>,
         outbound: &Outbound,
     ) -> Outcome {
         let job = Arc::clone(&outbound.job);
@@ -309,8 +320,16 @@ impl Daemon {
                 pages: pages.into(),
                 measured: std::time::Instant::now(),
                 origin: PlanHeatOrigin::File,
+                spent: None,
             }),
-            (Strategy::Heat, None) => self.carried_heat.fresh(&request.id),
+            (Strategy::Heat, None) => self.carried_heat.fresh(&request.id).or_else(|| {
+                warm.map(|warm| PlanHeat {
+                    pages: warm.pages.into(),
+                    measured: warm.measured,
+                    origin: PlanHeatOrigin::Warm,
+                    spent: warm.spent,
+                })
+            }),
             (Strategy::Address, _) => None,
         };
         let engine = Arc::clone(&partition);

@@ -156,6 +156,18 @@ impl Registry {
         self.lock().partitions.len()
     }
 
+    /// The ids of the live partitions, with the partitions.
+    pub fn live_by_id(&self) -> Vec<(String, Arc<Partition>)> {
+        self.lock()
+            .partitions
+            .iter()
+            .filter_map(|(id, e)| match e {
+                Entry::Live(p) => Some((id.clone(), Arc::clone(p))),
+                Entry::Stopped(_) => None,
+            })
+            .collect()
+    }
+
     pub fn live_partitions(&self) -> Vec<Arc<Partition>> {
         self.lock()
             .partitions

@@ -40,6 +40,11 @@ pub const POOL: bool = false;
 /// Default most the shared profilers' re-arming may cost a guest, as a share of its time:
 /// 1%, the cost DAMON's monitoring keeps to (`heatprobe::budget`).
 pub const BUDGET: Option<f64> = Some(0.01);
+/// Whether the shared profilers keep each running partition's heat warm in the background
+/// (`migrator serve --heat-profile warm`), so that a migration plans from it with no burst of
+/// profiling: yes by default. `on-demand` profiles only while a client watches, and a
+/// migration then profiles for its `--profile-window` first.
+pub const WARM: bool = true;
 /// The shortest epoch accepted: each epoch reads the probes' counts map (about a millisecond
 /// for a few tens of thousands of pages), so a shorter one would be mostly overhead.
 pub const MIN_EPOCH: Duration = Duration::from_millis(10);
@@ -74,6 +79,7 @@ pub struct HeatSampling {
     recheck_fraction: f64,
     pool: bool,
     budget: Option<f64>,
+    warm: bool,
 }
 
 impl Default for HeatSampling {
@@ -84,6 +90,7 @@ impl Default for HeatSampling {
             recheck_fraction: RECHECK_FRACTION,
             pool: POOL,
             budget: BUDGET,
+            warm: WARM,
         }
     }
 }
@@ -103,6 +110,7 @@ impl HeatSampling {
             recheck_fraction: RECHECK_FRACTION,
             pool: POOL,
             budget: BUDGET,
+            warm: WARM,
         })
     }
 
@@ -126,6 +134,17 @@ impl HeatSampling {
     /// the profile shows them alike, or never.
     pub fn with_pool(self, pool: bool) -> Self {
         Self { pool, ..self }
+    }
+
+    /// The same sampling, keeping heat warm in the background (`warm`) or profiling only
+    /// while someone watches.
+    pub fn with_warm(self, warm: bool) -> Self {
+        Self { warm, ..self }
+    }
+
+    /// Whether each running partition's heat is kept warm in the background.
+    pub fn warm(&self) -> bool {
+        self.warm
     }
 
     /// Whether windows pool heat over neighbouring frames (`heatprobe::pooling`).

@@ -19,6 +19,8 @@ pub enum PlanHeatOrigin {
     Carried,
     /// Read from a file (`migrate --heat-file`).
     File,
+    /// Kept warm in the background by the daemon's profiler (`serve --heat-profile warm`).
+    Warm,
 }
 
 /// The fewest pages heat must rank (find touched) for its order to be used: fewer, and the

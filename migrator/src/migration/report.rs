@@ -66,6 +66,10 @@ pub struct GuestWorkLost {
     pub total_ms: f64,
     /// The heat profile before round 0 (its re-arming faults).
     pub profile_ms: f64,
+    /// Warm heat (`plan_heat` `warm`): what the background profile's re-arming cost the
+    /// guest over the span of the heat this migration planned from, as its budget priced
+    /// the faults (`profile_spent`). Paid before the migration, for it.
+    pub warm_heat_ms: f64,
     /// The rounds at full speed (the dirty log's write faults, the copies).
     pub rounds_ms: f64,
     /// The rounds under a throttle.

@@ -225,6 +225,11 @@ pub async fn start(
         .arg("--heat-recheck-fraction")
         .arg(config.sampling.recheck_fraction().to_string())
         .args(config.sampling.pool().then_some("--heat-pool"))
+        .arg("--heat-profile")
+        .arg(match config.sampling.warm() {
+            true => "warm",
+            false => "on-demand",
+        })
         .arg("--heat-budget")
         .arg(
             config

@@ -1,4 +1,5 @@
-//! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--only SUBSTRING]...`: heat
+//! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--warm DURATION]
+//! [--only SUBSTRING]...`: heat
 //! against address order and against the best any order could do, on the matrix's shaped
 //! link.
 //!
@@ -6,8 +7,8 @@
 //! truth the heat bench scores recall against), written as a heat file and given to
 //! `migrate --heat-file`: what a perfect profile, at no cost to the guest, would order by.
 //! Two network namespaces joined by a veth pair shaped with `tc tbf` to 1 Gbit/s, daemons
-//! with mutual TLS; each run migrates a fresh 512 MiB, 1-vCPU partition 1 s after its first
-//! operation, with `--strategy S --mode M` (`--downtime-limit` 300 ms in pre-copy, 100 ms in
+//! with mutual TLS, keeping heat warm as `serve` does by default; each run migrates a fresh
+//! 512 MiB, 1-vCPU partition `--warm` (20 s) after its first operation, with `--strategy S --mode M` (`--downtime-limit` 300 ms in pre-copy, 100 ms in
 //! hybrid). Runs are interleaved, `for run { for scenario { heat, address, oracle } }`, the
 //! order rotated every run.
 //!
@@ -16,7 +17,7 @@
 //! heat's share of the oracle's saving, `(address − heat) / (address − oracle)`, where the
 //! oracle saves at least a tenth of address's figure.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use heatprobe_tests::{
@@ -30,6 +31,10 @@ use serde_json::{Value, json};
 const RATE: &str = "1gbit";
 const MEM: u64 = 512 << 20;
 const DEFAULT_RUNS: usize = 3;
+/// How long each partition runs before it migrates, every order alike (`--warm`): long enough
+/// for the daemon's warm heat to have swept the guest's memory at its default budget, as a
+/// guest that has run for a while has. `--warm 1s` is a migration right after the launch.
+const DEFAULT_WARM: Duration = Duration::from_secs(20);
 const ORDERS: [&str; 3] = ["heat", "address", "oracle"];
 
 /// A workload whose popularity the guest crate knows, in the matrix's arguments.
@@ -126,6 +131,7 @@ fn one(
     order: &str,
     mode: &str,
     oracle: &str,
+    warm: Duration,
 ) -> Result<Value> {
     let limit = if mode == "hybrid" { "100ms" } else { "300ms" };
     let mut options = vec!["--mode", mode, "--downtime-limit", limit];
@@ -133,7 +139,13 @@ fn one(
         "oracle" => options.extend(["--strategy", "heat", "--heat-file", oracle]),
         strategy => options.extend(["--strategy", strategy]),
     }
-    launch_and_migrate(a, b, (scenario.workload, scenario.args, "512M"), &options)
+    launch_and_migrate(
+        a,
+        b,
+        (scenario.workload, scenario.args, "512M"),
+        warm,
+        &options,
+    )
 }
 
 fn values(reports: &[Value], pointer: &str) -> Vec<f64> {
@@ -177,11 +189,17 @@ fn main() -> Result<()> {
     let mut runs = DEFAULT_RUNS;
     let mut mode = "precopy".to_string();
     let mut only: Vec<String> = Vec::new();
+    let mut warm = DEFAULT_WARM;
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
             "--mode" => mode = words.next().context("--mode needs a value")?.clone(),
             "--only" => only.push(words.next().context("--only needs a value")?.to_lowercase()),
+            "--warm" => {
+                let text = words.next().context("--warm needs a duration")?;
+                warm = humantime::parse_duration(text)
+                    .with_context(|| format!("`{text}` is not a duration"))?;
+            }
             n => {
                 runs = n
                     .parse()
@@ -208,7 +226,7 @@ fn main() -> Result<()> {
                 let slot = (k + run) % ORDERS.len();
                 let order = ORDERS[slot];
                 let started = Instant::now();
-                let report = one(&a, &b, scenario, order, &mode, &files[n])
+                let report = one(&a, &b, scenario, order, &mode, &files[n], warm)
                     .unwrap_or_else(|e| json!({ "status": "error", "error": format!("{e:#}") }));
                 eprintln!(
                     "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms{}",

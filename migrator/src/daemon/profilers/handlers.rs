@@ -12,6 +12,8 @@ use crate::api::{
 };
 use crate::daemon::{blocking, error_chain, server::Daemon};
 use crate::migration::Strategy;
+use crate::vmm::PartitionState;
+use tracing::debug;
 
 use super::{OpenWindow, ProfilingError, Shared, Step, check_window};
 
@@ -43,6 +45,40 @@ impl Daemon {
             })
         })
         .await
+    }
+
+    /// Keeps the heat of every running partition warm (`serve --heat-profile warm`): starts
+    /// its shared profiler if it has none and ends an epoch if one is due. Called once an
+    /// epoch. Partitions that migrate, out or in (a session holds them until every page is
+    /// in place), are left alone: their vCPUs are the migration's, and their memory is not
+    /// all there.
+    pub async fn keep_heat_warm(&self) {
+        if !self.profilers.sampling().warm() {
+            return;
+        }
+        for (id, partition) in self.registry.live_by_id() {
+            if partition.state() != PartitionState::Running
+                || self.registry.held_by_session(&id).is_some()
+            {
+                continue;
+            }
+            let shared = match self.shared_profiler(&id).await {
+                Ok(Ok(shared)) => shared,
+                Ok(Err(e)) => {
+                    debug!("warm heat of `{id}`: {}", error_chain(&e));
+                    continue;
+                }
+                Err(e) => {
+                    debug!("warm heat of `{id}`: {e}");
+                    continue;
+                }
+            };
+            match blocking("advancing the warm heat", move || shared.tick()).await {
+                Ok(Err(e)) => debug!("warm heat of `{id}`: {}", error_chain(&e)),
+                Err(e) => debug!("warm heat of `{id}`: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
     }
 
     /// Runs a window of `duration` on `shared`, driving its epochs until it is over.

@@ -40,10 +40,12 @@ use crate::vmm::{
 
 mod handlers;
 mod shared;
+mod warm;
 mod window;
 
 use shared::State;
 pub use shared::{Shared, Step};
+pub use warm::{WARM_SPAN, WarmHeat};
 use window::Window;
 pub use window::check_window;
 
@@ -152,6 +154,7 @@ impl Profilers {
         // migrating), so a fault outside the epoch after its frame's re-arming is a late
         // first touch, not heat.
         profiler.set_credit(Credit::ArmedLastEpoch);
+        let profiler_heat = profiler.config().heat;
         let shared = Arc::new(Shared {
             id: id.to_string(),
             partition,
@@ -162,10 +165,20 @@ impl Profilers {
                 windows: BTreeMap::new(),
                 next_window: 0,
                 pool: self.sampling.pool(),
+                warm: self
+                    .sampling
+                    .warm()
+                    .then(|| warm::Warm::new(profiler_heat, self.sampling.epoch(), WARM_SPAN)),
             })),
         });
         by_id.insert(id.to_string(), Arc::clone(&shared));
         Ok(shared)
+    }
+
+    /// Partition `id`'s warm heat, if its profiler keeps some.
+    pub fn warm_heat(&self, id: &str) -> Option<WarmHeat> {
+        let shared = self.lock().get(id).map(Arc::clone)?;
+        shared.warm_heat()
     }
 
     /// Stops profiling partition `id`: its profiler is dropped now, so its vCPU threads are

@@ -18,7 +18,7 @@ use crate::{
     vmm::{Partition, PartitionState},
 };
 
-use super::{MAX_WINDOWS, ProfilingError, Window, check_window};
+use super::{MAX_WINDOWS, ProfilingError, Window, check_window, warm::Warm, warm::WarmHeat};
 
 /// The profiler of one partition and the windows open on it.
 pub(super) struct State {
@@ -29,6 +29,8 @@ pub(super) struct State {
     pub(super) next_window: u64,
     /// Whether windows pool heat over neighbouring frames ([`HeatSampling::pool`]).
     pub(super) pool: bool,
+    /// The warm heat, when the daemon keeps it ([`HeatSampling::warm`]).
+    pub(super) warm: Option<Warm>,
 }
 
 /// One partition's shared profiler. `None` inside once it is stopped ([`Profilers::unwatch`]):
@@ -68,6 +70,11 @@ impl Shared {
             return Ok(());
         }
         state.profiler.end_epoch().map_err(ProfilingError::Epoch)?;
+        if let Some(warm) = state.warm.as_mut() {
+            let spent = state.profiler.spent();
+            let (totals, weights) = (state.profiler.totals(), state.profiler.weights());
+            warm.observe(totals, weights, state.profiler.checks(), spent, now);
+        }
         if state.windows.values().any(|w| !w.done) {
             let dropped = state.profiler.dropped().map_err(ProfilingError::Dropped)?;
             let (totals, weights) = (state.profiler.totals(), state.profiler.weights());
@@ -186,6 +193,30 @@ impl Shared {
             cells,
             heat.epochs(),
         ))
+    }
+
+    /// Advances the epochs if one is due: the warm heat's driver.
+    pub fn tick(&self) -> Result<(), ProfilingError> {
+        let mut guard = self.lock();
+        let state = guard
+            .as_mut()
+            .ok_or_else(|| ProfilingError::Stopped(self.id.clone()))?;
+        self.advance(state)
+    }
+
+    /// The warm heat a migration would plan from now, if the daemon keeps it and an epoch
+    /// has run.
+    pub fn warm_heat(&self) -> Option<WarmHeat> {
+        let guard = self.lock();
+        let state = guard.as_ref()?;
+        let warm = state.warm.as_ref()?;
+        warm.heat(
+            state.profiler.checks(),
+            state.profiler.spent(),
+            self.partition.memory().frames(),
+            self.partition.vcpu_tids().len() as u32,
+            Instant::now(),
+        )
     }
 
     /// Number of windows open (for tests and logs).

@@ -262,6 +262,9 @@ pub struct PlanHeat {
     pub measured: Instant,
     /// Where it came from, for the report.
     pub origin: PlanHeatOrigin,
+    /// What measuring it cost the guest, where that is known (warm heat: the budget's spend
+    /// over its span).
+    pub spent: Option<heatprobe::budget::Spent>,
 }
 
 /// Migrates `partition` to `destination`. Always returns a report; on failure before cutover
@@ -485,11 +488,21 @@ fn work_lost(
                 took.as_secs_f64() * 1e3,
             )
         });
+    let warm_heat_ms = match report.plan_heat {
+        Some(PlanHeatOrigin::Warm) => report.profile_spent.map_or(0.0, |s| s.estimated_ms),
+        _ => 0.0,
+    };
     let counted_ms = counted.as_secs_f64() * 1e3 + downtime_ms + after.map_or(0.0, |a| a.1);
     let after_ms = after.map(|a| a.0);
     Ok(GuestWorkLost {
-        total_ms: profile_ms + rounds_ms + throttle_ms + downtime_ms + after_ms.unwrap_or(0.0),
+        total_ms: warm_heat_ms
+            + profile_ms
+            + rounds_ms
+            + throttle_ms
+            + downtime_ms
+            + after_ms.unwrap_or(0.0),
         profile_ms,
+        warm_heat_ms,
         rounds_ms,
         throttle_ms,
         downtime_ms,

@@ -262,8 +262,19 @@ pub(super) fn plan(
         Strategy::Address => Ok(Order::address(frames)),
         // Heat a previous migration carried here, fresh, or a heat file: no profile needed.
         Strategy::Heat if let Some(carried) = carried => {
-            let order = Order::from_heat(&carried.pages, frames).map_err(MigrationError::Plan)?;
             run.report.plan_heat = Some(carried.origin);
+            // Warm heat is whatever the background profile saw, however little: it is used
+            // only if it ranks something, as a profile's is. Carried heat and heat files rank
+            // what their source decided.
+            if carried.origin == PlanHeatOrigin::Warm {
+                run.report.profile_spent = carried.spent;
+                if let Some(why) = plan_choice::unusable(&carried.pages, frames) {
+                    tracing::info!("address order: the warm heat {why}");
+                    run.report.order_fallback = Some(why);
+                    return Ok(Order::address(frames));
+                }
+            }
+            let order = Order::from_heat(&carried.pages, frames).map_err(MigrationError::Plan)?;
             run.plan_heat = Some(carried);
             Ok(order)
         }
@@ -312,6 +323,7 @@ pub(super) fn plan(
                 pages: pages.into(),
                 measured: Instant::now(),
                 origin: PlanHeatOrigin::Profiled,
+                spent: run.report.profile_spent,
             });
             Ok(order)
         }

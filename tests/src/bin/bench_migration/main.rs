@@ -107,6 +107,7 @@ fn one_migration(
         a,
         b,
         (scenario.workload, scenario.args, scenario.mem),
+        std::time::Duration::from_secs(1),
         &options,
     )
 }
