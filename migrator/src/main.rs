@@ -186,7 +186,11 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             })
             .await
         }
-        Command::Heat { target, duration } => heat(target, duration, &security).await,
+        Command::Heat {
+            target,
+            duration,
+            warm,
+        } => heat(target, duration, warm, &security).await,
         Command::Plan {
             target,
             strategy,

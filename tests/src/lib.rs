@@ -6,6 +6,7 @@ pub mod bench;
 pub mod daemon;
 pub mod guest_images;
 pub mod host_memory;
+pub mod hot_set;
 pub mod netns;
 pub mod svg;
 pub mod testvm;

@@ -97,6 +97,12 @@ fn heat_that_ranks_nothing_gives_way_to_address_order_and_says_why() {
     }
     let source = on_demand();
     let destination = Daemon::start();
+    // No warm heat on a daemon that profiles on demand: one clear refusal.
+    let quiet = source.launch("idle", "", "32M");
+    let (code, _, stderr) = source.cli(&["heat", &quiet, "--warm"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("profiles on demand"), "{stderr}");
+    source.json(&["stop", &quiet]);
     // Touches no memory: a profile finds nothing to rank. (Flat heat over most of memory
     // falls back too: `plan_choice`'s unit tests.)
     let id = source.launch("idle", "", "32M");
@@ -137,6 +143,14 @@ fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost(
     // A few seconds of background sampling: at the default budget it sweeps 64 MiB of a
     // paced guest several times.
     std::thread::sleep(std::time::Duration::from_secs(6));
+    // What a migration would plan from, asked for: pages found, and what their sampling cost.
+    let warm = source.json(&["heat", &id, "--warm"]);
+    assert!(
+        warm["pages"].as_array().is_some_and(|p| p.len() >= 64),
+        "{warm}"
+    );
+    assert!(warm["spent"]["frames_armed"].as_u64() > Some(0), "{warm}");
+    assert!(warm["duration_ms"].as_u64() > Some(0), "{warm}");
     let (report, _) = source.migrate_checked(
         &destination,
         &id,

@@ -33,6 +33,9 @@ pub struct PartitionHeat {
     pub duration_ms: u64,
     /// The heat as `heatprobe record --json` has it: `page` is the guest frame number.
     pub record: RecordReport,
+    /// Warm heat (`warm_heat`): what the budget spent over the window; `None` for a window
+    /// asked for, or without a budget.
+    pub spent: Option<heatprobe::budget::Spent>,
 }
 
 /// The heat a plan was made from.
@@ -447,6 +450,7 @@ mod tests {
             frames: 80,
             duration_ms: 2000,
             record,
+            spent: None,
         };
         let text = render_heat(&heat);
         assert!(
@@ -465,6 +469,7 @@ mod tests {
             frames: 0,
             duration_ms: 200,
             record: record(Vec::new()),
+            spent: None,
         };
         let text = render_heat(&heat);
         assert!(text.contains("hot ranges: none"), "{text}");

@@ -293,6 +293,9 @@ pub trait MigratorApi {
     ) -> Result<MigrationInfo, ApiError>;
     /// Source side: a hybrid migration cuts over to post-copy at its next check.
     async fn migration_postcopy(migration: String) -> Result<MigrationInfo, ApiError>;
+    /// The warm heat of partition `id` (`serve --heat-profile warm`): what a migration would
+    /// plan from now, with the window it covers and what that window's sampling cost.
+    async fn warm_heat(id: String) -> Result<PartitionHeat, ApiError>;
 }
 
 /// How long heat carried by a migration stays in use at the destination.

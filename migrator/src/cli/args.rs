@@ -164,6 +164,10 @@ pub(crate) enum Command {
         /// says otherwise) to 60s, rounded to whole epochs.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// The warm heat instead of a new window: what a migration would plan from now
+        /// (`serve --heat-profile warm`), with what its window's sampling cost.
+        #[arg(long, conflicts_with = "duration")]
+        warm: bool,
     },
     /// The order round 0 of a migration would send the partition's pages in now (a dry run:
     /// nothing is sent): the segments, their sizes and their first pages.

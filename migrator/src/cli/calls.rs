@@ -104,10 +104,25 @@ pub(crate) async fn reconcile(
 /// How long past a window a call may take (connecting, the epoch that ends it, the answer).
 pub(crate) const WINDOW_SLACK: Duration = Duration::from_secs(30);
 
-pub(crate) async fn heat(target: Target, duration: Duration, security: &Security) -> Result<()> {
+pub(crate) async fn heat(
+    target: Target,
+    duration: Duration,
+    warm: bool,
+    security: &Security,
+) -> Result<()> {
     let connection = Connection::open(target.host.host, security).await?;
-    let ctx = context_with(duration.saturating_add(WINDOW_SLACK));
-    let heat = connection.rpc(connection.client.page_heat(ctx, target.id, duration).await)??;
+    let heat = match warm {
+        true => connection.rpc(
+            connection
+                .client
+                .warm_heat(context_with(WINDOW_SLACK), target.id)
+                .await,
+        )??,
+        false => {
+            let ctx = context_with(duration.saturating_add(WINDOW_SLACK));
+            connection.rpc(connection.client.page_heat(ctx, target.id, duration).await)??
+        }
+    };
     if target.host.json {
         /// `heatprobe record --json`'s object, with the partition and its size added.
         #[derive(serde::Serialize)]
@@ -115,6 +130,8 @@ pub(crate) async fn heat(target: Target, duration: Duration, security: &Security
             partition: &'a str,
             frames: u64,
             duration_ms: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            spent: Option<heatprobe::budget::Spent>,
             #[serde(flatten)]
             record: &'a heatprobe::report::RecordReport,
         }
@@ -122,6 +139,7 @@ pub(crate) async fn heat(target: Target, duration: Duration, security: &Security
             partition: &heat.id,
             frames: heat.frames,
             duration_ms: heat.duration_ms,
+            spent: heat.spent,
             record: &heat.record,
         };
         println!("{}", serde_json::to_string(&json)?);

@@ -358,6 +358,10 @@ impl MigratorApi for Daemon {
         self.partition_heat(id, duration).await
     }
 
+    async fn warm_heat(self, _: Context, id: String) -> Result<PartitionHeat, ApiError> {
+        self.warm_partition_heat(id).await
+    }
+
     async fn plan(
         self,
         _: Context,

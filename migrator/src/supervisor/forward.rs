@@ -384,6 +384,12 @@ impl MigratorApi for Supervisor {
         .await
     }
 
+    async fn warm_heat(self, ctx: Context, id: String) -> Result<PartitionHeat, ApiError> {
+        let target = id.clone();
+        self.on_partition(&target, |c| async move { c.warm_heat(ctx, id).await })
+            .await
+    }
+
     async fn page_heat(
         self,
         ctx: Context,

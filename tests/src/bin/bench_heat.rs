@@ -29,27 +29,20 @@
 //! Prints Markdown for docs/BENCHMARKS.md.
 
 use std::{
-    collections::BTreeSet,
-    ops::Range,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
-    bench::{Spread, commit, known_popularity, median, plural, reproduce, show},
+    bench::{Spread, commit, median, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig},
+    hot_set::{FLAT_OUT, HOT_SHARE, MEM, MEM_ARG, SCENARIOS, SLACK, Scenario, Truth},
 };
 use serde_json::Value;
 
-const MEM: u64 = 256 << 20;
-const MEM_ARG: &str = "256M";
 /// The windows of each recall measurement, in ms.
 const DURATIONS_MS: [u64; 4] = [500, 1000, 2000, 5000];
-/// The share of intended accesses the true hot set takes.
-const HOT_SHARE: f64 = 0.8;
-/// How many pages by heat may hold the hot set, as a multiple of its size.
-const SLACK: f64 = 1.25;
 /// The goal.
 const GOAL_RECALL: f64 = 0.95;
 const GOAL_WITHIN_MS: u64 = 2000;
@@ -69,58 +62,6 @@ const DEFAULT_SAMPLINGS: [(u64, &str); 5] = [
     (50, "1/32"),
     (50, "1/8"),
 ];
-
-struct Scenario {
-    name: &'static str,
-    workload: &'static str,
-    args: &'static str,
-}
-
-/// The guests of the pre-copy matrix whose hot set is known, at the matrix's pace. Their full
-/// self-check reads every page alike, which the model of their popularity leaves out: at the
-/// default `check_every` a paced `hotspot` sweeps all its pages three times a second, so every
-/// page would be touched often and the hot set would not be the one the model says; here the
-/// checks are rare.
-const SCENARIOS: [Scenario; 6] = [
-    Scenario {
-        name: "kv-zipf, in place",
-        workload: "kv-zipf",
-        args: "theta=0.99 write=0.2 rate=500000 check_every=1000000000",
-    },
-    Scenario {
-        name: "kv-zipf, scrambled",
-        workload: "kv-zipf",
-        args: "theta=0.99 write=0.2 rate=500000 scramble=1 check_every=1000000000",
-    },
-    Scenario {
-        name: "hotspot, in place",
-        workload: "hotspot",
-        args: "rate=200000 check_every=1000000000",
-    },
-    Scenario {
-        name: "hotspot, scattered",
-        workload: "hotspot",
-        args: "rate=200000 scatter=1 check_every=1000000000",
-    },
-    Scenario {
-        name: "graded, in place",
-        workload: "graded",
-        args: "rate=200000 check_every=1000000000",
-    },
-    Scenario {
-        name: "graded, scattered",
-        workload: "graded",
-        args: "rate=200000 scatter=1 check_every=1000000000",
-    },
-];
-
-/// The slowdown's guest: flat out, its hot keys scattered, so a re-armed slice holds as many
-/// touched pages as it can.
-const FLAT_OUT: Scenario = Scenario {
-    name: "kv-zipf flat out, scrambled",
-    workload: "kv-zipf",
-    args: "theta=0.99 write=0.2 scramble=1 check_every=1000000000",
-};
 
 /// One daemon's sampling.
 #[derive(Clone, Debug)]
@@ -149,11 +90,14 @@ impl Sampling {
 
     fn daemon(&self) -> Result<Daemon> {
         let epoch = format!("{}ms", self.epoch_ms);
+        // On demand: a window's cost is what is measured, against no profiling at all.
         let mut args = vec![
             "--heat-epoch",
             &epoch,
             "--heat-sample-fraction",
             &self.fraction,
+            "--heat-profile",
+            "on-demand",
         ];
         if let Some(recheck) = &self.recheck {
             args.extend(["--heat-recheck-fraction", recheck]);
@@ -162,80 +106,6 @@ impl Sampling {
             args.push("--heat-pool");
         }
         Daemon::try_start(DaemonConfig::default().args(&args))
-    }
-}
-
-/// The intended hot set of a scenario, as guest frames.
-struct Truth {
-    /// The frames that hold data pages.
-    data: Range<u64>,
-    hot: BTreeSet<u64>,
-}
-
-impl Truth {
-    fn of(scenario: &Scenario) -> Result<Self> {
-        let (first, model) = known_popularity(scenario.workload, scenario.args, MEM)
-            .with_context(|| scenario.name.to_string())?;
-        let data = model.data_pages();
-        let mut pages: Vec<(usize, f64)> = data.clone().map(|p| (p, model.weight(p))).collect();
-        pages.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let total: f64 = pages.iter().map(|(_, w)| w).sum();
-        let (mut taken, mut hot) = (0.0, BTreeSet::new());
-        let mut lightest = f64::INFINITY;
-        for &(page, weight) in &pages {
-            if taken >= HOT_SHARE * total && weight < lightest {
-                break;
-            }
-            taken += weight;
-            lightest = weight;
-            hot.insert(page);
-        }
-        Ok(Self {
-            data: first + data.start as u64..first + data.end as u64,
-            hot: hot.into_iter().map(|p| first + p as u64).collect(),
-        })
-    }
-
-    /// The share of the hot set among the top ⌈SLACK × |hot|⌉ data pages of `heat` (a
-    /// `migrator heat --json` object), ties in heat broken at random, in expectation.
-    fn recall(&self, heat: &Value) -> Result<f64> {
-        let listed = heat["pages"].as_array().context("no pages in the heat")?;
-        let mut touched = Vec::new();
-        for page in listed {
-            let frame = page["page"].as_u64().context("a page number")?;
-            let heat = page["heat"].as_f64().context("a page's heat")?;
-            if self.data.contains(&frame) && heat > 0.0 {
-                touched.push((heat, self.hot.contains(&frame)));
-            }
-        }
-        // Untouched data pages share heat 0.
-        let untouched = self.data.end - self.data.start - touched.len() as u64;
-        let untouched_hot =
-            self.hot.len() as u64 - touched.iter().filter(|(_, h)| *h).count() as u64;
-        touched.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut levels: Vec<(u64, u64)> = Vec::new(); // (pages, hot pages) per heat, hottest first
-        let mut previous = f64::NAN;
-        for (heat, hot) in touched {
-            if heat != previous {
-                levels.push((0, 0));
-                previous = heat;
-            }
-            let level = levels.last_mut().expect("pushed above");
-            level.0 += 1;
-            level.1 += u64::from(hot);
-        }
-        levels.push((untouched, untouched_hot));
-        let mut slots = (SLACK * self.hot.len() as f64).ceil() as u64;
-        let mut found = 0.0;
-        for (pages, hot) in levels {
-            if slots == 0 || pages == 0 {
-                continue;
-            }
-            let taken = pages.min(slots);
-            found += hot as f64 * taken as f64 / pages as f64;
-            slots -= taken;
-        }
-        Ok(found / self.hot.len().max(1) as f64)
     }
 }
 

@@ -148,6 +148,42 @@ impl Daemon {
             frames,
             duration_ms: duration.as_millis() as u64,
             record,
+            spent: None,
+        })
+    }
+
+    /// `warm_heat`: partition `id`'s warm heat, as a migration would plan from it now.
+    pub(in crate::daemon) async fn warm_partition_heat(
+        &self,
+        id: String,
+    ) -> Result<PartitionHeat, ApiError> {
+        let partition = self.registry.live(&id)?;
+        if !self.profilers.sampling().warm() {
+            return Err(ApiError::Partition(
+                "this daemon profiles on demand (`serve --heat-profile on-demand`): there is \
+                 no warm heat; ask for a window with `heat --duration`"
+                    .into(),
+            ));
+        }
+        let profilers = self.profilers.clone();
+        let warming = id.clone();
+        let heat = blocking("reading the warm heat", move || {
+            profilers.warm_record(&warming)
+        })
+        .await?
+        .ok_or_else(|| {
+            ApiError::Partition(format!(
+                "partition `{id}` has no warm heat yet: it is kept while the partition runs, \
+                 and not while it migrates or is paused"
+            ))
+        })?;
+        let (record, covered, spent) = heat;
+        Ok(PartitionHeat {
+            id,
+            frames: partition.memory().frames(),
+            duration_ms: covered.as_millis() as u64,
+            record,
+            spent,
         })
     }
 

@@ -181,6 +181,20 @@ impl Profilers {
         shared.warm_heat()
     }
 
+    /// Partition `id`'s warm heat as a heat record, with the window it covers and its
+    /// spend, if its profiler keeps some.
+    pub fn warm_record(
+        &self,
+        id: &str,
+    ) -> Option<(
+        heatprobe::report::RecordReport,
+        Duration,
+        Option<heatprobe::budget::Spent>,
+    )> {
+        let shared = self.lock().get(id).map(Arc::clone)?;
+        shared.warm_record()
+    }
+
     /// Stops profiling partition `id`: its profiler is dropped now, so its vCPU threads are
     /// free for another (a migration's), and the windows open on it end with
     /// [`ProfilingError::Stopped`].

@@ -219,6 +219,39 @@ impl Shared {
         )
     }
 
+    /// The warm heat as `heatprobe record` reports a target's, with the window it covers and
+    /// its spend.
+    pub fn warm_record(
+        &self,
+    ) -> Option<(RecordReport, Duration, Option<heatprobe::budget::Spent>)> {
+        let (target, interval_ms) = {
+            let guard = self.lock();
+            let state = guard.as_ref()?;
+            (
+                TargetSummary::from(state.profiler.target()),
+                state.epoch.as_millis() as u64,
+            )
+        };
+        let heat = self.warm_heat()?;
+        let epochs = match interval_ms {
+            0 => 0,
+            ms => heat.covered.as_millis() as u64 / ms,
+        };
+        Some((
+            RecordReport {
+                target,
+                page_size: PAGE_SIZE,
+                interval_ms,
+                epochs,
+                dropped: 0,
+                pages: heat.pages,
+                blind_spot: None,
+            },
+            heat.covered,
+            heat.spent,
+        ))
+    }
+
     /// Number of windows open (for tests and logs).
     pub fn open_windows(&self) -> usize {
         self.lock().as_ref().map_or(0, |s| s.windows.len())
