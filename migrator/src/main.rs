@@ -256,5 +256,6 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             steer(target, Steer::Limits(limits), &security).await
         }
         Command::Postcopy(target) => steer(target, Steer::Postcopy, &security).await,
+        Command::Drain(args) => cli::drain::run(args, &security).await,
     }
 }

@@ -264,6 +264,9 @@ pub(crate) enum Command {
     },
     /// Switch a hybrid migration to post-copy at its next check.
     Postcopy(MigrationTarget),
+    /// Move every live partition off a daemon onto others, a few at a time; those that
+    /// cannot move stay where they are and are named.
+    Drain(super::drain::DrainArgs),
 }
 
 #[derive(Args)]
