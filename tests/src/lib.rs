@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod guest_images;
 pub mod host_memory;
 pub mod netns;
+pub mod prometheus;
 pub mod svg;
 pub mod testvm;
 

@@ -199,6 +199,14 @@ fn partition_partitions(listed: Vec<PartitionInfo>) -> (VecDeque<PartitionInfo>,
     (movable.into(), entries)
 }
 
+/// The next Ctrl-C, or never without a handler.
+async fn interrupted(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Run {
     fn elapsed_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
@@ -208,8 +216,9 @@ impl Run {
     /// until none is left or Ctrl-C; says whether it was cancelled.
     async fn drive(&mut self, mut pending: VecDeque<PartitionInfo>, parallel: usize) -> bool {
         let mut cancelled = false;
-        let interrupt = tokio::signal::ctrl_c();
-        tokio::pin!(interrupt);
+        // Installed before the first migration starts: a Ctrl-C from then on cancels.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             while !cancelled && self.flights.len() < parallel {
@@ -227,11 +236,9 @@ impl Run {
                         self.settle(&partition, outcome).await;
                     }
                 }
-                interrupted = &mut interrupt, if !cancelled => {
+                Some(()) = interrupted(&mut interrupt), if !cancelled => {
                     cancelled = true;
-                    if interrupted.is_ok() {
-                        self.cancel().await;
-                    }
+                    self.cancel().await;
                 }
                 _ = tick.tick() => self.watch().await,
             }
