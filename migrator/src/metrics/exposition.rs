@@ -245,6 +245,11 @@ mod tests {
         report.pages_resent = 7;
         report.postcopy_requests = 3;
         report.postcopy_fault_latency_us.p99 = 400;
+        report.profile_spent = Some(heatprobe::budget::Spent {
+            estimated_ms: 20.0,
+            share: 0.004,
+            ..Default::default()
+        });
         recorder.migration_ended(Mode::Hybrid, Strategy::Address, &Ok(report));
         recorder.migration_ended(
             Mode::Precopy,
@@ -270,6 +275,10 @@ mod tests {
             format!("migrator_migration_downtime_seconds_bucket{{{kind},le=\"0.025\"}} 0"),
             format!("migrator_migration_downtime_seconds_sum{{{kind}}} 0.03"),
             format!("migrator_migration_demand_latency_p99_seconds_count{{{kind}}} 1"),
+            format!("migrator_migration_profile_guest_seconds_total{{{kind}}} 0.02"),
+            format!(
+                "migrator_migration_profile_guest_share_ratios_bucket{{{kind},le=\"0.005\"}} 1"
+            ),
         ] {
             assert!(page.lines().any(|l| l == series), "{series}: {page}");
         }
