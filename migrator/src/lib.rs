@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dash;
 pub mod fuzzing;
 pub mod host;
+pub mod metrics;
 pub mod migration;
 pub mod supervisor;
 pub mod tls;

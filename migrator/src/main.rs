@@ -24,7 +24,7 @@ use self::cli::{
     jobs::Steer,
     partition_process::{self, PartitionProcess},
     render,
-    serve::run_daemon,
+    serve::{Daemon, run_daemon},
 };
 
 mod cli;
@@ -79,6 +79,7 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             heat,
             runtime_dir,
             on_exit,
+            metrics,
         } => {
             let limits = Limits {
                 max_partitions,
@@ -91,7 +92,12 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
                 sampling: heat.sampling()?,
                 tls,
             };
-            run_daemon(process, limits, security, runtime_dir, on_exit).await
+            let daemon = Daemon {
+                runtime_dir,
+                on_exit,
+                metrics,
+            };
+            run_daemon(process, limits, security, daemon).await
         }
         Command::Vmm {
             runtime_dir,
@@ -254,5 +260,6 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             steer(target, Steer::Limits(limits), &security).await
         }
         Command::Postcopy(target) => steer(target, Steer::Postcopy, &security).await,
+        Command::Drain(args) => cli::drain::run(args, &security).await,
     }
 }

@@ -8,6 +8,7 @@ pub mod guest_images;
 pub mod host_memory;
 pub mod hot_set;
 pub mod netns;
+pub mod prometheus;
 pub mod svg;
 pub mod testvm;
 

@@ -1,5 +1,5 @@
-//! Two hosts on one machine: two network namespaces joined by a veth pair, with a link that
-//! can be cut and restored. Removed on drop.
+//! Hosts on one machine: two network namespaces joined by a veth pair, with a link that can
+//! be cut and restored, or several on a bridge (`Lan`). Removed on drop.
 //!
 //! Names carry the test process's id and a counter, so tests running in parallel, in one
 //! process or several, never collide; pairs left behind by a killed test process are removed
@@ -213,6 +213,105 @@ impl Drop for HostPair {
             let _ = run("ip", &["netns", "del", &host.ns]);
         }
     }
+}
+
+/// Hosts on one Ethernet segment: a namespace each, joined by a bridge in a namespace of its
+/// own; host `i` is 10.78.0.(i+1). Removed on drop.
+pub struct Lan {
+    pub hosts: Vec<Host>,
+    hub: String,
+}
+
+impl Lan {
+    /// Creates `count` hosts (at most 9), up, with loopback up on each.
+    pub fn create(count: usize) -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        anyhow::ensure!((1..=9).contains(&count), "1 to 9 hosts on a LAN");
+        remove_orphans();
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let hub = format!("{PREFIX}{pid}-{n}hub");
+        // Interface names are limited to 15 bytes: "l" + pid (at most 7) + "x" + n + "h" + i.
+        let hosts = (0..count)
+            .map(|i| Host {
+                ns: format!("{PREFIX}{pid}-{n}l{i}"),
+                dev: format!("l{pid}x{n}h{i}"),
+                addr: Ipv4Addr::new(10, 78, 0, i as u8 + 1),
+            })
+            .collect();
+        // From here on, drop removes whatever was made.
+        let lan = Self { hosts, hub };
+        run("ip", &["netns", "add", &lan.hub])?;
+        run(
+            "ip",
+            &["-n", &lan.hub, "link", "add", "br0", "type", "bridge"],
+        )?;
+        run("ip", &["-n", &lan.hub, "link", "set", "br0", "up"])?;
+        for (i, host) in lan.hosts.iter().enumerate() {
+            let port = format!("l{pid}x{n}p{i}");
+            run("ip", &["netns", "add", &host.ns])?;
+            run(
+                "ip",
+                &[
+                    "link", "add", &host.dev, "netns", &host.ns, "type", "veth", "peer", "name",
+                    &port, "netns", &lan.hub,
+                ],
+            )?;
+            run(
+                "ip",
+                &["-n", &lan.hub, "link", "set", &port, "master", "br0"],
+            )?;
+            run("ip", &["-n", &lan.hub, "link", "set", &port, "up"])?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &host.ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", host.addr),
+                    "dev",
+                    &host.dev,
+                ],
+            )?;
+            run("ip", &["-n", &host.ns, "link", "set", &host.dev, "up"])?;
+            run("ip", &["-n", &host.ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(lan)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for host in &self.hosts {
+            let _ = run("ip", &["netns", "del", &host.ns]);
+        }
+        let _ = run("ip", &["netns", "del", &self.hub]);
+    }
+}
+
+/// Runs `work` on a thread of its own inside namespace `ns` (this process's own without one):
+/// what it connects to, it reaches as a process of that host would.
+pub fn in_namespace<T: Send + 'static>(
+    ns: Option<&str>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let path = ns.map(|ns| format!("/run/netns/{ns}"));
+    std::thread::spawn(move || -> Result<T> {
+        if let Some(path) = path {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on a valid namespace descriptor; it changes only this thread's
+            // network namespace, and the thread ends with `work`.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok(work())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in the namespace panicked"))?
 }
 
 /// Removes namespaces of this module whose test process no longer exists.

@@ -23,8 +23,9 @@ use crate::{
 };
 
 /// Debian packages the build and the tests need: libclang for bindgen, tmux for the
-/// dashboard's tests, iproute2 (`ip`, `tc`) for the namespace hosts.
-const APT_PACKAGES: &[&str] = &["libclang-dev", "tmux", "iproute2"];
+/// dashboard's tests, iproute2 (`ip`, `tc`) for the namespace hosts, prometheus
+/// (`prometheus`, `promtool`) for the metrics tests, which run their own server.
+const APT_PACKAGES: &[&str] = &["libclang-dev", "tmux", "iproute2", "prometheus"];
 
 pub fn setup() -> Result<()> {
     ensure_apt_packages()?;

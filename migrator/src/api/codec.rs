@@ -202,9 +202,17 @@ mod tests {
                 guest_abi_version: 1,
                 partitions: 5,
                 holds: 3,
+                memory_used: 64 << 20,
+                memory_free: Some(1 << 30),
             }))),
         };
-        assert_eq!(encode(&welcome), [1, 0, 0, 0, 4, 1, 5, 3]);
+        // Varints: 64 MiB is 0x80 0x80 0x80 0x20; `Some` is 1, then 1 GiB 0x80 0x80 0x80 0x80 0x04.
+        assert_eq!(
+            encode(&welcome),
+            [
+                1, 0, 0, 0, 4, 1, 5, 3, 0x80, 0x80, 0x80, 0x20, 1, 0x80, 0x80, 0x80, 0x80, 0x04
+            ]
+        );
     }
 
     /// The commit's answer carries the destination's timings since API 4; an answer of API 3,

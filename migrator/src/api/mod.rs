@@ -59,8 +59,9 @@ use crate::{
 /// fault window's `ops`, the partition's `unanswered_ms`, and `MigrateRequest::heat`) and the refusals `NothingRunsHere`,
 /// `HeldByMigration`, `UnknownMigration` and `Steer`; 11 adds the options' `heat_budget`, the
 /// report's `order_fallback` and `profile_spent`, and the heat record's `blind_spot`; 12 adds
-/// warm heat (`plan_heat` `warm`, `guest_work_lost.warm_heat_ms`). New calls go at the end of
-/// the service.
+/// warm heat (`plan_heat` `warm`, `guest_work_lost.warm_heat_ms`, `warm_heat`) and the
+/// handshake's `memory_used` and `memory_free` (`drain` places partitions by them). New calls
+/// go at the end of the service.
 pub const API_VERSION: u32 = 12;
 /// Largest frame either side accepts (a guest image travels in one).
 pub const MAX_FRAME: usize = 80 << 20;
@@ -76,6 +77,12 @@ pub struct DaemonInfo {
     /// Live partitions and incoming migration sessions: a partition process that holds none
     /// is done, and its supervisor ends it.
     pub holds: usize,
+    /// Guest memory hosted and reserved for partitions still starting, in bytes.
+    pub memory_used: u64,
+    /// Guest memory one more partition may still take here: the room under `serve
+    /// --max-memory`, and no more than the host's MemAvailable. `None` from a daemon that
+    /// admits nothing itself (a partition's process).
+    pub memory_free: Option<u64>,
 }
 
 impl DaemonInfo {
@@ -85,6 +92,8 @@ impl DaemonInfo {
             guest_abi_version: ABI_VERSION,
             partitions,
             holds: partitions,
+            memory_used: 0,
+            memory_free: None,
         }
     }
 }

@@ -94,6 +94,11 @@ pub(crate) enum Command {
         /// daemon to adopt; `stop` stops them all first.
         #[arg(long, value_enum, default_value_t = OnExit::Keep)]
         on_exit: OnExit,
+        /// Serve Prometheus metrics at http://ADDR/metrics (off by default). Off loopback
+        /// it needs --tls, as the API does: https, and only scrapers with a client
+        /// certificate from the CA get in.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// One partition's process, started by `migrator serve` (not for use by hand).
     #[command(hide = true)]
@@ -263,6 +268,9 @@ pub(crate) enum Command {
     },
     /// Switch a hybrid migration to post-copy at its next check.
     Postcopy(MigrationTarget),
+    /// Move every live partition off a daemon onto others, a few at a time; those that
+    /// cannot move stay where they are and are named.
+    Drain(super::drain::DrainArgs),
 }
 
 #[derive(Args)]

@@ -35,18 +35,25 @@ pub(crate) async fn detached(
         bail!("--detach needs --to");
     };
     let connection = Connection::open(from, security).await?;
-    let migration = connection.rpc(
-        connection
-            .client
-            .migrate_detached(context_with(Duration::from_secs(60)), request)
-            .await,
-    )??;
+    let migration = start_detached(&connection, request).await?;
     if json {
         println!("{}", serde_json::json!({ "migration": migration }));
     } else {
         println!("{migration}");
     }
     Ok(())
+}
+
+/// Starts the migration `request` asks for on the source `connection` is to; its id.
+pub(crate) async fn start_detached(
+    connection: &Connection,
+    request: MigrateRequest,
+) -> Result<String> {
+    let started = connection
+        .client
+        .migrate_detached(context_with(Duration::from_secs(60)), request)
+        .await;
+    Ok(connection.rpc(started)??)
 }
 
 pub(crate) type RpcResult =
@@ -244,19 +251,7 @@ pub(crate) async fn migrate(
                 .migration_progress(context::current(), id.clone())
                 .await
             {
-                let throttle = if p.throttle_pct > 0 {
-                    format!("  throttle {}%", p.throttle_pct)
-                } else {
-                    String::new()
-                };
-                bar.set_message(format!(
-                    "{:?} round {}  remaining {} MiB  {:.0} MiB/s  expected downtime {} ms{throttle}",
-                    p.phase,
-                    p.round,
-                    p.remaining_bytes >> 20,
-                    p.rate_bytes_per_sec / (1 << 20) as f64,
-                    p.expected_downtime_ms
-                ));
+                bar.set_message(render::progress_line(&p));
             }
             bar.tick();
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -269,15 +264,7 @@ pub(crate) async fn migrate(
         if tokio::signal::ctrl_c().await.is_err() {
             return std::future::pending::<()>().await;
         }
-        let cancel = connection
-            .client
-            .migration_cancel(context_with(Duration::from_secs(30)), id.clone())
-            .await;
-        match cancel {
-            Ok(Ok(_)) => eprintln!("migrator: cancelling the migration"),
-            Ok(Err(refused)) => eprintln!("migrator: not cancelled: {refused}; waiting for it"),
-            Err(e) => eprintln!("migrator: could not ask for a cancel: {e}"),
-        }
+        super::jobs::ask_cancel(&connection.client, id.clone()).await;
         std::future::pending::<()>().await
     };
     let result = tokio::select! {

@@ -129,6 +129,21 @@ pub async fn steer(
     print_info(&connection.rpc(answer)??, json)
 }
 
+/// Ctrl-C during a migration: asks its source to cancel it (a migration id, or a
+/// partition's for its running migration), and says what came of that on stderr.
+pub async fn ask_cancel(client: &migrator::api::MigratorApiClient, migration: String) {
+    let cancel = client
+        .migration_cancel(context_with(Duration::from_secs(30)), migration.clone())
+        .await;
+    match cancel {
+        Ok(Ok(_)) => eprintln!("migrator: cancelling {migration}"),
+        Ok(Err(refused)) => {
+            eprintln!("migrator: {migration} not cancelled: {refused}; waiting for it")
+        }
+        Err(e) => eprintln!("migrator: could not ask for a cancel of {migration}: {e}"),
+    }
+}
+
 /// `migrator wait MIGRATION`: the report, once the migration has ended.
 pub async fn wait(
     host: SocketAddr,

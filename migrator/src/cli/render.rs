@@ -151,6 +151,23 @@ pub(crate) fn after_move_line(report: &MigrationReport) -> String {
     )
 }
 
+/// One line of a running migration's progress, for a progress bar.
+pub(crate) fn progress_line(p: &migrator::migration::MigrationProgress) -> String {
+    let throttle = if p.throttle_pct > 0 {
+        format!("  throttle {}%", p.throttle_pct)
+    } else {
+        String::new()
+    };
+    format!(
+        "{:?} round {}  remaining {} MiB  {:.0} MiB/s  expected downtime {} ms{throttle}",
+        p.phase,
+        p.round,
+        p.remaining_bytes >> 20,
+        p.rate_bytes_per_sec / (1 << 20) as f64,
+        p.expected_downtime_ms
+    )
+}
+
 pub(crate) fn table_text(list: &[PartitionInfo]) -> String {
     let mut out = String::new();
     let _ = writeln!(

@@ -237,6 +237,9 @@ impl MigratorApi for Supervisor {
         }
         let mut info = DaemonInfo::new(self.inner.inventory.len());
         info.holds = self.inner.inventory.holds();
+        let (used, free) = self.memory();
+        info.memory_used = used;
+        info.memory_free = Some(free);
         Ok(info)
     }
 

@@ -72,12 +72,7 @@ impl Inventory {
     /// Reserves room for one more partition of `memory` bytes, or says which limit it breaks.
     pub fn reserve(&self, limits: &Limits, memory: u64) -> Result<Reservation<'_>, AdmissionError> {
         let mut held = self.lock();
-        let hosted = held
-            .processes
-            .values()
-            .map(|p| Usage::one(p.record.mem_bytes))
-            .fold(Usage::default(), Usage::plus);
-        limits.admit(hosted.plus(held.reserved), memory)?;
+        limits.admit(used(&held), memory)?;
         let usage = Usage::one(memory);
         held.reserved = held.reserved.plus(usage);
         Ok(Reservation {
@@ -154,6 +149,19 @@ impl Inventory {
     pub fn holds(&self) -> usize {
         self.lock().processes.len()
     }
+
+    /// What admission counts: the processes hosted and the room reserved.
+    pub fn usage(&self) -> Usage {
+        used(&self.lock())
+    }
+}
+
+fn used(held: &Held) -> Usage {
+    held.processes
+        .values()
+        .map(|p| Usage::one(p.record.mem_bytes))
+        .fold(Usage::default(), Usage::plus)
+        .plus(held.reserved)
 }
 
 fn remove(held: &mut Held, vmm: &Arc<VmmProcess>) {

@@ -22,7 +22,7 @@ use crate::{
     api::MigrationInfo,
     api::client::context_with,
     host::admission::AdmissionError,
-    migration::{MigrationReport, job::LiveLimits},
+    migration::{MigrationReport, Mode, Strategy, job::LiveLimits},
 };
 
 /// Reports kept for a late `wait`.
@@ -101,13 +101,18 @@ impl Supervisor {
         request: MigrateRequest,
     ) -> Result<MigrationReport, ApiError> {
         let id = request.id.clone();
-        let slot = self.inner.jobs.admit(self.inner.limits.max_migrations)?;
+        let (mode, strategy) = (request.options.mode, request.options.strategy);
+        let slot = self.admit(mode, strategy)?;
         let supervisor = self.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
             let answer = supervisor
                 .on_partition(&id, |c| async move { c.migrate(ctx, request).await })
                 .await;
+            supervisor
+                .inner
+                .recorder
+                .migration_ended(mode, strategy, &answer);
             if let Ok(report) = &answer
                 && let Some(migration) = &report.migration
             {
@@ -130,13 +135,23 @@ impl Supervisor {
         request: MigrateRequest,
     ) -> Result<String, ApiError> {
         let id = request.id.clone();
-        let slot = self.inner.jobs.admit(self.inner.limits.max_migrations)?;
-        let migration = self
+        let (mode, strategy) = (request.options.mode, request.options.strategy);
+        let slot = self.admit(mode, strategy)?;
+        let started = self
             .on_partition(
                 &id,
                 |c| async move { c.migrate_detached(ctx, request).await },
             )
-            .await?;
+            .await;
+        let migration = match started {
+            Ok(migration) => migration,
+            Err(e) => {
+                self.inner
+                    .recorder
+                    .migration_ended(mode, strategy, &Err(e.clone()));
+                return Err(e);
+            }
+        };
         let supervisor = self.clone();
         let waited = migration.clone();
         tokio::spawn(async move {
@@ -148,10 +163,26 @@ impl Supervisor {
                     c.migration_wait(context_with(DETACHED_WAIT), target).await
                 })
                 .await;
+            supervisor
+                .inner
+                .recorder
+                .migration_ended(mode, strategy, &outcome);
             supervisor.inner.jobs.remember(waited, outcome.clone());
             let _ = supervisor.settled(&id, outcome).await;
         });
         Ok(migration)
+    }
+
+    /// A slot for one more outgoing migration; a refusal counts as a migration that ended in
+    /// an error.
+    fn admit(&self, mode: Mode, strategy: Strategy) -> Result<Slot, ApiError> {
+        let admitted = self.inner.jobs.admit(self.inner.limits.max_migrations);
+        if let Err(e) = &admitted {
+            self.inner
+                .recorder
+                .migration_ended(mode, strategy, &Err(e.clone()));
+        }
+        admitted
     }
 
     /// Waits for migration `migration` and returns its report: from its process, or, once

@@ -13,12 +13,14 @@
 //! - `process`: one partition process, started or adopted, and its death;
 //! - `inventory`: the processes, the partitions that ended, and admission;
 //! - `forward`: the API, forwarded; `jobs`: outgoing migrations, counted and waited for;
+//! - `scrape`: what `serve --metrics` shows of it all at a scrape.
 
 mod forward;
 mod inventory;
 mod jobs;
 pub mod process;
 pub mod runtime_dir;
+mod scrape;
 
 use std::{
     net::SocketAddr,
@@ -89,6 +91,8 @@ struct Inner {
     inventory: Inventory,
     /// Outgoing migrations: counted while they run, their last reports kept.
     jobs: Arc<jobs::Jobs>,
+    /// What the migrations that ended leave to `serve --metrics`.
+    recorder: crate::metrics::Recorder,
     /// Set when a partition process found running at the start could not be adopted: a
     /// session unknown here may then still run in it.
     orphans: std::sync::atomic::AtomicBool,
@@ -111,6 +115,7 @@ impl Supervisor {
                 limits,
                 inventory: Inventory::default(),
                 jobs: Arc::default(),
+                recorder: crate::metrics::Recorder::default(),
                 orphans: std::sync::atomic::AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
             }),
