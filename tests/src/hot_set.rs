@@ -76,6 +76,14 @@ pub const FLAT_OUT: Scenario = Scenario {
     args: "theta=0.99 write=0.2 scramble=1 check_every=1000000000",
 };
 
+/// A hot set that moves: `hotspot`'s region, scattered, moving on every 4M operations (20 s at
+/// its pace), so its truth depends on when it is asked ([`Truth::after_ops`]).
+pub const MOVING: Scenario = Scenario {
+    name: "hotspot moving, scattered",
+    workload: "hotspot",
+    args: "rate=200000 scatter=1 move_every=4000000 check_every=1000000000",
+};
+
 /// The intended hot set of a scenario, as guest frames.
 pub struct Truth {
     /// The frames that hold data pages.
@@ -85,8 +93,15 @@ pub struct Truth {
 
 impl Truth {
     pub fn of(scenario: &Scenario) -> Result<Self> {
+        Self::after_ops(scenario, 0)
+    }
+
+    /// The hot set once the guest has made `ops` operations: where a hot set that moves
+    /// ([`MOVING`]) has moved to by then.
+    pub fn after_ops(scenario: &Scenario, ops: u64) -> Result<Self> {
         let (first, model) = known_popularity(scenario.workload, scenario.args, MEM)
             .with_context(|| scenario.name.to_string())?;
+        let model = model.after_ops(ops);
         let data = model.data_pages();
         let mut pages: Vec<(usize, f64)> = data.clone().map(|p| (p, model.weight(p))).collect();
         pages.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -19,6 +19,9 @@ pub enum Suite {
     /// Recall of the daemon's heat against guests' known hot sets, and the guest's slowdown
     /// while profiled, per sampling configuration.
     Heat,
+    /// Warm heat at the default budget: its recall against time, and what keeping it costs a
+    /// flat-out guest.
+    Warm,
     /// What each step of the page stream costs a page alone: the zero check, the hash, the
     /// copy out of guest memory, the write into fresh memory.
     Pages,
@@ -36,6 +39,7 @@ pub fn bench(suite: Suite, args: &[String]) -> Result<()> {
         Suite::Partitions => "bench_partitions",
         Suite::Migration => "bench_migration",
         Suite::Heat => "bench_heat",
+        Suite::Warm => "bench_warm",
         Suite::Pages => "bench_pages",
         Suite::OrderBound => "model_postcopy",
         Suite::Oracle => "bench_oracle",

@@ -12,6 +12,9 @@
 //! hybrid). Runs are interleaved, `for run { for scenario { heat, address, oracle } }`, the
 //! order rotated every run.
 //!
+//! The scenario whose hot set moves (`hotspot moving`) has no oracle: its heat file would be
+//! written before the launch, and the hot set moves on before the migration.
+//!
 //! Per scenario it prints `median (min–max)` of pages re-sent, demands, blocktime, downtime
 //! and guest work lost for each order; heat/address and oracle/address of the medians; and
 //! heat's share of the oracle's saving, `(address − heat) / (address − oracle)`, where the
@@ -44,7 +47,7 @@ struct Scenario {
     args: &'static str,
 }
 
-const SCENARIOS: [Scenario; 8] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         name: "kv-zipf paced, in place",
         workload: "kv-zipf",
@@ -85,7 +88,19 @@ const SCENARIOS: [Scenario; 8] = [
         workload: "graded",
         args: "rate=200000 scatter=1",
     },
+    // Its hot region moves on every 20 s, so no heat file written before the launch knows
+    // where it is at the migration: heat and address order only.
+    Scenario {
+        name: "hotspot moving, scattered",
+        workload: "hotspot",
+        args: "rate=200000 scatter=1 move_every=4000000",
+    },
 ];
+
+/// Whether the oracle can be written before the launch: not for a hot set that moves.
+fn has_oracle(scenario: &Scenario) -> bool {
+    !scenario.args.contains("move_every")
+}
 
 /// The figures compared, with their report pointers and decimals.
 const FIGURES: [(&str, &str, usize); 5] = [
@@ -225,6 +240,9 @@ fn main() -> Result<()> {
             for k in 0..ORDERS.len() {
                 let slot = (k + run) % ORDERS.len();
                 let order = ORDERS[slot];
+                if order == "oracle" && !has_oracle(scenario) {
+                    continue;
+                }
                 let started = Instant::now();
                 let report = one(&a, &b, scenario, order, &mode, &files[n], warm)
                     .unwrap_or_else(|e| json!({ "status": "error", "error": format!("{e:#}") }));

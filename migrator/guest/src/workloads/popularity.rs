@@ -78,6 +78,17 @@ impl Popularity {
         }
     }
 
+    /// The same popularity once the guest has made `ops` operations on the share: a
+    /// `hotspot` with `move_every` has moved its hot region since; the others do not move.
+    pub fn after_ops(self, ops: u64) -> Self {
+        match self.model {
+            Model::Hotspot(m) => Self {
+                model: Model::Hotspot(m.after_ops(ops)),
+            },
+            other => Self { model: other },
+        }
+    }
+
     /// The share's pages that hold data (values or data pages), the rest being version
     /// tables before them and unused pages after: a benchmark that wants the hot data alone
     /// (`hotspot`'s hot region: the first `hot` data pages of the ranking) filters by it.

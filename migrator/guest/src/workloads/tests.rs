@@ -230,6 +230,32 @@ fn popularity_names_the_pages_a_run_writes_most() {
 }
 
 #[test]
+fn a_moving_hot_region_is_where_the_model_says_after_each_move() {
+    for args in [
+        "hotspot hot=1/64 move_every=100000 check_every=1000000",
+        "hotspot hot=1/64 move_every=100000 scatter=1 check_every=1000000",
+    ] {
+        let model = popularity(args, (SHARE * 8) as u64).expect(args);
+        let mut mem = vec![0u64; SHARE];
+        // Three regions of 100k writes each.
+        run_on(args, &mut mem, 300_000).expect(args);
+        let phases: Vec<Vec<usize>> = [0, 100_000, 200_000]
+            .into_iter()
+            .map(|ops| hottest_data(&model.clone().after_ops(ops), 15))
+            .collect();
+        assert_ne!(phases[0], phases[1], "{args}: the region moved");
+        let mut expected: Vec<usize> = phases.concat();
+        expected.sort_unstable();
+        assert_eq!(most_written(&model, &mem, 45), expected, "{args}");
+        // Still the first region while fewer operations than a move were made.
+        assert_eq!(
+            hottest_data(&model.clone().after_ops(99_999), 15),
+            phases[0]
+        );
+    }
+}
+
+#[test]
 fn popularity_of_scrambled_kv_zipf_follows_the_hottest_key() {
     let args = "kv-zipf keys=8192 write=1 scramble=1 check_every=1000000";
     let model = popularity(args, (SHARE * 8) as u64).unwrap();
