@@ -8,10 +8,14 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    time::Duration,
 };
+
+use tarpc::tokio_serde::Serializer;
 
 use heatprobe_tests::guest_images;
 use migrator::{
+    api::{DaemonInfo, MigrateRequest, MigratorApiRequest, MigratorApiResponse, codec::Postcard},
     fuzzing::{Target, state_config},
     migration::{
         compress::Compress,
@@ -97,6 +101,158 @@ fn compressed(compress: Compress) -> Vec<u8> {
     stream
 }
 
+/// `item` as the API's codec writes it.
+fn api_encode<T>(item: &T) -> Vec<u8>
+where
+    Postcard<(), T>: Serializer<T, Error = std::io::Error>,
+{
+    let mut codec = Postcard::<(), T>::default();
+    std::pin::Pin::new(&mut codec)
+        .serialize(item)
+        .expect("encodes")
+        .to_vec()
+}
+
+/// A request as a client writes it, with a deadline 10 s away (tarpc sends the time left,
+/// which a request made here would not give the same bytes twice).
+fn api_request(id: u64, message: MigratorApiRequest) -> Vec<u8> {
+    let trace = tarpc::trace::Context {
+        trace_id: tarpc::trace::TraceId::from(3u128),
+        span_id: tarpc::trace::SpanId::from(4u64),
+        sampling_decision: tarpc::trace::SamplingDecision::Unsampled,
+    };
+    let mut bytes = vec![0]; // ClientMessage::Request
+    bytes.extend(api_encode(&(Duration::from_secs(10), trace, id, message)));
+    bytes
+}
+
+/// Small valid inputs for the API's codec: requests and responses, and two in frames.
+fn api_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let hello = api_request(
+        1,
+        MigratorApiRequest::Hello {
+            min: 1,
+            max: migrator::api::API_VERSION,
+        },
+    );
+    let migrate = api_request(
+        2,
+        MigratorApiRequest::Migrate {
+            request: MigrateRequest {
+                id: "p0".into(),
+                to: "127.0.0.1:7000".parse().expect("an address"),
+                options: Default::default(),
+                heat: None,
+            },
+        },
+    );
+    let cancel = api_encode(&tarpc::ClientMessage::<MigratorApiRequest>::Cancel {
+        trace_context: Default::default(),
+        request_id: 2,
+    });
+    let welcome = api_encode(&tarpc::Response {
+        request_id: 1,
+        message: Ok(MigratorApiResponse::Hello(Ok(DaemonInfo::new(2)))),
+    });
+    let refused = api_encode(&tarpc::Response::<MigratorApiResponse> {
+        request_id: 2,
+        message: Err(tarpc::ServerError::new(
+            std::io::ErrorKind::NotFound,
+            "gone".into(),
+        )),
+    });
+    let mut framed = Vec::new();
+    for message in [&hello, &welcome] {
+        framed.extend((message.len() as u32).to_be_bytes());
+        framed.extend(message);
+    }
+    vec![
+        ("hello", hello),
+        ("migrate", migrate),
+        ("cancel", cancel),
+        ("welcome", welcome),
+        ("server-error", refused),
+        ("framed", framed),
+    ]
+}
+
+/// A step of the destination session target: a connection (`link`) sends `bytes`.
+fn send(link: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut step = vec![1, link];
+    step.extend((bytes.len() as u16).to_le_bytes());
+    step.extend(bytes);
+    step
+}
+
+/// Sessions as sources run them, in the destination session target's steps (see
+/// `migrator::fuzzing::destination_session`).
+fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    const OPEN: u8 = 0;
+    const CLOSE: u8 = 2;
+    const COMMIT_UNDECODABLE: u8 = 3;
+    const COMMIT: u8 = 4;
+    const RESTORED: u8 = 5;
+    const HANDOVER: u8 = 6;
+    const FINISH: u8 = 7;
+    const FAILURE: u8 = 8;
+    const ABORT: u8 = 9;
+    const DISCARD: u8 = 10;
+    const RECOVER: u8 = 11;
+    let page = |fill: u8| vec![fill; PAGE_SIZE as usize];
+    let (one, two) = (page(1), page(2));
+
+    // Pre-copy over one connection: a round, the end, the cutover; an abort once the guest
+    // runs here is refused, a discard after its stop is not.
+    let mut precopy = vec![0, 7, OPEN];
+    let mut round = frame(FrameKind::Pages, &[0, 3 | ZERO_PAGE, 7], &[&one, &two]);
+    round.extend(frame(FrameKind::Done, &[], &[]));
+    precopy.extend(send(0, &round));
+    precopy.extend([COMMIT, RESTORED, HANDOVER, ABORT, DISCARD]);
+
+    // Hybrid: the data connection and the urgent one; a page discarded and sent again before
+    // the cutover; the push after it, then finish.
+    let mut hybrid = vec![1, 7, OPEN, OPEN];
+    hybrid.extend(send(1, &frame(FrameKind::Urgent, &[], &[])));
+    let mut before = frame(FrameKind::Pages, &[1, 2], &[&one, &two]);
+    before.extend(frame(FrameKind::Discard, &[1], &[]));
+    before.extend(frame(FrameKind::Pages, &[1], &[&two]));
+    before.extend(frame(FrameKind::Done, &[], &[]));
+    hybrid.extend(send(0, &before));
+    hybrid.extend([COMMIT, RESTORED, HANDOVER]);
+    let mut push = frame(FrameKind::Pages, &[2 | ZERO_PAGE, 5], &[&one]);
+    push.extend(frame(FrameKind::Done, &[], &[]));
+    hybrid.extend(send(0, &push));
+    hybrid.extend([FINISH, DISCARD]);
+
+    // Hybrid, broken after the handover and recovered over new connections.
+    let mut recovered = vec![1, 7, OPEN, OPEN];
+    recovered.extend(send(1, &frame(FrameKind::Urgent, &[], &[])));
+    recovered.extend(send(0, &frame(FrameKind::Done, &[], &[])));
+    recovered.extend([COMMIT, RESTORED, HANDOVER, FAILURE, RECOVER, OPEN, OPEN]);
+    recovered.extend(send(3, &frame(FrameKind::Urgent, &[], &[])));
+    recovered.extend(send(2, &push));
+    recovered.extend([FINISH]);
+
+    // Pre-copy over two connections, each ending its phase; a commit with a state that does
+    // not decode is refused.
+    let mut striped = vec![2, 3, OPEN, OPEN];
+    let mut first = frame(FrameKind::Pages, &[0, 2], &[&one, &two]);
+    first.extend(frame(FrameKind::Done, &[], &[]));
+    let mut second = frame(FrameKind::Pages, &[1 | ZERO_PAGE, 3], &[&two]);
+    second.extend(frame(FrameKind::Done, &[], &[]));
+    striped.extend(send(0, &first));
+    striped.extend(send(1, &second));
+    striped.extend([CLOSE, 0, CLOSE, 1, COMMIT_UNDECODABLE, 4]);
+    striped.extend(b"junk");
+    striped.push(COMMIT);
+    vec![
+        ("precopy", precopy),
+        ("hybrid", hybrid),
+        ("recovered", recovered),
+        ("striped", striped),
+    ]
+}
+
 /// Small valid inputs for each target, by file name.
 fn seeds(target: Target) -> Vec<(&'static str, Vec<u8>)> {
     match target {
@@ -153,6 +309,8 @@ fn seeds(target: Target) -> Vec<(&'static str, Vec<u8>)> {
                 ),
             ]
         }
+        Target::ApiCodec => api_seeds(),
+        Target::DestinationSession => session_seeds(),
     }
 }
 

@@ -17,7 +17,14 @@ use anyhow::{Context, Result, bail};
 use crate::process::{cargo_nightly, run, workspace_root};
 
 /// The fuzz targets, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 4] = ["frames", "state", "elf", "boot_args"];
+pub const TARGETS: [&str; 6] = [
+    "frames",
+    "state",
+    "elf",
+    "boot_args",
+    "api_codec",
+    "destination_session",
+];
 
 /// How one target's run went.
 pub struct Outcome {

@@ -56,7 +56,8 @@ enum Command {
         /// How long to run each target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// One target (frames, state, elf, boot_args); every target if absent.
+        /// One target (frames, state, elf, boot_args, api_codec, destination_session); every
+        /// target if absent.
         target: Option<String>,
     },
     /// Run a benchmark and print its figures as Markdown.

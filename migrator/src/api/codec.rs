@@ -6,10 +6,11 @@
 //! pin the handshake's bytes and every call's number, so a reordering fails the build's tests
 //! instead of a peer.
 
-use std::{io, marker::PhantomData, pin::Pin};
+use std::{io, marker::PhantomData, pin::Pin, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use tarpc::{
+    ClientMessage, Response,
     serde_transport::{self, Transport},
     tokio_serde::{Deserializer, Serializer},
 };
@@ -44,13 +45,52 @@ impl<Item, SinkItem: serde::Serialize> Serializer<SinkItem> for Postcard<Item, S
     }
 }
 
+/// The furthest deadline a request may carry: a year away. tarpc adds a request's deadline to
+/// the clock as it decodes it, which panics past what an `Instant` holds, and its server queues
+/// the deadline in a timer wheel that panics past 2^36 ms (2.2 years); our clients' longest is
+/// an hour.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// What the codec checks of a message's bytes before serde reads them.
+pub trait Checked {
+    fn check(bytes: &[u8]) -> io::Result<()>;
+}
+
+impl<T> Checked for ClientMessage<T> {
+    /// A request's deadline is at most [`MAX_DEADLINE`] away.
+    fn check(bytes: &[u8]) -> io::Result<()> {
+        /// How a `ClientMessage` starts on the wire: which message, and a request's deadline,
+        /// which tarpc sends as the time left.
+        #[derive(serde::Deserialize)]
+        enum Start {
+            Request(Duration),
+            Cancel,
+        }
+        match postcard::take_from_bytes::<Start>(bytes) {
+            Ok((Start::Request(left), _)) if left > MAX_DEADLINE => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a request whose deadline is {left:?} away (at most {MAX_DEADLINE:?})"),
+            )),
+            // Anything else is the decoder's to accept or refuse.
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<T> Checked for Response<T> {
+    fn check(_: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl<Item, SinkItem> Deserializer<Item> for Postcard<Item, SinkItem>
 where
-    Item: for<'de> serde::Deserialize<'de>,
+    Item: for<'de> serde::Deserialize<'de> + Checked,
 {
     type Error = io::Error;
 
     fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> Result<Item, io::Error> {
+        Item::check(src)?;
         let (item, rest) = postcard::take_from_bytes(src)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if !rest.is_empty() {
@@ -68,13 +108,18 @@ pub fn transport<Item, SinkItem>(
     stream: Stream,
 ) -> Transport<Stream, Item, SinkItem, Postcard<Item, SinkItem>>
 where
-    Item: for<'de> serde::Deserialize<'de>,
+    Item: for<'de> serde::Deserialize<'de> + Checked,
     SinkItem: serde::Serialize,
 {
-    let codec = LengthDelimitedCodec::builder()
+    serde_transport::new(Framed::new(stream, framing()), Postcard::default())
+}
+
+/// The frames messages travel in: a 4-byte big-endian length, then that many bytes, no more
+/// than [`MAX_FRAME`].
+pub fn framing() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME)
-        .new_codec();
-    serde_transport::new(Framed::new(stream, codec), Postcard::default())
+        .new_codec()
 }
 
 #[cfg(test)]
@@ -94,7 +139,7 @@ mod tests {
             .to_vec()
     }
 
-    fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+    fn decode<T: for<'de> serde::Deserialize<'de> + Checked>(bytes: &[u8]) -> io::Result<T> {
         let mut codec = Postcard::<T, ()>::default();
         Pin::new(&mut codec).deserialize(&BytesMut::from(bytes))
     }
@@ -173,6 +218,35 @@ mod tests {
         assert!(decode::<ClientMessage<MigratorApiRequest>>(&[0; 16]).is_err());
     }
 
+    /// A request whose deadline is further away than a clock or tarpc's timers hold is
+    /// refused as it is read (tarpc would panic), and one a year away is read.
+    #[test]
+    fn a_deadline_past_a_year_is_refused() {
+        let request = |seconds: u64| {
+            let mut bytes = vec![0]; // ClientMessage::Request
+            bytes.extend(postcard::to_stdvec(&Duration::from_secs(seconds)).expect("encodes"));
+            bytes.extend(postcard::to_stdvec(&fixed_context().trace_context).expect("encodes"));
+            bytes.extend([1, 2]); // id 1, MigratorApiRequest::List
+            bytes
+        };
+        let year = MAX_DEADLINE.as_secs();
+        let read: ClientMessage<MigratorApiRequest> = decode(&request(year)).expect("decodes");
+        assert!(matches!(
+            read,
+            ClientMessage::Request(Request {
+                message: MigratorApiRequest::List {},
+                ..
+            })
+        ));
+        for seconds in [year + 1, u64::MAX] {
+            let refused = decode::<ClientMessage<MigratorApiRequest>>(&request(seconds));
+            assert_eq!(
+                refused.expect_err("refused").kind(),
+                io::ErrorKind::InvalidData
+            );
+        }
+    }
+
     /// A daemon's refusal of a version it does not speak, and its welcome, byte for byte.
     #[test]
     fn the_version_refusal_is_pinned() {
@@ -241,9 +315,9 @@ mod tests {
             ],
             "{bytes:02x?}"
         );
-        let back: CommitReply = decode(&bytes).expect("decodes");
+        let back: CommitReply = postcard::from_bytes(&bytes).expect("decodes");
         assert_eq!(back.timings, reply.timings);
-        assert!(decode::<CommitReply>(&bytes[..4]).is_err());
+        assert!(postcard::from_bytes::<CommitReply>(&bytes[..4]).is_err());
     }
 
     /// Calls' numbers on the wire: a call added anywhere but at the end of the service would
@@ -306,6 +380,6 @@ mod tests {
         for (number, call) in &calls {
             assert_eq!(encode(call)[0], *number, "{call:?} moved");
         }
-        assert!(decode::<MigratorApiRequest>(&[200, 0]).is_err());
+        assert!(postcard::from_bytes::<MigratorApiRequest>(&[200, 0]).is_err());
     }
 }

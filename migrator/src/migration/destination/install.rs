@@ -59,6 +59,16 @@ impl Session {
     }
 
     pub(super) fn install(&self, pages: &[(u64, Option<&[u8]>)]) -> Result<(), DataError> {
+        // A frame may name a page twice (our sender never does): the later entry wins, as it
+        // would from a later frame. Installed as they came, a page sent with data and then as
+        // zero kept the data in memory while its hash said zero.
+        let last_of_each;
+        let pages = if repeats(pages) {
+            last_of_each = last_of_each_page(pages);
+            &last_of_each[..]
+        } else {
+            pages
+        };
         let uffd = self.uffd.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(uffd) = uffd {
             let zero = [0u8; PAGE_SIZE as usize];
@@ -121,5 +131,42 @@ impl Session {
             progress.page_digests[page as usize] = digest;
         }
         Ok(())
+    }
+}
+
+/// Whether a frame's entries name some page twice.
+fn repeats(pages: &[(u64, Option<&[u8]>)]) -> bool {
+    let mut indexes: Vec<u64> = pages.iter().map(|&(page, _)| page).collect();
+    indexes.sort_unstable();
+    indexes.windows(2).any(|w| w[0] == w[1])
+}
+
+/// A frame's entries with only the last of each page's, in their order.
+fn last_of_each_page<'a>(pages: &[(u64, Option<&'a [u8]>)]) -> Vec<(u64, Option<&'a [u8]>)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<_> = pages
+        .iter()
+        .rev()
+        .filter(|&&(page, _)| seen.insert(page))
+        .copied()
+        .collect();
+    kept.reverse();
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_named_twice_keeps_its_last_entry() {
+        let (a, b) = ([1u8; 4], [2u8; 4]);
+        let pages = [(3, Some(&a[..])), (5, None), (3, None), (4, Some(&b[..]))];
+        assert!(repeats(&pages));
+        assert_eq!(
+            last_of_each_page(&pages),
+            [(5, None), (3, None), (4, Some(&b[..]))]
+        );
+        assert!(!repeats(&[(1, None), (0, Some(&a[..]))]));
     }
 }

@@ -16,11 +16,12 @@
 //! - `receive`: the data connections and their frames; `install`: pages into memory;
 //! - `cutover`: commit, handover, finish, abort and discard;
 //! - `postcopy`: userfaultfd after a hybrid commit, with `faults` (the fault window) and
-//!   `blocktime` (how long the guest waited).
+//!   `blocktime` (how long the guest waited);
+//! - `offline`: a session with no network and no KVM, for the fuzz target.
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -46,6 +47,7 @@ mod cutover;
 mod errors;
 mod faults;
 mod install;
+pub mod offline;
 pub mod phase;
 mod postcopy;
 mod receive;
@@ -170,11 +172,37 @@ impl Session {
                 .map_err(SessionError::Stale)?,
             Mode::Precopy => 0,
         };
-        let frames = memory.frames() as usize;
         let listener =
             TcpListener::bind(SocketAddr::new(bind.ip(), 0)).map_err(SessionError::Listen)?;
         let port = listener.local_addr().map_err(SessionError::Listen)?.port();
-        let session = Arc::new(Self {
+        let session = Arc::new(Self::new(
+            request,
+            memory,
+            link,
+            bind.ip(),
+            peer_timeout,
+            probes,
+        ));
+        let receiver = Arc::clone(&session);
+        let thread = std::thread::Builder::new()
+            .name("migration-accept".into())
+            .spawn(move || receiver.receive(listener, 0))
+            .map_err(SessionError::Listen)?;
+        session.threads().push(thread);
+        Ok((session, port, remove_ns_per_page))
+    }
+
+    /// A session over `memory`, nothing received yet, before any connection.
+    fn new(
+        request: &PrepareRequest,
+        memory: Arc<GuestMemory>,
+        link: DataLink,
+        bind: IpAddr,
+        peer_timeout: Duration,
+        probes: ProbeSlot,
+    ) -> Self {
+        let frames = memory.frames() as usize;
+        Self {
             config: request.config.clone(),
             mode: request.mode,
             connections: request.connections,
@@ -193,19 +221,12 @@ impl Session {
             parked: Mutex::new(None),
             streams: Mutex::new(Vec::new()),
             link,
-            bind: bind.ip(),
+            bind,
             threads: Mutex::new(Vec::new()),
             probes,
             fault_window: Duration::from_millis(request.fault_window_ms),
             faults: Mutex::new(None),
-        });
-        let receiver = Arc::clone(&session);
-        let thread = std::thread::Builder::new()
-            .name("migration-accept".into())
-            .spawn(move || receiver.receive(listener, 0))
-            .map_err(SessionError::Listen)?;
-        session.threads().push(thread);
-        Ok((session, port, remove_ns_per_page))
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Progress> {

@@ -27,7 +27,7 @@ use thiserror::Error;
 
 use crate::migration::report::Mode;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SessionPhase {
     /// Waiting for the source's data connection.
     Connecting,

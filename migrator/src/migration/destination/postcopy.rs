@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{DataError, Session, SessionError, SessionEvent};
+use super::{DataError, PhaseError, Session, SessionError, SessionEvent};
 use crate::{
     migration::{control::Recovery, transport::send_demand},
     vmm::{Partition, PartitionSnapshot, memory::PAGE_SIZE},
@@ -209,6 +209,21 @@ impl Session {
         let listener =
             TcpListener::bind(SocketAddr::new(self.bind, 0)).map_err(SessionError::Listen)?;
         let data_port = listener.local_addr().map_err(SessionError::Listen)?.port();
+        let (generation, missing) = self.begin_recovery()?;
+        let receiver = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("migration-accept".into())
+            .spawn(move || receiver.receive(listener, generation))
+            .map_err(SessionError::Listen)?;
+        self.threads().push(thread);
+        tracing::info!("post-copy recovery {generation}: waiting on port {data_port}");
+        Ok(Recovery { data_port, missing })
+    }
+
+    /// A recovery's new generation of connections: the old ones are shut down, and what
+    /// they said is forgotten. Returns the generation and the pages still missing, one bit a
+    /// page; refused, changing nothing, in a phase that does not recover.
+    pub(super) fn begin_recovery(&self) -> Result<(u32, Vec<u64>), PhaseError> {
         let (generation, missing) = {
             let mut progress = self.lock();
             let next = progress.phase().next(SessionEvent::Recover, self.mode)?;
@@ -229,14 +244,7 @@ impl Session {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         self.changed.notify_all();
-        let receiver = Arc::clone(self);
-        let thread = std::thread::Builder::new()
-            .name("migration-accept".into())
-            .spawn(move || receiver.receive(listener, generation))
-            .map_err(SessionError::Listen)?;
-        self.threads().push(thread);
-        tracing::info!("post-copy recovery {generation}: waiting on port {data_port}");
-        Ok(Recovery { data_port, missing })
+        Ok((generation, missing))
     }
 
     /// A fault on a page that is in place: it arrived as a zero marker and was left a hole

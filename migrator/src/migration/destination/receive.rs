@@ -19,6 +19,28 @@ use crate::migration::{
 
 use super::{DataError, STEP_TIMEOUT, Session, SessionEvent, SessionPhase};
 
+/// What one data connection has said so far.
+pub(super) struct Connection {
+    pub(super) generation: u32,
+    /// No frame read yet: only the first may say the connection is the urgent one.
+    first: bool,
+    urgent: bool,
+    /// The `Done` frames this connection sent; a recovery's connections start in the push,
+    /// pre-copy's phase ended.
+    dones: u32,
+}
+
+impl Connection {
+    pub(super) fn new(generation: u32) -> Self {
+        Self {
+            generation,
+            first: true,
+            urgent: false,
+            dones: u32::from(generation > 0),
+        }
+    }
+}
+
 impl Session {
     /// The receiver thread: accepts the source's connections (its data connections, and in
     /// hybrid mode one more, opened with an `Urgent` frame), each read by a thread of its own
@@ -54,9 +76,7 @@ impl Session {
                 match secured {
                     Ok(stream) => {
                         accepted += 1;
-                        if !self.current(generation)
-                            || (accepted == 1 && self.advance(SessionEvent::Connected).is_err())
-                        {
+                        if !self.accepted(generation, accepted == 1) {
                             return;
                         }
                         if let Err(e) = self.read_connection(stream, generation) {
@@ -80,6 +100,12 @@ impl Session {
         }
         // Later connections (strangers, or a second try) are refused from here on.
         drop(listener);
+    }
+
+    /// Whether a connection of `generation` just accepted is read: its generation is the
+    /// session's, and the first of a listener moves the session on (`Connected`).
+    pub(super) fn accepted(&self, generation: u32, first: bool) -> bool {
+        self.current(generation) && (!first || self.advance(SessionEvent::Connected).is_ok())
     }
 
     /// Starts the thread that reads connection `stream`, of `generation`.
@@ -106,73 +132,80 @@ impl Session {
     /// replaces it. The urgent connection says so first; the destination's demands go out on
     /// it.
     pub(super) fn install_from(&self, stream: DataStream, generation: u32) {
-        let mut demands = stream.try_clone();
+        let mut answers = stream.try_clone();
         let mut reader = FrameReader::new(stream, self.memory.frames());
-        let mut first = true;
-        let mut urgent = false;
-        // The `Done` frames this connection sent; a recovery's connections start in the push,
-        // pre-copy's phase ended.
-        let mut dones = u32::from(generation > 0);
+        let mut connection = Connection::new(generation);
         loop {
-            if self.aborted.load(Ordering::Relaxed) || !self.current(generation) {
+            if !self.reads(&connection) {
                 return;
             }
-            let frame = match reader.next_frame() {
-                Ok(Some(frame)) => frame,
+            let result = match reader.next_frame() {
+                Ok(Some(frame)) => self.take_frame(&mut connection, frame, &mut answers),
                 Ok(None) => {
-                    // A data connection may end once it has ended its phase, while the others
-                    // still send theirs.
-                    if !self.all_sent() && dones <= self.phases_done() {
-                        self.fail_in(generation, DataError::ClosedEarly);
-                    }
+                    self.connection_ended(&connection);
                     return;
                 }
-                Err(e) => {
-                    self.fail_in(generation, DataError::Read(e));
-                    return;
-                }
+                Err(e) => Err(DataError::Read(e)),
             };
-            let result = match frame {
-                Frame::Pages(pages) => self.install(&pages),
-                Frame::Done if urgent => Err(DataError::UrgentDone),
-                Frame::Done => {
-                    dones += 1;
-                    self.pages_done(dones, generation)
-                }
-                Frame::Demand(_) => Err(DataError::UnexpectedDemand),
-                Frame::Urgent if first && self.mode == Mode::Hybrid => match &demands {
-                    Ok(demands) => {
-                        demands
-                            .try_clone()
-                            .map_err(DataError::Reader)
-                            .and_then(|clone| {
-                                urgent = true;
-                                self.demand_on(generation, clone)
-                            })
-                    }
-                    Err(e) => Err(DataError::Reader(std::io::Error::new(
-                        e.kind(),
-                        e.to_string(),
-                    ))),
-                },
-                Frame::Urgent => Err(DataError::UnexpectedUrgent),
-                Frame::Discard(pages) => {
-                    self.drop_stale_copies(pages)
-                        .and_then(|()| match &mut demands {
-                            Ok(answer) => send_discarded(answer).map_err(DataError::Discarded),
-                            Err(e) => Err(DataError::Reader(std::io::Error::new(
-                                e.kind(),
-                                e.to_string(),
-                            ))),
-                        })
-                }
-                Frame::Discarded => Err(DataError::UnexpectedDiscarded),
-            };
-            first = false;
             if let Err(e) = result {
                 self.fail_in(generation, e);
                 return;
             }
+        }
+    }
+
+    /// Whether `connection` is still read: the session goes on, and no recovery replaced it.
+    pub(super) fn reads(&self, connection: &Connection) -> bool {
+        !self.aborted.load(Ordering::Relaxed) && self.current(connection.generation)
+    }
+
+    /// The end of `connection`'s stream. A data connection may end once it has ended its
+    /// phase, while the others still send theirs; before that, the session fails.
+    pub(super) fn connection_ended(&self, connection: &Connection) {
+        if !self.all_sent() && connection.dones <= self.phases_done() {
+            self.fail_in(connection.generation, DataError::ClosedEarly);
+        }
+    }
+
+    /// One frame `connection` read; `answers` is the way back on it. An error ends the
+    /// connection, and the caller fails the session with it.
+    pub(super) fn take_frame(
+        &self,
+        connection: &mut Connection,
+        frame: Frame<'_>,
+        answers: &mut std::io::Result<DataStream>,
+    ) -> Result<(), DataError> {
+        let first = std::mem::replace(&mut connection.first, false);
+        match frame {
+            Frame::Pages(pages) => self.install(&pages),
+            Frame::Done if connection.urgent => Err(DataError::UrgentDone),
+            Frame::Done => {
+                connection.dones += 1;
+                self.pages_done(connection.dones, connection.generation)
+            }
+            Frame::Demand(_) => Err(DataError::UnexpectedDemand),
+            Frame::Urgent if first && self.mode == Mode::Hybrid => match answers {
+                Ok(answers) => answers
+                    .try_clone()
+                    .map_err(DataError::Reader)
+                    .and_then(|clone| {
+                        connection.urgent = true;
+                        self.demand_on(connection.generation, clone)
+                    }),
+                Err(e) => Err(DataError::Reader(std::io::Error::new(
+                    e.kind(),
+                    e.to_string(),
+                ))),
+            },
+            Frame::Urgent => Err(DataError::UnexpectedUrgent),
+            Frame::Discard(pages) => self.drop_stale_copies(pages).and_then(|()| match answers {
+                Ok(answer) => send_discarded(answer).map_err(DataError::Discarded),
+                Err(e) => Err(DataError::Reader(std::io::Error::new(
+                    e.kind(),
+                    e.to_string(),
+                ))),
+            }),
+            Frame::Discarded => Err(DataError::UnexpectedDiscarded),
         }
     }
 

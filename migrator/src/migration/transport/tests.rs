@@ -75,6 +75,15 @@ fn what_is_sent_reads_back_with_zero_pages_as_markers() {
         counts.bytes + HEADER_LEN as u64,
         sender.stream().len() as u64
     );
+    // Uncompressed, a zero page is its 8-byte entry alone: every entry, every data page and
+    // each frame's header, not every page's 4 KiB.
+    let data_pages = frames - counts.zero_pages;
+    assert_eq!(
+        counts.uncompressed_bytes,
+        8 * frames
+            + PAGE_SIZE * data_pages
+            + HEADER_LEN as u64 * frames.div_ceil(u64::from(MAX_PAGES_PER_FRAME))
+    );
 
     let mut reader = FrameReader::new(sender.stream().as_slice(), frames);
     let (mut seen, mut expected) = (Vec::new(), [0u8; PAGE_SIZE as usize]);

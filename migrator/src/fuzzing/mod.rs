@@ -7,6 +7,15 @@
 //! decoder's own), and an accepted one
 //! satisfies the decoder's invariants (bounds, re-encoding to the same bytes). A panic, here or
 //! in the decoder, is a bug.
+//!
+//! - this file: the data frames, the saved state, guest ELF images, the boot-info header;
+//! - `api`: the API's wire codec;
+//! - `session`: the destination's session, fed frames and control calls in any order.
+
+mod api;
+mod session;
+
+pub use self::{api::api_codec, session::destination_session};
 
 use std::sync::OnceLock;
 
@@ -47,6 +56,10 @@ pub enum FuzzError {
     ReadBack(#[source] MemoryError),
     #[error("not a boot-info header ({0:?}), and not args a launch accepts")]
     BootArgs(BootInfoError),
+    #[error("neither a request nor a response of the API")]
+    Api(#[source] std::io::Error),
+    #[error("not a session: {0}")]
+    Session(&'static str),
 }
 
 /// The decoders, by the name of their fuzz target.
@@ -60,10 +73,22 @@ pub enum Target {
     Elf,
     /// The boot-info header and the args it carries, as the VMM writes and the guest reads them.
     BootArgs,
+    /// The API's wire codec (`api::codec`): frames, requests and responses.
+    ApiCodec,
+    /// The destination's session (`migration::destination`): frames and control calls in
+    /// any order, against its phase machine and a small guest memory.
+    DestinationSession,
 }
 
 impl Target {
-    pub const ALL: [Self; 4] = [Self::Frames, Self::State, Self::Elf, Self::BootArgs];
+    pub const ALL: [Self; 6] = [
+        Self::Frames,
+        Self::State,
+        Self::Elf,
+        Self::BootArgs,
+        Self::ApiCodec,
+        Self::DestinationSession,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -71,6 +96,8 @@ impl Target {
             Self::State => "state",
             Self::Elf => "elf",
             Self::BootArgs => "boot_args",
+            Self::ApiCodec => "api_codec",
+            Self::DestinationSession => "destination_session",
         }
     }
 
@@ -85,6 +112,8 @@ impl Target {
             Self::State => state(data),
             Self::Elf => elf(data),
             Self::BootArgs => boot_args(data),
+            Self::ApiCodec => api_codec(data),
+            Self::DestinationSession => destination_session(data),
         }
     }
 }
