@@ -114,9 +114,11 @@ pub fn commit() -> Option<String> {
 }
 
 /// Two network namespaces joined by a veth pair shaped with `tc tbf` to `rate`, with a daemon
-/// on each (port 7700, as in the docs' commands; mutual TLS, as daemons off loopback must).
+/// on each (port 7700, as in the docs' commands; mutual TLS, as daemons off loopback must),
+/// started with `serve`'s further options `serve`.
 pub fn shaped_hosts(
     rate: &str,
+    serve: &[&str],
 ) -> anyhow::Result<(
     crate::netns::HostPair,
     crate::daemon::Daemon,
@@ -127,10 +129,13 @@ pub fn shaped_hosts(
     hosts.shape(rate)?;
     let certs = make_certs(&[&hosts.a.addr.to_string(), &hosts.b.addr.to_string()])?;
     let start = |host: &crate::netns::Host| {
-        Daemon::try_start(DaemonConfig {
-            listen: host.at(7700),
-            ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.clone()))
-        })
+        Daemon::try_start(
+            DaemonConfig {
+                listen: host.at(7700),
+                ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.clone()))
+            }
+            .args(serve),
+        )
     };
     let a = start(&hosts.a)?;
     let b = start(&hosts.b)?;

@@ -135,8 +135,7 @@ fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost(
             &why,
         );
     }
-    // Warm by default.
-    let source = Daemon::start();
+    let source = Daemon::start_with(&["--heat-profile", "warm"]);
     let destination = Daemon::start();
     let id = source.launch("hotspot", "rate=200000 scatter=1", "64M");
     source.wait_progress(&id, 100_000, 0);

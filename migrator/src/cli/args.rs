@@ -350,7 +350,7 @@ pub(crate) struct HeatSamplingArgs {
     /// so a migration plans from it without profiling first. `on-demand`: profile only
     /// while someone watches (`heat`, `plan`, the dashboard); a migration with the heat
     /// strategy then profiles for its --profile-window first.
-    #[arg(long, value_enum, default_value_t = HeatProfile::Warm)]
+    #[arg(long, value_enum, default_value_t = HeatProfile::OnDemand)]
     pub heat_profile: HeatProfile,
 }
 

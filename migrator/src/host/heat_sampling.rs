@@ -42,9 +42,13 @@ pub const POOL: bool = false;
 pub const BUDGET: Option<f64> = Some(0.01);
 /// Whether the shared profilers keep each running partition's heat warm in the background
 /// (`migrator serve --heat-profile warm`), so that a migration plans from it with no burst of
-/// profiling: yes by default. `on-demand` profiles only while a client watches, and a
-/// migration then profiles for its `--profile-window` first.
-pub const WARM: bool = true;
+/// profiling: not by default. Each partition's process loads its own probes, so a warm host
+/// of N partitions runs N programs on every page fault it takes and holds N sets of maps
+/// (2-3 MiB each), where DAMON keeps one monitor per machine; and warm heat's migrations did
+/// not yet beat the burst's in hybrid (docs/BENCHMARKS.md, "Warm heat"). `on-demand`
+/// profiles only while a client watches, and a migration profiles for its
+/// `--profile-window` first.
+pub const WARM: bool = false;
 /// The shortest epoch accepted: each epoch reads the probes' counts map (about a millisecond
 /// for a few tens of thousands of pages), so a shorter one would be mostly overhead.
 pub const MIN_EPOCH: Duration = Duration::from_millis(10);

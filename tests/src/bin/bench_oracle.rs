@@ -1,5 +1,5 @@
 //! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--warm DURATION]
-//! [--only SUBSTRING]...`: heat
+//! [--heat-profile warm|on-demand] [--only SUBSTRING]...`: heat
 //! against address order and against the best any order could do, on the matrix's shaped
 //! link.
 //!
@@ -7,7 +7,8 @@
 //! truth the heat bench scores recall against), written as a heat file and given to
 //! `migrate --heat-file`: what a perfect profile, at no cost to the guest, would order by.
 //! Two network namespaces joined by a veth pair shaped with `tc tbf` to 1 Gbit/s, daemons
-//! with mutual TLS, keeping heat warm as `serve` does by default; each run migrates a fresh
+//! with mutual TLS, keeping heat warm (`serve --heat-profile warm`; `--heat-profile
+//! on-demand` for a migration's own burst profile instead); each run migrates a fresh
 //! 512 MiB, 1-vCPU partition `--warm` (20 s) after its first operation, with `--strategy S --mode M` (`--downtime-limit` 300 ms in pre-copy, 100 ms in
 //! hybrid). Runs are interleaved, `for run { for scenario { heat, address, oracle } }`, the
 //! order rotated every run.
@@ -205,11 +206,18 @@ fn main() -> Result<()> {
     let mut mode = "precopy".to_string();
     let mut only: Vec<String> = Vec::new();
     let mut warm = DEFAULT_WARM;
+    let mut heat_profile = "warm".to_string();
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
             "--mode" => mode = words.next().context("--mode needs a value")?.clone(),
             "--only" => only.push(words.next().context("--only needs a value")?.to_lowercase()),
+            "--heat-profile" => {
+                heat_profile = words
+                    .next()
+                    .context("--heat-profile needs warm or on-demand")?
+                    .clone()
+            }
             "--warm" => {
                 let text = words.next().context("--warm needs a duration")?;
                 warm = humantime::parse_duration(text)
@@ -233,7 +241,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|s| oracle_file(s).map(|p| p.to_string_lossy().into_owned()))
         .collect::<Result<Vec<_>>>()?;
-    let (_hosts, a, b) = shaped_hosts(RATE)?;
+    let (_hosts, a, b) = shaped_hosts(RATE, &["--heat-profile", &heat_profile])?;
     let mut reports: Vec<[Vec<Value>; 3]> = scenarios.iter().map(|_| Default::default()).collect();
     for run in 0..runs {
         for (n, scenario) in scenarios.iter().enumerate() {

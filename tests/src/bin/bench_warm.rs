@@ -4,7 +4,7 @@
 //!
 //! Recall against time: for each run and scenario (the heat bench's guests and a hot set that
 //! moves every 20 s, `hot_set`), a
-//! fresh 256 MiB, 1-vCPU partition on a daemon with the default settings, and at each
+//! fresh 256 MiB, 1-vCPU partition on a daemon that keeps heat warm at the default budget, and at each
 //! checkpoint after its first operation (`--at`, 5, 10, 20, 30 and 60 s by default),
 //! `migrator heat ID --warm --json`: the recall of the warm heat then (`hot_set::Truth`), and
 //! the share of the guest's time its window's sampling cost as the budget counts it. A hot set
@@ -205,7 +205,7 @@ fn main() -> Result<()> {
         plural(options.runs, "run")
     );
     if options.recall {
-        let daemon = Daemon::try_start(DaemonConfig::default())?;
+        let daemon = Daemon::try_start(DaemonConfig::default().args(&["--heat-profile", "warm"]))?;
         // points[scenario][run][checkpoint]
         let mut points: Vec<Vec<Vec<Point>>> = scenarios.iter().map(|_| Vec::new()).collect();
         for run in 0..options.runs {
@@ -255,7 +255,7 @@ fn main() -> Result<()> {
         println!();
     }
     if options.cost {
-        let warm = Daemon::try_start(DaemonConfig::default())?;
+        let warm = Daemon::try_start(DaemonConfig::default().args(&["--heat-profile", "warm"]))?;
         let on_demand =
             Daemon::try_start(DaemonConfig::default().args(&["--heat-profile", "on-demand"]))?;
         let (mut kept, mut rates) = (Vec::new(), Vec::new());

@@ -51,7 +51,7 @@ const STRATEGIES: [&str; 2] = ["heat", "address"];
 
 /// The two shaped hosts, with a daemon on each.
 fn shaped_hosts() -> Result<(HostPair, Daemon, Daemon)> {
-    heatprobe_tests::bench::shaped_hosts(RATE)
+    heatprobe_tests::bench::shaped_hosts(RATE, &[])
 }
 
 struct Scenario {
