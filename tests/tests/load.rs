@@ -50,8 +50,15 @@ const STATUS_RATE: u64 = 100;
 const STATUS_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A status call reads a few counters; a p99 above this means an async worker of the daemon
-/// was blocked (it was 300 ms while eBPF programs loaded on one).
-const STATUS_P99_LIMIT: Duration = Duration::from_millis(100);
+/// was blocked (it was 282-312 ms while eBPF programs loaded on one). A sanity bound, not a
+/// speed bar: runs measured 3.4-105.5 ms on this two-core machine (docs/BENCHMARKS.md,
+/// "Load"), so the bound sits between what a loaded machine gives and what the bug gave.
+const STATUS_P99_LIMIT: Duration = Duration::from_millis(250);
+/// Of the status calls the script means to make, at least this share must have been made for
+/// the load to count as having run: a client thread on a loaded two-core machine falls
+/// behind its schedule, which says nothing of the daemon (whose answers are checked one by
+/// one), so this only guards against a script that stalled.
+const LEAST_CALL_SHARE: f64 = 0.5;
 
 /// Memory is own memory (RssAnon: heap, stacks, buffers; guest RAM is a shared memfd and
 /// counts as RssShmem), of the daemon and of each partition's process.
@@ -708,7 +715,7 @@ fn run(network: &Network, scenario: &Scenario, strategy: Strategy) {
             log.calls,
             log.failures[0]
         );
-        let expected = (load_time.as_secs_f64() * STATUS_RATE as f64 * 0.8) as u64;
+        let expected = (load_time.as_secs_f64() * STATUS_RATE as f64 * LEAST_CALL_SHARE) as u64;
         assert!(
             log.calls >= expected,
             "host {}: the script made only {} status calls in {load_time:.1?} (wanted {} a \
