@@ -8,12 +8,17 @@
 //! expectation, so an address-ordered listing cannot favour the hot set of an in-place
 //! layout); untouched pages have heat 0.
 
-use std::{collections::BTreeSet, ops::Range};
+use std::{
+    collections::BTreeSet,
+    ops::Range,
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
-use crate::bench::known_popularity;
+use crate::{bench::known_popularity, daemon::Daemon};
 
 /// The guests' memory.
 pub const MEM: u64 = 256 << 20;
@@ -163,4 +168,38 @@ impl Truth {
         }
         Ok(found / self.hot.len().max(1) as f64)
     }
+}
+
+/// Launches `scenario` in a partition of [`MEM`] on `daemon` and waits for its first
+/// operation; its id, and when that was seen.
+pub fn launch(daemon: &Daemon, scenario: &Scenario) -> Result<(String, Instant)> {
+    let id = daemon.try_json(&[
+        "launch",
+        "--workload",
+        scenario.workload,
+        "--args",
+        scenario.args,
+        "--mem",
+        MEM_ARG,
+    ])?["id"]
+        .as_str()
+        .context("launch gave no id")?
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ops(daemon, &id)? == 0 {
+        ensure!(Instant::now() < deadline, "{} never started", scenario.name);
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok((id, Instant::now()))
+}
+
+/// Partition `id`'s operations so far; an error if it erred or does not run.
+pub fn ops(daemon: &Daemon, id: &str) -> Result<u64> {
+    let status = daemon.try_json(&["status", id])?;
+    ensure!(status["errors"] == 0, "guest errors: {status}");
+    ensure!(
+        status["state"] == "running",
+        "the guest does not run: {status}"
+    );
+    status["ops"].as_u64().context("no ops in the status")
 }

@@ -37,7 +37,7 @@ use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
     bench::{Spread, commit, median, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig},
-    hot_set::{FLAT_OUT, HOT_SHARE, MEM, MEM_ARG, SCENARIOS, SLACK, Scenario, Truth},
+    hot_set::{self, FLAT_OUT, HOT_SHARE, MEM, SCENARIOS, SLACK, Scenario, Truth, ops},
 };
 use serde_json::Value;
 
@@ -109,38 +109,12 @@ impl Sampling {
     }
 }
 
-/// Launches `scenario` on `daemon` and waits until it has run `WARM_UP` past its first
-/// operation; returns its id.
+/// Launches `scenario` on `daemon` and lets it run `WARM_UP` past its first operation;
+/// returns its id.
 fn launch(daemon: &Daemon, scenario: &Scenario) -> Result<String> {
-    let id = daemon.try_json(&[
-        "launch",
-        "--workload",
-        scenario.workload,
-        "--args",
-        scenario.args,
-        "--mem",
-        MEM_ARG,
-    ])?["id"]
-        .as_str()
-        .context("launch gave no id")?
-        .to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ops(daemon, &id)? == 0 {
-        ensure!(Instant::now() < deadline, "{} never started", scenario.name);
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (id, _) = hot_set::launch(daemon, scenario)?;
     thread::sleep(WARM_UP);
     Ok(id)
-}
-
-fn ops(daemon: &Daemon, id: &str) -> Result<u64> {
-    let status = daemon.try_json(&["status", id])?;
-    ensure!(status["errors"] == 0, "guest errors: {status}");
-    ensure!(
-        status["state"] == "running",
-        "the guest does not run: {status}"
-    );
-    status["ops"].as_u64().context("no ops in the status")
 }
 
 fn heat(daemon: &Daemon, id: &str, duration_ms: u64) -> Result<Value> {

@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
     bench::{Spread, commit, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig},
-    hot_set::{FLAT_OUT, MEM_ARG, MOVING, SCENARIOS, SLACK, Scenario, Truth},
+    hot_set::{FLAT_OUT, MOVING, SCENARIOS, SLACK, Scenario, Truth, launch, ops},
 };
 
 const DEFAULT_RUNS: usize = 3;
@@ -94,38 +94,6 @@ fn options(args: &[String]) -> Result<Options> {
         "RUNS, --pairs and --at need at least one\n{USAGE}"
     );
     Ok(options)
-}
-
-/// Launches `scenario` on `daemon` and waits for its first operation; its id and when.
-fn launch(daemon: &Daemon, scenario: &Scenario) -> Result<(String, Instant)> {
-    let id = daemon.try_json(&[
-        "launch",
-        "--workload",
-        scenario.workload,
-        "--args",
-        scenario.args,
-        "--mem",
-        MEM_ARG,
-    ])?["id"]
-        .as_str()
-        .context("launch gave no id")?
-        .to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ops(daemon, &id)? == 0 {
-        ensure!(Instant::now() < deadline, "{} never started", scenario.name);
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok((id, Instant::now()))
-}
-
-fn ops(daemon: &Daemon, id: &str) -> Result<u64> {
-    let status = daemon.try_json(&["status", id])?;
-    ensure!(status["errors"] == 0, "guest errors: {status}");
-    ensure!(
-        status["state"] == "running",
-        "the guest does not run: {status}"
-    );
-    status["ops"].as_u64().context("no ops in the status")
 }
 
 /// One checkpoint: the warm heat's recall, and its window's share of the guest's time.
