@@ -332,8 +332,13 @@ fn a_migration_ends_open_windows_and_completes() {
             )
         });
         // While the migration profiles, a new window is refused rather than stealing its
-        // threads.
-        thread::sleep(Duration::from_millis(500));
+        // threads. It profiles once the partition says it migrates (after the guest's pace
+        // is measured, a second, and the destination is prepared), for its 2 s window.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.json(&["status", &id])["state"] != "migrating" {
+            assert!(Instant::now() < deadline, "the migration never began");
+            thread::sleep(Duration::from_millis(20));
+        }
         let (code, _, stderr) = source.cli(&["heat", &id, "--duration", "200ms"]);
         let during = (code, stderr);
         // The dashboard asks too: no error, and no heat while the migration profiles.
