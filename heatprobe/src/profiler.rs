@@ -316,19 +316,19 @@ impl Profiler {
         let mut armed = std::mem::take(&mut self.armed);
         let began = std::mem::replace(&mut self.epoch_began, Instant::now());
         armed.sort_by_key(|range| range.start);
+        // The faults that count: every one, or only those on the frames the epoch began by
+        // re-arming.
+        let credited = match self.credit {
+            Credit::Every => epoch,
+            Credit::ArmedLastEpoch => touched_within(epoch, &armed),
+        };
         if let Some(spend) = self.spend.as_mut() {
             // The faults the re-arming caused are what the budget pays for. Crediting every
             // fault, each one counted is taken as the re-arming's (during a migration, nearly
             // all are); crediting the frames armed, only those on them are: a guest that
             // first touches its memory, or the faults of a fresh mapping, would pay them with
             // or without a profile.
-            let faults = match self.credit {
-                Credit::Every => epoch.iter().map(|(_, c)| c.reads + c.writes).sum(),
-                Credit::ArmedLastEpoch => touched_within(epoch.clone(), &armed)
-                    .iter()
-                    .map(|(_, c)| c.reads + c.writes)
-                    .sum(),
-            };
+            let faults = credited.iter().map(|(_, c)| c.reads + c.writes).sum();
             let frames = armed.iter().map(|r| r.end - r.start).sum();
             spend.record(began.elapsed(), frames, faults);
         }
@@ -338,7 +338,7 @@ impl Profiler {
             // These pages faulted since the re-arming, so within this long of it.
             let elapsed_ns = crate::probes::monotonic_ns().saturating_sub(self.armed_at_ns);
             let armed_at = crate::probes::fault_time(self.armed_at_ns);
-            let weighted: Vec<(u64, PageCounts, f64)> = touched_within(epoch, &armed)
+            let weighted: Vec<(u64, PageCounts, f64)> = credited
                 .into_iter()
                 .map(|(page, c)| {
                     let wait = last_faults
@@ -366,7 +366,7 @@ impl Profiler {
             touched = weighted.iter().map(|(page, _, _)| *page).collect();
             self.heat.record_weighted_epoch(weighted);
         } else {
-            self.heat.record_epoch(epoch);
+            self.heat.record_epoch(credited);
         }
         self.last_counts = counts;
         Ok(touched)
