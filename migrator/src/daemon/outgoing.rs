@@ -19,7 +19,6 @@ use tracing::warn;
 
 use super::{blocking, error_chain, peer::RemoteDestination, registry::info_of, server::Daemon};
 use crate::api::{ApiError, MigrateRequest, MigrationInfo};
-use crate::daemon::profilers::WarmHeat;
 use crate::{
     migration::{
         MigrationProgress, MigrationReport, MigrationStatus, Mode, Strategy,
@@ -233,7 +232,7 @@ impl Daemon {
     /// its own; returns the migration at once.
     pub(super) async fn start_out(
         &self,
-        request: MigrateRequest,
+        mut request: MigrateRequest,
     ) -> Result<Arc<Outbound>, ApiError> {
         let partition = self.registry.live(&request.id)?;
         self.refuse_if_held(&request.id)?;
@@ -257,14 +256,31 @@ impl Daemon {
         let outbound =
             self.outgoing
                 .start(&request.id, request.to.to_string(), &request.options, self)?;
-        // The warm heat, read before its profiler stops: what the migration plans from when
-        // no heat file or carried heat says otherwise.
-        let warm = match (&request.options.strategy, &request.heat) {
-            (Strategy::Heat, None) => {
-                let (profilers, id) = (self.profilers.clone(), request.id.clone());
-                blocking("reading the warm heat", move || profilers.warm_heat(&id)).await?
-            }
-            _ => None,
+        // What the migration plans from without a profile: a heat file (checked above), heat
+        // that came with this partition while it is fresh, or else its warm heat, read before
+        // its profiler stops.
+        let planned = match (request.options.strategy, request.heat.take()) {
+            (Strategy::Address, _) => None,
+            (Strategy::Heat, Some(pages)) => Some(PlanHeat {
+                pages: pages.into(),
+                measured: std::time::Instant::now(),
+                origin: PlanHeatOrigin::File,
+                spent: None,
+            }),
+            (Strategy::Heat, None) => match self.carried_heat.fresh(&request.id) {
+                Some(carried) => Some(carried),
+                None => {
+                    let (profilers, id) = (self.profilers.clone(), request.id.clone());
+                    blocking("reading the warm heat", move || profilers.warm_heat(&id))
+                        .await?
+                        .map(|warm| PlanHeat {
+                            pages: warm.pages.into(),
+                            measured: warm.measured,
+                            origin: PlanHeatOrigin::Warm,
+                            spent: warm.spent,
+                        })
+                }
+            },
         };
         // Only once the migration is registered: from then on no shared heat profiler starts
         // on the partition (they check for a running migration under the lock unwatch takes),
@@ -273,7 +289,7 @@ impl Daemon {
         let daemon = self.clone();
         let task = Arc::clone(&outbound);
         tokio::spawn(async move {
-            let outcome = daemon.run_out(request, partition, warm, &task).await;
+            let outcome = daemon.run_out(request, partition, planned, &task).await;
             task.end(outcome);
         });
         Ok(outbound)
@@ -284,7 +300,7 @@ impl Daemon {
         &self,
         request: MigrateRequest,
         partition: Arc<Partition>,
-        warm: Option<WarmHeat>,
+        planned: Option<PlanHeat>,
         outbound: &Outbound,
     ) -> Outcome {
         let job = Arc::clone(&outbound.job);
@@ -313,25 +329,6 @@ impl Daemon {
             },
             Strategy::Address => None,
         };
-        // Heat from a file (checked when the migration started), or heat that came with this
-        // partition, fresh enough to plan from without profiling.
-        let carried = match (request.options.strategy, request.heat) {
-            (Strategy::Heat, Some(pages)) => Some(PlanHeat {
-                pages: pages.into(),
-                measured: std::time::Instant::now(),
-                origin: PlanHeatOrigin::File,
-                spent: None,
-            }),
-            (Strategy::Heat, None) => self.carried_heat.fresh(&request.id).or_else(|| {
-                warm.map(|warm| PlanHeat {
-                    pages: warm.pages.into(),
-                    measured: warm.measured,
-                    origin: PlanHeatOrigin::Warm,
-                    spent: warm.spent,
-                })
-            }),
-            (Strategy::Address, _) => None,
-        };
         let engine = Arc::clone(&partition);
         let options = request.options.clone();
         let report = blocking("the migration", move || {
@@ -339,7 +336,7 @@ impl Daemon {
                 &engine,
                 &mut destination,
                 probes,
-                carried,
+                planned,
                 &options,
                 &job,
             )
