@@ -113,6 +113,12 @@ pub fn commit() -> Option<String> {
     })
 }
 
+/// Whether a scenario named `name` is one `--only` picks: every one without `--only`, else
+/// those whose name contains one of `only` (lower-cased), in any case.
+pub fn picked(name: &str, only: &[String]) -> bool {
+    only.is_empty() || only.iter().any(|o| name.to_lowercase().contains(o))
+}
+
 /// Two network namespaces joined by a veth pair shaped with `tc tbf` to `rate`, with a daemon
 /// on each (port 7700, as in the docs' commands; mutual TLS, as daemons off loopback must),
 /// started with `serve`'s further options `serve`.

@@ -35,7 +35,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
-    bench::{Spread, commit, median, plural, reproduce, show},
+    bench::{Spread, commit, median, picked, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig},
     hot_set::{self, FLAT_OUT, HOT_SHARE, MEM, SCENARIOS, SLACK, Scenario, Truth, ops},
 };
@@ -317,13 +317,7 @@ fn main() -> Result<()> {
     let options = options(&args)?;
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
-        .filter(|s| {
-            options.only.is_empty()
-                || options
-                    .only
-                    .iter()
-                    .any(|o| s.name.to_lowercase().contains(o))
-        })
+        .filter(|s| picked(s.name, &options.only))
         .collect();
     if options.recall && scenarios.is_empty() {
         bail!("no scenario matches --only {:?}", options.only);

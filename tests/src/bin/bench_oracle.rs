@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use heatprobe_tests::{
     bench::{
-        Spread, commit, known_popularity, launch_and_migrate, plural, reproduce, shaped_hosts, show,
+        Spread, commit, known_popularity, launch_and_migrate, picked, plural, reproduce,
+        shaped_hosts, show,
     },
     daemon::Daemon,
 };
@@ -233,10 +234,7 @@ fn main() -> Result<()> {
     if mode != "precopy" && mode != "hybrid" {
         bail!("--mode is precopy or hybrid");
     }
-    let scenarios: Vec<&Scenario> = SCENARIOS
-        .iter()
-        .filter(|s| only.is_empty() || only.iter().any(|o| s.name.to_lowercase().contains(o)))
-        .collect();
+    let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| picked(s.name, &only)).collect();
     let files = scenarios
         .iter()
         .map(|s| oracle_file(s).map(|p| p.to_string_lossy().into_owned()))

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use heatprobe_tests::{
-    bench::{Spread, commit, plural, reproduce, show},
+    bench::{Spread, commit, picked, plural, reproduce, show},
     daemon::{Daemon, DaemonConfig},
     hot_set::{FLAT_OUT, MOVING, SCENARIOS, SLACK, Scenario, Truth, launch, ops},
 };
@@ -155,13 +155,7 @@ fn main() -> Result<()> {
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
         .chain([&MOVING])
-        .filter(|s| {
-            options.only.is_empty()
-                || options
-                    .only
-                    .iter()
-                    .any(|o| s.name.to_lowercase().contains(o))
-        })
+        .filter(|s| picked(s.name, &options.only))
         .collect();
     if scenarios.is_empty() && options.recall {
         bail!("no scenario matches --only\n{USAGE}");
