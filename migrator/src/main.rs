@@ -20,7 +20,7 @@ use tarpc::context;
 
 use self::cli::{
     args::{Cli, Command, MigrationTarget},
-    calls::{dash, detached, heat, migrate, one, plan, read_heat_file, reconcile},
+    calls::{dash, detached, heat, migrate, one, plan, read_heat_file, reconcile, warm_plan},
     jobs::Steer,
     partition_process::{self, PartitionProcess},
     render,
@@ -201,7 +201,11 @@ async fn run(command: Command, tls: Option<PathBuf>) -> Result<()> {
             target,
             strategy,
             duration,
+            warm: false,
         } => plan(target, strategy, duration, &security).await,
+        Command::Plan {
+            target, warm: true, ..
+        } => warm_plan(target, &security).await,
         Command::Dash {
             host,
             id,

@@ -102,6 +102,9 @@ fn heat_that_ranks_nothing_gives_way_to_address_order_and_says_why() {
     let (code, _, stderr) = source.cli(&["heat", &quiet, "--warm"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("profiles on demand"), "{stderr}");
+    let (code, _, stderr) = source.cli(&["plan", &quiet, "--warm"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("profiles on demand"), "{stderr}");
     source.json(&["stop", &quiet]);
     // Touches no memory: a profile finds nothing to rank. (Flat heat over most of memory
     // falls back too: `plan_choice`'s unit tests.)
@@ -138,6 +141,7 @@ fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost(
     let source = Daemon::start_with(&["--heat-profile", "warm"]);
     let destination = Daemon::start();
     let id = source.launch("hotspot", "rate=200000 scatter=1", "64M");
+    let idle = source.launch("idle", "", "32M");
     source.wait_progress(&id, 100_000, 0);
     // A few seconds of background sampling: at the default budget it sweeps 64 MiB of a
     // paced guest several times.
@@ -150,6 +154,27 @@ fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost(
     );
     assert!(warm["spent"]["frames_armed"].as_u64() > Some(0), "{warm}");
     assert!(warm["duration_ms"].as_u64() > Some(0), "{warm}");
+    // The plan a migration would make from it now, without a profile: heat's order over
+    // every frame once, hot writes held back.
+    let plan = source.json(&["plan", &id, "--warm"]);
+    assert_eq!(plan["plan_heat"], "warm", "{plan}");
+    assert_eq!(plan["strategy"], "heat", "{plan}");
+    assert!(plan["order_fallback"].is_null(), "{plan}");
+    assert!(plan["spent"]["frames_armed"].as_u64() > Some(0), "{plan}");
+    let planned: u64 = plan["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .map(|s| s["pages"].as_u64().expect("a size"))
+        .sum();
+    assert_eq!(Some(planned), plan["frames"].as_u64(), "{plan}");
+    assert!(plan["held_back"]["pages"].as_u64() > Some(0), "{plan}");
+    // An idle guest's warm heat ranks nothing: address order, and why, as a migration says.
+    let plan = source.json(&["plan", &idle, "--warm"]);
+    assert_eq!(plan["strategy"], "address", "{plan}");
+    let why = plan["order_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("too few to order by"), "{plan}");
+    source.json(&["stop", &idle]);
     let (report, _) = source.migrate_checked(
         &destination,
         &id,

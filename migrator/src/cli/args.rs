@@ -185,6 +185,10 @@ pub(crate) enum Command {
         /// --profile-window.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Plan from the warm heat instead of a new window, as a migration would now
+        /// (`serve --heat-profile warm`): heat's order, or address order and why.
+        #[arg(long, conflicts_with_all = ["duration", "strategy"])]
+        warm: bool,
     },
     /// The live dashboard of a partition: heat, migration, guest.
     Dash {

@@ -8,8 +8,8 @@ use migrator::{
     api::PartitionInfo,
     api::client::Connection,
     api::client::context_with,
-    api::heat_report,
-    migration::{Strategy, source::MigrationOptions},
+    api::heat_report::{self, PlanPreview},
+    migration::{Strategy, plan_choice, source::MigrationOptions},
     tls::Security,
 };
 use tarpc::context;
@@ -173,6 +173,58 @@ pub(crate) async fn plan(
     if target.host.json {
         println!("{}", serde_json::to_string(&preview)?);
     } else {
+        print!("{}", heat_report::render_plan(&preview));
+    }
+    Ok(())
+}
+
+/// `plan --warm`: the plan a migration would make from the warm heat now, decided as the
+/// migration decides it (`plan_choice::unusable`), without profiling anything.
+pub(crate) async fn warm_plan(target: Target, security: &Security) -> Result<()> {
+    let connection = Connection::open(target.host.host, security).await?;
+    let heat = connection.rpc(
+        connection
+            .client
+            .warm_heat(context_with(WINDOW_SLACK), target.id)
+            .await,
+    )??;
+    let fallback = plan_choice::unusable(&heat.record.pages, heat.frames);
+    let preview = match fallback {
+        Some(_) => PlanPreview::address(&heat.id, heat.frames),
+        None => PlanPreview::heat(&heat.id, heat.frames, heat.duration_ms, &heat.record)
+            .context("planning from the warm heat")?,
+    };
+    if target.host.json {
+        /// `plan --json`'s object, with where its heat came from and what it cost.
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            #[serde(flatten)]
+            preview: &'a PlanPreview,
+            plan_heat: &'static str,
+            /// Why the pages would go in address order after all, as the report's field.
+            order_fallback: Option<String>,
+            spent: Option<heatprobe::budget::Spent>,
+        }
+        let json = Json {
+            preview: &preview,
+            plan_heat: "warm",
+            order_fallback: fallback,
+            spent: heat.spent,
+        };
+        println!("{}", serde_json::to_string(&json)?);
+    } else {
+        println!(
+            "warm heat over the last {:.1} s{}",
+            heat.duration_ms as f64 / 1000.0,
+            heat.spent.map_or(String::new(), |s| format!(
+                ", which cost the guest {:.2}% of its time ({} faults)",
+                s.share * 100.0,
+                s.faults
+            ))
+        );
+        if let Some(why) = &fallback {
+            println!("address order: the warm heat {why}");
+        }
         print!("{}", heat_report::render_plan(&preview));
     }
     Ok(())
