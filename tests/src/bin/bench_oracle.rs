@@ -1,5 +1,5 @@
 //! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--warm DURATION]
-//! [--heat-profile warm|on-demand] [--only SUBSTRING]...`: heat
+//! [--heat-profile warm|on-demand] [--only SUBSTRING]... [--variant ARG]...`: heat
 //! against address order and against the best any order could do, on the matrix's shaped
 //! link.
 //!
@@ -20,6 +20,10 @@
 //! and guest work lost for each order; heat/address and oracle/address of the medians; and
 //! heat's share of the oracle's saving, `(address − heat) / (address − oracle)`, where the
 //! oracle saves at least a tenth of address's figure.
+//!
+//! `--variant ARG` (repeatable, the arguments of one variant) adds a fourth order, heat with
+//! those `migrate` arguments too, interleaved with the others, and a second table of it
+//! against heat: what one mechanism does, in the same runs (`--variant --no-defer`).
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +44,7 @@ const DEFAULT_RUNS: usize = 3;
 /// for the daemon's warm heat to have swept the guest's memory at its default budget, as a
 /// guest that has run for a while has. `--warm 1s` is a migration right after the launch.
 const DEFAULT_WARM: Duration = Duration::from_secs(20);
-const ORDERS: [&str; 3] = ["heat", "address", "oracle"];
+const ORDERS: [&str; 4] = ["heat", "address", "oracle", "variant"];
 
 /// A workload whose popularity the guest crate knows, in the matrix's arguments.
 struct Scenario {
@@ -141,6 +145,7 @@ fn oracle_file(scenario: &Scenario) -> Result<std::path::PathBuf> {
 
 /// Migrates one fresh partition of `scenario` in `order`; the report, with the guest's
 /// errors on the destination.
+#[allow(clippy::too_many_arguments)]
 fn one(
     a: &Daemon,
     b: &Daemon,
@@ -149,11 +154,16 @@ fn one(
     mode: &str,
     oracle: &str,
     warm: Duration,
+    variant: &[String],
 ) -> Result<Value> {
     let limit = if mode == "hybrid" { "100ms" } else { "300ms" };
     let mut options = vec!["--mode", mode, "--downtime-limit", limit];
     match order {
         "oracle" => options.extend(["--strategy", "heat", "--heat-file", oracle]),
+        "variant" => {
+            options.extend(["--strategy", "heat"]);
+            options.extend(variant.iter().map(String::as_str));
+        }
         strategy => options.extend(["--strategy", strategy]),
     }
     launch_and_migrate(
@@ -208,11 +218,13 @@ fn main() -> Result<()> {
     let mut only: Vec<String> = Vec::new();
     let mut warm = DEFAULT_WARM;
     let mut heat_profile = "warm".to_string();
+    let mut variant: Vec<String> = Vec::new();
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
             "--mode" => mode = words.next().context("--mode needs a value")?.clone(),
             "--only" => only.push(words.next().context("--only needs a value")?.to_lowercase()),
+            "--variant" => variant.push(words.next().context("--variant needs a value")?.clone()),
             "--heat-profile" => {
                 heat_profile = words
                     .next()
@@ -240,20 +252,22 @@ fn main() -> Result<()> {
         .map(|s| oracle_file(s).map(|p| p.to_string_lossy().into_owned()))
         .collect::<Result<Vec<_>>>()?;
     let (_hosts, a, b) = shaped_hosts(RATE, &["--heat-profile", &heat_profile])?;
-    let mut reports: Vec<[Vec<Value>; 3]> = scenarios.iter().map(|_| Default::default()).collect();
+    let mut reports: Vec<[Vec<Value>; 4]> = scenarios.iter().map(|_| Default::default()).collect();
     for run in 0..runs {
         for (n, scenario) in scenarios.iter().enumerate() {
             for k in 0..ORDERS.len() {
                 let slot = (k + run) % ORDERS.len();
                 let order = ORDERS[slot];
-                if order == "oracle" && !has_oracle(scenario) {
+                if (order == "oracle" && !has_oracle(scenario))
+                    || (order == "variant" && variant.is_empty())
+                {
                     continue;
                 }
                 let started = Instant::now();
-                let report = one(&a, &b, scenario, order, &mode, &files[n], warm)
+                let report = one(&a, &b, scenario, order, &mode, &files[n], warm, &variant)
                     .unwrap_or_else(|e| json!({ "status": "error", "error": format!("{e:#}") }));
                 eprintln!(
-                    "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms{}",
+                    "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms, dirty per round {}, cut over: {}{}",
                     scenario.name,
                     report["status"].as_str().unwrap_or("?"),
                     started.elapsed().as_secs_f64(),
@@ -264,6 +278,8 @@ fn main() -> Result<()> {
                     report
                         .pointer("/guest_work_lost/total_ms")
                         .unwrap_or(&Value::Null),
+                    report["dirty_pages_per_round"],
+                    report["cutover_reason"],
                     report["error"]
                         .as_str()
                         .map(|e| format!(": {e}"))
@@ -287,7 +303,7 @@ fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (n, scenario) in scenarios.iter().enumerate() {
-        let [heat, address, oracle] = &reports[n];
+        let [heat, address, oracle, _] = &reports[n];
         let done = |r: &[Value]| r.iter().filter(|r| r["status"] == "completed").count();
         for (name, pointer, decimals) in FIGURES {
             let [h, a, o] = [heat, address, oracle].map(|r| Spread::of(values(r, pointer)));
@@ -304,6 +320,28 @@ fn main() -> Result<()> {
                 ratio(o, a),
                 share(h, a, o)
             );
+        }
+    }
+    if !variant.is_empty() {
+        let label = variant.join(" ");
+        println!("\nThe variant, heat with `{label}`, against heat in the same runs:\n");
+        println!("| scenario | figure | heat | heat `{label}` | variant / heat |");
+        println!("|---|---|---|---|---|");
+        for (n, scenario) in scenarios.iter().enumerate() {
+            let [heat, _, _, with] = &reports[n];
+            let done = |r: &[Value]| r.iter().filter(|r| r["status"] == "completed").count();
+            for (name, pointer, decimals) in FIGURES {
+                let [h, v] = [heat, with].map(|r| Spread::of(values(r, pointer)));
+                println!(
+                    "| {} ({}/{} completed) | {name} | {} | {} | {} |",
+                    scenario.name,
+                    done(heat),
+                    done(with),
+                    show(h, decimals),
+                    show(v, decimals),
+                    ratio(v, h)
+                );
+            }
         }
     }
     Ok(())
