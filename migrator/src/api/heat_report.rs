@@ -117,7 +117,7 @@ pub struct PlanPreview {
     pub profile: Option<PlanProfile>,
     /// Round 0's segments in the order they are sent; together every frame once.
     pub segments: Vec<PlanSegment>,
-    /// What a pre-copy migration with the default options holds back from round 0.
+    /// What a migration with the default options holds back from round 0.
     pub held_back: Option<PlanSegment>,
 }
 

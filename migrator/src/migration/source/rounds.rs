@@ -345,9 +345,10 @@ pub(super) fn iterate(
     run.advance(SourceEvent::Round0)?;
     run.set_progress(|p| p.round = 0);
     partition.dirty_log_fetch()?;
-    let defer = options.defer_hot_writes
-        && options.strategy == Strategy::Heat
-        && options.mode == Mode::Precopy;
+    // Hybrid too: its rounds go on while they shrink the set, and hot writes sent in each
+    // would come back dirty in each; held back, they go in the refresh before a converged
+    // cutover, or with the stale set post-copy pushes hottest first.
+    let defer = options.defer_hot_writes && options.strategy == Strategy::Heat;
     let (round0, mut deferred) = if defer {
         order.hold_back_hot_writes(order.plan.clone())
     } else {
