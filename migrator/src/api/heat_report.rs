@@ -174,7 +174,7 @@ impl PlanPreview {
         }
         let options = MigrationOptions::default();
         let held_back = options.defer_hot_writes.then(|| {
-            let (_, later) = order.hold_back_hot_writes(order.plan.clone());
+            let (_, later) = order.hold_back_hot_writes(order.plan.clone(), usize::MAX);
             PlanSegment::new(SegmentKind::HeldBack, &later)
         });
         Ok(Self {

@@ -114,11 +114,20 @@ impl Order {
             .unwrap_or(false)
     }
 
-    /// Splits `frames` into what to send now and the hot written frames to hold back.
-    pub fn hold_back_hot_writes(&self, frames: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
-        frames
+    /// Splits `frames` into what to send now and the hot written frames to hold back: at
+    /// most `most` of them, those the dirty log and then the heat rank hottest; the rest go
+    /// now, at the end of the round.
+    pub fn hold_back_hot_writes(&self, frames: Vec<u64>, most: usize) -> (Vec<u64>, Vec<u64>) {
+        let (mut now, mut later): (Vec<u64>, Vec<u64>) = frames
             .into_iter()
-            .partition(|&f| !self.hot_writes[f as usize])
+            .partition(|&f| !self.hot_writes[f as usize]);
+        if later.len() > most {
+            later.sort_by_key(|&f| (self.heat_rank[f as usize], f));
+            now.extend(later.split_off(most));
+            self.sort(&mut now);
+            self.sort(&mut later);
+        }
+        (now, later)
     }
 }
 
@@ -141,13 +150,36 @@ mod tests {
         // Only the last two checks count: 1 and 2 are quiet now, 4 repeats.
         order.learn_from_round(&[3, 4]);
         assert_eq!(held(&order, 8), vec![4]);
-        let (now, later) = order.hold_back_hot_writes((0..8).collect());
+        let (now, later) = order.hold_back_hot_writes((0..8).collect(), usize::MAX);
         assert_eq!(later, vec![4]);
         assert_eq!(now, vec![0, 1, 2, 3, 5, 6, 7]);
         // Sorted, every page once held back goes after the others, in plan order.
         let mut frames: Vec<u64> = (0..8).rev().collect();
         order.sort(&mut frames);
         assert_eq!(frames, vec![0, 3, 5, 6, 7, 1, 2, 4]);
+    }
+
+    #[test]
+    fn at_most_the_hottest_hot_writes_are_held_back_and_the_rest_go_last() {
+        // Heat ranks 4 hottest, then 2, then 0 (a write weighs more than a read).
+        let pages = [(0, 3, 0), (2, 0, 5), (4, 0, 9)]
+            .map(|(page, reads, writes)| (page, heatprobe::PageCounts { reads, writes }));
+        let mut heat = heatprobe::HeatMap::new(heatprobe::HeatConfig::default()).unwrap();
+        heat.record_epoch(pages.to_vec());
+        let mut order = Order::from_heat(&heat.pages(), 6).unwrap();
+        order.learn_from_round(&[0, 2, 4]);
+        order.learn_from_round(&[0, 2, 4]);
+        let (now, later) = order.hold_back_hot_writes((0..6).collect(), usize::MAX);
+        assert_eq!((now.len(), later.len()), (3, 3), "{now:?} {later:?}");
+        // Room for one: the hottest is held; the other two go now, after every other page.
+        let (now, later) = order.hold_back_hot_writes((0..6).collect(), 1);
+        assert_eq!(later, vec![4]);
+        assert_eq!(now.len(), 5);
+        assert!(now[3..].iter().all(|&f| f == 0 || f == 2), "{now:?}");
+        // No room: nothing held back.
+        let (now, later) = order.hold_back_hot_writes((0..6).collect(), 0);
+        assert!(later.is_empty());
+        assert_eq!(now.len(), 6);
     }
 
     #[test]
