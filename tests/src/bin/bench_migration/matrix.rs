@@ -659,3 +659,36 @@ pub(crate) fn precopy_summary(results: &[Results], scenarios: usize) {
         pass(all[3]),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(heat: &[u64], address: &[u64]) -> Results<'static> {
+        let reports = |values: &[u64]| {
+            values
+                .iter()
+                .map(|v| json!({ "status": "completed", "postcopy_requests": v }))
+                .collect()
+        };
+        Results {
+            scenario: &SCENARIOS[0],
+            heat: reports(heat),
+            address: reports(address),
+        }
+    }
+
+    /// A summary condition about demands is not met by runs with none: both medians 0 give
+    /// no verdict (it passed as met before), and neither does address's 0 alone.
+    #[test]
+    fn no_demands_on_either_side_is_no_verdict() {
+        let within =
+            |h: &[u64], a: &[u64]| results(h, a).heat_within_if_any("/postcopy_requests", 0.3);
+        assert_eq!(within(&[0, 0, 0], &[0, 0, 0]), None);
+        assert_eq!(within(&[5, 5, 5], &[0, 0, 0]), None);
+        assert_eq!(within(&[2, 3, 4], &[10, 10, 10]), Some(true));
+        assert_eq!(within(&[4, 5, 6], &[10, 10, 10]), Some(false));
+        // No completed run of one side: not met.
+        assert_eq!(within(&[], &[10, 10, 10]), Some(false));
+    }
+}
