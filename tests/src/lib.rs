@@ -39,6 +39,21 @@ pub fn kvm_unavailable() -> Option<String> {
 /// `cargo xtask test`'s summary (libtest counts a test that returns early as passed).
 pub fn skip(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
+    record_skip(&format!("{test}: {why}"));
+}
+
+/// Marks a line of the skip log as a part of a test skipped, the rest of it run.
+pub const PART_SKIPPED: &str = "part ";
+
+/// Prints why `part` of a test is skipped while the rest of it runs, and records it: the
+/// test still counts as passed or failed, and the part as skipped (a `--long` run fails on
+/// either kind).
+pub fn skip_part(part: &str, why: &str) {
+    eprintln!("SKIPPED {part}: {why}");
+    record_skip(&format!("{PART_SKIPPED}{part}: {why}"));
+}
+
+fn record_skip(line: &str) {
     if let Some(log) = std::env::var_os("HEATPROBE_SKIP_LOG") {
         use std::io::Write;
         if let Ok(mut file) = std::fs::OpenOptions::new()
@@ -46,7 +61,7 @@ pub fn skip(test: &str, why: &str) {
             .append(true)
             .open(log)
         {
-            let _ = writeln!(file, "{test}: {why}");
+            let _ = writeln!(file, "{line}");
         }
     }
 }

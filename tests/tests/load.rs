@@ -31,7 +31,7 @@ use heatprobe_tests::{
     host_memory::{HostMemory, MemorySampler, vms_and_threads},
     kvm_unavailable,
     netns::{HostPair, netns_unavailable},
-    skip,
+    skip, skip_part,
 };
 use migrator::{
     api::{
@@ -132,7 +132,7 @@ struct Network {
 impl Network {
     fn create() -> Self {
         if let Some(why) = netns_unavailable() {
-            skip(
+            skip_part(
                 "the two-namespace part of the load test (both daemons on loopback)",
                 &why,
             );
@@ -821,7 +821,7 @@ fn thirty_two_partitions_four_migrations_each_way_status_at_100_per_second() {
     let strategy = match bpf_unavailable() {
         None => Strategy::Heat,
         Some(why) => {
-            skip(&format!("the heat strategy of {name}"), &why);
+            skip_part(&format!("the heat strategy of {name}"), &why);
             Strategy::Address
         }
     };

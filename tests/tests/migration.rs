@@ -6,7 +6,7 @@ use std::{net::SocketAddr, thread, time::Duration};
 
 use heatprobe_tests::{
     ProcessMemory, bpf_unavailable, daemon::Daemon, guest_images::handmade_image, kvm_unavailable,
-    skip,
+    skip, skip_part,
 };
 use migrator::vmm::memory::PAGE_SIZE;
 use serde_json::Value;
@@ -50,7 +50,7 @@ fn every_workload_migrates_under_each_strategy_and_mode() {
     let strategies: Vec<&str> = match bpf_unavailable() {
         None => vec!["heat", "address"],
         Some(why) => {
-            skip(
+            skip_part(
                 "the heat strategy of every_workload_migrates_under_each_strategy_and_mode",
                 &why,
             );
@@ -105,7 +105,7 @@ fn a_guest_the_project_never_saw_migrates_under_each_strategy_and_mode() {
     let strategies: Vec<&str> = match bpf_unavailable() {
         None => vec!["heat", "address"],
         Some(why) => {
-            skip(
+            skip_part(
                 "the heat strategy of a_guest_the_project_never_saw_migrates",
                 &why,
             );

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use heatprobe_tests::{bpf_unavailable, daemon::Daemon, kvm_unavailable, skip};
+use heatprobe_tests::{bpf_unavailable, daemon::Daemon, kvm_unavailable, skip, skip_part};
 use migrator::vmm::{
     GuestImage, Partition, PartitionConfig, PartitionState, loader::Image, memory::GuestAddress,
     partition::BUILTIN_IMAGE,
@@ -39,7 +39,7 @@ fn hot_sets_flat_and_scattered_run_and_migrate_without_errors() {
     let strategy = match bpf_unavailable() {
         None => "heat",
         Some(why) => {
-            skip("the heat strategy of hot_sets_flat_and_scattered", &why);
+            skip_part("the heat strategy of hot_sets_flat_and_scattered", &why);
             "address"
         }
     };
