@@ -197,13 +197,11 @@ impl Convergence {
     /// the limit; infinite where it does not shrink. From the second check on: the first
     /// follows round 0, which sent all of memory over a longer time.
     fn projected_rounds(&self, check: &Check) -> f64 {
-        let room = self
-            .policy
-            .downtime_limit
-            .saturating_sub(self.policy.fixed_cost)
-            .as_secs_f64()
-            * check.rate
-            / PAGE_SIZE as f64;
+        let room = pages_within(
+            self.policy.downtime_limit,
+            self.policy.fixed_cost,
+            check.rate,
+        );
         let pages = check.pages as f64;
         if pages <= room {
             return 0.0;
@@ -273,6 +271,12 @@ impl Convergence {
             }
         }
     }
+}
+
+/// How many pages fit a pause of `limit`, less its fixed cost `fixed`, at `rate` bytes a
+/// second: the set a cutover can send, and the room hybrid's held-back hot writes share.
+pub fn pages_within(limit: Duration, fixed: Duration, rate: f64) -> f64 {
+    limit.saturating_sub(fixed).as_secs_f64() * rate / PAGE_SIZE as f64
 }
 
 /// The throttle after a round that came back `ratio` dirty at `current` percent.

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     migration::{
-        convergence::{Check, Converge, Convergence, CutoverReason, Decision, Policy},
+        convergence::{self, Check, Converge, Convergence, CutoverReason, Decision, Policy},
         job::{Job, StepError},
         order::Order,
         plan_choice,
@@ -520,8 +520,7 @@ const HELD_BACK_SHARE: f64 = 0.5;
 /// checks and re-sent 1.8x the pages of the same order sending its hot writes every round.
 /// Pre-copy's throttle slows the guest until its set fits, so it holds back every hot write.
 fn pause_room(limit: Duration, fixed: Duration, rate: f64) -> usize {
-    let seconds = limit.saturating_sub(fixed).as_secs_f64();
-    (seconds * rate / PAGE_SIZE as f64 * HELD_BACK_SHARE) as usize
+    (convergence::pages_within(limit, fixed, rate) * HELD_BACK_SHARE) as usize
 }
 
 /// The link rate the convergence decision works with after round 0: the measured one, or,
