@@ -109,13 +109,36 @@ fn has_oracle(scenario: &Scenario) -> bool {
 }
 
 /// The figures compared, with their report pointers and decimals.
-const FIGURES: [(&str, &str, usize); 5] = [
+const FIGURES: [(&str, &str, usize); 8] = [
     ("pages re-sent", "/pages_resent", 0),
     ("demands", "/postcopy_requests", 0),
     ("blocktime ms", "/postcopy_blocktime_ms", 1),
     ("downtime ms", "/downtime_ms", 0),
     ("guest work lost ms", "/guest_work_lost/total_ms", 0),
+    // Its parts that differ between orders: the heat's cost, the rounds, the time after.
+    ("… of it, heat ms", "/guest_work_lost/warm_heat_ms", 0),
+    ("… of it, rounds ms", "/guest_work_lost/rounds_ms", 0),
+    ("… of it, after ms", "/guest_work_lost/after_ms", 0),
 ];
+
+/// A report's guest work lost by part, for the log.
+fn parts(report: &Value) -> String {
+    let lost = &report["guest_work_lost"];
+    [
+        "warm_heat_ms",
+        "profile_ms",
+        "rounds_ms",
+        "throttle_ms",
+        "after_ms",
+    ]
+    .iter()
+    .map(|k| match lost[*k].as_f64() {
+        Some(ms) => format!("{} {ms:.0}", k.trim_end_matches("_ms")),
+        None => format!("{} –", k.trim_end_matches("_ms")),
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
 
 /// Writes the oracle's heat file for `scenario`: every page of the workload's share with
 /// its intended weight as heat, written to where the workload writes.
@@ -271,7 +294,7 @@ fn main() -> Result<()> {
                 let report = one(&a, &b, scenario, order, &mode, &files[n], warm, &variant)
                     .unwrap_or_else(|e| json!({ "status": "error", "error": format!("{e:#}") }));
                 eprintln!(
-                    "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms, dirty per round {}, cut over: {}{}",
+                    "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms ({}), dirty per round {}, cut over: {}{}",
                     scenario.name,
                     report["status"].as_str().unwrap_or("?"),
                     started.elapsed().as_secs_f64(),
@@ -282,6 +305,7 @@ fn main() -> Result<()> {
                     report
                         .pointer("/guest_work_lost/total_ms")
                         .unwrap_or(&Value::Null),
+                    parts(&report),
                     report["dirty_pages_per_round"],
                     report["cutover_reason"],
                     report["error"]
