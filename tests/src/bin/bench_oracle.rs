@@ -1,5 +1,5 @@
 //! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--warm DURATION]
-//! [--heat-profile warm|on-demand] [--only SUBSTRING]... [--variant ARG]...`: heat
+//! [--heat-profile warm|on-demand] [--only SUBSTRING]... [--variant ARG]... [--save DIR]`: heat
 //! against address order and against the best any order could do, on the matrix's shaped
 //! link.
 //!
@@ -24,6 +24,8 @@
 //! `--variant ARG` (repeatable, the arguments of one variant) adds a fourth order, heat with
 //! those `migrate` arguments too, interleaved with the others, and a second table of it
 //! against heat: what one mechanism does, in the same runs (`--variant --no-defer`).
+//!
+//! `--save DIR` writes each run's whole report there, as `SCENARIO-ORDER-RUN.json`.
 
 use std::time::{Duration, Instant};
 
@@ -242,12 +244,14 @@ fn main() -> Result<()> {
     let mut warm = DEFAULT_WARM;
     let mut heat_profile = "warm".to_string();
     let mut variant: Vec<String> = Vec::new();
+    let mut save: Option<std::path::PathBuf> = None;
     let mut words = args.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
             "--mode" => mode = words.next().context("--mode needs a value")?.clone(),
             "--only" => only.push(words.next().context("--only needs a value")?.to_lowercase()),
             "--variant" => variant.push(words.next().context("--variant needs a value")?.clone()),
+            "--save" => save = Some(words.next().context("--save needs a directory")?.into()),
             "--heat-profile" => {
                 heat_profile = words
                     .next()
@@ -278,6 +282,9 @@ fn main() -> Result<()> {
             false => Ok(String::new()),
         })
         .collect::<Result<Vec<_>>>()?;
+    if let Some(dir) = &save {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let (_hosts, a, b) = shaped_hosts(RATE, &["--heat-profile", &heat_profile])?;
     let mut reports: Vec<[Vec<Value>; 4]> = scenarios.iter().map(|_| Default::default()).collect();
     for run in 0..runs {
@@ -313,6 +320,13 @@ fn main() -> Result<()> {
                         .map(|e| format!(": {e}"))
                         .unwrap_or_default(),
                 );
+                if let Some(dir) = &save {
+                    let name = format!(
+                        "{}-{order}-{run}.json",
+                        scenario.name.replace([' ', ','], "-")
+                    );
+                    std::fs::write(dir.join(name), serde_json::to_vec_pretty(&report)?)?;
+                }
                 reports[n][slot].push(report);
             }
         }
