@@ -84,6 +84,16 @@ pub async fn run(process: PartitionProcess) -> Result<(), PartitionProcessError>
             }
         }
     });
+    // The guest's pace, for the bill of a migration to come (`vmm::pace`).
+    let pacing = daemon.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(migrator::vmm::pace::PACE_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            pacing.record_paces();
+        }
+    });
     if process.sampling.warm() {
         let warming = daemon.clone();
         let epoch = process.sampling.epoch();

@@ -170,6 +170,14 @@ impl Daemon {
         loaded.map_err(|e| ApiError::Partition(format!("the eBPF probes: {}", error_chain(&*e))))
     }
 
+    /// Reads each live partition's operation count into its pace history: a partition
+    /// process calls it every `vmm::pace::PACE_EVERY`.
+    pub fn record_paces(&self) {
+        for (_, partition) in self.registry.live_by_id() {
+            partition.record_pace();
+        }
+    }
+
     /// Unloads the eBPF probes if nothing uses them and no migration might soon: no
     /// profiler, fault window, incoming session or outgoing migration. A partition process
     /// calls it from time to time, so that an idle guest's process holds no programs that

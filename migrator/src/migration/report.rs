@@ -80,7 +80,9 @@ pub struct GuestWorkLost {
     /// the waits for missing pages. `None` when not measured (`post_cutover_faults_note`, or
     /// `--fault-window 0s`, or a migration that did not complete).
     pub after_ms: Option<f64>,
-    /// The guest's pace before the migration, operations per second over its vCPUs.
+    /// The guest's pace before the migration, operations per second over its vCPUs: over
+    /// the half minute its host sampled (`vmm::pace`), its own pauses weighed in, or over
+    /// the second before the migration where the host has less history than that.
     pub rate_before: f64,
     /// How long the parts measured last together, in milliseconds.
     pub counted_ms: f64,
@@ -196,7 +198,8 @@ pub struct MigrationReport {
     /// it did (completed migrations only).
     pub downtime_note: Option<String>,
     /// The guest's operations per second from the start of the dirty log (before heat's
-    /// profile) to the pause, over its rate just before the migration; `None` if it did no
+    /// profile) to the pause, over its pace before the migration (`rate_before` of
+    /// `guest_work_lost`); `None` if it did no
     /// operations then (paused, or an image that keeps no count) or its counter went
     /// backwards.
     pub guest_ops_ratio: Option<f64>,

@@ -5,6 +5,7 @@ pub mod dirty;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod pace;
 pub mod partition;
 pub mod sampler;
 pub mod snapshot;

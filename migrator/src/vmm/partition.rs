@@ -227,6 +227,8 @@ pub struct Partition {
     ticker: Mutex<Option<JoinHandle<()>>>,
     /// The guest's progress as last read, for when its page is not there to read.
     pub(super) last_progress: Mutex<Vec<migrator_guest::Progress>>,
+    /// The guest's count as its host sampled it while it ran (`record_pace`).
+    pub(super) pace: Mutex<super::pace::PaceHistory>,
 }
 
 fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
@@ -340,6 +342,7 @@ impl Partition {
             postcopy_paused: Mutex::new(None),
             ticker: Mutex::new(None),
             last_progress: Mutex::new(Vec::new()),
+            pace: Mutex::default(),
         };
         if request == Request::Pause {
             partition.wait_quiet()?;

@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use crate::vmm::{Partition, PartitionState};
 
-/// How long the guest's pace is measured before anything of the migration starts: a
-/// second, so that a guest whose count stalls now and then is measured over whole cycles of
-/// its work. 200 ms fell inside the full self-checks of paced `hotspot` and `graded` guests
-/// (every 0.65 s, each a read of all 512 MiB, counting no operation), took their pace for a
-/// fraction of what it was, and so their work lost for tens of seconds below zero.
+/// How long the guest's pace is measured before anything of the migration starts, where its
+/// host has no history of it ([`crate::vmm::pace`]): a second, so that a guest whose count
+/// stalls now and then is measured over whole cycles of its work. 200 ms fell inside the full
+/// self-checks of paced `hotspot` and `graded` guests (every 0.65 s, each a read of all
+/// 512 MiB, counting no operation), took their pace for a fraction of what it was, and so
+/// their work lost for tens of seconds below zero.
 pub(super) const BEFORE_WINDOW: Duration = Duration::from_secs(1);
 /// A guest that counts coarsely (an operation per pass over its memory, say) is watched for
 /// longer, up to this, until it has counted [`ENOUGH_OPS`].
@@ -41,12 +42,16 @@ pub(super) fn rate(from: OpsMark, to: OpsMark) -> Option<f64> {
     (seconds > 0.0).then(|| ops as f64 / seconds)
 }
 
-/// The guest's rate over `window`, now, or longer (up to a second) for a guest that has
-/// counted fewer than [`ENOUGH_OPS`] by then; `None` at once if it is not running, since a
-/// paused guest has no pace to compare with.
+/// The guest's pace: over its host's history of it (up to half a minute, its own pauses
+/// weighed in), or, where there is not enough of one, over `window` now, or longer (up to
+/// [`BEFORE_WINDOW_MAX`]) for a guest that has counted fewer than [`ENOUGH_OPS`] by then;
+/// `None` at once if it is not running, since a paused guest has no pace to compare with.
 pub(super) fn rate_before(partition: &Partition, window: Duration) -> Option<f64> {
     if partition.state() != PartitionState::Running {
         return None;
+    }
+    if let Some(pace) = partition.pace() {
+        return Some(pace);
     }
     let from = OpsMark::now(partition);
     std::thread::sleep(window);
