@@ -199,9 +199,8 @@ pub struct MigrationReport {
     pub downtime_note: Option<String>,
     /// The guest's operations per second from the start of the dirty log (before heat's
     /// profile) to the pause, over its pace before the migration (`rate_before` of
-    /// `guest_work_lost`); `None` if it did no
-    /// operations then (paused, or an image that keeps no count) or its counter went
-    /// backwards.
+    /// `guest_work_lost`); `None` if it did no operations then (paused, or an image that keeps
+    /// no count) or its counter went backwards.
     pub guest_ops_ratio: Option<f64>,
     /// What the migration cost the guest, by part; `None` where it cannot be measured,
     /// `guest_work_lost_note` saying why.
