@@ -68,6 +68,40 @@ fn a_paced_guest_that_keeps_its_pace_loses_little_but_the_pause() {
     assert!((sum - part(lost, "total_ms")).abs() < 1e-6, "{lost}");
 }
 
+/// The pace a bill is measured against: the second before the migration for a guest just
+/// launched, the host's history of it (at least 10 s, up to 30 s) for one that has run a
+/// while, matching the guest's own count over that time.
+#[test]
+fn the_pace_is_the_hosts_history_of_the_guest_once_it_has_one() {
+    if let Some(why) = kvm_unavailable() {
+        return skip(
+            "the_pace_is_the_hosts_history_of_the_guest_once_it_has_one",
+            &why,
+        );
+    }
+    let a = Daemon::start();
+    let b = Daemon::start();
+    let id = a.launch("rw-mix", "rate=20000 check_every=20000", "64M");
+    a.wait_progress(&id, 2_000, 0);
+    let (report, moved) = a.migrate_checked(&b, &id, &["--strategy", "address"], "fresh");
+    let pace = part(&report["guest_work_lost"], "pace_ms");
+    assert!((900.0..2_500.0).contains(&pace), "a fresh guest: {report}");
+    // Twelve seconds on the destination, watched by the test as by its host.
+    let ops = |d: &Daemon| d.json(&["status", &moved])["ops"].as_f64().expect("ops");
+    let (first, since) = (ops(&b), std::time::Instant::now());
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    let watched = (ops(&b) - first) / since.elapsed().as_secs_f64();
+    let (report, _) = b.migrate_checked(&a, &moved, &["--strategy", "address"], "back");
+    let lost = &report["guest_work_lost"];
+    let pace = part(lost, "pace_ms");
+    assert!((10_000.0..=30_000.0).contains(&pace), "{lost}");
+    let rate = part(lost, "rate_before");
+    assert!(
+        (rate / watched - 1.0).abs() < 0.1,
+        "{rate} against {watched} watched: {lost}"
+    );
+}
+
 #[test]
 fn throttling_shows_in_the_guests_bill() {
     if let Some(why) = kvm_unavailable() {

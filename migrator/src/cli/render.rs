@@ -72,10 +72,11 @@ pub(crate) fn work_lost_line(lost: &migrator::migration::report::GuestWorkLost) 
         None => "not counted".into(),
     };
     format!(
-        "guest work lost {:.0} ms at its pace before ({:.0} ops/s) over {:.0} ms: profile {:.0}, \
-         rounds {:.0}, throttle {:.0}, downtime {:.0}, after the resume {after}",
+        "guest work lost {:.0} ms at its pace before ({:.0} ops/s over {:.1} s) over {:.0} ms: \
+         profile {:.0}, rounds {:.0}, throttle {:.0}, downtime {:.0}, after the resume {after}",
         lost.total_ms,
         lost.rate_before,
+        lost.pace_ms / 1e3,
         lost.counted_ms,
         lost.profile_ms,
         lost.rounds_ms,

@@ -84,6 +84,10 @@ pub struct GuestWorkLost {
     /// the half minute its host sampled (`vmm::pace`), its own pauses weighed in, or over
     /// the second before the migration where the host has less history than that.
     pub rate_before: f64,
+    /// How long `rate_before` was measured over, in milliseconds: up to 30 000 from the host's
+    /// history, or about 1 000 just before the migration.
+    #[serde(default)]
+    pub pace_ms: f64,
     /// How long the parts measured last together, in milliseconds.
     pub counted_ms: f64,
 }

@@ -42,16 +42,23 @@ pub(super) fn rate(from: OpsMark, to: OpsMark) -> Option<f64> {
     (seconds > 0.0).then(|| ops as f64 / seconds)
 }
 
+/// A guest's pace, and how long it was measured over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Pace {
+    pub per_second: f64,
+    pub over: Duration,
+}
+
 /// The guest's pace: over its host's history of it (up to half a minute, its own pauses
 /// weighed in), or, where there is not enough of one, over `window` now, or longer (up to
 /// [`BEFORE_WINDOW_MAX`]) for a guest that has counted fewer than [`ENOUGH_OPS`] by then;
 /// `None` at once if it is not running, since a paused guest has no pace to compare with.
-pub(super) fn rate_before(partition: &Partition, window: Duration) -> Option<f64> {
+pub(super) fn rate_before(partition: &Partition, window: Duration) -> Option<Pace> {
     if partition.state() != PartitionState::Running {
         return None;
     }
-    if let Some(pace) = partition.pace() {
-        return Some(pace);
+    if let Some((per_second, over)) = partition.pace() {
+        return Some(Pace { per_second, over });
     }
     let from = OpsMark::now(partition);
     std::thread::sleep(window);
@@ -60,7 +67,10 @@ pub(super) fn rate_before(partition: &Partition, window: Duration) -> Option<f64
         std::thread::sleep(window.min(BEFORE_WINDOW_MAX));
         to = OpsMark::now(partition);
     }
-    rate(from, to)
+    Some(Pace {
+        per_second: rate(from, to)?,
+        over: to.at - from.at,
+    })
 }
 
 /// The rate during the migration over the rate before; `None` when the guest did nothing
@@ -85,6 +95,8 @@ pub(super) struct Ledger {
     /// Operations per second before the migration; `None` where there was no pace to count
     /// against (the ledger then counts nothing).
     rate: Option<f64>,
+    /// How long that pace was measured over.
+    pace_over: Duration,
     open: Option<(Part, OpsMark)>,
     /// Milliseconds lost, by part: profile, rounds, throttle.
     lost: [f64; 3],
@@ -92,9 +104,12 @@ pub(super) struct Ledger {
 }
 
 impl Ledger {
-    pub(super) fn new(rate: Option<f64>) -> Self {
+    pub(super) fn new(pace: Option<Pace>) -> Self {
         Self {
-            rate: rate.filter(|r| r.is_finite() && *r > 0.0),
+            rate: pace
+                .map(|p| p.per_second)
+                .filter(|r| r.is_finite() && *r > 0.0),
+            pace_over: pace.map_or(Duration::ZERO, |p| p.over),
             open: None,
             lost: [0.0; 3],
             counted: Duration::ZERO,
@@ -118,6 +133,11 @@ impl Ledger {
     /// The guest's pace before the migration, if it has one.
     pub(super) fn rate(&self) -> Option<f64> {
         self.rate
+    }
+
+    /// How long the pace counted against was measured over.
+    pub(super) fn pace_over(&self) -> Duration {
+        self.pace_over
     }
 
     /// The part it counts to now.
@@ -177,7 +197,10 @@ mod tests {
     #[test]
     fn a_ledger_charges_each_interval_to_its_part() {
         let start = Instant::now();
-        let mut ledger = Ledger::new(Some(1000.0));
+        let mut ledger = Ledger::new(Some(Pace {
+            per_second: 1000.0,
+            over: Duration::from_secs(1),
+        }));
         ledger.open = Some((Part::Profile, mark(start, 0)));
         ledger.close_at(mark(start + Duration::from_millis(100), 50));
         ledger.open = Some((Part::Throttle, mark(start + Duration::from_millis(100), 50)));
@@ -195,7 +218,14 @@ mod tests {
         );
         assert_eq!(counted, Duration::from_millis(300));
         // No pace before, nothing to count against.
-        assert!(Ledger::new(Some(0.0)).totals().is_none());
+        assert!(
+            Ledger::new(Some(Pace {
+                per_second: 0.0,
+                over: Duration::from_secs(1),
+            }))
+            .totals()
+            .is_none()
+        );
         assert!(Ledger::new(None).totals().is_none());
     }
 

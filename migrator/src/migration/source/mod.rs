@@ -280,9 +280,10 @@ pub fn migrate(
     let started = Instant::now();
     // The guest's pace before the migration touches it, to compare with its pace during the
     // rounds; part of the setup time.
-    let ops_before = guest_ops::rate_before(partition, guest_ops::BEFORE_WINDOW);
+    let pace = guest_ops::rate_before(partition, guest_ops::BEFORE_WINDOW);
+    let ops_before = pace.map(|p| p.per_second);
     let mut run = Run::new(partition, options, job, started);
-    run.ledger = guest_ops::Ledger::new(ops_before);
+    run.ledger = guest_ops::Ledger::new(pace);
     partition.set_migrating(true);
     let result = execute(&mut run, destination, probes, carried, ops_before);
     conclude(run, destination, result)
@@ -508,6 +509,7 @@ fn work_lost(
         downtime_ms,
         after_ms,
         rate_before: rate,
+        pace_ms: ledger.pace_over().as_secs_f64() * 1e3,
         counted_ms,
     })
 }
