@@ -221,7 +221,11 @@ impl Convergence {
             _ => 0,
         };
         self.previous = Some(check.pages);
-        if self.expected_downtime(check.pages, check.queued, check.rate) <= policy.downtime_limit {
+        // Nothing left to send: no round can make the pause shorter than its fixed cost, even
+        // where that alone is over the limit (the report says the limit was not met).
+        if self.expected_downtime(check.pages, check.queued, check.rate) <= policy.downtime_limit
+            || (check.pages == 0 && check.queued == 0)
+        {
             return Decision::CutOver(CutoverReason::Converged);
         }
         // Without throttling there is nothing to wait for once the limit is out of reach: the
@@ -544,6 +548,27 @@ mod tests {
             c.decide(dead(0)),
             Decision::CutOver(CutoverReason::Converged)
         );
+    }
+
+    #[test]
+    fn a_fixed_cost_over_the_limit_cuts_over_once_nothing_is_left() {
+        // Pre-copy's digests alone take longer than the limit (a large guest): rounds cannot
+        // help, and the one with nothing left to send is the shortest pause there is.
+        for converge in [Converge::None, Converge::Throttle] {
+            let mut c = Convergence::new(Policy {
+                fixed_cost: Duration::from_millis(400),
+                ..policy(converge)
+            });
+            assert_ne!(
+                c.decide(check(10, 10_000, 1)),
+                Decision::CutOver(CutoverReason::Converged)
+            );
+            assert_eq!(
+                c.decide(check(0, 10, 2)),
+                Decision::CutOver(CutoverReason::Converged),
+                "{converge:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Digests of guest memory: an xxh3 of every page, and one over those, as both sides of a
 //! migration compare them.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use rustix::time::{ClockId, clock_gettime};
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
@@ -23,8 +25,11 @@ impl GuestMemory {
         MemoryDigest::from_pages(pages)
     }
 
-    /// How long [`Self::digest`] takes here now, from the time to digest [`DIGEST_SAMPLE`]
-    /// frames spread evenly over the memory (a few milliseconds at most).
+    /// How long [`Self::digest`] takes here, from the CPU time this thread spends to digest
+    /// [`DIGEST_SAMPLE`] frames spread evenly over the memory (a few milliseconds). CPU time,
+    /// not the clock: the sample is a few hundredths of the whole, so one preemption during
+    /// it, on a busy host, once made a 60 ms digest look like 380 ms, and a pre-copy that
+    /// could not converge on it failed.
     pub fn digest_time(&self) -> Duration {
         let frames = self.frames();
         let sample = frames.min(DIGEST_SAMPLE);
@@ -34,19 +39,29 @@ impl GuestMemory {
         let step = frames / sample;
         let mut page = [0u8; PAGE_SIZE as usize];
         let mut hashes = 0u64;
-        let started = Instant::now();
+        let started = thread_cpu_time();
         for n in 0..sample {
             if self.copy_frame(n * step, &mut page).is_ok() {
                 hashes ^= xxh3_64(&page);
             }
         }
         std::hint::black_box(hashes);
-        started.elapsed().mul_f64(frames as f64 / sample as f64)
+        thread_cpu_time()
+            .saturating_sub(started)
+            .mul_f64(frames as f64 / sample as f64)
     }
 }
 
-/// Frames [`GuestMemory::digest_time`] digests to time the whole: 8 MiB.
-pub const DIGEST_SAMPLE: u64 = 2048;
+/// Frames [`GuestMemory::digest_time`] digests to time the whole: 16 MiB.
+pub const DIGEST_SAMPLE: u64 = 4096;
+
+fn thread_cpu_time() -> Duration {
+    let t = clock_gettime(ClockId::ThreadCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
 
 /// Per-page xxh3 digests and their total.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
