@@ -8,7 +8,7 @@ use rustix::time::{ClockId, clock_gettime};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{GuestMemory, PAGE_SIZE};
+use super::{GuestMemory, PAGE_SIZE, Page};
 
 impl GuestMemory {
     /// The memory's digest: an xxh3 of every page, and an xxh3 over those. Each page is
@@ -17,12 +17,17 @@ impl GuestMemory {
     pub fn digest(&self) -> MemoryDigest {
         let mut page = [0u8; PAGE_SIZE as usize];
         let pages: Vec<u64> = (0..self.frames())
-            .map(|f| match self.copy_frame(f, &mut page) {
-                Ok(()) => xxh3_64(&page),
-                Err(_) => 0,
-            })
+            .map(|f| self.frame_hash(f, &mut page))
             .collect();
         MemoryDigest::from_pages(pages)
+    }
+
+    /// Frame `frame`'s xxh3, copied out through `page`; 0 for a frame that cannot be read.
+    fn frame_hash(&self, frame: u64, page: &mut Page) -> u64 {
+        match self.copy_frame(frame, page) {
+            Ok(()) => xxh3_64(page),
+            Err(_) => 0,
+        }
     }
 
     /// How long [`Self::digest`] takes here, from the CPU time this thread spends to digest
@@ -47,9 +52,7 @@ impl GuestMemory {
         for run in 0..runs {
             let first = run * stride;
             for frame in first..(first + DIGEST_RUN).min(frames) {
-                if self.copy_frame(frame, &mut page).is_ok() {
-                    hashes ^= xxh3_64(&page);
-                }
+                hashes ^= self.frame_hash(frame, &mut page);
             }
         }
         std::hint::black_box(hashes);
@@ -65,11 +68,8 @@ pub const DIGEST_SAMPLE: u64 = 4096;
 pub const DIGEST_RUN: u64 = 64;
 
 fn thread_cpu_time() -> Duration {
-    let t = clock_gettime(ClockId::ThreadCPUTime);
-    Duration::new(
-        t.tv_sec.max(0) as u64,
-        t.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
+    // A thread's CPU time is never negative, the one case the conversion refuses.
+    Duration::try_from(clock_gettime(ClockId::ThreadCPUTime)).unwrap_or_default()
 }
 
 /// Per-page xxh3 digests and their total.
