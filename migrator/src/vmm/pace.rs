@@ -22,12 +22,19 @@ impl super::Partition {
         pace.record(Instant::now(), ops, running);
     }
 
-    /// The guest's operations per second over its pace history, and how long that history
-    /// is, if it has enough of one.
-    pub fn pace(&self) -> Option<(f64, Duration)> {
+    /// The guest's pace over its history, if it has enough of one.
+    pub fn pace(&self) -> Option<Pace> {
         let pace = self.pace.lock().unwrap_or_else(|p| p.into_inner());
         pace.rate(Instant::now())
     }
+}
+
+/// A guest's pace: operations per second over its vCPUs, and how long they were counted
+/// over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pace {
+    pub per_second: f64,
+    pub over: Duration,
 }
 
 /// How often the host reads the guest's count.
@@ -69,7 +76,7 @@ impl PaceHistory {
     /// on (a workload that fills its memory first counts none meanwhile); `None` if the
     /// history is stale (not sampled over the last two periods) or spans less than
     /// [`PACE_LEAST`].
-    pub fn rate(&self, now: Instant) -> Option<(f64, Duration)> {
+    pub fn rate(&self, now: Instant) -> Option<Pace> {
         let &(last_at, last_ops) = self.samples.back()?;
         if now.saturating_duration_since(last_at) > 2 * PACE_EVERY {
             return None;
@@ -82,7 +89,10 @@ impl PaceHistory {
             .unwrap_or(0);
         let (first_at, first_ops) = self.samples[first];
         let span = last_at.checked_duration_since(first_at)?;
-        (span >= PACE_LEAST).then(|| ((last_ops - first_ops) as f64 / span.as_secs_f64(), span))
+        (span >= PACE_LEAST).then(|| Pace {
+            per_second: (last_ops - first_ops) as f64 / span.as_secs_f64(),
+            over: span,
+        })
     }
 }
 
@@ -112,7 +122,10 @@ mod tests {
     fn the_pace_weighs_the_guests_own_pauses_in() {
         // Half a second stopped every six: eleven twelfths of its running pace.
         let (history, now) = sampled(500_000.0, 6.0, 0.5, 60.0);
-        let (rate, over) = history.rate(now).expect("a pace");
+        let Pace {
+            per_second: rate,
+            over,
+        } = history.rate(now).expect("a pace");
         assert!(over >= PACE_SPAN - PACE_EVERY, "{over:?}");
         assert!(
             (rate / (500_000.0 * 11.0 / 12.0) - 1.0).abs() < 0.02,
@@ -131,7 +144,10 @@ mod tests {
             history.record(start + t, counting.as_millis() as u64, true);
         }
         let now = start + Duration::from_secs(17);
-        let (rate, over) = history.rate(now).expect("a pace");
+        let Pace {
+            per_second: rate,
+            over,
+        } = history.rate(now).expect("a pace");
         assert!((rate - 1000.0).abs() < 1.0, "{rate}");
         assert_eq!(over, Duration::from_secs(12));
     }

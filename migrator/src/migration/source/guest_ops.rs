@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::vmm::{Partition, PartitionState};
+use crate::vmm::{Partition, PartitionState, pace::Pace};
 
 /// How long the guest's pace is measured before anything of the migration starts, where its
 /// host has no history of it ([`crate::vmm::pace`]): a second, so that a guest whose count
@@ -42,13 +42,6 @@ pub(super) fn rate(from: OpsMark, to: OpsMark) -> Option<f64> {
     (seconds > 0.0).then(|| ops as f64 / seconds)
 }
 
-/// A guest's pace, and how long it was measured over.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) struct Pace {
-    pub per_second: f64,
-    pub over: Duration,
-}
-
 /// The guest's pace: over its host's history of it (up to half a minute, its own pauses
 /// weighed in), or, where there is not enough of one, over `window` now, or longer (up to
 /// [`BEFORE_WINDOW_MAX`]) for a guest that has counted fewer than [`ENOUGH_OPS`] by then;
@@ -57,8 +50,8 @@ pub(super) fn rate_before(partition: &Partition, window: Duration) -> Option<Pac
     if partition.state() != PartitionState::Running {
         return None;
     }
-    if let Some((per_second, over)) = partition.pace() {
-        return Some(Pace { per_second, over });
+    if let Some(pace) = partition.pace() {
+        return Some(pace);
     }
     let from = OpsMark::now(partition);
     std::thread::sleep(window);
@@ -92,11 +85,9 @@ pub(super) enum Part {
 /// operations done in it at the guest's pace before the migration.
 #[derive(Debug)]
 pub(super) struct Ledger {
-    /// Operations per second before the migration; `None` where there was no pace to count
-    /// against (the ledger then counts nothing).
-    rate: Option<f64>,
-    /// How long that pace was measured over.
-    pace_over: Duration,
+    /// The guest's pace before the migration; `None` where there was none to count against
+    /// (the ledger then counts nothing).
+    pace: Option<Pace>,
     open: Option<(Part, OpsMark)>,
     /// Milliseconds lost, by part: profile, rounds, throttle.
     lost: [f64; 3],
@@ -106,10 +97,7 @@ pub(super) struct Ledger {
 impl Ledger {
     pub(super) fn new(pace: Option<Pace>) -> Self {
         Self {
-            rate: pace
-                .map(|p| p.per_second)
-                .filter(|r| r.is_finite() && *r > 0.0),
-            pace_over: pace.map_or(Duration::ZERO, |p| p.over),
+            pace: pace.filter(|p| p.per_second.is_finite() && p.per_second > 0.0),
             open: None,
             lost: [0.0; 3],
             counted: Duration::ZERO,
@@ -132,12 +120,7 @@ impl Ledger {
 
     /// The guest's pace before the migration, if it has one.
     pub(super) fn rate(&self) -> Option<f64> {
-        self.rate
-    }
-
-    /// How long the pace counted against was measured over.
-    pub(super) fn pace_over(&self) -> Duration {
-        self.pace_over
+        self.pace.map(|p| p.per_second)
     }
 
     /// The part it counts to now.
@@ -146,7 +129,7 @@ impl Ledger {
     }
 
     fn close_at(&mut self, now: OpsMark) {
-        let (Some((part, from)), Some(rate)) = (self.open, self.rate) else {
+        let (Some((part, from)), Some(rate)) = (self.open, self.rate()) else {
             return;
         };
         let Some(took) = now.at.checked_duration_since(from.at) else {
@@ -162,8 +145,8 @@ impl Ledger {
 
     /// The pace counted against, and the milliseconds lost by part (profile, rounds,
     /// throttle) with the time they cover.
-    pub(super) fn totals(&self) -> Option<(f64, [f64; 3], Duration)> {
-        self.rate.map(|rate| (rate, self.lost, self.counted))
+    pub(super) fn totals(&self) -> Option<(Pace, [f64; 3], Duration)> {
+        self.pace.map(|pace| (pace, self.lost, self.counted))
     }
 }
 
@@ -205,8 +188,8 @@ mod tests {
         ledger.close_at(mark(start + Duration::from_millis(100), 50));
         ledger.open = Some((Part::Throttle, mark(start + Duration::from_millis(100), 50)));
         ledger.close_at(mark(start + Duration::from_millis(300), 100));
-        let (rate, lost, counted) = ledger.totals().unwrap();
-        assert_eq!(rate, 1000.0);
+        let (pace, lost, counted) = ledger.totals().unwrap();
+        assert_eq!(pace.per_second, 1000.0);
         assert!(
             (lost[Part::Profile as usize] - 50.0).abs() < 1e-6,
             "{lost:?}"

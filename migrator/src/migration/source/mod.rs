@@ -471,7 +471,7 @@ fn work_lost(
     ledger: &guest_ops::Ledger,
     report: &MigrationReport,
 ) -> Result<GuestWorkLost, String> {
-    let Some((rate, [profile_ms, rounds_ms, throttle_ms], counted)) = ledger.totals() else {
+    let Some((pace, [profile_ms, rounds_ms, throttle_ms], counted)) = ledger.totals() else {
         return Err(
             "not measured: the guest did no operations just before the migration (paused, \
              idle, or an image that keeps no count)"
@@ -485,7 +485,7 @@ fn work_lost(
         .map(|(done, took_us)| {
             let took = Duration::from_micros(took_us);
             (
-                guest_ops::lost_ms(took, done, rate),
+                guest_ops::lost_ms(took, done, pace.per_second),
                 took.as_secs_f64() * 1e3,
             )
         });
@@ -508,8 +508,8 @@ fn work_lost(
         throttle_ms,
         downtime_ms,
         after_ms,
-        rate_before: rate,
-        pace_ms: ledger.pace_over().as_secs_f64() * 1e3,
+        rate_before: pace.per_second,
+        pace_ms: pace.over.as_secs_f64() * 1e3,
         counted_ms,
     })
 }
