@@ -1,5 +1,6 @@
 //! `cargo xtask bench oracle [RUNS] [--mode precopy|hybrid] [--warm DURATION]
-//! [--heat-profile warm|on-demand] [--only SUBSTRING]... [--variant ARG]... [--save DIR]`: heat
+//! [--stagger DURATION] [--seed N] [--heat-profile warm|on-demand] [--only SUBSTRING]...
+//! [--variant ARG]... [--save DIR]`: heat
 //! against address order and against the best any order could do, on the matrix's shaped
 //! link.
 //!
@@ -26,6 +27,15 @@
 //! against heat: what one mechanism does, in the same runs (`--variant --no-defer`).
 //!
 //! `--save DIR` writes each run's whole report there, as `SCENARIO-ORDER-RUN.json`.
+//!
+//! Each migration starts `--warm` plus a random share of `--stagger` (10 s) after the guest's
+//! first operation, drawn per migration from `--seed` (printed with the command). A guest
+//! with a periodic phase, such as kv-zipf's full self-check (half a second without an
+//! operation every 6.5 s), otherwise meets the same phase at every run of one order: with a
+//! fixed start, heat's pre-copy ended each run just before the self-check, which landed in
+//! the 2 s after the resume and billed heat 0.6-0.8 s that address order's runs, ending a
+//! second later, never paid. A start spread over more than the period gives each order the
+//! phases alike.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +47,7 @@ use heatprobe_tests::{
     },
     daemon::Daemon,
 };
+use migrator_guest::rng::SplitMix64;
 use serde_json::{Value, json};
 
 const RATE: &str = "1gbit";
@@ -46,6 +57,9 @@ const DEFAULT_RUNS: usize = 3;
 /// for the daemon's warm heat to have swept the guest's memory at its default budget, as a
 /// guest that has run for a while has. `--warm 1s` is a migration right after the launch.
 const DEFAULT_WARM: Duration = Duration::from_secs(20);
+/// The span each migration's start is spread over, past `--warm` (`--stagger`): longer than
+/// the periodic phases of the bench's guests (kv-zipf's self-check comes every 6.5 s).
+const DEFAULT_STAGGER: Duration = Duration::from_secs(10);
 const ORDERS: [&str; 4] = ["heat", "address", "oracle", "variant"];
 
 /// A workload whose popularity the guest crate knows, in the matrix's arguments.
@@ -242,6 +256,8 @@ fn main() -> Result<()> {
     let mut mode = "precopy".to_string();
     let mut only: Vec<String> = Vec::new();
     let mut warm = DEFAULT_WARM;
+    let mut stagger = DEFAULT_STAGGER;
+    let mut seed: Option<u64> = None;
     let mut heat_profile = "warm".to_string();
     let mut variant: Vec<String> = Vec::new();
     let mut save: Option<std::path::PathBuf> = None;
@@ -262,6 +278,18 @@ fn main() -> Result<()> {
                 let text = words.next().context("--warm needs a duration")?;
                 warm = humantime::parse_duration(text)
                     .with_context(|| format!("`{text}` is not a duration"))?;
+            }
+            "--stagger" => {
+                let text = words.next().context("--stagger needs a duration")?;
+                stagger = humantime::parse_duration(text)
+                    .with_context(|| format!("`{text}` is not a duration"))?;
+            }
+            "--seed" => {
+                let text = words.next().context("--seed needs a number")?;
+                seed = Some(
+                    text.parse()
+                        .with_context(|| format!("`{text}` is not a seed"))?,
+                );
             }
             n => {
                 runs = n
@@ -285,6 +313,13 @@ fn main() -> Result<()> {
     if let Some(dir) = &save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Without `--seed`, one from the clock; printed with the command either way.
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos() as u64)
+    });
+    let mut starts = SplitMix64::new(seed);
     let (_hosts, a, b) = shaped_hosts(RATE, &["--heat-profile", &heat_profile])?;
     let mut reports: Vec<[Vec<Value>; 4]> = scenarios.iter().map(|_| Default::default()).collect();
     for run in 0..runs {
@@ -298,11 +333,13 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let started = Instant::now();
-                let report = one(&a, &b, scenario, order, &mode, &files[n], warm, &variant)
+                let settle = warm + stagger.mul_f64(starts.unit());
+                let report = one(&a, &b, scenario, order, &mode, &files[n], settle, &variant)
                     .unwrap_or_else(|e| json!({ "status": "error", "error": format!("{e:#}") }));
                 eprintln!(
-                    "bench: {} / {order} / {mode} / run {run}: {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms ({}), dirty per round {}, cut over: {}{}",
+                    "bench: {} / {order} / {mode} / run {run}: migrated {:.1} s after its first operation, {} in {:.0} s, re-sent {}, demands {}, blocktime {} ms, downtime {} ms, work lost {} ms ({}), dirty per round {}, cut over: {}{}",
                     scenario.name,
+                    settle.as_secs_f64(),
                     report["status"].as_str().unwrap_or("?"),
                     started.elapsed().as_secs_f64(),
                     report["pages_resent"],
@@ -334,9 +371,14 @@ fn main() -> Result<()> {
     for file in files.iter().filter(|f| !f.is_empty()) {
         let _ = std::fs::remove_file(file);
     }
+    // The seed goes into the command unless it was there already.
+    let mut shown = args.clone();
+    if !args.iter().any(|a| a == "--seed") {
+        shown.extend(["--seed".to_string(), seed.to_string()]);
+    }
     println!(
         "`{}` at {}, {}, {mode}.\n",
-        reproduce("cargo xtask bench oracle", &args),
+        reproduce("cargo xtask bench oracle", &shown),
         commit().unwrap_or_else(|| "an unknown commit".into()),
         plural(runs, "run")
     );
