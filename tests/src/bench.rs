@@ -121,15 +121,12 @@ pub fn picked(name: &str, only: &[String]) -> bool {
 
 /// Two network namespaces joined by a veth pair shaped with `tc tbf` to `rate`, with a daemon
 /// on each (port 7700, as in the docs' commands; mutual TLS, as daemons off loopback must),
-/// started with `serve`'s further options `serve`.
+/// started with `serve`'s further options `serve`. The hosts hold the daemons' credentials
+/// too, removed with them.
 pub fn shaped_hosts(
     rate: &str,
     serve: &[&str],
-) -> anyhow::Result<(
-    crate::netns::HostPair,
-    crate::daemon::Daemon,
-    crate::daemon::Daemon,
-)> {
+) -> anyhow::Result<(ShapedHosts, crate::daemon::Daemon, crate::daemon::Daemon)> {
     use crate::daemon::{Daemon, DaemonConfig, make_certs};
     let hosts = crate::netns::HostPair::create()?;
     hosts.shape(rate)?;
@@ -138,14 +135,35 @@ pub fn shaped_hosts(
         Daemon::try_start(
             DaemonConfig {
                 listen: host.at(7700),
-                ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.clone()))
+                ..DaemonConfig::in_namespace(&host.ns, host.addr).tls(Some(certs.dir()))
             }
             .args(serve),
         )
     };
     let a = start(&hosts.a)?;
     let b = start(&hosts.b)?;
-    Ok((hosts, a, b))
+    Ok((
+        ShapedHosts {
+            hosts,
+            _certs: certs,
+        },
+        a,
+        b,
+    ))
+}
+
+/// The two hosts of [`shaped_hosts`] and their daemons' credentials, which go with them.
+pub struct ShapedHosts {
+    pub hosts: crate::netns::HostPair,
+    _certs: crate::daemon::Certs,
+}
+
+impl std::ops::Deref for ShapedHosts {
+    type Target = crate::netns::HostPair;
+
+    fn deref(&self) -> &crate::netns::HostPair {
+        &self.hosts
+    }
 }
 
 /// The intended page popularity of built-in `workload` with `args` in a 1-vCPU partition of

@@ -87,9 +87,36 @@ impl DaemonConfig {
     }
 }
 
+/// A directory of mutual-TLS credentials written by `migrator certs`. Dropping it removes the
+/// directory, private keys and all, whether the test passed or panicked: a bench or a failed
+/// test otherwise left its keys behind in the temporary directory.
+#[derive(Debug)]
+pub struct Certs(PathBuf);
+
+impl Certs {
+    /// The directory, for [`DaemonConfig::tls`].
+    pub fn dir(&self) -> PathBuf {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for Certs {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Writes mutual-TLS credentials for daemons at `hosts` and for the CLI into a fresh
-/// directory under the system's temporary directory (`migrator certs`), and returns it.
-pub fn make_certs(hosts: &[&str]) -> Result<PathBuf> {
+/// directory under the system's temporary directory (`migrator certs`).
+pub fn make_certs(hosts: &[&str]) -> Result<Certs> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -98,8 +125,9 @@ pub fn make_certs(hosts: &[&str]) -> Result<PathBuf> {
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&dir);
+    let certs = Certs(dir);
     let mut command = migrator_command(None, None);
-    command.arg("certs").arg("--out").arg(&dir);
+    command.arg("certs").arg("--out").arg(&*certs);
     for host in hosts {
         command.args(["--host", host]);
     }
@@ -109,7 +137,7 @@ pub fn make_certs(hosts: &[&str]) -> Result<PathBuf> {
         "migrator certs failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Ok(dir)
+    Ok(certs)
 }
 
 /// A fresh runtime directory for one test daemon.

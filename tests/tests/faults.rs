@@ -23,7 +23,7 @@ use std::{
 
 use heatprobe_tests::{
     bpf_unavailable,
-    daemon::{Daemon, DaemonConfig, assert_completed, make_certs},
+    daemon::{Certs, Daemon, DaemonConfig, assert_completed, make_certs},
     kvm_unavailable,
     netns::{HostPair, netns_unavailable},
     skip,
@@ -234,7 +234,8 @@ fn ops(status: &Value) -> (u64, u64) {
 /// on the source running `uniform-write`, watched by a progress client inside host A.
 struct Bed {
     hosts: HostPair,
-    certs: Option<PathBuf>,
+    /// Kept for its drop, which removes the credentials.
+    _certs: Option<Certs>,
     source: Daemon,
     destination: Daemon,
     id: String,
@@ -253,7 +254,7 @@ impl Bed {
                 DaemonConfig::in_namespace(&host.ns, host.addr)
                     .args(&["--peer-timeout", &timeout])
                     .args(extra)
-                    .tls(certs.clone()),
+                    .tls(certs.as_ref().map(|c| c.dir())),
             )
         };
         let source = start(&hosts.a, &[]);
@@ -285,19 +286,11 @@ impl Bed {
         .unwrap();
         Self {
             hosts,
-            certs,
+            _certs: certs,
             source,
             destination,
             id,
             progress,
-        }
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Some(certs) = self.certs.take() {
-            let _ = std::fs::remove_dir_all(certs);
         }
     }
 }

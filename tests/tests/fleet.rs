@@ -176,7 +176,7 @@ fn the_metrics_off_loopback_refuse_a_client_without_credentials() {
 
     let a = Daemon::start_config(
         DaemonConfig::in_namespace(&pair.a.ns, pair.a.addr)
-            .tls(Some(certs.clone()))
+            .tls(Some(certs.dir()))
             .args(&["--metrics", &metrics, "--on-exit", "stop"]),
     );
     // From the other host: plain HTTP, a stranger's certificate, then the CA's client.
@@ -257,8 +257,6 @@ fn the_metrics_off_loopback_refuse_a_client_without_credentials() {
     assert!(why.contains("certificate"), "{refused}");
     // The page is the same daemon's that answered the client above.
     drop(a);
-    let _ = std::fs::remove_dir_all(&certs);
-    let _ = std::fs::remove_dir_all(&strangers);
 }
 
 /// The intervals over which migrations ran, most at once.
@@ -293,7 +291,7 @@ fn drain_empties_a_host_onto_two_over_mutual_tls() {
         let h = &lan.hosts[i];
         Daemon::start_config(
             DaemonConfig::in_namespace(&h.ns, h.addr)
-                .tls(Some(certs.clone()))
+                .tls(Some(certs.dir()))
                 .args(&["--on-exit", "stop"])
                 .args(extra),
         )
@@ -435,5 +433,4 @@ fn drain_empties_a_host_onto_two_over_mutual_tls() {
         .unwrap_or_default();
     let running: Vec<&Value> = left.iter().filter(|p| p["state"] == "running").collect();
     assert_eq!(running.len(), 1, "{left:?}");
-    let _ = std::fs::remove_dir_all(&certs);
 }

@@ -27,7 +27,7 @@ use std::{
 use hdrhistogram::Histogram;
 use heatprobe_tests::{
     bpf_unavailable,
-    daemon::{Daemon, DaemonConfig, make_certs},
+    daemon::{Certs, Daemon, DaemonConfig, make_certs},
     host_memory::{HostMemory, MemorySampler, vms_and_threads},
     kvm_unavailable,
     netns::{HostPair, netns_unavailable},
@@ -126,7 +126,7 @@ struct Network {
     /// Two namespaces joined by a veth; `None` on loopback.
     pair: Option<HostPair>,
     /// Certificates for the daemons and the test's client (`client/`).
-    certs: Option<PathBuf>,
+    certs: Option<Certs>,
 }
 
 impl Network {
@@ -155,7 +155,8 @@ impl Network {
             Some(pair) => {
                 let host = [&pair.a, &pair.b][host];
                 Daemon::start_config(
-                    DaemonConfig::in_namespace(&host.ns, host.addr).tls(self.certs.clone()),
+                    DaemonConfig::in_namespace(&host.ns, host.addr)
+                        .tls(self.certs.as_ref().map(|c| c.dir())),
                 )
             }
             None => Daemon::start(),
@@ -188,14 +189,6 @@ impl Network {
                 pair.a.addr, pair.b.addr
             ),
             None => "daemons on loopback, plain TCP".into(),
-        }
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        if let Some(certs) = &self.certs {
-            let _ = std::fs::remove_dir_all(certs);
         }
     }
 }

@@ -323,7 +323,7 @@ fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
     }
     let certs = make_certs(&["127.0.0.1"]).expect("certificates");
     for tls in [false, true] {
-        let config = || DaemonConfig::default().tls(tls.then(|| certs.clone()));
+        let config = || DaemonConfig::default().tls(tls.then(|| certs.dir()));
         let source = Daemon::try_start(config()).expect("source daemon");
         let destination = Daemon::try_start(config()).expect("destination daemon");
         for mode in ["precopy", "hybrid"] {
@@ -355,7 +355,6 @@ fn pages_striped_across_connections_arrive_whole_in_each_mode_plain_and_tls() {
             destination.json(&["stop", &new_id]);
         }
     }
-    let _ = std::fs::remove_dir_all(&certs);
 }
 
 fn migrate_and_check(

@@ -53,10 +53,10 @@ fn only_authenticated_peers_get_in_and_they_migrate_over_tls() {
     let certs = make_certs(&[&a_addr, &b_addr]).expect("make certificates");
     let strangers = make_certs(&[&a_addr]).expect("make a second, unrelated CA");
     let a = Daemon::start_config(
-        DaemonConfig::in_namespace(&pair.a.ns, pair.a.addr).tls(Some(certs.clone())),
+        DaemonConfig::in_namespace(&pair.a.ns, pair.a.addr).tls(Some(certs.dir())),
     );
     let b = Daemon::start_config(
-        DaemonConfig::in_namespace(&pair.b.ns, pair.b.addr).tls(Some(certs.clone())),
+        DaemonConfig::in_namespace(&pair.b.ns, pair.b.addr).tls(Some(certs.dir())),
     );
 
     // Refused: no TLS at all, and TLS with a certificate from another CA. Both from the
@@ -110,7 +110,4 @@ fn only_authenticated_peers_get_in_and_they_migrate_over_tls() {
     let moved = report["id_on_destination"].as_str().expect("the new id");
     let status = b.wait_progress(moved, 10_000, 2);
     assert_eq!(status["errors"], 0, "{status}");
-
-    let _ = std::fs::remove_dir_all(&certs);
-    let _ = std::fs::remove_dir_all(&strangers);
 }

@@ -49,7 +49,7 @@ fn hybrid_at_200mbit_reaches_post_copy_and_survives_a_cut() {
         Daemon::start_config(
             DaemonConfig::in_namespace(&host.ns, host.addr)
                 .args(&["--peer-timeout", "3s"])
-                .tls(Some(certs.clone())),
+                .tls(Some(certs.dir())),
         )
     };
     let source = start(&hosts.a);
@@ -151,5 +151,4 @@ fn hybrid_at_200mbit_reaches_post_copy_and_survives_a_cut() {
         report["postcopy_recoveries"],
         report["postcopy_paused_ms"]
     );
-    let _ = std::fs::remove_dir_all(certs);
 }

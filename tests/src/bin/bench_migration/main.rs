@@ -29,7 +29,10 @@
 //! no longer than it needs.
 
 use anyhow::{Context, Result};
-use heatprobe_tests::{bench::launch_and_migrate, daemon::Daemon, netns::HostPair};
+use heatprobe_tests::{
+    bench::{ShapedHosts, launch_and_migrate},
+    daemon::Daemon,
+};
 use serde_json::Value;
 
 mod compression;
@@ -50,7 +53,7 @@ const DEFAULT_RUNS: usize = 3;
 const STRATEGIES: [&str; 2] = ["heat", "address"];
 
 /// The two shaped hosts, with a daemon on each.
-fn shaped_hosts() -> Result<(HostPair, Daemon, Daemon)> {
+fn shaped_hosts() -> Result<(ShapedHosts, Daemon, Daemon)> {
     heatprobe_tests::bench::shaped_hosts(RATE, &[])
 }
 

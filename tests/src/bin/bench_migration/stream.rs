@@ -188,8 +188,8 @@ pub(crate) fn tls_cost(runs: usize) -> Result<()> {
         Daemon::try_start(DaemonConfig::default())?,
     );
     let tls = (
-        Daemon::try_start(DaemonConfig::default().tls(Some(certs.clone())))?,
-        Daemon::try_start(DaemonConfig::default().tls(Some(certs.clone())))?,
+        Daemon::try_start(DaemonConfig::default().tls(Some(certs.dir())))?,
+        Daemon::try_start(DaemonConfig::default().tls(Some(certs.dir())))?,
     );
     let scenario = &SLOW_UNIFORM;
     let (mut plain_reports, mut tls_reports) = (Vec::new(), Vec::new());
@@ -237,7 +237,6 @@ pub(crate) fn tls_cost(runs: usize) -> Result<()> {
         field(&tls_reports, "round0_mbps") / field(&plain_reports, "round0_mbps"),
         field(&tls_reports, "total_time_ms") / field(&plain_reports, "total_time_ms"),
     );
-    let _ = std::fs::remove_dir_all(&certs);
     Ok(())
 }
 
