@@ -128,15 +128,17 @@ fn has_oracle(scenario: &Scenario) -> bool {
 }
 
 /// The figures compared, with their report pointers and decimals.
-const FIGURES: [(&str, &str, usize); 8] = [
+const FIGURES: [(&str, &str, usize); 9] = [
     ("pages re-sent", "/pages_resent", 0),
     ("demands", "/postcopy_requests", 0),
     ("blocktime ms", "/postcopy_blocktime_ms", 1),
     ("downtime ms", "/downtime_ms", 0),
     ("guest work lost ms", "/guest_work_lost/total_ms", 0),
-    // Its parts that differ between orders: the heat's cost, the rounds, the time after.
+    // Its parts that differ between orders: the heat's cost, the rounds, pre-copy's throttle,
+    // the time after (the downtime is its row above).
     ("… of it, heat ms", "/guest_work_lost/warm_heat_ms", 0),
     ("… of it, rounds ms", "/guest_work_lost/rounds_ms", 0),
+    ("… of it, throttle ms", "/guest_work_lost/throttle_ms", 0),
     ("… of it, after ms", "/guest_work_lost/after_ms", 0),
 ];
 
@@ -151,9 +153,12 @@ fn parts(report: &Value) -> String {
         "after_ms",
     ]
     .iter()
-    .map(|k| match lost[*k].as_f64() {
-        Some(ms) => format!("{} {ms:.0}", k.trim_end_matches("_ms")),
-        None => format!("{} –", k.trim_end_matches("_ms")),
+    .map(|k| {
+        let name = k.trim_end_matches("_ms");
+        match lost[*k].as_f64() {
+            Some(ms) => format!("{name} {ms:.0}"),
+            None => format!("{name} –"),
+        }
     })
     .collect::<Vec<_>>()
     .join(", ")
