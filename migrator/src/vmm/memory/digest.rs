@@ -64,8 +64,9 @@ impl GuestMemory {
 
 /// Frames [`GuestMemory::digest_time`] digests to time the whole: 16 MiB, in runs of
 /// [`DIGEST_RUN`].
-pub const DIGEST_SAMPLE: u64 = 4096;
-pub const DIGEST_RUN: u64 = 64;
+const DIGEST_SAMPLE: u64 = 4096;
+/// Neighbouring frames per run of the sample (256 KiB).
+const DIGEST_RUN: u64 = 64;
 
 fn thread_cpu_time() -> Duration {
     // A thread's CPU time is never negative, the one case the conversion refuses.
