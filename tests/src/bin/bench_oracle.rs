@@ -32,13 +32,12 @@
 //! operation. The shares are stratified: the runs of one order on one scenario take one each
 //! of `RUNS` equal slices of the stagger, at a point in it drawn from `--seed` (printed with
 //! the command), so no order's runs bunch up at one start, as three independent draws did
-//! once (heat's three at 23.9-24.7 s). A guest
-//! with a periodic phase, such as kv-zipf's full self-check (half a second without an
-//! operation every 6.5 s), otherwise meets the same phase at every run of one order: with a
-//! fixed start, heat's pre-copy ended each run just before the self-check, which landed in
-//! the 2 s after the resume and billed heat 0.6-0.8 s that address order's runs, ending a
-//! second later, never paid. A start spread over more than the period gives each order the
-//! phases alike.
+//! once (heat's three at 23.9-24.7 s). A guest with a periodic phase, such as kv-zipf's full
+//! self-check (half a second without an operation every 6.5 s), otherwise meets the same
+//! phase at every run of one order: with a fixed start, heat's pre-copy ended each run just
+//! before the self-check, which landed in the 2 s after the resume and billed heat 0.6-0.8 s
+//! that address order's runs, ending a second later, never paid. A start spread over more
+//! than the period gives each order the phases alike.
 
 use std::time::{Duration, Instant};
 
@@ -258,6 +257,12 @@ fn share(heat: Option<Spread>, address: Option<Spread>, oracle: Option<Spread>) 
     }
 }
 
+/// The duration after option `flag`, or why there is none.
+fn duration_value(text: Option<&String>, flag: &str) -> Result<Duration> {
+    let text = text.with_context(|| format!("{flag} needs a duration"))?;
+    humantime::parse_duration(text).with_context(|| format!("`{text}` is not a duration"))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut runs = DEFAULT_RUNS;
@@ -282,16 +287,8 @@ fn main() -> Result<()> {
                     .context("--heat-profile needs warm or on-demand")?
                     .clone()
             }
-            "--warm" => {
-                let text = words.next().context("--warm needs a duration")?;
-                warm = humantime::parse_duration(text)
-                    .with_context(|| format!("`{text}` is not a duration"))?;
-            }
-            "--stagger" => {
-                let text = words.next().context("--stagger needs a duration")?;
-                stagger = humantime::parse_duration(text)
-                    .with_context(|| format!("`{text}` is not a duration"))?;
-            }
+            "--warm" => warm = duration_value(words.next(), "--warm")?,
+            "--stagger" => stagger = duration_value(words.next(), "--stagger")?,
             "--seed" => {
                 let text = words.next().context("--seed needs a number")?;
                 seed = Some(
