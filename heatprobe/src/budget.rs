@@ -69,7 +69,7 @@ impl Budget {
 }
 
 /// What a budgeted profile spent, as reports show it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Spent {
     /// The budget, as a share of the target's time.
     pub budget_share: f64,
@@ -82,6 +82,28 @@ pub struct Spent {
     pub share: f64,
     /// Frames re-armed over the profile.
     pub frames_armed: u64,
+    /// The share of the budget the sampler spends now: 1, or less while a continuous
+    /// profile's sweeps agree ([`crate::pace`]).
+    #[serde(default = "whole_budget")]
+    pub pace: f64,
+}
+
+fn whole_budget() -> f64 {
+    1.0
+}
+
+impl Default for Spent {
+    /// Nothing spent, at the whole budget's pace.
+    fn default() -> Self {
+        Self {
+            budget_share: 0.0,
+            faults: 0,
+            estimated_ms: 0.0,
+            share: 0.0,
+            frames_armed: 0,
+            pace: whole_budget(),
+        }
+    }
 }
 
 /// A budget being spent.
@@ -98,6 +120,8 @@ pub struct Spend {
     target_ns: f64,
     /// What the faults cost, in ns: each epoch's at most the epoch on every vCPU.
     spent_ns: f64,
+    /// The share of the budget each epoch adds to the bucket ([`Self::set_pace`]).
+    pace: f64,
 }
 
 /// The least touch rate the next epoch is planned with: a target that touched nothing lately
@@ -115,13 +139,22 @@ impl Spend {
             frames_armed: 0,
             target_ns: 0.0,
             spent_ns: 0.0,
+            pace: 1.0,
+        }
+    }
+
+    /// From the next epoch on, adds only `pace` of the budget's allowance to the bucket, in
+    /// (0, 1]: a profile with nothing new to learn spends less ([`crate::pace`]).
+    pub fn set_pace(&mut self, pace: f64) {
+        if pace > 0.0 && pace <= 1.0 {
+            self.pace = pace;
         }
     }
 
     /// Records an epoch of length `epoch` that began with `armed` frames re-armed and counted
     /// `faults`.
     pub fn record(&mut self, epoch: Duration, armed: u64, faults: u64) {
-        let allowance = self.budget.allowance_ns(epoch);
+        let allowance = self.budget.allowance_ns(epoch) * self.pace;
         // A vCPU cannot lose more than the epoch: a fault cheaper than the price (a write to
         // a page the dirty log protects costs less than a dropped mapping's) is not charged
         // past it.
@@ -166,6 +199,7 @@ impl Spend {
                 0.0
             },
             frames_armed: self.frames_armed,
+            pace: self.pace,
         }
     }
 }
@@ -283,6 +317,28 @@ mod tests {
         spend.record(EPOCH, 0, 100_000);
         assert_eq!(spend.spent().estimated_ms, 400.0);
         assert_eq!(spend.spent().share, 1.0);
+    }
+
+    #[test]
+    fn a_slower_pace_spends_that_share_of_the_budget() {
+        let budget = Budget::new(0.01, Duration::from_micros(8), 1).unwrap();
+        let mut spend = Spend::new(budget, EPOCH);
+        spend.set_pace(0.25);
+        let mut armed = 0;
+        for _ in 0..300 {
+            spend.record(EPOCH, armed, armed / 2);
+            armed = spend.frames_to_arm(131_072);
+        }
+        let spent = spend.spent();
+        assert!(
+            (0.0020..=0.0026).contains(&spent.share),
+            "a quarter of 1%: {spent:?}"
+        );
+        assert_eq!(spent.pace, 0.25);
+        // Out of range is ignored: the pace stays.
+        spend.set_pace(0.0);
+        spend.set_pace(1.5);
+        assert_eq!(spend.spent().pace, 0.25);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod budget;
 pub mod console;
 pub mod heat;
+pub mod pace;
 pub mod plan;
 pub mod pooling;
 pub mod probes;

@@ -45,6 +45,7 @@ use thiserror::Error;
 use crate::{
     budget::{Budget, Spend, Spent},
     heat::{HeatConfig, HeatError, HeatMap},
+    pace::Pace,
     probes::{PageCounts, ProbeError, Probes, TargetId, counts_since},
 };
 
@@ -140,6 +141,11 @@ pub struct ProfilerConfig {
     /// `sample_fraction`.
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// With a budget and [`Credit::ArmedLastEpoch`]: spend less of it while successive
+    /// sweeps of memory find the same frames touched, never slowing a sweep past this long
+    /// ([`crate::pace`]); `None`: always the whole budget.
+    #[serde(default)]
+    pub paced_sweeps: Option<Duration>,
 }
 
 impl Default for ProfilerConfig {
@@ -150,6 +156,7 @@ impl Default for ProfilerConfig {
             sample_fraction: 0.25,
             recheck_fraction: 0.0,
             budget: None,
+            paced_sweeps: None,
         }
     }
 }
@@ -181,6 +188,11 @@ pub struct Profiler {
     spend: Option<Spend>,
     /// When the epoch under way began (the budget is of the time epochs really take).
     epoch_began: Instant,
+    /// How much of the budget the sweeps spend, if the config paces them.
+    pace: Option<Pace>,
+    /// Whether the frames re-armed last reached the end of memory: the epoch that reads them
+    /// ends a sweep.
+    sweep_closes: bool,
 }
 
 impl Profiler {
@@ -232,6 +244,11 @@ impl Profiler {
             checks: Vec::new(),
             spend: config.budget.map(|b| Spend::new(b, config.interval)),
             epoch_began: Instant::now(),
+            pace: config
+                .budget
+                .and(config.paced_sweeps)
+                .map(|longest| Pace::new(longest, Instant::now())),
+            sweep_closes: false,
         })
     }
 
@@ -364,6 +381,15 @@ impl Profiler {
                 }
             }
             touched = weighted.iter().map(|(page, _, _)| *page).collect();
+            if let Some(pace) = self.pace.as_mut() {
+                pace.touched(touched.iter().copied());
+                if std::mem::take(&mut self.sweep_closes) {
+                    let next = pace.sweep_ended(Instant::now());
+                    if let Some(spend) = self.spend.as_mut() {
+                        spend.set_pace(next);
+                    }
+                }
+            }
             self.heat.record_weighted_epoch(weighted);
         } else {
             self.heat.record_epoch(credited);
@@ -410,6 +436,7 @@ impl Profiler {
                 self.armed.push(range);
             }
         }
+        self.sweep_closes = start + wanted >= frames;
         self.sample_cursor = (start + wanted) % frames;
         Ok(())
     }
