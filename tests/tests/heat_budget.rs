@@ -154,6 +154,18 @@ fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost(
     );
     assert!(warm["spent"]["frames_armed"].as_u64() > Some(0), "{warm}");
     assert!(warm["duration_ms"].as_u64() > Some(0), "{warm}");
+    // A hot region that stays put: once two sweeps find the same frames hot, the sampler
+    // spends less of its budget (`heatprobe::pace`). A 64 MiB sweep takes a second or two.
+    let paced = (0..40).find_map(|_| {
+        let warm = source.json(&["heat", &id, "--warm"]);
+        let pace = warm["spent"]["pace"].as_f64().expect("a pace");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        (pace < 1.0).then_some(pace)
+    });
+    assert!(
+        paced.is_some_and(|p| p >= heatprobe::pace::SLOWEST),
+        "the warm heat kept its whole budget on a static hot region: {paced:?}"
+    );
     // The plan a migration would make from it now, without a profile: heat's order over
     // every frame once, hot writes held back.
     let plan = source.json(&["plan", &id, "--warm"]);

@@ -217,9 +217,17 @@ pub(crate) async fn warm_plan(target: Target, security: &Security) -> Result<()>
             "warm heat over the last {:.1} s{}",
             heat.duration_ms as f64 / 1000.0,
             heat.spent.map_or(String::new(), |s| format!(
-                ", which cost the guest {:.2}% of its time ({} faults)",
+                ", which cost the guest {:.2}% of its time ({} faults{})",
                 s.share * 100.0,
-                s.faults
+                s.faults,
+                if s.pace < 1.0 {
+                    format!(
+                        "; its sweeps agree, so it spends {:.0}% of its budget now",
+                        s.pace * 100.0
+                    )
+                } else {
+                    String::new()
+                }
             ))
         );
         if let Some(why) = &fallback {

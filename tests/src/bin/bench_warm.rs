@@ -96,10 +96,12 @@ fn options(args: &[String]) -> Result<Options> {
     Ok(options)
 }
 
-/// One checkpoint: the warm heat's recall, and its window's share of the guest's time.
+/// One checkpoint: the warm heat's recall, its window's share of the guest's time, and the
+/// share of its budget the sampler spends now (`heatprobe::pace`).
 struct Point {
     recall: f64,
     spent_share: f64,
+    pace: f64,
 }
 
 /// The warm heat of one fresh partition of `scenario` at each checkpoint.
@@ -117,6 +119,7 @@ fn recall_run(daemon: &Daemon, scenario: &Scenario, at: &[u64]) -> Result<Vec<Po
             points.push(Point {
                 recall: truth.recall(&heat)?,
                 spent_share: heat["spent"]["share"].as_f64().unwrap_or(f64::NAN),
+                pace: heat["spent"]["pace"].as_f64().unwrap_or(f64::NAN),
             });
         }
         Ok(points)
@@ -174,26 +177,27 @@ fn main() -> Result<()> {
             for (n, scenario) in scenarios.iter().enumerate() {
                 let run_points = recall_run(&daemon, scenario, &options.at)?;
                 eprintln!(
-                    "bench: warm {} run {run}: recall {:?}",
+                    "bench: warm {} run {run}: recall {:?}, pace {:?}",
                     scenario.name,
                     run_points
                         .iter()
                         .map(|p| (p.recall * 1000.0).round() / 10.0)
-                        .collect::<Vec<_>>()
+                        .collect::<Vec<_>>(),
+                    run_points.iter().map(|p| p.pace).collect::<Vec<_>>()
                 );
                 points[n].push(run_points);
             }
         }
         println!(
-            "Recall of the warm heat (the hot set's share of the top {SLACK}×|hot| data pages by heat), percent, median (min–max), by time since the guest's first operation; and the share of the guest's time the heat's window cost, as the budget counts it, at the last checkpoint (goal: recall ≥ {:.0}% at 60 s, within a 1% budget).\n",
+            "Recall of the warm heat (the hot set's share of the top {SLACK}×|hot| data pages by heat), percent, median (min–max), by time since the guest's first operation; and the share of the guest's time the heat's window cost, as the budget counts it, and the share of its budget the sampler spent then (its pace: less than 100 once its sweeps agree), at the last checkpoint (goal: recall ≥ {:.0}% at 60 s, within a 1% budget).\n",
             GOAL_RECALL * 100.0
         );
         let header: Vec<String> = options.at.iter().map(|s| format!("{s} s")).collect();
         println!(
-            "| scenario | {} | spent (% of guest time) |",
+            "| scenario | {} | spent (% of guest time) | pace (% of budget) |",
             header.join(" | ")
         );
-        println!("|---|{}---|", "---|".repeat(options.at.len()));
+        println!("|---|{}---|---|", "---|".repeat(options.at.len()));
         for (n, scenario) in scenarios.iter().enumerate() {
             let cells: Vec<String> = (0..options.at.len())
                 .map(|k| {
@@ -207,11 +211,13 @@ fn main() -> Result<()> {
                 .collect();
             let last = options.at.len() - 1;
             let spent: Vec<f64> = points[n].iter().map(|run| run[last].spent_share).collect();
+            let pace: Vec<f64> = points[n].iter().map(|run| run[last].pace).collect();
             println!(
-                "| {} | {} | {} |",
+                "| {} | {} | {} | {} |",
                 scenario.name,
                 cells.join(" | "),
-                percent(&spent)
+                percent(&spent),
+                percent(&pace)
             );
         }
         println!();

@@ -145,6 +145,10 @@ impl Profilers {
                     .map(|share| budget_for(&partition, share))
                     .transpose()
                     .map_err(ProfilingError::Budget)?,
+                // Warm heat runs for as long as its partition does: once its sweeps agree,
+                // more of the same answer is not worth the guest's time. A plan reads at
+                // least half a span, which a sweep must fit in.
+                paced_sweeps: self.sampling.warm().then_some(WARM_SPAN / 2),
                 ..ProfilerConfig::default()
             },
             Sampling::ReadsAndWrites,

@@ -151,6 +151,7 @@ fn spent_between(
             0.0
         },
         frames_armed: end.frames_armed.saturating_sub(start.frames_armed),
+        pace: end.pace,
     })
 }
 
@@ -168,6 +169,7 @@ mod tests {
             estimated_ms,
             share: 0.0,
             frames_armed: faults * 10,
+            pace: 1.0,
         })
     }
 
