@@ -86,6 +86,10 @@ pub struct Spent {
     /// profile's sweeps agree ([`crate::pace`]).
     #[serde(default = "whole_budget")]
     pub pace: f64,
+    /// How far the cores of a paced profile's last two sweeps agreed (Jaccard index), which
+    /// set its pace ([`crate::pace`]); `None` before its third sweep ended, or unpaced.
+    #[serde(default)]
+    pub sweep_agreement: Option<f64>,
 }
 
 fn whole_budget() -> f64 {
@@ -102,6 +106,7 @@ impl Default for Spent {
             share: 0.0,
             frames_armed: 0,
             pace: whole_budget(),
+            sweep_agreement: None,
         }
     }
 }
@@ -200,6 +205,7 @@ impl Spend {
             },
             frames_armed: self.frames_armed,
             pace: self.pace,
+            sweep_agreement: None,
         }
     }
 }

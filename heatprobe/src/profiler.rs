@@ -480,7 +480,10 @@ impl Profiler {
 
     /// What re-arming has cost the target so far, if the profile has a budget.
     pub fn spent(&self) -> Option<Spent> {
-        self.spend.as_ref().map(Spend::spent)
+        self.spend.as_ref().map(|spend| Spent {
+            sweep_agreement: self.pace.as_ref().and_then(Pace::agreement),
+            ..spend.spent()
+        })
     }
 
     /// Faults lost to a full map so far (over all targets of these probes).

@@ -160,11 +160,16 @@ fn warm_heat_plans_a_migration_without_a_profile_and_charges_what_its_span_cost(
         let warm = source.json(&["heat", &id, "--warm"]);
         let pace = warm["spent"]["pace"].as_f64().expect("a pace");
         std::thread::sleep(std::time::Duration::from_millis(500));
-        (pace < 1.0).then_some(pace)
+        (pace < 1.0).then(|| (pace, warm["spent"]["sweep_agreement"].as_f64()))
     });
+    let Some((pace, agreement)) = paced else {
+        panic!("the warm heat kept its whole budget on a static hot region");
+    };
+    assert!(pace >= heatprobe::pace::SLOWEST, "{pace}");
+    // What set it: the last two sweeps' cores, which a slower pace needs to agree.
     assert!(
-        paced.is_some_and(|p| p >= heatprobe::pace::SLOWEST),
-        "the warm heat kept its whole budget on a static hot region: {paced:?}"
+        agreement.is_some_and(|a| a >= heatprobe::pace::DISAGREE),
+        "{agreement:?}"
     );
     // The plan a migration would make from it now, without a profile: heat's order over
     // every frame once, hot writes held back.

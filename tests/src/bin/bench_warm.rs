@@ -96,12 +96,14 @@ fn options(args: &[String]) -> Result<Options> {
     Ok(options)
 }
 
-/// One checkpoint: the warm heat's recall, its window's share of the guest's time, and the
-/// share of its budget the sampler spends now (`heatprobe::pace`).
+/// One checkpoint: the warm heat's recall, its window's share of the guest's time, the share
+/// of its budget the sampler spends now, and how far its last two sweeps' cores agreed, which
+/// set that (`heatprobe::pace`; NaN before the third sweep).
 struct Point {
     recall: f64,
     spent_share: f64,
     pace: f64,
+    agreement: f64,
 }
 
 /// The warm heat of one fresh partition of `scenario` at each checkpoint.
@@ -120,6 +122,9 @@ fn recall_run(daemon: &Daemon, scenario: &Scenario, at: &[u64]) -> Result<Vec<Po
                 recall: truth.recall(&heat)?,
                 spent_share: heat["spent"]["share"].as_f64().unwrap_or(f64::NAN),
                 pace: heat["spent"]["pace"].as_f64().unwrap_or(f64::NAN),
+                agreement: heat["spent"]["sweep_agreement"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
             });
         }
         Ok(points)
@@ -177,27 +182,31 @@ fn main() -> Result<()> {
             for (n, scenario) in scenarios.iter().enumerate() {
                 let run_points = recall_run(&daemon, scenario, &options.at)?;
                 eprintln!(
-                    "bench: warm {} run {run}: recall {:?}, pace {:?}",
+                    "bench: warm {} run {run}: recall {:?}, pace {:?}, sweeps' cores agree {:?}",
                     scenario.name,
                     run_points
                         .iter()
                         .map(|p| (p.recall * 1000.0).round() / 10.0)
                         .collect::<Vec<_>>(),
-                    run_points.iter().map(|p| p.pace).collect::<Vec<_>>()
+                    run_points.iter().map(|p| p.pace).collect::<Vec<_>>(),
+                    run_points
+                        .iter()
+                        .map(|p| (p.agreement * 100.0).round() / 100.0)
+                        .collect::<Vec<_>>()
                 );
                 points[n].push(run_points);
             }
         }
         println!(
-            "Recall of the warm heat (the hot set's share of the top {SLACK}×|hot| data pages by heat), percent, median (min–max), by time since the guest's first operation; and the share of the guest's time the heat's window cost, as the budget counts it, and the share of its budget the sampler spent then (its pace: less than 100 once its sweeps agree), at the last checkpoint (goal: recall ≥ {:.0}% at 60 s, within a 1% budget).\n",
+            "Recall of the warm heat (the hot set's share of the top {SLACK}×|hot| data pages by heat), percent, median (min–max), by time since the guest's first operation; and the share of the guest's time the heat's window cost, as the budget counts it, the share of its budget the sampler spent then (its pace: less than 100 once its sweeps agree), and how far the cores of its last two sweeps agreed (Jaccard index, percent; `heatprobe::pace`), at the last checkpoint (goal: recall ≥ {:.0}% at 60 s, within a 1% budget).\n",
             GOAL_RECALL * 100.0
         );
         let header: Vec<String> = options.at.iter().map(|s| format!("{s} s")).collect();
         println!(
-            "| scenario | {} | spent (% of guest time) | pace (% of budget) |",
+            "| scenario | {} | spent (% of guest time) | pace (% of budget) | cores agree (%) |",
             header.join(" | ")
         );
-        println!("|---|{}---|---|", "---|".repeat(options.at.len()));
+        println!("|---|{}---|---|---|", "---|".repeat(options.at.len()));
         for (n, scenario) in scenarios.iter().enumerate() {
             let cells: Vec<String> = (0..options.at.len())
                 .map(|k| {
@@ -212,12 +221,19 @@ fn main() -> Result<()> {
             let last = options.at.len() - 1;
             let spent: Vec<f64> = points[n].iter().map(|run| run[last].spent_share).collect();
             let pace: Vec<f64> = points[n].iter().map(|run| run[last].pace).collect();
+            // None before a third sweep: shown as `–`.
+            let agree: Vec<f64> = points[n]
+                .iter()
+                .map(|run| run[last].agreement)
+                .filter(|a| a.is_finite())
+                .collect();
             println!(
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 scenario.name,
                 cells.join(" | "),
                 percent(&spent),
-                percent(&pace)
+                percent(&pace),
+                percent(&agree)
             );
         }
         println!();

@@ -152,6 +152,7 @@ fn spent_between(
         },
         frames_armed: end.frames_armed.saturating_sub(start.frames_armed),
         pace: end.pace,
+        sweep_agreement: end.sweep_agreement,
     })
 }
 
@@ -169,7 +170,7 @@ mod tests {
             estimated_ms,
             share: 0.0,
             frames_armed: faults * 10,
-            pace: 1.0,
+            ..Spent::default()
         })
     }
 
