@@ -12,12 +12,15 @@
 //!
 //! What is compared is each sweep's core: the frames it and the sweep before both found
 //! touched. One sweep's touched frames will not do: every frame the target uses at all is
-//! found touched now and then, each time a different few. On the heat bench's hot region a
-//! sweep found about 4,000 frames touched, of which two sweeps shared 17%, while their cores
-//! (1,120 frames) agreed 80-82%; on smooth popularities the cores agreed 5-26%, and on a hot
-//! set that moves every 20 s, 4-25% (docs/BENCHMARKS.md, "Warm heat spends less once its
-//! sweeps agree"). Nor do the checks' weights: on a paced guest, the frames found touched
-//! in every sweep weighed no more than those found touched once.
+//! found touched now and then, each time a different few, so two sweeps over a static hot
+//! region share few of them while their cores agree (79-81% on the heat bench's hot region;
+//! 6-25% on smooth popularities, which a sweep ranks differently each time; docs/BENCHMARKS.md,
+//! "Warm heat spends less once its sweeps agree"). Nor do the checks' weights: on a paced
+//! guest, the frames found touched in every sweep weighed no more than those found once.
+//!
+//! A target that scans its whole memory now and then defeats this for now: whichever slices
+//! were re-armed just before a scan are found touched whole, so each core carries a different
+//! band of it, the cores disagree, and the profile keeps its whole budget.
 
 use std::{
     collections::BTreeSet,
