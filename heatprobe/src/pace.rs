@@ -89,9 +89,10 @@ impl Pace {
 
     /// Ends the sweep under way at `now` and sets the pace for the next; returns it.
     ///
-    /// After a sweep whose core agrees with the last one's, the next spends at most half as much, and no less than
-    /// keeps it within `longest`: a sweep's length is about inverse to its pace, since the
-    /// budget is what limits it. One that took longer than `longest` doubles the pace back.
+    /// After a sweep whose core agrees with the last one's, the next spends as little as half
+    /// as much, but no less than keeps it within `longest`: a sweep's length is about inverse
+    /// to its pace, since the budget is what limits it. One that took longer than `longest`
+    /// doubles the pace back.
     pub fn sweep_ended(&mut self, now: Instant) -> f64 {
         let took = now
             .saturating_duration_since(self.sweep_began)
@@ -101,8 +102,8 @@ impl Pace {
             .last
             .as_ref()
             .map(|last| last.intersection(&current).copied().collect());
-        if let (Some(before), Some(now)) = (&self.core, &core) {
-            let agreement = agreement(before, now);
+        if let (Some(before), Some(after)) = (&self.core, &core) {
+            let agreement = agreement(before, after);
             self.agreement = Some(agreement);
             let longest = self.longest.as_secs_f64();
             self.pace = if agreement < DISAGREE {

@@ -221,7 +221,7 @@ fn main() -> Result<()> {
             let last = options.at.len() - 1;
             let spent: Vec<f64> = points[n].iter().map(|run| run[last].spent_share).collect();
             let pace: Vec<f64> = points[n].iter().map(|run| run[last].pace).collect();
-            // None before a third sweep: shown as `–`.
+            // NaN before a third sweep: left out, and `–` if no run has one.
             let agree: Vec<f64> = points[n]
                 .iter()
                 .map(|run| run[last].agreement)
